@@ -1,0 +1,1 @@
+"""The REST API: ``path("api/jobs/", include("task_ferry.api.urls"))``."""

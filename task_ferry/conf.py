@@ -1,0 +1,88 @@
+"""The ``TASK_FERRY`` settings: defaults in one dict, read lazily, reset when settings change.
+
+Usage::
+
+    from task_ferry.conf import ferry_settings
+    ferry_settings.JOB_EXPIRY_DAYS
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+SETTINGS_NAME = "TASK_FERRY"
+
+DEFAULTS: dict[str, Any] = {
+    # Dotted path of the executor class that runs jobs.
+    "EXECUTOR": "task_ferry.executors.immediate.ImmediateExecutor",
+    # Celery queue used when a JobType sets no ``queue`` of its own.
+    "CELERY_QUEUE": "default",
+    # django.tasks backend alias used by DjangoTasksExecutor.
+    "TASKS_BACKEND": "default",
+    # Seconds a job's progress snapshot lives in the progress store.
+    "PROGRESS_CACHE_TIMEOUT": 3600,
+    # Ended jobs older than this many days are removed by cleanup_old_jobs().
+    "JOB_EXPIRY_DAYS": 7,
+    # Default JobType.max_count; None means no limit.
+    "MAX_JOBS_PER_USER_PER_TYPE": None,
+    # Redis URL of the progress store. When unset, Django's cache is used instead.
+    "REDIS_URL": None,
+    # Dotted path of a progress store class; None picks Redis or the cache from the settings.
+    "PROGRESS_STORE": None,
+    # CACHES alias used by the cache progress store.
+    "CACHE_ALIAS": "default",
+    # Key prefix for everything task_ferry writes to the progress store.
+    "KEY_PREFIX": "task_ferry",
+    # Seconds between progress publications while a job ticks.
+    "PUBLISH_INTERVAL": 0.05,
+    # Seconds between heartbeats of a running job.
+    "HEARTBEAT_INTERVAL": 10,
+    # A started job whose last heartbeat is older than this many seconds is failed as lost.
+    "HEARTBEAT_TIMEOUT": 60,
+    # A pending job older than this many seconds is failed as never picked up; None disables.
+    "PENDING_TIMEOUT": 24 * 3600,
+}
+
+# Keys whose values are dotted paths, imported on first use.
+IMPORT_STRINGS = frozenset({"EXECUTOR", "PROGRESS_STORE"})
+
+
+class FerrySettings:
+    """Attribute access to ``settings.TASK_FERRY`` merged over ``DEFAULTS``."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def user_settings(self) -> dict[str, Any]:
+        value = getattr(settings, SETTINGS_NAME, None) or {}
+        return dict(value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in DEFAULTS:
+            raise AttributeError(f"{SETTINGS_NAME} has no setting named {name!r}")
+        if name not in self._cache:
+            self._cache[name] = self.user_settings.get(name, DEFAULTS[name])
+        return self._cache[name]
+
+    def reload(self) -> None:
+        self._cache.clear()
+        # Imported objects built from settings are cached where they are built.
+        from task_ferry.executors.base import get_executor
+        from task_ferry.stores.base import get_store
+
+        get_executor.cache_clear()
+        get_store.cache_clear()
+
+
+ferry_settings = FerrySettings()
+
+
+@receiver(setting_changed)
+def _reload_on_change(*, setting: str, **kwargs: Any) -> None:
+    if setting in (SETTINGS_NAME, "CACHES", "TASKS"):
+        ferry_settings.reload()

@@ -1,0 +1,1 @@
+"""Executors hand a job id to something that will call ``JobHandler.run_job`` on it."""

@@ -1,0 +1,69 @@
+"""The executor interface, and ``get_executor()`` which builds the configured one."""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+
+from django.core.checks import CheckMessage, Error
+from django.utils.module_loading import import_string
+
+from task_ferry.conf import ferry_settings
+from task_ferry.exceptions import TaskFerryImproperlyConfigured
+
+
+class BaseExecutor(ABC):
+    #: Jobs run in another process, so they need heartbeats and the stale-job sweep.
+    runs_out_of_process: bool = True
+    #: Dispatch waits for the surrounding transaction to commit.
+    dispatches_on_commit: bool = True
+    #: Job types' ``queue`` is honoured.
+    supports_queues: bool = False
+    #: Job types' ``priority`` is honoured.
+    supports_priority: bool = False
+
+    @abstractmethod
+    def enqueue(self, job_id: int) -> None:
+        """Arrange for ``JobHandler.run_job(job_id)`` to be called."""
+
+    def check(self) -> list[CheckMessage]:
+        """System-check messages about this executor's configuration."""
+        return []
+
+
+@functools.cache
+def get_executor() -> BaseExecutor:
+    """The configured executor, built once per process (reset when settings change)."""
+    path = ferry_settings.EXECUTOR
+    try:
+        executor_class = import_string(path)
+    except ImportError as exc:
+        raise TaskFerryImproperlyConfigured(
+            f"TASK_FERRY['EXECUTOR'] = {path!r} cannot be imported: {exc}. "
+            f"Install the matching extra (django-task-ferry[celery] or [django-tasks]) "
+            f"or fix the dotted path."
+        ) from exc
+    if not (isinstance(executor_class, type) and issubclass(executor_class, BaseExecutor)):
+        raise TaskFerryImproperlyConfigured(
+            f"TASK_FERRY['EXECUTOR'] = {path!r} is not a subclass of "
+            f"task_ferry.executors.base.BaseExecutor."
+        )
+    executor: BaseExecutor = executor_class()
+    return executor
+
+
+def check_executor() -> list[CheckMessage]:
+    try:
+        executor = get_executor()
+    except TaskFerryImproperlyConfigured as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Set TASK_FERRY['EXECUTOR'] to one of "
+                "task_ferry.executors.immediate.ImmediateExecutor, "
+                "task_ferry.executors.celery.CeleryExecutor or "
+                "task_ferry.executors.django_tasks.DjangoTasksExecutor.",
+                id="task_ferry.E001",
+            )
+        ]
+    return executor.check()

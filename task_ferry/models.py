@@ -1,0 +1,130 @@
+"""The job tables: one ``Job`` base row per job, plus a row in the job type's own subclass table."""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING, Any, Self
+
+from django.conf import settings
+from django.contrib.contenttypes.models import ContentType
+from django.db import models
+from django.utils import timezone
+from django.utils.functional import cached_property
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+
+
+class JobState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    STARTED = "started", "Started"
+    FINISHED = "finished", "Finished"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+LIVE_STATES = (JobState.PENDING, JobState.STARTED)
+ENDED_STATES = (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobQuerySet(models.QuerySet["Job"]):
+    def pending(self) -> Self:
+        return self.filter(state=JobState.PENDING)
+
+    def running(self) -> Self:
+        return self.filter(state=JobState.STARTED)
+
+    def live(self) -> Self:
+        """Jobs that have not ended yet: they count against ``max_count``."""
+        return self.filter(state__in=LIVE_STATES)
+
+    def ended(self) -> Self:
+        return self.filter(state__in=ENDED_STATES)
+
+    def expired(self, before: datetime.datetime) -> Self:
+        return self.ended().filter(finished_at__lt=before)
+
+    def for_user(self, user: AbstractBaseUser | AnonymousUser | None) -> Self:
+        """The user's own jobs; ``None`` selects system jobs."""
+        if user is None:
+            return self.filter(user__isnull=True)
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(user_id=user.pk)
+
+
+class Job(models.Model):
+    """One background job. Each job type subclasses this model (multi-table inheritance)."""
+
+    content_type = models.ForeignKey(
+        ContentType, on_delete=models.PROTECT, related_name="+", editable=False
+    )
+    type = models.CharField(max_length=100, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="task_ferry_jobs",
+        editable=False,
+    )
+    state = models.CharField(
+        max_length=16, choices=JobState.choices, default=JobState.PENDING, editable=False
+    )
+    progress_percentage = models.PositiveSmallIntegerField(default=0, editable=False)
+    progress_state = models.CharField(max_length=255, blank=True, editable=False)
+    error = models.TextField(blank=True, editable=False)
+    human_readable_error = models.TextField(blank=True, editable=False)
+    # Kept for admins and logs only; never sent to API clients.
+    traceback = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True, editable=False)
+    started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    finished_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["user", "-created_at"], name="task_ferry_user_recent"),
+            models.Index(fields=["user", "type", "state"], name="task_ferry_user_type_state"),
+            models.Index(fields=["state", "finished_at"], name="task_ferry_state_finished"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} job #{self.pk} ({self.state})"
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+    @cached_property
+    def specific(self) -> Job:
+        """This job as an instance of its job type's own model."""
+        model = ContentType.objects.get_for_id(self.content_type_id).model_class()
+        if model is None or isinstance(self, model):
+            return self
+        specific = model._default_manager.get(pk=self.pk)
+        return specific  # type: ignore[no-any-return]
+
+    def apply_fields(self, fields: dict[str, Any]) -> None:
+        """Copy column values written by an ``UPDATE`` onto this instance."""
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class Heartbeat(models.Model):
+    """Proof of life of a started job, kept apart from the job row so that a job's own open
+    transaction (which may lock its row) never delays it."""
+
+    job = models.OneToOneField(Job, primary_key=True, on_delete=models.CASCADE)
+    worker = models.CharField(max_length=255)
+    beat_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    def __str__(self) -> str:
+        return f"heartbeat of job #{self.job_id} from {self.worker}"

@@ -1,0 +1,191 @@
+"""Job types: what a job does, and the registry that finds a type by name or by model.
+
+A job type is a ``JobType`` subclass with a ``type`` name and a ``model_class``. Types defined in
+an installed app's ``job_types`` module are registered when Django starts; calling
+``job_type_registry.register()`` yourself (for example in ``AppConfig.ready()``) works too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from task_ferry.exceptions import (
+    JobTypeAlreadyRegistered,
+    JobTypeDoesNotExist,
+    TaskFerryImproperlyConfigured,
+)
+from task_ferry.models import Job
+
+if TYPE_CHECKING:
+    from rest_framework.serializers import Serializer
+
+    from task_ferry.progress import Progress
+
+__all__ = ["JobType", "JobTypeRegistry", "job_type_registry"]
+
+
+class JobType:
+    """Subclass this to define a kind of job. Every hook has a no-op default."""
+
+    #: Unique name the job is started by, e.g. ``"export_table"``.
+    type: ClassVar[str] = ""
+    #: The ``Job`` subclass that stores this type's jobs.
+    model_class: ClassVar[type[Job]]
+    #: Most pending or running jobs of this type one user may have; None means
+    #: ``TASK_FERRY["MAX_JOBS_PER_USER_PER_TYPE"]``.
+    max_count: ClassVar[int | None] = None
+    #: Queue the executor sends this type's jobs to; None means the executor's default.
+    queue: ClassVar[str | None] = None
+    #: Priority passed to executors that support one (django.tasks: -100..100).
+    priority: ClassVar[int] = 0
+    #: DRF serializer of the type's own fields for the API; None derives one from model_class.
+    serializer_class: ClassVar[type[Serializer[Any]] | None] = None
+
+    def prepare_values(self, values: dict[str, Any], user: Any) -> dict[str, Any]:
+        """Validate and transform the values before the job row is created.
+
+        Raise ``ValueError`` or Django's ``ValidationError`` to reject them. Return the model
+        field values of the new job.
+        """
+        return values
+
+    def after_job_creation(self, job: Job, values: dict[str, Any]) -> None:
+        """Called right after the job row is saved, before it is dispatched."""
+
+    def run(self, job: Any, progress: Progress) -> None:
+        """Do the work. Runs in the executor, inside one database transaction."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run(job, progress).")
+
+    def on_error(self, job: Any, exc: BaseException) -> None:
+        """Called once after the job was marked failed."""
+
+    def on_cancelled(self, job: Any) -> None:
+        """Called once after the job was marked cancelled. Clean up partial output here."""
+
+    def before_delete(self, job: Any) -> None:
+        """Called before ``cleanup_old_jobs`` deletes this expired job."""
+
+    def get_max_count(self) -> int | None:
+        if self.max_count is not None:
+            return self.max_count
+        from task_ferry.conf import ferry_settings
+
+        limit: int | None = ferry_settings.MAX_JOBS_PER_USER_PER_TYPE
+        return limit
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.type!r}>"
+
+
+def is_concrete_job_type(obj: object) -> bool:
+    """A class that can be registered: a JobType subclass with a name and a model."""
+    return (
+        inspect.isclass(obj)
+        and issubclass(obj, JobType)
+        and obj is not JobType
+        and bool(obj.type)
+        and hasattr(obj, "model_class")
+    )
+
+
+class JobTypeRegistry:
+    def __init__(self) -> None:
+        self._by_name: dict[str, JobType] = {}
+        self._lock = threading.Lock()
+
+    def register(self, job_type: JobType | type[JobType]) -> JobType:
+        """Register a job type (an instance or the class). Registering the same class twice is
+        harmless; a different class under a taken name raises ``JobTypeAlreadyRegistered``."""
+        instance = job_type() if inspect.isclass(job_type) else job_type
+        self._validate(instance)
+        with self._lock:
+            existing = self._by_name.get(instance.type)
+            if existing is not None:
+                if type(existing) is type(instance):
+                    return existing
+                raise JobTypeAlreadyRegistered(
+                    f"Job type name {instance.type!r} is claimed by both "
+                    f"{type(existing).__module__}.{type(existing).__qualname__} and "
+                    f"{type(instance).__module__}.{type(instance).__qualname__}. "
+                    f"Give one of them a different `type`."
+                )
+            self._by_name[instance.type] = instance
+        return instance
+
+    def unregister(self, job_type: str | JobType | type[JobType]) -> None:
+        name = job_type if isinstance(job_type, str) else job_type.type
+        with self._lock:
+            if name not in self._by_name:
+                raise JobTypeDoesNotExist(name, self._by_name)
+            del self._by_name[name]
+
+    def get(self, name: str) -> JobType:
+        try:
+            return self._by_name[name]
+        except (KeyError, TypeError):
+            raise JobTypeDoesNotExist(name, self._by_name) from None
+
+    def get_by_model(self, model: type[Job] | Job) -> JobType:
+        model_class = model if inspect.isclass(model) else type(model)
+        for job_type in self._by_name.values():
+            if job_type.model_class is model_class:
+                return job_type
+        if isinstance(model, Job) and model.type:
+            return self.get(model.type)
+        raise JobTypeDoesNotExist(getattr(model_class, "__name__", str(model)), self._by_name)
+
+    def all(self) -> list[JobType]:
+        return list(self._by_name.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[JobType]:
+        return iter(self.all())
+
+    def register_module(self, module: ModuleType) -> list[JobType]:
+        """Register every concrete JobType class defined in ``module`` itself."""
+        found = [
+            obj
+            for obj in vars(module).values()
+            if is_concrete_job_type(obj) and obj.__module__ == module.__name__
+        ]
+        return [self.register(cls) for cls in found]
+
+    def autodiscover(self) -> None:
+        """Import ``<app>.job_types`` for every installed app and register what it defines."""
+        from importlib import import_module
+
+        from django.apps import apps
+        from django.utils.module_loading import module_has_submodule
+
+        for app_config in apps.get_app_configs():
+            if module_has_submodule(app_config.module, "job_types"):
+                self.register_module(import_module(f"{app_config.name}.job_types"))
+
+    @staticmethod
+    def _validate(job_type: JobType) -> None:
+        if not isinstance(job_type, JobType):
+            raise TaskFerryImproperlyConfigured(
+                f"{job_type!r} is not a JobType. Subclass task_ferry.registry.JobType."
+            )
+        if not job_type.type or not isinstance(job_type.type, str):
+            raise TaskFerryImproperlyConfigured(
+                f"{type(job_type).__qualname__} has no `type` name. Set `type = \"...\"`."
+            )
+        model_class = getattr(job_type, "model_class", None)
+        if not (inspect.isclass(model_class) and issubclass(model_class, Job)):
+            raise TaskFerryImproperlyConfigured(
+                f"{type(job_type).__qualname__}.model_class must be a subclass of "
+                f"task_ferry.models.Job, got {model_class!r}."
+            )
+
+
+job_type_registry = JobTypeRegistry()

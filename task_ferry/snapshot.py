@@ -1,0 +1,57 @@
+"""A job's snapshot: what a poll returns, as one JSON-ready dict, built from a ``Job`` row.
+
+Snapshots are written to the progress store while a job lives, so the API can answer a poll
+(and check who may see it, through ``user_id``) without a database query.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from task_ferry.models import Job
+
+STATE_LABEL_MAX_LENGTH = Job._meta.get_field("progress_state").max_length or 255
+
+# Keys of the public poll response, in the spec's order.
+PUBLIC_FIELDS = (
+    "id",
+    "type",
+    "state",
+    "progress_percentage",
+    "progress_state",
+    "error",
+    "human_readable_error",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+)
+
+
+def isoformat(value: datetime.datetime | None) -> str | None:
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def truncate_state(label: str) -> str:
+    return label if len(label) <= STATE_LABEL_MAX_LENGTH else label[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+
+
+def job_snapshot(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.pk,
+        "type": job.type,
+        "state": str(job.state),
+        "progress_percentage": job.progress_percentage,
+        "progress_state": job.progress_state,
+        "error": job.error,
+        "human_readable_error": job.human_readable_error,
+        "created_at": isoformat(job.created_at),
+        "updated_at": isoformat(job.updated_at),
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "user_id": job.user_id,
+    }

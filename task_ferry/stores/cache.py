@@ -1,0 +1,60 @@
+"""A progress store on Django's cache framework, for set-ups without Redis.
+
+Cancel requests are polled, not pushed. Use a cache shared by all processes (database, file,
+memcached or Redis cache) when jobs run in a worker; ``locmem`` only works in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.cache import caches
+from django.core.cache.backends.base import BaseCache
+
+from task_ferry.conf import ferry_settings
+from task_ferry.exceptions import ProgressStoreUnavailable
+from task_ferry.stores.base import ProgressStore
+
+
+class CacheProgressStore(ProgressStore):
+    def __init__(self, *, timeout: int, key_prefix: str, alias: str | None = None) -> None:
+        super().__init__(timeout=timeout, key_prefix=key_prefix)
+        self.alias = alias or ferry_settings.CACHE_ALIAS
+
+    @property
+    def cache(self) -> BaseCache:
+        return caches[self.alias]
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.cache, method)(*args, **kwargs)
+        except Exception as exc:
+            raise ProgressStoreUnavailable(
+                f"The {self.alias!r} cache failed during {method}: {exc}"
+            ) from exc
+
+    def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
+        self._call("set", self.snapshot_key(job_id), snapshot, self.timeout)
+
+    def read(self, job_id: int) -> dict[str, Any] | None:
+        value: dict[str, Any] | None = self._call("get", self.snapshot_key(job_id))
+        return value
+
+    def read_many(self, job_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        keys = {self.snapshot_key(i): i for i in job_ids}
+        if not keys:
+            return {}
+        found = self._call("get_many", list(keys))
+        return {keys[key]: value for key, value in found.items()}
+
+    def request_cancel(self, job_id: int) -> None:
+        self._call("set", self.cancel_key(job_id), True, self.timeout)
+
+    def is_cancel_requested(self, job_id: int) -> bool:
+        return bool(self._call("get", self.cancel_key(job_id)))
+
+    def delete(self, job_ids: Iterable[int]) -> None:
+        keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
+        if keys:
+            self._call("delete_many", keys)

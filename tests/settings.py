@@ -1,0 +1,106 @@
+"""Settings of the test project. Pick the database and progress store with environment
+variables: TASK_FERRY_TEST_DB=postgresql|sqlite|mysql (default postgresql) and
+TASK_FERRY_TEST_STORE=redis|cache (default redis)."""
+
+import os
+import uuid
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = False
+USE_TZ = True
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "tests.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "task_ferry",
+    "tests.myapp.apps.MyAppConfig",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DB_VENDOR = os.environ.get("TASK_FERRY_TEST_DB", "postgresql")
+if DB_VENDOR == "postgresql":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("TASK_FERRY_TEST_DB_NAME", "task_ferry"),
+            "USER": "postgres",
+            "HOST": "127.0.0.1",
+            "PORT": "5432",
+            "TEST": {"NAME": os.environ.get("TASK_FERRY_TEST_DB_TEST_NAME", "test_task_ferry")},
+        }
+    }
+elif DB_VENDOR == "mysql":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": "task_ferry",
+            "USER": "root",
+            "HOST": "127.0.0.1",
+            "PORT": "3306",
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("TASK_FERRY_TEST_SQLITE", "test-task-ferry.sqlite3"),
+            "TEST": {"NAME": os.environ.get("TASK_FERRY_TEST_SQLITE", None)},
+        }
+    }
+
+REDIS_URL = os.environ.get("TASK_FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+STORE = os.environ.get("TASK_FERRY_TEST_STORE", "redis")
+
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+TASK_FERRY = {
+    "EXECUTOR": "task_ferry.executors.immediate.ImmediateExecutor",
+    "REDIS_URL": REDIS_URL if STORE == "redis" else None,
+    # Each test run gets its own keys, so snapshots of an earlier run never leak in.
+    "KEY_PREFIX": f"tf-test-{uuid.uuid4().hex[:8]}",
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+}
+
+STATIC_URL = "/static/"
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"task_ferry": {"handlers": ["console"], "level": "WARNING"}},
+}

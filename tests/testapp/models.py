@@ -1,0 +1,38 @@
+from django.db import models
+
+from task_ferry.models import Job
+
+
+class ScriptedJob(Job):
+    """A job whose behaviour the test chooses through its fields."""
+
+    steps = models.PositiveIntegerField(default=10)
+    # Seconds to sleep before each tick.
+    tick_delay = models.FloatField(default=0)
+    # Raise RuntimeError at this step (0-based); None never fails.
+    fail_at = models.IntegerField(null=True, blank=True)
+    # Seconds to block without ticking before the first step (a long C call, say).
+    block_for = models.FloatField(default=0)
+    # Lock this job's row (SELECT ... FOR UPDATE) inside the job's transaction first.
+    lock_own_row = models.BooleanField(default=False)
+    # Id of a Marker row to create inside the job's transaction, to observe rollbacks.
+    marker = models.CharField(max_length=100, blank=True)
+    result = models.CharField(max_length=100, blank=True)
+
+
+class LimitedJob(Job):
+    label = models.CharField(max_length=100, blank=True)
+
+
+class Marker(models.Model):
+    """Written by jobs inside their transaction; survives only if the job committed."""
+
+    name = models.CharField(max_length=100)
+
+
+class HookCall(models.Model):
+    """One row per hook call, so tests can count calls across processes."""
+
+    job_id = models.BigIntegerField()
+    hook = models.CharField(max_length=50)
+    detail = models.TextField(blank=True)
