@@ -7,8 +7,10 @@ class TaskFerryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from task_ferry import checks  # noqa: F401 - registers the system checks
-        from task_ferry import conf  # noqa: F401 - connects the setting_changed receiver
+        from task_ferry import (
+            checks,  # noqa: F401 - registers the system checks
+            conf,  # noqa: F401 - connects the setting_changed receiver
+        )
         from task_ferry.registry import job_type_registry
 
         job_type_registry.autodiscover()

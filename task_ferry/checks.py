@@ -12,7 +12,9 @@ from task_ferry.conf import DEFAULTS, ferry_settings
 
 
 @register()
-def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     unknown = sorted(set(ferry_settings.user_settings) - set(DEFAULTS))
     if unknown:
@@ -62,14 +64,18 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 
 
 @register()
-def check_executor(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_executor(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     from task_ferry.executors.base import check_executor as run_check
 
     return run_check()
 
 
 @register()
-def check_store(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_store(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     from django.utils.module_loading import import_string
 
     from task_ferry.stores.base import default_store_path, get_store
@@ -88,7 +94,9 @@ def check_store(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -
 
 
 @register()
-def check_job_types(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_job_types(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     from task_ferry.registry import job_type_registry
 
     messages: list[CheckMessage] = []

@@ -7,6 +7,7 @@ exactly one ended state and its ending hook runs once, whoever races for it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import threading
@@ -110,7 +111,9 @@ def publish(job: Job) -> None:
     try:
         get_store().write(job.pk, job_snapshot(job))
     except ProgressStoreUnavailable as exc:
-        logger.warning("Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc)
+        logger.warning(
+            "Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc
+        )
 
 
 def parse_job_id(job_id: Any) -> int:
@@ -174,7 +177,9 @@ class JobHandler:
             **prepared,
         )
         try:
-            job.full_clean(exclude=[f.name for f in Job._meta.concrete_fields], validate_unique=False)
+            job.full_clean(
+                exclude=[f.name for f in Job._meta.concrete_fields], validate_unique=False
+            )
         except ValidationError as exc:
             raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
 
@@ -284,10 +289,9 @@ class JobHandler:
             deleted_ids.extend(ids)
         # Re-check the cutoff so a job can never be deleted unless it is still expired.
         _, per_model = Job.objects.expired(cutoff).filter(pk__in=deleted_ids).delete()
-        try:
+        # An unreachable store is fine: snapshots expire on their own.
+        with contextlib.suppress(ProgressStoreUnavailable):
             get_store().delete(deleted_ids)
-        except ProgressStoreUnavailable:
-            pass  # Snapshots expire on their own.
         return per_model.get(Job._meta.label, 0)
 
     @classmethod
@@ -351,7 +355,10 @@ class JobHandler:
 
 def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:
     if hasattr(exc, "error_dict"):
-        return {field: [str(m) for e in errs for m in e.messages] for field, errs in exc.error_dict.items()}
+        return {
+            field: [str(m) for e in errs for m in e.messages]
+            for field, errs in exc.error_dict.items()
+        }
     return {"non_field_errors": [str(m) for m in exc.messages]}
 
 

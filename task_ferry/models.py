@@ -109,8 +109,8 @@ class Job(models.Model):
         model = ContentType.objects.get_for_id(self.content_type_id).model_class()
         if model is None or isinstance(self, model):
             return self
-        specific = model._default_manager.get(pk=self.pk)
-        return specific  # type: ignore[no-any-return]
+        specific: Job = model._default_manager.get(pk=self.pk)  # type: ignore[assignment]
+        return specific
 
     def apply_fields(self, fields: dict[str, Any]) -> None:
         """Copy column values written by an ``UPDATE`` onto this instance."""

@@ -7,6 +7,7 @@ an installed app's ``job_types`` module are registered when Django starts; calli
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import threading
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ class JobType:
     #: Unique name the job is started by, e.g. ``"export_table"``.
     type: ClassVar[str] = ""
     #: The ``Job`` subclass that stores this type's jobs.
-    model_class: ClassVar[type[Job]]
+    model_class: ClassVar[builtins.type[Job]]
     #: Most pending or running jobs of this type one user may have; None means
     #: ``TASK_FERRY["MAX_JOBS_PER_USER_PER_TYPE"]``.
     max_count: ClassVar[int | None] = None
@@ -43,7 +44,7 @@ class JobType:
     #: Priority passed to executors that support one (django.tasks: -100..100).
     priority: ClassVar[int] = 0
     #: DRF serializer of the type's own fields for the API; None derives one from model_class.
-    serializer_class: ClassVar[type[Serializer[Any]] | None] = None
+    serializer_class: ClassVar[builtins.type[Serializer[Any]] | None] = None
 
     def prepare_values(self, values: dict[str, Any], user: Any) -> dict[str, Any]:
         """Validate and transform the values before the job row is created.
@@ -178,7 +179,7 @@ class JobTypeRegistry:
             )
         if not job_type.type or not isinstance(job_type.type, str):
             raise TaskFerryImproperlyConfigured(
-                f"{type(job_type).__qualname__} has no `type` name. Set `type = \"...\"`."
+                f'{type(job_type).__qualname__} has no `type` name. Set `type = "..."`.'
             )
         model_class = getattr(job_type, "model_class", None)
         if not (inspect.isclass(model_class) and issubclass(model_class, Job)):

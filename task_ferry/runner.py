@@ -62,7 +62,7 @@ class JobRun:
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
-                percentage, label = monitor.stop()
+                _percentage, label = monitor.stop()
                 if not transition(
                     job,
                     JobState.FINISHED,
@@ -75,7 +75,9 @@ class JobRun:
             self._end_cancelled(job, job_type, monitor)
             return job
         except JobFenced:
-            logger.warning("Job %s was ended elsewhere while it ran; its work was rolled back.", job.pk)
+            logger.warning(
+                "Job %s was ended elsewhere while it ran; its work was rolled back.", job.pk
+            )
             return job
         except Exception as exc:
             self._end_failed(job, job_type, monitor, exc)

@@ -37,7 +37,9 @@ def isoformat(value: datetime.datetime | None) -> str | None:
 
 
 def truncate_state(label: str) -> str:
-    return label if len(label) <= STATE_LABEL_MAX_LENGTH else label[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+    return (
+        label if len(label) <= STATE_LABEL_MAX_LENGTH else label[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+    )
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.db.models import QuerySet
@@ -46,7 +47,7 @@ class JobViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Job]):
 
     def create(self, request: Request) -> Response:
         data = request.data
-        if not hasattr(data, "get"):
+        if not isinstance(data, Mapping):
             raise ValidationError({"non_field_errors": ["Expected a JSON object."]})
         type_serializer = JobCreateSerializer(data=data)
         type_serializer.is_valid(raise_exception=True)

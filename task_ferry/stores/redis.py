@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.client import PubSub
 from django.core.checks import CheckMessage, Warning
 
 from task_ferry.conf import ferry_settings
@@ -38,15 +40,19 @@ class RedisProgressStore(ProgressStore):
             pipe.publish(self.events_channel(job_id), payload)
             pipe.execute()
         except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(f"Could not write to Redis at {self.url}: {exc}") from exc
+            raise ProgressStoreUnavailable(
+                f"Could not write to Redis at {self.url}: {exc}"
+            ) from exc
 
     def read_raw(self, job_id: int) -> bytes | None:
         """The stored snapshot as JSON bytes, for responses that can pass them on as they are."""
         try:
-            raw: bytes | None = self.client.get(self.snapshot_key(job_id))
+            raw = self.client.get(self.snapshot_key(job_id))
         except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(f"Could not read from Redis at {self.url}: {exc}") from exc
-        return raw
+            raise ProgressStoreUnavailable(
+                f"Could not read from Redis at {self.url}: {exc}"
+            ) from exc
+        return raw if raw is None or isinstance(raw, bytes) else raw.encode()
 
     def read(self, job_id: int) -> dict[str, Any] | None:
         raw = self.read_raw(job_id)
@@ -59,7 +65,9 @@ class RedisProgressStore(ProgressStore):
         try:
             values = self.client.mget([self.snapshot_key(i) for i in ids])
         except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(f"Could not read from Redis at {self.url}: {exc}") from exc
+            raise ProgressStoreUnavailable(
+                f"Could not read from Redis at {self.url}: {exc}"
+            ) from exc
         return {i: json.loads(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
     def request_cancel(self, job_id: int) -> None:
@@ -77,7 +85,9 @@ class RedisProgressStore(ProgressStore):
         try:
             return bool(self.client.exists(self.cancel_key(job_id)))
         except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(f"Could not read from Redis at {self.url}: {exc}") from exc
+            raise ProgressStoreUnavailable(
+                f"Could not read from Redis at {self.url}: {exc}"
+            ) from exc
 
     def delete(self, job_ids: Iterable[int]) -> None:
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
@@ -86,7 +96,9 @@ class RedisProgressStore(ProgressStore):
         try:
             self.client.delete(*keys)
         except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(f"Could not delete from Redis at {self.url}: {exc}") from exc
+            raise ProgressStoreUnavailable(
+                f"Could not delete from Redis at {self.url}: {exc}"
+            ) from exc
 
     def cancel_listener(self, job_id: int) -> CancelListener:
         return RedisCancelListener(self, job_id)
@@ -112,13 +124,13 @@ class RedisCancelListener(CancelListener):
     def __init__(self, store: RedisProgressStore, job_id: int) -> None:
         self.store = store
         self.job_id = job_id
-        self.pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub: PubSub | None = store.client.pubsub(ignore_subscribe_messages=True)
         self._cancelled = False
         try:
             self.pubsub.subscribe(store.cancel_key(job_id))
             self._cancelled = store.is_cancel_requested(job_id)
         except (redis.RedisError, ProgressStoreUnavailable):
-            self.pubsub = None  # type: ignore[assignment]
+            self.pubsub = None
 
     def wait(self, timeout: float) -> bool:
         if self._cancelled:
@@ -134,7 +146,7 @@ class RedisCancelListener(CancelListener):
         try:
             message = self.pubsub.get_message(timeout=timeout)
         except redis.RedisError as exc:
-            self.pubsub = None  # type: ignore[assignment]
+            self.pubsub = None
             raise ProgressStoreUnavailable(f"Lost the Redis cancel channel: {exc}") from exc
         if message is not None and message.get("type") == "message":
             self._cancelled = True
@@ -142,7 +154,5 @@ class RedisCancelListener(CancelListener):
 
     def close(self) -> None:
         if self.pubsub is not None:
-            try:
+            with contextlib.suppress(redis.RedisError):
                 self.pubsub.close()
-            except redis.RedisError:
-                pass

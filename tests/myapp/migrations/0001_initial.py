@@ -5,21 +5,30 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('task_ferry', '0001_initial'),
+        ("task_ferry", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ExportJob',
+            name="ExportJob",
             fields=[
-                ('job_ptr', models.OneToOneField(auto_created=True, on_delete=django.db.models.deletion.CASCADE, parent_link=True, primary_key=True, serialize=False, to='task_ferry.job')),
-                ('table_id', models.IntegerField()),
-                ('output_path', models.CharField(blank=True, max_length=500)),
+                (
+                    "job_ptr",
+                    models.OneToOneField(
+                        auto_created=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        parent_link=True,
+                        primary_key=True,
+                        serialize=False,
+                        to="task_ferry.job",
+                    ),
+                ),
+                ("table_id", models.IntegerField()),
+                ("output_path", models.CharField(blank=True, max_length=500)),
             ],
-            bases=('task_ferry.job',),
+            bases=("task_ferry.job",),
         ),
     ]

@@ -5,50 +5,79 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('task_ferry', '0001_initial'),
+        ("task_ferry", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='HookCall',
+            name="HookCall",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('job_id', models.BigIntegerField()),
-                ('hook', models.CharField(max_length=50)),
-                ('detail', models.TextField(blank=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("job_id", models.BigIntegerField()),
+                ("hook", models.CharField(max_length=50)),
+                ("detail", models.TextField(blank=True)),
             ],
         ),
         migrations.CreateModel(
-            name='LimitedJob',
+            name="LimitedJob",
             fields=[
-                ('job_ptr', models.OneToOneField(auto_created=True, on_delete=django.db.models.deletion.CASCADE, parent_link=True, primary_key=True, serialize=False, to='task_ferry.job')),
-                ('label', models.CharField(blank=True, max_length=100)),
+                (
+                    "job_ptr",
+                    models.OneToOneField(
+                        auto_created=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        parent_link=True,
+                        primary_key=True,
+                        serialize=False,
+                        to="task_ferry.job",
+                    ),
+                ),
+                ("label", models.CharField(blank=True, max_length=100)),
             ],
-            bases=('task_ferry.job',),
+            bases=("task_ferry.job",),
         ),
         migrations.CreateModel(
-            name='Marker',
+            name="Marker",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
             ],
         ),
         migrations.CreateModel(
-            name='ScriptedJob',
+            name="ScriptedJob",
             fields=[
-                ('job_ptr', models.OneToOneField(auto_created=True, on_delete=django.db.models.deletion.CASCADE, parent_link=True, primary_key=True, serialize=False, to='task_ferry.job')),
-                ('steps', models.PositiveIntegerField(default=10)),
-                ('tick_delay', models.FloatField(default=0)),
-                ('fail_at', models.IntegerField(blank=True, null=True)),
-                ('block_for', models.FloatField(default=0)),
-                ('lock_own_row', models.BooleanField(default=False)),
-                ('marker', models.CharField(blank=True, max_length=100)),
-                ('result', models.CharField(blank=True, max_length=100)),
+                (
+                    "job_ptr",
+                    models.OneToOneField(
+                        auto_created=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        parent_link=True,
+                        primary_key=True,
+                        serialize=False,
+                        to="task_ferry.job",
+                    ),
+                ),
+                ("steps", models.PositiveIntegerField(default=10)),
+                ("tick_delay", models.FloatField(default=0)),
+                ("fail_at", models.IntegerField(blank=True, null=True)),
+                ("block_for", models.FloatField(default=0)),
+                ("lock_own_row", models.BooleanField(default=False)),
+                ("marker", models.CharField(blank=True, max_length=100)),
+                ("result", models.CharField(blank=True, max_length=100)),
             ],
-            bases=('task_ferry.job',),
+            bases=("task_ferry.job",),
         ),
     ]
