@@ -4,6 +4,7 @@ TASK_FERRY_TEST_STORE=redis|cache (default redis)."""
 
 import os
 import uuid
+from importlib.util import find_spec
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
@@ -24,6 +25,14 @@ INSTALLED_APPS = [
     "tests.myapp.apps.MyAppConfig",
     "tests.testapp",
 ]
+# The optional extras, when installed (a test session runs without them).
+HAS_DJANGO_TASKS_DB = find_spec("django_tasks_db") is not None
+if find_spec("django_tasks") is not None:
+    INSTALLED_APPS.append("django_tasks")
+if HAS_DJANGO_TASKS_DB:
+    INSTALLED_APPS.append("django_tasks_db")
+if find_spec("drf_spectacular") is not None:
+    INSTALLED_APPS.append("drf_spectacular")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
