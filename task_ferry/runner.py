@@ -16,14 +16,12 @@ import traceback
 from django.db import connection, transaction
 
 from task_ferry import signals
-from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobCancelled, JobFenced
 from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Job, JobState
-from task_ferry.monitor import JobMonitor
+from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.stores.base import get_store
 
 logger = logging.getLogger("task_ferry")
 
@@ -57,18 +55,11 @@ class JobRun:
         publish(job)
         signals.job_started.send(sender=type(job), job=job)
         progress = Progress()
-        monitor = JobMonitor(
-            job,
-            progress,
-            get_store(),
-            publish_interval=ferry_settings.PUBLISH_INTERVAL,
-            heartbeat_interval=ferry_settings.HEARTBEAT_INTERVAL if self.heartbeat else None,
-        )
-        monitor.start()
+        watch = get_monitor().watch(job, progress, heartbeat=self.heartbeat)
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
-                _percentage, label = monitor.stop()
+                _percentage, label = watch.stop()
                 if not transition(
                     job,
                     JobState.FINISHED,
@@ -78,7 +69,7 @@ class JobRun:
                 ):
                     raise JobFenced(f"Job {job.pk} was ended elsewhere while it ran.")
         except JobCancelled:
-            self._end_cancelled(job, job_type, monitor)
+            self._end_cancelled(job, job_type, watch)
             return job
         except JobFenced:
             logger.warning(
@@ -86,14 +77,16 @@ class JobRun:
             )
             return job
         except Exception as exc:
-            self._end_failed(job, job_type, monitor, exc)
+            self._end_failed(job, job_type, watch, exc)
             raise
+        finally:
+            watch.stop()
         publish(job)
         signals.job_finished.send(sender=type(job), job=job)
         return job
 
-    def _end_cancelled(self, job: Job, job_type: JobType, monitor: JobMonitor) -> None:
-        percentage, label = monitor.stop()
+    def _end_cancelled(self, job: Job, job_type: JobType, watch: Watch) -> None:
+        percentage, label = watch.stop()
         reconnect_if_broken()
         if not transition(
             job,
@@ -106,9 +99,9 @@ class JobRun:
         JobHandler._after_cancelled(job)
 
     def _end_failed(
-        self, job: Job, job_type: JobType, monitor: JobMonitor, exc: BaseException
+        self, job: Job, job_type: JobType, watch: Watch, exc: BaseException
     ) -> None:
-        percentage, label = monitor.stop()
+        percentage, label = watch.stop()
         reconnect_if_broken()
         error = f"{type(exc).__name__}: {exc}"
         human = getattr(exc, "human_readable_error", None) or GENERIC_FAILURE
