@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: example test lint typecheck migrations-check test-postgres test-sqlite clean
+.PHONY: example test lint typecheck migrations-check test-postgres test-sqlite clean bench-fastpath
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ test-postgres: $(STAMP)
 # SQLite and Django's cache as the progress store; tests that need a worker are skipped.
 test-sqlite: $(STAMP)
 	TASK_FERRY_TEST_DB=sqlite TASK_FERRY_TEST_STORE=cache $(BIN)/python -m pytest -m "not worker"
+
+# Fast-path targets of docs/progress.md: tick cost, freshness, cancel latency, cancel under locks.
+# Needs PostgreSQL on 127.0.0.1 and redis-server on PATH; starts its own Redis and worker.
+bench-fastpath: $(STAMP)
+	$(BIN)/python -m bench.ticks
+	$(BIN)/python -m bench.freshness
+	$(BIN)/python -m bench.cancel_latency
+	$(BIN)/python -m bench.cancel_under_locks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -42,7 +42,15 @@ def worker_name() -> str:
 class Watch:
     """One running job as the monitor sees it. ``stop()`` ends it."""
 
-    __slots__ = ("_monitor", "cancel_checked", "heartbeat", "job", "progress", "published", "snapshot")
+    __slots__ = (
+        "_monitor",
+        "cancel_checked",
+        "heartbeat",
+        "job",
+        "progress",
+        "published",
+        "snapshot",
+    )
 
     def __init__(self, monitor: JobMonitor, job: Job, progress: Progress, heartbeat: bool) -> None:
         self._monitor = monitor
