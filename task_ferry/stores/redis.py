@@ -135,7 +135,9 @@ class RedisCancelListener(CancelListener):
 
     def __init__(self, store: RedisProgressStore) -> None:
         self.store = store
-        self.pubsub: PubSub = store.client.pubsub(ignore_subscribe_messages=True)
+        # Subscribe confirmations are skipped here: redis-py would turn them into None, which
+        # looks like "nothing arrived" and would end a wait early.
+        self.pubsub: PubSub = store.client.pubsub()
         try:
             self.pubsub.subscribe(store.cancel_channel)
         except redis.RedisError as exc:
@@ -149,7 +151,7 @@ class RedisCancelListener(CancelListener):
         try:
             message = self.pubsub.get_message(timeout=timeout)
             while message is not None:
-                if message.get("type") == "message":
+                if message["type"] == "message":
                     with contextlib.suppress(ValueError):
                         job_ids.append(int(message["data"]))
                 message = self.pubsub.get_message(timeout=0)
