@@ -142,7 +142,7 @@ class JobHandler:
         publish(job)
         from task_ferry.executors.base import get_executor
 
-        get_executor().enqueue(job.pk)
+        get_executor().enqueue_job(job)
         return job
 
     @classmethod
@@ -322,18 +322,32 @@ class JobHandler:
                 )
         return failed
 
+    @classmethod
+    def fail_undispatched(cls, job_id: int, *, error: str, human_readable_error: str) -> bool:
+        """Fail a pending job its executor could not hand to a queue. False if it is no longer
+        pending (or was rolled back)."""
+        job = Job.objects.filter(pk=job_id).first()
+        if job is None:
+            return False
+        return bool(cls._fail_lost(job, [JobState.PENDING], error, human_readable_error))
+
     @staticmethod
-    def _fail_lost(job: Job, from_states: list[JobState], message: str) -> int:
+    def _fail_lost(
+        job: Job, from_states: list[JobState], message: str, human_message: str | None = None
+    ) -> int:
+        human_message = human_message or message
         if not transition(
             job,
             JobState.FAILED,
             from_states=from_states,
             error=message,
-            human_readable_error=message,
+            human_readable_error=human_message,
         ):
             return 0
         specific = job.specific
-        specific.apply_fields({"state": job.state, "error": message})
+        specific.apply_fields(
+            {"state": job.state, "error": message, "human_readable_error": human_message}
+        )
         publish(specific)
         job_type = job_type_registry.get(job.type)
         exc = RuntimeError(message)
