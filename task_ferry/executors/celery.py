@@ -8,11 +8,13 @@ imports before Django's apps are ready, so a project's celery.py can call ``beat
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
+import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.core.checks import CheckMessage, Error
 from django.db import router, transaction
@@ -23,6 +25,7 @@ from task_ferry.executors.base import BaseExecutor
 
 if TYPE_CHECKING:
     from celery import Celery
+    from kombu import Connection
 
     from task_ferry.models import Job
 
@@ -42,14 +45,22 @@ RUN_JOB_TASK = "task_ferry.run_job"
 CLEANUP_OLD_JOBS_TASK = "task_ferry.cleanup_old_jobs"
 SWEEP_STALE_JOBS_TASK = "task_ferry.sweep_stale_jobs"
 
-# Publishing gives up after about this many seconds when the broker cannot be reached.
-PUBLISH_RETRY_POLICY = {
-    "max_retries": 2,
-    "interval_start": 0,
-    "interval_step": 0.5,
-    "interval_max": 1,
+# Seconds any one broker operation of a dispatch may take.
+BROKER_TIMEOUT = 2.0
+TIMEOUT_OPTIONS: dict[str, dict[str, float]] = {
+    "redis": {"socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": BROKER_TIMEOUT},
+    "rediss": {"socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": BROKER_TIMEOUT},
+    "amqp": {"read_timeout": BROKER_TIMEOUT, "write_timeout": BROKER_TIMEOUT},
+    "pyamqp": {"read_timeout": BROKER_TIMEOUT, "write_timeout": BROKER_TIMEOUT},
 }
-PUBLISH_CONNECT_TIMEOUT = 2.0
+# One reconnect after half a second rides out a broker restart; a dead broker fails the
+# dispatch within about 2 * BROKER_TIMEOUT + 0.5 seconds.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0.5,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
 
 UNREACHABLE_MESSAGE = (
     "The job queue {queue!r} could not be reached, so this job was never started. Try again later."
@@ -85,8 +96,9 @@ class CeleryExecutor(BaseExecutor):
     supports_queues = True
 
     def __init__(self) -> None:
-        # Jobs registered for dispatch on commit and not sent yet, per thread.
+        # Per thread: jobs registered for dispatch on commit and not sent yet; the connection.
         self._awaiting = threading.local()
+        self._local = threading.local()
 
     def enqueue(self, job_id: int) -> None:
         from task_ferry.models import Job
@@ -133,29 +145,54 @@ class CeleryExecutor(BaseExecutor):
         if app is None:
             self._fail_unsent(job_id, queue, "no Celery app is configured")
             raise TaskFerryImproperlyConfigured(NO_APP_MESSAGE)
+        connection = self._connection(app)
         try:
-            with app.connection_for_write(connect_timeout=PUBLISH_CONNECT_TIMEOUT) as conn:
-                app.send_task(
-                    RUN_JOB_TASK,
-                    args=(job_id,),
-                    queue=queue,
-                    connection=conn,
-                    retry=True,
-                    retry_policy=PUBLISH_RETRY_POLICY,
-                    ignore_result=True,
-                )
+            app.send_task(
+                RUN_JOB_TASK,
+                args=(job_id,),
+                queue=queue,
+                connection=connection,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+                ignore_result=True,
+            )
         except Exception as exc:
             # kombu raises OperationalError, but transports leak their own errors too.
-            self._fail_unsent(job_id, queue, f"{type(exc).__name__}: {exc}")
+            self._drop_connection()
+            reason = f"{type(exc).__name__}: {exc}"
+            self._fail_unsent(job_id, queue, reason)
             # Jobs of the same commit whose callbacks Django drops after this exception.
             for other_id, other_queue in list(awaiting.items()):
-                self._fail_unsent(other_id, other_queue, f"{type(exc).__name__}: {exc}")
+                self._fail_unsent(other_id, other_queue, reason)
             awaiting.clear()
             raise DispatchError(
                 f"Job {job_id} could not be sent to the Celery queue {queue!r} at "
-                f"{app.conf.broker_url or 'the default broker'}: {exc}. The job was marked "
-                f"failed. Check that the broker is running."
+                f"{connection.as_uri()}: {exc}. The job was marked failed. Check that the "
+                f"broker is running."
             ) from exc
+
+    def _connection(self, app: Celery) -> Connection:
+        """This thread's broker connection, with timeouts on every socket operation.
+
+        Celery's own producer pool has none on Redis, where a hung broker would block the
+        request forever. Reusing the connection also declares each queue only once.
+        """
+        cached = getattr(self._local, "connection", None)
+        if cached is not None and cached[0] is app and cached[1] == os.getpid():
+            return cast("Connection", cached[2])
+        self._drop_connection()
+        connection: Connection = app.connection_for_write(connect_timeout=BROKER_TIMEOUT)
+        options = TIMEOUT_OPTIONS.get(connection.transport_cls, {})
+        connection.transport_options = {**options, **(connection.transport_options or {})}
+        self._local.connection = (app, os.getpid(), connection)
+        return connection
+
+    def _drop_connection(self) -> None:
+        cached = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if cached is not None and cached[1] == os.getpid():
+            with contextlib.suppress(Exception):
+                cached[2].release()
 
     @staticmethod
     def _fail_unsent(job_id: int, queue: str, reason: str) -> None:

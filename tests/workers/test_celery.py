@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import signal
 import socket
 import subprocess
 import sys
@@ -292,6 +293,26 @@ def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
     assert "own-broker" in failed.error
     assert hook_calls(failed.pk, "on_error") == 1
     assert state_of(reachable.pk) == "pending"
+
+
+@pytest.mark.worker
+def test_hung_broker_fails_the_job_within_seconds(own_redis_broker, user) -> None:
+    server, _app = own_redis_broker
+    JobHandler.create_and_start(user, "scripted", steps=1)
+    # A frozen broker still accepts connections but never answers.
+    server.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DispatchError):
+            job = JobHandler.create_and_start(user, "scripted", steps=1)
+        elapsed = time.monotonic() - started
+    finally:
+        server.send_signal(signal.SIGCONT)
+
+    assert elapsed < 10
+    job = ScriptedJob.objects.order_by("-pk").first()
+    assert job.state == "failed"
+    assert "could not be reached" in job.human_readable_error
 
 
 def test_broker_on_wrong_port_fails_every_job_of_the_transaction(
