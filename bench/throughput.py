@@ -69,12 +69,7 @@ def count_queries_on(sender: Any, connection: Any, **kwargs: Any) -> None:
 @app.task(name="bench.bare_ticks", ignore_result=True)
 def bare_ticks(ticks: int) -> None:
     """The same work as a benchmark job, without the job layer."""
-    from task_ferry.progress import Progress
-
-    progress = Progress()
-    stage = progress.create_child(represents=100, total=ticks)
-    for i in range(ticks):
-        stage.increment(state=f"step {i + 1} of {ticks}")
+    tick(ticks)
     bare_redis().incr(BARE_DONE_KEY)
 
 
@@ -90,11 +85,41 @@ def bare_redis() -> Any:
     return _bare_redis
 
 
+def tick(ticks: int) -> Any:
+    """The work of one benchmark job or task: a few progress ticks."""
+    from task_ferry.progress import Progress
+
+    progress = Progress()
+    stage = progress.create_child(represents=100, total=ticks)
+    for i in range(ticks):
+        stage.increment(state=f"step {i + 1} of {ticks}")
+    return progress
+
+
+def register_job_type() -> None:
+    """A job type whose run() only ticks: the same work as a bare task, no writes of its own."""
+    from task_ferry.registry import JobType, job_type_registry
+    from tests.testapp.models import ScriptedJob
+
+    class TicksJobType(JobType):
+        type = "bench_ticks"
+        model_class = ScriptedJob
+
+        def run(self, job: Any, progress: Any) -> None:
+            stage = progress.create_child(represents=100, total=job.steps)
+            for i in range(job.steps):
+                stage.increment(state=f"step {i + 1} of {job.steps}")
+
+    if "bench_ticks" not in job_type_registry:
+        job_type_registry.register(TicksJobType())
+
+
 @signals.worker_process_init.connect
-def install_counter(**kwargs: Any) -> None:
+def prepare_worker_process(**kwargs: Any) -> None:
     from django.db.backends.signals import connection_created
 
     connection_created.connect(count_queries_on, weak=False)
+    register_job_type()
 
 
 @signals.task_postrun.connect
@@ -195,7 +220,7 @@ class Bench:
         producer_before = queries_seen
         start = time.perf_counter()
         for _ in range(n):
-            JobHandler.create_and_start(None, "scripted", steps=self.ticks)
+            JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks)
         producer_queries = queries_seen - producer_before
         finished = Job.objects.filter(pk__gte=first_id, state=JobState.FINISHED)
         polls_before = queries_seen
@@ -281,6 +306,7 @@ def main() -> None:
         from task_ferry.models import Job
 
         ferry_settings.reload()
+        register_job_type()
         Job.objects.all().delete()
         from django.db import connection
 

@@ -360,11 +360,14 @@ class JobHandler:
         return 1
 
     @staticmethod
-    def run_job(job_id: int, *, heartbeat: bool = True) -> Job | None:
-        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``."""
+    def run_job(
+        job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
+    ) -> Job | None:
+        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``.
+        Passing the job's type name, when the executor has it, saves a query."""
         from task_ferry.runner import JobRun
 
-        return JobRun(job_id, heartbeat=heartbeat).execute()
+        return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
 
 
 def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:

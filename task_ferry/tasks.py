@@ -21,12 +21,12 @@ __all__ = ["cleanup_old_jobs", "run_job", "sweep_stale_jobs"]
 
 
 @shared_task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(job_id: int) -> None:
+def run_job(job_id: int, job_type_name: str | None = None) -> None:
     """Run one job. Its own exception is re-raised after the job is marked failed, so Celery
     monitoring sees it too."""
     from task_ferry.handler import JobHandler
 
-    JobHandler.run_job(job_id)
+    JobHandler.run_job(job_id, job_type_name=job_type_name)
 
 
 @shared_task(name=CLEANUP_OLD_JOBS_TASK, ignore_result=True)

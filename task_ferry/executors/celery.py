@@ -130,7 +130,7 @@ class CeleryExecutor(BaseExecutor):
                 # First job of this transaction: whatever is left belongs to rolled-back ones.
                 awaiting.clear()
             awaiting[job_id] = queue
-        transaction.on_commit(functools.partial(self._send, job_id, queue), using=using)
+        transaction.on_commit(functools.partial(self._send, job_id, type_name, queue), using=using)
 
     def _awaiting_jobs(self) -> dict[int, str]:
         awaiting: dict[int, str] | None = getattr(self._awaiting, "jobs", None)
@@ -138,7 +138,7 @@ class CeleryExecutor(BaseExecutor):
             awaiting = self._awaiting.jobs = {}
         return awaiting
 
-    def _send(self, job_id: int, queue: str) -> None:
+    def _send(self, job_id: int, type_name: str, queue: str) -> None:
         awaiting = self._awaiting_jobs()
         awaiting.pop(job_id, None)
         app = get_celery_app()
@@ -149,7 +149,7 @@ class CeleryExecutor(BaseExecutor):
         try:
             app.send_task(
                 RUN_JOB_TASK,
-                args=(job_id,),
+                args=(job_id, type_name),
                 queue=queue,
                 connection=connection,
                 retry=True,
