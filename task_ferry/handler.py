@@ -144,7 +144,7 @@ class JobHandler:
         publish(job)
         from task_ferry.executors.base import get_executor
 
-        get_executor().enqueue(job.pk)
+        get_executor().enqueue_job(job)
         return job
 
     @classmethod
@@ -324,18 +324,32 @@ class JobHandler:
                 )
         return failed
 
+    @classmethod
+    def fail_undispatched(cls, job_id: int, *, error: str, human_readable_error: str) -> bool:
+        """Fail a pending job its executor could not hand to a queue. False if it is no longer
+        pending (or was rolled back)."""
+        job = Job.objects.filter(pk=job_id).first()
+        if job is None:
+            return False
+        return bool(cls._fail_lost(job, [JobState.PENDING], error, human_readable_error))
+
     @staticmethod
-    def _fail_lost(job: Job, from_states: list[JobState], message: str) -> int:
+    def _fail_lost(
+        job: Job, from_states: list[JobState], message: str, human_message: str | None = None
+    ) -> int:
+        human_message = human_message or message
         if not transition(
             job,
             JobState.FAILED,
             from_states=from_states,
             error=message,
-            human_readable_error=message,
+            human_readable_error=human_message,
         ):
             return 0
         specific = job.specific
-        specific.apply_fields({"state": job.state, "error": message})
+        specific.apply_fields(
+            {"state": job.state, "error": message, "human_readable_error": human_message}
+        )
         publish(specific)
         job_type = job_type_registry.get(job.type)
         exc = RuntimeError(message)
@@ -348,11 +362,14 @@ class JobHandler:
         return 1
 
     @staticmethod
-    def run_job(job_id: int, *, heartbeat: bool = True) -> Job | None:
-        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``."""
+    def run_job(
+        job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
+    ) -> Job | None:
+        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``.
+        Passing the job's type name, when the executor has it, saves a query."""
         from task_ferry.runner import JobRun
 
-        return JobRun(job_id, heartbeat=heartbeat).execute()
+        return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
 
 
 def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:
