@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: example test lint typecheck migrations-check test-postgres test-sqlite clean \
-	test-matrix test-dj60 test-dj61 test-core
+	test-matrix test-dj60 test-dj61 test-core bench-fastpath
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,14 @@ test-core: .venv-core/.installed
 		found = [m for m in '$(OPTIONAL_MODULES)'.split() if find_spec(m)]; \
 		assert not found, f'optional extras installed in .venv-core: {found}'"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-core/bin/python -m pytest
+
+# Fast-path targets of docs/progress.md: tick cost, freshness, cancel latency, cancel under locks.
+# Needs PostgreSQL on 127.0.0.1 and redis-server on PATH; starts its own Redis and worker.
+bench-fastpath: $(STAMP)
+	$(BIN)/python -m bench.ticks
+	$(BIN)/python -m bench.freshness
+	$(BIN)/python -m bench.cancel_latency
+	$(BIN)/python -m bench.cancel_under_locks
 
 clean:
 	rm -rf $(VENV) .venv-dj60 .venv-dj61 .venv-core .pytest_cache .mypy_cache .ruff_cache

@@ -235,6 +235,10 @@ class JobHandler:
             cls._after_cancelled(job)
             return job
         if job.state in (JobState.PENDING, JobState.STARTED):
+            from task_ferry.monitor import get_monitor
+
+            # A job running in this process stops at its very next tick.
+            get_monitor().cancel_local(job.pk)
             # Never touch the row of a running job: its transaction may hold the row lock.
             get_store().request_cancel(job.pk)
         return job
