@@ -128,9 +128,7 @@ def test_unauthenticated_requests_are_refused(user, hold):
     assert Job.objects.count() == 1
 
 
-def test_unauthenticated_requests_get_401_with_a_challenging_authenticator(
-    user, hold, monkeypatch
-):
+def test_unauthenticated_requests_get_401_with_a_challenging_authenticator(user, hold, monkeypatch):
     # As with DEFAULT_AUTHENTICATION_CLASSES = [BasicAuthentication] at start-up.
     for view in (JobViewSet, JobEventsAccess):
         monkeypatch.setattr(view, "authentication_classes", [BasicAuthentication])
@@ -152,9 +150,9 @@ def test_session_writes_need_the_csrf_token(user, hold):
     assert client.post(f"{URL}{job.pk}/cancel/").status_code == 403
     assert Job.objects.count() == 1 and Job.objects.get().state == "pending"
 
-    token = client.get(URL).cookies.get("csrftoken") or client.get("/admin/login/").cookies[
-        "csrftoken"
-    ]
+    token = (
+        client.get(URL).cookies.get("csrftoken") or client.get("/admin/login/").cookies["csrftoken"]
+    )
     headers = {"HTTP_X_CSRFTOKEN": token.value}
     assert client.post(URL, {"type": "scripted"}, format="json", **headers).status_code == 201
     response = client.post(f"{URL}{job.pk}/cancel/", **headers)

@@ -296,9 +296,7 @@ def test_the_snapshot_carries_the_types_fields(user, store, hold):
     assert store.read(job.pk)["fields"] == {"table_id": 7, "output_path": ""}
 
 
-def test_detail_falls_back_to_the_database_when_the_store_has_no_snapshot(
-    api, user, store, hold
-):
+def test_detail_falls_back_to_the_database_when_the_store_has_no_snapshot(api, user, store, hold):
     job = create(user, steps=5)
     store.delete([job.pk])
     body = api.get(f"{URL}{job.pk}/").json()
