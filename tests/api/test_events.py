@@ -189,16 +189,16 @@ def test_uvicorn_streams_every_published_change_of_a_running_job(transactional_d
         channel = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"]).pubsub()
         channel.subscribe(f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:{job.pk}")
         received = []
-        with httpx.Client(base_url=base, cookies={"sessionid": cookie}, timeout=20) as http:
-            with http.stream("GET", url(job)) as response:
-                assert response.status_code == 200
-                assert response.headers["x-task-ferry-stream"] == "live"
-                chunks = response.iter_text()
-                received.append(next(chunks))
-                runner = threading.Thread(target=run_in_thread, args=(job.pk,))
-                runner.start()
-                received.extend(chunks)
-                runner.join()
+        http = httpx.Client(base_url=base, cookies={"sessionid": cookie}, timeout=20)
+        with http, http.stream("GET", url(job)) as response:
+            assert response.status_code == 200
+            assert response.headers["x-task-ferry-stream"] == "live"
+            chunks = response.iter_text()
+            received.append(next(chunks))
+            runner = threading.Thread(target=run_in_thread, args=(job.pk,))
+            runner.start()
+            received.extend(chunks)
+            runner.join()
         published = []
         while (message := channel.get_message(timeout=0.5)) is not None:
             if message["type"] == "message":
