@@ -13,7 +13,6 @@ from typing import Any
 
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
-
 from project.demo_login import get_demo_user
 
 MANAGE_PY = Path(__file__).resolve().parents[3] / "manage.py"

@@ -11,6 +11,13 @@ function downloadUrl(jobId) {
   return form.dataset.downloadUrl.replace(/\/0\/download\/$/, `/${jobId}/download/`);
 }
 
+// Times in the viewer's own time zone, for server-rendered and new rows alike.
+function showLocalTime(element) {
+  element.textContent = new Date(element.dateTime).toLocaleTimeString([], { hour12: false });
+}
+
+document.querySelectorAll("#job-list time").forEach(showLocalTime);
+
 function describeErrors(data) {
   if (!data || typeof data !== "object") return String(data || "");
   return Object.entries(data)
@@ -32,7 +39,7 @@ function addJob(job, values) {
   title.textContent = `#${job.id} · ${job.type} · ${values.rows} rows`;
   const time = document.createElement("time");
   time.dateTime = job.created_at;
-  time.textContent = new Date(job.created_at).toLocaleTimeString([], { hour12: false });
+  showLocalTime(time);
   const link = document.createElement("a");
   link.className = "job__download";
   link.href = downloadUrl(job.id);
