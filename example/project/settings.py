@@ -90,7 +90,7 @@ CACHES = {
 }
 
 TASK_FERRY = {
-    "EXECUTOR": "project.interim_executor.InterimExecutor",
+    "EXECUTOR": "task_ferry.executors.django_tasks.DjangoTasksExecutor",
     "CACHE_ALIAS": "progress",
     "REDIS_URL": os.environ.get("REDIS_URL") or None,
     "PUBLISH_INTERVAL": 0.1,
