@@ -5,7 +5,9 @@ here. Screenshots go to test-artifacts/browser/.
 """
 
 import gzip
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -221,3 +223,34 @@ def test_start_watch_and_cancel_jobs(example_server: ExampleServer, page) -> Non
     while example_server.group_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not example_server.group_alive(), example_server.log.read_text()
+
+
+def test_bar_backs_off_while_the_network_is_down(example_server: ExampleServer, page) -> None:
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    job = start_export(page, rows=2000, seconds=5)
+    wait_for_bar_between(page, job, 0, 100)
+
+    attempts: list[float] = []
+
+    def refuse(route) -> None:
+        attempts.append(time.monotonic())
+        route.abort("connectionrefused")
+
+    # The job's own endpoints (detail and events) become unreachable for 8 s.
+    job_endpoints = re.compile(r"/api/jobs/\d+/")
+    page.route(job_endpoints, refuse)
+    expect(job.locator(".tf-progress__error")).to_contain_text("Connection lost", timeout=10_000)
+    page.wait_for_timeout(4_000)
+    screenshot(page, "06-retrying.png")
+    page.wait_for_timeout(4_000)
+    page.unroute(job_endpoints)
+
+    expect(job.locator(".tf-progress__state")).to_have_text("finished", timeout=40_000)
+    expect(job.locator(".tf-progress__error")).to_be_hidden()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    # Polling every second would have made 8 attempts; backoff makes at most 6, and waits
+    # at least 2 s (the third retry's shortest delay) before giving up on a quiet network.
+    assert 3 <= len(attempts) <= 6, gaps
+    assert max(gaps) >= 1.9, gaps
+    assert page.errors == []
