@@ -1,10 +1,12 @@
 from pathlib import Path
 
 from django.contrib.auth.decorators import login_required
+from django.core.handlers.asgi import ASGIRequest
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
+from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobDoesNotExist
 from task_ferry.handler import JobHandler
 from task_ferry.models import JobState
@@ -21,10 +23,16 @@ def job_list(request: HttpRequest) -> HttpResponse:
     jobs = list(JobHandler.get_jobs_for_user(request.user)[:PAGE_SIZE])
     exports = ExportJob.objects.in_bulk([job.pk for job in jobs])
     rows = [(job, exports.get(job.pk)) for job in jobs]
+    # Only ASGI with Redis pushes events; elsewhere the stream polls every 2 s, we poll every 1 s.
+    live_stream = isinstance(request, ASGIRequest) and bool(ferry_settings.REDIS_URL)
     return render(
         request,
         "exports/job_list.html",
-        {"rows": rows, "default_seconds": ExportJob._meta.get_field("seconds").get_default()},
+        {
+            "rows": rows,
+            "live_stream": live_stream,
+            "default_seconds": ExportJob._meta.get_field("seconds").get_default(),
+        },
     )
 
 

@@ -6,7 +6,8 @@ process runs the jobs, and a file-based cache carries live progress between the 
 web server. Set REDIS_URL to keep progress in Redis instead.
 
 Environment variables: EXAMPLE_DATA_DIR (where the database, progress cache and export files
-go; default: this directory), REDIS_URL, EXAMPLE_EXPORT_SECONDS (default length of an export).
+go; default: this directory), REDIS_URL, EXAMPLE_KEY_PREFIX (of the keys in Redis),
+EXAMPLE_EXPORT_SECONDS (default length of an export).
 """
 
 import os
@@ -93,6 +94,7 @@ TASK_FERRY = {
     "EXECUTOR": "task_ferry.executors.django_tasks.DjangoTasksExecutor",
     "CACHE_ALIAS": "progress",
     "REDIS_URL": os.environ.get("REDIS_URL") or None,
+    "KEY_PREFIX": os.environ.get("EXAMPLE_KEY_PREFIX", "task_ferry_example"),
     "PUBLISH_INTERVAL": 0.1,
 }
 

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
@@ -59,10 +60,15 @@ def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout
 
 
 class ExampleServer:
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path, mode: str) -> None:
         self.process = process
         self.url = url
         self.log = log
+        self.mode = mode
+
+    def requests_to(self, path: str) -> int:
+        """How many requests the server logged for exactly this path."""
+        return len(re.findall(rf'"[A-Z]+ {re.escape(path)} HTTP', self.log.read_text()))
 
     def stop(self, timeout: float = 15) -> int:
         """Stop runexample the way `kill` would; returns its exit code."""
@@ -84,8 +90,23 @@ class ExampleServer:
         return True
 
 
+def redis_url() -> str | None:
+    """The test Redis, if it answers."""
+    import redis
+
+    url = os.environ.get("TASK_FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        return None
+    return url
+
+
 @pytest.fixture
-def example_server(tmp_path: Path) -> Iterator[ExampleServer]:
+def example_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ExampleServer]:
+    """runexample as `make example` runs it ("wsgi": SQLite, file cache, dev server), or
+    served by uvicorn with Redis for progress ("asgi"), so bars get a pushed event stream."""
+    mode = getattr(request, "param", "wsgi")
     port = free_port()
     log = tmp_path / "runexample.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "REDIS_URL"))}
@@ -95,16 +116,24 @@ def example_server(tmp_path: Path) -> Iterator[ExampleServer]:
         EXAMPLE_DATA_DIR=str(tmp_path),
         PYTHONUNBUFFERED="1",
     )
+    command = [sys.executable, str(MANAGE_PY), "runexample", f"127.0.0.1:{port}"]
+    key_prefix = f"tf-example-{uuid.uuid4().hex[:8]}"
+    if mode == "asgi":
+        url = redis_url()
+        if url is None:
+            pytest.skip("Redis is not reachable on 127.0.0.1:6379")
+        env.update(REDIS_URL=url, EXAMPLE_KEY_PREFIX=key_prefix)
+        command.append("--asgi")
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, str(MANAGE_PY), "runexample", f"127.0.0.1:{port}"],
+            command,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             # Its own process group, so nothing it starts can outlive the test.
             start_new_session=True,
         )
-    server = ExampleServer(process, f"http://127.0.0.1:{port}/", log)
+    server = ExampleServer(process, f"http://127.0.0.1:{port}/", log, mode)
     try:
         wait_for_http(server.url, process, log, timeout=60)
         yield server
@@ -114,7 +143,14 @@ def example_server(tmp_path: Path) -> Iterator[ExampleServer]:
         if server.group_alive():
             os.killpg(process.pid, signal.SIGKILL)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "runexample.log").write_bytes(log.read_bytes())
+        (ARTIFACTS / f"runexample-{mode}.log").write_bytes(log.read_bytes())
+        if mode == "asgi":
+            import redis
+
+            client = redis.Redis.from_url(env["REDIS_URL"])
+            keys = list(client.scan_iter(f"{key_prefix}:*"))
+            if keys:
+                client.delete(*keys)
 
 
 @pytest.fixture
@@ -137,6 +173,10 @@ def page(example_server: ExampleServer) -> Iterator[object]:
 def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def shot_name(server: ExampleServer, name: str) -> str:
+    return name if server.mode == "wsgi" else f"{server.mode}-{name}"
 
 
 def start_export(page, rows: int, seconds: float):
@@ -166,12 +206,13 @@ def wait_for_bar_between(page, job, low: int, high: int) -> int:
     return bar_value(job)
 
 
+@pytest.mark.parametrize("example_server", ["wsgi", "asgi"], indirect=True)
 def test_start_watch_and_cancel_jobs(example_server: ExampleServer, page) -> None:
     expect = playwright_api.expect
     page.goto(example_server.url)
     expect(page.locator("h1")).to_have_text("Exports")
     expect(page.locator(".who")).to_contain_text("demo")
-    screenshot(page, "01-empty.png")
+    screenshot(page, shot_name(example_server, "01-empty.png"))
 
     job = start_export(page, rows=4000, seconds=4)
     bar = job.locator(BAR)
@@ -181,7 +222,7 @@ def test_start_watch_and_cancel_jobs(example_server: ExampleServer, page) -> Non
     moving = wait_for_bar_between(page, job, 0, 100)
     expect(job.locator(".tf-progress__percentage")).not_to_have_text("0%")
     expect(job.locator(".tf-progress__state")).to_have_text("started")
-    screenshot(page, "02-running.png")
+    screenshot(page, shot_name(example_server, "02-running.png"))
 
     expect(job.locator(".tf-progress__state")).to_have_text("finished", timeout=30_000)
     expect(bar).to_have_attribute("aria-valuenow", "100")
@@ -190,8 +231,16 @@ def test_start_watch_and_cancel_jobs(example_server: ExampleServer, page) -> Non
     expect(job.locator(".tf-progress__cancel")).to_be_hidden()
     download = job.locator(".job__download")
     expect(download).to_be_visible()
-    screenshot(page, "03-finished.png")
+    screenshot(page, shot_name(example_server, "03-finished.png"))
     assert 0 < moving < 100
+    if example_server.mode == "asgi":
+        # One pushed stream carried the whole job: no reconnection, no poll.
+        assert example_server.requests_to("/api/jobs/1/events/") == 1
+        assert example_server.requests_to("/api/jobs/1/") == 0
+    else:
+        # The development server cannot push, so the page polls.
+        assert example_server.requests_to("/api/jobs/1/events/") == 0
+        assert example_server.requests_to("/api/jobs/1/") >= 2
 
     response = page.request.get(urljoin(example_server.url, download.get_attribute("href")))
     assert response.status == 200
@@ -208,13 +257,13 @@ def test_start_watch_and_cancel_jobs(example_server: ExampleServer, page) -> Non
     assert 0 < stopped_at < 100
     expect(job.locator(".tf-progress__cancel")).to_be_hidden()
     expect(job.locator(".job__download")).to_be_hidden()
-    screenshot(page, "04-cancelled.png")
+    screenshot(page, shot_name(example_server, "04-cancelled.png"))
 
     # The server-rendered list agrees after a reload, and ended jobs need no requests.
     page.reload()
     states = page.locator("#job-list .tf-progress__state")
     expect(states).to_have_text(["cancelled", "finished"])
-    screenshot(page, "05-reloaded.png")
+    screenshot(page, shot_name(example_server, "05-reloaded.png"))
     assert page.errors == []
 
     # runexample stops its db_worker when it is stopped.

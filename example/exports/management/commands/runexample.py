@@ -1,7 +1,8 @@
 """``manage.py runexample``: everything the example needs, in one command.
 
 Migrates the database, creates the demo user, starts ``db_worker`` as a child process, runs the
-development server, and stops the worker when the server stops (Ctrl-C).
+development server (or uvicorn with ``--asgi``), and stops the worker when the server stops
+(Ctrl-C).
 """
 
 import os
@@ -31,13 +32,21 @@ class Command(BaseCommand):
             help="Address and port of the development server (default: 127.0.0.1:$PORT or 8000).",
         )
         parser.add_argument(
+            "--asgi",
+            action="store_true",
+            help="Serve with uvicorn (ASGI) instead of the development server; with REDIS_URL "
+            "set, progress bars then get a pushed event stream.",
+        )
+        parser.add_argument(
             "--worker-interval",
             type=float,
             default=0.5,
             help="Seconds the idle worker waits between looks at the task queue.",
         )
 
-    def handle(self, *args: Any, addrport: str, worker_interval: float, **options: Any) -> None:
+    def handle(
+        self, *args: Any, addrport: str, asgi: bool, worker_interval: float, **options: Any
+    ) -> None:
         call_command("migrate", interactive=False, verbosity=0)
         user = get_demo_user()
         self.stdout.write(f"Database ready; demo user {user.get_username()!r}.")
@@ -59,9 +68,26 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
         try:
             self.stdout.write(self.style.SUCCESS(f"Open http://{addrport}/ (Ctrl-C to stop)."))
-            call_command("runserver", addrport, use_reloader=False)
+            if asgi:
+                self._serve_asgi(addrport)
+            else:
+                call_command("runserver", addrport, use_reloader=False)
+        except KeyboardInterrupt:
+            pass
         finally:
             self._stop(worker)
+
+    def _serve_asgi(self, addrport: str) -> None:
+        import uvicorn
+
+        host, _, port = addrport.rpartition(":")
+        uvicorn.run(
+            "project.asgi:application",
+            host=host or "127.0.0.1",
+            port=int(port),
+            # Open event streams must not hold up Ctrl-C.
+            timeout_graceful_shutdown=2,
+        )
 
     def _stop(self, worker: subprocess.Popen[bytes]) -> None:
         if worker.poll() is None:

@@ -6,6 +6,8 @@ const list = document.getElementById("job-list");
 const empty = document.querySelector(".empty");
 const formError = form.querySelector(".form-error");
 const api = form.dataset.api;
+// The server says whether it pushes events (ASGI with Redis); otherwise plain polling is finer.
+const sse = form.dataset.sse === "true";
 
 function downloadUrl(jobId) {
   return form.dataset.downloadUrl.replace(/\/0\/download\/$/, `/${jobId}/download/`);
@@ -49,7 +51,7 @@ function addJob(job, values) {
   item.append(head);
   list.prepend(item);
   empty.hidden = true;
-  mountProgress(item, job.id, { base: api, label: `Job ${job.id}`, job });
+  mountProgress(item, job.id, { base: api, label: `Job ${job.id}`, job, sse });
 }
 
 form.addEventListener("submit", async (event) => {
