@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from django.core.management import call_command
@@ -66,6 +67,8 @@ class Command(BaseCommand):
         self.stdout.write(f"db_worker started (pid {worker.pid}).")
         # A plain `kill` must stop the worker too, through the finally clause below.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+        signal.signal(signal.SIGINT, self._interrupt)
+        self.interrupted = False
         try:
             self.stdout.write(self.style.SUCCESS(f"Open http://{addrport}/ (Ctrl-C to stop)."))
             if asgi:
@@ -75,7 +78,12 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass
         finally:
-            self._stop(worker)
+            # Ctrl-C reached the worker too (same process group): let it finish on its own.
+            self._stop(worker, signalled=self.interrupted)
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
 
     def _serve_asgi(self, addrport: str) -> None:
         import uvicorn
@@ -89,10 +97,14 @@ class Command(BaseCommand):
             timeout_graceful_shutdown=2,
         )
 
-    def _stop(self, worker: subprocess.Popen[bytes]) -> None:
-        if worker.poll() is None:
-            # db_worker finishes its current job on the first signal.
+    def _stop(self, worker: subprocess.Popen[bytes], *, signalled: bool) -> None:
+        # db_worker finishes its current job on the first signal and stops on the second.
+        if not signalled:
             worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(WORKER_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            worker.send_signal(signal.SIGTERM if signalled else signal.SIGKILL)
             try:
                 worker.wait(WORKER_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
