@@ -199,7 +199,8 @@ class JobHandler:
     @staticmethod
     def _lock_user(user: Any) -> None:
         """Serialise job creation per user, so concurrent creates respect ``max_count``."""
-        type(user)._default_manager.select_for_update().filter(pk=user.pk).values_list(
+        # _meta, not type(): request.user is a SimpleLazyObject under session auth.
+        user._meta.model._default_manager.select_for_update().filter(pk=user.pk).values_list(
             "pk", flat=True
         ).first()
 
