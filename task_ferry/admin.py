@@ -241,12 +241,13 @@ class JobAdmin(admin.ModelAdmin[Job]):
         term = search_term.strip()
         if not term:
             return queryset, False
+        if term.isdigit():
+            # A number is a job id: one primary key lookup, however large the table.
+            return queryset.filter(pk=int(term)), False
         users = get_user_model()._default_manager.filter(
             Q(username__icontains=term) | Q(email__icontains=term)
         )
         match = Q(user__in=users.values("pk"))
-        if term.isdigit():
-            match |= Q(pk=int(term))
         if term in job_type_registry:
             match |= Q(type=term)
         return queryset.filter(match), False

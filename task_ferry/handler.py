@@ -247,13 +247,18 @@ class JobHandler:
             logger.exception("Job %s: on_cancelled hook of %r raised", job.pk, job_type)
         signals.job_cancelled.send(sender=type(job), job=job)
 
+    @staticmethod
+    def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
+        """Ended jobs that finished before this moment are expired."""
+        if older_than is None:
+            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
+        return timezone.now() - older_than
+
     @classmethod
     def cleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
         """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` in batches, calling each type's
         ``before_delete`` once per job. Returns how many jobs were deleted."""
-        if older_than is None:
-            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
-        cutoff = timezone.now() - older_than
+        cutoff = cls.expiry_cutoff(older_than)
         deleted = 0
         last_id = 0
         while True:
