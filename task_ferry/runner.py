@@ -49,7 +49,7 @@ class JobRun:
         job = Job.objects.get(pk=self.job_id).specific
         job_type = job_type_registry.get(job.type)
         publish(job)
-        signals.job_started.send(sender=type(job), job=job)
+        signals.emit(signals.job_started, job)
         progress = Progress()
         monitor = JobMonitor(
             job,
@@ -83,7 +83,7 @@ class JobRun:
             self._end_failed(job, job_type, monitor, exc)
             raise
         publish(job)
-        signals.job_finished.send(sender=type(job), job=job)
+        signals.emit(signals.job_finished, job)
         return job
 
     def _end_cancelled(self, job: Job, job_type: JobType, monitor: JobMonitor) -> None:
@@ -124,4 +124,4 @@ class JobRun:
             job_type.on_error(job, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.job_failed.send(sender=type(job), job=job, exc=exc)
+        signals.emit(signals.job_failed, job, exc=exc)
