@@ -54,28 +54,30 @@ class LiveHandles:
     handler makes here. A caller holding the job from ``create_and_start`` sees it become
     cancelled or finished without a ``refresh_from_db()``."""
 
+    PRUNE_EVERY = 1024
+
     def __init__(self) -> None:
         self._refs: dict[int, list[weakref.ref[Job]]] = {}
         self._lock = threading.Lock()
+        self._tracked_since_prune = 0
 
     def track(self, job: Job) -> Job:
         with self._lock:
-            refs = [r for r in self._refs.get(job.pk, []) if r() is not None]
-            refs.append(weakref.ref(job))
-            self._refs[job.pk] = refs
-            if len(self._refs) > 1024:
+            self._refs.setdefault(job.pk, []).append(weakref.ref(job))
+            self._tracked_since_prune += 1
+            if self._tracked_since_prune >= self.PRUNE_EVERY:
                 self._prune()
         return job
 
     def apply(self, job_id: int, fields: dict[str, Any]) -> None:
         with self._lock:
-            refs = self._refs.get(job_id, ())
-            for ref in refs:
+            for ref in self._refs.get(job_id, ()):
                 job = ref()
                 if job is not None:
                     job.apply_fields(fields)
 
     def _prune(self) -> None:
+        self._tracked_since_prune = 0
         for job_id in list(self._refs):
             alive = [r for r in self._refs[job_id] if r() is not None]
             if alive:

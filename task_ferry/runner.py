@@ -31,6 +31,12 @@ logger = logging.getLogger("task_ferry")
 GENERIC_FAILURE = "Something went wrong while running this job."
 
 
+def reconnect_if_broken() -> None:
+    """A dropped database connection must not stop us from recording how the job ended."""
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
+
+
 class JobRun:
     def __init__(self, job_id: int, *, heartbeat: bool = True) -> None:
         self.job_id = job_id
@@ -88,7 +94,7 @@ class JobRun:
 
     def _end_cancelled(self, job: Job, job_type: JobType, monitor: JobMonitor) -> None:
         percentage, label = monitor.stop()
-        connection.close_if_unusable_or_obsolete()
+        reconnect_if_broken()
         if not transition(
             job,
             JobState.CANCELLED,
@@ -103,8 +109,7 @@ class JobRun:
         self, job: Job, job_type: JobType, monitor: JobMonitor, exc: BaseException
     ) -> None:
         percentage, label = monitor.stop()
-        # A dropped database connection must not stop us from recording the failure.
-        connection.close_if_unusable_or_obsolete()
+        reconnect_if_broken()
         error = f"{type(exc).__name__}: {exc}"
         human = getattr(exc, "human_readable_error", None) or GENERIC_FAILURE
         if not transition(

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
-from redis.client import PubSub
 from django.core.checks import CheckMessage, Warning
+from redis.client import PubSub
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
