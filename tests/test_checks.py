@@ -64,20 +64,42 @@ def test_e001_executor_path_that_does_not_import(ferry):
 
 
 @pytest.mark.parametrize(
-    ("path", "module", "extra"),
+    ("path", "module", "extra", "check_ids"),
     [
-        ("task_ferry.executors.celery.CeleryExecutor", "celery", "celery"),
-        ("task_ferry.executors.django_tasks.DjangoTasksExecutor", "django_tasks", "django-tasks"),
+        (
+            "task_ferry.executors.celery.CeleryExecutor",
+            "celery",
+            "celery",
+            {"task_ferry.E001", "task_ferry.E010"},
+        ),
+        (
+            "task_ferry.executors.django_tasks.DjangoTasksExecutor",
+            "django_tasks",
+            "django-tasks",
+            {"task_ferry.E001", "task_ferry.E020"},
+        ),
     ],
 )
-def test_e001_names_the_missing_extra(ferry, monkeypatch, path, module, extra):
+def test_missing_extra_is_named(ferry, monkeypatch, path, module, extra, check_ids):
     # Hide the installed package, as in a virtualenv without the extra.
     monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.delitem(sys.modules, path.rsplit(".", 1)[0], raising=False)
     ferry(EXECUTOR=path)
-    message = only("task_ferry.E001")
-    assert f"needs the {extra!r} extra" in message.msg
-    assert message.hint == f'pip install "django-task-ferry[{extra}]"'
+    # E001 when the executor module itself needs the package, else the executor's own check.
+    (message,) = [m for m in ferry_messages() if m.is_serious()]
+    assert message.id in check_ids
+    assert f"django-task-ferry[{extra}]" in message.hint
+
+
+def test_e001_message_names_the_extra():
+    from task_ferry.checks import missing_extra
+
+    celery_missing = ModuleNotFoundError("No module named 'celery'", name="celery")
+    assert missing_extra("task_ferry.executors.celery.CeleryExecutor", celery_missing) == "celery"
+    own_module = ModuleNotFoundError("nope", name="task_ferry.executors.django_tasks")
+    assert missing_extra("task_ferry.executors.django_tasks.X", own_module) == "django-tasks"
+    typo = ModuleNotFoundError("nope", name="myproject")
+    assert missing_extra("myproject.Executor", typo) is None
 
 
 def test_e001_executor_that_is_not_an_executor(ferry):
