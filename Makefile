@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: example test lint typecheck migrations-check test-postgres test-sqlite clean \
+.PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite clean \
 	test-matrix test-dj60 test-dj61 test-core bench-fastpath
 
 $(STAMP): pyproject.toml
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python example/manage.py runexample
 
-test: lint typecheck migrations-check test-postgres test-sqlite
+test: lint typecheck migrations-check docs test-postgres test-sqlite
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,6 +28,10 @@ typecheck: $(STAMP)
 
 migrations-check: $(STAMP)
 	TASK_FERRY_TEST_DB=sqlite $(BIN)/python -m django makemigrations --check --dry-run --settings=tests.settings
+
+# The documentation site, in site/; warnings (broken links, pages missing from nav) fail it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # PostgreSQL and Redis on 127.0.0.1, real worker processes included.
 test-postgres: $(STAMP)

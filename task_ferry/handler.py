@@ -140,7 +140,7 @@ class JobHandler:
         the executor. Returns the saved, specific job at once."""
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
-        signals.job_created.send(sender=type(job), job=job)
+        signals.emit(signals.job_created, job)
         publish(job)
         from task_ferry.executors.base import get_executor
 
@@ -252,15 +252,20 @@ class JobHandler:
             job_type.on_cancelled(job)
         except Exception:
             logger.exception("Job %s: on_cancelled hook of %r raised", job.pk, job_type)
-        signals.job_cancelled.send(sender=type(job), job=job)
+        signals.emit(signals.job_cancelled, job)
+
+    @staticmethod
+    def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
+        """Ended jobs that finished before this moment are expired."""
+        if older_than is None:
+            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
+        return timezone.now() - older_than
 
     @classmethod
     def cleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
         """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` in batches, calling each type's
         ``before_delete`` once per job. Returns how many jobs were deleted."""
-        if older_than is None:
-            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
-        cutoff = timezone.now() - older_than
+        cutoff = cls.expiry_cutoff(older_than)
         deleted = 0
         last_id = 0
         while True:
@@ -362,7 +367,7 @@ class JobHandler:
             job_type.on_error(specific, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.job_failed.send(sender=type(specific), job=specific, exc=exc)
+        signals.emit(signals.job_failed, specific, exc=exc)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, message)
         return 1
 

@@ -89,7 +89,7 @@ class JobRun:
         job = self._load()
         job_type = job_type_registry.get(job.type)
         publish(job)
-        signals.job_started.send(sender=type(job), job=job)
+        signals.emit(signals.job_started, job)
         progress = Progress()
         watch = get_monitor().watch(job, progress, heartbeat=self.heartbeat)
         try:
@@ -118,7 +118,7 @@ class JobRun:
         finally:
             watch.stop()
         publish(job)
-        signals.job_finished.send(sender=type(job), job=job)
+        signals.emit(signals.job_finished, job)
         return job
 
     def _load(self) -> Job:
@@ -166,4 +166,4 @@ class JobRun:
             job_type.on_error(job, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.job_failed.send(sender=type(job), job=job, exc=exc)
+        signals.emit(signals.job_failed, job, exc=exc)
