@@ -16,7 +16,7 @@ import argparse
 import random
 import time
 
-from bench.fastpath.common import EXECUTORS, bench_user, percentile, setup_worker
+from bench.fastpath.common import EXECUTORS, bench_user, load_note, percentile, setup_worker
 
 
 def main() -> None:
@@ -53,6 +53,7 @@ def main() -> None:
         latencies.append(float(popped[1]) - returned)
         assert Job.objects.get(pk=job.pk).state == "cancelled"
     Job.objects.filter(user=user).delete()
+    print(load_note())
     print(
         f"cancel latency via a {args.worker} worker, {args.jobs} jobs ticking every 1 ms "
         f"(targets p50 <= 2 ms, p99 <= 20 ms):"

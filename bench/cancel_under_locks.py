@@ -13,7 +13,7 @@ import argparse
 import random
 import time
 
-from bench.fastpath.common import EXECUTORS, bench_user, percentile, setup_worker
+from bench.fastpath.common import EXECUTORS, bench_user, load_note, percentile, setup_worker
 
 # How long the contrast UPDATE may wait for the row lock.
 LOCK_TIMEOUT_MS = 2000
@@ -61,6 +61,7 @@ def main() -> None:
             raise SystemExit(f"Job {job.pk} never ran on_cancelled.")
         assert Job.objects.get(pk=job.pk).state == "cancelled"
     Job.objects.filter(user=user).delete()
+    print(load_note())
     print(
         f"cancel under locks via a {args.worker} worker, {args.jobs} jobs holding their row "
         f"lock (target <= 50 ms):"

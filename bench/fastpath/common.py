@@ -82,6 +82,12 @@ def bench_user():  # type: ignore[no-untyped-def]
     return user
 
 
+def load_note() -> str:
+    """The machine's load, printed with each figure: other processes share its two cores."""
+    one, five, _ = os.getloadavg()
+    return f"(load average {one:.2f}, {five:.2f} over 1 and 5 min, {os.cpu_count()} CPUs)"
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
