@@ -22,7 +22,7 @@ from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.models import Heartbeat, Job
 from task_ferry.progress import Progress
-from task_ferry.snapshot import isoformat, job_snapshot, truncate_state
+from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import CancelListener, ProgressStore, get_store
 
 __all__ = ["JobMonitor", "Watch", "get_monitor"]
@@ -47,6 +47,7 @@ class Watch:
     __slots__ = (
         "_monitor",
         "cancel_checked",
+        "cancel_token",
         "heartbeat",
         "job",
         "progress",
@@ -64,6 +65,7 @@ class Watch:
         self.published: tuple[int, str] = (job.progress_percentage, job.progress_state)
         #: Whether the store was asked for a cancel request made before the monitor listened.
         self.cancel_checked = False
+        self.cancel_token = cancel_token(job)
 
     def current(self) -> tuple[int, str]:
         """The job's percentage and (column-sized) label right now."""
@@ -298,7 +300,7 @@ class _MonitorLoop:
             return
         for watch in watches:
             watch.cancel_checked = True
-            if watch.job.pk in requested:
+            if requested.get(watch.job.pk) == watch.cancel_token:
                 watch.progress.request_cancel()
 
 

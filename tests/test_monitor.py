@@ -11,7 +11,7 @@ from django.db import connection
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH
+from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH, cancel_token
 from task_ferry.stores.base import get_store
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 
@@ -168,7 +168,7 @@ def test_a_cancel_request_from_another_process_reaches_the_job_through_the_store
     }
     thread, job = start_halfway(gated, user, steps=20)
     # What cancel() in another process does: only the store hears of it.
-    get_store().request_cancel(job.pk)
+    get_store().request_cancel(job.pk, token=cancel_token(job))
     wait_until(lambda: gated.progress.cancel_requested, "the monitor passed the request on")
     gated.release.set()
     thread.finish()

@@ -9,6 +9,7 @@ import pytest
 from django.db import connection
 
 from task_ferry.handler import JobHandler
+from task_ferry.snapshot import cancel_token
 from task_ferry.stores.base import get_store
 from tests.test_monitor import GatedJobType, start_halfway, wait_until
 from tests.testapp.models import ScriptedJob
@@ -96,7 +97,7 @@ def test_publishing_and_cancel_requests_resume_when_redis_returns(
             "the running job's progress is published again",
         )
         # The monitor subscribes again, so a request from another process gets through.
-        get_store().request_cancel(job.pk)
+        get_store().request_cancel(job.pk, token=cancel_token(job))
         wait_until(lambda: gated.progress.cancel_requested, "the cancel request arrived")
         gated.release.set()
         thread.finish()
