@@ -147,7 +147,9 @@ def setup_worker(kind: str) -> None:
         ]
     else:
         command = [sys.executable, "-m", "bench.fastpath.worker"]
-    proc = subprocess.Popen(command, env=env, cwd=ROOT)
+    # Kept open for the worker's lifetime; closed and removed by stop().
+    log = tempfile.NamedTemporaryFile(prefix=f"tf-bench-{kind}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def stop() -> None:
         proc.terminate()
@@ -156,6 +158,8 @@ def setup_worker(kind: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        log.close()
+        os.unlink(log.name)
 
     atexit.register(stop)
     from task_ferry.handler import JobHandler
@@ -165,5 +169,5 @@ def setup_worker(kind: str) -> None:
     deadline = time.monotonic() + 60
     while Job.objects.get(pk=job.pk).state != "finished":
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"The {kind} worker did not run a job.")
+            raise SystemExit(f"The {kind} worker did not run a job; its log is {log.name}.")
         time.sleep(0.05)
