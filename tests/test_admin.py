@@ -82,8 +82,7 @@ def test_admin_cannot_add_change_or_delete(admin_client, user):
     assert [name for name, _ in actions if name] == ["cancel_jobs"]
 
 
-# transactional_db: the runner drops the connection after a failure when inside a test's atomic.
-def test_detail_page_shows_type_fields_and_traceback(transactional_db, admin_client, user):
+def test_detail_page_shows_type_fields_and_traceback(db, admin_client, user):
     with pytest.raises(RuntimeError):
         JobHandler.create_and_start(user, "scripted", steps=4, fail_at=2, marker="m-17")
     job = Job.objects.get()
