@@ -142,14 +142,18 @@ async def live_events(
         yield retry_field(LIVE_RETRY_MS) + job_event(snapshot)
         if is_final(snapshot):
             return
-        while (remaining := deadline - loop.time()) > 0:
+        next_keepalive = loop.time() + keepalive
+        while (now := loop.time()) < deadline:
+            if now >= next_keepalive:
+                yield KEEPALIVE
+                next_keepalive = now + keepalive
             try:
-                message = await pubsub.get_message(timeout=min(keepalive, remaining))
+                message = await pubsub.get_message(timeout=min(next_keepalive, deadline) - now)
             except redis.RedisError as exc:
                 logger.warning("Job %s: event stream lost Redis: %s", job_id, exc)
                 return
+            # None: a timeout, or a subscribe confirmation.
             if message is None:
-                yield KEEPALIVE
                 continue
             raw = message["data"]
             # The snapshot read after subscribing may also arrive as a message.
@@ -158,6 +162,7 @@ async def live_events(
             last_raw = raw
             snapshot = json.loads(raw)
             yield job_event(snapshot)
+            next_keepalive = loop.time() + keepalive
             if is_final(snapshot):
                 return
     finally:

@@ -25,8 +25,6 @@ from drf_spectacular.utils import (
 )
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework import serializers
-from rest_framework.request import Request
-from rest_framework.response import Response
 
 from task_ferry.api.serializers import JobSerializer, type_serializer_class
 from task_ferry.models import JobState

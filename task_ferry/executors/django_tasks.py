@@ -144,13 +144,18 @@ class DjangoTasksExecutor(BaseExecutor):
         except Exception as exc:
             message = (
                 f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             )
             self._fail_undispatched(job, message)
+            if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
+                advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
+            else:
+                advice = (
+                    f"Check that the TASKS backend is reachable and set up (for "
+                    f"{DATABASE_BACKEND}: its database and migrations)"
+                )
             raise DispatchError(
-                f"{message}. The job was marked failed. Check that the TASKS backend is "
-                f"reachable and set up (for {DATABASE_BACKEND}: its database and migrations), "
-                f"then start the job again."
+                f"{message}. The job was marked failed. {advice}, then start the job again."
             ) from exc
 
     def task_for(self, job_type: JobType) -> Any:
@@ -173,8 +178,9 @@ class DjangoTasksExecutor(BaseExecutor):
     def _fail_undispatched(job: Job, message: str) -> None:
         from task_ferry.handler import JobHandler
 
-        # The backend's failure may have broken a shared database connection.
-        connection.close_if_unusable_or_obsolete()
+        if not connection.in_atomic_block:
+            # The backend's failure may have broken a shared database connection.
+            connection.close_if_unusable_or_obsolete()
         try:
             JobHandler._fail_lost(job, [JobState.PENDING], message)
         except Exception:
@@ -192,9 +198,7 @@ class DjangoTasksExecutor(BaseExecutor):
                 )
             ]
         alias = ferry_settings.TASKS_BACKEND
-        configured: dict[str, Any] = getattr(settings, "TASKS", None) or {}
-        params = configured.get(alias)
-        if isinstance(params, dict) and params.get("BACKEND") == OBSOLETE_DATABASE_BACKEND:
+        if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
             return [
                 Error(
                     f"TASKS[{alias!r}]['BACKEND'] is {OBSOLETE_DATABASE_BACKEND!r}, which no "
@@ -296,6 +300,12 @@ class DjangoTasksExecutor(BaseExecutor):
                     )
                 )
         return messages
+
+
+def _configured_backend(alias: str) -> str | None:
+    """The BACKEND path that TASKS names for ``alias``, as written in the settings."""
+    params = (getattr(settings, "TASKS", None) or {}).get(alias)
+    return params.get("BACKEND") if isinstance(params, dict) else None
 
 
 def _app_installed(name: str) -> bool:
