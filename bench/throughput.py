@@ -46,6 +46,8 @@ from celery import Celery, signals  # noqa: E402
 app = Celery("bench")
 app.conf.broker_url = os.environ.get("TASK_FERRY_TEST_BROKER_URL")
 app.autodiscover_tasks(["task_ferry"])
+# As docs/executors.md recommends: keep database connections across tasks.
+app.conf.CELERY_DB_REUSE_MAX = 1000
 
 BARE_DONE_KEY = "bench:bare-done"
 QUERY_COUNTS_DIR = os.environ.get("TASK_FERRY_BENCH_COUNTS_DIR")
@@ -221,6 +223,7 @@ class Bench:
         start = time.perf_counter()
         for _ in range(n):
             JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks)
+        created = time.perf_counter() - start
         producer_queries = queries_seen - producer_before
         finished = Job.objects.filter(pk__gte=first_id, state=JobState.FINISHED)
         polls_before = queries_seen
@@ -240,6 +243,7 @@ class Bench:
             "redis_commands": (sum(redis_delta.values()) - 1) / n,  # less INFO itself
             "redis_breakdown": redis_delta,  # type: ignore[dict-item]
             "polls": polls,
+            "producer_seconds": created,
         }
 
     def run_bare(self, n: int) -> dict[str, float]:
@@ -248,6 +252,7 @@ class Bench:
         start = time.perf_counter()
         for _ in range(n):
             app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
+        created = time.perf_counter() - start
         polls = 0
 
         def done() -> bool:
@@ -263,6 +268,7 @@ class Bench:
             "rate": n / elapsed,
             "redis_commands": (sum(redis_delta.values()) - polls - 1 - 1) / n,
             "redis_breakdown": redis_delta,  # type: ignore[dict-item]
+            "producer_seconds": created,
         }
 
 
@@ -272,6 +278,18 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--breakdown", action="store_true", help="print Redis commands by name")
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=["on", "off"],
+        default="on",
+        help="PostgreSQL synchronous_commit of the benchmark's connections (default: on)",
+    )
+    parser.add_argument(
+        "--conn-max-age",
+        type=int,
+        default=600,
+        help="CONN_MAX_AGE of producer and worker (0 reconnects for every task; default: 600)",
+    )
     args = parser.parse_args()
 
     ensure_database(os.environ["TASK_FERRY_TEST_DB_NAME"])
@@ -284,6 +302,8 @@ def main() -> None:
         TASK_FERRY_TEST_STORE="redis",
         TASK_FERRY_TEST_DB="postgresql",
         TASK_FERRY_BENCH_COUNTS_DIR=counts_dir,
+        TASK_FERRY_TEST_SYNCHRONOUS_COMMIT=args.synchronous_commit,
+        TASK_FERRY_TEST_CONN_MAX_AGE=str(args.conn_max_age),
     )
     app.conf.broker_url = os.environ["TASK_FERRY_TEST_BROKER_URL"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'bench'}")
@@ -327,9 +347,11 @@ def main() -> None:
         for i in range(args.rounds):
             bare_rounds.append(bench.run_bare(args.jobs))
             job_rounds.append(bench.run_jobs(args.jobs))
+            bare, jobs = bare_rounds[-1], job_rounds[-1]
             print(
-                f"round {i + 1}: bare {bare_rounds[-1]['rate']:7.1f}/s  "
-                f"jobs {job_rounds[-1]['rate']:7.1f}/s",
+                f"round {i + 1}: bare {bare['rate']:6.1f}/s ({bare['seconds']:.2f}s, sending "
+                f"{bare['producer_seconds']:.2f}s)  jobs {jobs['rate']:6.1f}/s "
+                f"({jobs['seconds']:.2f}s, creating {jobs['producer_seconds']:.2f}s)",
                 flush=True,
             )
         report(args, job_rounds, bare_rounds)
@@ -351,7 +373,8 @@ def report(args: Any, job_rounds: list[dict[str, Any]], bare_rounds: list[dict[s
     print()
     print(
         f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
-        f"--concurrency=2, Redis broker, {args.rounds} round(s), medians"
+        f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
+        f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}"
     )
     print(f"bare Celery   {bare_rate:8.1f} tasks/s")
     print(f"job layer     {job_rate:8.1f} jobs/s")
