@@ -2,7 +2,7 @@
 
     make bench-throughput
     # or, from the repository root:
-    PYTHONPATH=$PWD python bench/throughput.py [--jobs 300] [--ticks 5] [--rounds 2]
+    python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--synchronous-commit off]
 
 Starts its own redis-server (broker and progress store, so Redis INFO commandstats count only
 this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each round times:
@@ -17,7 +17,7 @@ database queries (producer and worker, counted by a Django execute wrapper) and 
 commands (commandstats delta). Needs PostgreSQL on 127.0.0.1:5432 and ``redis-server`` on
 PATH; the database TASK_FERRY_TEST_DB_NAME (default task_ferry_bench) is created if missing.
 
-This module is also the worker's Celery app (``celery -A throughput``).
+This module is also the worker's Celery app (``celery -A bench.throughput``).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def start_worker(queue: str, env: dict[str, str]) -> tuple[subprocess.Popen[byte
         "-m",
         "celery",
         "-A",
-        "throughput",
+        "bench.throughput",
         "worker",
         "--pool=prefork",
         "--concurrency=2",
@@ -306,7 +306,7 @@ def main() -> None:
         TASK_FERRY_TEST_CONN_MAX_AGE=str(args.conn_max_age),
     )
     app.conf.broker_url = os.environ["TASK_FERRY_TEST_BROKER_URL"]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'bench'}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     worker = None
     try:
         import django
