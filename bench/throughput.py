@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -205,12 +206,37 @@ def start_worker(queue: str, env: dict[str, str]) -> tuple[subprocess.Popen[byte
 
 
 class Bench:
-    def __init__(self, jobs: int, ticks: int, queue: str, store_redis: Any, counts: str) -> None:
+    def __init__(
+        self, jobs: int, ticks: int, queue: str, store_redis: Any, counts: str, producers: int
+    ) -> None:
+        self.producers = producers
         self.jobs = jobs
         self.ticks = ticks
         self.queue = queue
         self.redis = store_redis
         self.counts_dir = counts
+
+    def produce(self, n: int, make_one: Any) -> None:
+        """Call ``make_one`` n times, from ``self.producers`` threads (like concurrent requests)."""
+        if self.producers == 1:
+            for _ in range(n):
+                make_one()
+            return
+        from django.db import connection
+
+        def producer(count: int) -> None:
+            try:
+                for _ in range(count):
+                    make_one()
+            finally:
+                connection.close()
+
+        shares = [n // self.producers + (i < n % self.producers) for i in range(self.producers)]
+        threads = [threading.Thread(target=producer, args=(share,)) for share in shares]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def run_jobs(self, n: int) -> dict[str, float]:
         from task_ferry.handler import JobHandler
@@ -221,8 +247,7 @@ class Bench:
         worker_before = worker_queries(self.counts_dir)
         producer_before = queries_seen
         start = time.perf_counter()
-        for _ in range(n):
-            JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks)
+        self.produce(n, lambda: JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks))
         created = time.perf_counter() - start
         producer_queries = queries_seen - producer_before
         finished = Job.objects.filter(pk__gte=first_id, state=JobState.FINISHED)
@@ -250,8 +275,9 @@ class Bench:
         self.redis.delete(BARE_DONE_KEY)
         redis_before = command_stats(self.redis)
         start = time.perf_counter()
-        for _ in range(n):
-            app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
+        self.produce(
+            n, lambda: app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
+        )
         created = time.perf_counter() - start
         polls = 0
 
@@ -283,6 +309,12 @@ def main() -> None:
         choices=["on", "off"],
         default="on",
         help="PostgreSQL synchronous_commit of the benchmark's connections (default: on)",
+    )
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=1,
+        help="threads calling create_and_start / send_task, like concurrent requests (default: 1)",
     )
     parser.add_argument(
         "--conn-max-age",
@@ -337,7 +369,7 @@ def main() -> None:
         import redis
 
         store_redis = redis.Redis.from_url(os.environ["TASK_FERRY_TEST_REDIS_URL"])
-        bench = Bench(args.jobs, args.ticks, queue, store_redis, counts_dir)
+        bench = Bench(args.jobs, args.ticks, queue, store_redis, counts_dir, args.producers)
         # Warm up both paths: worker imports, connections, the prefork pool.
         bench.run_jobs(20)
         bench.run_bare(20)
@@ -374,7 +406,8 @@ def report(args: Any, job_rounds: list[dict[str, Any]], bare_rounds: list[dict[s
     print(
         f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
         f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
-        f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}"
+        f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}, "
+        f"{args.producers} producer thread(s)"
     )
     print(f"bare Celery   {bare_rate:8.1f} tasks/s")
     print(f"job layer     {job_rate:8.1f} jobs/s")
