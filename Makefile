@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-example \
-	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath
+	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ bench-fastpath: $(STAMP)
 	$(BIN)/python -m bench.freshness
 	$(BIN)/python -m bench.cancel_latency
 	$(BIN)/python -m bench.cancel_under_locks
+
+# Job layer vs bare Celery (docs/benchmarks.md). Needs PostgreSQL on 127.0.0.1 and redis-server
+# on PATH; starts its own Redis and a 2-process Celery worker.
+bench-throughput: $(STAMP)
+	$(BIN)/python -m bench.throughput
 
 clean:
 	rm -rf $(VENV) .venv-dj60 .venv-dj61 .venv-core .pytest_cache .mypy_cache .ruff_cache
