@@ -1,6 +1,7 @@
 """DjangoTasksExecutor end to end: jobs dispatched by this process, run by a real
 ``db_worker`` process (django-tasks-db) on the PostgreSQL test database."""
 
+import datetime
 import os
 import signal
 import subprocess
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection, transaction
+from django.utils import timezone
 
 from task_ferry.executors import django_tasks
-from task_ferry.handler import JobHandler
-from task_ferry.models import Job
+from task_ferry.handler import JobHandler, transition
+from task_ferry.models import Job, JobState
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 
@@ -248,3 +250,22 @@ def test_rolled_back_create_dispatches_nothing(start_worker, user):
     assert list(Job.objects.values_list("pk", flat=True)) == [later.pk]
     assert DBTaskResult.objects.count() == 1
     assert not Marker.objects.filter(name="ghost").exists()
+
+
+def test_sweep_task_fails_a_job_whose_worker_vanished(start_worker, user, settings):
+    job = JobHandler.create_and_start(user, "scripted", steps=1)
+    # As if a worker took the job an hour ago and died: started, never a heartbeat.
+    an_hour_ago = timezone.now() - datetime.timedelta(hours=1)
+    assert transition(job, JobState.STARTED, from_states=[JobState.PENDING], started_at=an_hour_ago)
+    alias = settings.TASK_FERRY["TASKS_BACKEND"]
+    # What a cron entry does; only a worker on the maintenance queue runs, so the job's own
+    # task (queue "default") stays untouched.
+    django_tasks.sweep_stale_jobs.using(backend=alias, queue_name="maintenance").enqueue()
+    worker = start_worker("maintenance")
+    row = wait_until_ended(job, worker)
+    assert row.state == "failed"
+    assert "worker lost" in row.error
+    assert hooks(job) == ["on_error"]
+    sweep = DBTaskResult.objects.get(queue_name="maintenance")
+    wait_for(lambda: DBTaskResult.objects.get(pk=sweep.pk).status == "SUCCESSFUL", what="sweep")
+    assert DBTaskResult.objects.get(pk=sweep.pk).return_value == 1
