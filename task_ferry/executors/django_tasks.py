@@ -136,9 +136,8 @@ class DjangoTasksExecutor(BaseExecutor):
             # Cancelled or deleted between commit and dispatch: nothing to run.
             return
         alias = ferry_settings.TASKS_BACKEND
-        job_type = job_type_registry.get(job.type)
         try:
-            task = self.task_for(job_type)
+            task = self.task_for(job_type_registry.get(job.type))
             task.get_backend().validate_task(task)
             task.enqueue(job_id)
         except Exception as exc:
@@ -146,7 +145,10 @@ class DjangoTasksExecutor(BaseExecutor):
                 f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "
                 f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             )
-            self._fail_undispatched(job, message)
+            if self._fail_undispatched(job, message):
+                outcome = "The job was marked failed."
+            else:
+                outcome = "The job was not marked failed here (see the log)."
             if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
                 advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
             else:
@@ -155,7 +157,7 @@ class DjangoTasksExecutor(BaseExecutor):
                     f"{DATABASE_BACKEND}: its database and migrations)"
                 )
             raise DispatchError(
-                f"{message}. The job was marked failed. {advice}, then start the job again."
+                f"{message}. {outcome} {advice}, then start the job again."
             ) from exc
 
     def task_for(self, job_type: JobType) -> Any:
@@ -175,17 +177,21 @@ class DjangoTasksExecutor(BaseExecutor):
         )
 
     @staticmethod
-    def _fail_undispatched(job: Job, message: str) -> None:
+    def _fail_undispatched(job: Job, message: str) -> bool:
+        """Mark the job failed; False if it was not (it left pending, or the database is down
+        too and the stale-job sweep will fail it)."""
         from task_ferry.handler import JobHandler
 
         if not connection.in_atomic_block:
             # The backend's failure may have broken a shared database connection.
             connection.close_if_unusable_or_obsolete()
         try:
-            JobHandler._fail_lost(job, [JobState.PENDING], message)
+            # 0 when the job left pending meanwhile (cancelled, say): then it needs no failing.
+            return JobHandler._fail_lost(job, [JobState.PENDING], message) == 1
         except Exception:
             # The sweep fails it after PENDING_TIMEOUT instead.
             logger.exception("Job %s: could not mark the undispatched job failed", job.pk)
+            return False
 
     def check(self) -> list[CheckMessage]:
         if tasks_api is None:
