@@ -4,8 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: example test lint typecheck migrations-check test-postgres test-sqlite clean \
-	test-matrix test-dj60 test-dj61 test-core
+.PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite clean \
+	test-matrix test-dj60 test-dj61 test-core bench-fastpath
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python example/manage.py runexample
 
-test: lint typecheck migrations-check test-postgres test-sqlite
+test: lint typecheck migrations-check docs test-postgres test-sqlite
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,6 +28,10 @@ typecheck: $(STAMP)
 
 migrations-check: $(STAMP)
 	TASK_FERRY_TEST_DB=sqlite $(BIN)/python -m django makemigrations --check --dry-run --settings=tests.settings
+
+# The documentation site, in site/; warnings (broken links, pages missing from nav) fail it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # PostgreSQL and Redis on 127.0.0.1, real worker processes included.
 test-postgres: $(STAMP)
@@ -79,6 +83,14 @@ test-core: .venv-core/.installed
 		found = [m for m in '$(OPTIONAL_MODULES)'.split() if find_spec(m)]; \
 		assert not found, f'optional extras installed in .venv-core: {found}'"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-core/bin/python -m pytest
+
+# Fast-path targets of docs/progress.md: tick cost, freshness, cancel latency, cancel under locks.
+# Needs PostgreSQL on 127.0.0.1 and redis-server on PATH; starts its own Redis and worker.
+bench-fastpath: $(STAMP)
+	$(BIN)/python -m bench.ticks
+	$(BIN)/python -m bench.freshness
+	$(BIN)/python -m bench.cancel_latency
+	$(BIN)/python -m bench.cancel_under_locks
 
 clean:
 	rm -rf $(VENV) .venv-dj60 .venv-dj61 .venv-core .pytest_cache .mypy_cache .ruff_cache

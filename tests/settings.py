@@ -124,3 +124,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"task_ferry": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+# Fast hashing keeps user fixtures cheap; never do this outside tests.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -207,3 +207,19 @@ def test_cleanup_honours_job_expiry_days(db, user, settings):
     assert JobHandler.cleanup_old_jobs() == 0
     settings.TASK_FERRY = {**settings.TASK_FERRY, "JOB_EXPIRY_DAYS": 2}
     assert JobHandler.cleanup_old_jobs() == 1
+
+
+def test_live_handles_do_not_keep_jobs_alive(db, user, no_dispatch):
+    import gc
+    import weakref
+
+    from task_ferry.handler import live_handles
+
+    job = JobHandler.create_and_start(user, "scripted")
+    ref = weakref.ref(job)
+    job_id = job.pk
+    del job
+    gc.collect()
+    assert ref() is None
+    live_handles._prune()
+    assert job_id not in live_handles._refs
