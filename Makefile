@@ -67,11 +67,15 @@ test-matrix: test-dj60 test-dj61 test-core
 	touch $@
 
 test-dj60: .venv-dj60/.installed
-	.venv-dj60/bin/python -c "import django, django.tasks; print('Django', django.__version__)"
+	.venv-dj60/bin/python -c "import django, django.tasks, importlib.util as u; \
+		assert u.find_spec('django_tasks') is None, 'the backport must not be needed on Django 6'; \
+		print('Django', django.__version__)"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-dj60/bin/python -m pytest
 
 test-dj61: .venv-dj61/.installed
-	.venv-dj61/bin/python -c "import django, django.tasks; print('Django', django.__version__)"
+	.venv-dj61/bin/python -c "import django, django.tasks, importlib.util as u; \
+		assert u.find_spec('django_tasks') is None, 'the backport must not be needed on Django 6'; \
+		print('Django', django.__version__)"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-dj61/bin/python -m pytest
 
 test-core: .venv-core/.installed
