@@ -197,7 +197,8 @@ class JobHandler:
     @staticmethod
     def _lock_user(user: Any) -> None:
         """Serialise job creation per user, so concurrent creates respect ``max_count``."""
-        type(user)._default_manager.select_for_update().filter(pk=user.pk).values_list(
+        # __class__, not type(): request.user is a lazy proxy of the user.
+        user.__class__._default_manager.select_for_update().filter(pk=user.pk).values_list(
             "pk", flat=True
         ).first()
 
