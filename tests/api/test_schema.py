@@ -8,6 +8,7 @@ import textwrap
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from tests.api.conftest import create, start
 from tests.api.live import ROOT, session_headers, uvicorn_server
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -30,7 +31,9 @@ def test_schema_has_one_component_per_job_type_with_its_fields(schema):
         export
     )
     assert "steps" not in export
-    assert {"steps", "tick_delay", "fail_at", "result"} <= set(components["ScriptedJob"]["properties"])
+    assert {"steps", "tick_delay", "fail_at", "result"} <= set(
+        components["ScriptedJob"]["properties"]
+    )
     assert components["ExportTableJobCreate"]["required"] == ["table_id", "type"]
     assert "id" not in components["ExportTableJobCreate"]["properties"]
 
@@ -108,35 +111,55 @@ EXAMPLES_PER_OPERATION_AND_MODE = 60
 
 
 @pytest.mark.worker
-def test_schemathesis_finds_no_server_error_or_schema_violation(transactional_db):
+def test_schemathesis_finds_no_server_error_or_schema_violation(transactional_db, hold):
     """Every operation, with valid and with invalid inputs, against uvicorn over loopback."""
     from django.contrib.auth import get_user_model
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi import checks
 
-    headers = session_headers(get_user_model().objects.create_user("schemathesis"))
+    owner = get_user_model().objects.create_user("schemathesis")
+    headers = session_headers(owner)
+    # The caller's own jobs, so detail and cancel answer 200 too (from store and database).
+    running = start(create(owner, steps=8), percentage=40, started_ago=5)
+    own_jobs = [running, create(owner, "export_table", table_id=3), create(owner, steps=1)]
     selected = [not_a_server_error] + [getattr(checks, name) for name in CHECK_NAMES[1:]]
     cases: dict[str, int] = {}
+
+    def run_cases(operation, label, max_examples, **strategy_kwargs):
+        @given(case=operation.as_strategy(**strategy_kwargs))
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(case):
+            cases[label] = cases.get(label, 0) + 1
+            case.call_and_validate(base_url=base, headers=headers, checks=selected)
+
+        run()
+
     with uvicorn_server() as base:
         schema = schemathesis.openapi.from_url(base + SCHEMA_URL)
         operations = [result.ok() for result in schema.get_all_operations()]
         assert len(operations) == 4
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                label = f"{operation.label} ({mode.value})"
-
-                @given(case=operation.as_strategy(generation_mode=mode))
-                @settings(
-                    max_examples=EXAMPLES_PER_OPERATION_AND_MODE,
-                    deadline=None,
-                    database=None,
-                    suppress_health_check=list(HealthCheck),
+                run_cases(
+                    operation,
+                    f"{operation.label} ({mode.value})",
+                    EXAMPLES_PER_OPERATION_AND_MODE,
+                    generation_mode=mode,
                 )
-                def run(case):
-                    cases[label] = cases.get(label, 0) + 1
-                    case.call_and_validate(base_url=base, headers=headers, checks=selected)
-
-                run()
+        for job in own_jobs:
+            for operation in operations:
+                if "{id}" in operation.path:
+                    run_cases(
+                        operation,
+                        f"{operation.label} (job {job.pk}, {job.type})",
+                        10,
+                        path_parameters={"id": job.pk},
+                    )
     print(f"\nschemathesis: {sum(cases.values())} cases", cases)
     assert all(count >= 10 for count in cases.values()), cases
