@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-example \
-	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath
+	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,11 +67,15 @@ test-matrix: test-dj60 test-dj61 test-core
 	touch $@
 
 test-dj60: .venv-dj60/.installed
-	.venv-dj60/bin/python -c "import django, django.tasks; print('Django', django.__version__)"
+	.venv-dj60/bin/python -c "import django, django.tasks, importlib.util as u; \
+		assert u.find_spec('django_tasks') is None, 'the backport must not be needed on Django 6'; \
+		print('Django', django.__version__)"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-dj60/bin/python -m pytest
 
 test-dj61: .venv-dj61/.installed
-	.venv-dj61/bin/python -c "import django, django.tasks; print('Django', django.__version__)"
+	.venv-dj61/bin/python -c "import django, django.tasks, importlib.util as u; \
+		assert u.find_spec('django_tasks') is None, 'the backport must not be needed on Django 6'; \
+		print('Django', django.__version__)"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-dj61/bin/python -m pytest
 
 test-core: .venv-core/.installed
@@ -92,6 +96,11 @@ bench-fastpath: $(STAMP)
 	$(BIN)/python -m bench.freshness
 	$(BIN)/python -m bench.cancel_latency
 	$(BIN)/python -m bench.cancel_under_locks
+
+# Job layer vs bare Celery (docs/benchmarks.md). Needs PostgreSQL on 127.0.0.1 and redis-server
+# on PATH; starts its own Redis and a 2-process Celery worker.
+bench-throughput: $(STAMP)
+	$(BIN)/python -m bench.throughput
 
 clean:
 	rm -rf $(VENV) .venv-dj60 .venv-dj61 .venv-core .pytest_cache .mypy_cache .ruff_cache

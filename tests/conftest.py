@@ -28,3 +28,13 @@ def api(user):
     client = APIClient()
     client.force_authenticate(user)
     return client
+
+
+@pytest.fixture(autouse=True)
+def _forget_cached_snapshots():
+    """SQLite reuses job ids across tests: a snapshot or cancel request a test left in the
+    in-process cache store must not describe the next test's job with the same id."""
+    yield
+    from django.core.cache import caches
+
+    caches["default"].clear()

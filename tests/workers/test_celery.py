@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 from celery import Celery, _state
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from task_ferry.exceptions import DispatchError
@@ -192,6 +192,25 @@ def test_redelivered_job_never_runs_twice_at_once(
     assert wait_for_state(job.pk, "finished", "failed").state == "finished"
     assert Marker.objects.filter(name="delivered-twice").count() == 1
     assert celery_executor.process.log().count(f"Job {job.pk} is not pending") == 1
+
+
+@pytest.mark.worker
+def test_job_runs_after_the_workers_database_connections_were_killed(
+    redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user
+) -> None:
+    warm_up = JobHandler.create_and_start(user, "scripted", steps=1)
+    wait_for_state(warm_up.pk, "finished")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert cursor.fetchone()[0] >= 1
+
+    job = JobHandler.create_and_start(user, "scripted", steps=3, marker="after-kill")
+
+    assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    assert Marker.objects.filter(name="after-kill").count() == 1
 
 
 @pytest.mark.worker
