@@ -26,7 +26,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from task_ferry.exceptions import ProgressStoreUnavailable
+from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobQuerySet, JobState
 from task_ferry.registry import job_type_registry
@@ -323,6 +323,9 @@ class JobAdmin(admin.ModelAdmin[Job]):
                     request, f"Job {job.pk}: cancel request not delivered: {exc}", messages.ERROR
                 )
                 continue
+            except JobTypeDoesNotExist as exc:
+                # A job whose type was removed from the code: cancelled, but no hook could run.
+                self.message_user(request, f"Job {job.pk}: {exc}", messages.WARNING)
             if specific.state == JobState.CANCELLED:
                 cancelled += 1
             else:
