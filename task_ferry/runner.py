@@ -84,8 +84,8 @@ class JobRun:
         Re-raises the job's own exception after the job is marked failed.
         """
         job = Job(pk=self.job_id)
-        # If a database crash lost this commit, the job would be pending again: nothing of its
-        # work can have committed, and a redelivery or the sweep takes it from there.
+        # Losing this commit in a database crash only leaves the job pending (nothing of its
+        # work can commit before it), so it need not wait for the disk: one fsync less per job.
         with commits_without_waiting_for_disk():
             started = transition(job, JobState.STARTED, from_states=[JobState.PENDING])
         if not started:

@@ -22,9 +22,13 @@ from django.core.checks import Warning as CheckWarning
 from django.db import connection, transaction
 
 from task_ferry.conf import ferry_settings
-from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
+from task_ferry.exceptions import (
+    DispatchError,
+    JobDoesNotExist,
+    TaskFerryImproperlyConfigured,
+)
 from task_ferry.executors.base import BaseExecutor
-from task_ferry.models import Job, JobState
+from task_ferry.models import Job
 from task_ferry.registry import JobType, job_type_registry
 
 logger = logging.getLogger("task_ferry")
@@ -40,6 +44,8 @@ __all__ = [
 # Where django-tasks kept its database backend before it moved to django-tasks-db.
 OBSOLETE_DATABASE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
 DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
+# What a user sees on a job that never reached a worker.
+UNDISPATCHED_MESSAGE = "This job could not be queued, so it never started. Try again later."
 
 
 def _load_tasks_api() -> tuple[ModuleType, ModuleType] | tuple[None, None]:
@@ -126,19 +132,29 @@ class DjangoTasksExecutor(BaseExecutor):
     def enqueue(self, job_id: int) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
-        # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
-        transaction.on_commit(functools.partial(self.dispatch, job_id))
+        type_name = Job.objects.filter(pk=job_id).values_list("type", flat=True).first()
+        if type_name is None:
+            raise JobDoesNotExist(job_id)
+        self._dispatch_on_commit(job_id, type_name)
 
-    def dispatch(self, job_id: int) -> None:
-        """Enqueue the job's task now. Raises ``DispatchError`` after marking the job failed."""
-        job = Job.objects.filter(pk=job_id, state=JobState.PENDING).first()
-        if job is None:
-            # Cancelled or deleted between commit and dispatch: nothing to run.
-            return
+    def enqueue_job(self, job: Job) -> None:
+        # The handler holds the job: its type gives queue and priority without a query.
+        self._dispatch_on_commit(job.pk, job.type)
+
+    def _dispatch_on_commit(self, job_id: int, type_name: str) -> None:
+        if tasks_api is None:
+            raise TaskFerryImproperlyConfigured(_missing_api_message())
+        # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
+        transaction.on_commit(functools.partial(self.dispatch, job_id, type_name))
+
+    def dispatch(self, job_id: int, type_name: str) -> None:
+        """Enqueue the job's task now. Raises ``DispatchError`` after marking the job failed.
+
+        A job cancelled before this point is still sent; the worker sees it is not pending and
+        skips it, which costs less than a query on every dispatch."""
         alias = ferry_settings.TASKS_BACKEND
-        job_type = job_type_registry.get(job.type)
         try:
-            task = self.task_for(job_type)
+            task = self.task_for(job_type_registry.get(type_name))
             task.get_backend().validate_task(task)
             task.enqueue(job_id)
         except Exception as exc:
@@ -146,7 +162,10 @@ class DjangoTasksExecutor(BaseExecutor):
                 f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "
                 f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             )
-            self._fail_undispatched(job, message)
+            if self._fail_undispatched(job_id, message):
+                outcome = "The job was marked failed."
+            else:
+                outcome = "The job was not marked failed here (see the log)."
             if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
                 advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
             else:
@@ -155,8 +174,25 @@ class DjangoTasksExecutor(BaseExecutor):
                     f"{DATABASE_BACKEND}: its database and migrations)"
                 )
             raise DispatchError(
-                f"{message}. The job was marked failed. {advice}, then start the job again."
+                f"{message}. {outcome} {advice}, then start the job again."
             ) from exc
+
+    @staticmethod
+    def _fail_undispatched(job_id: int, message: str) -> bool:
+        """Mark the job failed; False if it was not (it left pending, or the database is down
+        too and the stale-job sweep will fail it)."""
+        from task_ferry.handler import JobHandler
+
+        if not connection.in_atomic_block:
+            # The backend's failure may have broken a shared database connection.
+            connection.close_if_unusable_or_obsolete()
+        try:
+            return JobHandler.fail_undispatched(
+                job_id, error=message, human_readable_error=UNDISPATCHED_MESSAGE
+            )
+        except Exception:
+            logger.exception("Job %s: could not mark the undispatched job failed", job_id)
+            return False
 
     def task_for(self, job_type: JobType) -> Any:
         """The ``run_job`` task bound to the configured backend, the type's queue and, where
@@ -173,19 +209,6 @@ class DjangoTasksExecutor(BaseExecutor):
             queue_name=job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME,
             priority=priority,
         )
-
-    @staticmethod
-    def _fail_undispatched(job: Job, message: str) -> None:
-        from task_ferry.handler import JobHandler
-
-        if not connection.in_atomic_block:
-            # The backend's failure may have broken a shared database connection.
-            connection.close_if_unusable_or_obsolete()
-        try:
-            JobHandler._fail_lost(job, [JobState.PENDING], message)
-        except Exception:
-            # The sweep fails it after PENDING_TIMEOUT instead.
-            logger.exception("Job %s: could not mark the undispatched job failed", job.pk)
 
     def check(self) -> list[CheckMessage]:
         if tasks_api is None:

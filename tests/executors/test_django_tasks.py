@@ -172,6 +172,22 @@ def test_dispatch_waits_for_commit(transactional_db, user, use_executor, alias, 
 
 
 @requires_tasks
+def test_dispatch_is_one_insert_into_the_task_table(
+    db,
+    user,
+    use_executor,
+    DBTaskResult,
+    django_assert_num_queries,
+    django_capture_on_commit_callbacks,
+):
+    with django_capture_on_commit_callbacks(execute=False):
+        job = JobHandler.create_and_start(user, "scripted")
+    with django_assert_num_queries(1) as captured:
+        get_executor().dispatch(job.pk, "scripted")
+    assert DBTaskResult._meta.db_table in captured.captured_queries[0]["sql"]
+
+
+@requires_tasks
 def test_rolled_back_create_dispatches_nothing(transactional_db, user, use_executor, DBTaskResult):
     with pytest.raises(RuntimeError, match="roll back"), transaction.atomic():
         JobHandler.create_and_start(user, "scripted")
@@ -227,6 +243,7 @@ def test_backend_that_cannot_write_fails_the_job_and_tells_the_caller(
     job = ScriptedJob.objects.get()
     assert job.state == "failed"
     assert "could not be handed" in job.error
+    assert job.human_readable_error == django_tasks.UNDISPATCHED_MESSAGE
     assert job.finished_at is not None
     assert list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True)) == [
         "on_error"

@@ -1,6 +1,7 @@
 """DjangoTasksExecutor end to end: jobs dispatched by this process, run by a real
 ``db_worker`` process (django-tasks-db) on the PostgreSQL test database."""
 
+import datetime
 import os
 import signal
 import subprocess
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection, transaction
+from django.utils import timezone
 
 from task_ferry.executors import django_tasks
-from task_ferry.handler import JobHandler
-from task_ferry.models import Job
+from task_ferry.handler import JobHandler, transition
+from task_ferry.models import Job, JobState
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 
@@ -131,6 +133,17 @@ def task_of(job):
     return DBTaskResult.objects.get(args_kwargs__args=[job.pk])
 
 
+def task_done(task_filter, worker=None):
+    """The task result once the worker is done with it: the job's ending hooks have run."""
+    return wait_for(
+        lambda: DBTaskResult.objects.filter(
+            **task_filter, status__in=["SUCCESSFUL", "FAILED"]
+        ).first(),
+        what=f"task {task_filter} to be done",
+        worker=worker,
+    )
+
+
 def hooks(job):
     return list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True))
 
@@ -142,7 +155,7 @@ def test_job_finishes_in_the_worker(start_worker, user):
     assert row.state == "finished", worker.output()
     assert (row.result, row.progress_percentage, row.progress_state) == ("done", 100, "step 5 of 5")
     assert Marker.objects.filter(name="kept").exists()
-    assert task_of(job).status == "SUCCESSFUL"
+    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
 
 
 def test_failing_job_is_failed_once_and_rolled_back(start_worker, user):
@@ -153,10 +166,10 @@ def test_failing_job_is_failed_once_and_rolled_back(start_worker, user):
     assert row.error == "RuntimeError: scripted failure at step 2"
     assert "Traceback" in row.traceback
     assert not Marker.objects.filter(name="gone").exists()
-    assert hooks(job) == ["on_error"]
     # The task result records the failure too, for whoever watches django-tasks-db.
-    task = wait_for(lambda: task_of(job).status == "FAILED" and task_of(job), what="task failed")
-    assert task.exception_class_path == "builtins.RuntimeError"
+    task = task_done({"args_kwargs__args": [job.pk]}, worker)
+    assert (task.status, task.exception_class_path) == ("FAILED", "builtins.RuntimeError")
+    assert hooks(job) == ["on_error"]
 
 
 def test_running_job_is_cancelled_at_its_next_tick(start_worker, user):
@@ -175,6 +188,7 @@ def test_running_job_is_cancelled_at_its_next_tick(start_worker, user):
     assert row.progress_percentage < 100
     assert row.started_at is not None
     assert not Marker.objects.filter(name="cancelled-work").exists()
+    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
     assert hooks(job) == ["on_cancelled"]
 
 
@@ -186,7 +200,7 @@ def test_pending_job_cancelled_before_the_worker_takes_it_never_runs(start_worke
 
     worker = start_worker()
     # The worker takes the task and finds the job no longer pending.
-    wait_for(lambda: task_of(job).status == "SUCCESSFUL", what="task to be taken", worker=worker)
+    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
     row = ScriptedJob.objects.get(pk=job.pk)
     assert (row.state, row.started_at, row.result) == ("cancelled", None, "")
     assert not Marker.objects.filter(name="never").exists()
@@ -248,3 +262,21 @@ def test_rolled_back_create_dispatches_nothing(start_worker, user):
     assert list(Job.objects.values_list("pk", flat=True)) == [later.pk]
     assert DBTaskResult.objects.count() == 1
     assert not Marker.objects.filter(name="ghost").exists()
+
+
+def test_sweep_task_fails_a_job_whose_worker_vanished(start_worker, user, settings):
+    job = JobHandler.create_and_start(user, "scripted", steps=1)
+    # As if a worker took the job an hour ago and died: started, never a heartbeat.
+    an_hour_ago = timezone.now() - datetime.timedelta(hours=1)
+    assert transition(job, JobState.STARTED, from_states=[JobState.PENDING], started_at=an_hour_ago)
+    alias = settings.TASK_FERRY["TASKS_BACKEND"]
+    # What a cron entry does; only a worker on the maintenance queue runs, so the job's own
+    # task (queue "default") stays untouched.
+    django_tasks.sweep_stale_jobs.using(backend=alias, queue_name="maintenance").enqueue()
+    worker = start_worker("maintenance")
+    sweep = task_done({"queue_name": "maintenance"}, worker)
+    assert (sweep.status, sweep.return_value) == ("SUCCESSFUL", 1)
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert row.state == "failed"
+    assert "worker lost" in row.error
+    assert hooks(job) == ["on_error"]
