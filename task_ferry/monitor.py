@@ -257,7 +257,8 @@ class _MonitorLoop:
         if self.listener is not None and now - self.idle_since < IDLE_CLOSE_AFTER:
             try:
                 # A job watched meanwhile may already have been asked to stop.
-                self.monitor._cancel(self.listener.wait(MAX_WAIT))
+                interval = ferry_settings.PUBLISH_INTERVAL
+                self.monitor._cancel(self.listener.wait(min(MAX_WAIT, interval)))
             except ProgressStoreUnavailable:
                 self._drop_listener([])
             return
