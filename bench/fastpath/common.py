@@ -61,6 +61,9 @@ def setup(*, executor: str | None = None) -> str:
     """Start Redis, configure and set up Django, migrate; returns the Redis URL."""
     url = start_redis()
     os.environ["TASK_FERRY_BENCH_REDIS_URL"] = url
+    os.environ.setdefault("TASK_FERRY_TEST_DB_NAME", "task_ferry_bench")
+    if os.environ.get("TASK_FERRY_TEST_DB", "postgresql") == "postgresql":
+        ensure_database(os.environ["TASK_FERRY_TEST_DB_NAME"])
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.fastpath.settings"
     if executor:
         os.environ["TASK_FERRY_BENCH_EXECUTOR"] = executor
@@ -73,6 +76,17 @@ def setup(*, executor: str | None = None) -> str:
 
     call_command("migrate", verbosity=0)
     return url
+
+
+def ensure_database(name: str) -> None:
+    """Create the benchmark's PostgreSQL database if it does not exist yet."""
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def bench_user():  # type: ignore[no-untyped-def]
