@@ -4,8 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite clean \
-	test-matrix test-dj60 test-dj61 test-core bench-fastpath
+.PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-example \
+	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python example/manage.py runexample
 
-test: lint typecheck migrations-check docs test-postgres test-sqlite
+test: lint typecheck migrations-check docs test-postgres test-sqlite test-example
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -84,6 +84,11 @@ test-core: .venv-core/.installed
 		assert not found, f'optional extras installed in .venv-core: {found}'"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-core/bin/python -m pytest
 
+# The example project's own tests (its job type, page and download), on in-memory SQLite.
+test-example: $(STAMP)
+	$(BIN)/python example/manage.py makemigrations --check --dry-run exports
+	$(BIN)/python example/manage.py test exports
+
 # Fast-path targets of docs/progress.md: tick cost, freshness, cancel latency, cancel under locks.
 # Needs PostgreSQL on 127.0.0.1 and redis-server on PATH; starts its own Redis and worker.
 bench-fastpath: $(STAMP)
@@ -91,6 +96,11 @@ bench-fastpath: $(STAMP)
 	$(BIN)/python -m bench.freshness
 	$(BIN)/python -m bench.cancel_latency
 	$(BIN)/python -m bench.cancel_under_locks
+
+# Job layer vs bare Celery (docs/benchmarks.md). Needs PostgreSQL on 127.0.0.1 and redis-server
+# on PATH; starts its own Redis and a 2-process Celery worker.
+bench-throughput: $(STAMP)
+	$(BIN)/python -m bench.throughput
 
 clean:
 	rm -rf $(VENV) .venv-dj60 .venv-dj61 .venv-core .pytest_cache .mypy_cache .ruff_cache

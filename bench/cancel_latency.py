@@ -3,10 +3,11 @@ job's ``on_cancelled`` running in the worker, with the job ticking once per 1 ms
 
     make bench-fastpath            # or: python -m bench.cancel_latency [--jobs N]
 
-The worker is ``--worker process`` (a plain worker process running ``JobHandler.run_job`` on
-ids it pops from Redis) until an executor with a worker of its own is merged. ``on_cancelled``
-records ``time.time()`` in Redis; this process compares it with the moment ``cancel()``
-returned (the same machine, so the same clock).
+The worker is a ``celery worker`` (prefork, one child) on a private Redis broker by default;
+``--worker db_worker`` uses django-tasks' ``db_worker`` and ``--worker process`` a bare process
+running ``JobHandler.run_job`` on ids it pops from Redis. ``on_cancelled`` records
+``time.time()`` in Redis; this process compares it with the moment ``cancel()`` returned (the
+same machine, so the same clock).
 """
 
 from __future__ import annotations
@@ -15,19 +16,15 @@ import argparse
 import random
 import time
 
-from bench.fastpath.common import PROCESS_EXECUTOR, bench_user, percentile, setup, start_worker
-
-WORKERS = {"process": PROCESS_EXECUTOR}
+from bench.fastpath.common import EXECUTORS, bench_user, load_note, percentile, setup_worker
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--worker", choices=sorted(WORKERS), default="process")
+    parser.add_argument("--worker", choices=sorted(EXECUTORS), default="celery")
     args = parser.parse_args()
-    executor = WORKERS[args.worker]
-    setup(executor=executor)
-    start_worker(executor)
+    setup_worker(args.worker)
 
     import redis
     from django.conf import settings
@@ -56,6 +53,7 @@ def main() -> None:
         latencies.append(float(popped[1]) - returned)
         assert Job.objects.get(pk=job.pk).state == "cancelled"
     Job.objects.filter(user=user).delete()
+    print(load_note())
     print(
         f"cancel latency via a {args.worker} worker, {args.jobs} jobs ticking every 1 ms "
         f"(targets p50 <= 2 ms, p99 <= 20 ms):"

@@ -13,9 +13,8 @@ import argparse
 import random
 import time
 
-from bench.fastpath.common import PROCESS_EXECUTOR, bench_user, percentile, setup, start_worker
+from bench.fastpath.common import EXECUTORS, bench_user, load_note, percentile, setup_worker
 
-WORKERS = {"process": PROCESS_EXECUTOR}
 # How long the contrast UPDATE may wait for the row lock.
 LOCK_TIMEOUT_MS = 2000
 
@@ -23,11 +22,9 @@ LOCK_TIMEOUT_MS = 2000
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=50)
-    parser.add_argument("--worker", choices=sorted(WORKERS), default="process")
+    parser.add_argument("--worker", choices=sorted(EXECUTORS), default="celery")
     args = parser.parse_args()
-    executor = WORKERS[args.worker]
-    setup(executor=executor)
-    start_worker(executor)
+    setup_worker(args.worker)
 
     import redis
     from django.conf import settings
@@ -64,6 +61,7 @@ def main() -> None:
             raise SystemExit(f"Job {job.pk} never ran on_cancelled.")
         assert Job.objects.get(pk=job.pk).state == "cancelled"
     Job.objects.filter(user=user).delete()
+    print(load_note())
     print(
         f"cancel under locks via a {args.worker} worker, {args.jobs} jobs holding their row "
         f"lock (target <= 50 ms):"

@@ -18,7 +18,7 @@ import bisect
 import threading
 import time
 
-from bench.fastpath.common import bench_user, percentile, setup
+from bench.fastpath.common import bench_user, load_note, percentile, setup
 
 
 def measure(user, *, steps: int, tick_delay: float, sample_every: int) -> list[float]:  # type: ignore[no-untyped-def]
@@ -75,6 +75,7 @@ def main() -> None:
     from task_ferry.conf import ferry_settings
 
     user = bench_user()
+    print(load_note())
     print(
         f"freshness through GET /api/jobs/<id>/ (PUBLISH_INTERVAL = "
         f"{ferry_settings.PUBLISH_INTERVAL * 1000:g} ms), target p99 <= 100 ms:"

@@ -2,7 +2,7 @@
 
     make bench-throughput
     # or, from the repository root:
-    PYTHONPATH=$PWD python bench/throughput.py [--jobs 300] [--ticks 5] [--rounds 2]
+    python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--synchronous-commit off]
 
 Starts its own redis-server (broker and progress store, so Redis INFO commandstats count only
 this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each round times:
@@ -17,7 +17,7 @@ database queries (producer and worker, counted by a Django execute wrapper) and 
 commands (commandstats delta). Needs PostgreSQL on 127.0.0.1:5432 and ``redis-server`` on
 PATH; the database TASK_FERRY_TEST_DB_NAME (default task_ferry_bench) is created if missing.
 
-This module is also the worker's Celery app (``celery -A throughput``).
+This module is also the worker's Celery app (``celery -A bench.throughput``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,6 +47,8 @@ from celery import Celery, signals  # noqa: E402
 app = Celery("bench")
 app.conf.broker_url = os.environ.get("TASK_FERRY_TEST_BROKER_URL")
 app.autodiscover_tasks(["task_ferry"])
+# As docs/executors.md recommends: keep database connections across tasks.
+app.conf.CELERY_DB_REUSE_MAX = 1000
 
 BARE_DONE_KEY = "bench:bare-done"
 QUERY_COUNTS_DIR = os.environ.get("TASK_FERRY_BENCH_COUNTS_DIR")
@@ -186,7 +189,7 @@ def start_worker(queue: str, env: dict[str, str]) -> tuple[subprocess.Popen[byte
         "-m",
         "celery",
         "-A",
-        "throughput",
+        "bench.throughput",
         "worker",
         "--pool=prefork",
         "--concurrency=2",
@@ -203,12 +206,37 @@ def start_worker(queue: str, env: dict[str, str]) -> tuple[subprocess.Popen[byte
 
 
 class Bench:
-    def __init__(self, jobs: int, ticks: int, queue: str, store_redis: Any, counts: str) -> None:
+    def __init__(
+        self, jobs: int, ticks: int, queue: str, store_redis: Any, counts: str, producers: int
+    ) -> None:
+        self.producers = producers
         self.jobs = jobs
         self.ticks = ticks
         self.queue = queue
         self.redis = store_redis
         self.counts_dir = counts
+
+    def produce(self, n: int, make_one: Any) -> None:
+        """Call ``make_one`` n times, from ``self.producers`` threads (like concurrent requests)."""
+        if self.producers == 1:
+            for _ in range(n):
+                make_one()
+            return
+        from django.db import connection
+
+        def producer(count: int) -> None:
+            try:
+                for _ in range(count):
+                    make_one()
+            finally:
+                connection.close()
+
+        shares = [n // self.producers + (i < n % self.producers) for i in range(self.producers)]
+        threads = [threading.Thread(target=producer, args=(share,)) for share in shares]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def run_jobs(self, n: int) -> dict[str, float]:
         from task_ferry.handler import JobHandler
@@ -219,8 +247,8 @@ class Bench:
         worker_before = worker_queries(self.counts_dir)
         producer_before = queries_seen
         start = time.perf_counter()
-        for _ in range(n):
-            JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks)
+        self.produce(n, lambda: JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks))
+        created = time.perf_counter() - start
         producer_queries = queries_seen - producer_before
         finished = Job.objects.filter(pk__gte=first_id, state=JobState.FINISHED)
         polls_before = queries_seen
@@ -240,14 +268,17 @@ class Bench:
             "redis_commands": (sum(redis_delta.values()) - 1) / n,  # less INFO itself
             "redis_breakdown": redis_delta,  # type: ignore[dict-item]
             "polls": polls,
+            "producer_seconds": created,
         }
 
     def run_bare(self, n: int) -> dict[str, float]:
         self.redis.delete(BARE_DONE_KEY)
         redis_before = command_stats(self.redis)
         start = time.perf_counter()
-        for _ in range(n):
-            app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
+        self.produce(
+            n, lambda: app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
+        )
+        created = time.perf_counter() - start
         polls = 0
 
         def done() -> bool:
@@ -263,6 +294,7 @@ class Bench:
             "rate": n / elapsed,
             "redis_commands": (sum(redis_delta.values()) - polls - 1 - 1) / n,
             "redis_breakdown": redis_delta,  # type: ignore[dict-item]
+            "producer_seconds": created,
         }
 
 
@@ -272,6 +304,24 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--breakdown", action="store_true", help="print Redis commands by name")
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=["on", "off"],
+        default="on",
+        help="PostgreSQL synchronous_commit of the benchmark's connections (default: on)",
+    )
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=1,
+        help="threads calling create_and_start / send_task, like concurrent requests (default: 1)",
+    )
+    parser.add_argument(
+        "--conn-max-age",
+        type=int,
+        default=600,
+        help="CONN_MAX_AGE of producer and worker (0 reconnects for every task; default: 600)",
+    )
     args = parser.parse_args()
 
     ensure_database(os.environ["TASK_FERRY_TEST_DB_NAME"])
@@ -284,9 +334,11 @@ def main() -> None:
         TASK_FERRY_TEST_STORE="redis",
         TASK_FERRY_TEST_DB="postgresql",
         TASK_FERRY_BENCH_COUNTS_DIR=counts_dir,
+        TASK_FERRY_TEST_SYNCHRONOUS_COMMIT=args.synchronous_commit,
+        TASK_FERRY_TEST_CONN_MAX_AGE=str(args.conn_max_age),
     )
     app.conf.broker_url = os.environ["TASK_FERRY_TEST_BROKER_URL"]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'bench'}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     worker = None
     try:
         import django
@@ -317,7 +369,7 @@ def main() -> None:
         import redis
 
         store_redis = redis.Redis.from_url(os.environ["TASK_FERRY_TEST_REDIS_URL"])
-        bench = Bench(args.jobs, args.ticks, queue, store_redis, counts_dir)
+        bench = Bench(args.jobs, args.ticks, queue, store_redis, counts_dir, args.producers)
         # Warm up both paths: worker imports, connections, the prefork pool.
         bench.run_jobs(20)
         bench.run_bare(20)
@@ -327,9 +379,11 @@ def main() -> None:
         for i in range(args.rounds):
             bare_rounds.append(bench.run_bare(args.jobs))
             job_rounds.append(bench.run_jobs(args.jobs))
+            bare, jobs = bare_rounds[-1], job_rounds[-1]
             print(
-                f"round {i + 1}: bare {bare_rounds[-1]['rate']:7.1f}/s  "
-                f"jobs {job_rounds[-1]['rate']:7.1f}/s",
+                f"round {i + 1}: bare {bare['rate']:6.1f}/s ({bare['seconds']:.2f}s, sending "
+                f"{bare['producer_seconds']:.2f}s)  jobs {jobs['rate']:6.1f}/s "
+                f"({jobs['seconds']:.2f}s, creating {jobs['producer_seconds']:.2f}s)",
                 flush=True,
             )
         report(args, job_rounds, bare_rounds)
@@ -351,7 +405,9 @@ def report(args: Any, job_rounds: list[dict[str, Any]], bare_rounds: list[dict[s
     print()
     print(
         f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
-        f"--concurrency=2, Redis broker, {args.rounds} round(s), medians"
+        f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
+        f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}, "
+        f"{args.producers} producer thread(s)"
     )
     print(f"bare Celery   {bare_rate:8.1f} tasks/s")
     print(f"job layer     {job_rate:8.1f} jobs/s")

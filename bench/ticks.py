@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from bench.fastpath.common import CommandCounter, bench_user, setup
+from bench.fastpath.common import CommandCounter, bench_user, load_note, setup
 
 
 class Empty:
@@ -74,6 +74,7 @@ def main() -> None:
     bare = statistics.median(bare_runs)
     run = statistics.median(job_runs)
     empty = statistics.median(empty_runs)
+    print(load_note())
     print(f"tick cost, {ticks} ticks, median of {args.runs} runs (best in brackets):")
     print(
         f"  empty method floor (loop + f-string + call)  {floor * 1e6:6.3f} us/tick "

@@ -7,7 +7,6 @@ counts a large table: see ``EstimatedCountPaginator``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from task_ferry.exceptions import ProgressStoreUnavailable
+from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobQuerySet, JobState
 from task_ferry.registry import job_type_registry
@@ -330,6 +329,9 @@ class JobAdmin(JobModelAdmin):
                     request, f"Job {job.pk}: cancel request not delivered: {exc}", messages.ERROR
                 )
                 continue
+            except JobTypeDoesNotExist as exc:
+                # A job whose type was removed from the code: cancelled, but no hook could run.
+                self.message_user(request, f"Job {job.pk}: {exc}", messages.WARNING)
             if specific.state == JobState.CANCELLED:
                 cancelled += 1
             else:
@@ -341,6 +343,5 @@ class JobAdmin(JobModelAdmin):
             parts.append(f"asked {asked} running job(s) to stop at their next progress tick")
         if ended:
             parts.append(f"left {ended} ended job(s) unchanged")
-        with contextlib.suppress(IndexError):
-            parts[0] = parts[0][0].upper() + parts[0][1:]
-        self.message_user(request, ("; ".join(parts) or "No jobs selected") + ".")
+        summary = "; ".join(parts) or "no jobs selected"
+        self.message_user(request, summary[0].upper() + summary[1:] + ".")

@@ -31,7 +31,7 @@ from task_ferry.exceptions import (
 )
 from task_ferry.models import ENDED_STATES, Job, JobState
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot
+from task_ferry.snapshot import cancel_token, job_snapshot
 from task_ferry.stores.base import get_store
 
 logger = logging.getLogger("task_ferry")
@@ -241,7 +241,7 @@ class JobHandler:
             # A job running in this process stops at its very next tick.
             get_monitor().cancel_local(job.pk)
             # Never touch the row of a running job: its transaction may hold the row lock.
-            get_store().request_cancel(job.pk)
+            get_store().request_cancel(job.pk, token=cancel_token(job))
         return job
 
     @staticmethod

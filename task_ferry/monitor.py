@@ -22,7 +22,7 @@ from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.models import Heartbeat, Job
 from task_ferry.progress import Progress
-from task_ferry.snapshot import isoformat, job_snapshot, truncate_state
+from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import CancelListener, ProgressStore, get_store
 
 __all__ = ["JobMonitor", "Watch", "get_monitor"]
@@ -33,6 +33,8 @@ logger = logging.getLogger("task_ferry")
 IDLE_CLOSE_AFTER = 30.0
 # Seconds between attempts to reach a store that went away.
 RETRY_AFTER = 1.0
+# Longest single wait, so new jobs and changed settings are picked up soon whatever the intervals.
+MAX_WAIT = 0.1
 
 
 def worker_name() -> str:
@@ -45,6 +47,7 @@ class Watch:
     __slots__ = (
         "_monitor",
         "cancel_checked",
+        "cancel_token",
         "heartbeat",
         "job",
         "progress",
@@ -62,6 +65,7 @@ class Watch:
         self.published: tuple[int, str] = (job.progress_percentage, job.progress_state)
         #: Whether the store was asked for a cancel request made before the monitor listened.
         self.cancel_checked = False
+        self.cancel_token = cancel_token(job)
 
     def current(self) -> tuple[int, str]:
         """The job's percentage and (column-sized) label right now."""
@@ -200,9 +204,9 @@ class _MonitorLoop:
         self.listener_store: ProgressStore | None = None
         now = time.monotonic()
         self.next_listen_attempt = now
-        self.next_publish = now
-        self.next_poll = now
-        self.next_beat = now + ferry_settings.HEARTBEAT_INTERVAL
+        self.last_publish = now - 3600
+        self.last_poll = now - 3600
+        self.last_beat = now
         self.idle_since: float | None = None
 
     def step(self) -> None:
@@ -220,20 +224,22 @@ class _MonitorLoop:
             self._keep_listening(store, watches, now)
         if self.listener is None:
             # No push: ask the store about every job, once per interval.
-            if now >= self.next_poll:
+            if now - self.last_poll >= interval:
                 self._check_cancel_requests(store, watches)
-                self.next_poll = now + interval
+                self.last_poll = now
         else:
             unchecked = [w for w in watches if not w.cancel_checked]
             if unchecked:
                 self._check_cancel_requests(store, unchecked)
-        if now >= self.next_publish:
+        if now - self.last_publish >= interval:
             monitor._publish(store)
-            self.next_publish = now + interval
-        if now >= self.next_beat:
+            self.last_publish = now
+        heartbeat_interval = ferry_settings.HEARTBEAT_INTERVAL
+        if now - self.last_beat >= heartbeat_interval:
             monitor._beat(watches)
-            self.next_beat = now + ferry_settings.HEARTBEAT_INTERVAL
-        timeout = max(0.0, min(self.next_publish, self.next_beat) - time.monotonic())
+            self.last_beat = now
+        due = min(self.last_publish + interval, self.last_beat + heartbeat_interval)
+        timeout = min(MAX_WAIT, max(0.0, due - time.monotonic()))
         if self.listener is None:
             monitor._wake.wait(timeout)
             return
@@ -251,7 +257,7 @@ class _MonitorLoop:
         if self.listener is not None and now - self.idle_since < IDLE_CLOSE_AFTER:
             try:
                 # A job watched meanwhile may already have been asked to stop.
-                self.monitor._cancel(self.listener.wait(ferry_settings.PUBLISH_INTERVAL))
+                self.monitor._cancel(self.listener.wait(MAX_WAIT))
             except ProgressStoreUnavailable:
                 self._drop_listener([])
             return
@@ -259,7 +265,7 @@ class _MonitorLoop:
         self.monitor._wake.wait()
         self.idle_since = None
         # Short jobs need no heartbeat: the sweep judges them by started_at.
-        self.next_beat = time.monotonic() + ferry_settings.HEARTBEAT_INTERVAL
+        self.last_beat = time.monotonic()
 
     def _keep_listening(self, store: ProgressStore, watches: list[Watch], now: float) -> None:
         if self.listener is not None and self.listener_store is store:
@@ -294,7 +300,7 @@ class _MonitorLoop:
             return
         for watch in watches:
             watch.cancel_checked = True
-            if watch.job.pk in requested:
+            if requested.get(watch.job.pk) == watch.cancel_token:
                 watch.progress.request_cancel()
 
 

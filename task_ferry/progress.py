@@ -9,6 +9,8 @@ reaches the job through ``request_cancel()`` and is raised as ``JobCancelled`` a
 
 from __future__ import annotations
 
+import contextlib
+import decimal
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Sized
@@ -141,11 +143,11 @@ class Progress:
 
 def _checked_amount(name: str, value: object) -> float:
     """``value`` as a finite number >= 0, or a ``ValueError`` that says what was wrong."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value if isinstance(value, int) else float(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, numbers.Real | decimal.Decimal) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):
+            number = float(value)
+            if math.isfinite(number) and number >= 0:
+                return number
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -47,6 +47,12 @@ def truncate_state(label: object) -> str:
     return text[: STATE_LABEL_MAX_LENGTH - 1] + "…"
 
 
+def cancel_token(job: Job) -> str:
+    """Tells a job from an earlier one with the same id (ids can be reused, e.g. on SQLite), so
+    a stale cancel request left in the store never stops a new job."""
+    return isoformat(job.created_at) or ""
+
+
 def job_snapshot(job: Job) -> dict[str, Any]:
     return {
         "id": job.pk,

@@ -9,7 +9,9 @@ pending to started with a compare-and-set, which only one delivery can win.
 
 from __future__ import annotations
 
-from celery import shared_task
+from typing import Any
+
+from celery import Task, shared_task
 
 from task_ferry.executors.celery import (
     CLEANUP_OLD_JOBS_TASK,
@@ -19,14 +21,32 @@ from task_ferry.executors.celery import (
 
 __all__ = ["cleanup_old_jobs", "run_job", "sweep_stale_jobs"]
 
+DATABASE_RETRIES = 3
+DATABASE_RETRY_DELAY = 1
 
-@shared_task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(job_id: int, job_type_name: str | None = None) -> None:
+
+@shared_task(
+    name=RUN_JOB_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=DATABASE_RETRIES,
+)
+def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None) -> None:
     """Run one job. Its own exception is re-raised after the job is marked failed, so Celery
     monitoring sees it too."""
+    from django.db import InterfaceError, OperationalError, connections
+
     from task_ferry.handler import JobHandler
 
-    JobHandler.run_job(job_id, job_type_name=job_type_name)
+    try:
+        JobHandler.run_job(job_id, job_type_name=job_type_name)
+    except (InterfaceError, OperationalError) as exc:
+        # A connection kept across tasks (CELERY_DB_REUSE_MAX) may have died with a database
+        # restart: reconnect and try again. A job that had started is not run again.
+        connections.close_all()
+        raise self.retry(exc=exc, countdown=DATABASE_RETRY_DELAY) from exc
 
 
 @shared_task(name=CLEANUP_OLD_JOBS_TASK, ignore_result=True)

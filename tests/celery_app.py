@@ -18,6 +18,8 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.broker_url = os.environ.get("TASK_FERRY_TEST_BROKER_URL", "redis://127.0.0.1:6379/14")
 app.conf.worker_prefetch_multiplier = 1
 app.conf.broker_connection_retry_on_startup = True
+# Keep database connections across tasks (Celery closes them around every task otherwise).
+app.conf.CELERY_DB_REUSE_MAX = 100
 app.autodiscover_tasks()
 
 if os.environ.get("TASK_FERRY_TEST_BEAT_EVERY"):

@@ -1,17 +1,10 @@
 """Settings of a test server process (uvicorn) started by a test or a benchmark: the test
-project's, plus basic auth for HTTP clients, and jobs left pending (the test runs them)."""
+project's, with jobs left pending (the test runs them) and store keys shared with the test."""
 
 import os
 
 from tests.settings import *  # noqa: F403
 from tests.settings import TASK_FERRY
-
-REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.BasicAuthentication",
-    ],
-}
 
 TASK_FERRY = {
     **TASK_FERRY,
@@ -19,4 +12,15 @@ TASK_FERRY = {
     # The test process and the server must share progress-store keys.
     "KEY_PREFIX": os.environ.get("TASK_FERRY_TEST_KEY_PREFIX", TASK_FERRY["KEY_PREFIX"]),
     "SSE_KEEPALIVE": float(os.environ.get("TASK_FERRY_TEST_SSE_KEEPALIVE", "15")),
+}
+
+# Server errors go to stderr, where the test run shows them.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "task_ferry": {"handlers": ["console"], "level": "WARNING"},
+        "django.request": {"handlers": ["console"], "level": "ERROR"},
+    },
 }

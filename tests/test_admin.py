@@ -82,8 +82,7 @@ def test_admin_cannot_add_change_or_delete(admin_client, user):
     assert [name for name, _ in actions if name] == ["cancel_jobs"]
 
 
-# transactional_db: the runner drops the connection after a failure when inside a test's atomic.
-def test_detail_page_shows_type_fields_and_traceback(transactional_db, admin_client, user):
+def test_detail_page_shows_type_fields_and_traceback(db, admin_client, user):
     with pytest.raises(RuntimeError):
         JobHandler.create_and_start(user, "scripted", steps=4, fail_at=2, marker="m-17")
     job = Job.objects.get()
@@ -225,3 +224,16 @@ def test_small_lists_are_counted_exactly(admin_client, many_jobs):
     assert cl.result_count == 80
     assert not cl.paginator.is_estimate
     assert "80 jobs" in response.content.decode()
+
+
+def test_cancel_action_on_a_job_whose_type_was_removed(admin_client, user):
+    orphan = make_job(user)
+    Job.objects.filter(pk=orphan.pk).update(type="removed_type")
+    response = admin_client.post(
+        LIST_URL, {"action": "cancel_jobs", "_selected_action": [orphan.pk]}, follow=True
+    )
+    assert response.status_code == 200
+    messages = [str(m) for m in response.context["messages"]]
+    assert any("No job type named 'removed_type'" in m for m in messages)
+    orphan.refresh_from_db()
+    assert orphan.state == JobState.CANCELLED

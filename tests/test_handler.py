@@ -86,6 +86,17 @@ def test_max_count_limits_unfinished_jobs_per_user_and_type(db, user, other_user
     JobHandler.create_and_start(user, "scripted")
 
 
+def test_max_count_with_the_lazy_user_of_a_session_request(db, user, no_dispatch):
+    # AuthenticationMiddleware hands views request.user as a SimpleLazyObject.
+    from django.utils.functional import SimpleLazyObject
+
+    lazy_user = SimpleLazyObject(lambda: user)
+    JobHandler.create_and_start(lazy_user, "limited")
+    JobHandler.create_and_start(lazy_user, "limited")
+    with pytest.raises(MaxJobCountExceeded):
+        JobHandler.create_and_start(lazy_user, "limited")
+
+
 def test_ended_jobs_free_their_max_count_slot(db, user, no_dispatch):
     first = JobHandler.create_and_start(user, "limited")
     JobHandler.create_and_start(user, "limited")

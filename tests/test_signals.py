@@ -59,8 +59,7 @@ def test_successful_job_sends_created_started_finished_once(db, user, received):
     assert finished.result == "done"
 
 
-# transactional_db: the runner ends failed and cancelled jobs outside the job's transaction.
-def test_failed_job_sends_failed_once_with_the_exception(transactional_db, user, received):
+def test_failed_job_sends_failed_once_with_the_exception(db, user, received):
     with pytest.raises(RuntimeError, match="scripted failure at step 1"):
         JobHandler.create_and_start(user, "scripted", steps=3, fail_at=1)
     assert counts(received) == {"job_created": 1, "job_started": 1, "job_failed": 1}
@@ -83,7 +82,7 @@ def test_pending_job_cancelled_sends_cancelled_once(db, user, received, monkeypa
     assert cancelled.state == JobState.CANCELLED
 
 
-def test_running_job_cancelled_sends_cancelled_once(transactional_db, user, received):
+def test_running_job_cancelled_sends_cancelled_once(db, user, received):
     def cancel_on_start(sender, job, **kwargs):
         JobHandler.cancel_job(job)
 
@@ -126,7 +125,7 @@ def test_a_raising_receiver_is_logged_and_the_job_still_finishes(db, user, caplo
     assert isinstance(record.exc_info[1], LookupError)
 
 
-def test_job_failure_is_logged_with_args_and_traceback(transactional_db, user, caplog):
+def test_job_failure_is_logged_with_args_and_traceback(db, user, caplog):
     with caplog.at_level(logging.ERROR, logger="task_ferry"), pytest.raises(RuntimeError):
         JobHandler.create_and_start(user, "scripted", steps=2, fail_at=0)
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -160,7 +159,7 @@ def assert_logged_exception(records):
     assert "%s" in record.msg and record.args
 
 
-def test_raising_on_error_hook_is_logged(transactional_db, user, caplog, raising_hooks, received):
+def test_raising_on_error_hook_is_logged(db, user, caplog, raising_hooks, received):
     with caplog.at_level(logging.ERROR, logger="task_ferry"), pytest.raises(RuntimeError):
         JobHandler.create_and_start(user, "scripted", steps=2, fail_at=0)
     assert_logged_exception(hook_error_records(caplog, "on_error"))

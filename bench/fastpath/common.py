@@ -64,6 +64,7 @@ def setup(*, executor: str | None = None) -> str:
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.fastpath.settings"
     if executor:
         os.environ["TASK_FERRY_BENCH_EXECUTOR"] = executor
+    os.environ["TASK_FERRY_TEST_BROKER_URL"] = url.removesuffix("/0") + "/1"
     sys.path.insert(0, ROOT)
     import django
 
@@ -79,6 +80,12 @@ def bench_user():  # type: ignore[no-untyped-def]
 
     user, _ = get_user_model().objects.get_or_create(username="fastpath-bench")
     return user
+
+
+def load_note() -> str:
+    """The machine's load, printed with each figure: other processes share its two cores."""
+    one, five, _ = os.getloadavg()
+    return f"(load average {one:.2f}, {five:.2f} over 1 and 5 min, {os.cpu_count()} CPUs)"
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -106,30 +113,57 @@ class CommandCounter:
         return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
 
 
-def start_worker(executor: str) -> subprocess.Popen[bytes]:
-    """Start a worker process of ``executor`` (stopped at exit), ready to run jobs."""
-    import redis
+# The executors a benchmark can measure through, by the name of their worker.
+EXECUTORS = {
+    "celery": "task_ferry.executors.celery.CeleryExecutor",
+    "db_worker": "task_ferry.executors.django_tasks.DjangoTasksExecutor",
+    "process": "bench.fastpath.worker.RedisListExecutor",
+}
+
+
+def setup_worker(kind: str) -> None:
+    """Set up Django for ``kind``'s executor, start one worker process of that kind (stopped at
+    exit) and wait until it has run a job."""
+    setup(executor=EXECUTORS[kind])
+    from django.conf import settings
 
     env = {**os.environ, "PYTHONPATH": ROOT}
-    client = redis.Redis.from_url(os.environ["TASK_FERRY_BENCH_REDIS_URL"])
-    client.delete("bench:worker-ready")
-    if executor == PROCESS_EXECUTOR:
-        command = [sys.executable, "-m", "bench.fastpath.worker"]
+    if kind == "celery":
+        # The producer side: the project's Celery app, as a project's celery.py makes it.
+        import tests.celery_app  # noqa: F401
+
+        command = [
+            *(sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker"),
+            *("--pool=prefork", "--concurrency=1", "--loglevel=WARNING"),
+            f"--queues={settings.TASK_FERRY['CELERY_QUEUE']}",
+            *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+            f"--hostname=fastpath-bench-{os.getpid()}@%h",
+        ]
+    elif kind == "db_worker":
+        command = [
+            *(sys.executable, "-m", "django", "db_worker"),
+            *("--backend", settings.TASK_FERRY["TASKS_BACKEND"], "--queue-name", "*"),
+            *("--interval", "0.05", "--no-startup-delay", "--no-reload"),
+        ]
     else:
-        raise SystemExit(f"No worker known for executor {executor!r}.")
+        command = [sys.executable, "-m", "bench.fastpath.worker"]
     proc = subprocess.Popen(command, env=env, cwd=ROOT)
 
     def stop() -> None:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
     atexit.register(stop)
+    from task_ferry.handler import JobHandler
+    from task_ferry.models import Job
+
+    job = JobHandler.create_and_start(bench_user(), "bench_ticks", steps=1)
     deadline = time.monotonic() + 60
-    while not client.exists("bench:worker-ready"):
+    while Job.objects.get(pk=job.pk).state != "finished":
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("The worker did not start.")
+            raise SystemExit(f"The {kind} worker did not run a job.")
         time.sleep(0.05)
-    return proc
-
-
-PROCESS_EXECUTOR = "bench.fastpath.worker.RedisListExecutor"

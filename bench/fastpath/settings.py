@@ -1,7 +1,8 @@
 """Settings of the fast-path benchmarks: the test project, plus the benchmark job types.
 
 The benchmarks set TASK_FERRY_BENCH_REDIS_URL to a redis-server of their own, so Redis command
-counts are exact, and TASK_FERRY_BENCH_EXECUTOR to the executor whose worker they start.
+counts are exact, and TASK_FERRY_BENCH_EXECUTOR to the executor whose worker they start (a
+Celery worker uses that Redis as its broker too, through TASK_FERRY_TEST_BROKER_URL).
 """
 
 import os
@@ -18,8 +19,10 @@ TASK_FERRY = {
     "EXECUTOR": os.environ.get(
         "TASK_FERRY_BENCH_EXECUTOR", "task_ferry.executors.immediate.ImmediateExecutor"
     ),
+    "CELERY_QUEUE": "fastpath-bench",
+    "TASKS_BACKEND": "fastpath-bench",
 }
-CELERY_BROKER_URL = os.environ.get("TASK_FERRY_BENCH_BROKER_URL", "")
+TASKS = {"fastpath-bench": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

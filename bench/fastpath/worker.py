@@ -29,7 +29,6 @@ def main() -> None:
     from task_ferry.handler import JobHandler
 
     client = _client()
-    client.set("bench:worker-ready", "1")
     while True:
         _key, job_id = client.blpop([QUEUE_KEY])
         JobHandler.run_job(int(job_id))

@@ -70,9 +70,12 @@ def _component(job_type: JobType, direction: str) -> type[serializers.Serializer
 
 
 def _polymorphic(component_name: str, direction: str, **kwargs: Any) -> PolymorphicProxySerializer:
+    def per_type() -> dict[str, serializers.Serializer[Any] | type[serializers.Serializer[Any]]]:
+        return {t.type: _component(t, direction) for t in job_type_registry}
+
     return PolymorphicProxySerializer(
         component_name=component_name,
-        serializers=lambda: {t.type: _component(t, direction) for t in job_type_registry},
+        serializers=per_type,
         resource_type_field_name="type",
         **kwargs,
     )

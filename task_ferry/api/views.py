@@ -133,15 +133,14 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         queryset: JobQuerySet = Job.objects.order_by("-created_at", "-id")
         return self.policy.visible_jobs(self.request, queryset)
 
-    def filter_queryset(self, queryset: Any) -> JobQuerySet:
+    def filter_queryset(self, queryset: Any) -> Any:
         states = parse_choices(self.request, "state", STATE_GROUPS)
         if states:
             queryset = queryset.filter(state__in={s for g in states for s in STATE_GROUPS[g]})
         types = parse_choices(self.request, "type", {n: n for n in job_type_registry.names()})
         if types:
             queryset = queryset.filter(type__in=types)
-        filtered: JobQuerySet = queryset
-        return filtered
+        return queryset
 
     def list(self, request: Request) -> Response:
         paths = job_paths()

@@ -72,12 +72,16 @@ class ProgressStore(ABC):
         """Snapshots of several jobs at once; jobs without one are left out."""
 
     @abstractmethod
-    def request_cancel(self, job_id: int) -> None:
-        """Record a cancel request and wake the job's listener."""
+    def request_cancel(self, job_id: int, token: str = "") -> None:
+        """Record a cancel request and wake the monitor running the job.
+
+        ``token`` (``snapshot.cancel_token(job)``) tells the job apart from an earlier one that
+        had the same id, whose request may still be stored.
+        """
 
     @abstractmethod
-    def cancel_requests(self, job_ids: Iterable[int]) -> set[int]:
-        """Which of these jobs were asked to stop."""
+    def cancel_requests(self, job_ids: Iterable[int]) -> dict[int, str]:
+        """The stored cancel requests of these jobs, as job id -> token."""
 
     def is_cancel_requested(self, job_id: int) -> bool:
         return job_id in self.cancel_requests([job_id])

@@ -53,15 +53,15 @@ class CacheProgressStore(ProgressStore):
         found = self._call("get_many", list(keys))
         return {keys[key]: value for key, value in found.items()}
 
-    def request_cancel(self, job_id: int) -> None:
-        self._call("set", self.cancel_key(job_id), True, self.timeout)
+    def request_cancel(self, job_id: int, token: str = "") -> None:
+        self._call("set", self.cancel_key(job_id), token, self.timeout)
 
-    def cancel_requests(self, job_ids: Iterable[int]) -> set[int]:
+    def cancel_requests(self, job_ids: Iterable[int]) -> dict[int, str]:
         keys = {self.cancel_key(i): i for i in job_ids}
         if not keys:
-            return set()
+            return {}
         found = self._call("get_many", list(keys))
-        return {keys[key] for key, value in found.items() if value}
+        return {keys[key]: str(value) for key, value in found.items() if value is not None}
 
     def delete(self, job_ids: Iterable[int]) -> None:
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]

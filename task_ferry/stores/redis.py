@@ -76,12 +76,12 @@ class RedisProgressStore(ProgressStore):
             ) from exc
         return {i: json.loads(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
-    def request_cancel(self, job_id: int) -> None:
+    def request_cancel(self, job_id: int, token: str = "") -> None:
         try:
             pipe = self.client.pipeline(transaction=False)
             # The key covers a job whose worker subscribes later; the message wakes one already
             # running.
-            pipe.set(self.cancel_key(job_id), b"1", ex=self.timeout)
+            pipe.set(self.cancel_key(job_id), token, ex=self.timeout)
             pipe.publish(self.cancel_channel, str(job_id))
             pipe.execute()
         except redis.RedisError as exc:
@@ -89,17 +89,21 @@ class RedisProgressStore(ProgressStore):
                 f"Could not record the cancel request in Redis at {self.url}: {exc}"
             ) from exc
 
-    def cancel_requests(self, job_ids: Iterable[int]) -> set[int]:
+    def cancel_requests(self, job_ids: Iterable[int]) -> dict[int, str]:
         ids = list(job_ids)
         if not ids:
-            return set()
+            return {}
         try:
             values = self.client.mget([self.cancel_key(i) for i in ids])
         except redis.RedisError as exc:
             raise ProgressStoreUnavailable(
                 f"Could not read from Redis at {self.url}: {exc}"
             ) from exc
-        return {i for i, v in zip(ids, values, strict=True) if v is not None}
+        return {
+            i: v.decode() if isinstance(v, bytes) else str(v)
+            for i, v in zip(ids, values, strict=True)
+            if v is not None
+        }
 
     def delete(self, job_ids: Iterable[int]) -> None:
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
@@ -135,7 +139,9 @@ class RedisCancelListener(CancelListener):
 
     def __init__(self, store: RedisProgressStore) -> None:
         self.store = store
-        self.pubsub: PubSub = store.client.pubsub(ignore_subscribe_messages=True)
+        # Subscribe confirmations are skipped here: redis-py would turn them into None, which
+        # looks like "nothing arrived" and would end a wait early.
+        self.pubsub: PubSub = store.client.pubsub()
         try:
             self.pubsub.subscribe(store.cancel_channel)
         except redis.RedisError as exc:
@@ -149,7 +155,7 @@ class RedisCancelListener(CancelListener):
         try:
             message = self.pubsub.get_message(timeout=timeout)
             while message is not None:
-                if message.get("type") == "message":
+                if message["type"] == "message":
                     with contextlib.suppress(ValueError):
                         job_ids.append(int(message["data"]))
                 message = self.pubsub.get_message(timeout=0)

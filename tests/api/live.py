@@ -81,3 +81,19 @@ def uvicorn_server(*, timeout: float = 30, **env: str):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def session_headers(user) -> dict[str, str]:
+    """Headers of a browser logged in as ``user``: session cookie, CSRF cookie and token."""
+    from django.conf import settings
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    session = client.cookies[settings.SESSION_COOKIE_NAME].value
+    # Any 32-character secret works when cookie and header agree.
+    csrf = "t" * 32
+    return {
+        "Cookie": f"{settings.SESSION_COOKIE_NAME}={session}; {settings.CSRF_COOKIE_NAME}={csrf}",
+        "X-CSRFToken": csrf,
+    }

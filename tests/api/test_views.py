@@ -344,3 +344,11 @@ def test_cancel_while_the_store_is_unreachable_is_503(api, user, hold, settings)
     assert "try again" in response.json()["detail"]
     # The detail still answers, from the database.
     assert api.get(f"{URL}{job.pk}/").json()["state"] == "started"
+
+
+def test_create_with_session_auth_respects_max_count(session_api, user, hold):
+    # request.user is then a lazy proxy, not a User instance.
+    for _ in range(2):
+        response = session_api.post(URL, {"type": "limited"}, format="json")
+        assert response.status_code == 201
+    assert session_api.post(URL, {"type": "limited"}, format="json").status_code == 429

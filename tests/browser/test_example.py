@@ -303,3 +303,42 @@ def test_bar_backs_off_while_the_network_is_down(example_server: ExampleServer, 
     assert 3 <= len(attempts) <= 6, gaps
     assert max(gaps) >= 1.9, gaps
     assert page.errors == []
+
+
+def mount_bar(page, seconds: float) -> str:
+    """Start an export from page JavaScript and mount a bar with default options (SSE on)."""
+    job_id = page.evaluate(
+        """async (seconds) => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds});
+            TaskFerry.mountProgress(document.body, job.id, {job});
+            return String(job.id);
+        }""",
+        seconds,
+    )
+    return job_id
+
+
+def test_bar_uses_the_stream_fallbacks(example_server: ExampleServer, page) -> None:
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+
+    # Under WSGI the events endpoint answers one event per request, and the browser
+    # reconnects: the bar follows the job through the stream alone.
+    job_id = mount_bar(page, seconds=2)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    expect(bar.locator(BAR)).to_have_attribute("aria-valuenow", "100")
+    assert example_server.requests_to(f"/api/jobs/{job_id}/events/") >= 2
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") == 0
+
+    # A proxy that refuses event streams: the bar polls instead.
+    page.route(
+        re.compile(r"/api/jobs/\d+/events/"),
+        lambda route: route.fulfill(status=404, json={"detail": "Not found."}),
+    )
+    job_id = mount_bar(page, seconds=2)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") >= 2
+    assert page.errors == []

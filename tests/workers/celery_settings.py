@@ -14,3 +14,8 @@ LOGGING["loggers"]["task_ferry"] = {"level": "INFO"}
 # The throughput benchmark runs with persistent connections, as production workers should.
 if os.environ.get("TASK_FERRY_TEST_CONN_MAX_AGE"):
     DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["TASK_FERRY_TEST_CONN_MAX_AGE"])  # noqa: F405
+# The benchmark's --synchronous-commit=off: commits stop waiting for the WAL flush.
+if os.environ.get("TASK_FERRY_TEST_SYNCHRONOUS_COMMIT"):
+    DATABASES["default"]["OPTIONS"] = {  # noqa: F405
+        "options": f"-c synchronous_commit={os.environ['TASK_FERRY_TEST_SYNCHRONOUS_COMMIT']}"
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 pytest.importorskip("celery", reason="celery is not installed")
 
 from celery import Celery, _state
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from task_ferry.exceptions import DispatchError
@@ -195,6 +196,54 @@ def test_redelivered_job_never_runs_twice_at_once(
     assert wait_for_state(job.pk, "finished", "failed").state == "finished"
     assert Marker.objects.filter(name="delivered-twice").count() == 1
     assert celery_executor.process.log().count(f"Job {job.pk} is not pending") == 1
+
+
+@pytest.mark.worker
+def test_job_of_a_killed_worker_process_is_redelivered_but_never_run_twice(
+    redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user, settings
+) -> None:
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=400, tick_delay=0.05, marker="killed-run"
+    )
+    wait_for_state(job.pk, "started")
+
+    # SIGKILL the pool processes, as an OOM killer would; the worker's main process lives on.
+    children = subprocess.check_output(
+        ["ps", "-o", "pid=", "--ppid", str(celery_executor.process.process.pid)], text=True
+    ).split()
+    assert children
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+
+    # reject_on_worker_lost requeues the message; its redelivery finds the job started.
+    celery_executor.process.wait_for_log(f"Job {job.pk} is not pending; not running it.")
+    assert state_of(job.pk) == "started"
+    assert not Marker.objects.filter(name="killed-run").exists()
+
+    # The stale-job sweep ends it once its heartbeat is overdue.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 1}
+    time.sleep(1.1)
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert state_of(job.pk) == "failed"
+
+
+@pytest.mark.worker
+def test_job_runs_after_the_workers_database_connections_were_killed(
+    redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user
+) -> None:
+    warm_up = JobHandler.create_and_start(user, "scripted", steps=1)
+    wait_for_state(warm_up.pk, "finished")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert cursor.fetchone()[0] >= 1
+
+    job = JobHandler.create_and_start(user, "scripted", steps=3, marker="after-kill")
+
+    assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    assert Marker.objects.filter(name="after-kill").count() == 1
 
 
 @pytest.mark.worker

@@ -238,7 +238,7 @@
         this._streamFailures = 0;
         this._update(job);
       });
-      source.addEventListener("end", (event) => {
+      source.addEventListener("end", () => {
         source.close();
         if (this.stopped) return;
         // The final `job` event normally came first; if not, fetch the final job.
