@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import display_for_field
@@ -170,8 +170,15 @@ class AgeListFilter(admin.SimpleListFilter):
         )
 
 
+if TYPE_CHECKING:
+    JobModelAdmin = admin.ModelAdmin[Job]
+else:
+    # ModelAdmin is subscriptable only once django-stubs-ext patches it, which core lacks.
+    JobModelAdmin = admin.ModelAdmin
+
+
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin[Job]):
+class JobAdmin(JobModelAdmin):
     list_display = ("id", "type", "owner", "state_badge", "progress", "created", "duration")
     list_display_links = ("id", "type")
     list_filter = ("state", TypeListFilter, AgeListFilter)

@@ -12,6 +12,9 @@ import time
 import weakref
 
 import pytest
+
+pytest.importorskip("celery", reason="celery is not installed")
+
 from celery import Celery, _state
 from django.db import connection, transaction
 from django.utils import timezone

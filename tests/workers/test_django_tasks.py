@@ -280,3 +280,28 @@ def test_sweep_task_fails_a_job_whose_worker_vanished(start_worker, user, settin
     assert row.state == "failed"
     assert "worker lost" in row.error
     assert hooks(job) == ["on_error"]
+
+
+def test_job_of_a_killed_worker_is_failed_by_the_sweep(start_worker, user, settings):
+    worker = start_worker()
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=200, tick_delay=0.05, marker="lost-work"
+    )
+    wait_for(
+        lambda: ScriptedJob.objects.filter(pk=job.pk, state="started").exists(),
+        what="job to start",
+        worker=worker,
+    )
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait()
+    # django-tasks-db does not retry: the task stays RUNNING and the job stays started.
+    assert task_of(job).status == "RUNNING"
+    assert ScriptedJob.objects.get(pk=job.pk).state == "started"
+
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 1}
+    wait_for(lambda: JobHandler.sweep_stale_jobs() == 1, what="the sweep to fail the job")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert row.state == "failed"
+    assert "worker lost" in row.error
+    assert not Marker.objects.filter(name="lost-work").exists()
+    assert hooks(job) == ["on_error"]
