@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python example/manage.py runexample
 
-test: lint typecheck migrations-check docs test-postgres test-sqlite test-example
+test: lint typecheck migrations-check docs test-postgres test-sqlite test-example test-matrix
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
