@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from task_ferry import signals
@@ -26,13 +27,17 @@ from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     InvalidJobValues,
     JobDoesNotExist,
+    JobLost,
     MaxJobCountExceeded,
     ProgressStoreUnavailable,
 )
-from task_ferry.models import ENDED_STATES, Job, JobState
+from task_ferry.models import ENDED_STATES, Heartbeat, Job, JobQuerySet, JobState
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
+
+if TYPE_CHECKING:
+    from task_ferry.executors.base import BaseExecutor
 
 logger = logging.getLogger("task_ferry")
 
@@ -87,8 +92,16 @@ class LiveHandles:
 live_handles = LiveHandles()
 
 
-def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fields: Any) -> bool:
-    """Move the job to ``to_state`` if it is still in one of ``from_states``.
+def transition(
+    job: Job,
+    to_state: JobState,
+    *,
+    from_states: Iterable[str],
+    where: Q | Exists | None = None,
+    **fields: Any,
+) -> bool:
+    """Move the job to ``to_state`` if it is still in one of ``from_states`` (and matches
+    ``where``, when given).
 
     Returns False when another party changed the state first; nothing is written then.
     """
@@ -98,7 +111,10 @@ def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fi
         values.setdefault("started_at", now)
     if to_state in ENDED_STATES:
         values.setdefault("finished_at", now)
-    updated = Job.objects.filter(pk=job.pk, state__in=list(from_states)).update(**values)
+    rows = Job.objects.filter(pk=job.pk, state__in=list(from_states))
+    if where is not None:
+        rows = rows.filter(where)
+    updated = rows.update(**values)
     if not updated:
         return False
     job.apply_fields(values)
@@ -139,11 +155,20 @@ class JobHandler:
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
         signals.job_created.send(sender=type(job), job=job)
-        publish(job)
         from task_ferry.executors.base import get_executor
 
-        get_executor().enqueue(job.pk)
+        executor = get_executor()
+        if executor.dispatches_on_commit:
+            # A rolled-back create leaves no row, no snapshot and no queued message.
+            transaction.on_commit(functools.partial(cls._dispatch, job, executor))
+        else:
+            cls._dispatch(job, executor)
         return job
+
+    @staticmethod
+    def _dispatch(job: Job, executor: BaseExecutor) -> None:
+        publish(job)
+        executor.enqueue(job.pk)
 
     @classmethod
     def _create(cls, user: Any, job_type: JobType, values: dict[str, Any]) -> Job:
@@ -296,54 +321,70 @@ class JobHandler:
 
     @classmethod
     def sweep_stale_jobs(cls) -> int:
-        """Fail started jobs whose worker stopped beating, and pending jobs no worker took.
+        """Fail started jobs whose heartbeat lapsed (their worker is gone) and pending jobs no
+        worker took within ``PENDING_TIMEOUT``. Safe to run from several places at once.
 
         Returns how many jobs were failed."""
         now = timezone.now()
-        heartbeat_cutoff = now - datetime.timedelta(seconds=ferry_settings.HEARTBEAT_TIMEOUT)
-        stale = Job.objects.running().filter(
-            Q(heartbeat__beat_at__lt=heartbeat_cutoff)
-            | Q(heartbeat__isnull=True, started_at__lt=heartbeat_cutoff)
-        )
-        failed = 0
-        for job in stale.iterator():
-            failed += cls._fail_lost(
-                job,
-                [JobState.STARTED],
-                "The worker running this job stopped responding (worker lost).",
+        timeout = ferry_settings.HEARTBEAT_TIMEOUT
+        lapsed = Exists(
+            Heartbeat.objects.filter(
+                job_id=OuterRef("pk"), beat_at__lt=now - datetime.timedelta(seconds=timeout)
             )
-        if ferry_settings.PENDING_TIMEOUT is not None:
-            pending_cutoff = now - datetime.timedelta(seconds=ferry_settings.PENDING_TIMEOUT)
-            for job in Job.objects.pending().filter(created_at__lt=pending_cutoff).iterator():
-                failed += cls._fail_lost(
+        )
+        failed = cls._fail_each(
+            Job.objects.running().filter(lapsed),
+            JobState.STARTED,
+            f"The worker running this job stopped responding for over {timeout:g} seconds "
+            f"(worker lost). Start the job again.",
+        )
+        pending_timeout = ferry_settings.PENDING_TIMEOUT
+        if pending_timeout is not None:
+            failed += cls._fail_each(
+                Job.objects.pending().filter(
+                    created_at__lt=now - datetime.timedelta(seconds=pending_timeout)
+                ),
+                JobState.PENDING,
+                f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
+                f"workers are running and consume this job's queue, then start it again.",
+            )
+        return failed
+
+    @classmethod
+    def _fail_each(cls, candidates: JobQuerySet, from_state: JobState, message: str) -> int:
+        failed = 0
+        for pk in list(candidates.order_by("pk").values_list("pk", flat=True)):
+            with transaction.atomic():
+                # A row locked by a live transaction (a frozen worker's) is retried next sweep
+                # rather than blocking this one.
+                job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
+                if job is None or not transition(
                     job,
-                    [JobState.PENDING],
-                    "No worker picked up this job in time. Check that workers are running.",
-                )
+                    JobState.FAILED,
+                    from_states=[from_state],
+                    error=message,
+                    human_readable_error=message,
+                ):
+                    continue
+                # Fences the lost run: its finish requires its heartbeat row.
+                Heartbeat.objects.filter(job_id=pk).delete()
+            cls._after_lost(job, message)
+            failed += 1
         return failed
 
     @staticmethod
-    def _fail_lost(job: Job, from_states: list[JobState], message: str) -> int:
-        if not transition(
-            job,
-            JobState.FAILED,
-            from_states=from_states,
-            error=message,
-            human_readable_error=message,
-        ):
-            return 0
+    def _after_lost(job: Job, message: str) -> None:
+        # Loaded after the commit, so it carries the failed state.
         specific = job.specific
-        specific.apply_fields({"state": job.state, "error": message})
         publish(specific)
         job_type = job_type_registry.get(job.type)
-        exc = RuntimeError(message)
+        exc = JobLost(message)
         try:
             job_type.on_error(specific, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
         signals.job_failed.send(sender=type(specific), job=specific, exc=exc)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, message)
-        return 1
 
     @staticmethod
     def run_job(job_id: int, *, heartbeat: bool = True) -> Job | None:

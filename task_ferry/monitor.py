@@ -33,6 +33,7 @@ class JobMonitor(threading.Thread):
         *,
         publish_interval: float,
         heartbeat_interval: float | None,
+        run_token: str = WORKER_NAME,
     ) -> None:
         super().__init__(name=f"task-ferry-monitor-{job.pk}", daemon=True)
         self.job = job
@@ -44,6 +45,11 @@ class JobMonitor(threading.Thread):
         self._publish_lock = threading.Lock()
         self._stopped = False
         self._published: tuple[int, str] = (job.progress_percentage, job.progress_state)
+        #: The heartbeat row this run owns (see ``JobRun``).
+        self.run_token = run_token
+        #: Set once the stale-job sweep has taken the job from this run.
+        self.fenced = False
+        self._beats = heartbeat_interval is not None
 
     def stop(self) -> tuple[int, str]:
         """Stop publishing (without waiting for the thread) and return the last numbers."""
@@ -56,27 +62,28 @@ class JobMonitor(threading.Thread):
 
     def run(self) -> None:
         listener: CancelListener | None = None
+        next_beat = time.monotonic() + (self.heartbeat_interval or 0)
         try:
-            if self.heartbeat_interval is not None:
-                self._beat()
-            next_beat = time.monotonic() + (self.heartbeat_interval or 0)
             listener = self._open_listener()
             while not self._stopped:
-                if listener is None:
+                # One bad iteration must not end the heartbeat of a job that is still running.
+                try:
+                    if listener is None:
+                        time.sleep(self.publish_interval)
+                        listener = self._open_listener()
+                    elif self._wait_for_cancel(listener):
+                        self.progress.request_cancel()
+                    self._publish_if_changed()
+                except Exception:
+                    logger.exception("Job %s: monitor iteration failed", self.job.pk)
                     time.sleep(self.publish_interval)
-                    listener = self._open_listener()
-                elif self._wait_for_cancel(listener):
-                    self.progress.request_cancel()
-                self._publish_if_changed()
                 if self.heartbeat_interval is not None and time.monotonic() >= next_beat:
                     self._beat()
                     next_beat = time.monotonic() + self.heartbeat_interval
-        except Exception:
-            logger.exception("Job %s: monitor thread crashed", self.job.pk)
         finally:
             if listener is not None:
                 listener.close()
-            if self.heartbeat_interval is not None:
+            if self._beats:
                 connections.close_all()
 
     def _open_listener(self) -> CancelListener | None:
@@ -113,9 +120,16 @@ class JobMonitor(threading.Thread):
 
     def _beat(self) -> None:
         try:
-            Heartbeat.objects.update_or_create(
-                job_id=self.job.pk, defaults={"worker": WORKER_NAME, "beat_at": timezone.now()}
+            beaten = Heartbeat.objects.filter(job_id=self.job.pk, worker=self.run_token).update(
+                beat_at=timezone.now()
             )
         except Exception:
             logger.exception("Job %s: heartbeat failed", self.job.pk)
             connections.close_all()
+            return
+        if not beaten and not self._stopped:
+            # The sweep failed this job as lost; stop the work at its next tick.
+            logger.warning("Job %s was taken from this worker by the stale-job sweep.", self.job.pk)
+            self.fenced = True
+            self.heartbeat_interval = None
+            self.progress.request_cancel()

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import traceback
+import uuid
 
-from django.db import connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db.models import Exists, OuterRef
+from django.utils import timezone
 
 from task_ferry import signals
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobCancelled, JobFenced
 from task_ferry.handler import JobHandler, publish, transition
-from task_ferry.models import Job, JobState
-from task_ferry.monitor import JobMonitor
+from task_ferry.models import Heartbeat, Job, JobState
+from task_ferry.monitor import WORKER_NAME, JobMonitor
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.stores.base import get_store
@@ -29,6 +32,8 @@ logger = logging.getLogger("task_ferry")
 
 # Shown to users when a job fails with an error of its own code.
 GENERIC_FAILURE = "Something went wrong while running this job."
+# Shown when the job's database connection broke (server restart, killed backend, network).
+DATABASE_FAILURE = "The database connection was lost while running this job. Start it again."
 
 
 class JobRun:
@@ -42,10 +47,19 @@ class JobRun:
         Re-raises the job's own exception after the job is marked failed.
         """
         job = Job(pk=self.job_id)
-        if not transition(job, JobState.STARTED, from_states=[JobState.PENDING]):
-            # Cancelled before it started, or already taken by another delivery.
-            logger.info("Job %s is not pending; not running it.", self.job_id)
-            return None
+        # Inside a transaction nobody else sees the job's row, so no sweep can judge it lost.
+        beating = self.heartbeat and not connection.in_atomic_block
+        run_token = f"{WORKER_NAME}:{uuid.uuid4().hex[:12]}"
+        with transaction.atomic():
+            if not transition(job, JobState.STARTED, from_states=[JobState.PENDING]):
+                # Cancelled before it started, or already taken by another delivery.
+                logger.info("Job %s is not pending; not running it.", self.job_id)
+                return None
+            if beating:
+                # Committed with the start, so a worker dying right after is still detected.
+                Heartbeat.objects.update_or_create(
+                    job_id=self.job_id, defaults={"worker": run_token, "beat_at": timezone.now()}
+                )
         job = Job.objects.get(pk=self.job_id).specific
         job_type = job_type_registry.get(job.type)
         publish(job)
@@ -56,9 +70,13 @@ class JobRun:
             progress,
             get_store(),
             publish_interval=ferry_settings.PUBLISH_INTERVAL,
-            heartbeat_interval=ferry_settings.HEARTBEAT_INTERVAL if self.heartbeat else None,
+            heartbeat_interval=ferry_settings.HEARTBEAT_INTERVAL if beating else None,
+            run_token=run_token,
         )
         monitor.start()
+        # The sweep deletes the heartbeat when it fails the job; without it this run is a zombie,
+        # even if the job's own code saved the row back to "started".
+        still_ours = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), worker=run_token))
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
@@ -67,23 +85,29 @@ class JobRun:
                     job,
                     JobState.FINISHED,
                     from_states=[JobState.STARTED],
+                    where=still_ours if beating else None,
                     progress_percentage=100,
                     progress_state=label,
                 ):
                     raise JobFenced(f"Job {job.pk} was ended elsewhere while it ran.")
         except JobCancelled:
+            if monitor.fenced:
+                return self._fenced(job)
             self._end_cancelled(job, job_type, monitor)
             return job
         except JobFenced:
-            logger.warning(
-                "Job %s was ended elsewhere while it ran; its work was rolled back.", job.pk
-            )
-            return job
+            return self._fenced(job)
         except Exception as exc:
             self._end_failed(job, job_type, monitor, exc)
             raise
         publish(job)
         signals.job_finished.send(sender=type(job), job=job)
+        return job
+
+    @staticmethod
+    def _fenced(job: Job) -> Job:
+        logger.warning("Job %s was ended elsewhere while it ran; its work was rolled back.", job.pk)
+        job.refresh_from_db(fields=["state", "error", "human_readable_error", "finished_at"])
         return job
 
     def _end_cancelled(self, job: Job, job_type: JobType, monitor: JobMonitor) -> None:
@@ -103,10 +127,13 @@ class JobRun:
         self, job: Job, job_type: JobType, monitor: JobMonitor, exc: BaseException
     ) -> None:
         percentage, label = monitor.stop()
+        connection_lost = _is_connection_error(exc)
         # A dropped database connection must not stop us from recording the failure.
         connection.close_if_unusable_or_obsolete()
         error = f"{type(exc).__name__}: {exc}"
-        human = getattr(exc, "human_readable_error", None) or GENERIC_FAILURE
+        human = getattr(exc, "human_readable_error", None) or (
+            DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
+        )
         if not transition(
             job,
             JobState.FAILED,
@@ -125,3 +152,11 @@ class JobRun:
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
         signals.job_failed.send(sender=type(job), job=job, exc=exc)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A dropped connection, as opposed to an error of the job's own queries. Django closes the
+    connection when rolling back the job's transaction fails."""
+    if isinstance(exc, InterfaceError):
+        return True
+    return isinstance(exc, OperationalError | DatabaseError) and connection.connection is None

@@ -1,0 +1,19 @@
+"""Test executors: dispatch waits for commit, and jobs stay pending until a test or a worker
+process (``tests.reliability.worker``) runs them."""
+
+from __future__ import annotations
+
+import threading
+
+from task_ferry.executors.base import BaseExecutor
+
+
+class QueueingExecutor(BaseExecutor):
+    """Records dispatched job ids; the worker process finds pending jobs in the database."""
+
+    dispatched: list[int] = []
+    _lock = threading.Lock()
+
+    def enqueue(self, job_id: int) -> None:
+        with self._lock:
+            self.dispatched.append(job_id)
