@@ -14,7 +14,7 @@ import logging
 import traceback
 import uuid
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
@@ -77,6 +77,7 @@ class JobRun:
         # The sweep deletes the heartbeat when it fails the job; without it this run is a zombie,
         # even if the job's own code saved the row back to "started".
         still_ours = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), worker=run_token))
+        db_connection = connection.connection
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
@@ -98,7 +99,11 @@ class JobRun:
         except JobFenced:
             return self._fenced(job)
         except Exception as exc:
-            self._end_failed(job, job_type, monitor, exc)
+            # Django replaces the connection when rolling back on it failed: it broke.
+            connection_lost = (
+                isinstance(exc, DatabaseError) and connection.connection is not db_connection
+            )
+            self._end_failed(job, job_type, monitor, exc, connection_lost=connection_lost)
             raise
         publish(job)
         signals.job_finished.send(sender=type(job), job=job)
@@ -124,10 +129,15 @@ class JobRun:
         JobHandler._after_cancelled(job)
 
     def _end_failed(
-        self, job: Job, job_type: JobType, monitor: JobMonitor, exc: BaseException
+        self,
+        job: Job,
+        job_type: JobType,
+        monitor: JobMonitor,
+        exc: BaseException,
+        *,
+        connection_lost: bool = False,
     ) -> None:
         percentage, label = monitor.stop()
-        connection_lost = _is_connection_error(exc)
         # A dropped database connection must not stop us from recording the failure.
         connection.close_if_unusable_or_obsolete()
         error = f"{type(exc).__name__}: {exc}"
@@ -152,11 +162,3 @@ class JobRun:
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
         signals.job_failed.send(sender=type(job), job=job, exc=exc)
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    """A dropped connection, as opposed to an error of the job's own queries. Django closes the
-    connection when rolling back the job's transaction fails."""
-    if isinstance(exc, InterfaceError):
-        return True
-    return isinstance(exc, OperationalError | DatabaseError) and connection.connection is None

@@ -31,6 +31,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, interval: float | None = None, **options: Any) -> None:
+        self.verbosity = int(options.get("verbosity", 1))
         if interval is not None and not interval > 0:
             raise CommandError(f"--interval must be a number of seconds > 0, got {interval!r}.")
         if interval is None:
