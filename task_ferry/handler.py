@@ -31,7 +31,7 @@ from task_ferry.exceptions import (
     MaxJobCountExceeded,
     ProgressStoreUnavailable,
 )
-from task_ferry.models import ENDED_STATES, Heartbeat, Job, JobQuerySet, JobState
+from task_ferry.models import ENDED_STATES, LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
@@ -348,7 +348,35 @@ class JobHandler:
                 f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
                 f"workers are running and consume this job's queue, then start it again.",
             )
+        cls._republish_ended(
+            now - datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)
+        )
         return failed
+
+    @staticmethod
+    def _republish_ended(since: datetime.datetime) -> None:
+        """Rewrite snapshots that still show a job as live after it ended: its final publish
+        failed while the store was unreachable, and pollers would wait until the key expired."""
+        ended = Job.objects.ended().filter(finished_at__gte=since).order_by("pk")
+        last_id = 0
+        store = get_store()
+        while True:
+            ids = list(
+                ended.filter(pk__gt=last_id).values_list("pk", flat=True)[:CLEANUP_BATCH_SIZE]
+            )
+            if not ids:
+                return
+            last_id = ids[-1]
+            try:
+                snapshots = store.read_many(ids)
+            except ProgressStoreUnavailable:
+                return
+            stale = [
+                pk for pk, snapshot in snapshots.items() if snapshot.get("state") in LIVE_STATES
+            ]
+            for job in Job.objects.filter(pk__in=stale):
+                logger.info("Job %s: republishing its final state to the progress store.", job.pk)
+                publish(job)
 
     @classmethod
     def _fail_each(cls, candidates: JobQuerySet, from_state: JobState, message: str) -> int:
