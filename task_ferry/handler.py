@@ -20,6 +20,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
+from django.db.models.deletion import Collector
 from django.utils import timezone
 
 from task_ferry import signals
@@ -286,7 +287,7 @@ class JobHandler:
                 Job.objects.expired(cutoff)
                 .filter(pk__gt=last_id)
                 .order_by("pk")
-                .values_list("pk", "type")[:CLEANUP_BATCH_SIZE]
+                .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
             )
             if not batch:
                 return deleted
@@ -294,15 +295,24 @@ class JobHandler:
             deleted += cls._delete_batch(batch, cutoff)
 
     @staticmethod
-    def _delete_batch(batch: list[tuple[int, str]], cutoff: datetime.datetime) -> int:
-        by_type: dict[str, list[int]] = {}
-        for pk, type_name in batch:
-            by_type.setdefault(type_name, []).append(pk)
+    def _delete_batch(batch: list[tuple[int, str, int]], cutoff: datetime.datetime) -> int:
+        by_model: dict[tuple[str, int], list[int]] = {}
+        for pk, type_name, content_type_id in batch:
+            by_model.setdefault((type_name, content_type_id), []).append(pk)
+        deleted = 0
         deleted_ids: list[int] = []
-        for type_name, ids in by_type.items():
+        for (type_name, content_type_id), ids in by_model.items():
+            model = ContentType.objects.get_for_id(content_type_id).model_class() or Job
+            # Loaded through the job's own model, so deleting them needs no query per parent row;
+            # the filter re-checks that each job is still expired.
+            jobs = list(
+                model._base_manager.filter(
+                    pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
+                )
+            )
             if type_name in job_type_registry:
                 job_type = job_type_registry.get(type_name)
-                for job in job_type.model_class._default_manager.filter(pk__in=ids).iterator():
+                for job in jobs:
                     try:
                         job_type.before_delete(job)
                     except Exception:
@@ -311,13 +321,16 @@ class JobHandler:
                             job.pk,
                             job_type,
                         )
-            deleted_ids.extend(ids)
-        # Re-check the cutoff so a job can never be deleted unless it is still expired.
-        _, per_model = Job.objects.expired(cutoff).filter(pk__in=deleted_ids).delete()
+            # Collected before the delete, which sets each instance's pk to None.
+            deleted_ids.extend(job.pk for job in jobs)
+            collector = Collector(using=model._base_manager.db)
+            collector.collect(jobs)
+            _, per_model = collector.delete()
+            deleted += per_model.get(Job._meta.label, 0)
         # An unreachable store is fine: snapshots expire on their own.
         with contextlib.suppress(ProgressStoreUnavailable):
             get_store().delete(deleted_ids)
-        return per_model.get(Job._meta.label, 0)
+        return deleted
 
     @classmethod
     def sweep_stale_jobs(cls) -> int:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -94,10 +95,12 @@ def test_finish_vs_cancel(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT)
     outcomes = Counter()
     for i in range(ROUNDS):
-        job = JobHandler.create_and_start(user, "scripted", steps=4, tick_delay=0.01, marker=f"fc{i}")
+        job = JobHandler.create_and_start(
+            user, "scripted", steps=4, tick_delay=0.01, marker=f"fc{i}"
+        )
         race(
-            lambda: JobHandler.run_job(job.pk),
-            later(random.uniform(0, 0.06), lambda: JobHandler.cancel(user, job.pk)),
+            partial(JobHandler.run_job, job.pk),
+            later(random.uniform(0, 0.06), partial(JobHandler.cancel, user, job.pk)),
         )
         outcomes[check_one_ending(job, ending_signals)] += 1
     assert set(outcomes) <= {"finished", "cancelled"}
@@ -111,8 +114,8 @@ def test_fail_vs_cancel(queueing, ferry, user, ending_signals):
             user, "scripted", steps=6, tick_delay=0.01, fail_at=3, marker=f"xc{i}"
         )
         race(
-            lambda: JobHandler.run_job(job.pk),
-            later(random.uniform(0, 0.06), lambda: JobHandler.cancel(user, job.pk)),
+            partial(JobHandler.run_job, job.pk),
+            later(random.uniform(0, 0.06), partial(JobHandler.cancel, user, job.pk)),
         )
         outcomes[check_one_ending(job, ending_signals)] += 1
     assert set(outcomes) <= {"failed", "cancelled"}
@@ -132,7 +135,7 @@ def test_finish_vs_sweep(queueing, ferry, user, ending_signals):
             while Job.objects.filter(pk=job.pk, state__in=["pending", "started"]).exists():
                 JobHandler.sweep_stale_jobs()
 
-        race(lambda: JobHandler.run_job(job.pk), sweep_until_ended, sweep_until_ended)
+        race(partial(JobHandler.run_job, job.pk), sweep_until_ended, sweep_until_ended)
         outcomes[check_one_ending(job, ending_signals)] += 1
     assert set(outcomes) <= {"finished", "failed"}
     failed = ScriptedJob.objects.filter(state="failed")
@@ -145,7 +148,7 @@ def test_start_vs_pending_timeout(queueing, ferry, user, ending_signals):
     for i in range(ROUNDS):
         job = JobHandler.create_and_start(user, "scripted", steps=1, marker=f"sp{i}")
         race(
-            later(random.uniform(0, 0.01), lambda: JobHandler.run_job(job.pk)),
+            later(random.uniform(0, 0.01), partial(JobHandler.run_job, job.pk)),
             later(random.uniform(0, 0.01), JobHandler.sweep_stale_jobs),
         )
         outcomes[check_one_ending(job, ending_signals)] += 1
@@ -157,6 +160,6 @@ def test_cancel_of_pending_vs_start(queueing, ferry, user, ending_signals):
     outcomes = Counter()
     for i in range(ROUNDS):
         job = JobHandler.create_and_start(user, "scripted", steps=1, marker=f"cp{i}")
-        race(lambda: JobHandler.run_job(job.pk), lambda: JobHandler.cancel(user, job.pk))
+        race(partial(JobHandler.run_job, job.pk), partial(JobHandler.cancel, user, job.pk))
         outcomes[check_one_ending(job, ending_signals)] += 1
     assert set(outcomes) <= {"finished", "cancelled"}

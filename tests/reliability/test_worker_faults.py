@@ -23,7 +23,9 @@ def beat_at(job: Job):
     return Heartbeat.objects.filter(job_id=job.pk).values_list("beat_at", flat=True).first()
 
 
-def test_heartbeat_keeps_beating_while_the_job_blocks_without_ticks(queueing, ferry, processes, user):
+def test_heartbeat_keeps_beating_while_the_job_blocks_without_ticks(
+    queueing, ferry, processes, user
+):
     ferry(**FAST_HEARTBEAT)
     worker = processes.worker()
     job = JobHandler.create_and_start(user, "scripted", block_for=3, steps=1)
@@ -51,7 +53,9 @@ def test_killed_worker_is_detected_and_its_slot_freed(queueing, ferry, processes
         user, "scripted", steps=400, tick_delay=0.05, marker="victim-work"
     )
     queued = [JobHandler.create_and_start(None, "scripted", steps=3) for _ in range(4)]
-    wait_for(lambda: ScriptedJob.objects.get(pk=victim.pk).progress_percentage > 0 or beat_at(victim))
+    wait_for(
+        lambda: ScriptedJob.objects.get(pk=victim.pk).progress_percentage > 0 or beat_at(victim)
+    )
     with pytest.raises(MaxJobCountExceeded):
         JobHandler.create_and_start(user, "scripted")
 
