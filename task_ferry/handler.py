@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import DataError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.db.models.deletion import Collector
 from django.utils import timezone
@@ -216,7 +216,11 @@ class JobHandler:
                 live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
                 if live >= max_count:
                     raise MaxJobCountExceeded(job_type.type, max_count)
-            job.save(force_insert=True)
+            try:
+                job.save(force_insert=True)
+            except (TypeError, ValueError, DataError) as exc:
+                # Values full_clean() lets through as "empty" ([] for a nullable number, say).
+                raise InvalidJobValues(f"Invalid job values: {exc}") from exc
             job_type.after_job_creation(job, prepared)
         return live_handles.track(job)
 

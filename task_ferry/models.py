@@ -48,7 +48,8 @@ class JobQuerySet(models.QuerySet["Job"]):
         """The user's own jobs; ``None`` selects system jobs."""
         if user is None:
             return self.filter(user__isnull=True)
-        if not user.is_authenticated:
+        # An unsaved user's pk is None, which would otherwise select the system jobs.
+        if not getattr(user, "is_authenticated", False) or getattr(user, "pk", None) is None:
             return self.none()
         return self.filter(user_id=user.pk)
 

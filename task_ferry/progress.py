@@ -8,6 +8,8 @@ numbers on its own cadence and publishes them; a cancel request reaches the job 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
@@ -16,6 +18,16 @@ from task_ferry.exceptions import JobCancelled
 __all__ = ["Progress"]
 
 T = TypeVar("T")
+_INFINITY = math.inf
+
+
+def _count(value: object, name: str) -> float:
+    """``value`` as a float, if it is a real, finite number >= 0; else a ValueError saying so."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if 0 <= number < _INFINITY:
+            return number
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class Progress:
@@ -31,9 +43,7 @@ class Progress:
     )
 
     def __init__(self, total: float = 100) -> None:
-        if not total >= 0:
-            raise ValueError(f"total must be a number >= 0, got {total!r}")
-        self.total: float = total
+        self.total: float = _count(total, "total")
         self.done: float = 0
         #: Latest human-readable label; only the root's is published.
         self.state: str = ""
@@ -64,13 +74,15 @@ class Progress:
         root = self._root
         if root._cancel_requested:
             raise JobCancelled("The job was cancelled.")
-        try:
-            valid = by >= 0
-        except TypeError:
-            valid = False
-        if not valid or isinstance(by, bool):
-            raise ValueError(f"increment(by=...) must be a number >= 0, got {by!r}")
+        # Plain ints and floats take the fast path; anything else is checked and converted.
+        if by.__class__ is int or by.__class__ is float:
+            if not 0 <= by < _INFINITY:
+                raise ValueError(f"increment(by=...) must be a finite number >= 0, got {by!r}")
+        else:
+            by = _count(by, "increment(by=...)")
         if state is not None:
+            if not isinstance(state, str):
+                raise ValueError(f"state must be a str, got {type(state).__name__}")
             root.state = state
         self._advance(by)
 
@@ -89,8 +101,7 @@ class Progress:
 
     def create_child(self, represents: float, total: float) -> Progress:
         """A stage worth ``represents`` steps of this node, counting to its own ``total``."""
-        if not represents >= 0:
-            raise ValueError(f"represents must be a number >= 0, got {represents!r}")
+        represents = _count(represents, "represents")
         child = Progress(total)
         child._parent = self
         child._root = self._root

@@ -27,6 +27,15 @@ T = TypeVar("T")
 FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": 0.2, "HEARTBEAT_TIMEOUT": 1, "PUBLISH_INTERVAL": 0.02}
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.reliability.test_bad_input import counter
+
+    if any(counter.values()):
+        terminalreporter.write_line(
+            f"bad-input cases tried: {counter} (total {sum(counter.values())})"
+        )
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 15, interval: float = 0.02) -> T:
     """Poll ``predicate`` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
