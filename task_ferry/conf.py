@@ -45,10 +45,16 @@ DEFAULTS: dict[str, Any] = {
     "HEARTBEAT_TIMEOUT": 60,
     # A pending job older than this many seconds is failed as never picked up; None disables.
     "PENDING_TIMEOUT": 24 * 3600,
+    # Permission class of the REST API; see docs/api.md for the staff variant.
+    "API_PERMISSION_CLASS": "task_ferry.api.permissions.IsJobOwner",
+    # Seconds of silence after which an event stream sends a keep-alive comment.
+    "SSE_KEEPALIVE": 15,
+    # Seconds an event stream stays open at most; the browser then reconnects.
+    "SSE_MAX_DURATION": 300,
 }
 
 # Keys whose values are dotted paths, imported on first use.
-IMPORT_STRINGS = frozenset({"EXECUTOR", "PROGRESS_STORE"})
+IMPORT_STRINGS = frozenset({"EXECUTOR", "PROGRESS_STORE", "API_PERMISSION_CLASS"})
 
 
 class FerrySettings:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import logging
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
@@ -26,19 +25,18 @@ from django.utils import timezone
 from task_ferry import signals
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
+    DispatchError,
     InvalidJobValues,
     JobDoesNotExist,
     JobLost,
     MaxJobCountExceeded,
     ProgressStoreUnavailable,
+    TaskFerryError,
 )
 from task_ferry.models import ENDED_STATES, LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot
+from task_ferry.snapshot import cancel_token, job_snapshot
 from task_ferry.stores.base import get_store
-
-if TYPE_CHECKING:
-    from task_ferry.executors.base import BaseExecutor
 
 logger = logging.getLogger("task_ferry")
 
@@ -60,28 +58,30 @@ class LiveHandles:
     handler makes here. A caller holding the job from ``create_and_start`` sees it become
     cancelled or finished without a ``refresh_from_db()``."""
 
+    PRUNE_EVERY = 1024
+
     def __init__(self) -> None:
         self._refs: dict[int, list[weakref.ref[Job]]] = {}
         self._lock = threading.Lock()
+        self._tracked_since_prune = 0
 
     def track(self, job: Job) -> Job:
         with self._lock:
-            refs = [r for r in self._refs.get(job.pk, []) if r() is not None]
-            refs.append(weakref.ref(job))
-            self._refs[job.pk] = refs
-            if len(self._refs) > 1024:
+            self._refs.setdefault(job.pk, []).append(weakref.ref(job))
+            self._tracked_since_prune += 1
+            if self._tracked_since_prune >= self.PRUNE_EVERY:
                 self._prune()
         return job
 
     def apply(self, job_id: int, fields: dict[str, Any]) -> None:
         with self._lock:
-            refs = self._refs.get(job_id, ())
-            for ref in refs:
+            for ref in self._refs.get(job_id, ()):
                 job = ref()
                 if job is not None:
                     job.apply_fields(fields)
 
     def _prune(self) -> None:
+        self._tracked_since_prune = 0
         for job_id in list(self._refs):
             alive = [r for r in self._refs[job_id] if r() is not None]
             if alive:
@@ -93,16 +93,8 @@ class LiveHandles:
 live_handles = LiveHandles()
 
 
-def transition(
-    job: Job,
-    to_state: JobState,
-    *,
-    from_states: Iterable[str],
-    where: Q | Exists | None = None,
-    **fields: Any,
-) -> bool:
-    """Move the job to ``to_state`` if it is still in one of ``from_states`` (and matches
-    ``where``, when given).
+def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fields: Any) -> bool:
+    """Move the job to ``to_state`` if it is still in one of ``from_states``.
 
     Returns False when another party changed the state first; nothing is written then.
     """
@@ -112,10 +104,7 @@ def transition(
         values.setdefault("started_at", now)
     if to_state in ENDED_STATES:
         values.setdefault("finished_at", now)
-    rows = Job.objects.filter(pk=job.pk, state__in=list(from_states))
-    if where is not None:
-        rows = rows.filter(where)
-    updated = rows.update(**values)
+    updated = Job.objects.filter(pk=job.pk, state__in=list(from_states)).update(**values)
     if not updated:
         return False
     job.apply_fields(values)
@@ -155,21 +144,12 @@ class JobHandler:
         the executor. Returns the saved, specific job at once."""
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
-        signals.job_created.send(sender=type(job), job=job)
+        signals.emit(signals.job_created, job)
+        publish(job)
         from task_ferry.executors.base import get_executor
 
-        executor = get_executor()
-        if executor.dispatches_on_commit:
-            # A rolled-back create leaves no row, no snapshot and no queued message.
-            transaction.on_commit(functools.partial(cls._dispatch, job, executor))
-        else:
-            cls._dispatch(job, executor)
+        get_executor().enqueue_job(job)
         return job
-
-    @staticmethod
-    def _dispatch(job: Job, executor: BaseExecutor) -> None:
-        publish(job)
-        executor.enqueue(job.pk)
 
     @classmethod
     def _create(cls, user: Any, job_type: JobType, values: dict[str, Any]) -> Job:
@@ -227,7 +207,8 @@ class JobHandler:
     @staticmethod
     def _lock_user(user: Any) -> None:
         """Serialise job creation per user, so concurrent creates respect ``max_count``."""
-        type(user)._default_manager.select_for_update().filter(pk=user.pk).values_list(
+        # _meta, not type(): request.user is a SimpleLazyObject under session auth.
+        user._meta.model._default_manager.select_for_update().filter(pk=user.pk).values_list(
             "pk", flat=True
         ).first()
 
@@ -263,8 +244,12 @@ class JobHandler:
             cls._after_cancelled(job)
             return job
         if job.state in (JobState.PENDING, JobState.STARTED):
+            from task_ferry.monitor import get_monitor
+
+            # A job running in this process stops at its very next tick.
+            get_monitor().cancel_local(job.pk)
             # Never touch the row of a running job: its transaction may hold the row lock.
-            get_store().request_cancel(job.pk)
+            get_store().request_cancel(job.pk, token=cancel_token(job))
         return job
 
     @staticmethod
@@ -275,15 +260,20 @@ class JobHandler:
             job_type.on_cancelled(job)
         except Exception:
             logger.exception("Job %s: on_cancelled hook of %r raised", job.pk, job_type)
-        signals.job_cancelled.send(sender=type(job), job=job)
+        signals.emit(signals.job_cancelled, job)
+
+    @staticmethod
+    def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
+        """Ended jobs that finished before this moment are expired."""
+        if older_than is None:
+            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
+        return timezone.now() - older_than
 
     @classmethod
     def cleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
         """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` in batches, calling each type's
         ``before_delete`` once per job. Returns how many jobs were deleted."""
-        if older_than is None:
-            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
-        cutoff = timezone.now() - older_than
+        cutoff = cls.expiry_cutoff(older_than)
         deleted = 0
         last_id = 0
         while True:
@@ -344,10 +334,11 @@ class JobHandler:
         Returns how many jobs were failed."""
         now = timezone.now()
         timeout = ferry_settings.HEARTBEAT_TIMEOUT
-        lapsed = Exists(
-            Heartbeat.objects.filter(
-                job_id=OuterRef("pk"), beat_at__lt=now - datetime.timedelta(seconds=timeout)
-            )
+        cutoff = now - datetime.timedelta(seconds=timeout)
+        # A job beats within HEARTBEAT_INTERVAL of its start; one with no beat yet that started
+        # before the cutoff died early (short jobs never need to beat).
+        lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
+            ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
         )
         failed = cls._fail_each(
             Job.objects.running().filter(lapsed),
@@ -369,6 +360,22 @@ class JobHandler:
             now - datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)
         )
         return failed
+
+    @classmethod
+    def fail_undispatched(cls, job_id: int, *, error: str, human_readable_error: str) -> bool:
+        """Fail a pending job its executor could not hand to a queue. False if it is no longer
+        pending (or was rolled back)."""
+        job = Job.objects.filter(pk=job_id).first()
+        if job is None or not transition(
+            job,
+            JobState.FAILED,
+            from_states=[JobState.PENDING],
+            error=error,
+            human_readable_error=human_readable_error,
+        ):
+            return False
+        cls._after_lost(job, DispatchError(error))
+        return True
 
     @staticmethod
     def _republish_ended(since: datetime.datetime) -> None:
@@ -411,32 +418,33 @@ class JobHandler:
                     human_readable_error=message,
                 ):
                     continue
-                # Fences the lost run: its finish requires its heartbeat row.
-                Heartbeat.objects.filter(job_id=pk).delete()
-            cls._after_lost(job, message)
+            cls._after_lost(job, JobLost(message))
             failed += 1
         return failed
 
     @staticmethod
-    def _after_lost(job: Job, message: str) -> None:
+    def _after_lost(job: Job, exc: TaskFerryError) -> None:
+        """Publish and run the hooks of a job just failed from outside its run."""
         # Loaded after the commit, so it carries the failed state.
         specific = job.specific
         publish(specific)
         job_type = job_type_registry.get(job.type)
-        exc = JobLost(message)
         try:
             job_type.on_error(specific, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.job_failed.send(sender=type(specific), job=specific, exc=exc)
-        logger.error("Job %s (%s) failed: %s", job.pk, job.type, message)
+        signals.emit(signals.job_failed, specific, exc=exc)
+        logger.error("Job %s (%s) failed: %s", job.pk, job.type, exc)
 
     @staticmethod
-    def run_job(job_id: int, *, heartbeat: bool = True) -> Job | None:
-        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``."""
+    def run_job(
+        job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
+    ) -> Job | None:
+        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``.
+        Passing the job's type name, when the executor has it, saves a query."""
         from task_ferry.runner import JobRun
 
-        return JobRun(job_id, heartbeat=heartbeat).execute()
+        return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
 
 
 def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:

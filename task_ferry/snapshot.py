@@ -7,9 +7,12 @@ Snapshots are written to the progress store while a job lives, so the API can an
 from __future__ import annotations
 
 import datetime
+import logging
 from typing import Any
 
 from task_ferry.models import Job
+
+logger = logging.getLogger("task_ferry")
 
 STATE_LABEL_MAX_LENGTH = Job._meta.get_field("progress_state").max_length or 255
 
@@ -36,10 +39,18 @@ def isoformat(value: datetime.datetime | None) -> str | None:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
-def truncate_state(label: str) -> str:
-    return (
-        label if len(label) <= STATE_LABEL_MAX_LENGTH else label[: STATE_LABEL_MAX_LENGTH - 1] + "…"
-    )
+def truncate_state(label: object) -> str:
+    """The label as it fits the ``progress_state`` column: longer ones are cut, not refused."""
+    text = label if isinstance(label, str) else str(label)
+    if len(text) <= STATE_LABEL_MAX_LENGTH:
+        return text
+    return text[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+
+
+def cancel_token(job: Job) -> str:
+    """Tells a job from an earlier one with the same id (ids can be reused, e.g. on SQLite), so
+    a stale cancel request left in the store never stops a new job."""
+    return isoformat(job.created_at) or ""
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:
@@ -56,4 +67,19 @@ def job_snapshot(job: Job) -> dict[str, Any]:
         "started_at": isoformat(job.started_at),
         "finished_at": isoformat(job.finished_at),
         "user_id": job.user_id,
+        **_type_fields_entry(job),
     }
+
+
+def _type_fields_entry(job: Job) -> dict[str, Any]:
+    """``{"fields": ...}``: the job type's own fields as the API shows them, so a poll of a live
+    job needs no query; empty for a plain ``Job`` instance."""
+    from task_ferry.api.serializers import type_fields
+
+    try:
+        fields = type_fields(job)
+    except Exception:
+        # A broken type serializer must not stop progress from being published.
+        logger.exception("Job %s: the job type's serializer failed", job.pk)
+        return {}
+    return {} if fields is None else {"fields": fields}

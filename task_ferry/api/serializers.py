@@ -1,32 +1,153 @@
+"""What the API sends and accepts: the job object built from a snapshot, and each job type's
+serializer of its own fields.
+
+Every response is built from a snapshot (``task_ferry.snapshot.job_snapshot``), whether it was
+read from the progress store or built from a row, so both paths give the same JSON.
+"""
+
 from __future__ import annotations
 
+import datetime
+import re
 from typing import Any
 
 from rest_framework import serializers
 
-from task_ferry.models import Job
+from task_ferry.models import Job, JobState
+from task_ferry.registry import JobType, job_type_registry
+from task_ferry.snapshot import PUBLIC_FIELDS, isoformat
+
+__all__ = [
+    "JobSerializer",
+    "public_job",
+    "type_fields",
+    "type_serializer_class",
+]
+
+FINAL_STATES = frozenset(str(s) for s in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED))
+
+# A file-system path of two or more components (POSIX or Windows), as found in exception text.
+PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~$@+-]+){2,}[\\/]?")
+TRACEBACK_MARKER = "Traceback (most recent call last)"
+ERROR_MAX_LENGTH = 500
 
 
-class JobSerializer(serializers.ModelSerializer[Job]):
-    """The poll response: the same keys as a progress-store snapshot."""
+class JobSerializer(serializers.Serializer[Any]):
+    """The keys every job object has, whatever its type (for the schema; responses are built
+    by ``public_job``)."""
 
-    class Meta:
-        model = Job
-        fields = [
-            "id",
-            "type",
-            "state",
-            "progress_percentage",
-            "progress_state",
-            "error",
-            "human_readable_error",
-            "created_at",
-            "updated_at",
-            "started_at",
-            "finished_at",
-        ]
-        read_only_fields = fields
+    id = serializers.IntegerField(read_only=True)
+    type = serializers.CharField(read_only=True)
+    state = serializers.ChoiceField(choices=JobState.choices, read_only=True)
+    progress_percentage = serializers.IntegerField(read_only=True, min_value=0, max_value=100)
+    progress_state = serializers.CharField(read_only=True, allow_blank=True)
+    error = serializers.CharField(
+        read_only=True,
+        allow_blank=True,
+        help_text="Short technical reason of a failure; never a traceback or a file path.",
+    )
+    human_readable_error = serializers.CharField(read_only=True, allow_blank=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+    started_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    finished_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    eta = serializers.DateTimeField(
+        read_only=True,
+        allow_null=True,
+        help_text="Estimated finish time; null unless started with 1 to 99 percent done.",
+    )
 
 
-class JobCreateSerializer(serializers.Serializer[Any]):
-    type = serializers.CharField(help_text="The job type's name, e.g. 'export_table'.")
+def own_field_names(model: type[Job]) -> list[str]:
+    """Fields the job type's model adds to ``Job``, parent links left out."""
+    base = {f.name for f in Job._meta.concrete_fields}
+    return [
+        f.name
+        for f in model._meta.concrete_fields
+        if f.name not in base
+        and not (f.remote_field and getattr(f.remote_field, "parent_link", False))
+    ]
+
+
+_derived: dict[type[Job], type[serializers.ModelSerializer[Any]]] = {}
+
+
+def type_serializer_class(job_type: JobType) -> type[serializers.Serializer[Any]]:
+    """``job_type.serializer_class``, or a ``ModelSerializer`` of its model's own fields."""
+    if job_type.serializer_class is not None:
+        return job_type.serializer_class
+    model = job_type.model_class
+    if model not in _derived:
+        meta = type("Meta", (), {"model": model, "fields": own_field_names(model)})
+        _derived[model] = type(
+            f"{model.__name__}FieldsSerializer", (serializers.ModelSerializer,), {"Meta": meta}
+        )
+    return _derived[model]
+
+
+_representers: dict[type[serializers.Serializer[Any]], serializers.Serializer[Any]] = {}
+
+
+def type_fields(job: Job) -> dict[str, Any] | None:
+    """The job type's own fields of ``job``, JSON-ready; None when ``job`` is not an instance of
+    its type's model (a plain ``Job`` row) or its type is not registered."""
+    try:
+        job_type = job_type_registry.get(job.type)
+    except LookupError:
+        return None
+    if not isinstance(job, job_type.model_class):
+        return None
+    serializer_class = type_serializer_class(job_type)
+    # One serializer instance per class: building its fields is the expensive part.
+    representer = _representers.get(serializer_class)
+    if representer is None:
+        representer = _representers.setdefault(serializer_class, serializer_class())
+    data = representer.to_representation(job)
+    return {key: value for key, value in data.items() if key not in PUBLIC_FIELDS}
+
+
+def clean_error(error: str) -> str:
+    """The first line of an error, with paths replaced: no traceback, no server layout."""
+    if not error:
+        return error
+    if TRACEBACK_MARKER in error:
+        error = error.split(TRACEBACK_MARKER, 1)[0].strip() or "Error"
+    line = error.strip().splitlines()[0] if error.strip() else ""
+    line = PATH_PATTERN.sub("…", line)
+    if len(line) > ERROR_MAX_LENGTH:
+        line = line[: ERROR_MAX_LENGTH - 1] + "…"
+    return line
+
+
+def parse_datetime(value: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def estimate_finish(snapshot: dict[str, Any], now: datetime.datetime | None = None) -> str | None:
+    """Extrapolate the finish time from the time since ``started_at`` and the percentage."""
+    percentage = snapshot.get("progress_percentage") or 0
+    started_at = snapshot.get("started_at")
+    if snapshot.get("state") != JobState.STARTED or not started_at or not 0 < percentage < 100:
+        return None
+    started = parse_datetime(started_at)
+    now = now or datetime.datetime.now(datetime.UTC)
+    elapsed = now - started
+    if elapsed.total_seconds() < 0:
+        return None
+    return isoformat(started + elapsed * (100 / percentage))
+
+
+def public_job(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The job object of the API, from a snapshot: public keys, ETA, then the type's fields."""
+    data = {key: snapshot.get(key) for key in PUBLIC_FIELDS}
+    data["error"] = clean_error(data["error"] or "")
+    data["eta"] = estimate_finish(snapshot)
+    fields = snapshot.get("fields")
+    if fields:
+        for key, value in fields.items():
+            data.setdefault(key, value)
+    return data
+
+
+def is_final(snapshot: dict[str, Any]) -> bool:
+    return snapshot.get("state") in FINAL_STATES

@@ -1,16 +1,25 @@
+"""The job endpoints: list, create, detail, cancel. The event stream is in ``events.py``."""
+
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-from django.db.models import QuerySet
-from rest_framework import mixins, permissions, status, viewsets
+from django.dispatch import receiver
+from django.utils.functional import cached_property
+from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from task_ferry.api.serializers import JobCreateSerializer, JobSerializer
+from task_ferry import signals
+from task_ferry.api.pagination import JobPagination
+from task_ferry.api.permissions import IsJobOwner, get_permission_class
+from task_ferry.api.serializers import JobSerializer, public_job, type_serializer_class
 from task_ferry.exceptions import (
     InvalidJobValues,
     JobDoesNotExist,
@@ -19,60 +28,205 @@ from task_ferry.exceptions import (
     ProgressStoreUnavailable,
 )
 from task_ferry.handler import JobHandler, parse_job_id
-from task_ferry.models import Job
-from task_ferry.snapshot import PUBLIC_FIELDS
+from task_ferry.models import ENDED_STATES, LIVE_STATES, Job, JobQuerySet, JobState
+from task_ferry.registry import JobType, job_type_registry
+from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 
+__all__ = ["JobViewSet"]
 
-class JobViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Job]):
+STATE_GROUPS: dict[str, tuple[str, ...]] = {
+    "live": tuple(str(s) for s in LIVE_STATES),
+    "ended": tuple(str(s) for s in ENDED_STATES),
+    **{str(s): (str(s),) for s in JobState},
+}
+# Keyword names of create_and_start itself, which job values cannot use.
+RESERVED_VALUE_NAMES = frozenset({"user", "job_type_name"})
+
+_created_jobs: ContextVar[list[Job] | None] = ContextVar("task_ferry_created_jobs", default=None)
+
+
+@receiver(signals.job_created)
+def _remember_created_job(sender: Any, job: Job, **kwargs: Any) -> None:
+    created = _created_jobs.get()
+    if created is not None:
+        created.append(job)
+
+
+@contextmanager
+def capture_created_jobs() -> Iterator[list[Job]]:
+    """Collect the jobs created in this context, to answer with a job whose run raised."""
+    created: list[Job] = []
+    token = _created_jobs.set(created)
+    try:
+        yield created
+    finally:
+        _created_jobs.reset(token)
+
+
+def job_paths() -> dict[str, str]:
+    """For each registered type, the ``select_related`` path from ``Job`` to its own model."""
+    paths: dict[str, str] = {}
+    for job_type in job_type_registry:
+        steps: list[str] = []
+        model: Any = job_type.model_class
+        while model is not Job:
+            parent = next((p for p in model._meta.parents if issubclass(p, Job)), None)
+            if parent is None:
+                break
+            link = model._meta.parents[parent]
+            steps.append(link.remote_field.get_accessor_name())
+            model = parent
+        if model is Job and steps:
+            paths[job_type.type] = "__".join(reversed(steps))
+    return paths
+
+
+def specific_from_joined(job: Job, paths: dict[str, str]) -> Job:
+    """The job as its type's model, from the rows ``select_related(*paths)`` joined in."""
+    path = paths.get(job.type)
+    if path is None:
+        return job
+    specific: Any = job
+    for step in path.split("__"):
+        specific = getattr(specific, step, None)
+        if specific is None:
+            return job
+    result: Job = specific
+    return result
+
+
+def parse_choices(request: Request, name: str, allowed: Mapping[str, Any]) -> list[str]:
+    """Values of a repeatable, comma-separable query parameter; 400 for an unknown one."""
+    values = [v.strip() for raw in request.query_params.getlist(name) for v in raw.split(",")]
+    values = [v for v in values if v]
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ValidationError(
+            {
+                name: [
+                    f"Unknown {name} {', '.join(repr(v) for v in unknown)}. "
+                    f"Choose from: {', '.join(sorted(allowed))}."
+                ]
+            }
+        )
+    return values
+
+
+class JobViewSet(viewsets.GenericViewSet[Job]):
     """The caller's jobs: list, create, detail (live from the progress store) and cancel."""
 
     serializer_class = JobSerializer
-    permission_classes = [permissions.IsAuthenticated]
+    pagination_class = JobPagination
+    lookup_value_regex = "[^/]+"
 
-    def get_queryset(self) -> QuerySet[Job]:
-        queryset: QuerySet[Job] = JobHandler.get_jobs_for_user(self.request.user)
+    def get_permissions(self) -> list[BasePermission]:
+        return [get_permission_class()()]
+
+    @cached_property
+    def policy(self) -> IsJobOwner:
+        permission = self.get_permissions()[0]
+        assert isinstance(permission, IsJobOwner)
+        return permission
+
+    def get_queryset(self) -> JobQuerySet:
+        queryset: JobQuerySet = Job.objects.order_by("-created_at", "-id")
+        return self.policy.visible_jobs(self.request, queryset)
+
+    def filter_queryset(self, queryset: Any) -> Any:
+        states = parse_choices(self.request, "state", STATE_GROUPS)
+        if states:
+            queryset = queryset.filter(state__in={s for g in states for s in STATE_GROUPS[g]})
+        types = parse_choices(self.request, "type", {n: n for n in job_type_registry.names()})
+        if types:
+            queryset = queryset.filter(type__in=types)
         return queryset
 
-    def retrieve(self, request: Request, pk: str | None = None) -> Response:
-        job_id = self._parse_id(pk)
+    def list(self, request: Request) -> Response:
+        paths = job_paths()
+        queryset = self.filter_queryset(self.get_queryset()).select_related(*paths.values())
+        page = self.paginate_queryset(queryset)
+        jobs = [specific_from_joined(job, paths) for job in page or []]
+        live_ids = [job.pk for job in jobs if job.is_live]
         try:
-            snapshot = get_store().read(job_id)
+            live = get_store().read_many(live_ids) if live_ids else {}
         except ProgressStoreUnavailable:
-            snapshot = None
-        if snapshot is not None and snapshot.get("user_id") == request.user.pk:
-            return Response({key: snapshot[key] for key in PUBLIC_FIELDS})
-        job = self._get_job(job_id)
-        return Response(self.get_serializer(job).data)
+            live = {}
+        results = []
+        for job in jobs:
+            snapshot = job_snapshot(job)
+            snapshot.update(live.get(job.pk, {}))
+            results.append(public_job(snapshot))
+        return self.get_paginated_response(results)
+
+    def retrieve(self, request: Request, pk: str | None = None) -> Response:
+        snapshot = visible_snapshot(self.policy, request, self._parse_id(pk), pk)
+        return Response(public_job(snapshot))
 
     def create(self, request: Request) -> Response:
         data = request.data
         if not isinstance(data, Mapping):
-            raise ValidationError({"non_field_errors": ["Expected a JSON object."]})
-        type_serializer = JobCreateSerializer(data=data)
-        type_serializer.is_valid(raise_exception=True)
-        values = {k: v for k, v in data.items() if k != "type"}
-        try:
-            job = JobHandler.create_and_start(
-                request.user, type_serializer.validated_data["type"], **values
+            raise ValidationError(
+                {"non_field_errors": ['Send a JSON object: {"type": ..., ...values}.']}
             )
-        except JobTypeDoesNotExist as exc:
-            raise ValidationError({"type": [str(exc)]}) from exc
-        except InvalidJobValues as exc:
-            raise ValidationError(exc.errors or {"non_field_errors": [str(exc)]}) from exc
-        except MaxJobCountExceeded as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_429_TOO_MANY_REQUESTS)
-        return Response(self.get_serializer(job).data, status=status.HTTP_201_CREATED)
+        job_type = self._job_type(data.get("type"))
+        values = {key: data[key] for key in data if key != "type"}
+        reserved = sorted(RESERVED_VALUE_NAMES & set(values))
+        if reserved:
+            raise ValidationError({name: ["Unknown field."] for name in reserved})
+        serializer = type_serializer_class(job_type)(
+            data=values, context=self.get_serializer_context()
+        )
+        serializer.is_valid(raise_exception=True)
+        extras = {key: value for key, value in values.items() if key not in serializer.fields}
+        with capture_created_jobs() as created:
+            try:
+                job = JobHandler.create_and_start(
+                    request.user, job_type.type, **serializer.validated_data, **extras
+                )
+            except InvalidJobValues as exc:
+                raise ValidationError(exc.errors or {"non_field_errors": [str(exc)]}) from exc
+            except MaxJobCountExceeded as exc:
+                return Response(
+                    {
+                        "detail": str(exc),
+                        "code": "max_job_count_exceeded",
+                        "type": exc.job_type_name,
+                        "max_count": exc.max_count,
+                    },
+                    status=status.HTTP_429_TOO_MANY_REQUESTS,
+                )
+            except Exception:
+                # An executor that runs the job inline re-raises its error; the job is saved
+                # and marked failed, which is what the client should see.
+                if not created:
+                    raise
+                job = created[0]
+        return Response(public_job(newest_snapshot(job)), status=status.HTTP_201_CREATED)
 
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
+        job = self._get_job(self._parse_id(pk), pk)
+        if not self.policy.can_cancel(request, job):
+            raise NotFound(str(JobDoesNotExist(pk)))
         try:
-            job = JobHandler.cancel(request.user, self._parse_id(pk))
+            job = JobHandler.cancel_job(job)
         except ProgressStoreUnavailable as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        except JobDoesNotExist as exc:
-            raise NotFound(str(exc)) from exc
-        return Response(self.get_serializer(job).data)
+            return Response(
+                {"detail": f"The cancel request could not be delivered; try again. ({exc})"},
+                status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            )
+        return Response(public_job(job_snapshot(job)))
+
+    def _job_type(self, name: Any) -> JobType:
+        if name is None or name == "":
+            raise ValidationError({"type": ["This field is required."]})
+        allowed = [t for t in job_type_registry if self.policy.can_create(self.request, t)]
+        for job_type in allowed:
+            if job_type.type == name:
+                return job_type
+        message = str(JobTypeDoesNotExist(str(name), [t.type for t in allowed]))
+        raise ValidationError({"type": [message]})
 
     @staticmethod
     def _parse_id(pk: Any) -> int:
@@ -81,8 +235,45 @@ class JobViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Job]):
         except JobDoesNotExist as exc:
             raise NotFound(str(exc)) from exc
 
-    def _get_job(self, job_id: int) -> Job:
-        try:
-            return JobHandler.get_job(self.request.user, job_id)
-        except JobDoesNotExist as exc:
-            raise NotFound(str(exc)) from exc
+    def _get_job(self, job_id: int, pk: Any) -> Job:
+        return visible_job(self.policy, self.request, job_id, pk)
+
+
+def visible_job(policy: IsJobOwner, request: Request, job_id: int, pk: Any) -> Job:
+    """The job as its type's model if ``policy`` lets the user see it, in one query; else 404."""
+    paths = job_paths()
+    queryset = policy.visible_jobs(request, Job.objects.all())
+    job = queryset.select_related(*paths.values()).filter(pk=job_id).first()
+    if job is None or not policy.can_view(request, job.user_id):
+        raise NotFound(str(JobDoesNotExist(pk)))
+    specific = specific_from_joined(job, paths)
+    if specific is job and job.type in paths:
+        specific = job.specific
+    return specific
+
+
+def newest_snapshot(job: Job) -> dict[str, Any]:
+    """The store's snapshot of ``job`` if complete (a run may have changed the job since this
+    instance was loaded), else the instance's own."""
+    try:
+        snapshot = get_store().read(job.pk)
+    except ProgressStoreUnavailable:
+        snapshot = None
+    if snapshot is not None and "fields" in snapshot:
+        return snapshot
+    return job_snapshot(job)
+
+
+def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any) -> dict[str, Any]:
+    """The job's snapshot, from the progress store when it has a complete one (no job query),
+    else built from the row; 404 if ``policy`` hides the job from the user."""
+    try:
+        snapshot = get_store().read(job_id)
+    except ProgressStoreUnavailable:
+        snapshot = None
+    # A snapshot without the type's fields predates them: the row is complete.
+    if snapshot is not None and "fields" in snapshot:
+        if not policy.can_view(request, snapshot.get("user_id")):
+            raise NotFound(str(JobDoesNotExist(pk)))
+        return snapshot
+    return job_snapshot(visible_job(policy, request, job_id, pk))

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler, transition
-from task_ferry.models import Heartbeat, Job, JobState
+from task_ferry.models import Job, JobState
 from tests.reliability.helpers import hook_calls, start_lost_job, state_of
 
 pytestmark = pytest.mark.django_db
@@ -29,7 +29,6 @@ def test_lapsed_heartbeat_fails_job_as_worker_lost(queueing, user):
     assert "worker lost" in job.human_readable_error
     assert job.finished_at is not None
     assert hook_calls(job, "on_error") == 1
-    assert not Heartbeat.objects.filter(job_id=job.pk).exists()
 
 
 def test_second_sweep_changes_nothing_and_calls_no_hook_again(queueing, user):
@@ -71,14 +70,20 @@ def test_timeout_is_the_heartbeat_timeout_setting(queueing, ferry, user):
     assert "20 seconds" in Job.objects.get(pk=job.pk).human_readable_error
 
 
-def test_job_running_without_heartbeat_is_never_judged_lost(queueing, ferry, user):
-    # In-process runs (ImmediateExecutor) have no heartbeat row; they are not the sweep's business.
-    job = JobHandler.create_and_start(user, "scripted")
-    transition(job, JobState.STARTED, from_states=[JobState.PENDING])
-    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - datetime.timedelta(days=1))
+def test_job_whose_worker_died_before_its_first_beat_is_failed_after_the_timeout(
+    queueing, ferry, user
+):
+    # Jobs beat within HEARTBEAT_INTERVAL of their start; short jobs never need to.
+    ferry(HEARTBEAT_TIMEOUT=60)
+    died = JobHandler.create_and_start(user, "scripted")
+    transition(died, JobState.STARTED, from_states=[JobState.PENDING])
+    Job.objects.filter(pk=died.pk).update(started_at=timezone.now() - datetime.timedelta(hours=1))
+    just_started = JobHandler.create_and_start(None, "scripted")
+    transition(just_started, JobState.STARTED, from_states=[JobState.PENDING])
 
-    assert JobHandler.sweep_stale_jobs() == 0
-    assert state_of(job) == "started"
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert state_of(died) == "failed"
+    assert state_of(just_started) == "started"
 
 
 def test_pending_job_older_than_pending_timeout_is_failed(queueing, ferry, user):

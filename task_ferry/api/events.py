@@ -1,0 +1,200 @@
+"""``GET /<id>/events/``: a job's changes as Server-Sent Events, pushed through Redis pub/sub.
+
+Under ASGI with the Redis progress store, one stream holds one Redis subscription and no
+thread. Under WSGI, or with a store that cannot push, the endpoint answers the current state
+once with a ``retry`` delay, so ``EventSource`` polls by reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from rest_framework.exceptions import NotFound
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.parsers import BaseParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from task_ferry.api.permissions import IsJobOwner, get_permission_class
+from task_ferry.api.serializers import is_final, public_job
+from task_ferry.api.views import visible_snapshot
+from task_ferry.conf import ferry_settings
+from task_ferry.exceptions import JobDoesNotExist
+from task_ferry.handler import parse_job_id
+from task_ferry.stores.base import get_store
+from task_ferry.stores.redis import RedisProgressStore
+
+__all__ = ["job_events"]
+
+logger = logging.getLogger("task_ferry")
+
+# Reconnect delay for a live stream that ended (lifetime over, Redis hiccup), in ms.
+LIVE_RETRY_MS = 1000
+# Reconnect delay of the polling fallback, in ms: the poll interval.
+POLL_RETRY_MS = 2000
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def job_event(snapshot: dict[str, Any]) -> bytes:
+    """The ``job`` event of a snapshot, followed by ``end`` when the job is over."""
+    event = sse_event("job", public_job(snapshot))
+    if is_final(snapshot):
+        event += sse_event("end", {"state": snapshot["state"]})
+    return event
+
+
+def retry_field(milliseconds: int) -> bytes:
+    return f"retry: {milliseconds}\n\n".encode()
+
+
+class FirstRendererNegotiation(BaseContentNegotiation):
+    """``EventSource`` asks for ``text/event-stream``; errors are answered in JSON anyway."""
+
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
+
+    def select_parser(self, request: Request, parsers: Iterable[BaseParser]) -> BaseParser | None:
+        return next(iter(parsers), None)
+
+
+class JobEventsAccess(APIView):
+    """Authenticates the request and finds the job the way the other endpoints do. Answers
+    the DRF error response, or a 200 whose ``snapshot`` attribute is the job's snapshot."""
+
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = FirstRendererNegotiation
+    schema = None
+
+    def get_permissions(self) -> list[Any]:
+        return [get_permission_class()()]
+
+    def get(self, request: Request, pk: str) -> Response:
+        policy: IsJobOwner = self.get_permissions()[0]
+        try:
+            job_id = parse_job_id(pk)
+        except JobDoesNotExist as exc:
+            raise NotFound(str(exc)) from exc
+        response = Response()
+        response.snapshot = visible_snapshot(policy, request, job_id, pk)  # type: ignore[attr-defined]
+        return response
+
+
+_access_view = JobEventsAccess.as_view()
+
+
+def check_access(request: HttpRequest, pk: str) -> tuple[HttpResponseBase | None, Any]:
+    response = _access_view(request, pk=pk)
+    snapshot = getattr(response, "snapshot", None)
+    if snapshot is None:
+        response.render()
+        return response, None
+    return None, snapshot
+
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, redis.asyncio.Redis]]
+_clients = weakref.WeakKeyDictionary()
+
+
+def async_client(url: str) -> redis.asyncio.Redis:
+    """One asyncio Redis client (and connection pool) per event loop and URL."""
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    if url not in per_loop:
+        per_loop[url] = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2.0)
+    return per_loop[url]
+
+
+async def live_events(
+    store: RedisProgressStore, job_id: int, first: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """The stream: current state, then every published snapshot until the job ends."""
+    keepalive = float(ferry_settings.SSE_KEEPALIVE)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + float(ferry_settings.SSE_MAX_DURATION)
+    client = async_client(store.url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        try:
+            await pubsub.subscribe(store.events_channel(job_id))
+            # Read after subscribing, so no change falls between the two.
+            last_raw = await client.get(store.snapshot_key(job_id))
+        except redis.RedisError as exc:
+            logger.warning("Job %s: event stream without Redis: %s", job_id, exc)
+            yield retry_field(POLL_RETRY_MS) + job_event(first)
+            return
+        snapshot = first if last_raw is None else json.loads(last_raw)
+        yield retry_field(LIVE_RETRY_MS) + job_event(snapshot)
+        if is_final(snapshot):
+            return
+        next_keepalive = loop.time() + keepalive
+        while (now := loop.time()) < deadline:
+            if now >= next_keepalive:
+                yield KEEPALIVE
+                next_keepalive = now + keepalive
+            try:
+                message = await pubsub.get_message(timeout=min(next_keepalive, deadline) - now)
+            except redis.RedisError as exc:
+                logger.warning("Job %s: event stream lost Redis: %s", job_id, exc)
+                return
+            # None: a timeout, or a subscribe confirmation.
+            if message is None:
+                continue
+            raw = message["data"]
+            # The snapshot read after subscribing may also arrive as a message.
+            if raw == last_raw:
+                continue
+            last_raw = raw
+            snapshot = json.loads(raw)
+            yield job_event(snapshot)
+            next_keepalive = loop.time() + keepalive
+            if is_final(snapshot):
+                return
+    finally:
+        try:
+            await pubsub.aclose()
+        except (redis.RedisError, RuntimeError, OSError):
+            logger.debug("Job %s: closing the event subscription failed", job_id)
+
+
+def event_stream_response(content: Any, mode: str) -> HttpResponseBase:
+    response_class = StreamingHttpResponse if mode == "live" else HttpResponse
+    response: HttpResponseBase = response_class(content, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    # Keep nginx from buffering the stream.
+    response["X-Accel-Buffering"] = "no"
+    response["X-Task-Ferry-Stream"] = mode
+    return response
+
+
+async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
+    """``GET /<id>/events/``. See docs/api.md for the event format."""
+    error, snapshot = await sync_to_async(check_access)(request, pk)
+    if error is not None:
+        return error
+    store = get_store()
+    if (
+        isinstance(request, ASGIRequest)
+        and isinstance(store, RedisProgressStore)
+        and not is_final(snapshot)
+    ):
+        return event_stream_response(live_events(store, snapshot["id"], snapshot), "live")
+    retry = POLL_RETRY_MS if not is_final(snapshot) else LIVE_RETRY_MS
+    return event_stream_response(retry_field(retry) + job_event(snapshot), "poll")

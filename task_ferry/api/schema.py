@@ -1,0 +1,218 @@
+"""The OpenAPI description of the job API, through drf-spectacular (an optional dependency:
+import this module only when it is installed).
+
+Each registered job type gets its own components, ``<Type>Job`` for responses and
+``<Type>JobCreate`` for ``POST /``, joined with ``oneOf`` and a discriminator on ``type``.
+Importing this module registers an extension, so a project-wide spectacular schema describes
+the job views the same way; ``JobSchemaView`` serves the job API's schema on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiViewExtension
+from drf_spectacular.generators import SchemaGenerator
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema_field,
+    inline_serializer,
+)
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework import serializers
+
+from task_ferry.api.serializers import JobSerializer, type_serializer_class
+from task_ferry.models import JobState
+from task_ferry.registry import JobType, job_type_registry
+
+__all__ = ["JobAutoSchema", "JobSchemaView"]
+
+_component_serializers: dict[tuple[str, str, type[Any]], type[serializers.Serializer[Any]]] = {}
+
+
+def camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.replace("-", "_").split("_"))
+
+
+def _component(job_type: JobType, direction: str) -> type[serializers.Serializer[Any]]:
+    """A plain serializer of one type's job object (``response``) or create body (``request``)."""
+    type_serializer = type_serializer_class(job_type)
+    key = (job_type.type, direction, type_serializer)
+    if key not in _component_serializers:
+        base_names = set(JobSerializer().fields)
+        attrs: dict[str, Any] = {
+            name: copy.deepcopy(field)
+            for name, field in type_serializer().fields.items()
+            if name not in base_names
+            and not (direction == "request" and field.read_only)
+            and not (direction == "response" and field.write_only)
+        }
+        # A one-value enum, kept out of spectacular's enum components (they would collide).
+        discriminator_class = extend_schema_field(
+            {"type": "string", "allOf": [{"enum": [job_type.type]}]}
+        )(type("TypeNameField", (serializers.CharField,), {}))
+        if direction == "request":
+            attrs["type"] = discriminator_class(help_text="The job type's name.")
+            bases: tuple[type, ...] = (serializers.Serializer,)
+            name = f"{camel(job_type.type)}JobCreateSerializer"
+        else:
+            attrs["type"] = discriminator_class(read_only=True, help_text="The job type's name.")
+            bases = (JobSerializer,)
+            name = f"{camel(job_type.type)}JobSerializer"
+        attrs["__module__"] = __name__
+        _component_serializers[key] = type(name, bases, attrs)
+    return _component_serializers[key]
+
+
+def _polymorphic(component_name: str, direction: str, **kwargs: Any) -> PolymorphicProxySerializer:
+    def per_type() -> dict[str, serializers.Serializer[Any] | type[serializers.Serializer[Any]]]:
+        return {t.type: _component(t, direction) for t in job_type_registry}
+
+    return PolymorphicProxySerializer(
+        component_name=component_name,
+        serializers=per_type,
+        resource_type_field_name="type",
+        **kwargs,
+    )
+
+
+ERROR = inline_serializer("JobApiError", fields={"detail": serializers.CharField()})
+FIELD_ERRORS = OpenApiResponse(
+    OpenApiTypes.OBJECT,
+    description="Field errors in DRF's shape: field name (or non_field_errors) to messages.",
+)
+TOO_MANY = inline_serializer(
+    "JobLimitReached",
+    fields={
+        "detail": serializers.CharField(),
+        "code": serializers.ChoiceField(choices=["max_job_count_exceeded"]),
+        "type": serializers.CharField(),
+        "max_count": serializers.IntegerField(),
+    },
+)
+UNAUTHENTICATED = {
+    401: OpenApiResponse(ERROR, description="Not authenticated (token or basic auth)."),
+    403: OpenApiResponse(ERROR, description="Not authenticated (session auth)."),
+}
+NOT_FOUND = {404: OpenApiResponse(ERROR, description="No such job visible to the caller.")}
+
+
+def list_parameters() -> list[OpenApiParameter]:
+    states = sorted({str(s) for s in JobState} | {"live", "ended"})
+    return [
+        OpenApiParameter(
+            "state",
+            {"type": "array", "items": {"type": "string", "enum": states}},
+            description="Only jobs in these states; repeat or separate with commas.",
+            explode=True,
+        ),
+        OpenApiParameter(
+            "type",
+            {"type": "array", "items": {"type": "string", "enum": job_type_registry.names()}},
+            description="Only jobs of these types; repeat or separate with commas.",
+            explode=True,
+        ),
+    ]
+
+
+class JobAutoSchema(AutoSchema):
+    """Per-action requests and responses: the registry is only filled once Django is ready,
+    so they are built when the schema is generated."""
+
+    def _action(self) -> str:
+        return str(getattr(self.view, "action", ""))
+
+    def get_override_parameters(self) -> list[Any]:
+        parameters = list(super().get_override_parameters())
+        if self._action() == "list":
+            parameters += list_parameters()
+        return parameters
+
+    def get_operation_id(self) -> str:
+        return f"jobs_{self._action()}"
+
+    def get_tags(self) -> list[str]:
+        return ["jobs"]
+
+    def get_summary(self) -> str | None:
+        return SUMMARIES.get(self._action())
+
+    def get_request_serializer(self) -> Any:
+        action = self._action()
+        if action == "create":
+            return _polymorphic("JobCreate", "request")
+        if action == "cancel":
+            return None
+        return super().get_request_serializer()
+
+    def get_response_serializers(self) -> Any:
+        action = self._action()
+        job = _polymorphic("Job", "response")
+        if action == "list":
+            return {
+                200: _polymorphic("Job", "response", many=True),
+                400: FIELD_ERRORS,
+                **UNAUTHENTICATED,
+            }
+        if action == "create":
+            return {
+                201: job,
+                400: FIELD_ERRORS,
+                **UNAUTHENTICATED,
+                429: OpenApiResponse(TOO_MANY, description="The type's max_count is reached."),
+            }
+        if action == "retrieve":
+            return {200: job, **UNAUTHENTICATED, **NOT_FOUND}
+        if action == "cancel":
+            return {
+                200: job,
+                **UNAUTHENTICATED,
+                **NOT_FOUND,
+                503: OpenApiResponse(ERROR, description="The progress store is unreachable."),
+            }
+        return super().get_response_serializers()
+
+
+SUMMARIES = {
+    "list": "The caller's jobs, newest first",
+    "create": "Create and start a job",
+    "retrieve": "One job, live from the progress store",
+    "cancel": "Cancel a job",
+}
+
+
+class JobViewSetExtension(OpenApiViewExtension):
+    """Gives the job views a spectacular schema whatever DEFAULT_SCHEMA_CLASS says."""
+
+    target_class = "task_ferry.api.views.JobViewSet"
+
+    def view_replacement(self) -> type[Any]:
+        target: Any = self.target_class
+        return type(target.__name__, (target,), {"schema": JobAutoSchema()})
+
+
+class JobSchemaGenerator(SchemaGenerator):
+    """Describes the job endpoints only, at the paths they are mounted on."""
+
+    def _get_paths_and_endpoints(self) -> list[tuple[str, str, str, Any]]:
+        from task_ferry.api.views import JobViewSet
+
+        endpoints: list[tuple[str, str, str, Any]] = super()._get_paths_and_endpoints()
+        return [e for e in endpoints if isinstance(e[3], JobViewSet)]
+
+    def get_schema(self, request: Any = None, public: bool = False) -> dict[str, Any]:
+        schema: dict[str, Any] = super().get_schema(request, public)
+        schema["info"]["title"] = schema["info"].get("title") or "Task ferry jobs API"
+        schema["info"]["version"] = schema["info"].get("version") or "1"
+        return schema
+
+
+class JobSchemaView(SpectacularAPIView):
+    """``GET schema/``: the OpenAPI schema of the job API alone."""
+
+    generator_class = JobSchemaGenerator

@@ -1,0 +1,62 @@
+import datetime
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from task_ferry.executors.immediate import ImmediateExecutor
+from task_ferry.handler import JobHandler, publish, transition
+from task_ferry.models import JobState
+from task_ferry.stores.base import get_store
+
+needs_redis = pytest.mark.skipif(
+    not settings.TASK_FERRY.get("REDIS_URL"), reason="needs the Redis progress store"
+)
+
+
+@pytest.fixture
+def hold(monkeypatch):
+    """Jobs stay pending: the executor takes nothing."""
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+
+
+@pytest.fixture
+def store():
+    return get_store()
+
+
+@pytest.fixture
+def staff(db):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user("carol", password="pw", is_staff=True)
+
+
+@pytest.fixture
+def session_api(user):
+    """A client logged in through the session, as a browser is."""
+    client = APIClient()
+    client.force_login(user)
+    return client
+
+
+def client_for(user):
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def start(job, *, percentage=0, label="", started_ago=0.0):
+    """Move a pending job to started as a worker would, and publish its progress."""
+    assert transition(job, JobState.STARTED, from_states=[JobState.PENDING])
+    if started_ago:
+        job.started_at = timezone.now() - datetime.timedelta(seconds=started_ago)
+    job.progress_percentage = percentage
+    job.progress_state = label
+    publish(job)
+    return job
+
+
+def create(user, type_name="scripted", **values):
+    return JobHandler.create_and_start(user, type_name, **values)

@@ -1,0 +1,212 @@
+"""``GET /<id>/events/``: Server-Sent Events under ASGI, the polling fallback under WSGI."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+from asgiref.sync import sync_to_async
+from django.conf import settings as django_settings
+from django.db import connection
+from django.test import AsyncClient, Client
+
+from task_ferry.handler import JobHandler
+from task_ferry.snapshot import job_snapshot
+from tests.api.conftest import create, needs_redis, start
+from tests.api.live import uvicorn_server
+
+
+def parse_events(text):
+    """SSE text to a list of (event name or comment or retry, payload)."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block:
+            continue
+        if block.startswith(":"):
+            events.append(("comment", block[1:].strip()))
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        if "retry" in fields:
+            events.append(("retry", int(fields["retry"])))
+        else:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def url(job):
+    return f"/api/jobs/{job.pk}/events/"
+
+
+def test_under_wsgi_the_stream_answers_once_and_polls_by_retry(user, hold):
+    client = Client()
+    client.force_login(user)
+    job = start(create(user, steps=4), percentage=50, label="half")
+    response = client.get(url(job), HTTP_ACCEPT="text/event-stream")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    assert response["X-Task-Ferry-Stream"] == "poll"
+    assert response["Cache-Control"] == "no-cache"
+    events = parse_events(response.content.decode())
+    assert events[0] == ("retry", 2000)
+    name, data = events[1]
+    assert name == "job"
+    assert (data["id"], data["state"], data["progress_percentage"]) == (job.pk, "started", 50)
+    assert data["steps"] == 4 and "user_id" not in data and "fields" not in data
+    assert len(events) == 2
+
+
+def test_the_stream_of_an_ended_job_sends_its_final_state_and_end(user):
+    client = Client()
+    client.force_login(user)
+    job = create(user, steps=2)
+    events = parse_events(client.get(url(job)).content.decode())
+    assert [name for name, _ in events] == ["retry", "job", "end"]
+    assert events[1][1]["state"] == "finished"
+    assert events[2][1] == {"state": "finished"}
+
+
+def run_async(scenario, timeout=15):
+    """Run a scenario with Django's AsyncClient, closing the DB connection its sync thread
+    opened (the test client keeps Django from closing it at request end)."""
+
+    async def wrapped():
+        try:
+            return await asyncio.wait_for(scenario(), timeout)
+        finally:
+            await sync_to_async(lambda: connection.close())()
+
+    return asyncio.run(wrapped())
+
+
+async def read_until_closed(response, *, timeout=10.0):
+    chunks = []
+
+    async def consume():
+        async for chunk in response.streaming_content:
+            chunks.append(chunk.decode())
+
+    await asyncio.wait_for(consume(), timeout)
+    return "".join(chunks)
+
+
+@needs_redis
+def test_under_asgi_every_change_is_pushed_until_the_end(transactional_db, user, store, hold):
+    job = start(create(user, steps=4))
+    changes = []
+    for step in range(1, 5):
+        snapshot = job_snapshot(job)
+        snapshot.update(progress_percentage=step * 25, progress_state=f"step {step}")
+        changes.append(snapshot)
+    changes[-1]["state"] = "finished"
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.get(url(job))
+        assert response.status_code == 200
+        assert response["X-Task-Ferry-Stream"] == "live"
+        stream = response.streaming_content
+        first = (await anext(stream)).decode()
+        for change in changes:
+            store.write(job.pk, change)
+        rest = []
+        async for chunk in stream:
+            rest.append(chunk.decode())
+        return first, "".join(rest)
+
+    first, rest = run_async(scenario)
+    head = parse_events(first)
+    assert head[0] == ("retry", 1000)
+    assert head[1][0] == "job" and head[1][1]["state"] == "started"
+    events = parse_events(rest)
+    assert [(n, d.get("progress_percentage")) for n, d in events] == [
+        ("job", 25),
+        ("job", 50),
+        ("job", 75),
+        ("job", 100),
+        ("end", None),
+    ]
+    assert events[3][1]["state"] == "finished" and events[4][1] == {"state": "finished"}
+    assert events[0][1]["progress_state"] == "step 1" and events[0][1]["steps"] == 4
+
+
+@needs_redis
+def test_the_stream_sends_keep_alives_and_closes_after_its_lifetime(
+    transactional_db, user, hold, settings
+):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_KEEPALIVE": 0.1, "SSE_MAX_DURATION": 0.6}
+    job = start(create(user, steps=4))
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.get(url(job))
+        began = time.monotonic()
+        text = await read_until_closed(response)
+        return text, time.monotonic() - began
+
+    text, took = run_async(scenario)
+    events = parse_events(text)
+    assert [n for n, _ in events[:2]] == ["retry", "job"]
+    assert events[2:] and all(e == ("comment", "keep-alive") for e in events[2:])
+    assert len(events[2:]) >= 3
+    assert 0.5 <= took < 3
+
+
+@needs_redis
+def test_under_asgi_others_and_anonymous_get_json_errors(transactional_db, user, other_user, hold):
+    job = start(create(other_user, steps=4))
+
+    async def scenario():
+        mine = AsyncClient()
+        await mine.aforce_login(user)
+        return await mine.get(url(job)), await AsyncClient().get(url(job))
+
+    foreign, anonymous = run_async(scenario)
+    assert foreign.status_code == 404 and "detail" in foreign.json()
+    assert anonymous.status_code == 403 and "detail" in anonymous.json()
+
+
+def run_in_thread(job_id):
+    try:
+        JobHandler.run_job(job_id)
+    finally:
+        connection.close()
+
+
+@needs_redis
+@pytest.mark.worker
+def test_uvicorn_streams_every_published_change_of_a_running_job(transactional_db, user, hold):
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[django_settings.SESSION_COOKIE_NAME].value
+    job = JobHandler.create_and_start(user, "scripted", steps=6, tick_delay=0.15)
+    with uvicorn_server(DJANGO_SETTINGS_MODULE="tests.settings_live") as base:
+        # Everything the worker publishes, as Redis delivers it, to compare with.
+        channel = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"]).pubsub()
+        channel.subscribe(f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:{job.pk}")
+        received = []
+        http = httpx.Client(base_url=base, cookies={"sessionid": cookie}, timeout=20)
+        with http, http.stream("GET", url(job)) as response:
+            assert response.status_code == 200
+            assert response.headers["x-task-ferry-stream"] == "live"
+            chunks = response.iter_text()
+            received.append(next(chunks))
+            runner = threading.Thread(target=run_in_thread, args=(job.pk,))
+            runner.start()
+            received.extend(chunks)
+            runner.join()
+        published = []
+        while (message := channel.get_message(timeout=0.5)) is not None:
+            if message["type"] == "message":
+                published.append(json.loads(message["data"]))
+        channel.close()
+    events = parse_events("".join(received))
+    states = [(d["state"], d["progress_percentage"]) for n, d in events if n == "job"]
+    assert states[0] == ("pending", 0)
+    assert states[1:] == [(p["state"], p["progress_percentage"]) for p in published]
+    assert ("started", 50) in states and states[-1] == ("finished", 100)
+    assert events[-1] == ("end", {"state": "finished"})

@@ -1,0 +1,165 @@
+"""The OpenAPI schema (drf-spectacular, optional) and a schemathesis run against a live server."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.api.conftest import create, start
+from tests.api.live import ROOT, session_headers, uvicorn_server
+
+schemathesis = pytest.importorskip("schemathesis")
+pytest.importorskip("drf_spectacular")
+
+SCHEMA_URL = "/api/jobs/schema/?format=json"
+
+
+@pytest.fixture
+def schema(api):
+    response = api.get(SCHEMA_URL)
+    assert response.status_code == 200
+    return response.json()
+
+
+def test_schema_has_one_component_per_job_type_with_its_fields(schema):
+    components = schema["components"]["schemas"]
+    export = components["ExportTableJob"]["properties"]
+    assert {"id", "type", "state", "progress_percentage", "eta", "table_id", "output_path"} <= set(
+        export
+    )
+    assert "steps" not in export
+    assert {"steps", "tick_delay", "fail_at", "result"} <= set(
+        components["ScriptedJob"]["properties"]
+    )
+    assert components["ExportTableJobCreate"]["required"] == ["table_id", "type"]
+    assert "id" not in components["ExportTableJobCreate"]["properties"]
+
+
+def test_job_responses_and_create_requests_are_one_of_the_types(schema):
+    components = schema["components"]["schemas"]
+    job = components["Job"]
+    assert job["discriminator"]["propertyName"] == "type"
+    assert job["discriminator"]["mapping"] == {
+        "export_table": "#/components/schemas/ExportTableJob",
+        "limited": "#/components/schemas/LimitedJob",
+        "routed": "#/components/schemas/RoutedJob",
+        "scripted": "#/components/schemas/ScriptedJob",
+    }
+    create = schema["paths"]["/api/jobs/"]["post"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/JobCreate"}
+    assert set(create["responses"]) == {"201", "400", "401", "403", "429"}
+    detail = schema["paths"]["/api/jobs/{id}/"]["get"]["responses"]["200"]
+    assert detail["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Job"}
+    filters = {p["name"]: p for p in schema["paths"]["/api/jobs/"]["get"]["parameters"]}
+    assert filters["type"]["schema"]["items"]["enum"] == [
+        "export_table",
+        "limited",
+        "routed",
+        "scripted",
+    ]
+    assert {"limit", "offset", "state"} <= set(filters)
+
+
+def test_the_api_works_without_drf_spectacular_installed(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["drf_spectacular"] = None  # as if it were not installed
+        import django
+        django.setup()
+        from django.contrib.auth import get_user_model
+        from django.core.management import call_command
+        from rest_framework.test import APIClient
+
+        call_command("migrate", verbosity=0)
+        client = APIClient()
+        client.force_authenticate(get_user_model().objects.create_user("u"))
+        created = client.post("/api/jobs/", {"type": "scripted", "steps": 2}, format="json")
+        assert created.status_code == 201, created.content
+        assert client.get("/api/jobs/").json()["count"] == 1
+        assert client.get("/api/jobs/schema/").status_code == 404
+        assert "drf_spectacular.views" not in sys.modules
+        print("ok")
+        """
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        TASK_FERRY_TEST_DB="sqlite",
+        TASK_FERRY_TEST_STORE="cache",
+        TASK_FERRY_TEST_SQLITE=str(tmp_path / "db.sqlite3"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+CHECK_NAMES = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+)
+EXAMPLES_PER_OPERATION_AND_MODE = 60
+
+
+@pytest.mark.worker
+def test_schemathesis_finds_no_server_error_or_schema_violation(transactional_db, hold):
+    """Every operation, with valid and with invalid inputs, against uvicorn over loopback."""
+    from django.contrib.auth import get_user_model
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi import checks
+
+    owner = get_user_model().objects.create_user("schemathesis")
+    headers = session_headers(owner)
+    # The caller's own jobs, so detail and cancel answer 200 too (from store and database).
+    running = start(create(owner, steps=8), percentage=40, started_ago=5)
+    own_jobs = [running, create(owner, "export_table", table_id=3), create(owner, steps=1)]
+    selected = [not_a_server_error] + [getattr(checks, name) for name in CHECK_NAMES[1:]]
+    cases: dict[str, int] = {}
+
+    def run_cases(operation, label, max_examples, **strategy_kwargs):
+        @given(case=operation.as_strategy(**strategy_kwargs))
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(case):
+            cases[label] = cases.get(label, 0) + 1
+            case.call_and_validate(base_url=base, headers=headers, checks=selected)
+
+        run()
+
+    with uvicorn_server() as base:
+        schema = schemathesis.openapi.from_url(base + SCHEMA_URL)
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert len(operations) == 4
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                run_cases(
+                    operation,
+                    f"{operation.label} ({mode.value})",
+                    EXAMPLES_PER_OPERATION_AND_MODE,
+                    generation_mode=mode,
+                )
+        for job in own_jobs:
+            for operation in operations:
+                if "{id}" in operation.path:
+                    run_cases(
+                        operation,
+                        f"{operation.label} (job {job.pk}, {job.type})",
+                        10,
+                        path_parameters={"id": job.pk},
+                    )
+    print(f"\nschemathesis: {sum(cases.values())} cases", cases)
+    assert all(count >= 10 for count in cases.values()), cases

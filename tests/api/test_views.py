@@ -1,0 +1,354 @@
+"""List, create, detail and cancel, through the URLs a project mounts."""
+
+import datetime
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from rest_framework import serializers
+
+from task_ferry.handler import JobHandler
+from task_ferry.models import Job
+from task_ferry.registry import job_type_registry
+from task_ferry.snapshot import job_snapshot
+from tests.api.conftest import create, needs_redis, start
+from tests.myapp.job_types import ExportJobType
+from tests.testapp.models import ScriptedJob
+
+URL = "/api/jobs/"
+
+
+def _parse(value):
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def ids(response):
+    return [job["id"] for job in response.json()["results"]]
+
+
+# List
+
+
+def test_list_shows_only_the_callers_jobs_newest_first(api, user, other_user, hold):
+    mine = [create(user, steps=1) for _ in range(3)]
+    create(other_user, steps=1)
+    create(None, steps=1)
+    response = api.get(URL)
+    assert response.status_code == 200
+    assert ids(response) == [job.pk for job in reversed(mine)]
+    assert response.json()["count"] == 3
+
+
+def test_list_items_carry_type_and_own_fields(api, user):
+    create(user, "export_table", table_id=1)
+    create(user, steps=2)
+    export, scripted = sorted(api.get(URL).json()["results"], key=lambda j: j["type"])
+    assert export["type"] == "export_table"
+    assert export["table_id"] == 1
+    assert export["output_path"] == "/exports/result.csv"
+    assert "steps" not in export
+    assert scripted["type"] == "scripted"
+    assert scripted["steps"] == 2
+    assert scripted["result"] == "done"
+
+
+def test_list_filters_by_several_states_and_by_type(api, user, hold):
+    pending = create(user, steps=1)
+    cancelled = create(user, steps=1)
+    JobHandler.cancel(user, cancelled.pk)
+    started = start(create(user, steps=1))
+    export = create(user, "export_table", table_id=1)
+
+    assert set(ids(api.get(URL, {"state": ["pending", "cancelled"]}))) == {
+        pending.pk,
+        cancelled.pk,
+        export.pk,
+    }
+    assert set(ids(api.get(URL + "?state=started,cancelled"))) == {started.pk, cancelled.pk}
+    assert set(ids(api.get(URL, {"state": "live"}))) == {pending.pk, started.pk, export.pk}
+    assert ids(api.get(URL, {"state": "ended"})) == [cancelled.pk]
+    assert ids(api.get(URL, {"type": "export_table"})) == [export.pk]
+    assert set(ids(api.get(URL, {"type": "scripted", "state": "pending"}))) == {pending.pk}
+    assert len(ids(api.get(URL, {"type": "export_table,scripted"}))) == 4
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ({"state": "running"}, "state"),
+        ({"type": "nope"}, "type"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "abc"}, "limit"),
+        ({"limit": "201"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+    ],
+)
+def test_list_rejects_bad_query_parameters_by_name(api, user, query, name):
+    response = api.get(URL, query)
+    assert response.status_code == 400
+    assert list(response.json()) == [name]
+
+
+def test_list_paginates_with_limit_and_offset(api, user, hold):
+    jobs = [create(user, steps=1) for _ in range(5)]
+    newest_first = [job.pk for job in reversed(jobs)]
+    first = api.get(URL, {"limit": 2}).json()
+    assert first["count"] == 5
+    assert [j["id"] for j in first["results"]] == newest_first[:2]
+    assert first["previous"] is None
+    second = api.get(first["next"]).json()
+    assert [j["id"] for j in second["results"]] == newest_first[2:4]
+    assert [j["id"] for j in api.get(URL, {"limit": 2, "offset": 4}).json()["results"]] == [
+        newest_first[4]
+    ]
+
+
+def test_a_page_of_fifty_jobs_of_several_types_costs_few_queries(
+    session_api, user, django_assert_max_num_queries
+):
+    for i in range(50):
+        if i % 3 == 0:
+            create(user, "export_table", table_id=1)
+        elif i % 3 == 1:
+            create(user, "limited", label=f"job {i}")
+        else:
+            create(user, steps=1)
+    with django_assert_max_num_queries(5):
+        response = session_api.get(URL, {"limit": 50})
+    results = response.json()["results"]
+    assert len(results) == 50
+    assert {job["type"] for job in results} == {"export_table", "limited", "scripted"}
+    assert all("table_id" in j for j in results if j["type"] == "export_table")
+    assert all(j["label"].startswith("job ") for j in results if j["type"] == "limited")
+    assert all(j["result"] == "done" for j in results if j["type"] == "scripted")
+
+
+def test_list_shows_live_progress_from_the_progress_store(api, user, hold):
+    job = start(create(user, steps=10), percentage=40, label="step 4 of 10")
+    (item,) = api.get(URL).json()["results"]
+    assert item["id"] == job.pk
+    assert (item["state"], item["progress_percentage"], item["progress_state"]) == (
+        "started",
+        40,
+        "step 4 of 10",
+    )
+    assert Job.objects.get(pk=job.pk).progress_percentage == 0
+
+
+# Create
+
+
+def test_create_validates_and_starts_a_job_of_the_type(api, user):
+    response = api.post(URL, {"type": "scripted", "steps": 3}, format="json")
+    assert response.status_code == 201
+    body = response.json()
+    job = ScriptedJob.objects.get(pk=body["id"])
+    assert job.user == user and job.steps == 3
+    assert body["type"] == "scripted"
+    assert body["state"] == "finished"
+    assert body["result"] == "done"
+    assert body["steps"] == 3
+
+
+def test_create_reports_field_errors_in_drfs_shape(api, user):
+    response = api.post(URL, {"type": "scripted", "steps": "many", "fail_at": "x"}, format="json")
+    assert response.status_code == 400
+    assert response.json() == {
+        "steps": ["A valid integer is required."],
+        "fail_at": ["A valid integer is required."],
+    }
+    response = api.post(URL, {"type": "export_table"}, format="json")
+    assert response.json() == {"table_id": ["This field is required."]}
+    assert not Job.objects.exists()
+
+
+def test_create_rejects_fields_the_type_does_not_have(api, user):
+    for body, field in [
+        ({"type": "scripted", "bogus": 1}, "bogus"),
+        ({"type": "scripted", "state": "finished"}, "state"),
+        ({"type": "scripted", "user": 2}, "user"),
+        ({"type": "scripted", "job_type_name": "x"}, "job_type_name"),
+    ]:
+        response = api.post(URL, body, format="json")
+        assert response.status_code == 400, body
+        assert field in response.json()
+    assert not Job.objects.exists()
+
+
+def test_create_needs_a_json_object_with_a_type(api, user):
+    response = api.post(URL, [1, 2], format="json")
+    assert response.status_code == 400
+    assert "JSON object" in response.json()["non_field_errors"][0]
+    response = api.post(URL, {"steps": 1}, format="json")
+    assert response.json() == {"type": ["This field is required."]}
+
+
+def test_create_of_an_unknown_type_lists_the_known_types(api, user):
+    response = api.post(URL, {"type": "exprot_table"}, format="json")
+    assert response.status_code == 400
+    message = response.json()["type"][0]
+    assert "'exprot_table'" in message
+    for name in job_type_registry.names():
+        assert repr(name) in message
+
+
+def test_create_uses_the_types_serializer_class_then_prepare_values(api, user, monkeypatch):
+    class LooseExportSerializer(serializers.Serializer):
+        table_id = serializers.IntegerField(required=False, min_value=1)
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", LooseExportSerializer)
+    response = api.post(URL, {"type": "export_table", "table_id": 0}, format="json")
+    assert response.json() == {"table_id": ["Ensure this value is greater than or equal to 1."]}
+    # Passes the serializer; the README's prepare_values rejects it.
+    response = api.post(URL, {"type": "export_table"}, format="json")
+    assert response.status_code == 400
+    assert response.json() == {"non_field_errors": ["table_id is required"]}
+    response = api.post(URL, {"type": "export_table", "table_id": 2}, format="json")
+    assert response.status_code == 201
+    # The serializer chooses the type's fields in responses too.
+    assert response.json()["table_id"] == 2
+    assert "output_path" not in response.json()
+
+
+def test_create_beyond_max_count_is_429_with_the_limit(api, user, hold):
+    for _ in range(2):
+        assert api.post(URL, {"type": "limited"}, format="json").status_code == 201
+    response = api.post(URL, {"type": "limited"}, format="json")
+    assert response.status_code == 429
+    body = response.json()
+    assert body["code"] == "max_job_count_exceeded"
+    assert body["max_count"] == 2 and body["type"] == "limited"
+    assert "2 unfinished 'limited'" in body["detail"]
+    assert Job.objects.count() == 2
+
+
+def test_create_answers_a_job_that_failed_inline_as_failed(api, user):
+    response = api.post(URL, {"type": "scripted", "fail_at": 1}, format="json")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["state"] == "failed"
+    assert body["human_readable_error"] == "Something went wrong while running this job."
+
+
+# Detail
+
+
+def test_detail_has_the_spec_keys_type_fields_and_times(api, user):
+    job = create(user, "export_table", table_id=3)
+    body = api.get(f"{URL}{job.pk}/").json()
+    assert set(body) == {
+        "id",
+        "type",
+        "state",
+        "progress_percentage",
+        "progress_state",
+        "error",
+        "human_readable_error",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "eta",
+        "table_id",
+        "output_path",
+    }
+    assert body["type"] == "export_table" and body["table_id"] == 3
+    assert body["output_path"] == "/exports/result.csv"
+    assert _parse(body["created_at"]) <= _parse(body["started_at"]) <= _parse(body["finished_at"])
+    assert body["eta"] is None
+
+
+def test_detail_estimates_the_finish_from_progress(api, user, hold):
+    job = start(create(user, steps=4), percentage=25, started_ago=30)
+    body = api.get(f"{URL}{job.pk}/").json()
+    eta = _parse(body["eta"])
+    expected = _parse(body["started_at"]) + datetime.timedelta(seconds=120)
+    assert abs((eta - expected).total_seconds()) < 5
+    job = create(user, steps=4)
+    assert api.get(f"{URL}{job.pk}/").json()["eta"] is None
+
+
+def test_detail_of_a_live_job_makes_no_query(api, user, hold):
+    job = start(create(user, steps=10), percentage=30, label="step 3 of 10")
+    with CaptureQueriesContext(connection) as queries:
+        response = api.get(f"{URL}{job.pk}/")
+    assert len(queries) == 0, [q["sql"] for q in queries]
+    body = response.json()
+    assert (body["state"], body["progress_percentage"], body["progress_state"]) == (
+        "started",
+        30,
+        "step 3 of 10",
+    )
+    assert body["steps"] == 10 and body["tick_delay"] == 0
+
+
+def test_detail_with_session_auth_queries_only_session_and_user(session_api, user, hold):
+    job = start(create(user, steps=10), percentage=30)
+    with CaptureQueriesContext(connection) as queries:
+        assert session_api.get(f"{URL}{job.pk}/").status_code == 200
+    tables = " ".join(q["sql"] for q in queries)
+    assert "task_ferry_job" not in tables and "testapp_" not in tables
+    assert len(queries) <= 2
+
+
+def test_the_snapshot_carries_the_types_fields(user, store, hold):
+    job = create(user, "export_table", table_id=7)
+    assert store.read(job.pk)["fields"] == {"table_id": 7, "output_path": ""}
+
+
+def test_detail_falls_back_to_the_database_when_the_store_has_no_snapshot(api, user, store, hold):
+    job = create(user, steps=5)
+    store.delete([job.pk])
+    body = api.get(f"{URL}{job.pk}/").json()
+    assert body["id"] == job.pk and body["state"] == "pending" and body["steps"] == 5
+    # A snapshot written before snapshots carried fields is not trusted.
+    stale = job_snapshot(job)
+    del stale["fields"]
+    store.write(job.pk, stale)
+    assert api.get(f"{URL}{job.pk}/").json()["steps"] == 5
+
+
+# Cancel
+
+
+def test_cancel_a_pending_job(api, user, hold):
+    job = create(user, steps=5)
+    response = api.post(f"{URL}{job.pk}/cancel/")
+    assert response.status_code == 200
+    assert response.json()["state"] == "cancelled"
+    assert Job.objects.get(pk=job.pk).state == "cancelled"
+
+
+def test_cancel_a_running_job_asks_it_to_stop(api, user, store, hold):
+    job = start(create(user, steps=5))
+    response = api.post(f"{URL}{job.pk}/cancel/")
+    assert response.status_code == 200
+    assert response.json()["state"] == "started"
+    assert store.is_cancel_requested(job.pk)
+
+
+def test_cancel_an_ended_job_changes_nothing(api, user):
+    job = create(user, steps=1)
+    response = api.post(f"{URL}{job.pk}/cancel/")
+    assert response.status_code == 200
+    assert response.json()["state"] == "finished"
+    assert Job.objects.get(pk=job.pk).state == "finished"
+
+
+@needs_redis
+def test_cancel_while_the_store_is_unreachable_is_503(api, user, hold, settings):
+    job = start(create(user, steps=5))
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    response = api.post(f"{URL}{job.pk}/cancel/")
+    assert response.status_code == 503
+    assert "try again" in response.json()["detail"]
+    # The detail still answers, from the database.
+    assert api.get(f"{URL}{job.pk}/").json()["state"] == "started"
+
+
+def test_create_with_session_auth_respects_max_count(session_api, user, hold):
+    # request.user is then a lazy proxy, not a User instance.
+    for _ in range(2):
+        response = session_api.post(URL, {"type": "limited"}, format="json")
+        assert response.status_code == 201
+    assert session_api.post(URL, {"type": "limited"}, format="json").status_code == 429

@@ -1,0 +1,236 @@
+import datetime
+
+import pytest
+from django.contrib.auth.models import AnonymousUser
+from django.utils import timezone
+
+from task_ferry.exceptions import (
+    InvalidJobValues,
+    JobDoesNotExist,
+    JobTypeDoesNotExist,
+    MaxJobCountExceeded,
+)
+from task_ferry.executors.immediate import ImmediateExecutor
+from task_ferry.handler import JobHandler
+from task_ferry.models import Job, JobState
+from tests.myapp.models import ExportJob
+from tests.testapp.models import HookCall, LimitedJob, Marker, ScriptedJob
+
+
+@pytest.fixture
+def no_dispatch(monkeypatch):
+    """Jobs stay pending, as if no worker had taken them yet."""
+    dispatched = []
+    monkeypatch.setattr(
+        ImmediateExecutor, "enqueue", lambda self, job_id: dispatched.append(job_id)
+    )
+    return dispatched
+
+
+def test_create_and_start_returns_the_saved_specific_job(db, user, no_dispatch):
+    job = JobHandler.create_and_start(user, "export_table", table_id=7)
+    assert isinstance(job, ExportJob)
+    assert job.pk is not None
+    assert (job.type, job.state, job.user, job.table_id) == ("export_table", "pending", user, 7)
+    assert Job.objects.get(pk=job.pk).specific == job
+    assert no_dispatch == [job.pk]
+
+
+def test_system_jobs_have_no_user(db, no_dispatch):
+    job = JobHandler.create_and_start(None, "export_table", table_id=1)
+    assert job.user is None
+    assert JobHandler.get_job(None, job.pk) == job
+
+
+def test_anonymous_user_is_rejected(db, no_dispatch):
+    with pytest.raises(InvalidJobValues, match="authenticated user"):
+        JobHandler.create_and_start(AnonymousUser(), "export_table", table_id=1)
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "job_type_name, values, error, message",
+    [
+        ("nope", {"table_id": 1}, JobTypeDoesNotExist, "Known job types: .*'export_table'"),
+        ("export_table", {}, InvalidJobValues, "table_id is required"),
+        ("export_table", {"table_id": "many"}, InvalidJobValues, "table_id"),
+        ("export_table", {"table_id": 1, "colour": "red"}, InvalidJobValues, "no field.*colour"),
+        ("export_table", {"table_id": 1, "state": "finished"}, InvalidJobValues, "state"),
+        ("scripted", {"steps": -1}, InvalidJobValues, "steps"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_creates_nothing(
+    db, user, no_dispatch, job_type_name, values, error, message
+):
+    with pytest.raises(error, match=message):
+        JobHandler.create_and_start(user, job_type_name, **values)
+    assert not Job.objects.exists()
+    assert no_dispatch == []
+
+
+def test_invalid_values_error_is_a_value_error_with_field_errors(db, user, no_dispatch):
+    with pytest.raises(ValueError) as info:
+        JobHandler.create_and_start(user, "export_table", table_id="many")
+    assert "table_id" in info.value.errors
+
+
+def test_max_count_limits_unfinished_jobs_per_user_and_type(db, user, other_user, no_dispatch):
+    JobHandler.create_and_start(user, "limited")
+    JobHandler.create_and_start(user, "limited")
+    with pytest.raises(MaxJobCountExceeded, match="2 unfinished 'limited'") as info:
+        JobHandler.create_and_start(user, "limited")
+    assert info.value.max_count == 2
+    assert LimitedJob.objects.filter(user=user).count() == 2
+    # Other users and other types are independent.
+    JobHandler.create_and_start(other_user, "limited")
+    JobHandler.create_and_start(user, "scripted")
+
+
+def test_max_count_with_the_lazy_user_of_a_session_request(db, user, no_dispatch):
+    # AuthenticationMiddleware hands views request.user as a SimpleLazyObject.
+    from django.utils.functional import SimpleLazyObject
+
+    lazy_user = SimpleLazyObject(lambda: user)
+    JobHandler.create_and_start(lazy_user, "limited")
+    JobHandler.create_and_start(lazy_user, "limited")
+    with pytest.raises(MaxJobCountExceeded):
+        JobHandler.create_and_start(lazy_user, "limited")
+
+
+def test_ended_jobs_free_their_max_count_slot(db, user, no_dispatch):
+    first = JobHandler.create_and_start(user, "limited")
+    JobHandler.create_and_start(user, "limited")
+    JobHandler.cancel(user, first.pk)
+    JobHandler.create_and_start(user, "limited")
+    assert LimitedJob.objects.live().count() == 2
+
+
+def test_global_default_max_count(db, user, no_dispatch, settings):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "MAX_JOBS_PER_USER_PER_TYPE": 1}
+    JobHandler.create_and_start(user, "scripted")
+    with pytest.raises(MaxJobCountExceeded):
+        JobHandler.create_and_start(user, "scripted")
+    # A type's own max_count wins over the default.
+    JobHandler.create_and_start(user, "limited")
+    JobHandler.create_and_start(user, "limited")
+
+
+def test_get_job_hides_other_users_jobs_and_malformed_ids(db, user, other_user, no_dispatch):
+    job = JobHandler.create_and_start(user, "export_table", table_id=1)
+    assert JobHandler.get_job(user, str(job.pk)) == job
+    for who, job_id in [
+        (other_user, job.pk),
+        (None, job.pk),
+        (AnonymousUser(), job.pk),
+        (user, "abc"),
+        (user, "1.5"),
+        (user, -job.pk),
+        (user, None),
+        (user, True),
+        (user, 2**80),
+    ]:
+        with pytest.raises(JobDoesNotExist):
+            JobHandler.get_job(who, job_id)
+
+
+def test_get_jobs_for_user_newest_first(db, user, other_user, no_dispatch):
+    old = JobHandler.create_and_start(user, "scripted")
+    Job.objects.filter(pk=old.pk).update(created_at=timezone.now() - datetime.timedelta(hours=1))
+    new = JobHandler.create_and_start(user, "export_table", table_id=1)
+    JobHandler.create_and_start(other_user, "scripted")
+    assert list(JobHandler.get_jobs_for_user(user)) == [
+        Job.objects.get(pk=new.pk),
+        Job.objects.get(pk=old.pk),
+    ]
+
+
+def test_cancel_pending_job_runs_on_cancelled_once(db, user, no_dispatch):
+    job = JobHandler.create_and_start(user, "scripted")
+    JobHandler.cancel(user, job.pk)
+    JobHandler.cancel(user, job.pk)
+    job.refresh_from_db()
+    assert job.state == JobState.CANCELLED
+    assert job.finished_at is not None
+    assert HookCall.objects.filter(job_id=job.pk, hook="on_cancelled").count() == 1
+
+
+def test_a_cancelled_job_is_never_run(db, user, no_dispatch):
+    job = JobHandler.create_and_start(user, "scripted", marker="ran")
+    JobHandler.cancel(user, job.pk)
+    assert JobHandler.run_job(job.pk) is None
+    assert not Marker.objects.exists()
+    assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
+
+
+def test_cancelling_an_ended_job_changes_nothing(db, user):
+    job = JobHandler.create_and_start(user, "scripted")
+    assert job.state == "finished"
+    assert JobHandler.cancel(user, job.pk).state == "finished"
+    assert not HookCall.objects.exists()
+
+
+def test_cannot_cancel_someone_elses_job(db, user, other_user, no_dispatch):
+    job = JobHandler.create_and_start(user, "scripted")
+    with pytest.raises(JobDoesNotExist):
+        JobHandler.cancel(other_user, job.pk)
+    assert Job.objects.get(pk=job.pk).state == "pending"
+
+
+def test_handles_from_get_job_follow_state_changes(db, user, no_dispatch):
+    job = JobHandler.create_and_start(user, "scripted")
+    looked_up = JobHandler.get_job(user, job.pk)
+    JobHandler.cancel(user, job.pk)
+    assert job.state == looked_up.state == "cancelled"
+
+
+def _age(job, days):
+    Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - datetime.timedelta(days=days))
+
+
+def test_cleanup_deletes_only_ended_jobs_past_expiry(db, user, no_dispatch):
+    finished_old = JobHandler.create_and_start(user, "scripted")
+    JobHandler.run_job(finished_old.pk)
+    cancelled_old = JobHandler.create_and_start(user, "scripted")
+    JobHandler.cancel(user, cancelled_old.pk)
+    finished_recent = JobHandler.create_and_start(user, "scripted")
+    JobHandler.run_job(finished_recent.pk)
+    pending_old = JobHandler.create_and_start(user, "scripted")
+    Job.objects.filter(pk=pending_old.pk).update(
+        created_at=timezone.now() - datetime.timedelta(days=30)
+    )
+    _age(finished_old, 8)
+    _age(cancelled_old, 30)
+    _age(finished_recent, 6)
+
+    assert JobHandler.cleanup_old_jobs() == 2
+
+    assert set(Job.objects.values_list("pk", flat=True)) == {finished_recent.pk, pending_old.pk}
+    assert not ScriptedJob.objects.filter(pk__in=[finished_old.pk, cancelled_old.pk]).exists()
+    calls = HookCall.objects.filter(hook="before_delete")
+    assert sorted(calls.values_list("job_id", flat=True)) == sorted(
+        [finished_old.pk, cancelled_old.pk]
+    )
+
+
+def test_cleanup_honours_job_expiry_days(db, user, settings):
+    job = JobHandler.create_and_start(user, "scripted")
+    _age(job, 3)
+    assert JobHandler.cleanup_old_jobs() == 0
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "JOB_EXPIRY_DAYS": 2}
+    assert JobHandler.cleanup_old_jobs() == 1
+
+
+def test_live_handles_do_not_keep_jobs_alive(db, user, no_dispatch):
+    import gc
+    import weakref
+
+    from task_ferry.handler import live_handles
+
+    job = JobHandler.create_and_start(user, "scripted")
+    ref = weakref.ref(job)
+    job_id = job.pk
+    del job
+    gc.collect()
+    assert ref() is None
+    live_handles._prune()
+    assert job_id not in live_handles._refs

@@ -1,0 +1,97 @@
+import types
+
+import pytest
+from django.db import models
+
+from task_ferry.exceptions import (
+    JobTypeAlreadyRegistered,
+    JobTypeDoesNotExist,
+    TaskFerryImproperlyConfigured,
+)
+from task_ferry.registry import JobType, JobTypeRegistry, job_type_registry
+from tests.myapp.job_types import ExportJobType
+from tests.myapp.models import ExportJob
+from tests.testapp.job_types import LimitedJobType, RoutedJobType, ScriptedJobType
+from tests.testapp.models import LimitedJob
+
+
+def test_job_types_modules_are_discovered_at_startup():
+    # tests.testapp registers nothing by hand: its job_types module was found and loaded.
+    assert isinstance(job_type_registry.get("scripted"), ScriptedJobType)
+    assert isinstance(job_type_registry.get("routed"), RoutedJobType)
+    assert isinstance(job_type_registry.get("limited"), LimitedJobType)
+
+
+def test_abstract_intermediate_classes_are_not_registered():
+    assert "" not in job_type_registry
+    assert all(jt.type for jt in job_type_registry.all())
+
+
+def test_spec_explicit_register_next_to_discovery_is_harmless():
+    existing = job_type_registry.get("export_table")
+    assert job_type_registry.register(ExportJobType()) is existing
+    assert job_type_registry.register(ExportJobType) is existing
+    assert [jt.type for jt in job_type_registry.all()].count("export_table") == 1
+
+
+def test_two_classes_under_one_name_is_a_clear_error():
+    class Impostor(JobType):
+        type = "export_table"
+        model_class = ExportJob
+
+    with pytest.raises(JobTypeAlreadyRegistered, match="export_table.*Impostor"):
+        job_type_registry.register(Impostor())
+    assert isinstance(job_type_registry.get("export_table"), ExportJobType)
+
+
+def test_get_unknown_lists_the_known_types():
+    with pytest.raises(JobTypeDoesNotExist) as info:
+        job_type_registry.get("exprot_table")
+    assert "'exprot_table'" in str(info.value)
+    assert "'export_table'" in str(info.value)
+    assert "export_table" in info.value.known
+
+
+def test_get_by_model_accepts_class_and_instance():
+    assert isinstance(job_type_registry.get_by_model(LimitedJob), LimitedJobType)
+    assert isinstance(job_type_registry.get_by_model(LimitedJob(type="limited")), LimitedJobType)
+    with pytest.raises(JobTypeDoesNotExist):
+        job_type_registry.get_by_model(models.Model)
+
+
+def test_register_and_unregister_on_a_fresh_registry():
+    registry = JobTypeRegistry()
+    registry.register(LimitedJobType())
+    assert registry.names() == ["limited"]
+    registry.unregister("limited")
+    assert registry.all() == []
+    with pytest.raises(JobTypeDoesNotExist):
+        registry.unregister("limited")
+
+
+@pytest.mark.parametrize(
+    "attrs, message",
+    [
+        ({"type": "", "model_class": LimitedJob}, "no `type` name"),
+        ({"type": "x", "model_class": int}, "must be a subclass of task_ferry.models.Job"),
+        ({"type": "x"}, "must be a subclass of task_ferry.models.Job"),
+    ],
+)
+def test_invalid_job_types_are_rejected(attrs, message):
+    bad = type("Bad", (JobType,), attrs)
+    with pytest.raises(TaskFerryImproperlyConfigured, match=message):
+        JobTypeRegistry().register(bad())
+
+
+def test_register_module_takes_only_classes_defined_there():
+    module = types.ModuleType("fake_job_types")
+
+    class Local(JobType):
+        type = "local"
+        model_class = LimitedJob
+
+    Local.__module__ = module.__name__
+    module.Local = Local
+    module.Imported = LimitedJobType  # imported from elsewhere: not this module's to register
+    registry = JobTypeRegistry()
+    assert [jt.type for jt in registry.register_module(module)] == ["local"]

@@ -1,0 +1,104 @@
+import threading
+
+import pytest
+from django.db import connection
+
+from task_ferry.handler import JobHandler, transition
+from task_ferry.models import Job, JobState
+from task_ferry.registry import job_type_registry
+from tests.testapp.models import HookCall, Marker, ScriptedJob
+
+
+def test_finished_job_commits_its_work_and_reaches_100(db, user):
+    job = JobHandler.create_and_start(user, "scripted", steps=5, marker="kept")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert row.state == "finished"
+    assert row.progress_percentage == 100
+    assert row.progress_state == "step 5 of 5"
+    assert row.result == "done"
+    assert row.started_at <= row.finished_at
+    assert Marker.objects.filter(name="kept").exists()
+    # The caller's handle followed the run.
+    assert job.state == "finished"
+
+
+def test_failing_job_is_marked_failed_and_the_error_reaches_the_caller(transactional_db, user):
+    with pytest.raises(RuntimeError, match="scripted failure at step 3"):
+        JobHandler.create_and_start(user, "scripted", steps=10, fail_at=3, marker="rolled-back")
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert job.error == "RuntimeError: scripted failure at step 3"
+    assert job.human_readable_error == "Something went wrong while running this job."
+    assert "Traceback" in job.traceback and "scripted failure" in job.traceback
+    assert "Traceback" not in job.error
+    assert job.progress_percentage == 30
+    assert job.finished_at is not None
+    # The job's own writes were rolled back; its failed state was not.
+    assert not Marker.objects.exists()
+    assert job.result == ""
+    calls = HookCall.objects.filter(job_id=job.pk)
+    assert [(c.hook, c.detail) for c in calls] == [("on_error", "scripted failure at step 3")]
+
+
+def test_exception_can_carry_a_message_for_users(db, user, monkeypatch):
+    class Unreadable(Exception):
+        human_readable_error = "The file could not be read. Upload it again."
+
+    def run(self, job, progress):
+        raise Unreadable("EOF in /srv/uploads/17.csv")
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    with pytest.raises(Unreadable):
+        JobHandler.create_and_start(user, "scripted")
+    job = Job.objects.get()
+    assert job.human_readable_error == "The file could not be read. Upload it again."
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
+def test_a_job_ended_elsewhere_while_running_keeps_that_end_and_loses_its_work(
+    transactional_db, user, monkeypatch
+):
+    # A zombie: the sweep, on its own connection, failed the job while its run was still going.
+    original = type(job_type_registry.get("scripted")).run
+
+    def sweep(job_id):
+        transition(Job(pk=job_id), JobState.FAILED, from_states=[JobState.STARTED], error="lost")
+        connection.close()
+
+    def run(self, job, progress):
+        original(self, job, progress)
+        sweeper = threading.Thread(target=sweep, args=(job.pk,))
+        sweeper.start()
+        sweeper.join()
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    job = JobHandler.create_and_start(user, "scripted", marker="zombie")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.error, row.result) == ("failed", "lost", "")
+    assert not Marker.objects.exists()
+    assert not HookCall.objects.exists()
+
+
+def test_a_job_runs_at_most_once(db, user, monkeypatch):
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    job = JobHandler.create_and_start(user, "scripted", marker="once")
+    assert JobHandler.run_job(job.pk) is not None
+    assert JobHandler.run_job(job.pk) is None  # a redelivery finds it no longer pending
+    assert Marker.objects.filter(name="once").count() == 1
+
+
+def test_progress_snapshot_is_published_at_each_state_change(db, user, monkeypatch):
+    from task_ferry.executors.immediate import ImmediateExecutor
+    from task_ferry.stores.base import get_store
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    job = JobHandler.create_and_start(user, "scripted", steps=4)
+    snapshot = get_store().read(job.pk)
+    assert (snapshot["state"], snapshot["user_id"]) == ("pending", user.pk)
+    JobHandler.run_job(job.pk)
+    snapshot = get_store().read(job.pk)
+    assert snapshot["state"] == "finished"
+    assert snapshot["progress_percentage"] == 100
+    assert snapshot["progress_state"] == "step 4 of 4"
