@@ -67,6 +67,18 @@ def ferry(settings: Any) -> Callable[..., dict[str, Any]]:
 
 
 @pytest.fixture
+def reliability_types() -> Iterator[None]:
+    """Registers the job types of tests/reliability/job_types.py for one test."""
+    from task_ferry.registry import job_type_registry
+    from tests.reliability import job_types
+
+    registered = job_type_registry.register_module(job_types)
+    yield
+    for job_type in registered:
+        job_type_registry.unregister(job_type)
+
+
+@pytest.fixture
 def queueing(ferry: Callable[..., dict[str, Any]]) -> type[QueueingExecutor]:
     """Dispatch on commit to a recorder; jobs stay pending until something runs them."""
     ferry(EXECUTOR="tests.reliability.executors.QueueingExecutor")

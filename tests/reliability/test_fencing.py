@@ -163,3 +163,35 @@ def test_cancel_of_pending_vs_start(queueing, ferry, user, ending_signals):
         race(partial(JobHandler.run_job, job.pk), partial(JobHandler.cancel, user, job.pk))
         outcomes[check_one_ending(job, ending_signals)] += 1
     assert set(outcomes) <= {"finished", "cancelled"}
+
+
+def test_run_saving_its_stale_row_after_the_sweep_cannot_revive_the_job(
+    queueing, ferry, user, reliability_types, ending_signals
+):
+    # No heartbeat during the run, so only the fence stops the finish.
+    ferry(HEARTBEAT_INTERVAL=30, HEARTBEAT_TIMEOUT=0.1)
+    job = JobHandler.create_and_start(user, "whole_row_save", block_for=0.6, marker="stale-row")
+
+    def sweep_while_it_sleeps() -> None:
+        time.sleep(0.3)
+        assert JobHandler.sweep_stale_jobs() == 1
+
+    race(partial(JobHandler.run_job, job.pk), sweep_while_it_sleeps)
+
+    job = ScriptedJob.objects.get(pk=job.pk)
+    assert (job.state, job.result) == ("failed", "")
+    assert "worker lost" in job.human_readable_error
+    assert not Marker.objects.filter(name="stale-row").exists()
+    assert check_one_ending(job, ending_signals) == "failed"
+
+
+def test_saving_a_stale_instance_leaves_the_handlers_columns_alone(queueing, user):
+    job = JobHandler.create_and_start(user, "scripted", steps=3)
+    stale = ScriptedJob.objects.get(pk=job.pk)
+    JobHandler.cancel(user, job.pk)
+
+    stale.steps = 7
+    stale.save()
+
+    saved = ScriptedJob.objects.get(pk=job.pk)
+    assert (saved.state, saved.steps) == ("cancelled", 7)

@@ -25,6 +25,10 @@ def setup() -> None:
     import django
 
     django.setup()
+    from task_ferry.registry import job_type_registry
+    from tests.reliability import job_types
+
+    job_type_registry.register_module(job_types)
 
 
 def run() -> None:
