@@ -5,11 +5,18 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import pytest
+from django.db import connection
 from django.utils import timezone
 
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Heartbeat, Job, JobState
 from tests.testapp.models import HookCall
+
+# Row locks and concurrent writers: SQLite serialises every write, so these need PostgreSQL.
+postgresql_only = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="needs row locks and concurrent writers"
+)
 
 
 def start_lost_job(user: Any, job_type: str = "scripted", *, silent_for: float = 3600) -> Job:

@@ -15,6 +15,7 @@ from django.db import connections, transaction
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
+from tests.reliability.helpers import postgresql_only
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -74,6 +75,7 @@ def in_processes(calls: list[tuple[int, str]]) -> Counter[tuple[int, str, str]]:
     return outcomes
 
 
+@postgresql_only
 @pytest.mark.parametrize("runner", [in_threads, in_processes], ids=["threads", "processes"])
 def test_concurrent_creates_respect_max_count(queueing, user, runner):
     outcomes = runner([(user.pk, "limited")] * CALLS)
@@ -87,6 +89,7 @@ def test_concurrent_creates_respect_max_count(queueing, user, runner):
         assert sorted(queueing.dispatched) == sorted(Job.objects.values_list("pk", flat=True))
 
 
+@postgresql_only
 @pytest.mark.parametrize("runner", [in_threads, in_processes], ids=["threads", "processes"])
 def test_users_and_types_are_independent(queueing, user, other_user, runner):
     calls = (

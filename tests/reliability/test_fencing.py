@@ -18,7 +18,7 @@ from task_ferry import signals
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from tests.reliability.conftest import FAST_HEARTBEAT
-from tests.reliability.helpers import hook_calls
+from tests.reliability.helpers import hook_calls, postgresql_only
 from tests.testapp.models import Marker, ScriptedJob
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -165,6 +165,7 @@ def test_cancel_of_pending_vs_start(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"finished", "cancelled"}
 
 
+@postgresql_only
 def test_run_saving_its_stale_row_after_the_sweep_cannot_revive_the_job(
     queueing, ferry, user, reliability_types, ending_signals
 ):
