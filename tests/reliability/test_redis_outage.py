@@ -55,6 +55,14 @@ def test_jobs_survive_a_redis_outage_and_live_progress_resumes(
     assert created.status_code == 201, created.content
     second_id = created.json()["id"]
     assert api.get(f"/api/jobs/{second_id}/").json()["state"] == "pending"
+    # A pending job is cancelled through the database; a running one's cancel request cannot be
+    # delivered, and the answer says to try again.
+    doomed = api.post("/api/jobs/", {"type": "scripted"}).json()["id"]
+    cancelled = api.post(f"/api/jobs/{doomed}/cancel/")
+    assert (cancelled.status_code, cancelled.json()["state"]) == (200, "cancelled")
+    refused = api.post(f"/api/jobs/{first.pk}/cancel/")
+    assert refused.status_code == 503
+    assert "try again" in refused.json()["detail"]
 
     redis_server.start()
     # Live progress of the job that ran through the outage shows again, and keeps moving.
