@@ -155,6 +155,8 @@ class JobHandler:
     def _create(cls, user: Any, job_type: JobType, values: dict[str, Any]) -> Job:
         if user is not None and not getattr(user, "is_authenticated", False):
             raise InvalidJobValues("Jobs need a saved, authenticated user, or user=None.")
+        if user is not None and user.pk is None:
+            raise InvalidJobValues("Save the user before creating jobs for it.")
         try:
             prepared = job_type.prepare_values(dict(values), user)
         except ValidationError as exc:
@@ -192,7 +194,8 @@ class JobHandler:
         with transaction.atomic():
             max_count = job_type.get_max_count() if user is not None else None
             if max_count is not None:
-                cls._lock_user(user)
+                if not cls._lock_user(user):
+                    raise InvalidJobValues(f"User {user.pk} does not exist (any more).")
                 live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
                 if live >= max_count:
                     raise MaxJobCountExceeded(job_type.type, max_count)
@@ -205,12 +208,17 @@ class JobHandler:
         return live_handles.track(job)
 
     @staticmethod
-    def _lock_user(user: Any) -> None:
-        """Serialise job creation per user, so concurrent creates respect ``max_count``."""
+    def _lock_user(user: Any) -> bool:
+        """Serialise job creation per user, so concurrent creates respect ``max_count``.
+        False if the user's row is gone."""
         # _meta, not type(): request.user is a SimpleLazyObject under session auth.
-        user._meta.model._default_manager.select_for_update().filter(pk=user.pk).values_list(
-            "pk", flat=True
-        ).first()
+        locked = (
+            user._meta.model._default_manager.select_for_update()
+            .filter(pk=user.pk)
+            .values_list("pk", flat=True)
+            .first()
+        )
+        return locked is not None
 
     @classmethod
     def get_job(cls, user: Any, job_id: Any) -> Job:

@@ -12,7 +12,7 @@ from django.contrib.auth.models import AnonymousUser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from task_ferry.exceptions import TaskFerryError
+from task_ferry.exceptions import InvalidJobValues, TaskFerryError
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.progress import Progress
@@ -213,3 +213,19 @@ def test_progress_with_arbitrary_numbers(total, steps):
             assert str(exc)
         assert_readable(*nodes)
         assert not math.isnan(root.done)
+
+
+@pytest.mark.parametrize("job_type", ["limited", "scripted"])
+def test_an_unsaved_user_gets_a_clear_error(queueing, job_type):
+    unsaved = get_user_model()(username="unsaved")
+    with pytest.raises(InvalidJobValues, match="Save the user"):
+        JobHandler.create_and_start(unsaved, job_type)
+    assert not Job.objects.exists()
+
+
+def test_a_deleted_user_gets_a_clear_error(queueing, user):
+    stale = get_user_model().objects.get(pk=user.pk)
+    user.delete()
+    with pytest.raises(InvalidJobValues, match="does not exist"):
+        JobHandler.create_and_start(stale, "limited")
+    assert not Job.objects.exists()
