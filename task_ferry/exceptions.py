@@ -70,6 +70,11 @@ class JobFenced(TaskFerryError):
     run was still going. The run's database work is rolled back."""
 
 
+class JobLost(TaskFerryError):
+    """Passed to ``on_error`` when the stale-job sweep fails a job: its worker stopped beating,
+    or no worker picked it up in time. Nothing of the run was committed."""
+
+
 class DispatchError(TaskFerryError):
     """The executor could not hand the job to its queue. The job was marked failed."""
 

@@ -17,19 +17,23 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import transaction
-from django.db.models import Q
+from django.db import DataError, transaction
+from django.db.models import Exists, OuterRef, Q
+from django.db.models.deletion import Collector
 from django.utils import timezone
 
 from task_ferry import signals
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
+    DispatchError,
     InvalidJobValues,
     JobDoesNotExist,
+    JobLost,
     MaxJobCountExceeded,
     ProgressStoreUnavailable,
+    TaskFerryError,
 )
-from task_ferry.models import ENDED_STATES, Job, JobState
+from task_ferry.models import ENDED_STATES, LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import cancel_token, job_snapshot
 from task_ferry.stores.base import get_store
@@ -151,6 +155,8 @@ class JobHandler:
     def _create(cls, user: Any, job_type: JobType, values: dict[str, Any]) -> Job:
         if user is not None and not getattr(user, "is_authenticated", False):
             raise InvalidJobValues("Jobs need a saved, authenticated user, or user=None.")
+        if user is not None and user.pk is None:
+            raise InvalidJobValues("Save the user before creating jobs for it.")
         try:
             prepared = job_type.prepare_values(dict(values), user)
         except ValidationError as exc:
@@ -188,21 +194,31 @@ class JobHandler:
         with transaction.atomic():
             max_count = job_type.get_max_count() if user is not None else None
             if max_count is not None:
-                cls._lock_user(user)
+                if not cls._lock_user(user):
+                    raise InvalidJobValues(f"User {user.pk} does not exist (any more).")
                 live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
                 if live >= max_count:
                     raise MaxJobCountExceeded(job_type.type, max_count)
-            job.save(force_insert=True)
+            try:
+                job.save(force_insert=True)
+            except (TypeError, ValueError, DataError) as exc:
+                # Values full_clean() lets through as "empty" ([] for a nullable number, say).
+                raise InvalidJobValues(f"Invalid job values: {exc}") from exc
             job_type.after_job_creation(job, prepared)
         return live_handles.track(job)
 
     @staticmethod
-    def _lock_user(user: Any) -> None:
-        """Serialise job creation per user, so concurrent creates respect ``max_count``."""
+    def _lock_user(user: Any) -> bool:
+        """Serialise job creation per user, so concurrent creates respect ``max_count``.
+        False if the user's row is gone."""
         # _meta, not type(): request.user is a SimpleLazyObject under session auth.
-        user._meta.model._default_manager.select_for_update().filter(pk=user.pk).values_list(
-            "pk", flat=True
-        ).first()
+        locked = (
+            user._meta.model._default_manager.select_for_update()
+            .filter(pk=user.pk)
+            .values_list("pk", flat=True)
+            .first()
+        )
+        return locked is not None
 
     @classmethod
     def get_job(cls, user: Any, job_id: Any) -> Job:
@@ -273,7 +289,7 @@ class JobHandler:
                 Job.objects.expired(cutoff)
                 .filter(pk__gt=last_id)
                 .order_by("pk")
-                .values_list("pk", "type")[:CLEANUP_BATCH_SIZE]
+                .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
             )
             if not batch:
                 return deleted
@@ -281,15 +297,24 @@ class JobHandler:
             deleted += cls._delete_batch(batch, cutoff)
 
     @staticmethod
-    def _delete_batch(batch: list[tuple[int, str]], cutoff: datetime.datetime) -> int:
-        by_type: dict[str, list[int]] = {}
-        for pk, type_name in batch:
-            by_type.setdefault(type_name, []).append(pk)
+    def _delete_batch(batch: list[tuple[int, str, int]], cutoff: datetime.datetime) -> int:
+        by_model: dict[tuple[str, int], list[int]] = {}
+        for pk, type_name, content_type_id in batch:
+            by_model.setdefault((type_name, content_type_id), []).append(pk)
+        deleted = 0
         deleted_ids: list[int] = []
-        for type_name, ids in by_type.items():
+        for (type_name, content_type_id), ids in by_model.items():
+            model = ContentType.objects.get_for_id(content_type_id).model_class() or Job
+            # Loaded through the job's own model, so deleting them needs no query per parent row;
+            # the filter re-checks that each job is still expired.
+            jobs = list(
+                model._base_manager.filter(
+                    pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
+                )
+            )
             if type_name in job_type_registry:
                 job_type = job_type_registry.get(type_name)
-                for job in job_type.model_class._default_manager.filter(pk__in=ids).iterator():
+                for job in jobs:
                     try:
                         job_type.before_delete(job)
                     except Exception:
@@ -298,40 +323,50 @@ class JobHandler:
                             job.pk,
                             job_type,
                         )
-            deleted_ids.extend(ids)
-        # Re-check the cutoff so a job can never be deleted unless it is still expired.
-        _, per_model = Job.objects.expired(cutoff).filter(pk__in=deleted_ids).delete()
+            # Collected before the delete, which sets each instance's pk to None.
+            deleted_ids.extend(job.pk for job in jobs)
+            collector = Collector(using=model._base_manager.db)
+            collector.collect(jobs)
+            _, per_model = collector.delete()
+            deleted += per_model.get(Job._meta.label, 0)
         # An unreachable store is fine: snapshots expire on their own.
         with contextlib.suppress(ProgressStoreUnavailable):
             get_store().delete(deleted_ids)
-        return per_model.get(Job._meta.label, 0)
+        return deleted
 
     @classmethod
     def sweep_stale_jobs(cls) -> int:
-        """Fail started jobs whose worker stopped beating, and pending jobs no worker took.
+        """Fail started jobs whose heartbeat lapsed (their worker is gone) and pending jobs no
+        worker took within ``PENDING_TIMEOUT``. Safe to run from several places at once.
 
         Returns how many jobs were failed."""
         now = timezone.now()
-        heartbeat_cutoff = now - datetime.timedelta(seconds=ferry_settings.HEARTBEAT_TIMEOUT)
-        stale = Job.objects.running().filter(
-            Q(heartbeat__beat_at__lt=heartbeat_cutoff)
-            | Q(heartbeat__isnull=True, started_at__lt=heartbeat_cutoff)
+        timeout = ferry_settings.HEARTBEAT_TIMEOUT
+        cutoff = now - datetime.timedelta(seconds=timeout)
+        # A job beats within HEARTBEAT_INTERVAL of its start; one with no beat yet that started
+        # before the cutoff died early (short jobs never need to beat).
+        lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
+            ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
         )
-        failed = 0
-        for job in stale.iterator():
-            failed += cls._fail_lost(
-                job,
-                [JobState.STARTED],
-                "The worker running this job stopped responding (worker lost).",
+        failed = cls._fail_each(
+            Job.objects.running().filter(lapsed),
+            JobState.STARTED,
+            f"The worker running this job stopped responding for over {timeout:g} seconds "
+            f"(worker lost). Start the job again.",
+        )
+        pending_timeout = ferry_settings.PENDING_TIMEOUT
+        if pending_timeout is not None:
+            failed += cls._fail_each(
+                Job.objects.pending().filter(
+                    created_at__lt=now - datetime.timedelta(seconds=pending_timeout)
+                ),
+                JobState.PENDING,
+                f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
+                f"workers are running and consume this job's queue, then start it again.",
             )
-        if ferry_settings.PENDING_TIMEOUT is not None:
-            pending_cutoff = now - datetime.timedelta(seconds=ferry_settings.PENDING_TIMEOUT)
-            for job in Job.objects.pending().filter(created_at__lt=pending_cutoff).iterator():
-                failed += cls._fail_lost(
-                    job,
-                    [JobState.PENDING],
-                    "No worker picked up this job in time. Check that workers are running.",
-                )
+        cls._republish_ended(
+            now - datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)
+        )
         return failed
 
     @classmethod
@@ -339,37 +374,75 @@ class JobHandler:
         """Fail a pending job its executor could not hand to a queue. False if it is no longer
         pending (or was rolled back)."""
         job = Job.objects.filter(pk=job_id).first()
-        if job is None:
-            return False
-        return bool(cls._fail_lost(job, [JobState.PENDING], error, human_readable_error))
-
-    @staticmethod
-    def _fail_lost(
-        job: Job, from_states: list[JobState], message: str, human_message: str | None = None
-    ) -> int:
-        human_message = human_message or message
-        if not transition(
+        if job is None or not transition(
             job,
             JobState.FAILED,
-            from_states=from_states,
-            error=message,
-            human_readable_error=human_message,
+            from_states=[JobState.PENDING],
+            error=error,
+            human_readable_error=human_readable_error,
         ):
-            return 0
+            return False
+        cls._after_lost(job, DispatchError(error))
+        return True
+
+    @staticmethod
+    def _republish_ended(since: datetime.datetime) -> None:
+        """Rewrite snapshots that still show a job as live after it ended: its final publish
+        failed while the store was unreachable, and pollers would wait until the key expired."""
+        ended = Job.objects.ended().filter(finished_at__gte=since).order_by("pk")
+        last_id = 0
+        store = get_store()
+        while True:
+            ids = list(
+                ended.filter(pk__gt=last_id).values_list("pk", flat=True)[:CLEANUP_BATCH_SIZE]
+            )
+            if not ids:
+                return
+            last_id = ids[-1]
+            try:
+                snapshots = store.read_many(ids)
+            except ProgressStoreUnavailable:
+                return
+            stale = [
+                pk for pk, snapshot in snapshots.items() if snapshot.get("state") in LIVE_STATES
+            ]
+            for job in Job.objects.filter(pk__in=stale):
+                logger.info("Job %s: republishing its final state to the progress store.", job.pk)
+                publish(job)
+
+    @classmethod
+    def _fail_each(cls, candidates: JobQuerySet, from_state: JobState, message: str) -> int:
+        failed = 0
+        for pk in list(candidates.order_by("pk").values_list("pk", flat=True)):
+            with transaction.atomic():
+                # A row locked by a live transaction (a frozen worker's) is retried next sweep
+                # rather than blocking this one.
+                job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
+                if job is None or not transition(
+                    job,
+                    JobState.FAILED,
+                    from_states=[from_state],
+                    error=message,
+                    human_readable_error=message,
+                ):
+                    continue
+            cls._after_lost(job, JobLost(message))
+            failed += 1
+        return failed
+
+    @staticmethod
+    def _after_lost(job: Job, exc: TaskFerryError) -> None:
+        """Publish and run the hooks of a job just failed from outside its run."""
+        # Loaded after the commit, so it carries the failed state.
         specific = job.specific
-        specific.apply_fields(
-            {"state": job.state, "error": message, "human_readable_error": human_message}
-        )
         publish(specific)
         job_type = job_type_registry.get(job.type)
-        exc = RuntimeError(message)
         try:
             job_type.on_error(specific, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
         signals.emit(signals.job_failed, specific, exc=exc)
-        logger.error("Job %s (%s) failed: %s", job.pk, job.type, message)
-        return 1
+        logger.error("Job %s (%s) failed: %s", job.pk, job.type, exc)
 
     @staticmethod
     def run_job(

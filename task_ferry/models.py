@@ -48,7 +48,8 @@ class JobQuerySet(models.QuerySet["Job"]):
         """The user's own jobs; ``None`` selects system jobs."""
         if user is None:
             return self.filter(user__isnull=True)
-        if not user.is_authenticated:
+        # An unsaved user's pk is None, which would otherwise select the system jobs.
+        if not getattr(user, "is_authenticated", False) or getattr(user, "pk", None) is None:
             return self.none()
         return self.filter(user_id=user.pk)
 
@@ -94,6 +95,19 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} job #{self.pk} ({self.state})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Saving an existing job writes only its type's own fields. The base columns (state,
+        progress, errors, times) belong to ``task_ferry.handler``: a job's code saving a stale
+        instance must not revive a job the sweep or a cancel has ended."""
+        updating = not self._state.adding and not kwargs.get("force_insert")
+        if updating and not args and kwargs.get("update_fields") is None:
+            kwargs["update_fields"] = [
+                f.name
+                for f in self._meta.concrete_fields
+                if f.model is not Job and not f.primary_key
+            ]
+        super().save(*args, **kwargs)
 
     @property
     def is_live(self) -> bool:

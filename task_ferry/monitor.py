@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
-from task_ferry.models import Heartbeat, Job
+from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.progress import Progress
 from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import CancelListener, ProgressStore, get_store
@@ -183,6 +183,17 @@ class JobMonitor:
         now = timezone.now()
         name = worker_name()
         try:
+            # A job the stale-job sweep ended meanwhile (this worker was frozen, say) is stopped
+            # at its next tick; its finish would be refused anyway.
+            ended = set(
+                Job.objects.filter(pk__in=job_ids)
+                .exclude(state=JobState.STARTED)
+                .values_list("pk", flat=True)
+            )
+            if ended:
+                logger.warning("Jobs %s were ended elsewhere; stopping them here.", sorted(ended))
+                self._cancel(ended)
+                job_ids = [job_id for job_id in job_ids if job_id not in ended]
             connection = connections[Heartbeat.objects.db]
             conflict_target = (
                 ["job"] if connection.features.supports_update_conflicts_with_target else None

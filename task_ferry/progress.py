@@ -63,6 +63,8 @@ class Progress:
         if by.__class__ is not int or by < 0:
             by = _checked_amount("increment(by=...)", by)
         if state is not None:
+            if state.__class__ is not str and not isinstance(state, str):
+                raise ValueError(f"state must be a str, got {type(state).__name__}")
             root._label = state
         done = self.done + by
         # Clamping here keeps an overshooting stage from counting for more than it represents.

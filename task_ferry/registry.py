@@ -101,6 +101,10 @@ class JobTypeRegistry:
     def register(self, job_type: JobType | type[JobType]) -> JobType:
         """Register a job type (an instance or the class). Registering the same class twice is
         harmless; a different class under a taken name raises ``JobTypeAlreadyRegistered``."""
+        if inspect.isclass(job_type) and not issubclass(job_type, JobType):
+            raise TaskFerryImproperlyConfigured(
+                f"{job_type!r} is not a JobType. Subclass task_ferry.registry.JobType."
+            )
         instance = job_type() if inspect.isclass(job_type) else job_type
         self._validate(instance)
         with self._lock:
@@ -118,10 +122,12 @@ class JobTypeRegistry:
         return instance
 
     def unregister(self, job_type: str | JobType | type[JobType]) -> None:
-        name = job_type if isinstance(job_type, str) else job_type.type
+        name = job_type if isinstance(job_type, str) else getattr(job_type, "type", None)
         with self._lock:
-            if name not in self._by_name:
-                raise JobTypeDoesNotExist(name, self._by_name)
+            if not isinstance(name, str) or name not in self._by_name:
+                raise JobTypeDoesNotExist(
+                    name if isinstance(name, str) else str(job_type), self._by_name
+                )
             del self._by_name[name]
 
     def get(self, name: str) -> JobType:
@@ -180,6 +186,12 @@ class JobTypeRegistry:
         if not job_type.type or not isinstance(job_type.type, str):
             raise TaskFerryImproperlyConfigured(
                 f'{type(job_type).__qualname__} has no `type` name. Set `type = "..."`.'
+            )
+        max_length = Job._meta.get_field("type").max_length or 0
+        if len(job_type.type) > max_length:
+            raise TaskFerryImproperlyConfigured(
+                f"{type(job_type).__qualname__}.type is {len(job_type.type)} characters long; "
+                f"the most a job's type column holds is {max_length}."
             )
         model_class = getattr(job_type, "model_class", None)
         if not (inspect.isclass(model_class) and issubclass(model_class, Job)):

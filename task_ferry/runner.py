@@ -29,6 +29,8 @@ logger = logging.getLogger("task_ferry")
 
 # Shown to users when a job fails with an error of its own code.
 GENERIC_FAILURE = "Something went wrong while running this job."
+# Shown when the job's database connection broke (server restart, killed backend, network).
+DATABASE_FAILURE = "The database connection was lost while running this job. Start it again."
 
 
 def reconnect_if_broken() -> None:
@@ -97,7 +99,11 @@ class JobRun:
         publish(job)
         signals.emit(signals.job_started, job)
         progress = Progress()
-        watch = get_monitor().watch(job, progress, heartbeat=self.heartbeat)
+        # Inside a caller's transaction no other connection sees the job, so there is nobody
+        # to beat for (and the monitor's own connection could not write the heartbeat).
+        heartbeat = self.heartbeat and not connection.in_atomic_block
+        watch = get_monitor().watch(job, progress, heartbeat=heartbeat)
+        db_connection = connection.connection
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
@@ -117,9 +123,14 @@ class JobRun:
             logger.warning(
                 "Job %s was ended elsewhere while it ran; its work was rolled back.", job.pk
             )
+            job.refresh_from_db(fields=["state", "error", "human_readable_error", "finished_at"])
             return job
         except Exception as exc:
-            self._end_failed(job, job_type, watch, exc)
+            # Django replaces the connection when rolling back on it failed: it broke.
+            connection_lost = (
+                isinstance(exc, DatabaseError) and connection.connection is not db_connection
+            )
+            self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
             raise
         finally:
             watch.stop()
@@ -150,11 +161,21 @@ class JobRun:
         if moved:
             JobHandler._after_cancelled(job)
 
-    def _end_failed(self, job: Job, job_type: JobType, watch: Watch, exc: BaseException) -> None:
+    def _end_failed(
+        self,
+        job: Job,
+        job_type: JobType,
+        watch: Watch,
+        exc: BaseException,
+        *,
+        connection_lost: bool = False,
+    ) -> None:
         percentage, label = watch.stop()
         reconnect_if_broken()
         error = f"{type(exc).__name__}: {exc}"
-        human = getattr(exc, "human_readable_error", None) or GENERIC_FAILURE
+        human = getattr(exc, "human_readable_error", None) or (
+            DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
+        )
         if not transition(
             job,
             JobState.FAILED,

@@ -14,4 +14,5 @@ class ImmediateExecutor(BaseExecutor):
     def enqueue(self, job_id: int) -> None:
         from task_ferry.handler import JobHandler
 
-        JobHandler.run_job(job_id, heartbeat=False)
+        # Beats when the job's row is committed, so a long run is never judged lost.
+        JobHandler.run_job(job_id)

@@ -1,0 +1,61 @@
+"""``manage.py task_ferry_sweep``: fail jobs whose worker was lost and pending jobs no worker took.
+
+Run it from cron every minute, or as a long-lived process with ``--interval``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, close_old_connections
+
+from task_ferry.conf import ferry_settings
+from task_ferry.handler import JobHandler
+
+
+class Command(BaseCommand):
+    help = (
+        "Fail started jobs whose heartbeat is older than TASK_FERRY['HEARTBEAT_TIMEOUT'] "
+        "(worker lost) and pending jobs older than TASK_FERRY['PENDING_TIMEOUT']."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="Keep running and sweep every SECONDS (default: sweep once and exit).",
+        )
+
+    def handle(self, *args: Any, interval: float | None = None, **options: Any) -> None:
+        self.verbosity = int(options.get("verbosity", 1))
+        if interval is not None and not interval > 0:
+            raise CommandError(f"--interval must be a number of seconds > 0, got {interval!r}.")
+        if interval is None:
+            self._sweep_once()
+            return
+        self.stdout.write(
+            f"Sweeping every {interval:g}s (heartbeat timeout "
+            f"{ferry_settings.HEARTBEAT_TIMEOUT:g}s). Stop with Ctrl-C."
+        )
+        try:
+            while True:
+                started = time.monotonic()
+                # A long-lived sweeper must survive database restarts between sweeps.
+                close_old_connections()
+                try:
+                    self._sweep_once()
+                except DatabaseError as exc:
+                    # Keep the sweeper alive through a database outage; retry next round.
+                    self.stderr.write(f"Sweep failed, retrying in {interval:g}s: {exc}")
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            pass
+
+    def _sweep_once(self) -> None:
+        failed = JobHandler.sweep_stale_jobs()
+        if failed or self.verbosity > 1:
+            self.stdout.write(f"Failed {failed} stale job(s).")

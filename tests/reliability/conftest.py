@@ -1,0 +1,211 @@
+"""Fixtures for the fault tests: small heartbeat settings, worker processes started by PID, and a
+redis-server of our own on a spare port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from django.db import connection
+
+from tests.reliability.executors import QueueingExecutor
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+# Small enough that a lost worker is found in about a second.
+FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": 0.2, "HEARTBEAT_TIMEOUT": 1, "PUBLISH_INTERVAL": 0.02}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.reliability.test_bad_input import counter
+
+    if any(counter.values()):
+        terminalreporter.write_line(
+            f"bad-input cases tried: {counter} (total {sum(counter.values())})"
+        )
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 15, interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def ferry(settings: Any) -> Callable[..., dict[str, Any]]:
+    """Change TASK_FERRY settings for this test: ``ferry(HEARTBEAT_TIMEOUT=1)``."""
+
+    def configure(**overrides: Any) -> dict[str, Any]:
+        settings.TASK_FERRY = {**settings.TASK_FERRY, **overrides}
+        return dict(settings.TASK_FERRY)
+
+    return configure
+
+
+@pytest.fixture
+def reliability_types() -> Iterator[None]:
+    """Registers the job types of tests/reliability/job_types.py for one test."""
+    from task_ferry.registry import job_type_registry
+    from tests.reliability import job_types
+
+    registered = job_type_registry.register_module(job_types)
+    yield
+    for job_type in registered:
+        job_type_registry.unregister(job_type)
+
+
+@pytest.fixture
+def queueing(ferry: Callable[..., dict[str, Any]]) -> type[QueueingExecutor]:
+    """Dispatch on commit to a recorder; jobs stay pending until something runs them."""
+    ferry(EXECUTOR="tests.reliability.executors.QueueingExecutor")
+    QueueingExecutor.dispatched = []
+    return QueueingExecutor
+
+
+class WorkerProcess:
+    def __init__(self, args: list[str], log: Path, settings: dict[str, Any]) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            # The worker must see the rows this test commits, so it uses the test database.
+            "TASK_FERRY_TEST_DB_NAME": connection.settings_dict["NAME"],
+            "TF_WORKER_SETTINGS": json.dumps(settings),
+        }
+        self.log = log
+        self._log_file = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability.worker", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: "ready" in self.output() or self.proc.poll() is not None, timeout=30)
+        assert self.proc.poll() is None, self.output()
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._log_file.close()
+
+
+@pytest.fixture
+def processes(transactional_db: None, tmp_path: Path, settings: Any) -> Iterator[Any]:
+    """Start worker processes with this test's TASK_FERRY settings; all are killed at the end."""
+    started: list[WorkerProcess] = []
+
+    class Starter:
+        def worker(self) -> WorkerProcess:
+            proc = self.start(["run"])
+            proc.wait_ready()
+            return proc
+
+        def sweeper(self, interval: float) -> WorkerProcess:
+            # The sweeper never dispatches, so the executor's checks are not its business.
+            return self.start(
+                ["manage", "task_ferry_sweep", f"--interval={interval}", "--skip-checks"]
+            )
+
+        def start(self, args: list[str]) -> WorkerProcess:
+            log = tmp_path / f"process-{len(started)}.log"
+            proc = WorkerProcess(args, log, dict(settings.TASK_FERRY))
+            started.append(proc)
+            return proc
+
+    yield Starter()
+    for proc in started:
+        # A stopped process must be continued before it can die.
+        if proc.proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+
+
+class RedisServer:
+    def __init__(self, port: int, directory: Path) -> None:
+        self.port = port
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        wait_for(self._ping(client), timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    @staticmethod
+    def _ping(client: redis.Redis) -> Callable[[], bool]:
+        def ping() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        return ping
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()

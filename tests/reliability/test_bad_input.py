@@ -1,0 +1,231 @@
+"""Arbitrary input to the public Python surface: the handler, the registry and Progress. Every
+case either works or raises a clear error (a TaskFerryError or ValueError), and the database is
+left consistent: no job row without its type's row, nothing created by a rejected call."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from task_ferry.exceptions import InvalidJobValues, TaskFerryError
+from task_ferry.handler import JobHandler
+from task_ferry.models import Job, JobState
+from task_ferry.progress import Progress
+from task_ferry.registry import JobType, JobTypeRegistry, job_type_registry
+from tests.testapp.models import LimitedJob, ScriptedJob
+
+pytestmark = pytest.mark.django_db
+
+CLEAR_ERRORS = (TaskFerryError, ValueError)
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+anything = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.decimals()
+    | st.text()
+    | st.binary()
+    | st.datetimes()
+    | st.dates()
+    | st.timedeltas(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=5,
+)
+numbers = (
+    st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.decimals()
+    | st.fractions()
+    | st.booleans()
+    | st.none()
+    | st.text(max_size=5)
+    | st.just(complex(1, 1))
+)
+# "user" and "job_type_name" are create_and_start's own parameters: Python itself rejects them.
+field_names = (
+    st.sampled_from(
+        [f.name for f in ScriptedJob._meta.get_fields()]
+        + [f.attname for f in ScriptedJob._meta.concrete_fields]
+        + ["pk", "label", "table_id"]
+    )
+    | st.text(min_size=1, max_size=12)
+).filter(lambda k: k not in ("user", "job_type_name"))
+job_ids = anything | st.sampled_from(["1", " 1 ", "1.0", "\uff11", "-1", "0", "9" * 30, "1e3"])
+
+
+def consistent() -> tuple[int, int]:
+    """Every job row has its type's row and is pending (nothing here runs jobs)."""
+    jobs = Job.objects.count()
+    own_rows = ScriptedJob.objects.count() + LimitedJob.objects.count()
+    assert jobs == own_rows
+    assert not Job.objects.exclude(state=JobState.PENDING).exists()
+    return jobs, own_rows
+
+
+@pytest.fixture
+def users(user):
+    unsaved = get_user_model()(username="unsaved")
+    deleted = get_user_model().objects.create_user("deleted")
+    deleted_copy = get_user_model().objects.get(pk=deleted.pk)
+    deleted.delete()
+    return [user, None, AnonymousUser(), unsaved, deleted_copy, object(), "alice", 1]
+
+
+# Cases tried per sweep; the reliability conftest prints them in the test summary.
+counter = {"create": 0, "lookup": 0, "registry": 0, "progress": 0}
+
+
+@FUZZ
+@given(
+    user_index=st.integers(min_value=0, max_value=7),
+    job_type_name=st.sampled_from(["scripted", "limited", "routed"]) | anything,
+    values=st.dictionaries(field_names, anything, max_size=4),
+)
+def test_create_and_start_with_arbitrary_input(queueing, users, user_index, job_type_name, values):
+    counter["create"] += 1
+    before = consistent()
+    user = users[user_index]
+    try:
+        job = JobHandler.create_and_start(user, job_type_name, **values)
+    except CLEAR_ERRORS as exc:
+        assert str(exc)
+        assert consistent() == before
+        return
+    assert consistent()[0] == before[0] + 1
+    assert Job.objects.get(pk=job.pk).type == job_type_name
+    job.delete()
+
+
+@FUZZ
+@given(job_id=job_ids, user_index=st.integers(min_value=0, max_value=7))
+def test_lookup_and_cancel_with_arbitrary_ids(queueing, users, user_index, job_id):
+    counter["lookup"] += 1
+    own = JobHandler.create_and_start(users[0], "scripted")
+    before = consistent()
+    user = users[user_index]
+    for call in (JobHandler.get_job, JobHandler.cancel):
+        try:
+            job = call(user, job_id)
+        except CLEAR_ERRORS as exc:
+            assert str(exc)
+        else:
+            # Only a well-formed id of the caller's own job gets through.
+            assert job.pk == own.pk and user is users[0]
+    assert consistent()[0] == before[0]
+    Job.objects.filter(pk=own.pk).delete()
+
+
+class ValidType(JobType):
+    type = "fuzz_valid"
+    model_class = ScriptedJob
+
+
+registrable = (
+    anything
+    | st.sampled_from([JobType, ValidType, ValidType(), int, object, Job, ScriptedJob, type])
+    | st.builds(
+        lambda name, model: type("Fuzzed", (JobType,), {"type": name, "model_class": model}),
+        anything,
+        st.sampled_from([ScriptedJob, Job, int, None, "x"]),
+    )
+)
+
+
+@FUZZ
+@given(thing=registrable, lookup=anything | st.sampled_from(["scripted", ScriptedJob, Job]))
+def test_registry_with_arbitrary_input(thing, lookup):
+    counter["registry"] += 1
+    registry = JobTypeRegistry()
+    registry.register(ValidType)
+    names = registry.names()
+    try:
+        registered = registry.register(thing)
+    except CLEAR_ERRORS as exc:
+        assert str(exc)
+        assert registry.names() == names
+    else:
+        assert isinstance(registered, JobType)
+        assert registered.type in registry
+    global_names = job_type_registry.names()
+    for call in (registry.get, registry.get_by_model, registry.unregister, job_type_registry.get):
+        try:
+            call(lookup)
+        except CLEAR_ERRORS as exc:
+            assert str(exc)
+    assert job_type_registry.names() == global_names
+
+
+def assert_readable(*nodes: Progress) -> None:
+    for node in nodes:
+        assert 0 <= node.percentage <= 100
+        assert isinstance(node.percentage, int)
+        assert isinstance(node.state, str)
+
+
+@FUZZ
+@given(
+    total=numbers,
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["increment", "child", "set_state", "track"]),
+            numbers,
+            numbers,
+            st.none() | st.text(max_size=300) | st.integers(),
+        ),
+        max_size=8,
+    ),
+)
+def test_progress_with_arbitrary_numbers(total, steps):
+    counter["progress"] += 1
+    try:
+        root = Progress(total)
+    except CLEAR_ERRORS:
+        root = Progress()
+    nodes = [root]
+    for action, first, second, state in steps:
+        node = nodes[-1]
+        try:
+            if action == "increment":
+                node.increment(first, state=state)
+            elif action == "child":
+                nodes.append(node.create_child(represents=first, total=second))
+            elif action == "set_state":
+                node.set_state(state)
+            else:
+                items = range(first % 50) if isinstance(first, int) else [first, second]
+                for _ in node.track(items, state=state):
+                    pass
+        except CLEAR_ERRORS as exc:
+            assert str(exc)
+        assert_readable(*nodes)
+        assert not math.isnan(root.done)
+
+
+@pytest.mark.parametrize("job_type", ["limited", "scripted"])
+def test_an_unsaved_user_gets_a_clear_error(queueing, job_type):
+    unsaved = get_user_model()(username="unsaved")
+    with pytest.raises(InvalidJobValues, match="Save the user"):
+        JobHandler.create_and_start(unsaved, job_type)
+    assert not Job.objects.exists()
+
+
+def test_a_deleted_user_gets_a_clear_error(queueing, user):
+    stale = get_user_model().objects.get(pk=user.pk)
+    user.delete()
+    with pytest.raises(InvalidJobValues, match="does not exist"):
+        JobHandler.create_and_start(stale, "limited")
+    assert not Job.objects.exists()

@@ -1,0 +1,105 @@
+"""cleanup_old_jobs() over thousands of expired jobs of several types (bench/cleanup.py does
+100,000): batched, bounded in memory and queries, one before_delete per job, live jobs kept."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import tracemalloc
+from collections import Counter
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from task_ferry.handler import CLEANUP_BATCH_SIZE, JobHandler, publish
+from task_ferry.models import Job, JobState
+from task_ferry.registry import job_type_registry
+from task_ferry.stores.base import get_store
+from tests.reliability.bulk import TYPES, bulk_jobs
+
+pytestmark = pytest.mark.django_db
+
+EXPIRED = 3000
+
+
+@pytest.fixture
+def before_delete_calls(monkeypatch):
+    """Counts before_delete per job; the "limited" type's hook raises for every 7th job."""
+    calls: Counter[int] = Counter()
+    seen_types: Counter[str] = Counter()
+    raised: list[int] = []
+
+    def before_delete(self, job):
+        calls[job.pk] += 1
+        seen_types[type(job).__name__] += 1
+        assert isinstance(job, self.model_class)
+        if self.type == "limited" and job.pk % 7 == 0:
+            raised.append(job.pk)
+            raise RuntimeError("before_delete bug")
+
+    for job_type in job_type_registry.all():
+        monkeypatch.setattr(type(job_type), "before_delete", before_delete)
+    calls.types = seen_types
+    calls.raised = raised
+    return calls
+
+
+def survivors(user):
+    return {
+        "pending": bulk_jobs(40, state=JobState.PENDING, user=user),
+        "started": bulk_jobs(40, state=JobState.STARTED, user=user),
+        "recent": bulk_jobs(40, state=JobState.FINISHED, age=datetime.timedelta(days=1)),
+    }
+
+
+def test_cleanup_at_scale(user, before_delete_calls, caplog):
+    expired = bulk_jobs(EXPIRED // 2, state=JobState.FINISHED, user=user)
+    expired += bulk_jobs(EXPIRED // 4, state=JobState.FAILED)
+    expired += bulk_jobs(EXPIRED // 4, state=JobState.CANCELLED)
+    kept = survivors(user)
+    publish(Job.objects.get(pk=expired[0]))
+
+    with CaptureQueriesContext(connection) as queries, caplog.at_level(logging.ERROR):
+        deleted = JobHandler.cleanup_old_jobs()
+
+    assert deleted == EXPIRED
+    assert not Job.objects.filter(pk__in=expired).exists()
+    assert before_delete_calls == Counter({pk: 1 for pk in expired})
+    assert set(before_delete_calls.types) == {"ScriptedJob", "LimitedJob", "ExportJob"}
+    # Jobs whose hook raised were logged and deleted all the same.
+    assert len(before_delete_calls.raised) > 50
+    assert caplog.text.count("before_delete hook") == len(before_delete_calls.raised)
+    for state, ids in kept.items():
+        assert Job.objects.filter(pk__in=ids).count() == len(ids), state
+    assert get_store().read(expired[0]) is None
+    # Batched: a handful of queries per batch and type, never one per job.
+    batches = EXPIRED // CLEANUP_BATCH_SIZE + 1
+    assert len(queries) < batches * len(TYPES) * 8
+
+
+def test_cleanup_memory_does_not_grow_with_the_number_of_jobs(user, monkeypatch):
+    for job_type in job_type_registry.all():
+        monkeypatch.setattr(type(job_type), "before_delete", lambda self, job: None)
+
+    def peak_bytes(count: int) -> int:
+        bulk_jobs(count)
+        tracemalloc.start()
+        try:
+            JobHandler.cleanup_old_jobs()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small = peak_bytes(CLEANUP_BATCH_SIZE * 2)
+    large = peak_bytes(CLEANUP_BATCH_SIZE * 6)
+    assert large < small * 1.5, (small, large)
+
+
+def test_cleanup_leaves_jobs_younger_than_the_expiry_alone(user, before_delete_calls):
+    young = bulk_jobs(20, age=datetime.timedelta(days=3))
+    old = bulk_jobs(20, age=datetime.timedelta(days=10))
+
+    assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=5)) == 20
+    assert set(Job.objects.values_list("pk", flat=True)) == set(young)
+    assert set(before_delete_calls) == set(old)

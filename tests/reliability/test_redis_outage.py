@@ -1,0 +1,105 @@
+"""A redis-server of the test's own is stopped while a worker runs jobs, then started again."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from task_ferry.exceptions import ProgressStoreUnavailable
+from task_ferry.handler import JobHandler
+from task_ferry.stores.base import get_store
+from task_ferry.stores.redis import SOCKET_TIMEOUT
+from tests.reliability.conftest import wait_for
+from tests.reliability.helpers import state_of
+from tests.testapp.models import ScriptedJob
+
+pytestmark = pytest.mark.worker
+
+
+def live_progress(job_id: int) -> int | None:
+    try:
+        snapshot = get_store().read(job_id)
+    except ProgressStoreUnavailable:
+        return None
+    if snapshot is None or snapshot["state"] != "started":
+        return None
+    return int(snapshot["progress_percentage"])
+
+
+def test_jobs_survive_a_redis_outage_and_live_progress_resumes(
+    queueing, ferry, processes, redis_server, api, user
+):
+    ferry(
+        REDIS_URL=redis_server.url,
+        PUBLISH_INTERVAL=0.02,
+        HEARTBEAT_INTERVAL=0.5,
+        HEARTBEAT_TIMEOUT=10,
+    )
+    worker = processes.worker()
+    first = JobHandler.create_and_start(user, "scripted", steps=150, tick_delay=0.04)
+    wait_for(lambda: (live_progress(first.pk) or 0) > 0)
+
+    redis_server.stop()
+    with pytest.raises(ProgressStoreUnavailable):
+        get_store().read(first.pk)
+
+    # The API answers from the database.
+    detail = api.get(f"/api/jobs/{first.pk}/")
+    assert detail.status_code == 200, detail.content
+    assert detail.json()["state"] == "started"
+    listing = api.get("/api/jobs/")
+    assert listing.status_code == 200
+    created = api.post("/api/jobs/", {"type": "scripted", "steps": 20, "tick_delay": 0.05})
+    assert created.status_code == 201, created.content
+    second_id = created.json()["id"]
+    assert api.get(f"/api/jobs/{second_id}/").json()["state"] == "pending"
+    # A pending job is cancelled through the database; a running one's cancel request cannot be
+    # delivered, and the answer says to try again.
+    doomed = api.post("/api/jobs/", {"type": "scripted"}).json()["id"]
+    cancelled = api.post(f"/api/jobs/{doomed}/cancel/")
+    assert (cancelled.status_code, cancelled.json()["state"]) == (200, "cancelled")
+    refused = api.post(f"/api/jobs/{first.pk}/cancel/")
+    assert refused.status_code == 503
+    assert "try again" in refused.json()["detail"]
+
+    redis_server.start()
+    # Live progress of the job that ran through the outage shows again, and keeps moving.
+    seen = wait_for(lambda: live_progress(first.pk), timeout=10)
+    wait_for(lambda: (live_progress(first.pk) or 0) > seen, timeout=10)
+    # The job created during the outage publishes live progress once it runs.
+    wait_for(lambda: live_progress(second_id), timeout=20)
+
+    wait_for(lambda: state_of(second_id) == "finished", timeout=20)
+    for job in ScriptedJob.objects.filter(pk__in=[first.pk, second_id]):
+        assert job.state == "finished", job.error
+        assert job.progress_percentage == 100
+        assert job.result == "done"
+        assert job.error == ""
+    assert "raised" not in worker.output()
+    final = api.get(f"/api/jobs/{first.pk}/").json()
+    assert (final["state"], final["progress_percentage"]) == ("finished", 100)
+
+
+def test_sweep_repairs_a_snapshot_left_live_by_a_frozen_redis(
+    queueing, ferry, processes, redis_server, api, user
+):
+    ferry(REDIS_URL=redis_server.url, HEARTBEAT_INTERVAL=0.5, HEARTBEAT_TIMEOUT=30)
+    processes.worker()
+    job = JobHandler.create_and_start(user, "scripted", steps=20, tick_delay=0.05)
+    wait_for(lambda: (live_progress(job.pk) or 0) > 0)
+
+    # A frozen Redis keeps its data but times out every call, the final publish included.
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: state_of(job) == "finished", timeout=20)
+        time.sleep(SOCKET_TIMEOUT + 0.5)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert api.get(f"/api/jobs/{job.pk}/").json()["state"] == "started"
+
+    JobHandler.sweep_stale_jobs()
+
+    final = api.get(f"/api/jobs/{job.pk}/").json()
+    assert (final["state"], final["progress_percentage"]) == ("finished", 100)

@@ -1,0 +1,189 @@
+"""The stale-job sweep: what it fails, what it leaves alone, and that it frees the slot."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connections, transaction
+from django.utils import timezone
+
+from task_ferry.exceptions import MaxJobCountExceeded
+from task_ferry.handler import JobHandler, transition
+from task_ferry.models import Job, JobState
+from tests.reliability.helpers import hook_calls, postgresql_only, start_lost_job, state_of
+
+pytestmark = pytest.mark.django_db
+
+
+def test_lapsed_heartbeat_fails_job_as_worker_lost(queueing, user):
+    job = start_lost_job(user)
+
+    assert JobHandler.sweep_stale_jobs() == 1
+
+    job = JobHandler.get_job(user, job.pk)
+    assert job.state == JobState.FAILED
+    assert "worker lost" in job.human_readable_error
+    assert job.finished_at is not None
+    assert hook_calls(job, "on_error") == 1
+
+
+def test_second_sweep_changes_nothing_and_calls_no_hook_again(queueing, user):
+    job = start_lost_job(user)
+    JobHandler.sweep_stale_jobs()
+
+    assert JobHandler.sweep_stale_jobs() == 0
+    assert hook_calls(job, "on_error") == 1
+
+
+def test_sweep_frees_the_max_count_slot(queueing, user):
+    lost = [start_lost_job(user, "limited"), start_lost_job(user, "limited")]
+    with pytest.raises(MaxJobCountExceeded):
+        JobHandler.create_and_start(user, "limited")
+
+    JobHandler.sweep_stale_jobs()
+
+    assert [state_of(j) for j in lost] == ["failed", "failed"]
+    assert JobHandler.create_and_start(user, "limited").state == JobState.PENDING
+
+
+def test_fresh_heartbeat_and_pending_jobs_are_left_alone(queueing, ferry, user):
+    ferry(HEARTBEAT_TIMEOUT=60)
+    alive = start_lost_job(user, silent_for=5)
+    pending = JobHandler.create_and_start(user, "scripted")
+
+    assert JobHandler.sweep_stale_jobs() == 0
+    assert state_of(alive) == "started"
+    assert state_of(pending) == "pending"
+
+
+def test_timeout_is_the_heartbeat_timeout_setting(queueing, ferry, user):
+    job = start_lost_job(user, silent_for=30)
+    ferry(HEARTBEAT_TIMEOUT=60)
+    assert JobHandler.sweep_stale_jobs() == 0
+    ferry(HEARTBEAT_TIMEOUT=20)
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert state_of(job) == "failed"
+    assert "20 seconds" in Job.objects.get(pk=job.pk).human_readable_error
+
+
+def test_job_whose_worker_died_before_its_first_beat_is_failed_after_the_timeout(
+    queueing, ferry, user
+):
+    # Jobs beat within HEARTBEAT_INTERVAL of their start; short jobs never need to.
+    ferry(HEARTBEAT_TIMEOUT=60)
+    died = JobHandler.create_and_start(user, "scripted")
+    transition(died, JobState.STARTED, from_states=[JobState.PENDING])
+    Job.objects.filter(pk=died.pk).update(started_at=timezone.now() - datetime.timedelta(hours=1))
+    just_started = JobHandler.create_and_start(None, "scripted")
+    transition(just_started, JobState.STARTED, from_states=[JobState.PENDING])
+
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert state_of(died) == "failed"
+    assert state_of(just_started) == "started"
+
+
+def test_pending_job_older_than_pending_timeout_is_failed(queueing, ferry, user):
+    ferry(PENDING_TIMEOUT=600)
+    old = JobHandler.create_and_start(user, "limited")
+    Job.objects.filter(pk=old.pk).update(created_at=timezone.now() - datetime.timedelta(hours=1))
+    recent = JobHandler.create_and_start(user, "limited")
+
+    assert JobHandler.sweep_stale_jobs() == 1
+
+    old = JobHandler.get_job(user, old.pk)
+    assert old.state == JobState.FAILED
+    assert "No worker picked up this job" in old.human_readable_error
+    assert hook_calls(old, "on_error") == 1
+    assert state_of(recent) == "pending"
+    # The slot is free again: one live job left of max_count=2.
+    JobHandler.create_and_start(user, "limited")
+
+
+def test_pending_timeout_none_never_fails_pending_jobs(queueing, ferry, user):
+    ferry(PENDING_TIMEOUT=None)
+    job = JobHandler.create_and_start(user, "scripted")
+    Job.objects.filter(pk=job.pk).update(created_at=timezone.now() - datetime.timedelta(days=30))
+
+    assert JobHandler.sweep_stale_jobs() == 0
+    assert state_of(job) == "pending"
+
+
+def test_a_hook_that_raises_does_not_stop_the_sweep(queueing, user, monkeypatch, caplog):
+    from tests.testapp.job_types import ScriptedJobType
+
+    def broken(self, job, exc):
+        raise RuntimeError("hook bug")
+
+    monkeypatch.setattr(ScriptedJobType, "on_error", broken)
+    jobs = [start_lost_job(None) for _ in range(3)]
+
+    assert JobHandler.sweep_stale_jobs() == 3
+    assert [state_of(j) for j in jobs] == ["failed"] * 3
+    assert caplog.text.count("on_error hook") == 3
+
+
+def test_command_sweeps_once(queueing, user, capsys):
+    job = start_lost_job(user)
+    call_command("task_ferry_sweep")
+    assert "Failed 1 stale job(s)." in capsys.readouterr().out
+    assert state_of(job) == "failed"
+
+
+def test_command_rejects_a_bad_interval():
+    with pytest.raises(CommandError, match="--interval must be"):
+        call_command("task_ferry_sweep", interval=0)
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_sweep_skips_a_row_locked_by_a_frozen_worker_instead_of_waiting(queueing, user):
+    job = start_lost_job(user)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_row_lock():
+        with transaction.atomic():
+            Job.objects.select_for_update().get(pk=job.pk)
+            locked.set()
+            release.wait(10)
+        connections.close_all()
+
+    holder = threading.Thread(target=hold_row_lock)
+    holder.start()
+    try:
+        locked.wait(5)
+        began = time.monotonic()
+        assert JobHandler.sweep_stale_jobs() == 0
+        assert time.monotonic() - began < 1
+        assert state_of(job) == "started"
+    finally:
+        release.set()
+        holder.join()
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert hook_calls(job, "on_error") == 1
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_sweeps_fail_each_job_once(queueing, user):
+    jobs = [start_lost_job(None) for _ in range(12)]
+    barrier = threading.Barrier(4)
+    counts: list[int] = []
+
+    def sweep():
+        barrier.wait()
+        counts.append(JobHandler.sweep_stale_jobs())
+        connections.close_all()
+
+    threads = [threading.Thread(target=sweep) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sum(counts) == 12
+    assert all(state_of(j) == "failed" for j in jobs)
+    assert all(hook_calls(j, "on_error") == 1 for j in jobs)
