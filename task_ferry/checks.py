@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from typing import Any
+from importlib import import_module
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from django.apps import AppConfig
 from django.core.checks import CheckMessage, Error, register
 
 from task_ferry.conf import DEFAULTS, ferry_settings
+
+if TYPE_CHECKING:
+    from task_ferry.registry import JobType, JobTypeRegistry
 
 
 @register()
@@ -63,12 +69,62 @@ def check_settings(
     return messages
 
 
+# Modules an executor needs, and the extra that installs them.
+EXTRA_FOR_MODULE = {
+    "celery": "celery",
+    "kombu": "celery",
+    "django_tasks": "django-tasks",
+    "django_tasks_db": "django-tasks",
+}
+EXTRA_FOR_EXECUTOR_MODULE = {
+    "task_ferry.executors.celery": "celery",
+    "task_ferry.executors.django_tasks": "django-tasks",
+}
+
+
+def missing_extra(path: str, exc: ImportError) -> str | None:
+    """The django-task-ferry extra that would make ``path`` importable, if one would."""
+    missing = (exc.name or "").split(".")[0]
+    if missing in EXTRA_FOR_MODULE:
+        return EXTRA_FOR_MODULE[missing]
+    for module, extra in EXTRA_FOR_EXECUTOR_MODULE.items():
+        if path.startswith(module + "."):
+            return extra
+    return None
+
+
 @register()
 def check_executor(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
+    from django.utils.module_loading import import_string
+
     from task_ferry.executors.base import check_executor as run_check
 
+    path = ferry_settings.EXECUTOR
+    try:
+        import_string(path)
+    except ImportError as exc:
+        extra = missing_extra(str(path), exc)
+        if extra is not None:
+            return [
+                Error(
+                    f"TASK_FERRY['EXECUTOR'] = {path!r} needs the {extra!r} extra, which is not "
+                    f"installed: {exc}.",
+                    hint=f'pip install "django-task-ferry[{extra}]"',
+                    id="task_ferry.E001",
+                )
+            ]
+        return [
+            Error(
+                f"TASK_FERRY['EXECUTOR'] = {path!r} cannot be imported: {exc}.",
+                hint="Fix the dotted path. The executors are "
+                "task_ferry.executors.immediate.ImmediateExecutor, "
+                "task_ferry.executors.celery.CeleryExecutor and "
+                "task_ferry.executors.django_tasks.DjangoTasksExecutor.",
+                id="task_ferry.E001",
+            )
+        ]
     return run_check()
 
 
@@ -112,4 +168,115 @@ def check_job_types(
                     id="task_ferry.E007",
                 )
             )
+    messages.extend(check_registered_types(job_type_registry))
+    messages.extend(check_job_types_modules(job_type_registry))
     return messages
+
+
+def check_registered_types(registry: JobTypeRegistry) -> list[CheckMessage]:
+    """Registered types whose name or model went wrong after registration."""
+    from task_ferry.models import Job
+
+    messages: list[CheckMessage] = []
+    owners: dict[str, list[type[JobType]]] = {}
+    for name in registry.names():
+        job_type = registry.get(name)
+        cls = type(job_type)
+        type_name = job_type.type
+        if not type_name or not isinstance(type_name, str):
+            messages.append(
+                Error(
+                    f"{qualname(cls)} is registered as {name!r} but its `type` is {type_name!r}.",
+                    hint='Give it a non-empty name: type = "...".',
+                    obj=cls,
+                    id="task_ferry.E030",
+                )
+            )
+        elif type_name != name:
+            messages.append(
+                Error(
+                    f"{qualname(cls)} is registered as {name!r} but its `type` is now "
+                    f"{type_name!r}, so its jobs could not be run.",
+                    hint="Do not change `type` after registration; set it in the class body.",
+                    obj=cls,
+                    id="task_ferry.E030",
+                )
+            )
+            owners.setdefault(type_name, []).append(cls)
+        else:
+            owners.setdefault(type_name, []).append(cls)
+        model_class = getattr(job_type, "model_class", None)
+        if not (inspect.isclass(model_class) and issubclass(model_class, Job)):
+            messages.append(
+                Error(
+                    f"{qualname(cls)}.model_class must be a subclass of "
+                    f"task_ferry.models.Job, got {model_class!r}.",
+                    hint="Point model_class at the Job subclass that stores this type's jobs.",
+                    obj=cls,
+                    id="task_ferry.E031",
+                )
+            )
+    for type_name, classes in owners.items():
+        if len(classes) > 1:
+            messages.append(duplicate_name_error(type_name, classes))
+    return messages
+
+
+def check_job_types_modules(registry: JobTypeRegistry) -> list[CheckMessage]:
+    """``JobType`` classes with a name, in installed apps' ``job_types`` modules, that were
+    never registered."""
+    from task_ferry.registry import JobType
+
+    messages: list[CheckMessage] = []
+    for module in job_types_modules():
+        for obj in vars(module).values():
+            if not (
+                inspect.isclass(obj)
+                and issubclass(obj, JobType)
+                and obj is not JobType
+                and obj.__module__ == module.__name__
+                and obj.type
+            ):
+                continue
+            name = obj.type
+            registered = registry.get(name) if name in registry else None
+            if registered is not None and type(registered) is obj:
+                continue
+            if not hasattr(obj, "model_class"):
+                messages.append(
+                    Error(
+                        f"{qualname(obj)} sets type = {name!r} but has no model_class, so it "
+                        f"was not registered.",
+                        hint="Set model_class to the Job subclass that stores its jobs.",
+                        obj=obj,
+                        id="task_ferry.E033",
+                    )
+                )
+            elif registered is not None:
+                messages.append(duplicate_name_error(name, [type(registered), obj]))
+    return messages
+
+
+def job_types_modules() -> list[ModuleType]:
+    from django.apps import apps
+    from django.utils.module_loading import module_has_submodule
+
+    return [
+        import_module(f"{app_config.name}.job_types")
+        for app_config in apps.get_app_configs()
+        if module_has_submodule(app_config.module, "job_types")
+    ]
+
+
+def duplicate_name_error(name: str, classes: list[type[JobType]]) -> Error:
+    return Error(
+        f"Job type name {name!r} is claimed by {' and '.join(qualname(c) for c in classes)}.",
+        hint="Give each job type its own `type` name. A subclass inherits its parent's name "
+        "unless it sets its own.",
+        obj=classes[-1],
+        id="task_ferry.E032",
+    )
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

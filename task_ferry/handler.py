@@ -31,7 +31,7 @@ from task_ferry.exceptions import (
 )
 from task_ferry.models import ENDED_STATES, Job, JobState
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot
+from task_ferry.snapshot import cancel_token, job_snapshot
 from task_ferry.stores.base import get_store
 
 logger = logging.getLogger("task_ferry")
@@ -54,28 +54,30 @@ class LiveHandles:
     handler makes here. A caller holding the job from ``create_and_start`` sees it become
     cancelled or finished without a ``refresh_from_db()``."""
 
+    PRUNE_EVERY = 1024
+
     def __init__(self) -> None:
         self._refs: dict[int, list[weakref.ref[Job]]] = {}
         self._lock = threading.Lock()
+        self._tracked_since_prune = 0
 
     def track(self, job: Job) -> Job:
         with self._lock:
-            refs = [r for r in self._refs.get(job.pk, []) if r() is not None]
-            refs.append(weakref.ref(job))
-            self._refs[job.pk] = refs
-            if len(self._refs) > 1024:
+            self._refs.setdefault(job.pk, []).append(weakref.ref(job))
+            self._tracked_since_prune += 1
+            if self._tracked_since_prune >= self.PRUNE_EVERY:
                 self._prune()
         return job
 
     def apply(self, job_id: int, fields: dict[str, Any]) -> None:
         with self._lock:
-            refs = self._refs.get(job_id, ())
-            for ref in refs:
+            for ref in self._refs.get(job_id, ()):
                 job = ref()
                 if job is not None:
                     job.apply_fields(fields)
 
     def _prune(self) -> None:
+        self._tracked_since_prune = 0
         for job_id in list(self._refs):
             alive = [r for r in self._refs[job_id] if r() is not None]
             if alive:
@@ -138,11 +140,11 @@ class JobHandler:
         the executor. Returns the saved, specific job at once."""
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
-        signals.job_created.send(sender=type(job), job=job)
+        signals.emit(signals.job_created, job)
         publish(job)
         from task_ferry.executors.base import get_executor
 
-        get_executor().enqueue(job.pk)
+        get_executor().enqueue_job(job)
         return job
 
     @classmethod
@@ -197,8 +199,8 @@ class JobHandler:
     @staticmethod
     def _lock_user(user: Any) -> None:
         """Serialise job creation per user, so concurrent creates respect ``max_count``."""
-        # __class__, not type(): request.user is a lazy proxy of the user.
-        user.__class__._default_manager.select_for_update().filter(pk=user.pk).values_list(
+        # _meta, not type(): request.user is a SimpleLazyObject under session auth.
+        user._meta.model._default_manager.select_for_update().filter(pk=user.pk).values_list(
             "pk", flat=True
         ).first()
 
@@ -234,8 +236,12 @@ class JobHandler:
             cls._after_cancelled(job)
             return job
         if job.state in (JobState.PENDING, JobState.STARTED):
+            from task_ferry.monitor import get_monitor
+
+            # A job running in this process stops at its very next tick.
+            get_monitor().cancel_local(job.pk)
             # Never touch the row of a running job: its transaction may hold the row lock.
-            get_store().request_cancel(job.pk)
+            get_store().request_cancel(job.pk, token=cancel_token(job))
         return job
 
     @staticmethod
@@ -246,15 +252,20 @@ class JobHandler:
             job_type.on_cancelled(job)
         except Exception:
             logger.exception("Job %s: on_cancelled hook of %r raised", job.pk, job_type)
-        signals.job_cancelled.send(sender=type(job), job=job)
+        signals.emit(signals.job_cancelled, job)
+
+    @staticmethod
+    def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
+        """Ended jobs that finished before this moment are expired."""
+        if older_than is None:
+            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
+        return timezone.now() - older_than
 
     @classmethod
     def cleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
         """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` in batches, calling each type's
         ``before_delete`` once per job. Returns how many jobs were deleted."""
-        if older_than is None:
-            older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
-        cutoff = timezone.now() - older_than
+        cutoff = cls.expiry_cutoff(older_than)
         deleted = 0
         last_id = 0
         while True:
@@ -323,18 +334,32 @@ class JobHandler:
                 )
         return failed
 
+    @classmethod
+    def fail_undispatched(cls, job_id: int, *, error: str, human_readable_error: str) -> bool:
+        """Fail a pending job its executor could not hand to a queue. False if it is no longer
+        pending (or was rolled back)."""
+        job = Job.objects.filter(pk=job_id).first()
+        if job is None:
+            return False
+        return bool(cls._fail_lost(job, [JobState.PENDING], error, human_readable_error))
+
     @staticmethod
-    def _fail_lost(job: Job, from_states: list[JobState], message: str) -> int:
+    def _fail_lost(
+        job: Job, from_states: list[JobState], message: str, human_message: str | None = None
+    ) -> int:
+        human_message = human_message or message
         if not transition(
             job,
             JobState.FAILED,
             from_states=from_states,
             error=message,
-            human_readable_error=message,
+            human_readable_error=human_message,
         ):
             return 0
         specific = job.specific
-        specific.apply_fields({"state": job.state, "error": message})
+        specific.apply_fields(
+            {"state": job.state, "error": message, "human_readable_error": human_message}
+        )
         publish(specific)
         job_type = job_type_registry.get(job.type)
         exc = RuntimeError(message)
@@ -342,16 +367,19 @@ class JobHandler:
             job_type.on_error(specific, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.job_failed.send(sender=type(specific), job=specific, exc=exc)
+        signals.emit(signals.job_failed, specific, exc=exc)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, message)
         return 1
 
     @staticmethod
-    def run_job(job_id: int, *, heartbeat: bool = True) -> Job | None:
-        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``."""
+    def run_job(
+        job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
+    ) -> Job | None:
+        """Run a pending job in this process. Executors call this; see ``task_ferry.runner``.
+        Passing the job's type name, when the executor has it, saves a query."""
         from task_ferry.runner import JobRun
 
-        return JobRun(job_id, heartbeat=heartbeat).execute()
+        return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
 
 
 def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:

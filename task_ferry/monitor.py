@@ -1,5 +1,10 @@
-"""The monitor thread beside each running job: it publishes progress, watches for a cancel
-request and beats the heart, so the job's own thread does no I/O on a tick."""
+"""The monitor: one thread per worker process, serving every job running in that process.
+
+It publishes each job's progress to the store at most once per ``PUBLISH_INTERVAL`` (newest
+numbers win), hands cancel requests pushed by the store to the jobs' ``Progress``, and beats
+the jobs' heartbeats. The jobs' own threads never wait on any of this: a tick only updates
+numbers in memory.
+"""
 
 from __future__ import annotations
 
@@ -13,109 +18,304 @@ from typing import Any
 from django.db import connections
 from django.utils import timezone
 
+from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.models import Heartbeat, Job
 from task_ferry.progress import Progress
-from task_ferry.snapshot import isoformat, job_snapshot, truncate_state
-from task_ferry.stores.base import CancelListener, ProgressStore
+from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
+from task_ferry.stores.base import CancelListener, ProgressStore, get_store
+
+__all__ = ["JobMonitor", "Watch", "get_monitor"]
 
 logger = logging.getLogger("task_ferry")
 
-WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+# Seconds without running jobs after which the monitor drops its cancel subscription and sleeps.
+IDLE_CLOSE_AFTER = 30.0
+# Seconds between attempts to reach a store that went away.
+RETRY_AFTER = 1.0
+# Longest single wait, so new jobs and changed settings are picked up soon whatever the intervals.
+MAX_WAIT = 0.1
 
 
-class JobMonitor(threading.Thread):
-    def __init__(
-        self,
-        job: Job,
-        progress: Progress,
-        store: ProgressStore,
-        *,
-        publish_interval: float,
-        heartbeat_interval: float | None,
-    ) -> None:
-        super().__init__(name=f"task-ferry-monitor-{job.pk}", daemon=True)
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Watch:
+    """One running job as the monitor sees it. ``stop()`` ends it."""
+
+    __slots__ = (
+        "_monitor",
+        "cancel_checked",
+        "cancel_token",
+        "heartbeat",
+        "job",
+        "progress",
+        "published",
+        "snapshot",
+    )
+
+    def __init__(self, monitor: JobMonitor, job: Job, progress: Progress, heartbeat: bool) -> None:
+        self._monitor = monitor
         self.job = job
         self.progress = progress
-        self.store = store
-        self.publish_interval = publish_interval
-        self.heartbeat_interval = heartbeat_interval
-        # Held while publishing, so nothing is published after stop() returns.
-        self._publish_lock = threading.Lock()
-        self._stopped = False
-        self._published: tuple[int, str] = (job.progress_percentage, job.progress_state)
-
-    def stop(self) -> tuple[int, str]:
-        """Stop publishing (without waiting for the thread) and return the last numbers."""
-        with self._publish_lock:
-            self._stopped = True
-        return self.current()
+        self.heartbeat = heartbeat
+        #: The job's snapshot as published at its start; each publication changes the progress.
+        self.snapshot: dict[str, Any] = job_snapshot(job)
+        self.published: tuple[int, str] = (job.progress_percentage, job.progress_state)
+        #: Whether the store was asked for a cancel request made before the monitor listened.
+        self.cancel_checked = False
+        self.cancel_token = cancel_token(job)
 
     def current(self) -> tuple[int, str]:
-        return self.progress.percentage, truncate_state(self.progress._root.state)
+        """The job's percentage and (column-sized) label right now."""
+        progress = self.progress
+        return progress.percentage, truncate_state(progress.state)
 
-    def run(self) -> None:
-        listener: CancelListener | None = None
-        try:
-            if self.heartbeat_interval is not None:
-                self._beat()
-            next_beat = time.monotonic() + (self.heartbeat_interval or 0)
-            listener = self._open_listener()
-            while not self._stopped:
-                if listener is None:
-                    time.sleep(self.publish_interval)
-                    listener = self._open_listener()
-                elif self._wait_for_cancel(listener):
-                    self.progress.request_cancel()
-                self._publish_if_changed()
-                if self.heartbeat_interval is not None and time.monotonic() >= next_beat:
-                    self._beat()
-                    next_beat = time.monotonic() + self.heartbeat_interval
-        except Exception:
-            logger.exception("Job %s: monitor thread crashed", self.job.pk)
-        finally:
-            if listener is not None:
-                listener.close()
-            if self.heartbeat_interval is not None:
-                connections.close_all()
+    def stop(self) -> tuple[int, str]:
+        """Stop publishing this job and return its last numbers. Once this returns, the monitor
+        writes nothing more for the job, so the caller's final snapshot is never overwritten."""
+        self._monitor.unwatch(self)
+        return self.current()
 
-    def _open_listener(self) -> CancelListener | None:
-        try:
-            return self.store.cancel_listener(self.job.pk)
-        except ProgressStoreUnavailable as exc:
-            logger.warning("Job %s: cannot watch for cancel requests: %s", self.job.pk, exc)
-            return None
 
-    def _wait_for_cancel(self, listener: CancelListener) -> bool:
-        try:
-            return listener.wait(self.publish_interval)
-        except ProgressStoreUnavailable as exc:
-            logger.warning("Job %s: %s", self.job.pk, exc)
-            time.sleep(self.publish_interval)
+class JobMonitor:
+    """Serves the jobs running in this process from one daemon thread, started on first use."""
+
+    def __init__(self) -> None:
+        self._watches: dict[int, Watch] = {}
+        # Guards _watches; held while snapshots are written, so stop() waits for a write in flight.
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store_down = False
+
+    def watch(self, job: Job, progress: Progress, *, heartbeat: bool) -> Watch:
+        """Start publishing ``job``'s progress and delivering its cancel requests."""
+        watch = Watch(self, job, progress, heartbeat)
+        with self._lock:
+            self._watches[job.pk] = watch
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="task-ferry-monitor", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+        return watch
+
+    def unwatch(self, watch: Watch) -> None:
+        with self._lock:
+            if self._watches.get(watch.job.pk) is watch:
+                del self._watches[watch.job.pk]
+
+    def cancel_local(self, job_id: int) -> bool:
+        """Cancel the job at its next tick if it runs in this process; False if it does not."""
+        watch = self._watches.get(job_id)
+        if watch is None:
             return False
+        watch.progress.request_cancel()
+        return True
 
-    def _publish_if_changed(self) -> None:
-        current = self.current()
-        if current == self._published:
-            return
-        with self._publish_lock:
-            if self._stopped:
-                return
-            snapshot: dict[str, Any] = job_snapshot(self.job)
-            snapshot["progress_percentage"], snapshot["progress_state"] = current
-            snapshot["updated_at"] = isoformat(timezone.now())
+    def _run(self) -> None:
+        loop = _MonitorLoop(self)
+        while True:
             try:
-                self.store.write(self.job.pk, snapshot)
-            except ProgressStoreUnavailable as exc:
-                logger.warning("Job %s: progress not published: %s", self.job.pk, exc)
-                return
-            self._published = current
+                loop.step()
+            except Exception:
+                # The monitor must outlive any bug or outage; the jobs depend on it.
+                logger.exception("task_ferry monitor: unexpected error; carrying on")
+                time.sleep(RETRY_AFTER)
 
-    def _beat(self) -> None:
+    def _watching(self) -> list[Watch]:
+        with self._lock:
+            return list(self._watches.values())
+
+    def _cancel(self, job_ids: set[int] | list[int]) -> None:
+        for job_id in job_ids:
+            self.cancel_local(job_id)
+
+    def _publish(self, store: ProgressStore) -> None:
+        with self._lock:
+            batch: dict[Watch, tuple[int, str]] = {}
+            for watch in self._watches.values():
+                current = watch.current()
+                if current != watch.published:
+                    batch[watch] = current
+            if not batch:
+                return
+            updated_at = isoformat(timezone.now())
+            snapshots = {}
+            for watch, (percentage, label) in batch.items():
+                snapshot = watch.snapshot
+                snapshot["progress_percentage"] = percentage
+                snapshot["progress_state"] = label
+                snapshot["updated_at"] = updated_at
+                snapshots[watch.job.pk] = snapshot
+            try:
+                store.write_many(snapshots)
+            except ProgressStoreUnavailable as exc:
+                self._report_store_down(exc)
+                return
+            self._report_store_up()
+            for watch, current in batch.items():
+                watch.published = current
+
+    def _report_store_down(self, exc: Exception) -> None:
+        # Once per outage: a warning per interval would flood the logs.
+        if not self._store_down:
+            self._store_down = True
+            logger.warning("task_ferry monitor: progress store unavailable: %s", exc)
+
+    def _report_store_up(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            logger.warning("task_ferry monitor: progress store reachable again")
+
+    def _beat(self, watches: list[Watch]) -> None:
+        job_ids = [w.job.pk for w in watches if w.heartbeat]
+        if not job_ids:
+            return
+        now = timezone.now()
+        name = worker_name()
         try:
-            Heartbeat.objects.update_or_create(
-                job_id=self.job.pk, defaults={"worker": WORKER_NAME, "beat_at": timezone.now()}
+            connection = connections[Heartbeat.objects.db]
+            conflict_target = (
+                ["job"] if connection.features.supports_update_conflicts_with_target else None
+            )
+            Heartbeat.objects.bulk_create(
+                [Heartbeat(job_id=job_id, worker=name, beat_at=now) for job_id in job_ids],
+                update_conflicts=True,
+                unique_fields=conflict_target,
+                update_fields=["worker", "beat_at"],
             )
         except Exception:
-            logger.exception("Job %s: heartbeat failed", self.job.pk)
+            logger.exception("task_ferry monitor: heartbeat of jobs %s failed", job_ids)
+        finally:
+            # Beats are seconds apart: holding a connection open in between buys nothing.
             connections.close_all()
+
+
+class _MonitorLoop:
+    """The monitor thread's state between iterations."""
+
+    def __init__(self, monitor: JobMonitor) -> None:
+        self.monitor = monitor
+        self.listener: CancelListener | None = None
+        self.listener_store: ProgressStore | None = None
+        now = time.monotonic()
+        self.next_listen_attempt = now
+        self.last_publish = now - 3600
+        self.last_poll = now - 3600
+        self.last_beat = now
+        self.idle_since: float | None = None
+
+    def step(self) -> None:
+        monitor = self.monitor
+        monitor._wake.clear()
+        watches = monitor._watching()
+        now = time.monotonic()
+        if not watches:
+            self._sleep_while_idle(now)
+            return
+        self.idle_since = None
+        store = get_store()
+        interval = ferry_settings.PUBLISH_INTERVAL
+        if store.supports_push:
+            self._keep_listening(store, watches, now)
+        if self.listener is None:
+            # No push: ask the store about every job, once per interval.
+            if now - self.last_poll >= interval:
+                self._check_cancel_requests(store, watches)
+                self.last_poll = now
+        else:
+            unchecked = [w for w in watches if not w.cancel_checked]
+            if unchecked:
+                self._check_cancel_requests(store, unchecked)
+        if now - self.last_publish >= interval:
+            monitor._publish(store)
+            self.last_publish = now
+        heartbeat_interval = ferry_settings.HEARTBEAT_INTERVAL
+        if now - self.last_beat >= heartbeat_interval:
+            monitor._beat(watches)
+            self.last_beat = now
+        due = min(self.last_publish + interval, self.last_beat + heartbeat_interval)
+        timeout = min(MAX_WAIT, max(0.0, due - time.monotonic()))
+        if self.listener is None:
+            monitor._wake.wait(timeout)
+            return
+        try:
+            monitor._cancel(self.listener.wait(timeout))
+        except ProgressStoreUnavailable as exc:
+            monitor._report_store_down(exc)
+            self._drop_listener(watches)
+
+    def _sleep_while_idle(self, now: float) -> None:
+        """With no jobs, keep the subscription a while (jobs often come in a row), then sleep
+        until a job is watched."""
+        if self.idle_since is None:
+            self.idle_since = now
+        if self.listener is not None and now - self.idle_since < IDLE_CLOSE_AFTER:
+            try:
+                # A job watched meanwhile may already have been asked to stop.
+                self.monitor._cancel(self.listener.wait(MAX_WAIT))
+            except ProgressStoreUnavailable:
+                self._drop_listener([])
+            return
+        self._drop_listener([])
+        self.monitor._wake.wait()
+        self.idle_since = None
+        # Short jobs need no heartbeat: the sweep judges them by started_at.
+        self.last_beat = time.monotonic()
+
+    def _keep_listening(self, store: ProgressStore, watches: list[Watch], now: float) -> None:
+        if self.listener is not None and self.listener_store is store:
+            return
+        self._drop_listener(watches)
+        if now < self.next_listen_attempt:
+            return
+        try:
+            self.listener = store.cancel_listener()
+        except ProgressStoreUnavailable as exc:
+            self.monitor._report_store_down(exc)
+            self.next_listen_attempt = now + RETRY_AFTER
+            return
+        self.listener_store = store
+
+    def _drop_listener(self, watches: list[Watch]) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        self.listener = None
+        self.listener_store = None
+        # Requests published while nobody listened must be read from the store.
+        for watch in watches:
+            watch.cancel_checked = False
+
+    def _check_cancel_requests(self, store: ProgressStore, watches: list[Watch]) -> None:
+        if not watches:
+            return
+        try:
+            requested = store.cancel_requests([w.job.pk for w in watches])
+        except ProgressStoreUnavailable as exc:
+            self.monitor._report_store_down(exc)
+            return
+        for watch in watches:
+            watch.cancel_checked = True
+            if requested.get(watch.job.pk) == watch.cancel_token:
+                watch.progress.request_cancel()
+
+
+_monitor: JobMonitor | None = None
+_monitor_pid: int | None = None
+_monitor_lock = threading.Lock()
+
+
+def get_monitor() -> JobMonitor:
+    """This process's monitor. A forked child (a prefork worker) gets its own."""
+    global _monitor, _monitor_pid
+    pid = os.getpid()
+    if _monitor is None or _monitor_pid != pid:
+        with _monitor_lock:
+            if _monitor is None or _monitor_pid != pid:
+                _monitor = JobMonitor()
+                _monitor_pid = pid
+    return _monitor

@@ -1,13 +1,18 @@
 """Hierarchical progress: plain numbers in memory, no I/O.
 
 The root counts to 100. ``create_child(represents, total)`` makes a stage worth ``represents``
-of its parent that counts to its own ``total``. The job's monitor thread reads the root's
-numbers on its own cadence and publishes them; a cancel request reaches the job through
-``request_cancel()`` and is raised as ``JobCancelled`` at the next ``increment()``.
+steps of its parent that counts to its own ``total``. A tick (``increment()``) only adds to the
+node's own counter and stores the label on the root; the percentage is worked out from the tree
+when somebody asks for it (the process's monitor thread, on its own cadence). A cancel request
+reaches the job through ``request_cancel()`` and is raised as ``JobCancelled`` at the next tick.
 """
 
 from __future__ import annotations
 
+import contextlib
+import decimal
+import math
+import numbers
 from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
@@ -17,107 +22,132 @@ __all__ = ["Progress"]
 
 T = TypeVar("T")
 
+# Completed children are folded into one number once a node has this many.
+FOLD_CHILDREN_AT = 16
+
 
 class Progress:
     __slots__ = (
-        "_cancel_requested",
-        "_parent",
+        "_cancelled",
+        "_children",
+        "_fold_at",
+        "_label",
         "_represents",
         "_root",
-        "_scale",
         "done",
-        "state",
         "total",
     )
 
     def __init__(self, total: float = 100) -> None:
-        if not total >= 0:
-            raise ValueError(f"total must be a number >= 0, got {total!r}")
-        self.total: float = total
+        self.total: float = _checked_amount("total", total)
+        #: Steps counted on this node itself (children report through their own counters).
         self.done: float = 0
-        #: Latest human-readable label; only the root's is published.
-        self.state: str = ""
-        self._parent: Progress | None = None
         self._root: Progress = self
-        # Parent steps this node is worth, and parent steps per step of this node.
+        self._label: str = ""
+        self._cancelled = False
+        # Parent steps this node is worth when complete.
         self._represents: float = 0
-        self._scale: float = 1.0
-        self._cancel_requested = False
-
-    @property
-    def percentage(self) -> int:
-        """Whole percent done, 0 to 100."""
-        if self.total <= 0:
-            return 100
-        return min(100, int(self.done * 100 / self.total + 1e-9))
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._root._cancel_requested
-
-    def request_cancel(self) -> None:
-        """Make the next ``increment()`` anywhere in this tree raise ``JobCancelled``."""
-        self._root._cancel_requested = True
+        # (steps of children already complete and folded away, children still counted). One
+        # tuple, replaced whole, so a reader on another thread always sees a consistent pair.
+        self._children: tuple[float, list[Progress]] = (0, [])
+        self._fold_at = FOLD_CHILDREN_AT
 
     def increment(self, by: float = 1, state: str | None = None) -> None:
-        """Advance by ``by`` steps of this node, optionally with a new state label."""
-        root = self._root
-        if root._cancel_requested:
-            raise JobCancelled("The job was cancelled.")
-        try:
-            valid = by >= 0
-        except TypeError:
-            valid = False
-        if not valid or isinstance(by, bool):
-            raise ValueError(f"increment(by=...) must be a number >= 0, got {by!r}")
-        if state is not None:
-            root.state = state
-        self._advance(by)
+        """Advance by ``by`` steps of this node, optionally with a new state label.
 
-    def _advance(self, by: float) -> None:
+        Raises ``JobCancelled`` once the job was asked to stop.
+        """
+        root = self._root
+        if root._cancelled:
+            raise JobCancelled("The job was cancelled.")
+        if by.__class__ is not int or by < 0:
+            by = _checked_amount("increment(by=...)", by)
+        if state is not None:
+            root._label = state
         done = self.done + by
-        if done > self.total:
-            done = self.total
-        delta = done - self.done
-        self.done = done
-        if delta and self._parent is not None:
-            self._parent._advance(delta * self._scale)
+        # Clamping here keeps an overshooting stage from counting for more than it represents.
+        self.done = done if done < self.total else self.total
 
     def set_state(self, state: str) -> None:
         """Change the label without advancing."""
         self.increment(0, state=state)
 
+    @property
+    def state(self) -> str:
+        """The job's latest state label (shared by the whole tree)."""
+        return self._root._label
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._root._cancelled
+
+    def request_cancel(self) -> None:
+        """Make the next ``increment()`` anywhere in this tree raise ``JobCancelled``."""
+        self._root._cancelled = True
+
     def create_child(self, represents: float, total: float) -> Progress:
-        """A stage worth ``represents`` steps of this node, counting to its own ``total``."""
-        if not represents >= 0:
-            raise ValueError(f"represents must be a number >= 0, got {represents!r}")
+        """A stage worth ``represents`` steps of this node, counting to its own ``total``.
+
+        A child with ``total=0`` is complete at once.
+        """
         child = Progress(total)
-        child._parent = self
         child._root = self._root
-        child._represents = represents
-        child._set_total(total)
+        child._represents = _checked_amount("represents", represents)
+        folded, children = self._children
+        if len(children) < self._fold_at:
+            children.append(child)
+            return child
+        kept = []
+        for old in children:
+            if old.total > 0 and old.fraction() >= 1:
+                folded += old._represents
+            else:
+                kept.append(old)
+        kept.append(child)
+        self._fold_at = max(FOLD_CHILDREN_AT, 2 * len(kept))
+        self._children = (folded, kept)
         return child
 
-    def _set_total(self, total: float) -> None:
-        self.total = total
-        if self._parent is None:
-            return
-        if total > 0:
-            self._scale = self._represents / total
-        elif self.done == 0:
-            # An empty stage is complete at once.
-            self._parent._advance(self._represents)
+    def fraction(self) -> float:
+        """How much of this node is done, from 0.0 to 1.0, children included."""
+        total = self.total
+        if total <= 0:
+            return 1.0
+        folded, children = self._children
+        value = self.done + folded
+        for child in children:
+            value += child._represents * child.fraction()
+        return 1.0 if value >= total else value / total
+
+    @property
+    def percentage(self) -> int:
+        """Whole percent done, 0 to 100."""
+        return min(100, int(self.fraction() * 100 + 1e-9))
 
     def track(self, iterable: Iterable[T], state: str | None = None) -> Iterator[T]:
         """Yield from ``iterable``, incrementing by one after each item.
 
-        A sized iterable (``len()`` works) sets this node's total first.
+        A sized iterable (``len()`` works) on a node that has not counted anything yet sets
+        the node's total first.
         """
         if isinstance(iterable, Sized) and self.done == 0:
-            self._set_total(len(iterable))
+            self.total = len(iterable)
+        increment = self.increment
         for item in iterable:
             yield item
-            self.increment(1, state=state)
+            increment(1, state)
 
     def __repr__(self) -> str:
         return f"<Progress {self.done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"
+
+
+def _checked_amount(name: str, value: object) -> float:
+    """``value`` as a finite number >= 0, or a ``ValueError`` that says what was wrong."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, numbers.Real | decimal.Decimal) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):
+            number = float(value)
+            if math.isfinite(number) and number >= 0:
+                return number
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -10,20 +10,20 @@ back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
+from collections.abc import Iterator
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
 from task_ferry import signals
-from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobCancelled, JobFenced
 from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Job, JobState
-from task_ferry.monitor import JobMonitor
+from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.stores.base import get_store
 
 logger = logging.getLogger("task_ferry")
 
@@ -33,14 +33,48 @@ GENERIC_FAILURE = "Something went wrong while running this job."
 
 def reconnect_if_broken() -> None:
     """A dropped database connection must not stop us from recording how the job ended."""
-    if not connection.in_atomic_block:
-        connection.close_if_unusable_or_obsolete()
+    # Not close_if_unusable_or_obsolete(): with CONN_MAX_AGE = 0 every connection is
+    # "obsolete", and reconnecting would cost the cancel path several milliseconds.
+    if not connection.in_atomic_block and connection.errors_occurred:
+        if not connection.is_usable():
+            connection.close()
+        connection.errors_occurred = False
+
+
+@contextlib.contextmanager
+def commits_without_waiting_for_disk() -> Iterator[None]:
+    """Commits inside return before PostgreSQL has flushed them to disk.
+
+    Used for the move to ``cancelled``, so ``on_cancelled`` runs a millisecond after the request
+    instead of after a WAL flush. Only the ended state is at stake (the job's work is already
+    rolled back); a database crash that loses it leaves a started job the stale-job sweep ends.
+    """
+    # Inside a caller's transaction, the setting would change that transaction's commit too.
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        yield
+        return
+    # Session-level in autocommit mode: one round trip less than BEGIN + SET LOCAL + COMMIT.
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO OFF")
+    try:
+        yield
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET synchronous_commit")
+        except DatabaseError:
+            # Never leave the setting on a connection that later commits a job's work.
+            connection.close()
 
 
 class JobRun:
-    def __init__(self, job_id: int, *, heartbeat: bool = True) -> None:
+    def __init__(
+        self, job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
+    ) -> None:
         self.job_id = job_id
         self.heartbeat = heartbeat
+        # Given by executors that know it, to load the job in one query instead of two.
+        self.job_type_name = job_type_name
 
     def execute(self) -> Job | None:
         """Run the job if it is still pending. Returns the job, or None if it was not run.
@@ -48,27 +82,24 @@ class JobRun:
         Re-raises the job's own exception after the job is marked failed.
         """
         job = Job(pk=self.job_id)
-        if not transition(job, JobState.STARTED, from_states=[JobState.PENDING]):
+        # Losing this commit in a database crash only leaves the job pending (nothing of its
+        # work can commit before it), so it need not wait for the disk: one fsync less per job.
+        with commits_without_waiting_for_disk():
+            started = transition(job, JobState.STARTED, from_states=[JobState.PENDING])
+        if not started:
             # Cancelled before it started, or already taken by another delivery.
             logger.info("Job %s is not pending; not running it.", self.job_id)
             return None
-        job = Job.objects.get(pk=self.job_id).specific
+        job = self._load()
         job_type = job_type_registry.get(job.type)
         publish(job)
-        signals.job_started.send(sender=type(job), job=job)
+        signals.emit(signals.job_started, job)
         progress = Progress()
-        monitor = JobMonitor(
-            job,
-            progress,
-            get_store(),
-            publish_interval=ferry_settings.PUBLISH_INTERVAL,
-            heartbeat_interval=ferry_settings.HEARTBEAT_INTERVAL if self.heartbeat else None,
-        )
-        monitor.start()
+        watch = get_monitor().watch(job, progress, heartbeat=self.heartbeat)
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
-                _percentage, label = monitor.stop()
+                _percentage, label = watch.stop()
                 if not transition(
                     job,
                     JobState.FINISHED,
@@ -78,7 +109,7 @@ class JobRun:
                 ):
                     raise JobFenced(f"Job {job.pk} was ended elsewhere while it ran.")
         except JobCancelled:
-            self._end_cancelled(job, job_type, monitor)
+            self._end_cancelled(job, job_type, watch)
             return job
         except JobFenced:
             logger.warning(
@@ -86,29 +117,39 @@ class JobRun:
             )
             return job
         except Exception as exc:
-            self._end_failed(job, job_type, monitor, exc)
+            self._end_failed(job, job_type, watch, exc)
             raise
+        finally:
+            watch.stop()
         publish(job)
-        signals.job_finished.send(sender=type(job), job=job)
+        signals.emit(signals.job_finished, job)
         return job
 
-    def _end_cancelled(self, job: Job, job_type: JobType, monitor: JobMonitor) -> None:
-        percentage, label = monitor.stop()
-        reconnect_if_broken()
-        if not transition(
-            job,
-            JobState.CANCELLED,
-            from_states=[JobState.STARTED],
-            progress_percentage=percentage,
-            progress_state=label,
-        ):
-            return
-        JobHandler._after_cancelled(job)
+    def _load(self) -> Job:
+        """The job as its type's own model."""
+        if self.job_type_name is not None and self.job_type_name in job_type_registry:
+            model = job_type_registry.get(self.job_type_name).model_class
+            job = model._default_manager.filter(pk=self.job_id).first()
+            if job is not None and job.type == self.job_type_name:
+                return job
+        return Job.objects.get(pk=self.job_id).specific
 
-    def _end_failed(
-        self, job: Job, job_type: JobType, monitor: JobMonitor, exc: BaseException
-    ) -> None:
-        percentage, label = monitor.stop()
+    def _end_cancelled(self, job: Job, job_type: JobType, watch: Watch) -> None:
+        percentage, label = watch.stop()
+        reconnect_if_broken()
+        with commits_without_waiting_for_disk():
+            moved = transition(
+                job,
+                JobState.CANCELLED,
+                from_states=[JobState.STARTED],
+                progress_percentage=percentage,
+                progress_state=label,
+            )
+        if moved:
+            JobHandler._after_cancelled(job)
+
+    def _end_failed(self, job: Job, job_type: JobType, watch: Watch, exc: BaseException) -> None:
+        percentage, label = watch.stop()
         reconnect_if_broken()
         error = f"{type(exc).__name__}: {exc}"
         human = getattr(exc, "human_readable_error", None) or GENERIC_FAILURE
@@ -129,4 +170,4 @@ class JobRun:
             job_type.on_error(job, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.job_failed.send(sender=type(job), job=job, exc=exc)
+        signals.emit(signals.job_failed, job, exc=exc)

@@ -39,10 +39,18 @@ def isoformat(value: datetime.datetime | None) -> str | None:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
-def truncate_state(label: str) -> str:
-    return (
-        label if len(label) <= STATE_LABEL_MAX_LENGTH else label[: STATE_LABEL_MAX_LENGTH - 1] + "…"
-    )
+def truncate_state(label: object) -> str:
+    """The label as it fits the ``progress_state`` column: longer ones are cut, not refused."""
+    text = label if isinstance(label, str) else str(label)
+    if len(text) <= STATE_LABEL_MAX_LENGTH:
+        return text
+    return text[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+
+
+def cancel_token(job: Job) -> str:
+    """Tells a job from an earlier one with the same id (ids can be reused, e.g. on SQLite), so
+    a stale cancel request left in the store never stops a new job."""
+    return isoformat(job.created_at) or ""
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:

@@ -1,6 +1,16 @@
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.cache import caches
 from rest_framework.test import APIClient
+
+
+@pytest.fixture(autouse=True)
+def _forget_cached_snapshots():
+    """SQLite hands out the ids of rolled-back rows again, so a snapshot that an earlier test
+    left in the local-memory cache would pose as a new job's progress."""
+    yield
+    for cache in caches.all(initialized_only=True):
+        cache.clear()
 
 
 @pytest.fixture
@@ -18,3 +28,13 @@ def api(user):
     client = APIClient()
     client.force_authenticate(user)
     return client
+
+
+@pytest.fixture(autouse=True)
+def _forget_cached_snapshots():
+    """SQLite reuses job ids across tests: a snapshot or cancel request a test left in the
+    in-process cache store must not describe the next test's job with the same id."""
+    yield
+    from django.core.cache import caches
+
+    caches["default"].clear()

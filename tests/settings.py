@@ -93,12 +93,23 @@ STORE = os.environ.get("TASK_FERRY_TEST_STORE", "redis")
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
+# One id per test run, inherited by the worker processes the tests start through os.environ.
+RUN_ID = os.environ.setdefault("TASK_FERRY_TEST_RUN_ID", uuid.uuid4().hex[:8])
+
 TASK_FERRY = {
     "EXECUTOR": "task_ferry.executors.immediate.ImmediateExecutor",
     "REDIS_URL": REDIS_URL if STORE == "redis" else None,
     # Each test run gets its own keys, so snapshots of an earlier run never leak in.
-    "KEY_PREFIX": f"tf-test-{uuid.uuid4().hex[:8]}",
+    "KEY_PREFIX": f"tf-test-{RUN_ID}",
+    # Only DjangoTasksExecutor reads it; its own alias keeps other runs' db_workers away.
+    "TASKS_BACKEND": f"tf-test-{RUN_ID}",
 }
+
+if HAS_DJANGO_TASKS_DB:
+    # An empty QUEUES allows every queue name.
+    TASKS = {
+        TASK_FERRY["TASKS_BACKEND"]: {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}
+    }
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -113,3 +124,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"task_ferry": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+# Fast hashing keeps user fixtures cheap; never do this outside tests.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

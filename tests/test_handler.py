@@ -86,6 +86,17 @@ def test_max_count_limits_unfinished_jobs_per_user_and_type(db, user, other_user
     JobHandler.create_and_start(user, "scripted")
 
 
+def test_max_count_with_the_lazy_user_of_a_session_request(db, user, no_dispatch):
+    # AuthenticationMiddleware hands views request.user as a SimpleLazyObject.
+    from django.utils.functional import SimpleLazyObject
+
+    lazy_user = SimpleLazyObject(lambda: user)
+    JobHandler.create_and_start(lazy_user, "limited")
+    JobHandler.create_and_start(lazy_user, "limited")
+    with pytest.raises(MaxJobCountExceeded):
+        JobHandler.create_and_start(lazy_user, "limited")
+
+
 def test_ended_jobs_free_their_max_count_slot(db, user, no_dispatch):
     first = JobHandler.create_and_start(user, "limited")
     JobHandler.create_and_start(user, "limited")
@@ -207,3 +218,19 @@ def test_cleanup_honours_job_expiry_days(db, user, settings):
     assert JobHandler.cleanup_old_jobs() == 0
     settings.TASK_FERRY = {**settings.TASK_FERRY, "JOB_EXPIRY_DAYS": 2}
     assert JobHandler.cleanup_old_jobs() == 1
+
+
+def test_live_handles_do_not_keep_jobs_alive(db, user, no_dispatch):
+    import gc
+    import weakref
+
+    from task_ferry.handler import live_handles
+
+    job = JobHandler.create_and_start(user, "scripted")
+    ref = weakref.ref(job)
+    job_id = job.pk
+    del job
+    gc.collect()
+    assert ref() is None
+    live_handles._prune()
+    assert job_id not in live_handles._refs

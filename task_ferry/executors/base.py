@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from django.core.checks import CheckMessage, Error
 from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import TaskFerryImproperlyConfigured
+
+if TYPE_CHECKING:
+    from task_ferry.models import Job
 
 
 class BaseExecutor(ABC):
@@ -25,6 +29,11 @@ class BaseExecutor(ABC):
     @abstractmethod
     def enqueue(self, job_id: int) -> None:
         """Arrange for ``JobHandler.run_job(job_id)`` to be called."""
+
+    def enqueue_job(self, job: Job) -> None:
+        """Dispatch a job the handler has just created. Executors that route by job type
+        override this to read the type from ``job`` instead of querying it by id."""
+        self.enqueue(job.pk)
 
     def check(self) -> list[CheckMessage]:
         """System-check messages about this executor's configuration."""

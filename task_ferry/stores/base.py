@@ -14,11 +14,15 @@ from task_ferry.conf import ferry_settings
 
 
 class CancelListener(ABC):
-    """Waits for a cancel request of one job. Used by the job's monitor thread."""
+    """Receives the cancel requests of every job, pushed by the store. One per worker process,
+    held by the process's monitor thread."""
 
     @abstractmethod
-    def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True once a cancel request has arrived."""
+    def wait(self, timeout: float) -> list[int]:
+        """Block up to ``timeout`` seconds for cancel requests; the ids of jobs asked to stop.
+
+        Raises ``ProgressStoreUnavailable`` when the connection is lost; open a new listener.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the listener's connection."""
@@ -28,7 +32,8 @@ class ProgressStore(ABC):
     """Keeps job snapshots and cancel requests. Every method may raise
     ``ProgressStoreUnavailable``; callers on a job's path catch it and carry on."""
 
-    #: True when ``cancel_listener`` pushes requests instead of polling for them.
+    #: True when ``cancel_listener()`` pushes cancel requests; otherwise they are polled with
+    #: ``cancel_requests()`` once per ``PUBLISH_INTERVAL``.
     supports_push: bool = False
 
     def __init__(self, *, timeout: int, key_prefix: str) -> None:
@@ -44,9 +49,19 @@ class ProgressStore(ABC):
     def events_channel(self, job_id: int) -> str:
         return f"{self.key_prefix}:events:{job_id}"
 
+    @property
+    def cancel_channel(self) -> str:
+        """Where push stores announce cancel requests (the message is the job id)."""
+        return f"{self.key_prefix}:cancel"
+
     @abstractmethod
     def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
         """Store the job's newest snapshot and announce it to listeners."""
+
+    def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
+        """``write()`` several jobs' snapshots; stores override this to do it in one go."""
+        for job_id, snapshot in snapshots.items():
+            self.write(job_id, snapshot)
 
     @abstractmethod
     def read(self, job_id: int) -> dict[str, Any] | None:
@@ -57,36 +72,31 @@ class ProgressStore(ABC):
         """Snapshots of several jobs at once; jobs without one are left out."""
 
     @abstractmethod
-    def request_cancel(self, job_id: int) -> None:
-        """Record a cancel request and wake the job's listener."""
+    def request_cancel(self, job_id: int, token: str = "") -> None:
+        """Record a cancel request and wake the monitor running the job.
+
+        ``token`` (``snapshot.cancel_token(job)``) tells the job apart from an earlier one that
+        had the same id, whose request may still be stored.
+        """
 
     @abstractmethod
-    def is_cancel_requested(self, job_id: int) -> bool: ...
+    def cancel_requests(self, job_ids: Iterable[int]) -> dict[int, str]:
+        """The stored cancel requests of these jobs, as job id -> token."""
+
+    def is_cancel_requested(self, job_id: int) -> bool:
+        return job_id in self.cancel_requests([job_id])
 
     @abstractmethod
     def delete(self, job_ids: Iterable[int]) -> None:
         """Forget the jobs' snapshots and cancel requests."""
 
-    def cancel_listener(self, job_id: int) -> CancelListener:
-        """A listener that polls ``is_cancel_requested``; push stores override this."""
-        return PollingCancelListener(self, job_id)
+    def cancel_listener(self) -> CancelListener:
+        """A listener for cancel requests of all jobs; only push stores have one."""
+        raise NotImplementedError(f"{type(self).__name__} does not push cancel requests.")
 
     def check(self) -> list[CheckMessage]:
         """System-check messages about this store's configuration."""
         return []
-
-
-class PollingCancelListener(CancelListener):
-    def __init__(self, store: ProgressStore, job_id: int) -> None:
-        import threading
-
-        self.store = store
-        self.job_id = job_id
-        self._sleep = threading.Event()
-
-    def wait(self, timeout: float) -> bool:
-        self._sleep.wait(timeout)
-        return self.store.is_cancel_requested(self.job_id)
 
 
 def default_store_path() -> str:

@@ -37,6 +37,11 @@ class CacheProgressStore(ProgressStore):
     def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
         self._call("set", self.snapshot_key(job_id), snapshot, self.timeout)
 
+    def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
+        values = {self.snapshot_key(i): snapshot for i, snapshot in snapshots.items()}
+        if values:
+            self._call("set_many", values, self.timeout)
+
     def read(self, job_id: int) -> dict[str, Any] | None:
         value: dict[str, Any] | None = self._call("get", self.snapshot_key(job_id))
         return value
@@ -48,11 +53,15 @@ class CacheProgressStore(ProgressStore):
         found = self._call("get_many", list(keys))
         return {keys[key]: value for key, value in found.items()}
 
-    def request_cancel(self, job_id: int) -> None:
-        self._call("set", self.cancel_key(job_id), True, self.timeout)
+    def request_cancel(self, job_id: int, token: str = "") -> None:
+        self._call("set", self.cancel_key(job_id), token, self.timeout)
 
-    def is_cancel_requested(self, job_id: int) -> bool:
-        return bool(self._call("get", self.cancel_key(job_id)))
+    def cancel_requests(self, job_ids: Iterable[int]) -> dict[int, str]:
+        keys = {self.cancel_key(i): i for i in job_ids}
+        if not keys:
+            return {}
+        found = self._call("get_many", list(keys))
+        return {keys[key]: str(value) for key, value in found.items() if value is not None}
 
     def delete(self, job_ids: Iterable[int]) -> None:
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]

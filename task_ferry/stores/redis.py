@@ -33,11 +33,17 @@ class RedisProgressStore(ProgressStore):
         )
 
     def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
-        payload = json.dumps(snapshot, separators=(",", ":"))
+        self.write_many({job_id: snapshot})
+
+    def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
+        if not snapshots:
+            return
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(self.snapshot_key(job_id), payload, ex=self.timeout)
-            pipe.publish(self.events_channel(job_id), payload)
+            for job_id, snapshot in snapshots.items():
+                payload = json.dumps(snapshot, separators=(",", ":"))
+                pipe.set(self.snapshot_key(job_id), payload, ex=self.timeout)
+                pipe.publish(self.events_channel(job_id), payload)
             pipe.execute()
         except redis.RedisError as exc:
             raise ProgressStoreUnavailable(
@@ -70,24 +76,34 @@ class RedisProgressStore(ProgressStore):
             ) from exc
         return {i: json.loads(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
-    def request_cancel(self, job_id: int) -> None:
+    def request_cancel(self, job_id: int, token: str = "") -> None:
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(self.cancel_key(job_id), b"1", ex=self.timeout)
-            pipe.publish(self.cancel_key(job_id), b"1")
+            # The key covers a job whose worker subscribes later; the message wakes one already
+            # running.
+            pipe.set(self.cancel_key(job_id), token, ex=self.timeout)
+            pipe.publish(self.cancel_channel, str(job_id))
             pipe.execute()
         except redis.RedisError as exc:
             raise ProgressStoreUnavailable(
                 f"Could not record the cancel request in Redis at {self.url}: {exc}"
             ) from exc
 
-    def is_cancel_requested(self, job_id: int) -> bool:
+    def cancel_requests(self, job_ids: Iterable[int]) -> dict[int, str]:
+        ids = list(job_ids)
+        if not ids:
+            return {}
         try:
-            return bool(self.client.exists(self.cancel_key(job_id)))
+            values = self.client.mget([self.cancel_key(i) for i in ids])
         except redis.RedisError as exc:
             raise ProgressStoreUnavailable(
                 f"Could not read from Redis at {self.url}: {exc}"
             ) from exc
+        return {
+            i: v.decode() if isinstance(v, bytes) else str(v)
+            for i, v in zip(ids, values, strict=True)
+            if v is not None
+        }
 
     def delete(self, job_ids: Iterable[int]) -> None:
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
@@ -100,8 +116,8 @@ class RedisProgressStore(ProgressStore):
                 f"Could not delete from Redis at {self.url}: {exc}"
             ) from exc
 
-    def cancel_listener(self, job_id: int) -> CancelListener:
-        return RedisCancelListener(self, job_id)
+    def cancel_listener(self) -> CancelListener:
+        return RedisCancelListener(self)
 
     def check(self) -> list[CheckMessage]:
         try:
@@ -119,40 +135,34 @@ class RedisProgressStore(ProgressStore):
 
 
 class RedisCancelListener(CancelListener):
-    """Subscribes to the job's cancel channel, then checks the key for a request made earlier."""
+    """A subscription to the store's cancel channel, on a connection of its own."""
 
-    def __init__(self, store: RedisProgressStore, job_id: int) -> None:
+    def __init__(self, store: RedisProgressStore) -> None:
         self.store = store
-        self.job_id = job_id
-        self.pubsub: PubSub | None = store.client.pubsub(ignore_subscribe_messages=True)
-        self._cancelled = False
+        # Subscribe confirmations are skipped here: redis-py would turn them into None, which
+        # looks like "nothing arrived" and would end a wait early.
+        self.pubsub: PubSub = store.client.pubsub()
         try:
-            self.pubsub.subscribe(store.cancel_key(job_id))
-            self._cancelled = store.is_cancel_requested(job_id)
-        except (redis.RedisError, ProgressStoreUnavailable):
-            self.pubsub = None
+            self.pubsub.subscribe(store.cancel_channel)
+        except redis.RedisError as exc:
+            self.close()
+            raise ProgressStoreUnavailable(
+                f"Could not subscribe to cancel requests in Redis at {store.url}: {exc}"
+            ) from exc
 
-    def wait(self, timeout: float) -> bool:
-        if self._cancelled:
-            return True
-        if self.pubsub is None:
-            # Redis was down when the job started: poll until it is back.
-            self._cancelled = self.store.is_cancel_requested(self.job_id)
-            if not self._cancelled:
-                import time
-
-                time.sleep(timeout)
-            return self._cancelled
+    def wait(self, timeout: float) -> list[int]:
+        job_ids: list[int] = []
         try:
             message = self.pubsub.get_message(timeout=timeout)
+            while message is not None:
+                if message["type"] == "message":
+                    with contextlib.suppress(ValueError):
+                        job_ids.append(int(message["data"]))
+                message = self.pubsub.get_message(timeout=0)
         except redis.RedisError as exc:
-            self.pubsub = None
             raise ProgressStoreUnavailable(f"Lost the Redis cancel channel: {exc}") from exc
-        if message is not None and message.get("type") == "message":
-            self._cancelled = True
-        return self._cancelled
+        return job_ids
 
     def close(self) -> None:
-        if self.pubsub is not None:
-            with contextlib.suppress(redis.RedisError):
-                self.pubsub.close()
+        with contextlib.suppress(redis.RedisError):
+            self.pubsub.close()

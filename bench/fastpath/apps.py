@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class FastpathBenchConfig(AppConfig):
+    name = "bench.fastpath"
+    label = "fastpath_bench"

@@ -1,0 +1,433 @@
+"""Job-layer throughput against bare Celery, end to end, on one Celery worker.
+
+    make bench-throughput
+    # or, from the repository root:
+    python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--synchronous-commit off]
+
+Starts its own redis-server (broker and progress store, so Redis INFO commandstats count only
+this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each round times:
+
+- job layer: from the first ``JobHandler.create_and_start`` until all N jobs show finished in
+  PostgreSQL (each job ticks ``--ticks`` times);
+- bare Celery: from the first ``send_task`` until N plain tasks doing the same ticks have run
+  (each ends with one Redis INCR, so the benchmark can see it is done).
+
+Prints both rates, their ratio (target: job layer >= 50% of bare Celery), and per job the
+database queries (producer and worker, counted by a Django execute wrapper) and the Redis
+commands (commandstats delta). Needs PostgreSQL on 127.0.0.1:5432 and ``redis-server`` on
+PATH; the database TASK_FERRY_TEST_DB_NAME (default task_ferry_bench) is created if missing.
+
+This module is also the worker's Celery app (``celery -A bench.throughput``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.workers.celery_settings")
+os.environ.setdefault("TASK_FERRY_TEST_DB_NAME", "task_ferry_bench")
+os.environ.setdefault("TASK_FERRY_TEST_KEY_PREFIX", "tf-bench")
+
+from celery import Celery, signals  # noqa: E402
+
+app = Celery("bench")
+app.conf.broker_url = os.environ.get("TASK_FERRY_TEST_BROKER_URL")
+app.autodiscover_tasks(["task_ferry"])
+# As docs/executors.md recommends: keep database connections across tasks.
+app.conf.CELERY_DB_REUSE_MAX = 1000
+
+BARE_DONE_KEY = "bench:bare-done"
+QUERY_COUNTS_DIR = os.environ.get("TASK_FERRY_BENCH_COUNTS_DIR")
+
+query_counter = itertools.count()
+queries_seen = 0
+
+
+def count_query(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    global queries_seen
+    queries_seen = next(query_counter) + 1
+    return execute(sql, params, many, context)
+
+
+def count_queries_on(sender: Any, connection: Any, **kwargs: Any) -> None:
+    # Fired on every reconnect of the same connection object: wrap it once.
+    if count_query not in connection.execute_wrappers:
+        connection.execute_wrappers.append(count_query)
+
+
+@app.task(name="bench.bare_ticks", ignore_result=True)
+def bare_ticks(ticks: int) -> None:
+    """The same work as a benchmark job, without the job layer."""
+    tick(ticks)
+    bare_redis().incr(BARE_DONE_KEY)
+
+
+_bare_redis: Any = None
+
+
+def bare_redis() -> Any:
+    global _bare_redis
+    if _bare_redis is None:
+        import redis
+
+        _bare_redis = redis.Redis.from_url(os.environ["TASK_FERRY_TEST_REDIS_URL"])
+    return _bare_redis
+
+
+def tick(ticks: int) -> Any:
+    """The work of one benchmark job or task: a few progress ticks."""
+    from task_ferry.progress import Progress
+
+    progress = Progress()
+    stage = progress.create_child(represents=100, total=ticks)
+    for i in range(ticks):
+        stage.increment(state=f"step {i + 1} of {ticks}")
+    return progress
+
+
+def register_job_type() -> None:
+    """A job type whose run() only ticks: the same work as a bare task, no writes of its own."""
+    from task_ferry.registry import JobType, job_type_registry
+    from tests.testapp.models import ScriptedJob
+
+    class TicksJobType(JobType):
+        type = "bench_ticks"
+        model_class = ScriptedJob
+
+        def run(self, job: Any, progress: Any) -> None:
+            stage = progress.create_child(represents=100, total=job.steps)
+            for i in range(job.steps):
+                stage.increment(state=f"step {i + 1} of {job.steps}")
+
+    if "bench_ticks" not in job_type_registry:
+        job_type_registry.register(TicksJobType())
+
+
+@signals.worker_process_init.connect
+def prepare_worker_process(**kwargs: Any) -> None:
+    from django.db.backends.signals import connection_created
+
+    connection_created.connect(count_queries_on, weak=False)
+    register_job_type()
+
+
+@signals.task_postrun.connect
+def report_queries(**kwargs: Any) -> None:
+    if QUERY_COUNTS_DIR:
+        Path(QUERY_COUNTS_DIR, str(os.getpid())).write_text(str(queries_seen))
+
+
+def worker_queries(counts_dir: str) -> int:
+    return sum(int(p.read_text() or 0) for p in Path(counts_dir).iterdir())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+
+    def accepts() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(accepts, 10, "redis-server")
+    return server, port
+
+
+def ensure_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def command_stats(client: Any) -> collections.Counter[str]:
+    stats = client.info("commandstats")
+    return collections.Counter(
+        {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+    )
+
+
+def start_worker(queue: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+    log = Path(tempfile.mkstemp(prefix="tf-bench-worker-", suffix=".log")[1])
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench.throughput",
+        "worker",
+        "--pool=prefork",
+        "--concurrency=2",
+        f"--queues={queue}",
+        "--loglevel=WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        f"--hostname=tf-bench-{uuid.uuid4().hex[:6]}@%h",
+    ]
+    with log.open("wb") as out:
+        worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return worker, log
+
+
+class Bench:
+    def __init__(
+        self, jobs: int, ticks: int, queue: str, store_redis: Any, counts: str, producers: int
+    ) -> None:
+        self.producers = producers
+        self.jobs = jobs
+        self.ticks = ticks
+        self.queue = queue
+        self.redis = store_redis
+        self.counts_dir = counts
+
+    def produce(self, n: int, make_one: Any) -> None:
+        """Call ``make_one`` n times, from ``self.producers`` threads (like concurrent requests)."""
+        if self.producers == 1:
+            for _ in range(n):
+                make_one()
+            return
+        from django.db import connection
+
+        def producer(count: int) -> None:
+            try:
+                for _ in range(count):
+                    make_one()
+            finally:
+                connection.close()
+
+        shares = [n // self.producers + (i < n % self.producers) for i in range(self.producers)]
+        threads = [threading.Thread(target=producer, args=(share,)) for share in shares]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def run_jobs(self, n: int) -> dict[str, float]:
+        from task_ferry.handler import JobHandler
+        from task_ferry.models import Job, JobState
+
+        first_id = (Job.objects.order_by("-pk").values_list("pk", flat=True).first() or 0) + 1
+        redis_before = command_stats(self.redis)
+        worker_before = worker_queries(self.counts_dir)
+        producer_before = queries_seen
+        start = time.perf_counter()
+        self.produce(n, lambda: JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks))
+        created = time.perf_counter() - start
+        producer_queries = queries_seen - producer_before
+        finished = Job.objects.filter(pk__gte=first_id, state=JobState.FINISHED)
+        polls_before = queries_seen
+        wait_until(lambda: finished.count() >= n, 300, "jobs to finish", interval=0.02)
+        elapsed = time.perf_counter() - start
+        polls = queries_seen - polls_before
+        # The last worker process reports its count when its task ends; give it a moment.
+        time.sleep(0.3)
+        redis_delta = command_stats(self.redis) - redis_before
+        not_finished = Job.objects.filter(pk__gte=first_id).exclude(state=JobState.FINISHED)
+        assert not not_finished.exists(), "some benchmark jobs did not finish"
+        return {
+            "seconds": elapsed,
+            "rate": n / elapsed,
+            "producer_queries": producer_queries / n,
+            "worker_queries": (worker_queries(self.counts_dir) - worker_before) / n,
+            "redis_commands": (sum(redis_delta.values()) - 1) / n,  # less INFO itself
+            "redis_breakdown": redis_delta,  # type: ignore[dict-item]
+            "polls": polls,
+            "producer_seconds": created,
+        }
+
+    def run_bare(self, n: int) -> dict[str, float]:
+        self.redis.delete(BARE_DONE_KEY)
+        redis_before = command_stats(self.redis)
+        start = time.perf_counter()
+        self.produce(
+            n, lambda: app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
+        )
+        created = time.perf_counter() - start
+        polls = 0
+
+        def done() -> bool:
+            nonlocal polls
+            polls += 1
+            return int(self.redis.get(BARE_DONE_KEY) or 0) >= n
+
+        wait_until(done, 300, "bare tasks to finish", interval=0.02)
+        elapsed = time.perf_counter() - start
+        redis_delta = command_stats(self.redis) - redis_before
+        return {
+            "seconds": elapsed,
+            "rate": n / elapsed,
+            "redis_commands": (sum(redis_delta.values()) - polls - 1 - 1) / n,
+            "redis_breakdown": redis_delta,  # type: ignore[dict-item]
+            "producer_seconds": created,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--ticks", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--breakdown", action="store_true", help="print Redis commands by name")
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=["on", "off"],
+        default="on",
+        help="PostgreSQL synchronous_commit of the benchmark's connections (default: on)",
+    )
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=1,
+        help="threads calling create_and_start / send_task, like concurrent requests (default: 1)",
+    )
+    parser.add_argument(
+        "--conn-max-age",
+        type=int,
+        default=600,
+        help="CONN_MAX_AGE of producer and worker (0 reconnects for every task; default: 600)",
+    )
+    args = parser.parse_args()
+
+    ensure_database(os.environ["TASK_FERRY_TEST_DB_NAME"])
+    server, port = start_redis()
+    counts_dir = tempfile.mkdtemp(prefix="tf-bench-queries-")
+    queue = f"tf-bench-{uuid.uuid4().hex[:8]}"
+    os.environ.update(
+        TASK_FERRY_TEST_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        TASK_FERRY_TEST_BROKER_URL=f"redis://127.0.0.1:{port}/1",
+        TASK_FERRY_TEST_STORE="redis",
+        TASK_FERRY_TEST_DB="postgresql",
+        TASK_FERRY_BENCH_COUNTS_DIR=counts_dir,
+        TASK_FERRY_TEST_SYNCHRONOUS_COMMIT=args.synchronous_commit,
+        TASK_FERRY_TEST_CONN_MAX_AGE=str(args.conn_max_age),
+    )
+    app.conf.broker_url = os.environ["TASK_FERRY_TEST_BROKER_URL"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    worker = None
+    try:
+        import django
+
+        django.setup()
+        from django.conf import settings
+        from django.core.management import call_command
+        from django.db.backends.signals import connection_created
+
+        call_command("migrate", verbosity=0)
+        settings.TASK_FERRY = {
+            **settings.TASK_FERRY,
+            "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+            "CELERY_QUEUE": queue,
+        }
+        from task_ferry.conf import ferry_settings
+        from task_ferry.models import Job
+
+        ferry_settings.reload()
+        register_job_type()
+        Job.objects.all().delete()
+        from django.db import connection
+
+        count_queries_on(None, connection)
+        connection_created.connect(count_queries_on, weak=False)
+
+        worker, log = start_worker(queue, env)
+        import redis
+
+        store_redis = redis.Redis.from_url(os.environ["TASK_FERRY_TEST_REDIS_URL"])
+        bench = Bench(args.jobs, args.ticks, queue, store_redis, counts_dir, args.producers)
+        # Warm up both paths: worker imports, connections, the prefork pool.
+        bench.run_jobs(20)
+        bench.run_bare(20)
+
+        job_rounds: list[dict[str, Any]] = []
+        bare_rounds: list[dict[str, Any]] = []
+        for i in range(args.rounds):
+            bare_rounds.append(bench.run_bare(args.jobs))
+            job_rounds.append(bench.run_jobs(args.jobs))
+            bare, jobs = bare_rounds[-1], job_rounds[-1]
+            print(
+                f"round {i + 1}: bare {bare['rate']:6.1f}/s ({bare['seconds']:.2f}s, sending "
+                f"{bare['producer_seconds']:.2f}s)  jobs {jobs['rate']:6.1f}/s "
+                f"({jobs['seconds']:.2f}s, creating {jobs['producer_seconds']:.2f}s)",
+                flush=True,
+            )
+        report(args, job_rounds, bare_rounds)
+        if worker.poll() is not None:
+            print(log.read_text(), file=sys.stderr)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            worker.wait(30)
+        server.terminate()
+        server.wait(10)
+
+
+def report(args: Any, job_rounds: list[dict[str, Any]], bare_rounds: list[dict[str, Any]]) -> None:
+    job_rate = statistics.median(r["rate"] for r in job_rounds)
+    bare_rate = statistics.median(r["rate"] for r in bare_rounds)
+    ratio = job_rate / bare_rate
+    last_job, last_bare = job_rounds[-1], bare_rounds[-1]
+    print()
+    print(
+        f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
+        f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
+        f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}, "
+        f"{args.producers} producer thread(s)"
+    )
+    print(f"bare Celery   {bare_rate:8.1f} tasks/s")
+    print(f"job layer     {job_rate:8.1f} jobs/s")
+    print(f"ratio         {ratio:8.1%}  (target >= 50%)  {'OK' if ratio >= 0.5 else 'BELOW'}")
+    print(
+        f"DB queries per job: {last_job['producer_queries']:.1f} at create_and_start, "
+        f"{last_job['worker_queries']:.1f} in the worker"
+    )
+    print(
+        f"Redis commands per job: {last_job['redis_commands']:.1f} "
+        f"(bare Celery: {last_bare['redis_commands']:.1f} per task)"
+    )
+    if args.breakdown:
+        for name, breakdown in (("job", last_job), ("bare", last_bare)):
+            counts = breakdown["redis_breakdown"]
+            print(
+                f"  {name}: "
+                + ", ".join(f"{k} {v / args.jobs:.2f}" for k, v in counts.most_common())
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``manage.py runexample``: everything the example needs, in one command.
+
+Migrates the database, creates the demo user, starts ``db_worker`` as a child process, runs the
+development server (or uvicorn with ``--asgi``), and stops the worker when the server stops
+(Ctrl-C).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandParser
+from project.demo_login import get_demo_user
+
+MANAGE_PY = Path(__file__).resolve().parents[3] / "manage.py"
+# Seconds the worker gets to finish its current job before it is stopped hard.
+WORKER_GRACE_SECONDS = 5
+
+
+class Command(BaseCommand):
+    help = "Run the example: migrate, create the demo user, start db_worker and the dev server."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "addrport",
+            nargs="?",
+            default=f"127.0.0.1:{os.environ.get('PORT', '8000')}",
+            help="Address and port of the development server (default: 127.0.0.1:$PORT or 8000).",
+        )
+        parser.add_argument(
+            "--asgi",
+            action="store_true",
+            help="Serve with uvicorn (ASGI) instead of the development server; with REDIS_URL "
+            "set, progress bars then get a pushed event stream.",
+        )
+        parser.add_argument(
+            "--worker-interval",
+            type=float,
+            default=0.5,
+            help="Seconds the idle worker waits between looks at the task queue.",
+        )
+
+    def handle(
+        self, *args: Any, addrport: str, asgi: bool, worker_interval: float, **options: Any
+    ) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
+        user = get_demo_user()
+        self.stdout.write(f"Database ready; demo user {user.get_username()!r}.")
+
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                str(MANAGE_PY),
+                "db_worker",
+                "--no-reload",
+                "--no-startup-delay",
+                "--interval",
+                str(worker_interval),
+            ],
+            env=os.environ.copy(),
+        )
+        self.stdout.write(f"db_worker started (pid {worker.pid}).")
+        # A plain `kill` must stop the worker too, through the finally clause below.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+        signal.signal(signal.SIGINT, self._interrupt)
+        self.interrupted = False
+        try:
+            self.stdout.write(self.style.SUCCESS(f"Open http://{addrport}/ (Ctrl-C to stop)."))
+            if asgi:
+                self._serve_asgi(addrport)
+            else:
+                call_command("runserver", addrport, use_reloader=False)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            # Ctrl-C reached the worker too (same process group): let it finish on its own.
+            self._stop(worker, signalled=self.interrupted)
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def _serve_asgi(self, addrport: str) -> None:
+        import uvicorn
+
+        host, _, port = addrport.rpartition(":")
+        uvicorn.run(
+            "project.asgi:application",
+            host=host or "127.0.0.1",
+            port=int(port),
+            # Open event streams must not hold up Ctrl-C.
+            timeout_graceful_shutdown=2,
+        )
+
+    def _stop(self, worker: subprocess.Popen[bytes], *, signalled: bool) -> None:
+        # db_worker finishes its current job on the first signal and stops on the second.
+        if not signalled:
+            worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(WORKER_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            worker.send_signal(signal.SIGTERM if signalled else signal.SIGKILL)
+            try:
+                worker.wait(WORKER_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        self.stdout.write(f"db_worker stopped (exit code {worker.returncode}).")

@@ -1,0 +1,27 @@
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from task_ferry.models import Job
+
+
+def default_export_seconds() -> float:
+    return settings.EXPORT_DEFAULT_SECONDS
+
+
+class ExportJob(Job):
+    """A CSV export of a (generated) sales table, written to a gzip file."""
+
+    rows = models.PositiveIntegerField(
+        default=5000, validators=[MinValueValidator(1), MaxValueValidator(1_000_000)]
+    )
+    # How long the export should take, so a person can watch the bar move.
+    seconds = models.FloatField(
+        default=default_export_seconds, validators=[MinValueValidator(0), MaxValueValidator(600)]
+    )
+    output_path = models.CharField(max_length=500, blank=True)
+    output_size = models.PositiveBigIntegerField(null=True, blank=True)
+
+    @property
+    def output_name(self) -> str:
+        return f"export-{self.pk}.csv.gz"

@@ -1,0 +1,159 @@
+"""Tests of the example app: ``python example/manage.py test exports`` (``make test-example``)."""
+
+import contextlib
+import gzip
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import MiddlewareNotUsed
+from django.test import TestCase, override_settings
+from project.demo_login import DemoLoginMiddleware
+
+from task_ferry.exceptions import JobCancelled
+from task_ferry.handler import JobHandler
+from task_ferry.models import JobState
+from task_ferry.progress import Progress
+
+from .job_types import ExportJobType
+from .models import ExportJob
+
+IMMEDIATE = {
+    "EXECUTOR": "task_ferry.executors.immediate.ImmediateExecutor",
+    "CACHE_ALIAS": "default",
+}
+
+
+class ExportTestCase(TestCase):
+    def setUp(self) -> None:
+        export_dir = tempfile.TemporaryDirectory()
+        self.addCleanup(export_dir.cleanup)
+        self.export_dir = Path(export_dir.name)
+        overrides = override_settings(EXPORT_DIR=self.export_dir, TASK_FERRY=IMMEDIATE)
+        overrides.enable()
+        self.addCleanup(overrides.disable)
+        self.user = get_user_model().objects.create_user("ada")
+
+
+class ExportJobTypeTests(ExportTestCase):
+    def test_export_writes_every_row_to_a_gzip_csv(self) -> None:
+        job = JobHandler.create_and_start(self.user, "example_export", rows=250, seconds=0)
+        job.refresh_from_db()
+        self.assertEqual(job.state, JobState.FINISHED)
+        self.assertEqual(job.progress_percentage, 100)
+        path = Path(job.output_path)
+        self.assertEqual(path, self.export_dir / f"export-{job.pk}.csv.gz")
+        self.assertEqual(job.output_size, path.stat().st_size)
+        lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+        self.assertEqual(lines[0], "id,date,region,product,quantity,amount")
+        self.assertEqual(len(lines), 251)
+        self.assertEqual([line.split(",")[0] for line in lines[1:4]], ["1", "2", "3"])
+
+    def test_stages_fill_the_bar_by_their_weights(self) -> None:
+        job = make_job(self.user, rows=100)
+        reached: dict[str, int] = {}
+
+        def record(node: Progress) -> None:
+            reached[node._root.state.split(":")[0]] = node._root.percentage
+
+        progress = Progress()
+        with on_increment(record):
+            ExportJobType().run(job, progress)
+        self.assertEqual(reached["Collecting rows"], 20)
+        self.assertEqual(reached["Writing CSV"], 80)
+        self.assertEqual(reached["Checksumming the file"], 95)
+        self.assertEqual(progress.percentage, 100)
+
+    def test_invalid_values_are_refused_before_a_row_exists(self) -> None:
+        from task_ferry.exceptions import InvalidJobValues
+
+        with self.assertRaises(InvalidJobValues) as caught:
+            JobHandler.create_and_start(self.user, "example_export", rows=0, seconds=1)
+        self.assertIn("rows", caught.exception.errors)
+        self.assertFalse(ExportJob.objects.exists())
+
+    def test_cancelled_export_leaves_no_file(self) -> None:
+        job = make_job(self.user, rows=300)
+        progress = Progress()
+        job_type = ExportJobType()
+        ticks = 0
+
+        def cancel_during_the_csv_stage(node: Progress) -> None:
+            nonlocal ticks
+            ticks += 1
+            if ticks == 40:
+                node.request_cancel()
+
+        with on_increment(cancel_during_the_csv_stage), self.assertRaises(JobCancelled):
+            job_type.run(job, progress)
+        self.assertTrue((self.export_dir / f"export-{job.pk}.csv.gz.part").exists())
+        job_type.on_cancelled(job)
+        self.assertEqual(list(self.export_dir.iterdir()), [])
+
+
+class PageTests(ExportTestCase):
+    def test_job_list_costs_four_queries_for_fifty_jobs(self) -> None:
+        for _ in range(55):
+            JobHandler.create_and_start(self.user, "example_export", rows=5, seconds=0)
+        self.client.force_login(self.user)
+        self.client.get("/")
+        # Session, user, the page of jobs, their export rows.
+        with self.assertNumQueries(4):
+            response = self.client.get("/")
+        self.assertEqual(response.content.count(b"<task-ferry-progress"), 50)
+        self.assertContains(response, 'state="finished"', count=50)
+        self.assertContains(response, "no-sse", count=50)
+        self.assertIn("csrftoken", response.cookies)
+
+    @override_settings(DEBUG=True)
+    def test_demo_user_is_logged_in_automatically(self) -> None:
+        response = self.client.get("/")
+        self.assertContains(response, "Signed in as <strong>demo</strong>")
+
+    def test_download_is_for_the_owner_of_a_finished_export(self) -> None:
+        job = JobHandler.create_and_start(self.user, "example_export", rows=5, seconds=0)
+        self.client.force_login(self.user)
+        response = self.client.get(f"/exports/{job.pk}/download/")
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(len(gzip.decompress(b"".join(response.streaming_content)).splitlines()), 6)
+        other = get_user_model().objects.create_user("bob")
+        self.client.force_login(other)
+        self.assertEqual(self.client.get(f"/exports/{job.pk}/download/").status_code, 404)
+
+
+class DemoLoginTests(TestCase):
+    @override_settings(DEBUG=False)
+    def test_refuses_to_run_without_debug(self) -> None:
+        with self.assertRaises(MiddlewareNotUsed):
+            DemoLoginMiddleware(lambda request: None)
+
+
+def make_job(user: Any, rows: int) -> ExportJob:
+    """A saved export, not started, to run its job type directly."""
+    from django.contrib.contenttypes.models import ContentType
+
+    return ExportJob.objects.create(
+        user=user,
+        type=ExportJobType.type,
+        content_type=ContentType.objects.get_for_model(ExportJob),
+        rows=rows,
+        seconds=0,
+    )
+
+
+@contextlib.contextmanager
+def on_increment(callback: Callable[[Progress], None]) -> Iterator[None]:
+    """Call ``callback(node)`` after every ``Progress.increment`` in the block."""
+    original = Progress.increment
+
+    def increment(node: Progress, by: float = 1, state: str | None = None) -> None:
+        original(node, by, state)
+        callback(node)
+
+    Progress.increment = increment  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Progress.increment = original  # type: ignore[method-assign]

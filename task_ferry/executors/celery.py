@@ -1,0 +1,252 @@
+"""Runs jobs on Celery workers. The worker's task is ``task_ferry.run_job``; see
+``task_ferry.tasks`` and docs/executors.md for delivery semantics and the beat schedule.
+
+Dispatch waits for the surrounding transaction to commit, so a worker never looks for a job
+row that is not visible yet, and a rolled-back ``create_and_start`` sends nothing. This module
+imports before Django's apps are ready, so a project's celery.py can call ``beat_schedule()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any, cast
+
+from django.core.checks import CheckMessage, Error
+from django.db import router, transaction
+
+from task_ferry.conf import ferry_settings
+from task_ferry.exceptions import DispatchError, JobDoesNotExist, TaskFerryImproperlyConfigured
+from task_ferry.executors.base import BaseExecutor
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from kombu import Connection
+
+    from task_ferry.models import Job
+
+__all__ = [
+    "CLEANUP_OLD_JOBS_TASK",
+    "RUN_JOB_TASK",
+    "SWEEP_STALE_JOBS_TASK",
+    "CeleryExecutor",
+    "beat_schedule",
+    "get_celery_app",
+]
+
+logger = logging.getLogger("task_ferry")
+
+# Stable task names: workers on other hosts, and messages already queued, rely on them.
+RUN_JOB_TASK = "task_ferry.run_job"
+CLEANUP_OLD_JOBS_TASK = "task_ferry.cleanup_old_jobs"
+SWEEP_STALE_JOBS_TASK = "task_ferry.sweep_stale_jobs"
+
+# Seconds any one broker operation of a dispatch may take.
+BROKER_TIMEOUT = 2.0
+TIMEOUT_OPTIONS: dict[str, dict[str, float]] = {
+    "redis": {"socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": BROKER_TIMEOUT},
+    "rediss": {"socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": BROKER_TIMEOUT},
+    "amqp": {"read_timeout": BROKER_TIMEOUT, "write_timeout": BROKER_TIMEOUT},
+    "pyamqp": {"read_timeout": BROKER_TIMEOUT, "write_timeout": BROKER_TIMEOUT},
+}
+# One reconnect after half a second rides out a broker restart; a dead broker fails the
+# dispatch within about 2 * BROKER_TIMEOUT + 0.5 seconds.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0.5,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
+
+UNREACHABLE_MESSAGE = (
+    "The job queue {queue!r} could not be reached, so this job was never started. Try again later."
+)
+
+
+def get_celery_app() -> Celery | None:
+    """The project's Celery app, or None when the project created none.
+
+    Celery's current app is thread-local: in a thread other than the one that created the app
+    it is Celery's unconfigured fallback, so fall back to the one app the project created.
+    """
+    from celery import _state
+
+    app: Celery = _state.get_current_app()
+    if getattr(app, "set_as_current", False):
+        return app
+    # Celery's fallback app is the only one built with set_as_current=False.
+    created = [a for a in _state._get_active_apps() if getattr(a, "set_as_current", False)]  # type: ignore[attr-defined]
+    return created[0] if len(created) == 1 else None
+
+
+class CeleryExecutor(BaseExecutor):
+    """Sends each job to ``JobType.queue`` (or ``TASK_FERRY["CELERY_QUEUE"]``) as one
+    ``task_ferry.run_job`` message, after the surrounding transaction commits.
+
+    If the broker cannot be reached within a few seconds, the job is marked failed and
+    ``DispatchError`` is raised: right away in autocommit mode, or from the end of the
+    ``atomic()`` block that created the job (then every job of that block that was not sent is
+    marked failed too).
+    """
+
+    supports_queues = True
+
+    def __init__(self) -> None:
+        # Per thread: jobs registered for dispatch on commit and not sent yet; the connection.
+        self._awaiting = threading.local()
+        self._local = threading.local()
+
+    def enqueue(self, job_id: int) -> None:
+        from task_ferry.models import Job
+
+        type_name = Job.objects.filter(pk=job_id).values_list("type", flat=True).first()
+        if type_name is None:
+            raise JobDoesNotExist(job_id)
+        self._dispatch_on_commit(job_id, type_name)
+
+    def enqueue_job(self, job: Job) -> None:
+        # The handler holds the job: its type gives the queue without a query.
+        self._dispatch_on_commit(job.pk, job.type)
+
+    def queue_for(self, type_name: str) -> str:
+        from task_ferry.registry import job_type_registry
+
+        queue: str | None = job_type_registry.get(type_name).queue
+        return queue or str(ferry_settings.CELERY_QUEUE)
+
+    def _dispatch_on_commit(self, job_id: int, type_name: str) -> None:
+        queue = self.queue_for(type_name)
+        from task_ferry.models import Job
+
+        using = router.db_for_write(Job)
+        connection = transaction.get_connection(using)
+        if connection.in_atomic_block:
+            awaiting = self._awaiting_jobs()
+            if not connection.run_on_commit:
+                # First job of this transaction: whatever is left belongs to rolled-back ones.
+                awaiting.clear()
+            awaiting[job_id] = queue
+        transaction.on_commit(functools.partial(self._send, job_id, type_name, queue), using=using)
+
+    def _awaiting_jobs(self) -> dict[int, str]:
+        awaiting: dict[int, str] | None = getattr(self._awaiting, "jobs", None)
+        if awaiting is None:
+            awaiting = self._awaiting.jobs = {}
+        return awaiting
+
+    def _send(self, job_id: int, type_name: str, queue: str) -> None:
+        awaiting = self._awaiting_jobs()
+        awaiting.pop(job_id, None)
+        app = get_celery_app()
+        if app is None:
+            self._fail_unsent(job_id, queue, "no Celery app is configured")
+            raise TaskFerryImproperlyConfigured(NO_APP_MESSAGE)
+        connection = self._connection(app)
+        try:
+            app.send_task(
+                RUN_JOB_TASK,
+                args=(job_id, type_name),
+                queue=queue,
+                connection=connection,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+                ignore_result=True,
+            )
+        except Exception as exc:
+            # kombu raises OperationalError, but transports leak their own errors too.
+            self._drop_connection()
+            reason = f"{type(exc).__name__}: {exc}"
+            self._fail_unsent(job_id, queue, reason)
+            # Jobs of the same commit whose callbacks Django drops after this exception.
+            for other_id, other_queue in list(awaiting.items()):
+                self._fail_unsent(other_id, other_queue, reason)
+            awaiting.clear()
+            raise DispatchError(
+                f"Job {job_id} could not be sent to the Celery queue {queue!r} at "
+                f"{connection.as_uri()}: {exc}. The job was marked failed. Check that the "
+                f"broker is running."
+            ) from exc
+
+    def _connection(self, app: Celery) -> Connection:
+        """This thread's broker connection, with timeouts on every socket operation.
+
+        Celery's own producer pool has none on Redis, where a hung broker would block the
+        request forever. Reusing the connection also declares each queue only once.
+        """
+        cached = getattr(self._local, "connection", None)
+        if cached is not None and cached[0] is app and cached[1] == os.getpid():
+            return cast("Connection", cached[2])
+        self._drop_connection()
+        connection: Connection = app.connection_for_write(connect_timeout=BROKER_TIMEOUT)
+        options = TIMEOUT_OPTIONS.get(connection.transport_cls, {})
+        connection.transport_options = {**options, **(connection.transport_options or {})}
+        self._local.connection = (app, os.getpid(), connection)
+        return connection
+
+    def _drop_connection(self) -> None:
+        cached = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if cached is not None and cached[1] == os.getpid():
+            with contextlib.suppress(Exception):
+                cached[2].release()
+
+    @staticmethod
+    def _fail_unsent(job_id: int, queue: str, reason: str) -> None:
+        from task_ferry.handler import JobHandler
+
+        JobHandler.fail_undispatched(
+            job_id,
+            error=f"Could not dispatch to Celery queue {queue!r}: {reason}",
+            human_readable_error=UNREACHABLE_MESSAGE.format(queue=queue),
+        )
+
+    def check(self) -> list[CheckMessage]:
+        try:
+            import celery  # noqa: F401
+        except ImportError:
+            return [
+                Error(
+                    "TASK_FERRY['EXECUTOR'] is the CeleryExecutor, but Celery is not installed.",
+                    hint="pip install 'django-task-ferry[celery]'",
+                    id="task_ferry.E010",
+                )
+            ]
+        if get_celery_app() is None:
+            return [Error(NO_APP_MESSAGE, hint=NO_APP_HINT, id="task_ferry.E010")]
+        return []
+
+
+NO_APP_MESSAGE = "TASK_FERRY['EXECUTOR'] is the CeleryExecutor, but no Celery app is configured."
+NO_APP_HINT = (
+    "Create your Celery app in <project>/celery.py and import it in <project>/__init__.py "
+    "(see docs/executors.md), so it exists once Django has started."
+)
+
+
+def beat_schedule(
+    *,
+    cleanup_every: Any = None,
+    sweep_every: float | datetime.timedelta = 60,
+    queue: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Celery beat entries for ``cleanup_old_jobs`` (daily at 03:00 by default) and the
+    stale-job sweep (every minute). Merge them into ``app.conf.beat_schedule``."""
+    from celery.schedules import crontab
+
+    options = {"queue": queue or str(ferry_settings.CELERY_QUEUE)}
+    return {
+        CLEANUP_OLD_JOBS_TASK: {
+            "task": CLEANUP_OLD_JOBS_TASK,
+            "schedule": crontab(minute=0, hour=3) if cleanup_every is None else cleanup_every,
+            "options": options,
+        },
+        SWEEP_STALE_JOBS_TASK: {
+            "task": SWEEP_STALE_JOBS_TASK,
+            "schedule": sweep_every,
+            "options": options,
+        },
+    }

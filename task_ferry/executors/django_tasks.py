@@ -1,0 +1,344 @@
+"""Runs jobs as ``django.tasks`` tasks: Django 6's built-in ``django.tasks``, or the
+``django-tasks`` backport on Django 5.2, whichever imports.
+
+With ``TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}`` jobs are stored in
+the database and run by ``python manage.py db_worker``. Every job runs through the task
+``task_ferry.executors.django_tasks.run_job``; its path is stable, so workers on any host find it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error
+from django.core.checks import Warning as CheckWarning
+from django.db import connection, transaction
+
+from task_ferry.conf import ferry_settings
+from task_ferry.exceptions import (
+    DispatchError,
+    JobDoesNotExist,
+    TaskFerryImproperlyConfigured,
+)
+from task_ferry.executors.base import BaseExecutor
+from task_ferry.models import Job
+from task_ferry.registry import JobType, job_type_registry
+
+logger = logging.getLogger("task_ferry")
+
+__all__ = [
+    "DjangoTasksExecutor",
+    "cleanup_old_jobs",
+    "run_job",
+    "sweep_stale_jobs",
+    "tasks_api",
+]
+
+# Where django-tasks kept its database backend before it moved to django-tasks-db.
+OBSOLETE_DATABASE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
+DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
+# What a user sees on a job that never reached a worker.
+UNDISPATCHED_MESSAGE = "This job could not be queued, so it never started. Try again later."
+
+
+def _load_tasks_api() -> tuple[ModuleType, ModuleType] | tuple[None, None]:
+    """``django.tasks`` on Django 6+, else the ``django_tasks`` backport, else None; each with
+    its ``base`` module (``Task`` and the defaults)."""
+    for name in ("django.tasks", "django_tasks"):
+        try:
+            module = importlib.import_module(name)
+            # Registers the receiver that rebuilds backends when TASKS changes.
+            importlib.import_module(f"{name}.signals")
+        except ImportError:
+            continue
+        return module, importlib.import_module(f"{name}.base")
+    return None, None
+
+
+tasks_api, tasks_base = _load_tasks_api()
+
+if tasks_base is not None:
+    _Task: Any = tasks_base.Task
+
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class FerryTask(_Task):
+        """A ``Task`` validated by its backend at enqueue rather than at definition, so
+        importing this module reads no settings and never fails on a TASKS mistake (the
+        system checks report those instead)."""
+
+        def __post_init__(self) -> None:
+            pass
+
+
+def ferry_task(func: Callable[..., Any]) -> Any:
+    """Make ``func`` a module-level ``django.tasks`` task (or leave it a plain function when
+    neither django.tasks nor django-tasks is installed)."""
+    if tasks_base is None:
+        return func
+    return FerryTask(
+        func=func,
+        priority=tasks_base.DEFAULT_TASK_PRIORITY,
+        backend=tasks_base.DEFAULT_TASK_BACKEND_ALIAS,
+        queue_name=tasks_base.DEFAULT_TASK_QUEUE_NAME,
+        run_after=None,
+    )
+
+
+@ferry_task
+def run_job(job_id: int) -> None:
+    """Run one job. A job's own exception is re-raised after the job is marked failed, so the
+    task result shows it failed too."""
+    from task_ferry.handler import JobHandler
+
+    JobHandler.run_job(job_id)
+
+
+@ferry_task
+def sweep_stale_jobs() -> int:
+    """Fail jobs whose worker died and pending jobs nobody took. Schedule it every minute or so."""
+    from task_ferry.handler import JobHandler
+
+    return JobHandler.sweep_stale_jobs()
+
+
+@ferry_task
+def cleanup_old_jobs() -> int:
+    """Delete ended jobs older than ``JOB_EXPIRY_DAYS``. Schedule it daily."""
+    from task_ferry.handler import JobHandler
+
+    return JobHandler.cleanup_old_jobs()
+
+
+class DjangoTasksExecutor(BaseExecutor):
+    """Enqueues ``run_job`` on the ``TASK_FERRY["TASKS_BACKEND"]`` backend when the surrounding
+    transaction commits. A job type's ``queue`` picks the queue (default: ``"default"``); its
+    ``priority`` is passed on to backends whose ``supports_priority`` is true.
+
+    If the backend refuses the task (unreachable, misconfigured), the job is marked failed and
+    ``DispatchError`` reaches the caller: a job never waits for a task that does not exist.
+    """
+
+    supports_queues = True
+    #: Only where the backend's ``supports_priority`` is true; otherwise priority is dropped.
+    supports_priority = True
+
+    def enqueue(self, job_id: int) -> None:
+        if tasks_api is None:
+            raise TaskFerryImproperlyConfigured(_missing_api_message())
+        type_name = Job.objects.filter(pk=job_id).values_list("type", flat=True).first()
+        if type_name is None:
+            raise JobDoesNotExist(job_id)
+        self._dispatch_on_commit(job_id, type_name)
+
+    def enqueue_job(self, job: Job) -> None:
+        # The handler holds the job: its type gives queue and priority without a query.
+        self._dispatch_on_commit(job.pk, job.type)
+
+    def _dispatch_on_commit(self, job_id: int, type_name: str) -> None:
+        if tasks_api is None:
+            raise TaskFerryImproperlyConfigured(_missing_api_message())
+        # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
+        transaction.on_commit(functools.partial(self.dispatch, job_id, type_name))
+
+    def dispatch(self, job_id: int, type_name: str) -> None:
+        """Enqueue the job's task now. Raises ``DispatchError`` after marking the job failed.
+
+        A job cancelled before this point is still sent; the worker sees it is not pending and
+        skips it, which costs less than a query on every dispatch."""
+        alias = ferry_settings.TASKS_BACKEND
+        try:
+            task = self.task_for(job_type_registry.get(type_name))
+            task.get_backend().validate_task(task)
+            task.enqueue(job_id)
+        except Exception as exc:
+            message = (
+                f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "
+                f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+            )
+            if self._fail_undispatched(job_id, message):
+                outcome = "The job was marked failed."
+            else:
+                outcome = "The job was not marked failed here (see the log)."
+            if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
+                advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
+            else:
+                advice = (
+                    f"Check that the TASKS backend is reachable and set up (for "
+                    f"{DATABASE_BACKEND}: its database and migrations)"
+                )
+            raise DispatchError(
+                f"{message}. {outcome} {advice}, then start the job again."
+            ) from exc
+
+    @staticmethod
+    def _fail_undispatched(job_id: int, message: str) -> bool:
+        """Mark the job failed; False if it was not (it left pending, or the database is down
+        too and the stale-job sweep will fail it)."""
+        from task_ferry.handler import JobHandler
+
+        if not connection.in_atomic_block:
+            # The backend's failure may have broken a shared database connection.
+            connection.close_if_unusable_or_obsolete()
+        try:
+            return JobHandler.fail_undispatched(
+                job_id, error=message, human_readable_error=UNDISPATCHED_MESSAGE
+            )
+        except Exception:
+            logger.exception("Job %s: could not mark the undispatched job failed", job_id)
+            return False
+
+    def task_for(self, job_type: JobType) -> Any:
+        """The ``run_job`` task bound to the configured backend, the type's queue and, where
+        the backend supports it, its priority."""
+        assert tasks_api is not None and tasks_base is not None
+        alias = ferry_settings.TASKS_BACKEND
+        backend = tasks_api.task_backends[alias]
+        if backend.supports_priority:
+            priority = job_type.priority
+        else:
+            priority = tasks_base.DEFAULT_TASK_PRIORITY
+        return run_job.using(
+            backend=alias,
+            queue_name=job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME,
+            priority=priority,
+        )
+
+    def check(self) -> list[CheckMessage]:
+        if tasks_api is None:
+            return [
+                Error(
+                    _missing_api_message(),
+                    hint='pip install "django-task-ferry[django-tasks]" (on Django 5.2 with '
+                    'Python 3.12+: "django-task-ferry[django-tasks-backport]").',
+                    id="task_ferry.E020",
+                )
+            ]
+        alias = ferry_settings.TASKS_BACKEND
+        if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
+            return [
+                Error(
+                    f"TASKS[{alias!r}]['BACKEND'] is {OBSOLETE_DATABASE_BACKEND!r}, which no "
+                    f"longer exists: the database backend moved to the django-tasks-db package.",
+                    hint=f'Use "BACKEND": "{DATABASE_BACKEND}", add "django_tasks_db" to '
+                    f"INSTALLED_APPS, run migrate, and run workers with manage.py db_worker.",
+                    id="task_ferry.E022",
+                )
+            ]
+        try:
+            backend = tasks_api.task_backends[alias]
+        except Exception as exc:
+            return [
+                Error(
+                    f"No usable django.tasks backend {alias!r} for DjangoTasksExecutor: {exc}",
+                    hint=f'Define TASKS = {{"{alias}": {{"BACKEND": "{DATABASE_BACKEND}"}}}} or '
+                    f'point TASK_FERRY["TASKS_BACKEND"] at an alias of TASKS.',
+                    id="task_ferry.E021",
+                )
+            ]
+        return self._check_backend(alias, backend)
+
+    def _check_backend(self, alias: str, backend: Any) -> list[CheckMessage]:
+        assert tasks_api is not None and tasks_base is not None
+        messages: list[CheckMessage] = []
+        backends = importlib.import_module(f"{tasks_api.__name__}.backends")
+        immediate = importlib.import_module(f"{backends.__name__}.immediate").ImmediateBackend
+        dummy = importlib.import_module(f"{backends.__name__}.dummy").DummyBackend
+        if isinstance(backend, immediate):
+            messages.append(
+                CheckWarning(
+                    f"The django.tasks backend {alias!r} is ImmediateBackend: jobs run inside "
+                    f"the request that starts them, not in a worker.",
+                    hint=f'Use "{DATABASE_BACKEND}" with manage.py db_worker, or '
+                    f"TASK_FERRY['EXECUTOR'] = ImmediateExecutor if inline is what you want.",
+                    id="task_ferry.W023",
+                )
+            )
+        elif isinstance(backend, dummy):
+            messages.append(
+                CheckWarning(
+                    f"The django.tasks backend {alias!r} is DummyBackend: it stores tasks and "
+                    f"never runs them, so jobs stay pending until the stale-job sweep fails them.",
+                    hint=f'Use "{DATABASE_BACKEND}" with manage.py db_worker.',
+                    id="task_ferry.W024",
+                )
+            )
+        if type(backend).__module__.startswith("django_tasks_db") and not _app_installed(
+            "django_tasks_db"
+        ):
+            messages.append(
+                Error(
+                    f"The django.tasks backend {alias!r} is {DATABASE_BACKEND} but "
+                    f'"django_tasks_db" is not in INSTALLED_APPS.',
+                    hint='Add "django_tasks_db" to INSTALLED_APPS and run migrate.',
+                    id="task_ferry.E027",
+                )
+            )
+        for job_type in job_type_registry.all():
+            queue = job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME
+            if backend.queues and queue not in backend.queues:
+                messages.append(
+                    Error(
+                        f"Job type {job_type.type!r} uses queue {queue!r}, which the "
+                        f"django.tasks backend {alias!r} does not allow "
+                        f"(QUEUES: {sorted(backend.queues)}); its jobs would fail to dispatch.",
+                        hint=f"Add {queue!r} to TASKS[{alias!r}]['QUEUES'] or change the "
+                        f"type's queue.",
+                        obj=type(job_type),
+                        id="task_ferry.E025",
+                    )
+                )
+            low, high = tasks_base.TASK_MIN_PRIORITY, tasks_base.TASK_MAX_PRIORITY
+            priority = job_type.priority
+            if (
+                isinstance(priority, bool)
+                or not isinstance(priority, int)
+                or not (low <= priority <= high)
+            ):
+                messages.append(
+                    Error(
+                        f"Job type {job_type.type!r} has priority {priority!r}; django.tasks "
+                        f"takes a whole number from {low} to {high}.",
+                        hint=f"Set {type(job_type).__qualname__}.priority within that range.",
+                        obj=type(job_type),
+                        id="task_ferry.E028",
+                    )
+                )
+            elif priority and not backend.supports_priority:
+                messages.append(
+                    CheckWarning(
+                        f"Job type {job_type.type!r} sets priority {job_type.priority}, but "
+                        f"the django.tasks backend {alias!r} does not support priorities; "
+                        f"it is ignored.",
+                        hint="Use a backend with supports_priority (django_tasks_db does) or "
+                        "remove the priority.",
+                        obj=type(job_type),
+                        id="task_ferry.W026",
+                    )
+                )
+        return messages
+
+
+def _configured_backend(alias: str) -> str | None:
+    """The BACKEND path that TASKS names for ``alias``, as written in the settings."""
+    params = (getattr(settings, "TASKS", None) or {}).get(alias)
+    return params.get("BACKEND") if isinstance(params, dict) else None
+
+
+def _app_installed(name: str) -> bool:
+    from django.apps import apps
+
+    return apps.is_installed(name)
+
+
+def _missing_api_message() -> str:
+    return (
+        "DjangoTasksExecutor needs django.tasks (Django 6.0+) or the django-tasks backport "
+        "(Django 5.2); neither can be imported."
+    )

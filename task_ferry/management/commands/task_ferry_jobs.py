@@ -1,0 +1,180 @@
+"""Show pending and running jobs with their progress, once or continuously."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import shutil
+from collections.abc import Iterable
+from time import sleep
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+
+from task_ferry.exceptions import ProgressStoreUnavailable
+from task_ferry.models import Job
+from task_ferry.stores.base import get_store
+
+# Cursor up to the first line of the previous frame, then clear to the end of the screen.
+REDRAW = "\x1b[{lines}F\x1b[J"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobLine:
+    """One job as the command shows it."""
+
+    id: int
+    type: str
+    owner: str
+    state: str
+    percentage: int
+    label: str
+    started_at: datetime.datetime | None
+
+    @property
+    def change_key(self) -> tuple[str, int, str]:
+        return (self.state, self.percentage, self.label)
+
+    def running_for(self, now: datetime.datetime) -> str:
+        if self.started_at is None:
+            return ""
+        seconds = max(0, int((now - self.started_at).total_seconds()))
+        minutes, seconds = divmod(seconds, 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+    def plain(self, now: datetime.datetime) -> str:
+        parts = [f"#{self.id}", self.type, self.owner, self.state, f"{self.percentage}%"]
+        if self.label:
+            parts.append(self.label)
+        if self.started_at is not None and self.state == "started":
+            parts.append(f"({self.running_for(now)})")
+        return " ".join(parts)
+
+    def bar(self, now: datetime.datetime, width: int) -> str:
+        head = f"#{self.id:<7} {self.type[:14]:14} {self.owner[:10]:10} {self.state:9}"
+        tail = f" {self.percentage:3d}% {self.running_for(now):>7}"
+        # Leave 20 columns for the label; the bar gets 10 to 30 of the rest.
+        bar_width = max(10, min(30, width - len(head) - len(tail) - 24))
+        filled = round(bar_width * self.percentage / 100)
+        line = f"{head} [{'#' * filled}{'.' * (bar_width - filled)}]{tail}"
+        if self.label:
+            line = f"{line}  {self.label}"
+        return line if len(line) < width else line[: width - 2] + "…"
+
+
+def job_lines(jobs: Iterable[Job]) -> list[JobLine]:
+    """Lines for ``jobs``, with progress from the progress store where it has a snapshot."""
+    jobs = list(jobs)
+    try:
+        snapshots = get_store().read_many(job.pk for job in jobs)
+    except ProgressStoreUnavailable:
+        snapshots = {}
+    lines = []
+    for job in jobs:
+        snapshot = snapshots.get(job.pk, {})
+        # The database row is authoritative once a job has ended.
+        state = job.state if job.is_ended else snapshot.get("state", job.state)
+        lines.append(
+            JobLine(
+                id=job.pk,
+                type=job.type,
+                owner=job.user.get_username() if job.user is not None else "(system)",
+                state=str(state),
+                percentage=int(snapshot.get("progress_percentage", job.progress_percentage)),
+                label=str(snapshot.get("progress_state", job.progress_state) or ""),
+                started_at=job.started_at,
+            )
+        )
+    return lines
+
+
+class Command(BaseCommand):
+    help = (
+        "Show pending and running jobs with their progress. Progress comes from the progress "
+        "store, or from the database when the store has none. With --watch, a terminal shows "
+        "live bars; other output gets a line whenever a job changes."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--watch", action="store_true", help="Keep updating until Ctrl-C.")
+        parser.add_argument(
+            "--interval", type=float, default=1.0, help="Seconds between updates (--watch)."
+        )
+        parser.add_argument(
+            "--until-idle",
+            action="store_true",
+            help="With --watch, stop once no job is pending or running.",
+        )
+        parser.add_argument("--type", dest="job_type", help="Only jobs of this type.")
+        parser.add_argument("--limit", type=int, default=50, help="Most jobs shown (oldest first).")
+        parser.add_argument("--plain", action="store_true", help="Plain lines even on a terminal.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["interval"] <= 0:
+            raise CommandError("--interval must be a number of seconds > 0.")
+        if options["limit"] < 1:
+            raise CommandError("--limit must be at least 1.")
+        self.job_type: str | None = options["job_type"]
+        self.limit: int = options["limit"]
+        self.bars = self.stdout.isatty() and not options["plain"]
+        if not options["watch"]:
+            self.print_frame(self.fetch())
+            return
+        try:
+            self.watch(options["interval"], options["until_idle"])
+        except KeyboardInterrupt:
+            self.stdout.write("")
+
+    def fetch(self) -> list[JobLine]:
+        jobs = Job.objects.live().select_related("user").order_by("pk")
+        if self.job_type:
+            jobs = jobs.filter(type=self.job_type)
+        return job_lines(jobs[: self.limit])
+
+    def print_frame(self, lines: list[JobLine]) -> int:
+        """Write every line once; returns how many terminal lines were written."""
+        now = timezone.now()
+        if not lines:
+            self.stdout.write("No pending or running jobs.")
+            return 1
+        if not self.bars:
+            for line in lines:
+                self.stdout.write(line.plain(now))
+            return len(lines)
+        width = shutil.get_terminal_size().columns
+        self.stdout.write(
+            f"{len(lines)} pending or running job(s), {timezone.localtime(now):%H:%M:%S}"
+        )
+        for line in lines:
+            self.stdout.write(line.bar(now, width))
+        return len(lines) + 1
+
+    def watch(self, interval: float, until_idle: bool) -> None:
+        shown: dict[int, JobLine] = {}
+        drawn = 0
+        while True:
+            lines = self.fetch()
+            if self.bars:
+                if drawn:
+                    self.stdout.write(REDRAW.format(lines=drawn), ending="")
+                drawn = self.print_frame(lines)
+            else:
+                self.print_changes(shown, lines)
+            shown = {line.id: line for line in lines}
+            if until_idle and not lines:
+                return
+            sleep(interval)
+
+    def print_changes(self, shown: dict[int, JobLine], lines: list[JobLine]) -> None:
+        now = timezone.now()
+        for line in lines:
+            before = shown.get(line.id)
+            if before is None or before.change_key != line.change_key:
+                self.stdout.write(line.plain(now))
+        gone = set(shown) - {line.id for line in lines}
+        if gone:
+            ended = Job.objects.filter(pk__in=gone).select_related("user").order_by("pk")
+            for line in job_lines(ended):
+                self.stdout.write(line.plain(now))

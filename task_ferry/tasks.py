@@ -1,0 +1,63 @@
+"""The Celery tasks of ``CeleryExecutor``. Celery's ``app.autodiscover_tasks()`` imports this
+module in workers; the task names are stable, so producers need not import it.
+
+Delivery: ``acks_late`` with ``reject_on_worker_lost``, so a message is only gone once its job
+was handled, and a worker lost before the job started hands it on. A redelivered message whose
+job already started (even if that run is still going) does nothing: ``JobRun`` moves a job from
+pending to started with a compare-and-set, which only one delivery can win.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from task_ferry.executors.celery import (
+    CLEANUP_OLD_JOBS_TASK,
+    RUN_JOB_TASK,
+    SWEEP_STALE_JOBS_TASK,
+)
+
+__all__ = ["cleanup_old_jobs", "run_job", "sweep_stale_jobs"]
+
+DATABASE_RETRIES = 3
+DATABASE_RETRY_DELAY = 1
+
+
+@shared_task(
+    name=RUN_JOB_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=DATABASE_RETRIES,
+)
+def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None) -> None:
+    """Run one job. Its own exception is re-raised after the job is marked failed, so Celery
+    monitoring sees it too."""
+    from django.db import InterfaceError, OperationalError, connections
+
+    from task_ferry.handler import JobHandler
+
+    try:
+        JobHandler.run_job(job_id, job_type_name=job_type_name)
+    except (InterfaceError, OperationalError) as exc:
+        # A connection kept across tasks (CELERY_DB_REUSE_MAX) may have died with a database
+        # restart: reconnect and try again. A job that had started is not run again.
+        connections.close_all()
+        raise self.retry(exc=exc, countdown=DATABASE_RETRY_DELAY) from exc
+
+
+@shared_task(name=CLEANUP_OLD_JOBS_TASK, ignore_result=True)
+def cleanup_old_jobs() -> int:
+    from task_ferry.handler import JobHandler
+
+    return JobHandler.cleanup_old_jobs()
+
+
+@shared_task(name=SWEEP_STALE_JOBS_TASK, ignore_result=True)
+def sweep_stale_jobs() -> int:
+    from task_ferry.handler import JobHandler
+
+    return JobHandler.sweep_stale_jobs()

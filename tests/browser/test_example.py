@@ -1,0 +1,344 @@
+"""The example project in a real browser: its server and db_worker, Debian's Chromium headless.
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`); Playwright never downloads a browser
+here. Screenshots go to test-artifacts/browser/.
+"""
+
+import gzip
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urljoin
+
+import pytest
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[2]
+MANAGE_PY = REPO / "example" / "manage.py"
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+BAR = "[role=progressbar]"
+
+pytestmark = [
+    pytest.mark.worker,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="Debian's Chromium is missing: run `apt-get install -y chromium` "
+        "(the browser test uses /usr/bin/chromium and never downloads one).",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"runexample exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    pytest.fail(f"The example server did not answer {url} in {timeout} s:\n{log.read_text()}")
+
+
+class ExampleServer:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path, mode: str) -> None:
+        self.process = process
+        self.url = url
+        self.log = log
+        self.mode = mode
+
+    def requests_to(self, path: str) -> int:
+        """How many requests the server logged for exactly this path."""
+        return len(re.findall(rf'"[A-Z]+ {re.escape(path)} HTTP', self.log.read_text()))
+
+    def stop(self, timeout: float = 15) -> int:
+        """Stop runexample the way `kill` would; returns its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            raise
+
+    def group_alive(self) -> bool:
+        """True while any process of runexample's process group (its db_worker) runs."""
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def redis_url() -> str | None:
+    """The test Redis, if it answers."""
+    import redis
+
+    url = os.environ.get("TASK_FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        return None
+    return url
+
+
+@pytest.fixture
+def example_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ExampleServer]:
+    """runexample as `make example` runs it ("wsgi": SQLite, file cache, dev server), or
+    served by uvicorn with Redis for progress ("asgi"), so bars get a pushed event stream."""
+    mode = getattr(request, "param", "wsgi")
+    port = free_port()
+    log = tmp_path / "runexample.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "REDIS_URL"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="project.settings",
+        PYTHONPATH=str(REPO),
+        EXAMPLE_DATA_DIR=str(tmp_path),
+        PYTHONUNBUFFERED="1",
+    )
+    command = [sys.executable, str(MANAGE_PY), "runexample", f"127.0.0.1:{port}"]
+    key_prefix = f"tf-example-{uuid.uuid4().hex[:8]}"
+    if mode == "asgi":
+        url = redis_url()
+        if url is None:
+            pytest.skip("Redis is not reachable on 127.0.0.1:6379")
+        env.update(REDIS_URL=url, EXAMPLE_KEY_PREFIX=key_prefix)
+        command.append("--asgi")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its own process group, so nothing it starts can outlive the test.
+            start_new_session=True,
+        )
+    server = ExampleServer(process, f"http://127.0.0.1:{port}/", log, mode)
+    try:
+        wait_for_http(server.url, process, log, timeout=60)
+        yield server
+    finally:
+        if process.poll() is None:
+            server.stop()
+        if server.group_alive():
+            os.killpg(process.pid, signal.SIGKILL)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / f"runexample-{mode}.log").write_bytes(log.read_bytes())
+        if mode == "asgi":
+            import redis
+
+            client = redis.Redis.from_url(env["REDIS_URL"])
+            keys = list(client.scan_iter(f"{key_prefix}:*"))
+            if keys:
+                client.delete(*keys)
+
+
+@pytest.fixture
+def page(example_server: ExampleServer) -> Iterator[object]:
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--no-sandbox", "--headless"]
+        )
+        context = browser.new_context(viewport={"width": 900, "height": 700}, accept_downloads=True)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.errors = []
+        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def shot_name(server: ExampleServer, name: str) -> str:
+    return name if server.mode == "wsgi" else f"{server.mode}-{name}"
+
+
+def start_export(page, rows: int, seconds: float):
+    previous = page.locator("#job-list > li").count()
+    page.fill("input[name=rows]", str(rows))
+    page.fill("input[name=seconds]", str(seconds))
+    page.click("button[type=submit]")
+    playwright_api.expect(page.locator("#job-list > li")).to_have_count(previous + 1)
+    return page.locator("#job-list > li").first
+
+
+def bar_value(job) -> int:
+    return int(job.locator(BAR).get_attribute("aria-valuenow"))
+
+
+def wait_for_bar_between(page, job, low: int, high: int) -> int:
+    """Wait until the job's bar shows a value strictly between low and high; return it."""
+    job_id = job.get_attribute("data-job-id")
+    page.wait_for_function(
+        """([id, low, high]) => {
+            const bar = document.querySelector(`li[data-job-id="${id}"] [role=progressbar]`);
+            const value = Number(bar && bar.getAttribute("aria-valuenow"));
+            return value > low && value < high;
+        }""",
+        arg=[job_id, low, high],
+    )
+    return bar_value(job)
+
+
+@pytest.mark.parametrize("example_server", ["wsgi", "asgi"], indirect=True)
+def test_start_watch_and_cancel_jobs(example_server: ExampleServer, page) -> None:
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    expect(page.locator("h1")).to_have_text("Exports")
+    expect(page.locator(".who")).to_contain_text("demo")
+    screenshot(page, shot_name(example_server, "01-empty.png"))
+
+    job = start_export(page, rows=4000, seconds=4)
+    bar = job.locator(BAR)
+    expect(bar).to_have_attribute("aria-valuemin", "0")
+    expect(bar).to_have_attribute("aria-valuemax", "100")
+    # Live progress from the worker: seen strictly between 0 and 100, then at 100.
+    moving = wait_for_bar_between(page, job, 0, 100)
+    expect(job.locator(".tf-progress__percentage")).not_to_have_text("0%")
+    expect(job.locator(".tf-progress__state")).to_have_text("started")
+    screenshot(page, shot_name(example_server, "02-running.png"))
+
+    expect(job.locator(".tf-progress__state")).to_have_text("finished", timeout=30_000)
+    expect(bar).to_have_attribute("aria-valuenow", "100")
+    expect(job.locator(".tf-progress__percentage")).to_have_text("100%")
+    expect(job.locator(".tf-progress__label")).to_contain_text("Saved 4,000 rows")
+    expect(job.locator(".tf-progress__cancel")).to_be_hidden()
+    download = job.locator(".job__download")
+    expect(download).to_be_visible()
+    screenshot(page, shot_name(example_server, "03-finished.png"))
+    assert 0 < moving < 100
+    if example_server.mode == "asgi":
+        # One pushed stream carried the whole job: no reconnection, no poll.
+        assert example_server.requests_to("/api/jobs/1/events/") == 1
+        assert example_server.requests_to("/api/jobs/1/") == 0
+    else:
+        # The development server cannot push, so the page polls.
+        assert example_server.requests_to("/api/jobs/1/events/") == 0
+        assert example_server.requests_to("/api/jobs/1/") >= 2
+
+    response = page.request.get(urljoin(example_server.url, download.get_attribute("href")))
+    assert response.status == 200
+    lines = gzip.decompress(response.body()).decode().splitlines()
+    assert lines[0] == "id,date,region,product,quantity,amount"
+    assert len(lines) == 4001
+
+    job = start_export(page, rows=5000, seconds=60)
+    wait_for_bar_between(page, job, 0, 100)
+    expect(job.locator(".tf-progress__state")).to_have_text("started")
+    job.get_by_role("button", name="Cancel").click()
+    expect(job.locator(".tf-progress__state")).to_have_text("cancelled", timeout=15_000)
+    stopped_at = bar_value(job)
+    assert 0 < stopped_at < 100
+    expect(job.locator(".tf-progress__cancel")).to_be_hidden()
+    expect(job.locator(".job__download")).to_be_hidden()
+    screenshot(page, shot_name(example_server, "04-cancelled.png"))
+
+    # The server-rendered list agrees after a reload, and ended jobs need no requests.
+    page.reload()
+    states = page.locator("#job-list .tf-progress__state")
+    expect(states).to_have_text(["cancelled", "finished"])
+    screenshot(page, shot_name(example_server, "05-reloaded.png"))
+    assert page.errors == []
+
+    # runexample stops its db_worker when it is stopped.
+    assert example_server.stop() == 0
+    deadline = time.monotonic() + 10
+    while example_server.group_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not example_server.group_alive(), example_server.log.read_text()
+
+
+def test_bar_backs_off_while_the_network_is_down(example_server: ExampleServer, page) -> None:
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    job = start_export(page, rows=2000, seconds=5)
+    wait_for_bar_between(page, job, 0, 100)
+
+    attempts: list[float] = []
+
+    def refuse(route) -> None:
+        attempts.append(time.monotonic())
+        route.abort("connectionrefused")
+
+    # The job's own endpoints (detail and events) become unreachable for 8 s.
+    job_endpoints = re.compile(r"/api/jobs/\d+/")
+    page.route(job_endpoints, refuse)
+    expect(job.locator(".tf-progress__error")).to_contain_text("Connection lost", timeout=10_000)
+    page.wait_for_timeout(4_000)
+    screenshot(page, "06-retrying.png")
+    page.wait_for_timeout(4_000)
+    page.unroute(job_endpoints)
+
+    expect(job.locator(".tf-progress__state")).to_have_text("finished", timeout=40_000)
+    expect(job.locator(".tf-progress__error")).to_be_hidden()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    # Polling every second would have made 8 attempts; backoff makes at most 6, and waits
+    # at least 2 s (the third retry's shortest delay) before giving up on a quiet network.
+    assert 3 <= len(attempts) <= 6, gaps
+    assert max(gaps) >= 1.9, gaps
+    assert page.errors == []
+
+
+def mount_bar(page, seconds: float) -> str:
+    """Start an export from page JavaScript and mount a bar with default options (SSE on)."""
+    job_id = page.evaluate(
+        """async (seconds) => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds});
+            TaskFerry.mountProgress(document.body, job.id, {job});
+            return String(job.id);
+        }""",
+        seconds,
+    )
+    return job_id
+
+
+def test_bar_uses_the_stream_fallbacks(example_server: ExampleServer, page) -> None:
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+
+    # Under WSGI the events endpoint answers one event per request, and the browser
+    # reconnects: the bar follows the job through the stream alone.
+    job_id = mount_bar(page, seconds=2)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    expect(bar.locator(BAR)).to_have_attribute("aria-valuenow", "100")
+    assert example_server.requests_to(f"/api/jobs/{job_id}/events/") >= 2
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") == 0
+
+    # A proxy that refuses event streams: the bar polls instead.
+    page.route(
+        re.compile(r"/api/jobs/\d+/events/"),
+        lambda route: route.fulfill(status=404, json={"detail": "Not found."}),
+    )
+    job_id = mount_bar(page, seconds=2)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") >= 2
+    assert page.errors == []

@@ -1,0 +1,284 @@
+"""DjangoTasksExecutor without a worker: system checks, dispatch on commit, queue and priority,
+and what happens when the backend cannot take the task."""
+
+import sys
+
+import pytest
+from django.core.checks import run_checks
+from django.db import connection, transaction
+
+from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
+from task_ferry.executors import django_tasks
+from task_ferry.executors.base import get_executor
+from task_ferry.executors.django_tasks import DjangoTasksExecutor
+from task_ferry.handler import JobHandler
+from task_ferry.models import Job
+from tests.testapp.job_types import RoutedJobType
+from tests.testapp.models import HookCall, ScriptedJob
+
+EXECUTOR = "task_ferry.executors.django_tasks.DjangoTasksExecutor"
+DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
+
+
+def check_ids(messages):
+    return sorted(m.id for m in messages)
+
+
+def test_missing_tasks_api_is_reported_and_refuses_jobs(monkeypatch):
+    # Both import paths fail the way an uninstalled package does.
+    monkeypatch.setitem(sys.modules, "django.tasks", None)
+    monkeypatch.setitem(sys.modules, "django_tasks", None)
+    api, base = django_tasks._load_tasks_api()
+    assert (api, base) == (None, None)
+    monkeypatch.setattr(django_tasks, "tasks_api", api)
+    monkeypatch.setattr(django_tasks, "tasks_base", base)
+
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E020"
+    assert "django-task-ferry[django-tasks]" in error.hint
+    with pytest.raises(TaskFerryImproperlyConfigured, match="neither can be imported"):
+        DjangoTasksExecutor().enqueue(1)
+
+
+requires_tasks = pytest.mark.skipif(
+    django_tasks.tasks_api is None, reason="neither django.tasks nor django-tasks is installed"
+)
+
+
+@pytest.fixture
+def alias(settings):
+    return settings.TASK_FERRY["TASKS_BACKEND"]
+
+
+@pytest.fixture
+def backends():
+    """Dotted paths of the built-in backends of whichever django.tasks is installed."""
+    prefix = f"{django_tasks.tasks_api.__name__}.backends"
+    return {
+        "immediate": f"{prefix}.immediate.ImmediateBackend",
+        "dummy": f"{prefix}.dummy.DummyBackend",
+    }
+
+
+@pytest.fixture
+def use_executor(settings):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "EXECUTOR": EXECUTOR}
+
+
+@requires_tasks
+def test_obsolete_database_backend_path_has_a_hint(settings, alias):
+    settings.TASKS = {alias: {"BACKEND": "django_tasks.backends.database.DatabaseBackend"}}
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E022"
+    assert DATABASE_BACKEND in error.hint
+    assert "INSTALLED_APPS" in error.hint and "db_worker" in error.hint
+
+
+@requires_tasks
+def test_missing_alias_is_no_usable_backend(settings, alias):
+    settings.TASKS = {"other": {"BACKEND": DATABASE_BACKEND}}
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E021"
+    assert repr(alias) in error.msg
+    assert DATABASE_BACKEND in error.hint
+
+
+@requires_tasks
+def test_backend_that_does_not_import_is_no_usable_backend(settings, alias):
+    settings.TASKS = {alias: {"BACKEND": "myproject.tasks.NoSuchBackend"}}
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E021"
+    assert "myproject.tasks.NoSuchBackend" in error.msg
+
+
+@requires_tasks
+def test_immediate_backend_warns_that_jobs_do_not_reach_a_worker(settings, alias, backends):
+    settings.TASKS = {alias: {"BACKEND": backends["immediate"], "QUEUES": []}}
+    [warning] = DjangoTasksExecutor().check()
+    assert warning.id == "task_ferry.W023"
+    assert "not in a worker" in warning.msg
+
+
+@requires_tasks
+def test_dummy_backend_warns_that_jobs_never_run(settings, alias, backends):
+    settings.TASKS = {alias: {"BACKEND": backends["dummy"], "QUEUES": []}}
+    [warning] = DjangoTasksExecutor().check()
+    assert warning.id == "task_ferry.W024"
+    assert "never runs them" in warning.msg
+
+
+@requires_tasks
+def test_queue_the_backend_does_not_allow(settings, alias):
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E025"
+    assert error.obj is RoutedJobType
+    assert "'special'" in error.msg and "QUEUES" in error.hint
+
+
+@requires_tasks
+def test_priority_outside_the_django_tasks_range(alias, monkeypatch):
+    monkeypatch.setattr(RoutedJobType, "priority", 500)
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E028"
+    assert error.obj is RoutedJobType
+
+
+@requires_tasks
+def test_priority_on_a_backend_without_priorities_warns(settings, alias, monkeypatch):
+    settings.TASKS = {
+        alias: {"BACKEND": "tests.executors.backends.NoPriorityBackend", "QUEUES": []}
+    }
+    monkeypatch.setattr(RoutedJobType, "priority", 5)
+    # W024 too: the backend is a DummyBackend underneath.
+    messages = {m.id: m for m in DjangoTasksExecutor().check()}
+    assert sorted(messages) == ["task_ferry.W024", "task_ferry.W026"]
+    assert messages["task_ferry.W026"].obj is RoutedJobType
+    assert "ignored" in messages["task_ferry.W026"].msg
+
+
+@requires_tasks
+def test_database_backend_without_its_app(settings):
+    settings.INSTALLED_APPS = [a for a in settings.INSTALLED_APPS if a != "django_tasks_db"]
+    ids = check_ids(DjangoTasksExecutor().check())
+    assert ids == ["task_ferry.E027"]
+
+
+@requires_tasks
+def test_the_test_settings_pass_and_checks_run_through_django(settings, use_executor, alias):
+    assert DjangoTasksExecutor().check() == []
+    # (A BACKEND that does not import makes django.tasks' own check raise before ours.)
+    settings.TASKS = {"other": {"BACKEND": DATABASE_BACKEND}}
+    ids = {m.id for m in run_checks() if m.id.startswith("task_ferry.")}
+    assert "task_ferry.E021" in ids
+
+
+@pytest.fixture
+def DBTaskResult():
+    return pytest.importorskip("django_tasks_db.models").DBTaskResult
+
+
+@requires_tasks
+def test_dispatch_waits_for_commit(transactional_db, user, use_executor, alias, DBTaskResult):
+    with transaction.atomic():
+        job = JobHandler.create_and_start(user, "scripted", steps=3)
+        assert not DBTaskResult.objects.exists()
+    task = DBTaskResult.objects.get()
+    assert task.task_path == "task_ferry.executors.django_tasks.run_job"
+    assert task.args_kwargs == {"args": [job.pk], "kwargs": {}}
+    assert task.backend_name == alias
+    assert task.queue_name == "default"
+    assert Job.objects.get(pk=job.pk).state == "pending"
+
+
+@requires_tasks
+def test_dispatch_is_one_insert_into_the_task_table(
+    db,
+    user,
+    use_executor,
+    DBTaskResult,
+    django_assert_num_queries,
+    django_capture_on_commit_callbacks,
+):
+    with django_capture_on_commit_callbacks(execute=False):
+        job = JobHandler.create_and_start(user, "scripted")
+    with django_assert_num_queries(1) as captured:
+        get_executor().dispatch(job.pk, "scripted")
+    assert DBTaskResult._meta.db_table in captured.captured_queries[0]["sql"]
+
+
+@requires_tasks
+def test_rolled_back_create_dispatches_nothing(transactional_db, user, use_executor, DBTaskResult):
+    with pytest.raises(RuntimeError, match="roll back"), transaction.atomic():
+        JobHandler.create_and_start(user, "scripted")
+        raise RuntimeError("roll back")
+    assert not Job.objects.exists()
+    assert not DBTaskResult.objects.exists()
+
+
+@requires_tasks
+def test_type_queue_and_priority_reach_the_backend(
+    transactional_db, user, use_executor, monkeypatch, DBTaskResult
+):
+    monkeypatch.setattr(RoutedJobType, "priority", 7)
+    routed = JobHandler.create_and_start(user, "routed")
+    plain = JobHandler.create_and_start(user, "scripted")
+    rows = {r.args_kwargs["args"][0]: r for r in DBTaskResult.objects.all()}
+    assert (rows[routed.pk].queue_name, rows[routed.pk].priority) == ("special", 7)
+    assert (rows[plain.pk].queue_name, rows[plain.pk].priority) == ("default", 0)
+
+
+@requires_tasks
+def test_priority_is_dropped_where_the_backend_has_none(
+    db, user, settings, alias, use_executor, monkeypatch, django_capture_on_commit_callbacks
+):
+    settings.TASKS = {
+        alias: {"BACKEND": "tests.executors.backends.NoPriorityBackend", "QUEUES": []}
+    }
+    monkeypatch.setattr(RoutedJobType, "priority", 7)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = JobHandler.create_and_start(user, "routed")
+    [result] = get_executor().task_for(RoutedJobType()).get_backend().results
+    assert result.args == [job.pk]
+    assert (result.task.queue_name, result.task.priority) == ("special", 0)
+
+
+def rename_table(model, old_name, new_name):
+    with connection.schema_editor() as editor:
+        editor.alter_db_table(model, old_name, new_name)
+
+
+@requires_tasks
+def test_backend_that_cannot_write_fails_the_job_and_tells_the_caller(
+    transactional_db, user, use_executor, DBTaskResult
+):
+    # The task table is missing, as when django_tasks_db's migrations were never applied.
+    table = DBTaskResult._meta.db_table
+    rename_table(DBTaskResult, table, f"{table}_away")
+    try:
+        with pytest.raises(DispatchError, match="could not be handed to the django.tasks backend"):
+            JobHandler.create_and_start(user, "scripted", steps=3)
+    finally:
+        rename_table(DBTaskResult, f"{table}_away", table)
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert "could not be handed" in job.error
+    assert job.human_readable_error == django_tasks.UNDISPATCHED_MESSAGE
+    assert job.finished_at is not None
+    assert list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True)) == [
+        "on_error"
+    ]
+    # What a poller sees.
+    assert JobHandler.get_job(user, job.pk).state == "failed"
+
+
+@requires_tasks
+def test_queue_rejected_by_the_backend_fails_the_job(
+    transactional_db, user, settings, alias, use_executor, DBTaskResult
+):
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
+    with pytest.raises(DispatchError, match="special"):
+        JobHandler.create_and_start(user, "routed")
+    assert Job.objects.get().state == "failed"
+    assert not DBTaskResult.objects.exists()
+
+
+@requires_tasks
+def test_failure_at_the_outer_commit_still_fails_the_job(
+    transactional_db, user, settings, alias, use_executor
+):
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
+    with pytest.raises(DispatchError), transaction.atomic():
+        job = JobHandler.create_and_start(user, "routed")
+    # The job row committed before dispatch failed; it is failed, not pending forever.
+    assert Job.objects.get(pk=job.pk).state == "failed"
+
+
+@requires_tasks
+def test_obsolete_backend_path_at_dispatch_says_what_to_use(
+    transactional_db, user, settings, alias, use_executor
+):
+    settings.TASKS = {alias: {"BACKEND": "django_tasks.backends.database.DatabaseBackend"}}
+    with pytest.raises(DispatchError, match=f'Use "BACKEND": "{DATABASE_BACKEND}"'):
+        JobHandler.create_and_start(user, "scripted")
+    assert Job.objects.get().state == "failed"

@@ -1,0 +1,224 @@
+"""Every task_ferry system check id, raised by the configuration it describes."""
+
+import socket
+import sys
+
+import pytest
+from django.core.checks import run_checks
+
+from task_ferry.registry import JobType, job_type_registry
+from tests.testapp import job_types as testapp_job_types
+from tests.testapp.models import ScriptedJob
+
+
+def ferry_messages():
+    return [m for m in run_checks() if (m.id or "").startswith("task_ferry.")]
+
+
+def ids(messages):
+    return sorted(m.id for m in messages)
+
+
+def only(check_id):
+    (message,) = [m for m in ferry_messages() if m.id == check_id]
+    return message
+
+
+@pytest.fixture
+def ferry(settings):
+    """Sets TASK_FERRY keys on top of the test settings."""
+
+    def configure(**values):
+        settings.TASK_FERRY = {**settings.TASK_FERRY, **values}
+
+    return configure
+
+
+@pytest.fixture
+def registry_snapshot():
+    """Restores the registry and the registered classes' names after the test."""
+    saved = dict(job_type_registry._by_name)
+    names = {type(t): t.type for t in saved.values()}
+    yield
+    job_type_registry._by_name.clear()
+    job_type_registry._by_name.update(saved)
+    for cls, name in names.items():
+        cls.type = name
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_test_settings_pass_every_check():
+    assert ferry_messages() == []
+
+
+def test_e001_executor_path_that_does_not_import(ferry):
+    ferry(EXECUTOR="myproject.executors.Nope")
+    message = only("task_ferry.E001")
+    assert "'myproject.executors.Nope' cannot be imported" in message.msg
+    assert "ImmediateExecutor" in message.hint
+
+
+@pytest.mark.parametrize(
+    ("path", "module", "extra", "check_ids"),
+    [
+        (
+            "task_ferry.executors.celery.CeleryExecutor",
+            "celery",
+            "celery",
+            {"task_ferry.E001", "task_ferry.E010"},
+        ),
+        (
+            "task_ferry.executors.django_tasks.DjangoTasksExecutor",
+            "django_tasks",
+            "django-tasks",
+            {"task_ferry.E001", "task_ferry.E020"},
+        ),
+    ],
+)
+def test_missing_extra_is_named(ferry, monkeypatch, path, module, extra, check_ids):
+    # Hide the installed package, as in a virtualenv without the extra.
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delitem(sys.modules, path.rsplit(".", 1)[0], raising=False)
+    ferry(EXECUTOR=path)
+    # E001 when the executor module itself needs the package, else the executor's own check.
+    (message,) = [m for m in ferry_messages() if m.is_serious()]
+    assert message.id in check_ids
+    assert f"django-task-ferry[{extra}]" in message.hint
+
+
+def test_e001_message_names_the_extra():
+    from task_ferry.checks import missing_extra
+
+    celery_missing = ModuleNotFoundError("No module named 'celery'", name="celery")
+    assert missing_extra("task_ferry.executors.celery.CeleryExecutor", celery_missing) == "celery"
+    own_module = ModuleNotFoundError("nope", name="task_ferry.executors.django_tasks")
+    assert missing_extra("task_ferry.executors.django_tasks.X", own_module) == "django-tasks"
+    typo = ModuleNotFoundError("nope", name="myproject")
+    assert missing_extra("myproject.Executor", typo) is None
+
+
+def test_e001_executor_that_is_not_an_executor(ferry):
+    ferry(EXECUTOR="task_ferry.progress.Progress")
+    assert (
+        "is not a subclass of task_ferry.executors.base.BaseExecutor" in only("task_ferry.E001").msg
+    )
+
+
+def test_e002_unknown_setting(ferry):
+    ferry(JOB_EXPIRY=3)
+    message = only("task_ferry.E002")
+    assert "JOB_EXPIRY" in message.msg
+    assert "JOB_EXPIRY_DAYS" in message.hint
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PROGRESS_CACHE_TIMEOUT", 0), ("JOB_EXPIRY_DAYS", "7"), ("PUBLISH_INTERVAL", True)],
+)
+def test_e003_setting_that_is_not_a_number_in_range(ferry, name, value):
+    ferry(**{name: value})
+    assert name in only("task_ferry.E003").msg
+
+
+@pytest.mark.parametrize("value", [0, -1, "5", 2.5])
+def test_e004_bad_max_jobs_per_user(ferry, value):
+    ferry(MAX_JOBS_PER_USER_PER_TYPE=value)
+    assert "MAX_JOBS_PER_USER_PER_TYPE" in only("task_ferry.E004").msg
+
+
+def test_e005_heartbeat_timeout_not_above_interval(ferry):
+    ferry(HEARTBEAT_INTERVAL=30, HEARTBEAT_TIMEOUT=30)
+    assert "HEARTBEAT_TIMEOUT" in only("task_ferry.E005").msg
+
+
+def test_e006_progress_store_that_does_not_import(ferry):
+    ferry(PROGRESS_STORE="myproject.stores.Nope")
+    assert "myproject.stores.Nope" in only("task_ferry.E006").msg
+
+
+def test_e007_bad_max_count(monkeypatch):
+    job_type = job_type_registry.get("limited")
+    monkeypatch.setattr(type(job_type), "max_count", 0)
+    assert only("task_ferry.E007").obj is type(job_type)
+
+
+def test_w001_redis_unreachable(ferry):
+    ferry(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", PROGRESS_STORE=None)
+    message = only("task_ferry.W001")
+    assert message.is_serious() is False
+    assert "unreachable" in message.msg
+    assert "REDIS_URL" in message.hint
+
+
+def registered_type(type_name):
+    """A valid job type registered the ordinary way."""
+    cls = type(f"Type_{type_name}", (JobType,), {"type": type_name, "model_class": ScriptedJob})
+    return type(job_type_registry.register(cls))
+
+
+def test_e030_type_emptied_after_registration(registry_snapshot):
+    cls = registered_type("soon_empty")
+    cls.type = ""
+    message = only("task_ferry.E030")
+    assert "registered as 'soon_empty'" in message.msg
+    assert message.obj is cls
+
+
+def test_e030_type_renamed_after_registration(registry_snapshot):
+    cls = registered_type("old_name")
+    cls.type = "new_name"
+    assert "its `type` is now 'new_name'" in only("task_ferry.E030").msg
+
+
+def test_e031_model_class_not_a_job(registry_snapshot):
+    cls = registered_type("bad_model")
+    cls.model_class = dict
+    message = only("task_ferry.E031")
+    assert "must be a subclass of task_ferry.models.Job" in message.msg
+    assert message.obj is cls
+
+
+def test_e032_two_registered_types_with_one_name(registry_snapshot):
+    first = registered_type("first_name")
+    second = registered_type("second_name")
+    second.type = "first_name"
+    messages = ferry_messages()
+    assert ids(messages) == ["task_ferry.E030", "task_ferry.E032"]
+    duplicate = next(m for m in messages if m.id == "task_ferry.E032")
+    assert first.__qualname__ in duplicate.msg and second.__qualname__ in duplicate.msg
+
+
+def test_e032_unregistered_class_reusing_a_name(monkeypatch):
+    # A subclass that forgot its own `type` inherits its parent's name.
+    clash = type(
+        "ClashingJobType",
+        (testapp_job_types.LimitedJobType,),
+        {"__module__": testapp_job_types.__name__},
+    )
+    monkeypatch.setattr(testapp_job_types, "ClashingJobType", clash, raising=False)
+    message = only("task_ferry.E032")
+    assert "'limited'" in message.msg
+    assert "ClashingJobType" in message.msg
+
+
+def test_e033_job_type_without_model_class(monkeypatch):
+    orphan = type(
+        "OrphanJobType",
+        (JobType,),
+        {"type": "orphan", "__module__": testapp_job_types.__name__},
+    )
+    monkeypatch.setattr(testapp_job_types, "OrphanJobType", orphan, raising=False)
+    message = only("task_ferry.E033")
+    assert "sets type = 'orphan' but has no model_class" in message.msg
+    assert message.obj is orphan
+
+
+def test_base_classes_without_a_name_are_fine():
+    # RecordingJobType in tests/testapp/job_types.py has no `type`: a base, not a job type.
+    assert testapp_job_types.RecordingJobType.type == ""
+    assert ferry_messages() == []

@@ -1,0 +1,237 @@
+"""The management commands: task_ferry_cleanup and task_ferry_jobs."""
+
+import datetime
+import io
+import re
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from task_ferry.handler import JobHandler, transition
+from task_ferry.management.commands import task_ferry_jobs
+from task_ferry.management.commands.task_ferry_cleanup import parse_age
+from task_ferry.models import Job, JobState
+from task_ferry.stores.base import get_store
+from tests.test_admin import make_job
+from tests.testapp.models import HookCall
+
+
+class TerminalOutput(io.StringIO):
+    """Output that says it is a terminal, as a shell's stdout does."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.fixture(autouse=True)
+def terminal_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+
+
+def run(*args, stdout=None):
+    out = stdout or io.StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def ended_job(user, state, days_ago, type_name="scripted"):
+    job = (
+        make_job(user) if type_name == "scripted" else JobHandler.create_and_start(user, type_name)
+    )
+    finished = timezone.now() - datetime.timedelta(days=days_ago)
+    Job.objects.filter(pk=job.pk).update(state=state, finished_at=finished)
+    return job
+
+
+@pytest.fixture
+def aged_jobs(user):
+    return {
+        "old_finished": ended_job(user, JobState.FINISHED, 10),
+        "old_failed": ended_job(user, JobState.FAILED, 5),
+        "old_limited": ended_job(user, JobState.CANCELLED, 8, "limited"),
+        "recent": ended_job(user, JobState.FINISHED, 1),
+        "half_day": ended_job(user, JobState.FINISHED, 0.4),
+        "live": make_job(user),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3d", datetime.timedelta(days=3)),
+        ("12h", datetime.timedelta(hours=12)),
+        ("90m", datetime.timedelta(minutes=90)),
+        ("45s", datetime.timedelta(seconds=45)),
+        ("2w", datetime.timedelta(weeks=2)),
+        ("7", datetime.timedelta(days=7)),
+        ("1.5d", datetime.timedelta(hours=36)),
+    ],
+)
+def test_parse_age(text, expected):
+    assert parse_age(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "3 days", "-1d", "d", "3y"])
+def test_bad_age_says_what_to_write(db, text):
+    with pytest.raises(CommandError, match="30s, 90m, 12h, 3d or 2w"):
+        call_command("task_ferry_cleanup", older_than=text)
+
+
+def test_cleanup_dry_run_deletes_nothing(aged_jobs):
+    out = run("task_ferry_cleanup", "--dry-run", "--older-than", "3d")
+    assert "Would delete 3 ended job(s)" in out
+    assert "older than 3 days" in out
+    assert "  scripted: 2 (failed 1, finished 1)" in out
+    assert "  limited: 1 (cancelled 1)" in out
+    assert Job.objects.count() == 6
+    assert not HookCall.objects.exists()
+
+
+def test_cleanup_dry_run_lists_jobs_with_verbosity_2(aged_jobs):
+    out = run("task_ferry_cleanup", "--dry-run", "--older-than", "3d", "-v", "2")
+    for name in ("old_finished", "old_failed", "old_limited"):
+        assert f"#{aged_jobs[name].pk} " in out
+    assert f"#{aged_jobs['recent'].pk} " not in out
+
+
+def test_cleanup_deletes_through_the_handler(aged_jobs):
+    out = run("task_ferry_cleanup", "--older-than", "12h")
+    assert "Deleted 4 ended job(s)" in out
+    left = set(Job.objects.values_list("pk", flat=True))
+    assert left == {aged_jobs["half_day"].pk, aged_jobs["live"].pk}
+    # before_delete ran once per deleted job: the handler's path.
+    deleted = {aged_jobs[n].pk for n in ("old_finished", "old_failed", "old_limited", "recent")}
+    assert sorted(
+        HookCall.objects.filter(hook="before_delete").values_list("job_id", flat=True)
+    ) == sorted(deleted)
+
+
+def test_cleanup_defaults_to_job_expiry_days(aged_jobs, settings):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "JOB_EXPIRY_DAYS": 6}
+    out = run("task_ferry_cleanup")
+    assert "Deleted 2 ended job(s)" in out
+    assert "older than 6 days" in out
+    assert Job.objects.filter(pk=aged_jobs["old_failed"].pk).exists()
+
+
+@pytest.fixture
+def live_jobs(user):
+    pending = make_job(user, progress_state="")
+    running = make_job(None)
+    transition(running, JobState.STARTED, from_states=[JobState.PENDING])
+    get_store().delete([pending.pk, running.pk])
+    return pending, running
+
+
+def publish_progress(job, percentage, label):
+    get_store().write(
+        job.pk,
+        {
+            "id": job.pk,
+            "state": "started",
+            "progress_percentage": percentage,
+            "progress_state": label,
+        },
+    )
+
+
+def test_jobs_plain_lines_from_store_and_database(live_jobs):
+    pending, running = live_jobs
+    Job.objects.filter(pk=pending.pk).update(progress_percentage=5, progress_state="queued")
+    publish_progress(running, 42, "copying rows")
+    finished = make_job(None, state=JobState.FINISHED)
+
+    out = run("task_ferry_jobs")
+    lines = out.splitlines()
+    assert lines[0] == f"#{pending.pk} scripted alice pending 5% queued"
+    assert lines[1].startswith(f"#{running.pk} scripted (system) started 42% copying rows (")
+    assert f"#{finished.pk}" not in out
+    assert "\x1b[" not in out
+
+
+def test_jobs_filters_by_type(live_jobs, user):
+    limited = JobHandler.create_and_start(user, "limited")
+    Job.objects.filter(pk=limited.pk).update(state=JobState.PENDING, progress_percentage=0)
+    get_store().delete([limited.pk])
+    out = run("task_ferry_jobs", "--type", "limited")
+    assert out.splitlines() == [f"#{limited.pk} limited alice pending 0%"]
+
+
+def test_jobs_says_when_nothing_runs(db):
+    assert run("task_ferry_jobs") == "No pending or running jobs.\n"
+
+
+def test_jobs_draws_bars_on_a_terminal(live_jobs):
+    _, running = live_jobs
+    publish_progress(running, 50, "halfway")
+    out = run("task_ferry_jobs", stdout=TerminalOutput())
+    bar_line = next(line for line in out.splitlines() if line.startswith(f"#{running.pk}"))
+    inside = bar_line[bar_line.index("[") + 1 : bar_line.index("]")]
+    assert abs(inside.count("#") - inside.count(".")) <= 1
+    assert "50%" in bar_line and "halfway" in bar_line
+
+
+def script_sleeps(monkeypatch, *steps):
+    """Replace the watch loop's sleep with ``steps``, run one per sleep: time passing."""
+    pending = list(steps)
+
+    def fake_sleep(seconds):
+        assert pending, "the watch loop did not stop once no job was live"
+        pending.pop(0)()
+
+    monkeypatch.setattr(task_ferry_jobs, "sleep", fake_sleep)
+
+
+def end_both(pending, running):
+    JobHandler.cancel_job(pending)
+    transition(running, JobState.FINISHED, from_states=[JobState.STARTED])
+
+
+def test_watch_prints_a_line_per_change_when_not_a_terminal(live_jobs, monkeypatch):
+    pending, running = live_jobs
+    publish_progress(running, 10, "starting")
+    script_sleeps(
+        monkeypatch,
+        lambda: publish_progress(running, 60, "busy"),
+        lambda: None,  # nothing changes: nothing is printed
+        lambda: end_both(pending, running),
+    )
+    out = run("task_ferry_jobs", "--watch", "--until-idle", "--interval", "0.01")
+    lines = [re.sub(r" \(\d+:\d\d\)$", "", line) for line in out.splitlines()]
+    assert lines == [
+        f"#{pending.pk} scripted alice pending 0%",
+        f"#{running.pk} scripted (system) started 10% starting",
+        f"#{running.pk} scripted (system) started 60% busy",
+        f"#{pending.pk} scripted alice cancelled 0%",
+        f"#{running.pk} scripted (system) finished 60% busy",
+    ]
+
+
+def test_watch_redraws_bars_on_a_terminal(live_jobs, monkeypatch):
+    pending, running = live_jobs
+    publish_progress(running, 25, "first")
+    script_sleeps(
+        monkeypatch,
+        lambda: publish_progress(running, 75, "second"),
+        lambda: end_both(pending, running),
+    )
+    out = run(
+        "task_ferry_jobs",
+        "--watch",
+        "--until-idle",
+        "--interval",
+        "0.01",
+        stdout=TerminalOutput(),
+    )
+    # Each redraw moves up over the whole previous frame (a header and two jobs) and clears it.
+    frames = out.split("\x1b[3F\x1b[J")
+    assert len(frames) == 3
+    assert "25%" in frames[0] and "first" in frames[0]
+    assert "75%" in frames[1] and "second" in frames[1]
+    assert frames[2] == "No pending or running jobs.\n"
+
+
+def test_jobs_rejects_bad_interval(db):
+    with pytest.raises(CommandError, match="--interval"):
+        call_command("task_ferry_jobs", "--watch", "--interval", "0")

@@ -1,0 +1,262 @@
+"""The fast path end to end: a job runs in a thread of the test process (immediate executor),
+inside its own open transaction, while the test looks at the store and the API."""
+
+import itertools
+import threading
+import time
+
+import pytest
+from django.db import connection
+
+from task_ferry.handler import JobHandler
+from task_ferry.models import Job
+from task_ferry.registry import JobType, job_type_registry
+from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH, cancel_token
+from task_ferry.stores.base import get_store
+from tests.testapp.models import HookCall, Marker, ScriptedJob
+
+WAIT = 10
+
+
+class GatedJobType(JobType):
+    """Writes a row, ticks half its steps, then waits for the test before ticking the rest."""
+
+    type = "gated"
+    model_class = ScriptedJob
+
+    def __init__(self):
+        self.halfway = threading.Event()
+        self.release = threading.Event()
+        self.progress = None
+
+    def run(self, job, progress):
+        if job.lock_own_row:
+            ScriptedJob.objects.select_for_update().get(pk=job.pk)
+        Marker.objects.create(name=f"gated {job.pk}")
+        stage = progress.create_child(represents=100, total=job.steps)
+        half = job.steps // 2
+        for i in range(half):
+            stage.increment(state=f"step {i + 1}")
+        self.progress = progress
+        self.halfway.set()
+        assert self.release.wait(WAIT)
+        for i in range(half, job.steps):
+            stage.increment(state=f"step {i + 1}")
+        job.result = "done"
+        job.save(update_fields=["result"])
+
+    def on_cancelled(self, job):
+        HookCall.objects.create(job_id=job.pk, hook="on_cancelled")
+
+
+@pytest.fixture
+def gated():
+    job_type = job_type_registry.register(GatedJobType())
+    yield job_type
+    job_type.release.set()
+    job_type_registry.unregister(job_type)
+
+
+class JobThread(threading.Thread):
+    """Runs ``create_and_start`` on its own thread and database connection."""
+
+    def __init__(self, user, **values):
+        super().__init__(daemon=True)
+        self.user = user
+        self.values = values
+        self.error = None
+
+    def run(self):
+        try:
+            JobHandler.create_and_start(self.user, "gated", **self.values)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            connection.close()
+
+    def finish(self):
+        self.join(WAIT)
+        assert not self.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def start_halfway(gated, user, **values):
+    thread = JobThread(user, **values)
+    thread.start()
+    assert gated.halfway.wait(WAIT), thread.error
+    return thread, Job.objects.get(user=user, type="gated")
+
+
+def wait_until(predicate, what):
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+needs_concurrent_writers = pytest.mark.skipif(
+    connection.vendor == "sqlite", reason="SQLite allows one writer at a time"
+)
+
+
+@needs_concurrent_writers
+def test_progress_is_visible_in_the_store_and_api_while_the_transaction_is_open(
+    transactional_db, user, api, gated
+):
+    thread, job = start_halfway(gated, user, steps=20)
+    wait_until(
+        lambda: (get_store().read(job.pk) or {}).get("progress_percentage") == 50,
+        "the store shows 50%",
+    )
+    body = api.get(f"/api/jobs/{job.pk}/").json()
+    assert (body["state"], body["progress_percentage"], body["progress_state"]) == (
+        "started",
+        50,
+        "step 10",
+    )
+    # The job's transaction really is open: its row is not visible from here yet.
+    assert not Marker.objects.exists()
+    assert Job.objects.get(pk=job.pk).progress_percentage == 0
+    gated.release.set()
+    thread.finish()
+    body = api.get(f"/api/jobs/{job.pk}/").json()
+    assert (body["state"], body["progress_percentage"], body["progress_state"]) == (
+        "finished",
+        100,
+        "step 20",
+    )
+    assert Marker.objects.filter(name=f"gated {job.pk}").exists()
+
+
+@needs_concurrent_writers
+def test_cancel_stops_the_job_at_its_next_tick_and_rolls_its_work_back(
+    transactional_db, user, gated
+):
+    thread, job = start_halfway(gated, user, steps=20)
+    JobHandler.cancel(user, job.pk)
+    # The very next tick raises: the job never reaches its second half.
+    assert gated.progress.cancel_requested
+    gated.release.set()
+    thread.finish()
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.progress_percentage, row.progress_state, row.result) == (
+        "cancelled",
+        50,
+        "step 10",
+        "",
+    )
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("job_id", "hook")) == [(job.pk, "on_cancelled")]
+    snapshot = get_store().read(job.pk)
+    assert (snapshot["state"], snapshot["progress_percentage"]) == ("cancelled", 50)
+
+
+@needs_concurrent_writers
+@pytest.mark.parametrize(
+    "store_path",
+    ["task_ferry.stores.redis.RedisProgressStore", "task_ferry.stores.cache.CacheProgressStore"],
+)
+def test_a_cancel_request_from_another_process_reaches_the_job_through_the_store(
+    transactional_db, user, gated, settings, store_path
+):
+    # Redis pushes the request to the monitor; the cache store is polled once per interval.
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "PROGRESS_STORE": store_path,
+        "REDIS_URL": settings.REDIS_URL,
+    }
+    thread, job = start_halfway(gated, user, steps=20)
+    # What cancel() in another process does: only the store hears of it.
+    get_store().request_cancel(job.pk, token=cancel_token(job))
+    wait_until(lambda: gated.progress.cancel_requested, "the monitor passed the request on")
+    gated.release.set()
+    thread.finish()
+    assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
+    assert HookCall.objects.filter(job_id=job.pk, hook="on_cancelled").count() == 1
+
+
+@needs_concurrent_writers
+def test_cancel_returns_while_the_job_holds_its_row_lock(transactional_db, user, gated):
+    thread, job = start_halfway(gated, user, steps=20, lock_own_row=True)
+    returned = threading.Event()
+
+    def cancel():
+        try:
+            JobHandler.cancel(user, job.pk)
+            returned.set()
+        finally:
+            connection.close()
+
+    canceller = threading.Thread(target=cancel, daemon=True)
+    canceller.start()
+    # The job is parked holding the lock, so cancel() cannot have waited for it.
+    assert returned.wait(WAIT)
+    assert thread.is_alive()
+    gated.release.set()
+    thread.finish()
+    canceller.join(WAIT)
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.result) == ("cancelled", "")
+    assert HookCall.objects.filter(job_id=job.pk, hook="on_cancelled").count() == 1
+
+
+def test_a_label_longer_than_the_column_is_truncated(db, user, monkeypatch):
+    label = "x" * (STATE_LABEL_MAX_LENGTH + 100)
+
+    def run(self, job, progress):
+        progress.increment(50, state=label)
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    row = Job.objects.get(pk=job.pk)
+    assert row.state == "finished"
+    assert len(row.progress_state) == STATE_LABEL_MAX_LENGTH
+    assert row.progress_state == "x" * (STATE_LABEL_MAX_LENGTH - 1) + "…"
+    assert get_store().read(job.pk)["progress_state"] == row.progress_state
+
+
+def test_the_final_state_and_100_percent_are_published_as_the_run_ends(
+    db, user, settings, monkeypatch
+):
+    # With a publish interval far longer than the run, only the run's own end can publish.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "PUBLISH_INTERVAL": 60}
+    job = JobHandler.create_and_start(user, "scripted", steps=7)
+    snapshot = get_store().read(job.pk)
+    assert (snapshot["state"], snapshot["progress_percentage"], snapshot["progress_state"]) == (
+        "finished",
+        100,
+        "step 7 of 7",
+    )
+
+
+@needs_concurrent_writers
+def test_publishing_is_throttled_and_the_newest_value_wins(
+    transactional_db, user, settings, gated, monkeypatch
+):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "PUBLISH_INTERVAL": 0.2}
+    store = get_store()
+    writes = []
+    original = type(store).write_many
+
+    def write_many(self, snapshots):
+        # Progress publications only: the run's own start and end snapshots are not throttled.
+        writes.extend(
+            (time.monotonic(), s["progress_state"])
+            for s in snapshots.values()
+            if s["state"] == "started" and s["progress_state"]
+        )
+        original(self, snapshots)
+
+    monkeypatch.setattr(type(store), "write_many", write_many)
+    thread, _job = start_halfway(gated, user, steps=2000)
+    wait_until(lambda: writes and writes[-1][1] == "step 1000", "the halfway label is published")
+    # 1000 ticks in well under one interval, yet one or two publications, the newest label last.
+    assert len(writes) <= 2
+    published = len(writes)
+    time.sleep(0.5)
+    assert len(writes) == published  # nothing changed, nothing written
+    gated.release.set()
+    thread.finish()
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(writes)]
+    assert all(gap >= 0.19 for gap in gaps), gaps

@@ -1,0 +1,173 @@
+import math
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+
+from task_ferry.exceptions import JobCancelled
+from task_ferry.progress import FOLD_CHILDREN_AT, Progress
+
+
+def test_root_counts_to_100():
+    progress = Progress()
+    progress.increment(10, state="Fetched rows")
+    assert progress.percentage == 10
+    assert progress.state == "Fetched rows"
+    progress.increment(90)
+    assert progress.percentage == 100
+    assert progress.state == "Fetched rows"
+
+
+def test_spec_example_weights_stages():
+    progress = Progress()
+    progress.increment(10, state="Fetched rows")
+    write_stage = progress.create_child(represents=80, total=200)
+    for row in range(100):
+        write_stage.increment(state=f"Writing row {row}...")
+    assert progress.percentage == 50
+    assert progress.state == "Writing row 99..."
+    for row in range(100, 200):
+        write_stage.increment(state=f"Writing row {row}...")
+    assert progress.percentage == 90
+    progress.increment(10, state="Finalising")
+    assert progress.percentage == 100
+
+
+def test_unequal_weights_across_many_children():
+    progress = Progress()
+    small = [progress.create_child(represents=1, total=10) for _ in range(50)]
+    big = progress.create_child(represents=50, total=4)
+    for child in small:
+        child.increment(10)
+    assert progress.percentage == 50
+    big.increment(2)
+    assert progress.percentage == 75
+    big.increment(2)
+    assert progress.percentage == 100
+
+
+def test_thousands_of_children_add_up_exactly():
+    progress = Progress()
+    stages = [progress.create_child(represents=0.01, total=3) for _ in range(10_000)]
+    for stage in stages[:5000]:
+        stage.increment(3)
+    assert progress.percentage == 50
+    # Children created after many completed ones still count (completed ones are folded).
+    late = progress.create_child(represents=0, total=1)
+    late.increment()
+    for stage in stages[5000:]:
+        stage.increment(3)
+    assert progress.percentage == 100
+    assert progress.fraction() == pytest.approx(1.0)
+
+
+def test_completed_children_are_folded_without_changing_the_total():
+    progress = Progress()
+    for _ in range(FOLD_CHILDREN_AT * 8):
+        child = progress.create_child(represents=0.5, total=2)
+        child.increment(2)
+    folded, counted = progress._children
+    assert len(counted) < FOLD_CHILDREN_AT * 2
+    assert folded + sum(c._represents for c in counted) == pytest.approx(FOLD_CHILDREN_AT * 4)
+    assert progress.percentage == FOLD_CHILDREN_AT * 4
+
+
+def test_nested_children():
+    progress = Progress()
+    stage = progress.create_child(represents=60, total=3)
+    files = [stage.create_child(represents=1, total=100) for _ in range(3)]
+    files[0].increment(100)
+    assert progress.percentage == 20
+    files[1].increment(50, state="half of file 2")
+    assert progress.percentage == 30
+    assert stage.percentage == 50
+    assert files[1].state == progress.state == "half of file 2"
+    files[1].increment(50)
+    files[2].increment(100)
+    assert progress.percentage == 60
+
+
+def test_a_node_counts_its_own_steps_and_its_childrens():
+    stage = Progress().create_child(represents=100, total=10)
+    stage.increment(5)
+    part = stage.create_child(represents=5, total=2)
+    part.increment()
+    assert stage.percentage == 75
+
+
+def test_overshooting_is_clamped():
+    progress = Progress()
+    child = progress.create_child(represents=30, total=10)
+    child.increment(25)
+    assert child.done == 10
+    assert progress.percentage == 30
+    progress.increment(500)
+    assert progress.percentage == 100
+
+
+def test_empty_child_is_complete_at_once():
+    progress = Progress()
+    progress.create_child(represents=40, total=0)
+    assert progress.percentage == 40
+
+
+def test_track_sets_total_from_a_sized_iterable_and_ticks_after_each_item():
+    progress = Progress()
+    stage = progress.create_child(represents=50, total=1)
+    seen = []
+    for item in stage.track(["a", "b", "c", "d"], state="tracking"):
+        seen.append((item, progress.percentage))
+    assert seen == [("a", 0), ("b", 12), ("c", 25), ("d", 37)]
+    assert progress.percentage == 50
+    assert progress.state == "tracking"
+
+
+def test_track_keeps_the_total_for_an_unsized_iterable():
+    stage = Progress().create_child(represents=100, total=10)
+    assert list(stage.track(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert stage.percentage == 50
+
+
+def test_fractional_steps_reach_100():
+    progress = Progress()
+    child = progress.create_child(represents=100, total=1)
+    for _ in range(3):
+        child.increment(1 / 3)
+    assert progress.percentage == 100
+
+
+@pytest.mark.parametrize(
+    "by", [-1, -0.5, "1", None, True, math.nan, math.inf, [1], complex(1, 0), Decimal("NaN")]
+)
+def test_increment_rejects_bad_amounts(by):
+    progress = Progress()
+    progress.increment(5, state="before")
+    with pytest.raises(ValueError, match=r"increment\(by=...\) must be a finite number >= 0"):
+        progress.increment(by, state="after")
+    # Nothing changed.
+    assert (progress.percentage, progress.state) == (5, "before")
+
+
+@pytest.mark.parametrize("by", [0, 2, 2.5, Decimal("2.5"), Fraction(5, 2)])
+def test_increment_accepts_real_numbers(by):
+    progress = Progress()
+    progress.increment(by)
+    assert progress.percentage == int(float(by))
+
+
+@pytest.mark.parametrize("represents, total", [(-1, 10), (10, -1), (math.nan, 10), (10, "10")])
+def test_create_child_rejects_bad_numbers(represents, total):
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        Progress().create_child(represents=represents, total=total)
+
+
+def test_a_cancel_request_raises_at_the_next_tick_anywhere_in_the_tree():
+    progress = Progress()
+    child = progress.create_child(represents=50, total=10).create_child(represents=5, total=5)
+    child.increment()
+    progress.request_cancel()
+    assert child.cancel_requested
+    with pytest.raises(JobCancelled):
+        child.increment()
+    with pytest.raises(JobCancelled):
+        progress.set_state("still here?")

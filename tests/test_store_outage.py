@@ -1,0 +1,108 @@
+"""Redis going away and coming back, with a redis-server of the test's own."""
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+from django.db import connection
+
+from task_ferry.handler import JobHandler
+from task_ferry.snapshot import cancel_token
+from task_ferry.stores.base import get_store
+from tests.test_monitor import GatedJobType, start_halfway, wait_until
+from tests.testapp.models import ScriptedJob
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs redis-server on PATH"
+)
+
+
+class RedisServer:
+    def __init__(self, tmp_path):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.dir = tmp_path
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.dir)),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path, settings):
+    server = RedisServer(tmp_path)
+    server.start()
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "REDIS_URL": server.url,
+        "PROGRESS_STORE": "task_ferry.stores.redis.RedisProgressStore",
+    }
+    yield server
+    server.stop()
+
+
+def test_ticks_never_raise_and_the_db_keeps_the_outcome_while_redis_is_down(db, user, redis_server):
+    redis_server.stop()
+    job = JobHandler.create_and_start(user, "scripted", steps=500, marker="kept")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.progress_percentage, row.progress_state, row.result) == (
+        "finished",
+        100,
+        "step 500 of 500",
+        "done",
+    )
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
+def test_publishing_and_cancel_requests_resume_when_redis_returns(
+    transactional_db, user, redis_server
+):
+    from task_ferry.registry import job_type_registry
+
+    JobHandler.create_and_start(user, "scripted", steps=3)  # the monitor is listening
+    redis_server.stop()
+    gated = job_type_registry.register(GatedJobType())
+    try:
+        thread, job = start_halfway(gated, user, steps=20)
+        redis_server.start()
+        wait_until(
+            lambda: (get_store().read(job.pk) or {}).get("progress_percentage") == 50,
+            "the running job's progress is published again",
+        )
+        # The monitor subscribes again, so a request from another process gets through.
+        get_store().request_cancel(job.pk, token=cancel_token(job))
+        wait_until(lambda: gated.progress.cancel_requested, "the cancel request arrived")
+        gated.release.set()
+        thread.finish()
+    finally:
+        gated.release.set()
+        job_type_registry.unregister(gated)
+    assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
+    assert get_store().read(job.pk)["state"] == "cancelled"

@@ -1,0 +1,383 @@
+"""CeleryExecutor against real ``celery worker`` processes on RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+
+import pytest
+from celery import Celery, _state
+from django.db import connection, transaction
+from django.utils import timezone
+
+from task_ferry.exceptions import DispatchError
+from task_ferry.executors.celery import RUN_JOB_TASK, CeleryExecutor, beat_schedule
+from task_ferry.handler import JobHandler
+from task_ferry.models import Heartbeat, Job
+from tests.testapp.job_types import RoutedJobType
+from tests.testapp.models import HookCall, Marker, ScriptedJob
+from tests.workers import celery_fixtures
+from tests.workers.celery_fixtures import (
+    CeleryWorker,
+    current_celery_app,
+    start_celery,
+    unique_queue,
+    wait_for,
+    worker_env,
+)
+
+celery_worker = celery_fixtures.celery_worker
+celery_executor = celery_fixtures.celery_executor
+redis_celery_worker = celery_fixtures.redis_celery_worker
+
+
+def state_of(job_id: int) -> str:
+    return Job.objects.values_list("state", flat=True).get(pk=job_id)
+
+
+def wait_for_state(job_id: int, *states: str, timeout: float = 20) -> ScriptedJob:
+    wait_for(lambda: state_of(job_id) in states, timeout=timeout)
+    return ScriptedJob.objects.get(pk=job_id)
+
+
+def hook_calls(job_id: int, hook: str) -> int:
+    return HookCall.objects.filter(job_id=job_id, hook=hook).count()
+
+
+@pytest.mark.worker
+def test_job_runs_to_finished(celery_executor: CeleryWorker, user) -> None:
+    job = JobHandler.create_and_start(user, "scripted", steps=5, marker="finished-run")
+
+    assert job.state == "pending"
+    done = wait_for_state(job.pk, "finished", "failed")
+    assert done.state == "finished"
+    assert done.result == "done"
+    assert done.progress_percentage == 100
+    assert Marker.objects.filter(name="finished-run").count() == 1
+
+
+@pytest.mark.worker
+def test_failing_job_is_marked_failed(celery_executor: CeleryWorker, user) -> None:
+    job = JobHandler.create_and_start(user, "scripted", steps=5, fail_at=2, marker="failed-run")
+
+    failed = wait_for_state(job.pk, "finished", "failed")
+    assert failed.state == "failed"
+    assert failed.error == "RuntimeError: scripted failure at step 2"
+    assert failed.human_readable_error
+    assert "scripted failure" not in failed.human_readable_error
+    # The job's own writes are rolled back; the hook runs once.
+    assert not Marker.objects.filter(name="failed-run").exists()
+    wait_for(lambda: hook_calls(job.pk, "on_error") == 1)
+
+
+@pytest.mark.worker
+def test_running_job_is_cancelled(celery_executor: CeleryWorker, user) -> None:
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=200, tick_delay=0.05, marker="cancelled-run"
+    )
+    wait_for_state(job.pk, "started")
+
+    JobHandler.cancel(user, job.pk)
+
+    cancelled = wait_for_state(job.pk, "cancelled", "finished", "failed", timeout=5)
+    assert cancelled.state == "cancelled"
+    assert 0 <= cancelled.progress_percentage < 100
+    assert not Marker.objects.filter(name="cancelled-run").exists()
+    wait_for(lambda: hook_calls(job.pk, "on_cancelled") == 1)
+
+
+@pytest.mark.worker
+def test_progress_is_visible_through_the_api_while_the_job_runs(
+    celery_executor: CeleryWorker, user, api
+) -> None:
+    job = JobHandler.create_and_start(user, "scripted", steps=20, tick_delay=0.1)
+
+    seen: list[tuple[str, int, str]] = []
+
+    def poll() -> bool:
+        body = api.get(f"/api/jobs/{job.pk}/").json()
+        seen.append((body["state"], body["progress_percentage"], body["progress_state"]))
+        return body["state"] in ("finished", "failed", "cancelled")
+
+    wait_for(poll, timeout=20, interval=0.1)
+    midway = [s for s in seen if s[0] == "started" and 0 < s[1] < 100]
+    assert midway, f"no progress seen while running: {seen}"
+    assert any(label.startswith("step ") for _, _, label in midway)
+    percentages = [p for _, p, _ in seen]
+    assert percentages == sorted(percentages)
+    assert seen[-1][:2] == ("finished", 100)
+
+
+@pytest.mark.worker
+def test_job_type_queue_routes_the_job(
+    celery_executor: CeleryWorker, user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    special = unique_queue(f"special-{celery_executor.broker}")
+    monkeypatch.setattr(RoutedJobType, "queue", special)
+
+    job = JobHandler.create_and_start(user, "routed", steps=3)
+
+    # The worker listens on the default queue only: the message waits in the type's queue.
+    time.sleep(1.5)
+    assert state_of(job.pk) == "pending"
+    assert celery_executor.message_count(special) == 1
+    celery_executor.add_consumer(special)
+    try:
+        assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    finally:
+        celery_executor.cancel_consumer(special)
+
+
+@pytest.mark.worker
+def test_pending_job_cancelled_before_a_worker_takes_it_never_runs(
+    celery_executor: CeleryWorker, user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parked = unique_queue(f"parked-{celery_executor.broker}")
+    monkeypatch.setattr(RoutedJobType, "queue", parked)
+    job = JobHandler.create_and_start(user, "routed", steps=3, marker="never")
+
+    JobHandler.cancel(user, job.pk)
+    assert job.state == "cancelled"
+    assert hook_calls(job.pk, "on_cancelled") == 1
+
+    # Now a worker takes the message: it must leave the cancelled job alone.
+    celery_executor.add_consumer(parked)
+    try:
+        celery_executor.process.wait_for_log(f"Job {job.pk} is not pending; not running it.")
+    finally:
+        celery_executor.cancel_consumer(parked)
+    assert state_of(job.pk) == "cancelled"
+    assert not Marker.objects.filter(name="never").exists()
+    assert hook_calls(job.pk, "on_cancelled") == 1
+
+
+@pytest.mark.worker
+def test_rolled_back_create_dispatches_nothing(
+    celery_executor: CeleryWorker, user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parked = unique_queue(f"rollback-{celery_executor.broker}")
+    monkeypatch.setattr(RoutedJobType, "queue", parked)
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        rolled_back = JobHandler.create_and_start(user, "routed", steps=1)
+        raise RuntimeError("abort the request")
+    with transaction.atomic():
+        committed = JobHandler.create_and_start(user, "routed", steps=1)
+        # Nothing is sent before the commit.
+        assert celery_executor.message_count(parked) == 0
+
+    assert celery_executor.message_count(parked) == 1
+    assert not Job.objects.filter(pk=rolled_back.pk).exists()
+    assert state_of(committed.pk) == "pending"
+    celery_executor.purge(parked)
+
+
+@pytest.mark.worker
+def test_redelivered_job_never_runs_twice_at_once(
+    redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user
+) -> None:
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=20, tick_delay=0.05, marker="delivered-twice"
+    )
+    # A second delivery of the same job while the first runs, as a broker redelivery would.
+    celery_executor.app.send_task(RUN_JOB_TASK, args=(job.pk,), queue=celery_executor.queue)
+
+    celery_executor.process.wait_for_log(f"Job {job.pk} is not pending; not running it.")
+    assert state_of(job.pk) == "started"
+    assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    assert Marker.objects.filter(name="delivered-twice").count() == 1
+    assert celery_executor.process.log().count(f"Job {job.pk} is not pending") == 1
+
+
+@pytest.mark.worker
+def test_job_runs_after_the_workers_database_connections_were_killed(
+    redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user
+) -> None:
+    warm_up = JobHandler.create_and_start(user, "scripted", steps=1)
+    wait_for_state(warm_up.pk, "finished")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert cursor.fetchone()[0] >= 1
+
+    job = JobHandler.create_and_start(user, "scripted", steps=3, marker="after-kill")
+
+    assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    assert Marker.objects.filter(name="after-kill").count() == 1
+
+
+@pytest.mark.worker
+def test_beat_schedule_runs_cleanup_and_sweep_in_a_worker(
+    redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user
+) -> None:
+    long_ago = timezone.now() - datetime.timedelta(days=30)
+    expired = JobHandler.create_and_start(user, "scripted", steps=1)
+    wait_for_state(expired.pk, "finished")
+    Job.objects.filter(pk=expired.pk).update(finished_at=long_ago)
+    # A started job whose worker vanished: no heartbeat for far longer than HEARTBEAT_TIMEOUT.
+    lost = JobHandler.create_and_start(user, "scripted", steps=1)
+    wait_for_state(lost.pk, "finished")
+    Job.objects.filter(pk=lost.pk).update(state="started", started_at=long_ago, finished_at=None)
+    Heartbeat.objects.filter(job_id=lost.pk).delete()
+
+    env = worker_env(
+        celery_executor.app.conf.broker_url,
+        TASK_FERRY_TEST_BEAT_EVERY="0.5",
+        TASK_FERRY_TEST_BEAT_QUEUE=celery_executor.queue,
+    )
+    schedule = redis_celery_worker.process.log_path.with_suffix(".beat-schedule")
+    beat = start_celery(
+        ["beat", f"--schedule={schedule}", "--loglevel=INFO"], env, ready_text="beat: Starting"
+    )
+    try:
+        wait_for(lambda: not Job.objects.filter(pk=expired.pk).exists(), timeout=20)
+        failed = wait_for_state(lost.pk, "failed", timeout=20)
+    finally:
+        beat.stop()
+    assert "worker lost" in failed.error
+    assert hook_calls(expired.pk, "before_delete") == 1
+    assert hook_calls(lost.pk, "on_error") == 1
+
+
+def test_beat_schedule_entries() -> None:
+    entries = beat_schedule(sweep_every=30, queue="maintenance")
+
+    assert {e["task"] for e in entries.values()} == {
+        "task_ferry.cleanup_old_jobs",
+        "task_ferry.sweep_stale_jobs",
+    }
+    assert entries["task_ferry.sweep_stale_jobs"]["schedule"] == 30
+    assert all(e["options"] == {"queue": "maintenance"} for e in entries.values())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def own_redis_broker(transactional_db, settings):
+    """A redis-server of our own as the broker, so the test can stop it."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    app = Celery("tf-tests-own-broker", broker=f"redis://127.0.0.1:{port}/0")
+    try:
+        wait_for(lambda: _accepts(port), timeout=10)
+        settings.TASK_FERRY = {
+            **settings.TASK_FERRY,
+            "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+            "CELERY_QUEUE": unique_queue("own-broker"),
+        }
+        with current_celery_app(app):
+            yield server, app
+    finally:
+        app.close()
+        if server.poll() is None:
+            server.terminate()
+            server.wait(5)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.worker
+def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
+    server, _app = own_redis_broker
+    reachable = JobHandler.create_and_start(user, "scripted", steps=1)
+    assert state_of(reachable.pk) == "pending"
+    server.terminate()
+    server.wait(5)
+
+    started = time.monotonic()
+    with pytest.raises(DispatchError, match="could not be sent to the Celery queue"):
+        JobHandler.create_and_start(user, "scripted", steps=1)
+    assert time.monotonic() - started < 10
+
+    failed = ScriptedJob.objects.exclude(pk=reachable.pk).get()
+    assert failed.state == "failed"
+    assert "could not be reached" in failed.human_readable_error
+    assert "own-broker" in failed.error
+    assert hook_calls(failed.pk, "on_error") == 1
+    assert state_of(reachable.pk) == "pending"
+
+
+@pytest.mark.worker
+def test_hung_broker_fails_the_job_within_seconds(own_redis_broker, user) -> None:
+    server, _app = own_redis_broker
+    JobHandler.create_and_start(user, "scripted", steps=1)
+    # A frozen broker still accepts connections but never answers.
+    server.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DispatchError):
+            job = JobHandler.create_and_start(user, "scripted", steps=1)
+        elapsed = time.monotonic() - started
+    finally:
+        server.send_signal(signal.SIGCONT)
+
+    assert elapsed < 10
+    job = ScriptedJob.objects.order_by("-pk").first()
+    assert job.state == "failed"
+    assert "could not be reached" in job.human_readable_error
+
+
+def test_broker_on_wrong_port_fails_every_job_of_the_transaction(
+    transactional_db, settings, user
+) -> None:
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+    }
+    app = Celery("tf-tests-wrong-port", broker=f"redis://127.0.0.1:{free_port()}/0")
+    with current_celery_app(app):
+        started = time.monotonic()
+        with pytest.raises(DispatchError), transaction.atomic():
+            first = JobHandler.create_and_start(user, "scripted", steps=1)
+            second = JobHandler.create_and_start(user, "scripted", steps=1)
+        elapsed = time.monotonic() - started
+    app.close()
+
+    assert elapsed < 10
+    # The callers' handles follow the database.
+    assert (first.state, second.state) == ("failed", "failed")
+    assert [state_of(first.pk), state_of(second.pk)] == ["failed", "failed"]
+
+
+def test_check_reports_a_missing_celery_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_state._tls, "current_app", None)
+    monkeypatch.setattr(_state, "_apps", weakref.WeakSet())
+    monkeypatch.setattr(_state, "default_app", None)
+
+    [error] = CeleryExecutor().check()
+
+    assert error.id == "task_ferry.E010"
+    assert "no Celery app" in error.msg
+    assert error.hint
+
+
+def test_check_reports_celery_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "celery", None)
+
+    [error] = CeleryExecutor().check()
+
+    assert error.id == "task_ferry.E010"
+    assert "django-task-ferry[celery]" in error.hint
+
+
+def test_check_passes_with_the_project_app() -> None:
+    with current_celery_app(Celery("tf-tests-check", set_as_current=False)) as app:
+        assert CeleryExecutor().check() == []
+    app.close()

@@ -1,0 +1,282 @@
+"""DjangoTasksExecutor end to end: jobs dispatched by this process, run by a real
+``db_worker`` process (django-tasks-db) on the PostgreSQL test database."""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from task_ferry.executors import django_tasks
+from task_ferry.handler import JobHandler, transition
+from task_ferry.models import Job, JobState
+from tests.testapp.job_types import RoutedJobType
+from tests.testapp.models import HookCall, Marker, ScriptedJob
+
+DBTaskResult = pytest.importorskip("django_tasks_db.models").DBTaskResult
+
+pytestmark = [
+    pytest.mark.worker,
+    pytest.mark.skipif(django_tasks.tasks_api is None, reason="no django.tasks"),
+    pytest.mark.skipif(connection.vendor != "postgresql", reason="db_worker tests use PostgreSQL"),
+    pytest.mark.skipif(
+        not django_settings.TASK_FERRY.get("REDIS_URL"),
+        reason="progress and cancel requests cross processes through Redis",
+    ),
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ENDED = ("finished", "failed", "cancelled")
+
+
+class DbWorker:
+    """A ``django-admin db_worker`` process on the test database, stopped by its PID."""
+
+    def __init__(self, queues: str, log_path: Path) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            # The worker must see what this test committed: the test database, not the main one.
+            "TASK_FERRY_TEST_DB_NAME": connection.settings_dict["NAME"],
+        }
+        self.log_path = log_path
+        self.log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "django",
+                "db_worker",
+                "--backend",
+                django_settings.TASK_FERRY["TASKS_BACKEND"],
+                "--queue-name",
+                queues,
+                "--interval",
+                "0.05",
+                "--no-startup-delay",
+                "--no-reload",
+            ],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def start_worker(transactional_db, tmp_path):
+    """Starts db_worker processes; each is stopped (by PID) before the test database is flushed."""
+    workers: list[DbWorker] = []
+
+    def start(queues: str = "default") -> DbWorker:
+        worker = DbWorker(queues, tmp_path / f"db_worker-{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture(autouse=True)
+def use_django_tasks(settings):
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.django_tasks.DjangoTasksExecutor",
+    }
+
+
+def wait_for(predicate, *, timeout=30.0, what="condition", worker=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    log = f"\nworker output:\n{worker.output()}" if worker else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{log}")
+
+
+def wait_until_ended(job, worker):
+    return wait_for(
+        lambda: ScriptedJob.objects.filter(pk=job.pk, state__in=ENDED).first(),
+        what=f"job {job.pk} to end",
+        worker=worker,
+    )
+
+
+def task_of(job):
+    return DBTaskResult.objects.get(args_kwargs__args=[job.pk])
+
+
+def task_done(task_filter, worker=None):
+    """The task result once the worker is done with it: the job's ending hooks have run."""
+    return wait_for(
+        lambda: DBTaskResult.objects.filter(
+            **task_filter, status__in=["SUCCESSFUL", "FAILED"]
+        ).first(),
+        what=f"task {task_filter} to be done",
+        worker=worker,
+    )
+
+
+def hooks(job):
+    return list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True))
+
+
+def test_job_finishes_in_the_worker(start_worker, user):
+    worker = start_worker()
+    job = JobHandler.create_and_start(user, "scripted", steps=5, marker="kept")
+    row = wait_until_ended(job, worker)
+    assert row.state == "finished", worker.output()
+    assert (row.result, row.progress_percentage, row.progress_state) == ("done", 100, "step 5 of 5")
+    assert Marker.objects.filter(name="kept").exists()
+    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
+
+
+def test_failing_job_is_failed_once_and_rolled_back(start_worker, user):
+    worker = start_worker()
+    job = JobHandler.create_and_start(user, "scripted", steps=5, fail_at=2, marker="gone")
+    row = wait_until_ended(job, worker)
+    assert row.state == "failed"
+    assert row.error == "RuntimeError: scripted failure at step 2"
+    assert "Traceback" in row.traceback
+    assert not Marker.objects.filter(name="gone").exists()
+    # The task result records the failure too, for whoever watches django-tasks-db.
+    task = task_done({"args_kwargs__args": [job.pk]}, worker)
+    assert (task.status, task.exception_class_path) == ("FAILED", "builtins.RuntimeError")
+    assert hooks(job) == ["on_error"]
+
+
+def test_running_job_is_cancelled_at_its_next_tick(start_worker, user):
+    worker = start_worker()
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=200, tick_delay=0.05, marker="cancelled-work"
+    )
+    wait_for(
+        lambda: ScriptedJob.objects.filter(pk=job.pk, state="started").exists(),
+        what="job to start",
+        worker=worker,
+    )
+    JobHandler.cancel(user, job.pk)
+    row = wait_until_ended(job, worker)
+    assert row.state == "cancelled"
+    assert row.progress_percentage < 100
+    assert row.started_at is not None
+    assert not Marker.objects.filter(name="cancelled-work").exists()
+    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
+    assert hooks(job) == ["on_cancelled"]
+
+
+def test_pending_job_cancelled_before_the_worker_takes_it_never_runs(start_worker, user):
+    job = JobHandler.create_and_start(user, "scripted", steps=3, marker="never")
+    assert task_of(job).status == "READY"
+    JobHandler.cancel(user, job.pk)
+    assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
+
+    worker = start_worker()
+    # The worker takes the task and finds the job no longer pending.
+    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.started_at, row.result) == ("cancelled", None, "")
+    assert not Marker.objects.filter(name="never").exists()
+    assert hooks(job) == ["on_cancelled"]
+
+
+def test_progress_is_visible_through_the_api_while_the_job_runs(start_worker, user, api):
+    worker = start_worker()
+    job = JobHandler.create_and_start(user, "scripted", steps=25, tick_delay=0.08)
+    seen = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = api.get(f"/api/jobs/{job.pk}/")
+        assert response.status_code == 200
+        body = response.json()
+        seen.append((body["state"], body["progress_percentage"]))
+        if body["state"] in ENDED:
+            break
+        time.sleep(0.1)
+    assert seen[-1] == ("finished", 100), worker.output()
+    midway = [pct for state, pct in seen if state == "started" and 0 < pct < 100]
+    assert midway, f"no progress seen while running: {seen}"
+    percentages = [pct for _, pct in seen]
+    assert percentages == sorted(percentages)
+
+
+def test_job_types_are_routed_to_their_queue(start_worker, user):
+    special_worker = start_worker("special")
+    plain = JobHandler.create_and_start(user, "scripted", steps=2)
+    routed = JobHandler.create_and_start(user, "routed", steps=2)
+    assert (task_of(plain).queue_name, task_of(routed).queue_name) == ("default", "special")
+
+    assert wait_until_ended(routed, special_worker).state == "finished"
+    # The special worker polled again and again since; the default-queue job is not its own.
+    time.sleep(0.5)
+    assert ScriptedJob.objects.get(pk=plain.pk).state == "pending"
+
+    default_worker = start_worker("default")
+    assert wait_until_ended(plain, default_worker).state == "finished"
+
+
+def test_higher_priority_job_runs_first(start_worker, user, monkeypatch):
+    monkeypatch.setattr(RoutedJobType, "priority", 50)
+    first = JobHandler.create_and_start(user, "scripted", steps=1)
+    urgent = JobHandler.create_and_start(user, "routed", steps=1)
+    worker = start_worker("default,special")
+    first_row, urgent_row = wait_until_ended(first, worker), wait_until_ended(urgent, worker)
+    assert urgent_row.started_at < first_row.started_at
+
+
+def test_rolled_back_create_dispatches_nothing(start_worker, user):
+    worker = start_worker()
+    with pytest.raises(RuntimeError, match="roll back"), transaction.atomic():
+        JobHandler.create_and_start(user, "scripted", steps=1, marker="ghost")
+        raise RuntimeError("roll back")
+    # A later job runs, so the worker was there to take anything dispatched before it.
+    later = JobHandler.create_and_start(user, "scripted", steps=1)
+    assert wait_until_ended(later, worker).state == "finished"
+    assert list(Job.objects.values_list("pk", flat=True)) == [later.pk]
+    assert DBTaskResult.objects.count() == 1
+    assert not Marker.objects.filter(name="ghost").exists()
+
+
+def test_sweep_task_fails_a_job_whose_worker_vanished(start_worker, user, settings):
+    job = JobHandler.create_and_start(user, "scripted", steps=1)
+    # As if a worker took the job an hour ago and died: started, never a heartbeat.
+    an_hour_ago = timezone.now() - datetime.timedelta(hours=1)
+    assert transition(job, JobState.STARTED, from_states=[JobState.PENDING], started_at=an_hour_ago)
+    alias = settings.TASK_FERRY["TASKS_BACKEND"]
+    # What a cron entry does; only a worker on the maintenance queue runs, so the job's own
+    # task (queue "default") stays untouched.
+    django_tasks.sweep_stale_jobs.using(backend=alias, queue_name="maintenance").enqueue()
+    worker = start_worker("maintenance")
+    sweep = task_done({"queue_name": "maintenance"}, worker)
+    assert (sweep.status, sweep.return_value) == ("SUCCESSFUL", 1)
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert row.state == "failed"
+    assert "worker lost" in row.error
+    assert hooks(job) == ["on_error"]
