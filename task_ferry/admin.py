@@ -7,7 +7,6 @@ counts a large table: see ``EstimatedCountPaginator``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 from collections.abc import Sequence
@@ -337,6 +336,5 @@ class JobAdmin(admin.ModelAdmin[Job]):
             parts.append(f"asked {asked} running job(s) to stop at their next progress tick")
         if ended:
             parts.append(f"left {ended} ended job(s) unchanged")
-        with contextlib.suppress(IndexError):
-            parts[0] = parts[0][0].upper() + parts[0][1:]
-        self.message_user(request, ("; ".join(parts) or "No jobs selected") + ".")
+        summary = "; ".join(parts) or "no jobs selected"
+        self.message_user(request, summary[0].upper() + summary[1:] + ".")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -33,6 +34,9 @@ logger = logging.getLogger("task_ferry")
 IDLE_CLOSE_AFTER = 30.0
 # Seconds between attempts to reach a store that went away.
 RETRY_AFTER = 1.0
+# Longest a CPU-bound job thread may hold the GIL while the monitor waits for it (CPython's
+# default is 5 ms, and one publication needs the GIL back after each of its socket calls).
+GIL_SWITCH_INTERVAL = 0.001
 # Longest single wait, so new jobs and changed settings are picked up soon whatever the intervals.
 MAX_WAIT = 0.1
 
@@ -96,6 +100,7 @@ class JobMonitor:
         with self._lock:
             self._watches[job.pk] = watch
             if self._thread is None or not self._thread.is_alive():
+                sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
                 self._thread = threading.Thread(
                     target=self._run, name="task-ferry-monitor", daemon=True
                 )
@@ -257,7 +262,8 @@ class _MonitorLoop:
         if self.listener is not None and now - self.idle_since < IDLE_CLOSE_AFTER:
             try:
                 # A job watched meanwhile may already have been asked to stop.
-                self.monitor._cancel(self.listener.wait(MAX_WAIT))
+                interval = ferry_settings.PUBLISH_INTERVAL
+                self.monitor._cancel(self.listener.wait(min(MAX_WAIT, interval)))
             except ProgressStoreUnavailable:
                 self._drop_listener([])
             return

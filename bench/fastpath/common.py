@@ -61,6 +61,9 @@ def setup(*, executor: str | None = None) -> str:
     """Start Redis, configure and set up Django, migrate; returns the Redis URL."""
     url = start_redis()
     os.environ["TASK_FERRY_BENCH_REDIS_URL"] = url
+    os.environ.setdefault("TASK_FERRY_TEST_DB_NAME", "task_ferry_bench")
+    if os.environ.get("TASK_FERRY_TEST_DB", "postgresql") == "postgresql":
+        ensure_database(os.environ["TASK_FERRY_TEST_DB_NAME"])
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.fastpath.settings"
     if executor:
         os.environ["TASK_FERRY_BENCH_EXECUTOR"] = executor
@@ -73,6 +76,17 @@ def setup(*, executor: str | None = None) -> str:
 
     call_command("migrate", verbosity=0)
     return url
+
+
+def ensure_database(name: str) -> None:
+    """Create the benchmark's PostgreSQL database if it does not exist yet."""
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def bench_user():  # type: ignore[no-untyped-def]
@@ -147,7 +161,9 @@ def setup_worker(kind: str) -> None:
         ]
     else:
         command = [sys.executable, "-m", "bench.fastpath.worker"]
-    proc = subprocess.Popen(command, env=env, cwd=ROOT)
+    # Kept open for the worker's lifetime; closed and removed by stop().
+    log = tempfile.NamedTemporaryFile(prefix=f"tf-bench-{kind}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def stop() -> None:
         proc.terminate()
@@ -156,6 +172,8 @@ def setup_worker(kind: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        log.close()
+        os.unlink(log.name)
 
     atexit.register(stop)
     from task_ferry.handler import JobHandler
@@ -165,5 +183,5 @@ def setup_worker(kind: str) -> None:
     deadline = time.monotonic() + 60
     while Job.objects.get(pk=job.pk).state != "finished":
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"The {kind} worker did not run a job.")
+            raise SystemExit(f"The {kind} worker did not run a job; its log is {log.name}.")
         time.sleep(0.05)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import socket
 import subprocess
@@ -192,6 +193,35 @@ def test_redelivered_job_never_runs_twice_at_once(
     assert wait_for_state(job.pk, "finished", "failed").state == "finished"
     assert Marker.objects.filter(name="delivered-twice").count() == 1
     assert celery_executor.process.log().count(f"Job {job.pk} is not pending") == 1
+
+
+@pytest.mark.worker
+def test_job_of_a_killed_worker_process_is_redelivered_but_never_run_twice(
+    redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user, settings
+) -> None:
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=400, tick_delay=0.05, marker="killed-run"
+    )
+    wait_for_state(job.pk, "started")
+
+    # SIGKILL the pool processes, as an OOM killer would; the worker's main process lives on.
+    children = subprocess.check_output(
+        ["ps", "-o", "pid=", "--ppid", str(celery_executor.process.process.pid)], text=True
+    ).split()
+    assert children
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+
+    # reject_on_worker_lost requeues the message; its redelivery finds the job started.
+    celery_executor.process.wait_for_log(f"Job {job.pk} is not pending; not running it.")
+    assert state_of(job.pk) == "started"
+    assert not Marker.objects.filter(name="killed-run").exists()
+
+    # The stale-job sweep ends it once its heartbeat is overdue.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 1}
+    time.sleep(1.1)
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert state_of(job.pk) == "failed"
 
 
 @pytest.mark.worker
