@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-example \
-	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput
+	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput bench-api
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -104,3 +104,9 @@ bench-throughput: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-dj60 .venv-dj61 .venv-core .pytest_cache .mypy_cache .ruff_cache
+
+# API poll cost vs a bare DRF view, and SSE fan-out on one uvicorn process (docs/api.md).
+# Needs PostgreSQL and Redis on 127.0.0.1.
+bench-api: $(STAMP)
+	$(BIN)/python -m bench.api_poll
+	$(BIN)/python -m bench.api_sse

@@ -8,15 +8,17 @@ once with a ``retry`` delay, so ``EventSource`` polls by reconnecting.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-import weakref
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import redis.asyncio
+import redis
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
+from django.db import connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from rest_framework.exceptions import NotFound
@@ -27,6 +29,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from task_ferry.api.hub import get_hub
 from task_ferry.api.permissions import IsJobOwner, get_permission_class
 from task_ferry.api.serializers import is_final, public_job
 from task_ferry.api.views import visible_snapshot
@@ -102,7 +105,12 @@ _access_view = JobEventsAccess.as_view()
 
 
 def check_access(request: HttpRequest, pk: str) -> tuple[HttpResponseBase | None, Any]:
-    response = _access_view(request, pk=pk)
+    try:
+        response = _access_view(request, pk=pk)
+    finally:
+        if isinstance(request, ASGIRequest):
+            # The stream needs no database: do not hold a connection for its lifetime.
+            release_connections()
     snapshot = getattr(response, "snapshot", None)
     if snapshot is None:
         response.render()
@@ -110,16 +118,20 @@ def check_access(request: HttpRequest, pk: str) -> tuple[HttpResponseBase | None
     return None, snapshot
 
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, redis.asyncio.Redis]]
-_clients = weakref.WeakKeyDictionary()
+_access_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="task-ferry-events")
 
 
-def async_client(url: str) -> redis.asyncio.Redis:
-    """One asyncio Redis client (and connection pool) per event loop and URL."""
-    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    if url not in per_loop:
-        per_loop[url] = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2.0)
-    return per_loop[url]
+def release_connections() -> None:
+    for conn in connections.all(initialized_only=True):
+        if not conn.in_atomic_block:
+            conn.close()
+
+
+@functools.lru_cache(maxsize=64)
+def render_published(raw: bytes) -> tuple[bytes, bool]:
+    """The events of a published snapshot, rendered once for all the streams that get it."""
+    snapshot = json.loads(raw)
+    return job_event(snapshot), is_final(snapshot)
 
 
 async def live_events(
@@ -129,17 +141,20 @@ async def live_events(
     keepalive = float(ferry_settings.SSE_KEEPALIVE)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + float(ferry_settings.SSE_MAX_DURATION)
-    client = async_client(store.url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    hub = get_hub(store.url)
+    channel = store.events_channel(job_id)
+    try:
+        queue = await hub.subscribe(channel)
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("Job %s: event stream without Redis: %s", job_id, exc)
+        yield retry_field(POLL_RETRY_MS) + job_event(first)
+        return
     try:
         try:
-            await pubsub.subscribe(store.events_channel(job_id))
             # Read after subscribing, so no change falls between the two.
-            last_raw = await client.get(store.snapshot_key(job_id))
-        except redis.RedisError as exc:
-            logger.warning("Job %s: event stream without Redis: %s", job_id, exc)
-            yield retry_field(POLL_RETRY_MS) + job_event(first)
-            return
+            last_raw = await hub.client.get(store.snapshot_key(job_id))
+        except (redis.RedisError, OSError):
+            last_raw = None
         snapshot = first if last_raw is None else json.loads(last_raw)
         yield retry_field(LIVE_RETRY_MS) + job_event(snapshot)
         if is_final(snapshot):
@@ -150,28 +165,22 @@ async def live_events(
                 yield KEEPALIVE
                 next_keepalive = now + keepalive
             try:
-                message = await pubsub.get_message(timeout=min(next_keepalive, deadline) - now)
-            except redis.RedisError as exc:
-                logger.warning("Job %s: event stream lost Redis: %s", job_id, exc)
-                return
-            # None: a timeout, or a subscribe confirmation.
-            if message is None:
+                raw = await asyncio.wait_for(queue.get(), min(next_keepalive, deadline) - now)
+            except TimeoutError:
                 continue
-            raw = message["data"]
+            if raw is None:
+                return  # Redis went away; the client reconnects after ``retry``.
             # The snapshot read after subscribing may also arrive as a message.
             if raw == last_raw:
                 continue
             last_raw = raw
-            snapshot = json.loads(raw)
-            yield job_event(snapshot)
+            event, final = render_published(raw)
+            yield event
             next_keepalive = loop.time() + keepalive
-            if is_final(snapshot):
+            if final:
                 return
     finally:
-        try:
-            await pubsub.aclose()
-        except (redis.RedisError, RuntimeError, OSError):
-            logger.debug("Job %s: closing the event subscription failed", job_id)
+        await hub.unsubscribe(channel, queue)
 
 
 def event_stream_response(content: Any, mode: str) -> HttpResponseBase:
@@ -186,7 +195,12 @@ def event_stream_response(content: Any, mode: str) -> HttpResponseBase:
 
 async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
     """``GET /<id>/events/``. See docs/api.md for the event format."""
-    error, snapshot = await sync_to_async(check_access)(request, pk)
+    if isinstance(request, ASGIRequest):
+        # A few threads, so a burst of new streams opens a few database connections at most.
+        check = sync_to_async(check_access, thread_sensitive=False, executor=_access_executor)
+    else:
+        check = sync_to_async(check_access)
+    error, snapshot = await check(request, pk)
     if error is not None:
         return error
     store = get_store()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -12,7 +12,9 @@ from django.utils.functional import cached_property
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.permissions import BasePermission
+from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -113,11 +115,32 @@ def parse_choices(request: Request, name: str, allowed: Mapping[str, Any]) -> li
     return values
 
 
+class JSONFirstNegotiation(DefaultContentNegotiation):
+    """DRF's negotiation, minus its parsing for the usual poll (no ``Accept``, or JSON): polls
+    are the hot path, and the browsable API still answers browsers."""
+
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        accept = request.META.get("HTTP_ACCEPT", "*/*")
+        renderers = list(renderers)
+        first = renderers[0]
+        if (
+            accept in ("*/*", "application/json")
+            and format_suffix is None
+            and self.settings.URL_FORMAT_OVERRIDE not in request.query_params
+            and first.media_type == "application/json"
+        ):
+            return first, first.media_type
+        return super().select_renderer(request, renderers, format_suffix)
+
+
 class JobViewSet(viewsets.GenericViewSet[Job]):
     """The caller's jobs: list, create, detail (live from the progress store) and cancel."""
 
     serializer_class = JobSerializer
     pagination_class = JobPagination
+    content_negotiation_class = JSONFirstNegotiation
     lookup_value_regex = "[^/]+"
 
     def get_permissions(self) -> list[BasePermission]:

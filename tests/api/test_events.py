@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 
@@ -210,3 +211,69 @@ def test_uvicorn_streams_every_published_change_of_a_running_job(transactional_d
     assert states[1:] == [(p["state"], p["progress_percentage"]) for p in published]
     assert ("started", 50) in states and states[-1] == ("finished", 100)
     assert events[-1] == ("end", {"state": "finished"})
+
+
+@needs_redis
+def test_concurrent_streams_share_one_subscription_and_each_get_their_jobs_changes(
+    transactional_db, user, store, hold
+):
+    from task_ferry.api.hub import get_hub
+
+    first, second = start(create(user, steps=2)), start(create(user, steps=2))
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        responses = [await client.get(url(job)) for job in (first, first, second)]
+        streams = [r.streaming_content for r in responses]
+        heads = [await anext(stream) for stream in streams]
+        hub = get_hub(django_settings.TASK_FERRY["REDIS_URL"])
+        listeners = {channel: len(queues) for channel, queues in hub._queues.items()}
+        for job in (first, second):
+            final = job_snapshot(job)
+            final.update(state="finished", progress_percentage=100)
+            store.write(job.pk, final)
+        tails = []
+        for stream in streams:
+            tails.append("".join([chunk.decode() async for chunk in stream]))
+        return heads, listeners, tails, dict(hub._queues)
+
+    _, listeners, tails, left = run_async(scenario)
+    assert sorted(listeners.values()) == [1, 2]
+    for job, tail in zip((first, first, second), tails, strict=True):
+        events = parse_events(tail)
+        assert [name for name, _ in events] == ["job", "end"]
+        assert events[0][1]["id"] == job.pk and events[0][1]["state"] == "finished"
+    assert left == {}
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_a_stream_ends_when_redis_stops_and_the_next_one_polls_from_the_database(
+    transactional_db, user, hold, redis_server
+):
+    job = start(create(user, steps=2), percentage=50)
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.get(url(job))
+        stream = response.streaming_content
+        head = (await anext(stream)).decode()
+        redis_server.stop()
+        began = time.monotonic()
+        rest = "".join([chunk.decode() async for chunk in stream])
+        took = time.monotonic() - began
+        again = await client.get(url(job))
+        body = "".join([chunk.decode() async for chunk in again.streaming_content])
+        return head, rest, took, again, body
+
+    head, rest, took, again, body = run_async(scenario)
+    assert parse_events(head)[1][1]["progress_percentage"] == 50
+    assert "event: end" not in rest and took < 5
+    assert again.status_code == 200
+    events = parse_events(body)
+    assert events[0] == ("retry", 2000)
+    # The progress was only in the store (as mid-transaction progress is): this is the row.
+    data = events[1][1]
+    assert (data["id"], data["state"], data["progress_percentage"]) == (job.pk, "started", 0)
+    assert len(events) == 2

@@ -352,3 +352,17 @@ def test_create_with_session_auth_respects_max_count(session_api, user, hold):
         response = session_api.post(URL, {"type": "limited"}, format="json")
         assert response.status_code == 201
     assert session_api.post(URL, {"type": "limited"}, format="json").status_code == 429
+
+
+def test_a_broken_type_serializer_does_not_stop_progress_or_polls(api, user, store, monkeypatch):
+    class Broken(serializers.Serializer):
+        def to_representation(self, instance):
+            raise RuntimeError("bug in the type's serializer")
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", Broken)
+    job = create(user, "export_table", table_id=2)
+    assert job.state == "finished"
+    assert "fields" not in store.read(job.pk)
+    body = api.get(f"{URL}{job.pk}/").json()
+    assert (body["state"], body["progress_percentage"]) == ("finished", 100)
+    assert "table_id" not in body

@@ -1,0 +1,134 @@
+"""One Redis pub/sub connection per event loop, shared by every event stream it serves.
+
+A stream subscribes to its job's channel here and gets a queue of the raw snapshots published
+on it. However many streams follow however many jobs, the process holds one subscriber
+connection and reads each publication once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+
+import redis
+import redis.asyncio
+from redis.asyncio.client import PubSub
+
+logger = logging.getLogger("task_ferry")
+
+__all__ = ["EventHub", "get_hub"]
+
+# How long a subscription may take to be confirmed before the stream gives up on push.
+SUBSCRIBE_TIMEOUT = 5.0
+# Seconds the reader waits for a message before looking again (so it notices a lost link).
+READ_TIMEOUT = 5.0
+
+
+class EventHub:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2.0)
+        self._pubsub: PubSub | None = None
+        self._queues: dict[str, set[asyncio.Queue[bytes | None]]] = {}
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def subscribe(self, channel: str) -> asyncio.Queue[bytes | None]:
+        """A queue of what is published on ``channel`` from now on; ``None`` in it means the
+        link to Redis was lost. Raises ``redis.RedisError`` if Redis cannot be reached."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        async with self._lock:
+            listeners = self._queues.setdefault(channel, set())
+            listeners.add(queue)
+            if channel not in self._confirmed:
+                self._confirmed[channel] = asyncio.get_running_loop().create_future()
+                try:
+                    if self._pubsub is None:
+                        self._pubsub = self.client.pubsub()
+                    await self._pubsub.subscribe(channel)
+                except (redis.RedisError, OSError):
+                    self._forget(channel, queue)
+                    raise
+                if self._reader is None or self._reader.done():
+                    self._reader = asyncio.create_task(self._read())
+            confirmed = self._confirmed[channel]
+        try:
+            # Once confirmed, nothing published on the channel can be missed.
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
+        except (TimeoutError, redis.RedisError, OSError) as exc:
+            await self.unsubscribe(channel, queue)
+            raise redis.ConnectionError(f"Subscription to {channel} failed: {exc!r}") from exc
+        return queue
+
+    async def unsubscribe(self, channel: str, queue: asyncio.Queue[bytes | None]) -> None:
+        async with self._lock:
+            if self._forget(channel, queue) and self._pubsub is not None:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await self._pubsub.unsubscribe(channel)
+
+    def _forget(self, channel: str, queue: asyncio.Queue[bytes | None]) -> bool:
+        """Drop one listener; True when it was the channel's last."""
+        listeners = self._queues.get(channel)
+        if listeners is None:
+            return False
+        listeners.discard(queue)
+        if listeners:
+            return False
+        del self._queues[channel]
+        confirmed = self._confirmed.pop(channel, None)
+        if confirmed is not None and not confirmed.done():
+            confirmed.cancel()
+        return True
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        assert pubsub is not None
+        try:
+            while self._pubsub is pubsub:
+                message = await pubsub.get_message(timeout=READ_TIMEOUT)
+                if message is None:
+                    continue
+                channel = message["channel"]
+                channel = channel.decode() if isinstance(channel, bytes) else channel
+                if message["type"] == "subscribe":
+                    confirmed = self._confirmed.get(channel)
+                    if confirmed is not None and not confirmed.done():
+                        confirmed.set_result(None)
+                elif message["type"] == "message":
+                    for queue in self._queues.get(channel, ()):
+                        queue.put_nowait(message["data"])
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("Event streams lost their Redis subscription: %s", exc)
+            await self._drop_everything(pubsub, exc)
+
+    async def _drop_everything(self, pubsub: PubSub, exc: BaseException) -> None:
+        async with self._lock:
+            if self._pubsub is pubsub:
+                self._pubsub = None
+            for listeners in self._queues.values():
+                for queue in listeners:
+                    queue.put_nowait(None)
+            for confirmed in self._confirmed.values():
+                if not confirmed.done():
+                    confirmed.set_exception(redis.ConnectionError(str(exc)))
+                    # Marks it retrieved: waiters see it, an unawaited one is not logged.
+                    confirmed.exception()
+            self._queues.clear()
+            self._confirmed.clear()
+        with contextlib.suppress(redis.RedisError, OSError, RuntimeError):
+            await pubsub.aclose()
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, EventHub]]
+_hubs = weakref.WeakKeyDictionary()
+
+
+def get_hub(url: str) -> EventHub:
+    """The hub of the running event loop for the Redis at ``url``."""
+    per_loop = _hubs.setdefault(asyncio.get_running_loop(), {})
+    if url not in per_loop:
+        per_loop[url] = EventHub(url)
+    return per_loop[url]
