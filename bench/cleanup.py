@@ -5,7 +5,8 @@ expired jobs of several types, with live and recent jobs that must survive.
 
 Runs on the test settings' database server (TASK_FERRY_TEST_DB, default PostgreSQL) in a
 database of its own, ``bench_<NAME>``, created and dropped here. The cleanup runs in a fresh
-child process so its peak RSS is the cleanup's own.
+child process so its peak RSS is the cleanup's own. BENCH_TRACEMALLOC=1 also reports the peak
+of Python allocations during the cleanup (slower).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,20 +132,25 @@ def measure(naive: bool) -> None:
 
     for job_type in job_type_registry.all():
         type(job_type).before_delete = counting_before_delete  # type: ignore[method-assign]
-    errors = []
+    errors = [0]
 
     class Counter(logging.Handler):
+        # Counts only: a kept record would keep its traceback's frames, and their batches, alive.
         def emit(self, record: logging.LogRecord) -> None:
-            errors.append(record)
+            errors[0] += 1
 
     logger = logging.getLogger("task_ferry")
     logger.handlers = [Counter()]
     logger.propagate = False
 
+    trace = os.environ.get("BENCH_TRACEMALLOC") == "1"
+    if trace:
+        tracemalloc.start()
     baseline = current_rss_mb()
     started = time.perf_counter()
     deleted = naive_cleanup() if naive else JobHandler.cleanup_old_jobs()
     elapsed = time.perf_counter() - started
+    python_peak = tracemalloc.get_traced_memory()[1] / 2**20 if trace else None
     print(
         json.dumps(
             {
@@ -151,10 +158,11 @@ def measure(naive: bool) -> None:
                 "seconds": elapsed,
                 "baseline_rss_mb": baseline,
                 "peak_rss_mb": peak_rss_mb(),
+                "python_peak_mb": python_peak,
                 "hook_calls": sum(calls),
                 "jobs_hooked": len(calls) - calls.count(0),
                 "max_calls_per_job": max(calls, default=0),
-                "hook_errors_logged": len(errors),
+                "hook_errors_logged": errors[0],
             }
         )
     )
@@ -183,6 +191,8 @@ def run_once(jobs: int, database: str, label: str, naive: bool) -> float:
         f"(RSS before the cleanup {figures['baseline_rss_mb']:.1f} MB, "
         f"growth {figures['peak_rss_mb'] - figures['baseline_rss_mb']:.1f} MB)"
     )
+    if figures["python_peak_mb"] is not None:
+        print(f"  Python heap peak (tracemalloc) {figures['python_peak_mb']:.2f} MB")
     print(
         f"  before_delete: {figures['hook_calls']} calls for {figures['jobs_hooked']} jobs "
         f"(max {figures['max_calls_per_job']} per job); {figures['hook_errors_logged']} "
