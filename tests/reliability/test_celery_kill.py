@@ -105,7 +105,7 @@ def test_sigkilled_celery_worker(broker, ferry, processes, user, capsys):
     lost = [j.pk for j in everything if state_of(j) not in ENDED_STATES]
     assert lost == []
     bound = FAST_HEARTBEAT["HEARTBEAT_TIMEOUT"] + FAST_HEARTBEAT["HEARTBEAT_INTERVAL"]
-    assert detection < bound + SWEEP_INTERVAL + 0.5
+    assert detection < bound + SWEEP_INTERVAL + 1  # slack for a loaded CI machine
     with capsys.disabled():
         print(
             f"\n[reliability] celery ({broker}) worker SIGKILL: detected after {detection:.2f}s; "

@@ -171,10 +171,12 @@ def test_run_saving_its_stale_row_after_the_sweep_cannot_revive_the_job(
 ):
     # No heartbeat during the run, so only the fence stops the finish.
     ferry(HEARTBEAT_INTERVAL=30, HEARTBEAT_TIMEOUT=0.1)
-    job = JobHandler.create_and_start(user, "whole_row_save", block_for=0.6, marker="stale-row")
+    job = JobHandler.create_and_start(user, "whole_row_save", block_for=1, marker="stale-row")
 
     def sweep_while_it_sleeps() -> None:
-        time.sleep(0.3)
+        while not Job.objects.filter(pk=job.pk, state="started").exists():
+            time.sleep(0.01)
+        time.sleep(0.25)
         assert JobHandler.sweep_stale_jobs() == 1
 
     race(partial(JobHandler.run_job, job.pk), sweep_while_it_sleeps)

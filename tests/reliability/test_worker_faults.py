@@ -71,7 +71,7 @@ def test_killed_worker_is_detected_and_its_slot_freed(queueing, ferry, processes
     wait_for(lambda: hook_calls(victim, "on_error") == 1, timeout=5)
     assert not Marker.objects.filter(name="victim-work").exists()
     bound = FAST_HEARTBEAT["HEARTBEAT_TIMEOUT"] + FAST_HEARTBEAT["HEARTBEAT_INTERVAL"]
-    assert detection < bound + sweep_interval + 0.5
+    assert detection < bound + sweep_interval + 1  # slack for a loaded CI machine
 
     # The slot is free; a new worker takes the queued jobs and the retry.
     retry = JobHandler.create_and_start(user, "scripted", steps=3)
