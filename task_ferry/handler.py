@@ -17,8 +17,8 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import DataError, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db import DataError, connections, router, transaction
+from django.db.models import Exists, Field, OuterRef, Q
 from django.db.models.deletion import Collector
 from django.utils import timezone
 
@@ -110,6 +110,96 @@ def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fi
     job.apply_fields(values)
     live_handles.apply(job.pk, values)
     return True
+
+
+# The SQL of start_and_load, the fields it returns, and per field its column and converters.
+_StartStatement = tuple[str, list[Field[Any, Any]], list[tuple[Any, list[Any]]]]
+# Per model and database; None where start_and_load cannot be used.
+_start_statements: dict[tuple[type[Job], str], _StartStatement | None] = {}
+
+
+def start_and_load(job_id: int, type_name: str, model: type[Job]) -> Job | None:
+    """Move a pending job of ``type_name`` stored as ``model`` to started and return it loaded
+    as ``model``, in one round trip, on PostgreSQL in autocommit mode.
+
+    The compare-and-set of ``transition()``, fused with the load. Its commit does not wait for
+    the disk (see ``runner.commits_without_waiting_for_disk`` for why that is safe). None when
+    the job is not pending, is of another type or model, or this database cannot do it: the
+    caller then goes the long way, ``transition()`` and a load.
+    """
+    using = router.db_for_write(Job)
+    connection = connections[using]
+    if (
+        connection.vendor != "postgresql"
+        or connection.in_atomic_block
+        or router.db_for_read(model) != using
+    ):
+        return None
+    key = (model, using)
+    if key not in _start_statements:
+        _start_statements[key] = _start_statement(model, connection)
+    statement = _start_statements[key]
+    if statement is None:
+        return None
+    sql, fields, converters = statement
+    now = timezone.now()
+    db_now = Job._meta.get_field("updated_at").get_db_prep_value(now, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [JobState.STARTED, db_now, db_now, job_id, JobState.PENDING, type_name])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = []
+    for (col, field_converters), value in zip(converters, row, strict=True):
+        for converter in field_converters:
+            value = converter(value, col, connection)
+        values.append(value)
+    job = model.from_db(using, [f.attname for f in fields], values)
+    live_handles.apply(job.pk, {"state": JobState.STARTED, "updated_at": now, "started_at": now})
+    return job
+
+
+def _start_statement(model: type[Job], connection: Any) -> _StartStatement | None:
+    """``UPDATE job ... FROM <model's table> ... RETURNING`` every column of ``model``; None for
+    models not stored as one table under ``Job`` (proxies, deeper inheritance)."""
+    if model._meta.proxy or not issubclass(model, Job):
+        return None
+    job_table = Job._meta.db_table
+    own_table = model._meta.db_table
+    link = model._meta.parents.get(Job) if model is not Job else None
+    if model is not Job and (link is None or len(model._meta.parents) != 1):
+        return None
+    fields = list(model._meta.concrete_fields)
+    if any(f.model not in (Job, model) for f in fields):
+        return None
+    quote = connection.ops.quote_name
+    columns = ", ".join(f"{quote(f.model._meta.db_table)}.{quote(f.column)}" for f in fields)
+    job = quote(job_table)
+    job_columns = {f.name: quote(f.column) for f in Job._meta.concrete_fields}
+
+    def column(name: str) -> str:
+        return f"{job}.{job_columns[name]}"
+
+    # set_config(..., true) lasts for this statement's own transaction only: nothing to reset.
+    sources = ["(SELECT set_config('synchronous_commit', 'off', true)) AS no_flush"]
+    conditions = [f"{column('id')} = %s", f"{column('state')} = %s", f"{column('type')} = %s"]
+    if link is not None:
+        sources.append(quote(own_table))
+        conditions.append(f"{quote(own_table)}.{quote(link.column)} = {column('id')}")
+    assignments = ", ".join(
+        f"{job_columns[name]} = %s" for name in ("state", "updated_at", "started_at")
+    )
+    sql = (
+        f"UPDATE {job} SET {assignments} FROM {', '.join(sources)} "
+        f"WHERE {' AND '.join(conditions)} RETURNING {columns}"
+    )
+    converters = []
+    for field in fields:
+        col = field.get_col(field.model._meta.db_table)
+        converters.append(
+            (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
+        )
+    return sql, fields, converters
 
 
 def publish(job: Job) -> None:
