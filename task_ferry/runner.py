@@ -19,7 +19,7 @@ from django.db import DatabaseError, connection, transaction
 
 from task_ferry import signals
 from task_ferry.exceptions import JobCancelled, JobFenced
-from task_ferry.handler import JobHandler, publish, transition
+from task_ferry.handler import JobHandler, publish, start_and_load, transition
 from task_ferry.models import Job, JobState
 from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
@@ -85,16 +85,11 @@ class JobRun:
 
         Re-raises the job's own exception after the job is marked failed.
         """
-        job = Job(pk=self.job_id)
-        # Losing this commit in a database crash only leaves the job pending (nothing of its
-        # work can commit before it), so it need not wait for the disk: one fsync less per job.
-        with commits_without_waiting_for_disk():
-            started = transition(job, JobState.STARTED, from_states=[JobState.PENDING])
-        if not started:
+        job = self._start()
+        if job is None:
             # Cancelled before it started, or already taken by another delivery.
             logger.info("Job %s is not pending; not running it.", self.job_id)
             return None
-        job = self._load()
         job_type = job_type_registry.get(job.type)
         publish(job)
         signals.emit(signals.job_started, job)
@@ -137,6 +132,21 @@ class JobRun:
         publish(job)
         signals.emit(signals.job_finished, job)
         return job
+
+    def _start(self) -> Job | None:
+        """Move the job from pending to started and load it; None if it was not pending."""
+        name = self.job_type_name
+        if name is not None and name in job_type_registry:
+            # One round trip on PostgreSQL instead of four.
+            job = start_and_load(self.job_id, name, job_type_registry.get(name).model_class)
+            if job is not None:
+                return job
+        job = Job(pk=self.job_id)
+        # Losing this commit in a database crash only leaves the job pending (nothing of its
+        # work can commit before it), so it need not wait for the disk: one fsync less per job.
+        with commits_without_waiting_for_disk():
+            started = transition(job, JobState.STARTED, from_states=[JobState.PENDING])
+        return self._load() if started else None
 
     def _load(self) -> Job:
         """The job as its type's own model."""

@@ -2,6 +2,8 @@ import datetime
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection
 from django.utils import timezone
 
 from task_ferry.exceptions import (
@@ -234,3 +236,36 @@ def test_live_handles_do_not_keep_jobs_alive(db, user, no_dispatch):
     assert ref() is None
     live_handles._prune()
     assert job_id not in live_handles._refs
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's one-statement insert")
+def test_a_job_created_outside_a_transaction_is_saved_like_model_save(
+    transactional_db, monkeypatch
+):
+    from django.db.models.signals import post_save
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    job = JobHandler.create_and_start(None, "scripted", steps=3, marker="one-statement")
+
+    loaded = ScriptedJob.objects.get(pk=job.pk)
+    for field in ScriptedJob._meta.concrete_fields:
+        assert getattr(job, field.attname) == getattr(loaded, field.attname), field.name
+    assert loaded.state == JobState.PENDING and loaded.steps == 3
+    assert loaded.content_type_id == ContentType.objects.get_for_model(ScriptedJob).pk
+    # The instance is a saved one: saving it again updates its own fields.
+    job.result = "saved again"
+    job.save()
+    assert ScriptedJob.objects.get(pk=job.pk).result == "saved again"
+
+    # Save signal receivers still hear about new jobs.
+    saved = []
+
+    def receiver(sender, instance, created, **kwargs):
+        saved.append((instance.pk, created))
+
+    post_save.connect(receiver, sender=ScriptedJob)
+    try:
+        other = JobHandler.create_and_start(None, "scripted", steps=1)
+    finally:
+        post_save.disconnect(receiver, sender=ScriptedJob)
+    assert saved == [(other.pk, True)]

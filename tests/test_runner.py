@@ -102,3 +102,48 @@ def test_progress_snapshot_is_published_at_each_state_change(db, user, monkeypat
     assert snapshot["state"] == "finished"
     assert snapshot["progress_percentage"] == 100
     assert snapshot["progress_state"] == "step 4 of 4"
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's one-round-trip start")
+def test_start_and_load_moves_a_pending_job_to_started_and_loads_all_its_fields(
+    transactional_db, user, monkeypatch
+):
+    from task_ferry.executors.immediate import ImmediateExecutor
+    from task_ferry.handler import start_and_load
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    job = JobHandler.create_and_start(user, "scripted", steps=3, marker="fused", fail_at=2)
+
+    started = start_and_load(job.pk, "scripted", ScriptedJob)
+
+    assert isinstance(started, ScriptedJob)
+    assert job.state == JobState.STARTED  # the caller's handle follows
+    loaded = ScriptedJob.objects.get(pk=job.pk)
+    assert loaded.state == JobState.STARTED and loaded.started_at == started.started_at
+    for field in ScriptedJob._meta.concrete_fields:
+        assert getattr(started, field.attname) == getattr(loaded, field.attname), field.name
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"  # the setting lasted for that statement only
+    # The compare-and-set: a second delivery, or a wrong type, moves nothing.
+    assert start_and_load(job.pk, "scripted", ScriptedJob) is None
+    other = JobHandler.create_and_start(user, "scripted", steps=1)
+    assert start_and_load(other.pk, "limited", ScriptedJob) is None
+    assert Job.objects.get(pk=other.pk).state == JobState.PENDING
+
+
+def test_a_job_run_with_its_type_name_finishes_with_its_own_fields(
+    transactional_db, user, monkeypatch
+):
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    job = JobHandler.create_and_start(user, "scripted", steps=2, marker="named")
+    done = JobHandler.run_job(job.pk, job_type_name="scripted")
+    assert done is not None and done.state == JobState.FINISHED
+    assert Marker.objects.filter(name="named").count() == 1
+    # A wrong type name falls back to loading the job as what it is.
+    other = JobHandler.create_and_start(user, "scripted", steps=1, marker="misnamed")
+    done = JobHandler.run_job(other.pk, job_type_name="limited")
+    assert isinstance(done, ScriptedJob) and done.state == JobState.FINISHED
+    assert JobHandler.run_job(other.pk, job_type_name="scripted") is None
