@@ -34,7 +34,15 @@ from task_ferry.exceptions import (
     ProgressStoreUnavailable,
     TaskFerryError,
 )
-from task_ferry.models import ENDED_STATES, LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState
+from task_ferry.models import (
+    ENDED_STATES,
+    LIVE_STATES,
+    CancelRequest,
+    Heartbeat,
+    Job,
+    JobQuerySet,
+    JobState,
+)
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import cancel_token, job_snapshot
 from task_ferry.stores.base import get_store
@@ -435,7 +443,17 @@ class JobHandler:
             # A job running in this process stops at its very next tick.
             get_monitor().cancel_local(job.pk)
             # Never touch the row of a running job: its transaction may hold the row lock.
-            get_store().request_cancel(job.pk, token=cancel_token(job))
+            try:
+                get_store().request_cancel(job.pk, token=cancel_token(job))
+            except ProgressStoreUnavailable as exc:
+                # Slower but not lost: the worker's monitor reads it at its next heartbeat.
+                CancelRequest.objects.get_or_create(job_id=job.pk)
+                logger.warning(
+                    "Job %s: progress store unavailable (%s); cancel request recorded in the "
+                    "database instead.",
+                    job.pk,
+                    exc,
+                )
         return job
 
     @staticmethod

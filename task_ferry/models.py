@@ -142,3 +142,19 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"heartbeat of job #{self.job_id} from {self.worker}"
+
+
+class CancelRequest(models.Model):
+    """A cancel request for a running job, recorded while the progress store is unreachable.
+
+    The worker's monitor reads these at each heartbeat. No foreign-key constraint in the
+    database: recording a request must never wait on the job's row locks.
+    """
+
+    job = models.OneToOneField(
+        Job, primary_key=True, on_delete=models.CASCADE, db_constraint=False, related_name="+"
+    )
+    requested_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"cancel request of job #{self.job_id}"

@@ -17,11 +17,12 @@ import time
 from typing import Any
 
 from django.db import connections
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
-from task_ferry.models import Heartbeat, Job, JobState
+from task_ferry.models import CancelRequest, Heartbeat, Job, JobState
 from task_ferry.progress import Progress
 from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import CancelListener, ProgressStore, get_store
@@ -185,15 +186,20 @@ class JobMonitor:
         try:
             # A job the stale-job sweep ended meanwhile (this worker was frozen, say) is stopped
             # at its next tick; its finish would be refused anyway.
-            ended = set(
+            # Cancel requests recorded in the database while the store was down arrive here too.
+            flagged = dict(
                 Job.objects.filter(pk__in=job_ids)
-                .exclude(state=JobState.STARTED)
-                .values_list("pk", flat=True)
+                .filter(
+                    ~Q(state=JobState.STARTED)
+                    | Exists(CancelRequest.objects.filter(job_id=OuterRef("pk")))
+                )
+                .values_list("pk", "state")
             )
+            ended = {pk for pk, state in flagged.items() if state != JobState.STARTED}
             if ended:
                 logger.warning("Jobs %s were ended elsewhere; stopping them here.", sorted(ended))
-                self._cancel(ended)
                 job_ids = [job_id for job_id in job_ids if job_id not in ended]
+            self._cancel(set(flagged))
             connection = connections[Heartbeat.objects.db]
             conflict_target = (
                 ["job"] if connection.features.supports_update_conflicts_with_target else None

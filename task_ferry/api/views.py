@@ -232,13 +232,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         job = self._get_job(self._parse_id(pk), pk)
         if not self.policy.can_cancel(request, job):
             raise NotFound(str(JobDoesNotExist(pk)))
-        try:
-            job = JobHandler.cancel_job(job)
-        except ProgressStoreUnavailable as exc:
-            return Response(
-                {"detail": f"The cancel request could not be delivered; try again. ({exc})"},
-                status=status.HTTP_503_SERVICE_UNAVAILABLE,
-            )
+        job = JobHandler.cancel_job(job)
         return Response(public_job(job_snapshot(job)))
 
     def _job_type(self, name: Any) -> JobType:

@@ -8,7 +8,7 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework import serializers
 
 from task_ferry.handler import JobHandler
-from task_ferry.models import Job
+from task_ferry.models import CancelRequest, Job
 from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import job_snapshot
 from tests.api.conftest import create, needs_redis, start
@@ -336,12 +336,17 @@ def test_cancel_an_ended_job_changes_nothing(api, user):
 
 
 @needs_redis
-def test_cancel_while_the_store_is_unreachable_is_503(api, user, hold, settings):
+def test_cancel_while_the_store_is_unreachable_is_recorded_in_the_database(
+    api, user, hold, settings
+):
     job = start(create(user, steps=5))
     settings.TASK_FERRY = {**settings.TASK_FERRY, "REDIS_URL": "redis://127.0.0.1:1/0"}
     response = api.post(f"{URL}{job.pk}/cancel/")
-    assert response.status_code == 503
-    assert "try again" in response.json()["detail"]
+    assert response.status_code == 200
+    assert response.json()["state"] == "started"
+    assert CancelRequest.objects.filter(job_id=job.pk).exists()
+    # A second request is harmless.
+    assert api.post(f"{URL}{job.pk}/cancel/").status_code == 200
     # The detail still answers, from the database.
     assert api.get(f"{URL}{job.pk}/").json()["state"] == "started"
 

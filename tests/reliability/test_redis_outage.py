@@ -13,7 +13,7 @@ from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import SOCKET_TIMEOUT
 from tests.reliability.conftest import wait_for
 from tests.reliability.helpers import state_of
-from tests.testapp.models import ScriptedJob
+from tests.testapp.models import HookCall, Marker, ScriptedJob
 
 pytestmark = pytest.mark.worker
 
@@ -55,14 +55,10 @@ def test_jobs_survive_a_redis_outage_and_live_progress_resumes(
     assert created.status_code == 201, created.content
     second_id = created.json()["id"]
     assert api.get(f"/api/jobs/{second_id}/").json()["state"] == "pending"
-    # A pending job is cancelled through the database; a running one's cancel request cannot be
-    # delivered, and the answer says to try again.
+    # A pending job is cancelled through the database.
     doomed = api.post("/api/jobs/", {"type": "scripted"}).json()["id"]
     cancelled = api.post(f"/api/jobs/{doomed}/cancel/")
     assert (cancelled.status_code, cancelled.json()["state"]) == (200, "cancelled")
-    refused = api.post(f"/api/jobs/{first.pk}/cancel/")
-    assert refused.status_code == 503
-    assert "try again" in refused.json()["detail"]
 
     redis_server.start()
     # Live progress of the job that ran through the outage shows again, and keeps moving.
@@ -80,6 +76,28 @@ def test_jobs_survive_a_redis_outage_and_live_progress_resumes(
     assert "raised" not in worker.output()
     final = api.get(f"/api/jobs/{first.pk}/").json()
     assert (final["state"], final["progress_percentage"]) == ("finished", 100)
+
+
+def test_a_running_job_cancelled_while_redis_is_down_stops_at_its_next_heartbeat(
+    queueing, ferry, processes, redis_server, api, user
+):
+    ferry(REDIS_URL=redis_server.url, HEARTBEAT_INTERVAL=0.3, HEARTBEAT_TIMEOUT=10)
+    processes.worker()
+    job = JobHandler.create_and_start(user, "scripted", steps=400, tick_delay=0.02, marker="m")
+    wait_for(lambda: (live_progress(job.pk) or 0) > 0)
+
+    redis_server.stop()
+    response = api.post(f"/api/jobs/{job.pk}/cancel/")
+    assert (response.status_code, response.json()["state"]) == (200, "started")
+
+    wait_for(lambda: state_of(job.pk) == "cancelled", timeout=10)
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert 0 < row.progress_percentage < 100
+    assert row.result == ""
+    assert not Marker.objects.filter(name="m").exists()
+    assert list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True)) == [
+        "on_cancelled"
+    ]
 
 
 def test_sweep_repairs_a_snapshot_left_live_by_a_frozen_redis(
