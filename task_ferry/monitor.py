@@ -244,6 +244,9 @@ class _MonitorLoop:
         interval = ferry_settings.PUBLISH_INTERVAL
         if store.supports_push:
             self._keep_listening(store, watches, now)
+        elif self.listener is not None:
+            # The store changed to one without push: a listener on the old one hears nothing.
+            self._drop_listener(watches)
         if self.listener is None:
             # No push: ask the store about every job, once per interval.
             if now - self.last_poll >= interval:

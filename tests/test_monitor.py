@@ -177,6 +177,37 @@ def test_a_cancel_request_from_another_process_reaches_the_job_through_the_store
 
 
 @needs_concurrent_writers
+def test_switching_to_a_store_without_push_polls_it_for_cancel_requests(
+    transactional_db, user, other_user, gated, settings
+):
+    from task_ferry.monitor import get_monitor
+
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "PROGRESS_STORE": "task_ferry.stores.redis.RedisProgressStore",
+        "REDIS_URL": settings.REDIS_URL,
+    }
+    first, _ = start_halfway(gated, user, steps=2)
+    gated.release.set()
+    first.finish()
+    # The monitor keeps its Redis subscription a while after the job; the store changes now.
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "PROGRESS_STORE": "task_ferry.stores.cache.CacheProgressStore",
+    }
+    gated.halfway.clear()
+    gated.release.clear()
+    thread, job = start_halfway(gated, other_user, steps=20)
+    watch = get_monitor()._watches[job.pk]
+    wait_until(lambda: watch.cancel_checked, "the monitor read the job's early cancel requests")
+    get_store().request_cancel(job.pk, token=cancel_token(job))
+    wait_until(lambda: gated.progress.cancel_requested, "the monitor polled the cache store")
+    gated.release.set()
+    thread.finish()
+    assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
+
+
+@needs_concurrent_writers
 def test_cancel_returns_while_the_job_holds_its_row_lock(transactional_db, user, gated):
     thread, job = start_halfway(gated, user, steps=20, lock_own_row=True)
     returned = threading.Event()
