@@ -91,6 +91,7 @@ def later(delay: float, action: Callable[[], Any]) -> Callable[[], Any]:
     return delayed
 
 
+@postgresql_only
 def test_finish_vs_cancel(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT)
     outcomes = Counter()
@@ -106,6 +107,7 @@ def test_finish_vs_cancel(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"finished", "cancelled"}
 
 
+@postgresql_only
 def test_fail_vs_cancel(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT)
     outcomes = Counter()
@@ -121,6 +123,7 @@ def test_fail_vs_cancel(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"failed", "cancelled"}
 
 
+@postgresql_only
 def test_finish_vs_sweep(queueing, ferry, user, ending_signals):
     # The monitor does not beat again during the run, so the sweep sees the run as lost just
     # as it finishes.
@@ -142,6 +145,7 @@ def test_finish_vs_sweep(queueing, ferry, user, ending_signals):
     assert all("worker lost" in j.human_readable_error for j in failed)
 
 
+@postgresql_only
 def test_start_vs_pending_timeout(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT, PENDING_TIMEOUT=0)
     outcomes = Counter()
@@ -155,6 +159,7 @@ def test_start_vs_pending_timeout(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"finished", "failed"}
 
 
+@postgresql_only
 def test_cancel_of_pending_vs_start(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT)
     outcomes = Counter()
