@@ -13,7 +13,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
@@ -122,7 +122,9 @@ def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fi
 
 
 # The SQL of start_and_load, the fields it returns, and per field its column and converters.
-_StartStatement = tuple[str, list[Field[Any, Any]], list[tuple[Any, list[Any]]]]
+if TYPE_CHECKING:
+    # Field is only subscriptable under django-stubs; the alias exists for the type checker.
+    _StartStatement = tuple[str, list[Field[Any, Any]], list[tuple[Any, list[Any]]]]
 # Per model and database; None where start_and_load cannot be used.
 _start_statements: dict[tuple[type[Job], str], _StartStatement | None] = {}
 

@@ -12,6 +12,9 @@ import subprocess
 import time
 
 import pytest
+
+pytest.importorskip("celery", reason="celery is not installed")
+
 from celery import Celery
 
 from task_ferry.exceptions import MaxJobCountExceeded
