@@ -53,9 +53,6 @@ DEFAULTS: dict[str, Any] = {
     "SSE_MAX_DURATION": 300,
 }
 
-# Keys whose values are dotted paths, imported on first use.
-IMPORT_STRINGS = frozenset({"EXECUTOR", "PROGRESS_STORE", "API_PERMISSION_CLASS"})
-
 
 class FerrySettings:
     """Attribute access to ``settings.TASK_FERRY`` merged over ``DEFAULTS``."""
