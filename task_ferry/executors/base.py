@@ -30,6 +30,17 @@ class BaseExecutor(ABC):
     def enqueue(self, job_id: int) -> None:
         """Arrange for ``JobHandler.run_job(job_id)`` to be called."""
 
+    @staticmethod
+    def type_of(job_id: int) -> str:
+        """The type name of a job known only by its id (one query)."""
+        from task_ferry.exceptions import JobDoesNotExist
+        from task_ferry.models import Job
+
+        type_name = Job.objects.filter(pk=job_id).values_list("type", flat=True).first()
+        if type_name is None:
+            raise JobDoesNotExist(job_id)
+        return type_name
+
     def enqueue_job(self, job: Job) -> None:
         """Dispatch a job the handler has just created. Executors that route by job type
         override this to read the type from ``job`` instead of querying it by id."""

@@ -20,7 +20,7 @@ from django.core.checks import CheckMessage, Error
 from django.db import router, transaction
 
 from task_ferry.conf import ferry_settings
-from task_ferry.exceptions import DispatchError, JobDoesNotExist, TaskFerryImproperlyConfigured
+from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
 from task_ferry.executors.base import BaseExecutor
 
 if TYPE_CHECKING:
@@ -101,12 +101,7 @@ class CeleryExecutor(BaseExecutor):
         self._local = threading.local()
 
     def enqueue(self, job_id: int) -> None:
-        from task_ferry.models import Job
-
-        type_name = Job.objects.filter(pk=job_id).values_list("type", flat=True).first()
-        if type_name is None:
-            raise JobDoesNotExist(job_id)
-        self._dispatch_on_commit(job_id, type_name)
+        self._dispatch_on_commit(job_id, self.type_of(job_id))
 
     def enqueue_job(self, job: Job) -> None:
         # The handler holds the job: its type gives the queue without a query.

@@ -24,7 +24,6 @@ from django.db import connection, transaction
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     DispatchError,
-    JobDoesNotExist,
     TaskFerryImproperlyConfigured,
 )
 from task_ferry.executors.base import BaseExecutor
@@ -132,10 +131,7 @@ class DjangoTasksExecutor(BaseExecutor):
     def enqueue(self, job_id: int) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
-        type_name = Job.objects.filter(pk=job_id).values_list("type", flat=True).first()
-        if type_name is None:
-            raise JobDoesNotExist(job_id)
-        self._dispatch_on_commit(job_id, type_name)
+        self._dispatch_on_commit(job_id, self.type_of(job_id))
 
     def enqueue_job(self, job: Job) -> None:
         # The handler holds the job: its type gives queue and priority without a query.
