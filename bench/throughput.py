@@ -175,6 +175,17 @@ def ensure_database(name: str) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time spent by the whole machine so far (every process: producer, worker, Redis,
+    PostgreSQL), from /proc/stat; 0.0 where there is no /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def command_stats(client: Any) -> collections.Counter[str]:
     stats = client.info("commandstats")
     return collections.Counter(
@@ -246,6 +257,7 @@ class Bench:
         redis_before = command_stats(self.redis)
         worker_before = worker_queries(self.counts_dir)
         producer_before = queries_seen
+        cpu_before = busy_cpu_seconds()
         start = time.perf_counter()
         self.produce(n, lambda: JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks))
         created = time.perf_counter() - start
@@ -254,6 +266,7 @@ class Bench:
         polls_before = queries_seen
         wait_until(lambda: finished.count() >= n, 300, "jobs to finish", interval=0.02)
         elapsed = time.perf_counter() - start
+        cpu = busy_cpu_seconds() - cpu_before
         polls = queries_seen - polls_before
         # The last worker process reports its count when its task ends; give it a moment.
         time.sleep(0.3)
@@ -269,11 +282,13 @@ class Bench:
             "redis_breakdown": redis_delta,  # type: ignore[dict-item]
             "polls": polls,
             "producer_seconds": created,
+            "cpu_ms": cpu * 1000 / n,
         }
 
     def run_bare(self, n: int) -> dict[str, float]:
         self.redis.delete(BARE_DONE_KEY)
         redis_before = command_stats(self.redis)
+        cpu_before = busy_cpu_seconds()
         start = time.perf_counter()
         self.produce(
             n, lambda: app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
@@ -288,6 +303,7 @@ class Bench:
 
         wait_until(done, 300, "bare tasks to finish", interval=0.02)
         elapsed = time.perf_counter() - start
+        cpu = busy_cpu_seconds() - cpu_before
         redis_delta = command_stats(self.redis) - redis_before
         return {
             "seconds": elapsed,
@@ -295,6 +311,7 @@ class Bench:
             "redis_commands": (sum(redis_delta.values()) - polls - 1 - 1) / n,
             "redis_breakdown": redis_delta,  # type: ignore[dict-item]
             "producer_seconds": created,
+            "cpu_ms": cpu * 1000 / n,
         }
 
 
@@ -419,6 +436,10 @@ def report(args: Any, job_rounds: list[dict[str, Any]], bare_rounds: list[dict[s
     print(
         f"Redis commands per job: {last_job['redis_commands']:.1f} "
         f"(bare Celery: {last_bare['redis_commands']:.1f} per task)"
+    )
+    print(
+        f"CPU per job, whole machine: {statistics.median(r['cpu_ms'] for r in job_rounds):.2f} ms "
+        f"(bare Celery: {statistics.median(r['cpu_ms'] for r in bare_rounds):.2f} ms per task)"
     )
     if args.breakdown:
         for name, breakdown in (("job", last_job), ("bare", last_bare)):

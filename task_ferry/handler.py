@@ -113,12 +113,44 @@ def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fi
         values.setdefault("started_at", now)
     if to_state in ENDED_STATES:
         values.setdefault("finished_at", now)
-    updated = Job.objects.filter(pk=job.pk, state__in=list(from_states)).update(**values)
-    if not updated:
+    if not compare_and_set(job.pk, list(from_states), values):
         return False
     job.apply_fields(values)
     live_handles.apply(job.pk, values)
     return True
+
+
+# Per database, column names and number of from-states: the SQL of compare_and_set, its fields.
+_cas_statements: dict[tuple[str, tuple[str, ...], int], tuple[str, list[Field[Any, Any]]]] = {}
+
+
+def compare_and_set(job_id: int, from_states: list[str], values: dict[str, Any]) -> bool:
+    """``UPDATE`` the job's row with ``values`` if its state is one of ``from_states``; whether
+    it did. The statement ``QuerySet.update()`` sends, built once instead of for every call:
+    every job ends through here, so the query building would cost more than the query."""
+    using = router.db_for_write(Job)
+    connection = connections[using]
+    key = (using, tuple(values), len(from_states))
+    statement = _cas_statements.get(key)
+    if statement is None:
+        by_name = {f.name: f for f in Job._meta.concrete_fields}
+        fields = [by_name[name] for name in values]
+
+        def column(field: Field[Any, Any]) -> str:
+            return connection.ops.quote_name(field.get_attname_column()[1] or field.attname)
+
+        assignments = ", ".join(f"{column(f)} = %s" for f in fields)
+        states = ", ".join("%s" for _ in from_states)
+        sql = (
+            f"UPDATE {connection.ops.quote_name(Job._meta.db_table)} SET {assignments} "
+            f"WHERE {column(by_name['id'])} = %s AND {column(by_name['state'])} IN ({states})"
+        )
+        statement = _cas_statements[key] = (sql, fields)
+    sql, fields = statement
+    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+    with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
+        cursor.execute(sql, [*params, job_id, *from_states])
+        return bool(cursor.rowcount)
 
 
 # The SQL of start_and_load, the fields it returns, and per field its column and converters.
@@ -292,10 +324,11 @@ def _insert_statement(
     return sql, job_fields + own_fields
 
 
-def publish(job: Job) -> None:
-    """Write the job's snapshot to the progress store; an unreachable store only logs."""
+def publish(job: Job, snapshot: dict[str, Any] | None = None) -> None:
+    """Write the job's snapshot (built from ``job`` unless given) to the progress store; an
+    unreachable store only logs."""
     try:
-        get_store().write(job.pk, job_snapshot(job))
+        get_store().write(job.pk, job_snapshot(job) if snapshot is None else snapshot)
     except ProgressStoreUnavailable as exc:
         logger.warning(
             "Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc

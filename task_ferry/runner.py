@@ -24,6 +24,7 @@ from task_ferry.models import Job, JobState
 from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, job_type_registry
+from task_ferry.snapshot import job_snapshot
 
 logger = logging.getLogger("task_ferry")
 
@@ -41,6 +42,23 @@ def reconnect_if_broken() -> None:
         if not connection.is_usable():
             connection.close()
         connection.errors_occurred = False
+
+
+def nothing_to_commit() -> bool:
+    """Whether the transaction of the outermost ``atomic()`` block open on the connection has
+    sent nothing to the database yet and holds no ``on_commit`` callbacks, so that committing
+    it would do nothing. False wherever the driver cannot tell."""
+    if connection.savepoint_ids or connection.run_on_commit or connection.needs_rollback:
+        return False
+    raw = connection.connection
+    if raw is None:
+        return False
+    if connection.vendor == "postgresql":
+        # psycopg 2 and 3 both number the idle state 0 (no transaction block begun).
+        return bool(raw.info.transaction_status == 0)
+    if connection.vendor == "sqlite":
+        return not raw.in_transaction
+    return False
 
 
 @contextlib.contextmanager
@@ -91,26 +109,28 @@ class JobRun:
             logger.info("Job %s is not pending; not running it.", self.job_id)
             return None
         job_type = job_type_registry.get(job.type)
-        publish(job)
+        snapshot = job_snapshot(job)
+        publish(job, snapshot)
         signals.emit(signals.job_started, job)
         progress = Progress()
         # Inside a caller's transaction no other connection sees the job, so there is nobody
         # to beat for (and the monitor's own connection could not write the heartbeat).
-        heartbeat = self.heartbeat and not connection.in_atomic_block
-        watch = get_monitor().watch(job, progress, heartbeat=heartbeat)
+        own_transaction = not connection.in_atomic_block
+        watch = get_monitor().watch(
+            job, progress, heartbeat=self.heartbeat and own_transaction, snapshot=snapshot
+        )
         db_connection = connection.connection
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
                 _percentage, label = watch.stop()
-                if not transition(
-                    job,
-                    JobState.FINISHED,
-                    from_states=[JobState.STARTED],
-                    progress_percentage=100,
-                    progress_state=label,
-                ):
-                    raise JobFenced(f"Job {job.pk} was ended elsewhere while it ran.")
+                # A run that sent the database nothing has no work to commit with its success:
+                # the finish then commits on its own, one round trip instead of three.
+                finish_inside = not (own_transaction and nothing_to_commit())
+                if finish_inside:
+                    self._finish(job, label)
+            if not finish_inside:
+                self._finish(job, label)
         except JobCancelled:
             self._end_cancelled(job, job_type, watch)
             return job
@@ -132,6 +152,17 @@ class JobRun:
         publish(job)
         signals.emit(signals.job_finished, job)
         return job
+
+    @staticmethod
+    def _finish(job: Job, label: str) -> None:
+        if not transition(
+            job,
+            JobState.FINISHED,
+            from_states=[JobState.STARTED],
+            progress_percentage=100,
+            progress_state=label,
+        ):
+            raise JobFenced(f"Job {job.pk} was ended elsewhere while it ran.")
 
     def _start(self) -> Job | None:
         """Move the job from pending to started and load it; None if it was not pending."""
