@@ -324,11 +324,10 @@ def _insert_statement(
     return sql, job_fields + own_fields
 
 
-def publish(job: Job, snapshot: dict[str, Any] | None = None) -> None:
-    """Write the job's snapshot (built from ``job`` unless given) to the progress store; an
-    unreachable store only logs."""
+def publish(job: Job) -> None:
+    """Write the job's snapshot to the progress store; an unreachable store only logs."""
     try:
-        get_store().write(job.pk, job_snapshot(job) if snapshot is None else snapshot)
+        get_store().write(job.pk, job_snapshot(job))
     except ProgressStoreUnavailable as exc:
         logger.warning(
             "Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc

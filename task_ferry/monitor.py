@@ -60,21 +60,15 @@ class Watch:
         "snapshot",
     )
 
-    def __init__(
-        self,
-        monitor: JobMonitor,
-        job: Job,
-        progress: Progress,
-        heartbeat: bool,
-        snapshot: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, monitor: JobMonitor, job: Job, progress: Progress, heartbeat: bool) -> None:
         self._monitor = monitor
         self.job = job
         self.progress = progress
         self.heartbeat = heartbeat
-        #: The job's snapshot as published at its start; each publication changes the progress.
-        self.snapshot: dict[str, Any] = job_snapshot(job) if snapshot is None else snapshot
-        self.published: tuple[int, str] = (job.progress_percentage, job.progress_state)
+        #: The job's snapshot at its start; each publication updates its progress.
+        self.snapshot: dict[str, Any] = job_snapshot(job)
+        #: The numbers last published; None until the start snapshot has been.
+        self.published: tuple[int, str] | None = None
         #: Whether the store was asked for a cancel request made before the monitor listened.
         self.cancel_checked = False
         self.cancel_token = cancel_token(job)
@@ -102,18 +96,10 @@ class JobMonitor:
         self._thread: threading.Thread | None = None
         self._store_down = False
 
-    def watch(
-        self,
-        job: Job,
-        progress: Progress,
-        *,
-        heartbeat: bool,
-        snapshot: dict[str, Any] | None = None,
-    ) -> Watch:
-        """Start publishing ``job``'s progress and delivering its cancel requests. ``snapshot``
-        is the one just published for the job, if the caller has it (the monitor then updates
-        it instead of building its own)."""
-        watch = Watch(self, job, progress, heartbeat, snapshot)
+    def watch(self, job: Job, progress: Progress, *, heartbeat: bool) -> Watch:
+        """Start publishing ``job``'s progress, its start first, and delivering its cancel
+        requests."""
+        watch = Watch(self, job, progress, heartbeat)
         with self._lock:
             self._watches[job.pk] = watch
             if self._thread is None or not self._thread.is_alive():

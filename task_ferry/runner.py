@@ -24,7 +24,6 @@ from task_ferry.models import Job, JobState
 from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot
 
 logger = logging.getLogger("task_ferry")
 
@@ -109,16 +108,14 @@ class JobRun:
             logger.info("Job %s is not pending; not running it.", self.job_id)
             return None
         job_type = job_type_registry.get(job.type)
-        snapshot = job_snapshot(job)
-        publish(job, snapshot)
-        signals.emit(signals.job_started, job)
         progress = Progress()
         # Inside a caller's transaction no other connection sees the job, so there is nobody
         # to beat for (and the monitor's own connection could not write the heartbeat).
         own_transaction = not connection.in_atomic_block
-        watch = get_monitor().watch(
-            job, progress, heartbeat=self.heartbeat and own_transaction, snapshot=snapshot
-        )
+        # The monitor publishes the start like any progress, within PUBLISH_INTERVAL: a job
+        # that ends sooner goes from pending to its end with one write to the store, not two.
+        watch = get_monitor().watch(job, progress, heartbeat=self.heartbeat and own_transaction)
+        signals.emit(signals.job_started, job)
         db_connection = connection.connection
         try:
             with transaction.atomic():
