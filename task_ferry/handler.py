@@ -324,10 +324,11 @@ def _insert_statement(
     return sql, job_fields + own_fields
 
 
-def publish(job: Job) -> None:
-    """Write the job's snapshot to the progress store; an unreachable store only logs."""
+def publish(job: Job, *, announce: bool = True) -> None:
+    """Write the job's snapshot to the progress store (see ``ProgressStore.write`` for
+    ``announce``); an unreachable store only logs."""
     try:
-        get_store().write(job.pk, job_snapshot(job))
+        get_store().write(job.pk, job_snapshot(job), announce=announce)
     except ProgressStoreUnavailable as exc:
         logger.warning(
             "Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc
@@ -357,7 +358,7 @@ class JobHandler:
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
-        publish(job)
+        publish(job, announce=False)
         from task_ferry.executors.base import get_executor
 
         get_executor().enqueue_job(job)

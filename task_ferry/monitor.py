@@ -65,8 +65,9 @@ class Watch:
         self.job = job
         self.progress = progress
         self.heartbeat = heartbeat
-        #: The job's snapshot at its start; each publication updates its progress.
-        self.snapshot: dict[str, Any] = job_snapshot(job)
+        #: The job's snapshot, built at its first publication (most short jobs end before
+        #: one); each publication updates its progress.
+        self.snapshot: dict[str, Any] | None = None
         #: The numbers last published; None until the start snapshot has been.
         self.published: tuple[int, str] | None = None
         #: Whether the store was asked for a cancel request made before the monitor listened.
@@ -155,6 +156,8 @@ class JobMonitor:
             snapshots = {}
             for watch, (percentage, label) in batch.items():
                 snapshot = watch.snapshot
+                if snapshot is None:
+                    snapshot = watch.snapshot = job_snapshot(watch.job)
                 snapshot["progress_percentage"] = percentage
                 snapshot["progress_state"] = label
                 snapshot["updated_at"] = updated_at

@@ -55,8 +55,9 @@ class ProgressStore(ABC):
         return f"{self.key_prefix}:cancel"
 
     @abstractmethod
-    def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
-        """Store the job's newest snapshot and announce it to listeners."""
+    def write(self, job_id: int, snapshot: dict[str, Any], *, announce: bool = True) -> None:
+        """Store the job's newest snapshot and, unless ``announce`` is False, announce it to
+        listeners (a job that was just created has none: nobody knows its id yet)."""
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         """``write()`` several jobs' snapshots; stores override this to do it in one go."""

@@ -32,8 +32,17 @@ class RedisProgressStore(ProgressStore):
             health_check_interval=30,
         )
 
-    def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
-        self.write_many({job_id: snapshot})
+    def write(self, job_id: int, snapshot: dict[str, Any], *, announce: bool = True) -> None:
+        if announce:
+            self.write_many({job_id: snapshot})
+            return
+        payload = json.dumps(snapshot, separators=(",", ":"))
+        try:
+            self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout)
+        except redis.RedisError as exc:
+            raise ProgressStoreUnavailable(
+                f"Could not write to Redis at {self.url}: {exc}"
+            ) from exc
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         if not snapshots:
