@@ -46,18 +46,14 @@ def reconnect_if_broken() -> None:
 def nothing_to_commit() -> bool:
     """Whether the transaction of the outermost ``atomic()`` block open on the connection has
     sent nothing to the database yet and holds no ``on_commit`` callbacks, so that committing
-    it would do nothing. False wherever the driver cannot tell."""
+    it would do nothing. PostgreSQL only: the other backends begin at the block's start (SQLite,
+    where that costs no round trip) or cannot tell (MySQL)."""
+    if connection.vendor != "postgresql" or connection.connection is None:
+        return False
     if connection.savepoint_ids or connection.run_on_commit or connection.needs_rollback:
         return False
-    raw = connection.connection
-    if raw is None:
-        return False
-    if connection.vendor == "postgresql":
-        # psycopg 2 and 3 both number the idle state 0 (no transaction block begun).
-        return bool(raw.info.transaction_status == 0)
-    if connection.vendor == "sqlite":
-        return not raw.in_transaction
-    return False
+    # psycopg 2 and 3 both number the idle state 0: no transaction block begun.
+    return bool(connection.connection.info.transaction_status == 0)
 
 
 @contextlib.contextmanager

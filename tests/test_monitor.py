@@ -291,3 +291,38 @@ def test_publishing_is_throttled_and_the_newest_value_wins(
     thread.finish()
     gaps = [b - a for (a, _), (b, _) in itertools.pairwise(writes)]
     assert all(gap >= 0.19 for gap in gaps), gaps
+
+
+@needs_concurrent_writers
+def test_a_started_job_shows_started_before_its_first_tick(transactional_db, user, gated):
+    # The monitor publishes the start like a progress change, within PUBLISH_INTERVAL.
+    thread, job = start_halfway(gated, user, steps=0)
+    wait_until(
+        lambda: (get_store().read(job.pk) or {}).get("state") == "started",
+        "the store shows the job started",
+    )
+    assert get_store().read(job.pk)["started_at"] is not None
+    gated.release.set()
+    thread.finish()
+    assert get_store().read(job.pk)["state"] == "finished"
+
+
+@pytest.mark.skipif(not get_store().supports_push, reason="only push stores announce snapshots")
+def test_creating_a_job_stores_its_snapshot_without_announcing_it(db, user, monkeypatch):
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    store = get_store()
+    listener = store.client.pubsub(ignore_subscribe_messages=True)
+    listener.psubscribe(store.events_channel(0).removesuffix("0") + "*")
+    try:
+        monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+        job = JobHandler.create_and_start(user, "scripted")
+        assert store.read(job.pk)["state"] == "pending"
+        # Nobody could listen to a job whose id was not known yet: nothing is published.
+        assert listener.get_message(timeout=0.3) is None
+        JobHandler.run_job(job.pk)
+        message = listener.get_message(timeout=WAIT)
+        assert message["channel"].decode() == store.events_channel(job.pk)
+        assert b'"state":"finished"' in message["data"]
+    finally:
+        listener.close()

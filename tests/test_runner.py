@@ -147,3 +147,93 @@ def test_a_job_run_with_its_type_name_finishes_with_its_own_fields(
     done = JobHandler.run_job(other.pk, job_type_name="limited")
     assert isinstance(done, ScriptedJob) and done.state == JobState.FINISHED
     assert JobHandler.run_job(other.pk, job_type_name="scripted") is None
+
+
+def ticks_only(self, job, progress):
+    """A run that sends the database nothing (say, it writes a file)."""
+    stage = progress.create_child(represents=100, total=3)
+    for i in range(3):
+        stage.increment(state=f"tick {i + 1}")
+
+
+def record_job_updates(statements):
+    """An execute wrapper noting, for each UPDATE of the job table, whether it ran inside a
+    transaction block."""
+
+    def wrapper(execute, sql, params, many, context):
+        if sql.startswith('UPDATE "task_ferry_job"') or sql.startswith("UPDATE `task_ferry_job`"):
+            statements.append(
+                (sql.split(" SET ")[1].split(" WHERE ")[0], connection.in_atomic_block)
+            )
+        return execute(sql, params, many, context)
+
+    return wrapper
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's one-statement finish")
+def test_a_run_that_wrote_nothing_finishes_in_a_statement_of_its_own(
+    transactional_db, user, monkeypatch
+):
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", ticks_only)
+    statements = []
+    with connection.execute_wrapper(record_job_updates(statements)):
+        job = JobHandler.create_and_start(user, "scripted")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.progress_percentage, row.progress_state) == ("finished", 100, "tick 3")
+    finish = [inside for sql, inside in statements if "finished_at" in sql]
+    # No transaction block to commit around it: one round trip instead of three.
+    assert finish == [False]
+
+
+def test_a_run_that_wrote_finishes_inside_its_work_transaction(transactional_db, user):
+    statements = []
+    with connection.execute_wrapper(record_job_updates(statements)):
+        job = JobHandler.create_and_start(user, "scripted", marker="work")
+    assert ScriptedJob.objects.get(pk=job.pk).state == "finished"
+    assert [inside for sql, inside in statements if "finished_at" in sql] == [True]
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
+def test_a_job_ended_elsewhere_keeps_that_end_when_its_run_wrote_nothing(
+    transactional_db, user, monkeypatch
+):
+    def run(self, job, progress):
+        ticks_only(self, job, progress)
+        sweeper = threading.Thread(target=fail_elsewhere, args=(job.pk,))
+        sweeper.start()
+        sweeper.join()
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.error) == ("failed", "lost")
+    assert job.state == "failed"  # the handle was refreshed, not left at "finished"
+    assert not HookCall.objects.exists()
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
+def test_on_commit_callbacks_of_a_run_wait_for_its_finish(transactional_db, user, monkeypatch):
+    """A run that only registers ``on_commit`` work (an email, say) keeps the finish inside its
+    transaction, so a job ended elsewhere meanwhile never runs that work."""
+    from django.db import transaction
+
+    sent = []
+
+    def run(self, job, progress):
+        transaction.on_commit(lambda: sent.append(job.pk))
+        if job.marker == "fenced":
+            sweeper = threading.Thread(target=fail_elsewhere, args=(job.pk,))
+            sweeper.start()
+            sweeper.join()
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    finished = JobHandler.create_and_start(user, "scripted")
+    fenced = JobHandler.create_and_start(user, "scripted", marker="fenced")
+    assert (finished.state, fenced.state) == ("finished", "failed")
+    assert sent == [finished.pk]
+
+
+def fail_elsewhere(job_id):
+    """The stale-job sweep, on its own connection, failing a job that is still running."""
+    transition(Job(pk=job_id), JobState.FAILED, from_states=[JobState.STARTED], error="lost")
+    connection.close()
