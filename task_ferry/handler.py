@@ -13,17 +13,16 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import DataError, connections, router, transaction
-from django.db.models import Exists, Field, OuterRef, Q
+from django.db import DataError, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.db.models.deletion import Collector
-from django.db.models.signals import post_save, pre_save
 from django.utils import timezone
 
-from task_ferry import signals
+from task_ferry import signals, statements
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     DispatchError,
@@ -113,215 +112,22 @@ def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fi
         values.setdefault("started_at", now)
     if to_state in ENDED_STATES:
         values.setdefault("finished_at", now)
-    if not compare_and_set(job.pk, list(from_states), values):
+    if not statements.compare_and_set(job.pk, list(from_states), values):
         return False
     job.apply_fields(values)
     live_handles.apply(job.pk, values)
     return True
 
 
-# Per database, column names and number of from-states: the SQL of compare_and_set, its fields.
-_cas_statements: dict[tuple[str, tuple[str, ...], int], tuple[str, list[Field[Any, Any]]]] = {}
-
-
-def compare_and_set(job_id: int, from_states: list[str], values: dict[str, Any]) -> bool:
-    """``UPDATE`` the job's row with ``values`` if its state is one of ``from_states``; whether
-    it did. The statement ``QuerySet.update()`` sends, built once instead of for every call:
-    every job ends through here, so the query building would cost more than the query."""
-    using = router.db_for_write(Job)
-    connection = connections[using]
-    key = (using, tuple(values), len(from_states))
-    statement = _cas_statements.get(key)
-    if statement is None:
-        by_name = {f.name: f for f in Job._meta.concrete_fields}
-        fields = [by_name[name] for name in values]
-
-        def column(field: Field[Any, Any]) -> str:
-            return connection.ops.quote_name(field.get_attname_column()[1] or field.attname)
-
-        assignments = ", ".join(f"{column(f)} = %s" for f in fields)
-        states = ", ".join("%s" for _ in from_states)
-        sql = (
-            f"UPDATE {connection.ops.quote_name(Job._meta.db_table)} SET {assignments} "
-            f"WHERE {column(by_name['id'])} = %s AND {column(by_name['state'])} IN ({states})"
-        )
-        statement = _cas_statements[key] = (sql, fields)
-    sql, fields = statement
-    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
-    with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
-        cursor.execute(sql, [*params, job_id, *from_states])
-        return bool(cursor.rowcount)
-
-
-# The SQL of start_and_load, the fields it returns, and per field its column and converters.
-if TYPE_CHECKING:
-    # Field is only subscriptable under django-stubs; the alias exists for the type checker.
-    _StartStatement = tuple[str, list[Field[Any, Any]], list[tuple[Any, list[Any]]]]
-# Per model and database; None where start_and_load cannot be used.
-_start_statements: dict[tuple[type[Job], str], _StartStatement | None] = {}
-
-
 def start_and_load(job_id: int, type_name: str, model: type[Job]) -> Job | None:
-    """Move a pending job of ``type_name`` stored as ``model`` to started and return it loaded
-    as ``model``, in one round trip, on PostgreSQL in autocommit mode.
-
-    The compare-and-set of ``transition()``, fused with the load. Its commit does not wait for
-    the disk (see ``runner.commits_without_waiting_for_disk`` for why that is safe). None when
-    the job is not pending, is of another type or model, or this database cannot do it: the
-    caller then goes the long way, ``transition()`` and a load.
-    """
-    using = router.db_for_write(Job)
-    connection = connections[using]
-    if (
-        connection.vendor != "postgresql"
-        or connection.in_atomic_block
-        or router.db_for_read(model) != using
-    ):
-        return None
-    key = (model, using)
-    if key not in _start_statements:
-        _start_statements[key] = _start_statement(model, connection)
-    statement = _start_statements[key]
-    if statement is None:
-        return None
-    sql, fields, converters = statement
-    now = timezone.now()
-    db_now = Job._meta.get_field("updated_at").get_db_prep_value(now, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [JobState.STARTED, db_now, db_now, job_id, JobState.PENDING, type_name])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    values = []
-    for (col, field_converters), value in zip(converters, row, strict=True):
-        for converter in field_converters:
-            value = converter(value, col, connection)
-        values.append(value)
-    job = model.from_db(using, [f.attname for f in fields], values)
-    live_handles.apply(job.pk, {"state": JobState.STARTED, "updated_at": now, "started_at": now})
-    return job
-
-
-def _start_statement(model: type[Job], connection: Any) -> _StartStatement | None:
-    """``UPDATE job ... FROM <model's table> ... RETURNING`` every column of ``model``; None for
-    models not stored as one table under ``Job`` (proxies, deeper inheritance)."""
-    if model._meta.proxy or not issubclass(model, Job):
-        return None
-    job_table = Job._meta.db_table
-    own_table = model._meta.db_table
-    link = model._meta.parents.get(Job) if model is not Job else None
-    if model is not Job and (link is None or len(model._meta.parents) != 1):
-        return None
-    fields = list(model._meta.concrete_fields)
-    if any(f.model not in (Job, model) for f in fields):
-        return None
-    quote = connection.ops.quote_name
-    columns = ", ".join(f"{quote(f.model._meta.db_table)}.{quote(f.column)}" for f in fields)
-    job = quote(job_table)
-    job_columns = {f.name: quote(f.column) for f in Job._meta.concrete_fields}
-
-    def column(name: str) -> str:
-        return f"{job}.{job_columns[name]}"
-
-    # set_config(..., true) lasts for this statement's own transaction only: nothing to reset.
-    sources = ["(SELECT set_config('synchronous_commit', 'off', true)) AS no_flush"]
-    conditions = [f"{column('id')} = %s", f"{column('state')} = %s", f"{column('type')} = %s"]
-    if link is not None:
-        sources.append(quote(own_table))
-        conditions.append(f"{quote(own_table)}.{quote(link.column)} = {column('id')}")
-    assignments = ", ".join(
-        f"{job_columns[name]} = %s" for name in ("state", "updated_at", "started_at")
-    )
-    sql = (
-        f"UPDATE {job} SET {assignments} FROM {', '.join(sources)} "
-        f"WHERE {' AND '.join(conditions)} RETURNING {columns}"
-    )
-    converters = []
-    for field in fields:
-        col = field.get_col(field.model._meta.db_table)
-        converters.append(
-            (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
+    """``statements.start_and_load``, keeping the handles of the job in step."""
+    job = statements.start_and_load(job_id, type_name, model)
+    if job is not None:
+        live_handles.apply(
+            job.pk,
+            {"state": job.state, "updated_at": job.updated_at, "started_at": job.started_at},
         )
-    return sql, fields, converters
-
-
-# Per model and database: the SQL of insert_job and its fields, or None where it cannot be used.
-_insert_statements: dict[tuple[type[Job], str], tuple[str, list[Field[Any, Any]]] | None] = {}
-
-
-def insert_job(job: Job) -> bool:
-    """Save a new job's ``Job`` row and its model's row in one statement (one round trip and one
-    commit instead of four round trips), on PostgreSQL in autocommit mode. False, having
-    written nothing, where ``job.save()`` must do it: another database, an open transaction,
-    a model with its own ``save()``, save signal receivers, or fields the database fills."""
-    model = type(job)
-    using = router.db_for_write(model)
-    connection = connections[using]
-    if (
-        connection.vendor != "postgresql"
-        or connection.in_atomic_block
-        or router.db_for_write(Job) != using
-        or model.save is not Job.save
-        or pre_save.has_listeners(model)
-        or post_save.has_listeners(model)
-    ):
-        return False
-    key = (model, using)
-    if key not in _insert_statements:
-        _insert_statements[key] = _insert_statement(model, connection)
-    statement = _insert_statements[key]
-    if statement is None:
-        return False
-    sql, fields = statement
-    params = [f.get_db_prep_save(f.pre_save(job, True), connection) for f in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    if row is None:
-        raise DataError(f"Inserting job {job!r} returned no row.")
-    # What Model.save() leaves on the instance: its key (and parent link), a saved state.
-    for field in (Job._meta.pk, model._meta.pk):
-        setattr(job, field.attname, row[0])
-    job._state.adding = False
-    job._state.db = using
-    return True
-
-
-def _insert_statement(
-    model: type[Job], connection: Any
-) -> tuple[str, list[Field[Any, Any]]] | None:
-    """``WITH j AS (INSERT INTO job ... RETURNING id) INSERT INTO <model's table> ...``; None for
-    models not stored as one table under ``Job``, or with fields the database fills."""
-    if model._meta.proxy or model is Job or not issubclass(model, Job):
-        return None
-    link = model._meta.parents.get(Job)
-    if link is None or len(model._meta.parents) != 1 or not Job._meta.pk.db_returning:
-        return None
-    job_fields = [f for f in Job._meta.local_concrete_fields if f is not Job._meta.pk]
-    own_fields = [f for f in model._meta.local_concrete_fields if f is not link]
-    if any(
-        f.has_db_default() or getattr(f, "generated", False) or f.db_returning
-        for f in job_fields + own_fields
-    ):
-        return None
-    quote = connection.ops.quote_name
-
-    def columns(fields: list[Field[Any, Any]]) -> str:
-        return ", ".join(quote(f.column) for f in fields)
-
-    def placeholders(fields: list[Field[Any, Any]]) -> str:
-        return ", ".join("%s" for _ in fields)
-
-    own_values = f", {placeholders(own_fields)}" if own_fields else ""
-    own_columns = f", {columns(own_fields)}" if own_fields else ""
-    sql = (
-        f"WITH new_job AS (INSERT INTO {quote(Job._meta.db_table)} ({columns(job_fields)}) "
-        f"VALUES ({placeholders(job_fields)}) RETURNING {quote(Job._meta.pk.column)}) "
-        f"INSERT INTO {quote(model._meta.db_table)} ({quote(link.column)}{own_columns}) "
-        f"VALUES ((SELECT {quote(Job._meta.pk.column)} FROM new_job){own_values}) "
-        f"RETURNING {quote(link.column)}"
-    )
-    return sql, job_fields + own_fields
+    return job
 
 
 def publish(job: Job, *, announce: bool = True) -> None:
@@ -408,7 +214,7 @@ class JobHandler:
         if max_count is None and type(job_type).after_job_creation is JobType.after_job_creation:
             # Nothing else to do in the transaction: both rows in one statement, if we can.
             try:
-                inserted = insert_job(job)
+                inserted = statements.insert_job(job)
             except (TypeError, ValueError, DataError) as exc:
                 raise InvalidJobValues(f"Invalid job values: {exc}") from exc
             if inserted:

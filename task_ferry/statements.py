@@ -1,0 +1,234 @@
+"""The hand-written SQL of the statements every job pays for.
+
+- ``insert_job``: a new job's two rows (``Job`` and its type's) in one statement;
+- ``start_and_load``: the move from pending to started, returning the job's row, in one;
+- ``compare_and_set``: every other state change (``handler.transition``).
+
+The ORM would build each query anew on every call, and take four round trips for each of the
+first two. Here each statement is built once per model and database and kept.
+``insert_job`` and ``start_and_load`` run on PostgreSQL in autocommit mode only
+(``one_statement_connection``); elsewhere they write nothing and say so (False, None), and the
+caller takes the ORM's way. ``compare_and_set`` runs on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django.db import DataError, connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Field
+from django.db.models.signals import post_save, pre_save
+from django.utils import timezone
+
+from task_ferry.models import Job, JobState
+
+__all__ = ["compare_and_set", "insert_job", "one_statement_connection", "start_and_load"]
+
+T = TypeVar("T")
+
+# Built statements by (kind, model or column names, database alias, ...); None for "cannot".
+_statements: dict[tuple[Any, ...], Any] = {}
+
+
+def cached(key: tuple[Any, ...], build: Callable[[], T]) -> T:
+    """The statement kept under ``key``, built the first time it is asked for."""
+    if key not in _statements:
+        _statements[key] = build()
+    statement: T = _statements[key]
+    return statement
+
+
+def one_statement_connection(model: type[Job]) -> BaseDatabaseWrapper | None:
+    """The connection ``Job`` and ``model`` are both read and written through, when one
+    statement of our own may do the work there: PostgreSQL, outside any ``atomic()`` block
+    (inside one, the caller's transaction decides about commits and round trips anyway)."""
+    using = router.db_for_write(Job)
+    if router.db_for_write(model) != using or router.db_for_read(model) != using:
+        return None
+    connection = connections[using]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return None
+    return connection
+
+
+def compare_and_set(job_id: int, from_states: list[str], values: dict[str, Any]) -> bool:
+    """``UPDATE`` the job's row with ``values`` if its state is one of ``from_states``; whether
+    it did. The statement ``QuerySet.update()`` sends, built once instead of for every call:
+    every job ends through here, so the query building would cost more than the query."""
+    using = router.db_for_write(Job)
+    connection = connections[using]
+
+    def build() -> tuple[str, list[Field[Any, Any]]]:
+        by_name = {f.name: f for f in Job._meta.concrete_fields}
+        fields = [by_name[name] for name in values]
+
+        def column(field: Field[Any, Any]) -> str:
+            return connection.ops.quote_name(field.get_attname_column()[1] or field.attname)
+
+        assignments = ", ".join(f"{column(f)} = %s" for f in fields)
+        states = ", ".join("%s" for _ in from_states)
+        sql = (
+            f"UPDATE {connection.ops.quote_name(Job._meta.db_table)} SET {assignments} "
+            f"WHERE {column(by_name['id'])} = %s AND {column(by_name['state'])} IN ({states})"
+        )
+        return sql, fields
+
+    sql, fields = cached(("compare_and_set", using, tuple(values), len(from_states)), build)
+    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+    with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
+        cursor.execute(sql, [*params, job_id, *from_states])
+        return bool(cursor.rowcount)
+
+
+if TYPE_CHECKING:
+    # Field is only subscriptable under django-stubs; the alias exists for the type checker.
+    _StartStatement = tuple[str, list[Field[Any, Any]], list[tuple[Any, list[Any]]]]
+
+
+def start_and_load(job_id: int, type_name: str, model: type[Job]) -> Job | None:
+    """Move a pending job of ``type_name`` stored as ``model`` to started and return it loaded
+    as ``model``, in one round trip, on PostgreSQL in autocommit mode.
+
+    The compare-and-set of ``transition()``, fused with the load. Its commit does not wait for
+    the disk (see ``runner.commits_without_waiting_for_disk`` for why that is safe). None when
+    the job is not pending, is of another type or model, or this database cannot do it: the
+    caller then goes the long way, ``transition()`` and a load.
+    """
+    connection = one_statement_connection(model)
+    if connection is None:
+        return None
+    statement = cached(
+        ("start_and_load", model, connection.alias), lambda: _start_statement(model, connection)
+    )
+    if statement is None:
+        return None
+    sql, fields, converters = statement
+    now = timezone.now()
+    db_now = Job._meta.get_field("updated_at").get_db_prep_value(now, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [JobState.STARTED, db_now, db_now, job_id, JobState.PENDING, type_name])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = []
+    for (col, field_converters), value in zip(converters, row, strict=True):
+        for converter in field_converters:
+            value = converter(value, col, connection)
+        values.append(value)
+    return model.from_db(connection.alias, [f.attname for f in fields], values)
+
+
+def _start_statement(model: type[Job], connection: Any) -> _StartStatement | None:
+    """``UPDATE job ... FROM <model's table> ... RETURNING`` every column of ``model``; None for
+    models not stored as one table under ``Job`` (proxies, deeper inheritance)."""
+    if model._meta.proxy or not issubclass(model, Job):
+        return None
+    job_table = Job._meta.db_table
+    own_table = model._meta.db_table
+    link = model._meta.parents.get(Job) if model is not Job else None
+    if model is not Job and (link is None or len(model._meta.parents) != 1):
+        return None
+    fields = list(model._meta.concrete_fields)
+    if any(f.model not in (Job, model) for f in fields):
+        return None
+    quote = connection.ops.quote_name
+    columns = ", ".join(f"{quote(f.model._meta.db_table)}.{quote(f.column)}" for f in fields)
+    job = quote(job_table)
+    job_columns = {f.name: quote(f.column) for f in Job._meta.concrete_fields}
+
+    def column(name: str) -> str:
+        return f"{job}.{job_columns[name]}"
+
+    # set_config(..., true) lasts for this statement's own transaction only: nothing to reset.
+    sources = ["(SELECT set_config('synchronous_commit', 'off', true)) AS no_flush"]
+    conditions = [f"{column('id')} = %s", f"{column('state')} = %s", f"{column('type')} = %s"]
+    if link is not None:
+        sources.append(quote(own_table))
+        conditions.append(f"{quote(own_table)}.{quote(link.column)} = {column('id')}")
+    assignments = ", ".join(
+        f"{job_columns[name]} = %s" for name in ("state", "updated_at", "started_at")
+    )
+    sql = (
+        f"UPDATE {job} SET {assignments} FROM {', '.join(sources)} "
+        f"WHERE {' AND '.join(conditions)} RETURNING {columns}"
+    )
+    converters = []
+    for field in fields:
+        col = field.get_col(field.model._meta.db_table)
+        converters.append(
+            (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
+        )
+    return sql, fields, converters
+
+
+def insert_job(job: Job) -> bool:
+    """Save a new job's ``Job`` row and its model's row in one statement (one round trip and one
+    commit instead of four round trips), on PostgreSQL in autocommit mode. False, having
+    written nothing, where ``job.save()`` must do it: another database, an open transaction,
+    a model with its own ``save()``, save signal receivers, or fields the database fills."""
+    model = type(job)
+    connection = one_statement_connection(model)
+    if (
+        connection is None
+        or model.save is not Job.save
+        or pre_save.has_listeners(model)
+        or post_save.has_listeners(model)
+    ):
+        return False
+    statement = cached(
+        ("insert_job", model, connection.alias), lambda: _insert_statement(model, connection)
+    )
+    if statement is None:
+        return False
+    sql, fields = statement
+    params = [f.get_db_prep_save(f.pre_save(job, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        raise DataError(f"Inserting job {job!r} returned no row.")
+    # What Model.save() leaves on the instance: its key (and parent link), a saved state.
+    for field in (Job._meta.pk, model._meta.pk):
+        setattr(job, field.attname, row[0])
+    job._state.adding = False
+    job._state.db = connection.alias
+    return True
+
+
+def _insert_statement(
+    model: type[Job], connection: Any
+) -> tuple[str, list[Field[Any, Any]]] | None:
+    """``WITH j AS (INSERT INTO job ... RETURNING id) INSERT INTO <model's table> ...``; None for
+    models not stored as one table under ``Job``, or with fields the database fills."""
+    if model._meta.proxy or model is Job or not issubclass(model, Job):
+        return None
+    link = model._meta.parents.get(Job)
+    if link is None or len(model._meta.parents) != 1 or not Job._meta.pk.db_returning:
+        return None
+    job_fields = [f for f in Job._meta.local_concrete_fields if f is not Job._meta.pk]
+    own_fields = [f for f in model._meta.local_concrete_fields if f is not link]
+    if any(
+        f.has_db_default() or getattr(f, "generated", False) or f.db_returning
+        for f in job_fields + own_fields
+    ):
+        return None
+    quote = connection.ops.quote_name
+
+    def columns(fields: list[Field[Any, Any]]) -> str:
+        return ", ".join(quote(f.column) for f in fields)
+
+    def placeholders(fields: list[Field[Any, Any]]) -> str:
+        return ", ".join("%s" for _ in fields)
+
+    own_values = f", {placeholders(own_fields)}" if own_fields else ""
+    own_columns = f", {columns(own_fields)}" if own_fields else ""
+    sql = (
+        f"WITH new_job AS (INSERT INTO {quote(Job._meta.db_table)} ({columns(job_fields)}) "
+        f"VALUES ({placeholders(job_fields)}) RETURNING {quote(Job._meta.pk.column)}) "
+        f"INSERT INTO {quote(model._meta.db_table)} ({quote(link.column)}{own_columns}) "
+        f"VALUES ((SELECT {quote(Job._meta.pk.column)} FROM new_job){own_values}) "
+        f"RETURNING {quote(link.column)}"
+    )
+    return sql, job_fields + own_fields
