@@ -30,7 +30,7 @@ from task_ferry.api.serializers import JobSerializer, type_serializer_class
 from task_ferry.models import JobState
 from task_ferry.registry import JobType, job_type_registry
 
-__all__ = ["JobAutoSchema", "JobSchemaView"]
+__all__ = ["JobAutoSchema", "JobSchemaView", "events_postprocessing_hook"]
 
 _component_serializers: dict[tuple[str, str, type[Any]], type[serializers.Serializer[Any]]] = {}
 
@@ -209,7 +209,53 @@ class JobSchemaGenerator(SchemaGenerator):
         schema: dict[str, Any] = super().get_schema(request, public)
         schema["info"]["title"] = schema["info"].get("title") or "Task ferry jobs API"
         schema["info"]["version"] = schema["info"].get("version") or "1"
+        add_events_operation(schema["paths"])
         return schema
+
+
+EVENTS_DESCRIPTION = (
+    "A stream of `job` events, each carrying the job as the detail endpoint shows it, from its "
+    "current state until it ends; an `end` event follows the last. Pushed through Redis pub/sub "
+    "under ASGI; elsewhere answered once with a `retry` delay, so `EventSource` polls by "
+    "reconnecting. See docs/api.md."
+)
+EVENTS_EXAMPLE = (
+    'event: job\ndata: {"id":42,"state":"started","progress_percentage":40,...}\n\n'
+    'event: job\ndata: {"id":42,"state":"finished","progress_percentage":100,...}\n\n'
+    'event: end\ndata: {"state":"finished"}\n\n'
+)
+
+
+def events_postprocessing_hook(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
+    """For a project-wide schema: add to ``SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]``
+    (keeping spectacular's own ``postprocess_schema_enums``) to describe the event stream."""
+    add_events_operation(result.get("paths", {}))
+    return result
+
+
+def add_events_operation(paths: dict[str, Any]) -> None:
+    """Describe ``GET <id>/events/``, a plain Django view spectacular cannot see, next to the
+    detail operation it mirrors (same parameters, security and error responses)."""
+    for path, operations in list(paths.items()):
+        detail = operations.get("get")
+        if detail is None or detail.get("operationId") != "jobs_retrieve":
+            continue
+        events = copy.deepcopy(detail)
+        events["operationId"] = "jobs_events_retrieve"
+        events["summary"] = "A job's changes as Server-Sent Events"
+        events["description"] = EVENTS_DESCRIPTION
+        events["responses"]["200"] = {
+            "description": "The event stream (`text/event-stream`).",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": EVENTS_EXAMPLE,
+                }
+            },
+        }
+        paths[f"{path}events/"] = {"get": events}
 
 
 class JobSchemaView(SpectacularAPIView):
