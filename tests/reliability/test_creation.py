@@ -17,7 +17,13 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from tests.reliability.helpers import postgresql_only
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    # Python 3.12+ warns about fork() in a process with threads (here: the test process's job
+    # monitor). The children only open their own database connections and create jobs, and
+    # fork is what lets them share the test database's settings and the stubbed executor.
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+]
 
 CALLS = 20
 
