@@ -191,6 +191,34 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_part(worker_pid: int, redis_pid: int) -> collections.Counter[str]:
+    """CPU seconds so far of each part of the benchmark, from /proc (empty without it): this
+    process (the producer), the Celery worker's main process and its pool processes,
+    redis-server, and PostgreSQL (every postgres process, background writers included)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parts: collections.Counter[str] = collections.Counter()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid, parent = int(entry.name), int(fields[1])
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if pid == os.getpid():
+            parts["producer"] += seconds
+        elif pid == worker_pid:
+            parts["worker main"] += seconds
+        elif parent == worker_pid:
+            parts["worker pool"] += seconds
+        elif pid == redis_pid:
+            parts["redis"] += seconds
+        elif name.startswith("postgres"):
+            parts["postgresql"] += seconds
+    return parts
+
+
 def command_stats(client: Any) -> collections.Counter[str]:
     stats = client.info("commandstats")
     return collections.Counter(
@@ -223,8 +251,16 @@ def start_worker(queue: str, env: dict[str, str]) -> tuple[subprocess.Popen[byte
 
 class Bench:
     def __init__(
-        self, jobs: int, ticks: int, queue: str, store_redis: Any, counts: str, producers: int
+        self,
+        jobs: int,
+        ticks: int,
+        queue: str,
+        store_redis: Any,
+        counts: str,
+        producers: int,
+        pids: tuple[int, int],
     ) -> None:
+        self.pids = pids  # the worker's and redis-server's
         self.producers = producers
         self.jobs = jobs
         self.ticks = ticks
@@ -263,6 +299,7 @@ class Bench:
         worker_before = worker_queries(self.counts_dir)
         producer_before = queries_seen
         cpu_before = busy_cpu_seconds()
+        parts_before = cpu_by_part(*self.pids)
         start = time.perf_counter()
         self.produce(n, lambda: JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks))
         created = time.perf_counter() - start
@@ -272,6 +309,8 @@ class Bench:
         wait_until(lambda: finished.count() >= n, 300, "jobs to finish", interval=0.02)
         elapsed = time.perf_counter() - start
         cpu = busy_cpu_seconds() - cpu_before
+        parts = cpu_by_part(*self.pids)
+        parts.subtract(parts_before)
         polls = queries_seen - polls_before
         # The last worker process reports its count when its task ends; give it a moment.
         time.sleep(0.3)
@@ -281,6 +320,7 @@ class Bench:
         return {
             "seconds": elapsed,
             "rate": n / elapsed,
+            "n": n,
             "producer_queries": producer_queries / n,
             "worker_queries": (worker_queries(self.counts_dir) - worker_before) / n,
             "redis_commands": (sum(redis_delta.values()) - 1) / n,  # less INFO itself
@@ -288,12 +328,14 @@ class Bench:
             "polls": polls,
             "producer_seconds": created,
             "cpu_ms": cpu * 1000 / n,
+            "cpu_parts": parts,  # type: ignore[dict-item]
         }
 
     def run_bare(self, n: int) -> dict[str, float]:
         self.redis.delete(BARE_DONE_KEY)
         redis_before = command_stats(self.redis)
         cpu_before = busy_cpu_seconds()
+        parts_before = cpu_by_part(*self.pids)
         start = time.perf_counter()
         self.produce(
             n, lambda: app.send_task("bench.bare_ticks", args=(self.ticks,), queue=self.queue)
@@ -309,14 +351,18 @@ class Bench:
         wait_until(done, 300, "bare tasks to finish", interval=0.02)
         elapsed = time.perf_counter() - start
         cpu = busy_cpu_seconds() - cpu_before
+        parts = cpu_by_part(*self.pids)
+        parts.subtract(parts_before)
         redis_delta = command_stats(self.redis) - redis_before
         return {
             "seconds": elapsed,
             "rate": n / elapsed,
+            "n": n,
             "redis_commands": (sum(redis_delta.values()) - polls - 1 - 1) / n,
             "redis_breakdown": redis_delta,  # type: ignore[dict-item]
             "producer_seconds": created,
             "cpu_ms": cpu * 1000 / n,
+            "cpu_parts": parts,  # type: ignore[dict-item]
         }
 
 
@@ -391,7 +437,15 @@ def main() -> None:
         import redis
 
         store_redis = redis.Redis.from_url(os.environ["TASK_FERRY_TEST_REDIS_URL"])
-        bench = Bench(args.jobs, args.ticks, queue, store_redis, counts_dir, args.producers)
+        bench = Bench(
+            args.jobs,
+            args.ticks,
+            queue,
+            store_redis,
+            counts_dir,
+            args.producers,
+            (worker.pid, server.pid),
+        )
         # Warm up both paths (worker imports, connections, the prefork pool), then count the
         # database queries per job in a round of their own, untimed.
         counting = Path(counts_dir, COUNTING_FLAG)
@@ -457,12 +511,27 @@ def report(
         f"(bare Celery: {statistics.median(r['cpu_ms'] for r in bare_rounds):.2f} ms per task)"
     )
     if args.breakdown:
+        print("  CPU per job by part, medians of the rounds (bare Celery in brackets):")
+        names = ("producer", "worker main", "worker pool", "postgresql", "redis")
+        print(
+            "    "
+            + ", ".join(
+                f"{name} {median_part(job_rounds, name):.2f} "
+                f"({median_part(bare_rounds, name):.2f}) ms"
+                for name in names
+            )
+        )
         for name, breakdown in (("job", last_job), ("bare", last_bare)):
             counts = breakdown["redis_breakdown"]
             print(
                 f"  {name}: "
                 + ", ".join(f"{k} {v / args.jobs:.2f}" for k, v in counts.most_common())
             )
+
+
+def median_part(rounds: list[dict[str, Any]], name: str) -> float:
+    """The median over the rounds of one part's CPU milliseconds per job."""
+    return statistics.median(r["cpu_parts"][name] * 1000 / r["n"] for r in rounds)
 
 
 if __name__ == "__main__":
