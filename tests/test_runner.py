@@ -54,6 +54,19 @@ def test_exception_can_carry_a_message_for_users(db, user, monkeypatch):
     assert job.human_readable_error == "The file could not be read. Upload it again."
 
 
+def fail_elsewhere(job_id):
+    """The stale-job sweep failing a job that is still running, from its own thread and
+    database connection; returns once it has."""
+
+    def sweep():
+        transition(Job(pk=job_id), JobState.FAILED, from_states=[JobState.STARTED], error="lost")
+        connection.close()
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    sweeper.join()
+
+
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
 def test_a_job_ended_elsewhere_while_running_keeps_that_end_and_loses_its_work(
     transactional_db, user, monkeypatch
@@ -61,15 +74,9 @@ def test_a_job_ended_elsewhere_while_running_keeps_that_end_and_loses_its_work(
     # A zombie: the sweep, on its own connection, failed the job while its run was still going.
     original = type(job_type_registry.get("scripted")).run
 
-    def sweep(job_id):
-        transition(Job(pk=job_id), JobState.FAILED, from_states=[JobState.STARTED], error="lost")
-        connection.close()
-
     def run(self, job, progress):
         original(self, job, progress)
-        sweeper = threading.Thread(target=sweep, args=(job.pk,))
-        sweeper.start()
-        sweeper.join()
+        fail_elsewhere(job.pk)
 
     monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
     job = JobHandler.create_and_start(user, "scripted", marker="zombie")
@@ -199,9 +206,7 @@ def test_a_job_ended_elsewhere_keeps_that_end_when_its_run_wrote_nothing(
 ):
     def run(self, job, progress):
         ticks_only(self, job, progress)
-        sweeper = threading.Thread(target=fail_elsewhere, args=(job.pk,))
-        sweeper.start()
-        sweeper.join()
+        fail_elsewhere(job.pk)
 
     monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
     job = JobHandler.create_and_start(user, "scripted")
@@ -222,18 +227,10 @@ def test_on_commit_callbacks_of_a_run_wait_for_its_finish(transactional_db, user
     def run(self, job, progress):
         transaction.on_commit(lambda: sent.append(job.pk))
         if job.marker == "fenced":
-            sweeper = threading.Thread(target=fail_elsewhere, args=(job.pk,))
-            sweeper.start()
-            sweeper.join()
+            fail_elsewhere(job.pk)
 
     monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
     finished = JobHandler.create_and_start(user, "scripted")
     fenced = JobHandler.create_and_start(user, "scripted", marker="fenced")
     assert (finished.state, fenced.state) == ("finished", "failed")
     assert sent == [finished.pk]
-
-
-def fail_elsewhere(job_id):
-    """The stale-job sweep, on its own connection, failing a job that is still running."""
-    transition(Job(pk=job_id), JobState.FAILED, from_states=[JobState.STARTED], error="lost")
-    connection.close()
