@@ -14,6 +14,7 @@ from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH, cancel_token
 from task_ferry.stores.base import get_store
 from tests.testapp.models import HookCall, Marker, ScriptedJob
+from tests.waiting import wait_for
 
 WAIT = 10
 
@@ -89,10 +90,7 @@ def start_halfway(gated, user, **values):
 
 
 def wait_until(predicate, what):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
+    return wait_for(predicate, timeout=WAIT, interval=0.01, what=what)
 
 
 needs_concurrent_writers = pytest.mark.skipif(

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ import redis
 from django.db import connection
 
 from tests.reliability.executors import QueueingExecutor
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -34,18 +34,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             f"bad-input cases tried: {counter} (total {sum(counter.values())})"
         )
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 15, interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
-        time.sleep(interval)
 
 
 def free_port() -> int:

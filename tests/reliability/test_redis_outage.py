@@ -11,9 +11,9 @@ from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.handler import JobHandler
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import SOCKET_TIMEOUT
-from tests.reliability.conftest import wait_for
 from tests.reliability.helpers import state_of
 from tests.testapp.models import HookCall, Marker, ScriptedJob
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.worker
 

@@ -12,9 +12,10 @@ from django.db import connection
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import ENDED_STATES, Heartbeat, Job
-from tests.reliability.conftest import FAST_HEARTBEAT, wait_for
+from tests.reliability.conftest import FAST_HEARTBEAT
 from tests.reliability.helpers import hook_calls, state_of
 from tests.testapp.models import Marker, ScriptedJob
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.worker
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ import pytest
 from celery import Celery, _state
 from django.conf import settings
 from django.db import connection
+
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SESSION = uuid.uuid4().hex[:8]
@@ -33,18 +35,6 @@ WORKER_START_TIMEOUT = 30
 
 def unique_queue(name: str) -> str:
     return f"tf-{SESSION}-{name}"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15, interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy and return it; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {predicate}")
-        time.sleep(interval)
 
 
 def worker_env(broker_url: str, **extra: str) -> dict[str, str]:

@@ -25,13 +25,13 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat, Job
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
+from tests.waiting import wait_for
 from tests.workers import celery_fixtures
 from tests.workers.celery_fixtures import (
     CeleryWorker,
     current_celery_app,
     start_celery,
     unique_queue,
-    wait_for,
     worker_env,
 )
 

@@ -17,6 +17,7 @@ from django.utils import timezone
 from task_ferry.executors import django_tasks
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
+from tests import waiting
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 
@@ -110,15 +111,9 @@ def use_django_tasks(settings):
     }
 
 
-def wait_for(predicate, *, timeout=30.0, what="condition", worker=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    log = f"\nworker output:\n{worker.output()}" if worker else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{log}")
+def wait_for(predicate, **kwargs):
+    """``tests.waiting.wait_for`` with the longer timeout a db_worker needs."""
+    return waiting.wait_for(predicate, **{"timeout": 30.0, "interval": 0.05, **kwargs})
 
 
 def wait_until_ended(job, worker):
