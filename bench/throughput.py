@@ -27,7 +27,6 @@ import argparse
 import collections
 import itertools
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ os.environ.setdefault("TASK_FERRY_TEST_DB_NAME", "task_ferry_bench")
 os.environ.setdefault("TASK_FERRY_TEST_KEY_PREFIX", "tf-bench")
 
 from celery import Celery, signals  # noqa: E402
+
+from bench.fastpath.common import ensure_database, start_redis_server  # noqa: E402
 
 app = Celery("bench")
 app.conf.broker_url = os.environ.get("TASK_FERRY_TEST_BROKER_URL")
@@ -140,44 +141,12 @@ def worker_queries(counts_dir: str) -> int:
     return sum(int(p.read_text() or 0) for p in Path(counts_dir).glob("*.count"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(interval)
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-
-    def accepts() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(accepts, 10, "redis-server")
-    return server, port
-
-
-def ensure_database(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(
-        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
-    ) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-        if not exists:
-            conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def busy_cpu_seconds() -> float:
@@ -393,12 +362,13 @@ def main() -> None:
     args = parser.parse_args()
 
     ensure_database(os.environ["TASK_FERRY_TEST_DB_NAME"])
-    server, port = start_redis()
+    server, redis_url = start_redis_server()  # stopped at exit
+    redis_server = redis_url.removesuffix("/0")
     counts_dir = tempfile.mkdtemp(prefix="tf-bench-queries-")
     queue = f"tf-bench-{uuid.uuid4().hex[:8]}"
     os.environ.update(
-        TASK_FERRY_TEST_REDIS_URL=f"redis://127.0.0.1:{port}/0",
-        TASK_FERRY_TEST_BROKER_URL=f"redis://127.0.0.1:{port}/1",
+        TASK_FERRY_TEST_REDIS_URL=f"{redis_server}/0",
+        TASK_FERRY_TEST_BROKER_URL=f"{redis_server}/1",
         TASK_FERRY_TEST_STORE="redis",
         TASK_FERRY_TEST_DB="postgresql",
         TASK_FERRY_BENCH_COUNTS_DIR=counts_dir,

@@ -25,6 +25,11 @@ def free_port() -> int:
 
 def start_redis() -> str:
     """Start a private redis-server on a free port (stopped at exit) and return its URL."""
+    return start_redis_server()[1]
+
+
+def start_redis_server() -> tuple[subprocess.Popen[bytes], str]:
+    """``start_redis()``, returning the server's process too (for its pid)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="tf-bench-redis-")
     proc = subprocess.Popen(
@@ -54,7 +59,7 @@ def start_redis() -> str:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
             break
         time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0"
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def setup(*, executor: str | None = None) -> str:
