@@ -33,18 +33,12 @@ class RedisProgressStore(ProgressStore):
         )
 
     def write(self, job_id: int, snapshot: dict[str, Any], *, announce: bool = True) -> None:
-        if announce:
-            self.write_many({job_id: snapshot})
-            return
-        payload = json.dumps(snapshot, separators=(",", ":"))
-        try:
-            self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout)
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not write to Redis at {self.url}: {exc}"
-            ) from exc
+        self._write({job_id: snapshot}, announce=announce)
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
+        self._write(snapshots, announce=True)
+
+    def _write(self, snapshots: dict[int, dict[str, Any]], *, announce: bool) -> None:
         if not snapshots:
             return
         try:
@@ -52,7 +46,8 @@ class RedisProgressStore(ProgressStore):
             for job_id, snapshot in snapshots.items():
                 payload = json.dumps(snapshot, separators=(",", ":"))
                 pipe.set(self.snapshot_key(job_id), payload, ex=self.timeout)
-                pipe.publish(self.events_channel(job_id), payload)
+                if announce:
+                    pipe.publish(self.events_channel(job_id), payload)
             pipe.execute()
         except redis.RedisError as exc:
             raise ProgressStoreUnavailable(
