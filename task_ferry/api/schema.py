@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from django.urls import NoReverseMatch, reverse
 from drf_spectacular.extensions import OpenApiViewExtension
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.openapi import AutoSchema
@@ -237,25 +238,25 @@ def events_postprocessing_hook(
 
 def add_events_operation(paths: dict[str, Any]) -> None:
     """Describe ``GET <id>/events/``, a plain Django view spectacular cannot see, next to the
-    detail operation it mirrors (same parameters, security and error responses)."""
-    for path, operations in list(paths.items()):
-        detail = operations.get("get")
-        if detail is None or detail.get("operationId") != "jobs_retrieve":
-            continue
-        events = copy.deepcopy(detail)
-        events["operationId"] = "jobs_events_retrieve"
-        events["summary"] = "A job's changes as Server-Sent Events"
-        events["description"] = EVENTS_DESCRIPTION
-        events["responses"]["200"] = {
-            "description": "The event stream (`text/event-stream`).",
-            "content": {
-                "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "example": EVENTS_EXAMPLE,
-                }
-            },
-        }
-        paths[f"{path}events/"] = {"get": events}
+    detail operation it mirrors (same parameters, security and error responses). The paths are
+    found through the URLconf, so the API may be mounted anywhere."""
+    try:
+        events_url = reverse("task_ferry:job-events", kwargs={"pk": "0"})
+    except NoReverseMatch:
+        return  # the job API is not in this URLconf
+    prefix = events_url.removesuffix("0/events/")
+    detail = paths.get(f"{prefix}{{id}}/", {}).get("get")
+    if detail is None:
+        return
+    events = copy.deepcopy(detail)
+    events["operationId"] = detail["operationId"].removesuffix("_retrieve") + "_events_retrieve"
+    events["summary"] = "A job's changes as Server-Sent Events"
+    events["description"] = EVENTS_DESCRIPTION
+    events["responses"]["200"] = {
+        "description": "The event stream (`text/event-stream`).",
+        "content": {"text/event-stream": {"schema": {"type": "string"}, "example": EVENTS_EXAMPLE}},
+    }
+    paths[f"{prefix}{{id}}/events/"] = {"get": events}
 
 
 class JobSchemaView(SpectacularAPIView):
