@@ -342,3 +342,17 @@ def test_bar_uses_the_stream_fallbacks(example_server: ExampleServer, page) -> N
     expect(bar).to_have_attribute("state", "finished", timeout=30_000)
     assert example_server.requests_to(f"/api/jobs/{job_id}/") >= 2
     assert page.errors == []
+
+
+def test_a_second_interrupt_during_shutdown_still_stops_the_worker(
+    example_server: ExampleServer,
+) -> None:
+    # `kill -INT <pid>` twice: only runexample gets them, so it must still stop its worker.
+    example_server.process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    example_server.process.send_signal(signal.SIGINT)
+    example_server.process.wait(30)
+    deadline = time.monotonic() + 10
+    while example_server.group_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not example_server.group_alive(), example_server.log.read_text()

@@ -98,6 +98,9 @@ class Command(BaseCommand):
         )
 
     def _stop(self, worker: subprocess.Popen[bytes], *, signalled: bool) -> None:
+        # A second Ctrl-C must not end this process before its worker: it reaches the worker
+        # too (same process group), which then stops at once; here it only cuts no corner.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # db_worker finishes its current job on the first signal and stops on the second.
         if not signalled:
             worker.send_signal(signal.SIGTERM)
