@@ -115,18 +115,22 @@ def test_create_and_start_with_arbitrary_input(queueing, users, user_index, job_
 def test_lookup_and_cancel_with_arbitrary_ids(queueing, users, user_index, job_id):
     counter["lookup"] += 1
     own = JobHandler.create_and_start(users[0], "scripted")
-    before = consistent()
-    user = users[user_index]
-    for call in (JobHandler.get_job, JobHandler.cancel):
-        try:
-            job = call(user, job_id)
-        except CLEAR_ERRORS as exc:
-            assert str(exc)
-        else:
-            # Only a well-formed id of the caller's own job gets through.
-            assert job.pk == own.pk and user is users[0]
-    assert consistent()[0] == before[0]
-    Job.objects.filter(pk=own.pk).delete()
+    try:
+        before = consistent()
+        user = users[user_index]
+        for call in (JobHandler.get_job, JobHandler.cancel):
+            try:
+                job = call(user, job_id)
+            except CLEAR_ERRORS as exc:
+                assert str(exc)
+            else:
+                # Only a well-formed id of the caller's own job gets through.
+                assert job.pk == own.pk and user is users[0]
+        assert consistent()[0] == before[0]
+    finally:
+        # Also when this example fails: a cancelled leftover would fail the next example's
+        # consistency check and hide this example's own error.
+        Job.objects.filter(pk=own.pk).delete()
 
 
 class ValidType(JobType):
