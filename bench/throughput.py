@@ -2,7 +2,8 @@
 
     make bench-throughput
     # or, from the repository root:
-    python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--synchronous-commit off]
+    python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--producers 1,4]
+        [--synchronous-commit off]
 
 Starts its own redis-server (broker and progress store, so Redis INFO commandstats count only
 this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each round times:
@@ -12,11 +13,14 @@ this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each rou
 - bare Celery: from the first ``send_task`` until N plain tasks doing the same ticks have run
   (each ends with one Redis INCR, so the benchmark can see it is done).
 
-Prints both rates, their ratio (target: job layer >= 50% of bare Celery), and per job the
-database queries (producer and worker, counted by a Django execute wrapper in an untimed round
-of their own), the Redis commands (commandstats delta) and the CPU time of the whole machine
-(every process: producer, worker, PostgreSQL, Redis). Needs PostgreSQL on 127.0.0.1:5432 and ``redis-server`` on
-PATH; the database TASK_FERRY_TEST_DB_NAME (default task_ferry_bench) is created if missing.
+Both are measured with one producer thread (a script or a single request creating job after
+job) and with several (concurrent requests of a web server), each in rounds of its own.
+For each, prints both rates, their ratio (target: job layer >= 50% of bare Celery), and per job
+the database queries (producer and worker, counted by a Django execute wrapper in an untimed
+round of their own), the Redis commands (commandstats delta) and the CPU time of the whole
+machine (every process: producer, worker, PostgreSQL, Redis). Needs PostgreSQL on
+127.0.0.1:5432 and ``redis-server`` on PATH; the database TASK_FERRY_TEST_DB_NAME (default
+task_ferry_bench) is created if missing.
 
 This module is also the worker's Celery app (``celery -A bench.throughput``).
 """
@@ -349,9 +353,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--producers",
-        type=int,
-        default=1,
-        help="threads calling create_and_start / send_task, like concurrent requests (default: 1)",
+        type=producer_counts,
+        default=[1, 4],
+        help=(
+            "threads calling create_and_start / send_task, like concurrent requests; a "
+            "comma-separated list measures each in turn (default: 1,4)"
+        ),
     )
     parser.add_argument(
         "--conn-max-age",
@@ -413,7 +420,7 @@ def main() -> None:
             queue,
             store_redis,
             counts_dir,
-            args.producers,
+            1,
             (worker.pid, server.pid),
         )
         # Warm up both paths (worker imports, connections, the prefork pool), then count the
@@ -425,19 +432,22 @@ def main() -> None:
         counted = bench.run_jobs(args.jobs)
         counting.unlink()
 
-        job_rounds: list[dict[str, Any]] = []
-        bare_rounds: list[dict[str, Any]] = []
-        for i in range(args.rounds):
-            bare_rounds.append(bench.run_bare(args.jobs))
-            job_rounds.append(bench.run_jobs(args.jobs))
-            bare, jobs = bare_rounds[-1], job_rounds[-1]
-            print(
-                f"round {i + 1}: bare {bare['rate']:6.1f}/s ({bare['seconds']:.2f}s, sending "
-                f"{bare['producer_seconds']:.2f}s)  jobs {jobs['rate']:6.1f}/s "
-                f"({jobs['seconds']:.2f}s, creating {jobs['producer_seconds']:.2f}s)",
-                flush=True,
-            )
-        report(args, counted, job_rounds, bare_rounds)
+        for producers in args.producers:
+            bench.producers = producers
+            job_rounds: list[dict[str, Any]] = []
+            bare_rounds: list[dict[str, Any]] = []
+            for i in range(args.rounds):
+                bare_rounds.append(bench.run_bare(args.jobs))
+                job_rounds.append(bench.run_jobs(args.jobs))
+                bare, jobs = bare_rounds[-1], job_rounds[-1]
+                print(
+                    f"{producers} producer(s), round {i + 1}: bare {bare['rate']:6.1f}/s "
+                    f"({bare['seconds']:.2f}s, sending {bare['producer_seconds']:.2f}s)  jobs "
+                    f"{jobs['rate']:6.1f}/s ({jobs['seconds']:.2f}s, creating "
+                    f"{jobs['producer_seconds']:.2f}s)",
+                    flush=True,
+                )
+            report(args, producers, counted, job_rounds, bare_rounds)
         if worker.poll() is not None:
             print(log.read_text(), file=sys.stderr)
     finally:
@@ -448,8 +458,20 @@ def main() -> None:
         server.wait(10)
 
 
+def producer_counts(text: str) -> list[int]:
+    """``--producers``: "1,4" -> [1, 4]."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4, got {text!r}")
+    return counts
+
+
 def report(
     args: Any,
+    producers: int,
     counted: dict[str, Any],
     job_rounds: list[dict[str, Any]],
     bare_rounds: list[dict[str, Any]],
@@ -463,7 +485,7 @@ def report(
         f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
         f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
         f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}, "
-        f"{args.producers} producer thread(s)"
+        f"{producers} producer thread(s)"
     )
     print(f"bare Celery   {bare_rate:8.1f} tasks/s")
     print(f"job layer     {job_rate:8.1f} jobs/s")

@@ -17,7 +17,7 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import DataError, transaction
+from django.db import DataError, IntegrityError, router, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.db.models.deletion import Collector
 from django.utils import timezone
@@ -210,6 +210,15 @@ class JobHandler:
         except ValidationError as exc:
             raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
 
+        try:
+            cls._save(user, job_type, job, prepared)
+        except IntegrityError as exc:
+            # A user deleted meanwhile, or a unique constraint of the type's own fields.
+            raise cls._refused(user, exc) from exc
+        return live_handles.track(job)
+
+    @classmethod
+    def _save(cls, user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
         max_count = job_type.get_max_count() if user is not None else None
         if max_count is None and type(job_type).after_job_creation is JobType.after_job_creation:
             # Nothing else to do in the transaction: both rows in one statement, if we can.
@@ -218,7 +227,7 @@ class JobHandler:
             except (TypeError, ValueError, DataError) as exc:
                 raise InvalidJobValues(f"Invalid job values: {exc}") from exc
             if inserted:
-                return live_handles.track(job)
+                return
         with transaction.atomic():
             if max_count is not None:
                 if not cls._lock_user(user):
@@ -232,7 +241,17 @@ class JobHandler:
                 # Values full_clean() lets through as "empty" ([] for a nullable number, say).
                 raise InvalidJobValues(f"Invalid job values: {exc}") from exc
             job_type.after_job_creation(job, prepared)
-        return live_handles.track(job)
+
+    @staticmethod
+    def _refused(user: Any, exc: IntegrityError) -> InvalidJobValues:
+        """The clear error for a job the database refused to store."""
+        connection = transaction.get_connection(router.db_for_write(Job))
+        # Inside a caller's broken transaction nothing more can be asked.
+        if user is not None and not connection.needs_rollback:
+            users = user._meta.model._default_manager
+            if not users.filter(pk=user.pk).exists():
+                return InvalidJobValues(f"User {user.pk} does not exist (any more).")
+        return InvalidJobValues(f"The database refused this job's values: {exc}")
 
     @staticmethod
     def _lock_user(user: Any) -> bool:

@@ -73,10 +73,16 @@ elif DB_VENDOR == "mysql":
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.mysql",
-            "NAME": "task_ferry",
+            "NAME": os.environ.get("TASK_FERRY_TEST_DB_NAME", "task_ferry"),
             "USER": "root",
             "HOST": "127.0.0.1",
             "PORT": "3306",
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {
+                "NAME": os.environ.get("TASK_FERRY_TEST_DB_TEST_NAME", "test_task_ferry"),
+                "CHARSET": "utf8mb4",
+                "COLLATION": "utf8mb4_unicode_ci",
+            },
         }
     }
 else:

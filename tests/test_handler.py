@@ -269,3 +269,18 @@ def test_a_job_created_outside_a_transaction_is_saved_like_model_save(
     finally:
         post_save.disconnect(receiver, sender=ScriptedJob)
     assert saved == [(other.pk, True)]
+
+
+@pytest.mark.parametrize("job_type_name", ["scripted", "limited"])
+def test_a_job_for_a_user_deleted_meanwhile_is_a_clear_error(
+    transactional_db, no_dispatch, django_user_model, job_type_name
+):
+    # Committed for real: PostgreSQL checks the user's key at the commit, MySQL at the insert.
+    gone = django_user_model.objects.create_user("gone")
+    stale = django_user_model.objects.get(pk=gone.pk)
+    gone.delete()
+
+    with pytest.raises(InvalidJobValues, match=f"User {stale.pk} does not exist"):
+        JobHandler.create_and_start(stale, job_type_name)
+    assert not Job.objects.exists()
+    assert no_dispatch == []
