@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-example \
-	clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput bench-api
+.PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-mysql \
+	test-example clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput \
+	bench-api
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python example/manage.py runexample
 
-test: lint typecheck migrations-check docs test-postgres test-sqlite test-example test-matrix
+test: lint typecheck migrations-check docs test-postgres test-sqlite test-mysql test-example test-matrix
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -40,6 +41,15 @@ test-postgres: $(STAMP)
 # SQLite and Django's cache as the progress store; tests that need a worker are skipped.
 test-sqlite: $(STAMP)
 	TASK_FERRY_TEST_DB=sqlite TASK_FERRY_TEST_STORE=cache $(BIN)/python -m pytest -m "not worker"
+
+# MariaDB (or MySQL) on 127.0.0.1:3306 as root without a password, and Redis; real worker
+# processes included. mysqlclient compiles against default-libmysqlclient-dev (.ci/run installs it).
+$(VENV)/.mysql: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test-mysql]'
+	touch $@
+
+test-mysql: $(VENV)/.mysql
+	TASK_FERRY_TEST_DB=mysql TASK_FERRY_TEST_STORE=redis $(BIN)/python -m pytest
 
 # The matrix: each session gets its own venv, built from pyproject.toml alone.
 # Django 6.x runs on built-in django.tasks with django-tasks-db (no backport installed).

@@ -13,9 +13,9 @@ from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Heartbeat, Job, JobState
 from tests.testapp.models import HookCall
 
-# Row locks and concurrent writers: SQLite serialises every write, so these need PostgreSQL.
-postgresql_only = pytest.mark.skipif(
-    connection.vendor != "postgresql", reason="needs row locks and concurrent writers"
+# Row locks and concurrent writers: SQLite serialises every write; PostgreSQL and MySQL have both.
+needs_row_locks = pytest.mark.skipif(
+    connection.vendor == "sqlite", reason="needs row locks and concurrent writers"
 )
 
 

@@ -15,7 +15,7 @@ from django.db import connections, transaction
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
-from tests.reliability.helpers import postgresql_only
+from tests.reliability.helpers import needs_row_locks
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -81,7 +81,7 @@ def in_processes(calls: list[tuple[int, str]]) -> Counter[tuple[int, str, str]]:
     return outcomes
 
 
-@postgresql_only
+@needs_row_locks
 @pytest.mark.parametrize("runner", [in_threads, in_processes], ids=["threads", "processes"])
 def test_concurrent_creates_respect_max_count(queueing, user, runner):
     outcomes = runner([(user.pk, "limited")] * CALLS)
@@ -95,7 +95,7 @@ def test_concurrent_creates_respect_max_count(queueing, user, runner):
         assert sorted(queueing.dispatched) == sorted(Job.objects.values_list("pk", flat=True))
 
 
-@postgresql_only
+@needs_row_locks
 @pytest.mark.parametrize("runner", [in_threads, in_processes], ids=["threads", "processes"])
 def test_users_and_types_are_independent(queueing, user, other_user, runner):
     calls = (

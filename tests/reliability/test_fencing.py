@@ -18,7 +18,7 @@ from task_ferry import signals
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from tests.reliability.conftest import FAST_HEARTBEAT
-from tests.reliability.helpers import hook_calls, postgresql_only
+from tests.reliability.helpers import hook_calls, needs_row_locks
 from tests.testapp.models import Marker, ScriptedJob
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -91,7 +91,7 @@ def later(delay: float, action: Callable[[], Any]) -> Callable[[], Any]:
     return delayed
 
 
-@postgresql_only
+@needs_row_locks
 def test_finish_vs_cancel(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT)
     outcomes = Counter()
@@ -107,7 +107,7 @@ def test_finish_vs_cancel(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"finished", "cancelled"}
 
 
-@postgresql_only
+@needs_row_locks
 def test_fail_vs_cancel(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT)
     outcomes = Counter()
@@ -123,7 +123,7 @@ def test_fail_vs_cancel(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"failed", "cancelled"}
 
 
-@postgresql_only
+@needs_row_locks
 def test_finish_vs_sweep(queueing, ferry, user, ending_signals):
     # The monitor does not beat again during the run, so the sweep sees the run as lost just
     # as it finishes.
@@ -145,7 +145,7 @@ def test_finish_vs_sweep(queueing, ferry, user, ending_signals):
     assert all("worker lost" in j.human_readable_error for j in failed)
 
 
-@postgresql_only
+@needs_row_locks
 def test_start_vs_pending_timeout(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT, PENDING_TIMEOUT=0)
     outcomes = Counter()
@@ -159,7 +159,7 @@ def test_start_vs_pending_timeout(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"finished", "failed"}
 
 
-@postgresql_only
+@needs_row_locks
 def test_cancel_of_pending_vs_start(queueing, ferry, user, ending_signals):
     ferry(**FAST_HEARTBEAT)
     outcomes = Counter()
@@ -170,7 +170,7 @@ def test_cancel_of_pending_vs_start(queueing, ferry, user, ending_signals):
     assert set(outcomes) <= {"finished", "cancelled"}
 
 
-@postgresql_only
+@needs_row_locks
 def test_run_saving_its_stale_row_after_the_sweep_cannot_revive_the_job(
     queueing, ferry, user, reliability_types, ending_signals
 ):

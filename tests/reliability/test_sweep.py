@@ -14,7 +14,7 @@ from django.utils import timezone
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
-from tests.reliability.helpers import hook_calls, postgresql_only, start_lost_job, state_of
+from tests.reliability.helpers import hook_calls, needs_row_locks, start_lost_job, state_of
 
 pytestmark = pytest.mark.django_db
 
@@ -138,7 +138,7 @@ def test_command_rejects_a_bad_interval():
         call_command("task_ferry_sweep", interval=0)
 
 
-@postgresql_only
+@needs_row_locks
 @pytest.mark.django_db(transaction=True)
 def test_sweep_skips_a_row_locked_by_a_frozen_worker_instead_of_waiting(queueing, user):
     job = start_lost_job(user)
@@ -166,7 +166,7 @@ def test_sweep_skips_a_row_locked_by_a_frozen_worker_instead_of_waiting(queueing
     assert hook_calls(job, "on_error") == 1
 
 
-@postgresql_only
+@needs_row_locks
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_sweeps_fail_each_job_once(queueing, user):
     jobs = [start_lost_job(None) for _ in range(12)]

@@ -7,11 +7,11 @@ import signal
 import time
 
 import pytest
-from django.db import connection
 
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import ENDED_STATES, Heartbeat, Job
+from tests.backends import end_sessions, sessions_in_transaction
 from tests.reliability.conftest import FAST_HEARTBEAT
 from tests.reliability.helpers import hook_calls, state_of
 from tests.testapp.models import Marker, ScriptedJob
@@ -127,28 +127,19 @@ def test_database_connection_drop_fails_the_job_and_the_worker_runs_the_next(
     ferry(**FAST_HEARTBEAT)
     worker = processes.worker()
     job = JobHandler.create_and_start(user, "scripted", block_for=1.5, steps=2, marker="dropped")
-    test_db = connection.settings_dict["NAME"]
-
-    def job_backend():
-        # The job's own connection is the only one holding an open transaction.
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s "
-                "AND state = 'idle in transaction' AND pid <> pg_backend_pid()",
-                [test_db],
-            )
-            return [row[0] for row in cursor.fetchall()]
-
     wait_for(lambda: beat_at(job))
-    pids = wait_for(job_backend)
-    assert len(pids) == 1
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pids[0]])
+    # The job's own connection is the only one holding an open transaction.
+    sessions = wait_for(sessions_in_transaction)
+    assert len(sessions) == 1
+    end_sessions(sessions)
 
     wait_for(lambda: state_of(job) == "failed", timeout=10)
     job = JobHandler.get_job(user, job.pk)
     assert "database connection was lost" in job.human_readable_error
-    assert "terminating connection" in job.error
+    # PostgreSQL: "terminating connection ..."; MySQL: "Lost connection ..." or "... gone away".
+    assert any(
+        words in job.error for words in ("terminating connection", "Lost connection", "gone away")
+    ), job.error
     wait_for(lambda: hook_calls(job, "on_error") == 1, timeout=5)
     assert not Marker.objects.filter(name="dropped").exists()
 

@@ -16,13 +16,14 @@ import pytest
 pytest.importorskip("celery", reason="celery is not installed")
 
 from celery import Celery, _state
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from task_ferry.exceptions import DispatchError
 from task_ferry.executors.celery import RUN_JOB_TASK, CeleryExecutor, beat_schedule
 from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat, Job
+from tests.backends import end_sessions
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 from tests.waiting import wait_for
@@ -233,12 +234,7 @@ def test_job_runs_after_the_workers_database_connections_were_killed(
 ) -> None:
     warm_up = JobHandler.create_and_start(user, "scripted", steps=1)
     wait_for_state(warm_up.pk, "finished")
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        assert cursor.fetchone()[0] >= 1
+    assert end_sessions() >= 1
 
     job = JobHandler.create_and_start(user, "scripted", steps=3, marker="after-kill")
 
