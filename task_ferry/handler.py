@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import threading
 import weakref
@@ -141,6 +142,14 @@ def publish(job: Job, *, announce: bool = True) -> None:
         )
 
 
+def _publish_created(job: Job) -> None:
+    """Store a new job's pending snapshot, without announcing it (nobody can listen yet)."""
+    # Unless the job already ended inside the transaction (an ImmediateExecutor's run, or a
+    # cancel): its end is in the store then, with the run's own fields.
+    if job.state == JobState.PENDING:
+        publish(job, announce=False)
+
+
 def parse_job_id(job_id: Any) -> int:
     """The id as an int; anything that is not a positive integer does not exist."""
     if isinstance(job_id, bool):
@@ -164,7 +173,9 @@ class JobHandler:
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
-        publish(job, announce=False)
+        # Stored once the job's row commits, so a rolled-back create leaves no snapshot; this
+        # callback comes before the executor's dispatch on commit, so before any worker's.
+        transaction.on_commit(functools.partial(_publish_created, job), using=job._state.db)
         from task_ferry.executors.base import get_executor
 
         get_executor().enqueue_job(job)

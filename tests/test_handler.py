@@ -222,12 +222,13 @@ def test_cleanup_honours_job_expiry_days(db, user, settings):
     assert JobHandler.cleanup_old_jobs() == 1
 
 
-def test_live_handles_do_not_keep_jobs_alive(db, user, no_dispatch):
+def test_live_handles_do_not_keep_jobs_alive(transactional_db, user, no_dispatch):
     import gc
     import weakref
 
     from task_ferry.handler import live_handles
 
+    # Committed for real: until its commit, the pending snapshot's callback holds the job.
     job = JobHandler.create_and_start(user, "scripted")
     ref = weakref.ref(job)
     job_id = job.pk

@@ -96,12 +96,15 @@ def test_a_job_runs_at_most_once(db, user, monkeypatch):
     assert Marker.objects.filter(name="once").count() == 1
 
 
-def test_progress_snapshot_is_published_at_each_state_change(db, user, monkeypatch):
+def test_progress_snapshot_is_published_at_each_state_change(
+    db, user, monkeypatch, django_capture_on_commit_callbacks
+):
     from task_ferry.executors.immediate import ImmediateExecutor
     from task_ferry.stores.base import get_store
 
     monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
-    job = JobHandler.create_and_start(user, "scripted", steps=4)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = JobHandler.create_and_start(user, "scripted", steps=4)
     snapshot = get_store().read(job.pk)
     assert (snapshot["state"], snapshot["user_id"]) == ("pending", user.pk)
     JobHandler.run_job(job.pk)

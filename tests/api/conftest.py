@@ -2,6 +2,7 @@ import datetime
 
 import pytest
 from django.conf import settings
+from django.test import TestCase
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -60,4 +61,7 @@ def start(job, *, percentage=0, label="", started_ago=0.0):
 
 
 def create(user, type_name="scripted", **values):
-    return JobHandler.create_and_start(user, type_name, **values)
+    """Create a job as a request would, and run what waits for its commit (its pending
+    snapshot): the test's own transaction never commits."""
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        return JobHandler.create_and_start(user, type_name, **values)
