@@ -11,7 +11,7 @@ import pytest
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import ENDED_STATES, Heartbeat, Job
-from tests.backends import end_sessions, sessions_in_transaction
+from tests.backends import end_sessions, other_sessions
 from tests.reliability.conftest import FAST_HEARTBEAT
 from tests.reliability.helpers import hook_calls, state_of
 from tests.testapp.models import Marker, ScriptedJob
@@ -129,7 +129,7 @@ def test_database_connection_drop_fails_the_job_and_the_worker_runs_the_next(
     job = JobHandler.create_and_start(user, "scripted", block_for=1.5, steps=2, marker="dropped")
     wait_for(lambda: beat_at(job))
     # The job's own connection is the only one holding an open transaction.
-    sessions = wait_for(sessions_in_transaction)
+    sessions = wait_for(lambda: other_sessions(in_transaction=True))
     assert len(sessions) == 1
     end_sessions(sessions)
 
