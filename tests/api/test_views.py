@@ -150,6 +150,29 @@ def test_create_validates_and_starts_a_job_of_the_type(api, user):
     assert body["steps"] == 3
 
 
+@pytest.mark.django_db(transaction=True)
+def test_create_in_an_atomic_request_stores_the_snapshot_once_the_request_commits(
+    api, user, store, monkeypatch
+):
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    seen_in_request = []
+    monkeypatch.setattr(
+        ImmediateExecutor,
+        "enqueue",
+        lambda self, job_id: seen_in_request.append(store.read(job_id)),
+    )
+    response = api.post(URL, {"type": "scripted", "steps": 3}, format="json")
+    assert response.status_code == 201
+    body = response.json()
+    assert (body["state"], body["steps"]) == ("pending", 3)
+    # Inside the request's transaction nothing was stored yet; after its commit, the snapshot is.
+    assert seen_in_request == [None]
+    assert store.read(body["id"])["state"] == "pending"
+    assert api.get(f"{URL}{body['id']}/").json()["steps"] == 3
+
+
 def test_create_reports_field_errors_in_drfs_shape(api, user):
     response = api.post(URL, {"type": "scripted", "steps": "many", "fail_at": "x"}, format="json")
     assert response.status_code == 400
