@@ -293,6 +293,9 @@ class _MonitorLoop:
                 self._drop_listener([])
             return
         self._drop_listener([])
+        # A job type's serializer may have queried from this thread (the start snapshot): no
+        # connection is kept while the monitor sleeps.
+        connections.close_all()
         self.monitor._wake.wait()
         self.idle_since = None
         # Short jobs need no heartbeat: the sweep judges them by started_at.

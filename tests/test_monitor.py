@@ -362,3 +362,35 @@ def test_a_job_run_inside_the_creating_transaction_keeps_its_final_snapshot(
     snapshot = get_store().read(job.pk)
     assert snapshot["state"] == "finished"
     assert snapshot["fields"]["output_path"] == "/exports/result.csv"
+
+
+@needs_concurrent_writers
+def test_the_monitor_closes_the_database_connection_of_its_thread_when_it_goes_idle(
+    transactional_db, user, gated, monkeypatch
+):
+    from django.db import connections
+    from rest_framework import serializers
+
+    from task_ferry import monitor
+
+    monkeypatch.setattr(monitor, "IDLE_CLOSE_AFTER", 0.2)
+    used = {}
+
+    class QueryingSerializer(serializers.Serializer):
+        """A type serializer that queries, as one showing a related row's name would."""
+
+        markers = serializers.SerializerMethodField()
+
+        def get_markers(self, job):
+            used[threading.current_thread().name] = connections["default"]
+            return Marker.objects.count()
+
+    monkeypatch.setattr(gated, "serializer_class", QueryingSerializer)
+    thread, job = start_halfway(gated, user, steps=4)
+    # The monitor publishes the start with the type's fields: the serializer ran in its thread.
+    wait_until(lambda: (get_store().read(job.pk) or {}).get("state") == "started", "the start")
+    monitor_connection = used["task-ferry-monitor"]
+    assert monitor_connection.connection is not None
+    gated.release.set()
+    thread.finish()
+    wait_until(lambda: monitor_connection.connection is None, "the monitor's connection closed")
