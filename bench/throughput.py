@@ -420,7 +420,7 @@ def main() -> None:
             queue,
             store_redis,
             counts_dir,
-            1,
+            1,  # for the warm-up and the counting round; each measured set sets its own
             (worker.pid, server.pid),
         )
         # Warm up both paths (worker imports, connections, the prefork pool), then count the

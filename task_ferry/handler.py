@@ -242,7 +242,7 @@ class JobHandler:
         with transaction.atomic():
             if max_count is not None:
                 if not cls._lock_user(user):
-                    raise InvalidJobValues(f"User {user.pk} does not exist (any more).")
+                    raise _user_gone(user)
                 live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
                 if live >= max_count:
                     raise MaxJobCountExceeded(job_type.type, max_count)
@@ -261,7 +261,7 @@ class JobHandler:
         if user is not None and not connection.needs_rollback:
             users = user._meta.model._default_manager
             if not users.filter(pk=user.pk).exists():
-                return InvalidJobValues(f"User {user.pk} does not exist (any more).")
+                return _user_gone(user)
         return InvalidJobValues(f"The database refused this job's values: {exc}")
 
     @staticmethod
@@ -520,6 +520,10 @@ class JobHandler:
         from task_ferry.runner import JobRun
 
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
+
+
+def _user_gone(user: Any) -> InvalidJobValues:
+    return InvalidJobValues(f"User {user.pk} does not exist (any more).")
 
 
 def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:
