@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import logging
 import threading
 import weakref
@@ -131,23 +130,15 @@ def start_and_load(job_id: int, type_name: str, model: type[Job]) -> Job | None:
     return job
 
 
-def publish(job: Job, *, announce: bool = True) -> None:
-    """Write the job's snapshot to the progress store (see ``ProgressStore.write`` for
-    ``announce``); an unreachable store only logs."""
+def publish(job: Job) -> None:
+    """Write the job's snapshot to the progress store and announce it to listeners; an
+    unreachable store only logs."""
     try:
-        get_store().write(job.pk, job_snapshot(job), announce=announce)
+        get_store().write(job.pk, job_snapshot(job))
     except ProgressStoreUnavailable as exc:
         logger.warning(
             "Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc
         )
-
-
-def _publish_created(job: Job) -> None:
-    """Store a new job's pending snapshot, without announcing it (nobody can listen yet)."""
-    # Unless the job already ended inside the transaction (an ImmediateExecutor's run, or a
-    # cancel): its end is in the store then, with the run's own fields.
-    if job.state == JobState.PENDING:
-        publish(job, announce=False)
 
 
 def parse_job_id(job_id: Any) -> int:
@@ -173,9 +164,8 @@ class JobHandler:
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
-        # Stored once the job's row commits, so a rolled-back create leaves no snapshot; this
-        # callback comes before the executor's dispatch on commit, so before any worker's.
-        transaction.on_commit(functools.partial(_publish_created, job), using=job._state.db)
+        # No snapshot yet: the row says all there is to say about a pending job, and most jobs
+        # are never polled before they start. The first poll stores one (``write_if_absent``).
         from task_ferry.executors.base import get_executor
 
         get_executor().enqueue_job(job)
@@ -220,6 +210,9 @@ class JobHandler:
             )
         except ValidationError as exc:
             raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
+        except OverflowError as exc:
+            # Django's IntegerField.to_python() lets int(float("inf")) escape.
+            raise InvalidJobValues(f"Invalid job values: {exc}") from exc
 
         try:
             cls._save(user, job_type, job, prepared)

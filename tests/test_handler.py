@@ -59,6 +59,7 @@ def test_anonymous_user_is_rejected(db, no_dispatch):
         ("export_table", {"table_id": 1, "colour": "red"}, InvalidJobValues, "no field.*colour"),
         ("export_table", {"table_id": 1, "state": "finished"}, InvalidJobValues, "state"),
         ("scripted", {"steps": -1}, InvalidJobValues, "steps"),
+        ("scripted", {"steps": float("inf")}, InvalidJobValues, "Invalid job values: .*integer"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_creates_nothing(
@@ -228,7 +229,7 @@ def test_live_handles_do_not_keep_jobs_alive(transactional_db, user, no_dispatch
 
     from task_ferry.handler import live_handles
 
-    # Committed for real: until its commit, the pending snapshot's callback holds the job.
+    # Committed for real: no on-commit callback is left holding the job.
     job = JobHandler.create_and_start(user, "scripted")
     ref = weakref.ref(job)
     job_id = job.pk

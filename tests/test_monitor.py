@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
@@ -306,7 +306,7 @@ def test_a_started_job_shows_started_before_its_first_tick(transactional_db, use
 
 
 @pytest.mark.skipif(not get_store().supports_push, reason="only push stores announce snapshots")
-def test_creating_a_job_stores_its_snapshot_without_announcing_it(
+def test_creating_a_job_writes_nothing_to_the_store_and_its_end_is_announced(
     db, user, monkeypatch, django_capture_on_commit_callbacks
 ):
     from task_ferry.executors.immediate import ImmediateExecutor
@@ -318,47 +318,24 @@ def test_creating_a_job_stores_its_snapshot_without_announcing_it(
         monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
         with django_capture_on_commit_callbacks(execute=True):
             job = JobHandler.create_and_start(user, "scripted")
-        assert store.read(job.pk)["state"] == "pending"
-        # Nobody could listen to a job whose id was not known yet: nothing is published.
+        # A pending job's row is all there is to know; its first poll stores a snapshot.
+        assert store.read(job.pk) is None
         assert listener.get_message(timeout=0.3) is None
         JobHandler.run_job(job.pk)
         message = listener.get_message(timeout=WAIT)
         assert message["channel"].decode() == store.events_channel(job.pk)
         assert b'"state":"finished"' in message["data"]
+        assert store.read(job.pk)["state"] == "finished"
     finally:
         listener.close()
 
 
-def test_a_rolled_back_create_leaves_no_snapshot(
-    db, user, monkeypatch, django_capture_on_commit_callbacks
-):
-    from task_ferry.executors.immediate import ImmediateExecutor
-
-    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
-    with (
-        django_capture_on_commit_callbacks(execute=True),
-        pytest.raises(RuntimeError),
-        transaction.atomic(),
-    ):
-        rolled_back = JobHandler.create_and_start(user, "scripted")
-        # Not stored before the commit: the row is not there for anyone else yet.
-        assert get_store().read(rolled_back.pk) is None
-        raise RuntimeError("roll back")
-    assert get_store().read(rolled_back.pk) is None
-    # (SQLite may hand out the rolled-back id again.)
-    with django_capture_on_commit_callbacks(execute=True):
-        kept = JobHandler.create_and_start(user, "scripted")
-    assert get_store().read(kept.pk)["state"] == "pending"
-
-
-def test_a_job_run_inside_the_creating_transaction_keeps_its_final_snapshot(
+def test_a_job_run_inside_the_creating_transaction_leaves_its_final_snapshot(
     db, user, django_capture_on_commit_callbacks
 ):
-    # The ImmediateExecutor runs the job before the commit: the pending snapshot, due at the
-    # commit, must not replace the end with the run's own fields.
-    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+    # The ImmediateExecutor runs the job before the creating transaction commits.
+    with django_capture_on_commit_callbacks(execute=True):
         job = JobHandler.create_and_start(user, "export_table", table_id=1)
-    assert callbacks, "the pending snapshot waits for the commit"
     snapshot = get_store().read(job.pk)
     assert snapshot["state"] == "finished"
     assert snapshot["fields"]["output_path"] == "/exports/result.csv"

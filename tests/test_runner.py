@@ -96,7 +96,7 @@ def test_a_job_runs_at_most_once(db, user, monkeypatch):
     assert Marker.objects.filter(name="once").count() == 1
 
 
-def test_progress_snapshot_is_published_at_each_state_change(
+def test_the_end_of_a_run_is_published_with_its_last_progress(
     db, user, monkeypatch, django_capture_on_commit_callbacks
 ):
     from task_ferry.executors.immediate import ImmediateExecutor
@@ -105,11 +105,9 @@ def test_progress_snapshot_is_published_at_each_state_change(
     monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
     with django_capture_on_commit_callbacks(execute=True):
         job = JobHandler.create_and_start(user, "scripted", steps=4)
-    snapshot = get_store().read(job.pk)
-    assert (snapshot["state"], snapshot["user_id"]) == ("pending", user.pk)
     JobHandler.run_job(job.pk)
     snapshot = get_store().read(job.pk)
-    assert snapshot["state"] == "finished"
+    assert (snapshot["state"], snapshot["user_id"]) == ("finished", user.pk)
     assert snapshot["progress_percentage"] == 100
     assert snapshot["progress_state"] == "step 4 of 4"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
 
@@ -293,4 +293,11 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
         if not policy.can_view(request, snapshot.get("user_id")):
             raise NotFound(str(JobDoesNotExist(pk)))
         return snapshot
-    return job_snapshot(visible_job(policy, request, job_id, pk))
+    job = visible_job(policy, request, job_id, pk)
+    snapshot = job_snapshot(job)
+    if job.is_live:
+        # A pending job has none until its first poll: the next polls need no query. (An ended
+        # job's snapshot is stored when it ends; one that expired is not worth storing again.)
+        with suppress(ProgressStoreUnavailable):
+            get_store().write_if_absent(job_id, snapshot)
+    return snapshot

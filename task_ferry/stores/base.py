@@ -55,9 +55,17 @@ class ProgressStore(ABC):
         return f"{self.key_prefix}:cancel"
 
     @abstractmethod
-    def write(self, job_id: int, snapshot: dict[str, Any], *, announce: bool = True) -> None:
-        """Store the job's newest snapshot and, unless ``announce`` is False, announce it to
-        listeners (a job that was just created has none: nobody knows its id yet)."""
+    def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
+        """Store the job's newest snapshot and announce it to listeners."""
+
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
+        """Store a snapshot built from the job's row unless the store holds one already, without
+        announcing it. The API does this for a live job the store knows nothing of (a pending
+        job's first poll), so that a snapshot the job's run wrote meanwhile is never replaced by
+        this older one. Stores override this with an atomic "add"; this fallback can lose that
+        race, and then shows the older state until the job's next write."""
+        if self.read(job_id) is None:
+            self.write(job_id, snapshot)
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         """``write()`` several jobs' snapshots; stores override this to do it in one go."""

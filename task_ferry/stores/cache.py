@@ -34,9 +34,12 @@ class CacheProgressStore(ProgressStore):
                 f"The {self.alias!r} cache failed during {method}: {exc}"
             ) from exc
 
-    def write(self, job_id: int, snapshot: dict[str, Any], *, announce: bool = True) -> None:
+    def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
         # A cache has no listeners to announce to.
         self._call("set", self.snapshot_key(job_id), snapshot, self.timeout)
+
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
+        self._call("add", self.snapshot_key(job_id), snapshot, self.timeout)
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         values = {self.snapshot_key(i): snapshot for i, snapshot in snapshots.items()}

@@ -32,13 +32,10 @@ class RedisProgressStore(ProgressStore):
             health_check_interval=30,
         )
 
-    def write(self, job_id: int, snapshot: dict[str, Any], *, announce: bool = True) -> None:
-        self._write({job_id: snapshot}, announce=announce)
+    def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
+        self.write_many({job_id: snapshot})
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
-        self._write(snapshots, announce=True)
-
-    def _write(self, snapshots: dict[int, dict[str, Any]], *, announce: bool) -> None:
         if not snapshots:
             return
         try:
@@ -46,9 +43,17 @@ class RedisProgressStore(ProgressStore):
             for job_id, snapshot in snapshots.items():
                 payload = json.dumps(snapshot, separators=(",", ":"))
                 pipe.set(self.snapshot_key(job_id), payload, ex=self.timeout)
-                if announce:
-                    pipe.publish(self.events_channel(job_id), payload)
+                pipe.publish(self.events_channel(job_id), payload)
             pipe.execute()
+        except redis.RedisError as exc:
+            raise ProgressStoreUnavailable(
+                f"Could not write to Redis at {self.url}: {exc}"
+            ) from exc
+
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
+        payload = json.dumps(snapshot, separators=(",", ":"))
+        try:
+            self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout, nx=True)
         except redis.RedisError as exc:
             raise ProgressStoreUnavailable(
                 f"Could not write to Redis at {self.url}: {exc}"

@@ -61,7 +61,7 @@ def start(job, *, percentage=0, label="", started_ago=0.0):
 
 
 def create(user, type_name="scripted", **values):
-    """Create a job as a request would, and run what waits for its commit (its pending
-    snapshot): the test's own transaction never commits."""
+    """Create a job as a request would, and run what waits for its commit (the executor's
+    dispatch): the test's own transaction never commits."""
     with TestCase.captureOnCommitCallbacks(execute=True):
         return JobHandler.create_and_start(user, type_name, **values)

@@ -151,7 +151,7 @@ def test_create_validates_and_starts_a_job_of_the_type(api, user):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_create_in_an_atomic_request_stores_the_snapshot_once_the_request_commits(
+def test_create_in_an_atomic_request_dispatches_the_job_once_the_request_commits(
     api, user, store, monkeypatch
 ):
     from task_ferry.executors.immediate import ImmediateExecutor
@@ -167,10 +167,11 @@ def test_create_in_an_atomic_request_stores_the_snapshot_once_the_request_commit
     assert response.status_code == 201
     body = response.json()
     assert (body["state"], body["steps"]) == ("pending", 3)
-    # Inside the request's transaction nothing was stored yet; after its commit, the snapshot is.
+    # Handed to the executor once the request committed, with nothing in the store before the
+    # first poll; that poll sees the committed row.
     assert seen_in_request == [None]
-    assert store.read(body["id"])["state"] == "pending"
     assert api.get(f"{URL}{body['id']}/").json()["steps"] == 3
+    assert store.read(body["id"])["state"] == "pending"
 
 
 def test_create_reports_field_errors_in_drfs_shape(api, user):
@@ -314,9 +315,44 @@ def test_detail_with_session_auth_queries_only_session_and_user(session_api, use
     assert len(queries) <= 2
 
 
-def test_the_snapshot_carries_the_types_fields(user, store, hold):
+def test_the_snapshot_carries_the_types_fields(api, user, store, hold):
     job = create(user, "export_table", table_id=7)
+    api.get(f"{URL}{job.pk}/")
     assert store.read(job.pk)["fields"] == {"table_id": 7, "output_path": ""}
+
+
+def test_a_pending_jobs_first_poll_stores_its_snapshot_so_later_polls_skip_the_database(
+    api, user, store, hold
+):
+    job = create(user, steps=5)
+    # Creating a job writes nothing to the store: most jobs are never polled while pending.
+    assert store.read(job.pk) is None
+    assert api.get(f"{URL}{job.pk}/").json()["state"] == "pending"
+    assert store.read(job.pk)["state"] == "pending"
+    with CaptureQueriesContext(connection) as queries:
+        body = api.get(f"{URL}{job.pk}/").json()
+    assert (body["state"], body["steps"]) == ("pending", 5)
+    assert not [q for q in queries if "task_ferry_job" in q["sql"]]
+
+
+def test_a_poll_never_replaces_the_snapshot_a_run_wrote_meanwhile(user, store, hold):
+    job = create(user, steps=5)
+    # A poll reads the pending row; before it stores what it read, a worker starts the job.
+    read_by_the_poll = job_snapshot(job)
+    start(job, percentage=40, label="step 2 of 5")
+    store.write_if_absent(job.pk, read_by_the_poll)
+    assert (store.read(job.pk)["state"], store.read(job.pk)["progress_percentage"]) == (
+        "started",
+        40,
+    )
+
+
+def test_an_ended_jobs_poll_stores_no_snapshot(api, user, store, hold):
+    job = create(user, steps=5)
+    JobHandler.cancel(user, job.pk)
+    store.delete([job.pk])
+    assert api.get(f"{URL}{job.pk}/").json()["state"] == "cancelled"
+    assert store.read(job.pk) is None
 
 
 def test_detail_falls_back_to_the_database_when_the_store_has_no_snapshot(api, user, store, hold):
