@@ -62,8 +62,9 @@ class ProgressStore(ABC):
         """Store a snapshot built from the job's row unless the store holds one already, without
         announcing it. The API does this for a live job the store knows nothing of (a pending
         job's first poll), so that a snapshot the job's run wrote meanwhile is never replaced by
-        this older one. Stores override this with an atomic "add"; this fallback can lose that
-        race, and then shows the older state until the job's next write."""
+        this older one. The built-in stores do it with one atomic "add". This fallback, for
+        stores that do not override it, reads then writes (announcing the snapshot): it can
+        lose that race, and then shows the older state until the job's next write."""
         if self.read(job_id) is None:
             self.write(job_id, snapshot)
 
