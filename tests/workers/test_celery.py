@@ -344,6 +344,32 @@ def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
 
 
 @pytest.mark.worker
+def test_a_broker_restart_between_two_jobs_is_ridden_out(own_redis_broker, user, settings) -> None:
+    import redis
+
+    server, app = own_redis_broker
+    port = app.connection_for_write().port
+    JobHandler.create_and_start(user, "scripted", steps=1)
+    # The executor keeps this thread's connection; the broker it was made to goes away and a new
+    # one (empty: Redis keeps nothing on disk here) comes up on the same port.
+    server.terminate()
+    server.wait(5)
+    restarted = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _accepts(port), timeout=10)
+        job = JobHandler.create_and_start(user, "scripted", steps=1)
+        assert state_of(job.pk) == "pending"
+        queue = settings.TASK_FERRY["CELERY_QUEUE"]
+        assert redis.Redis(port=port).llen(queue) == 1  # the second job's message, sent again
+    finally:
+        restarted.terminate()
+        restarted.wait(5)
+
+
+@pytest.mark.worker
 def test_hung_broker_fails_the_job_within_seconds(own_redis_broker, user) -> None:
     server, _app = own_redis_broker
     JobHandler.create_and_start(user, "scripted", steps=1)
