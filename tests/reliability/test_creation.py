@@ -15,6 +15,7 @@ from django.db import connections, transaction
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
+from task_ferry.stores.base import get_store
 from tests.reliability.helpers import needs_row_locks
 
 pytestmark = [
@@ -116,12 +117,13 @@ def test_rolled_back_create_leaves_no_row_and_dispatches_nothing(queueing, user)
     before = set(Job.objects.values_list("pk", flat=True))
 
     with pytest.raises(RuntimeError, match="caller changed its mind"), transaction.atomic():
-        JobHandler.create_and_start(user, "scripted")
+        rolled_back = JobHandler.create_and_start(user, "scripted")
         assert queueing.dispatched == []
         raise RuntimeError("caller changed its mind")
 
     assert set(Job.objects.values_list("pk", flat=True)) == before
     assert queueing.dispatched == []
+    assert get_store().read(rolled_back.pk) is None
     # The slot the rolled-back job briefly held is free.
     for _ in range(2):
         JobHandler.create_and_start(user, "limited")
