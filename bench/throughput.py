@@ -3,7 +3,7 @@
     make bench-throughput
     # or, from the repository root:
     python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--producers 1,4]
-        [--synchronous-commit off]
+        [--synchronous-commit off] [--batch] [--breakdown]
 
 Starts its own redis-server (broker and progress store, so Redis INFO commandstats count only
 this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each round times:
@@ -14,7 +14,9 @@ this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each rou
   (each ends with one Redis INCR, so the benchmark can see it is done).
 
 Both are measured with one producer thread (a script or a single request creating job after
-job) and with several (concurrent requests of a web server), each in rounds of its own.
+job) and with several (concurrent requests of a web server), each in rounds of its own; with
+``--batch``, also with the jobs of a round created by one ``create_and_start_many`` call (a
+fan-out), against bare tasks sent from one thread.
 For each, prints both rates, their ratio (target: job layer >= 50% of bare Celery), and per job
 the database queries (producer and worker, counted by a Django execute wrapper in an untimed
 round of their own), the Redis commands (commandstats delta) and the CPU time of the whole
@@ -263,7 +265,9 @@ class Bench:
         for thread in threads:
             thread.join()
 
-    def run_jobs(self, n: int) -> dict[str, float]:
+    def run_jobs(self, n: int, *, batch: bool = False) -> dict[str, float]:
+        """Time n jobs, created one ``create_and_start`` at a time (from ``self.producers``
+        threads) or, with ``batch``, by one ``create_and_start_many``."""
         from task_ferry.handler import JobHandler
         from task_ferry.models import Job, JobState
 
@@ -274,7 +278,12 @@ class Bench:
         cpu_before = busy_cpu_seconds()
         parts_before = cpu_by_part(*self.pids)
         start = time.perf_counter()
-        self.produce(n, lambda: JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks))
+        if batch:
+            JobHandler.create_and_start_many(None, "bench_ticks", [{"steps": self.ticks}] * n)
+        else:
+            self.produce(
+                n, lambda: JobHandler.create_and_start(None, "bench_ticks", steps=self.ticks)
+            )
         created = time.perf_counter() - start
         producer_queries = queries_seen - producer_before
         finished = Job.objects.filter(pk__gte=first_id, state=JobState.FINISHED)
@@ -345,6 +354,11 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--breakdown", action="store_true", help="print Redis commands by name")
+    parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="also time the jobs created by one create_and_start_many call per round",
+    )
     parser.add_argument(
         "--synchronous-commit",
         choices=["on", "off"],
@@ -432,16 +446,18 @@ def main() -> None:
         counted = bench.run_jobs(args.jobs)
         counting.unlink()
 
-        for producers in args.producers:
-            bench.producers = producers
+        # One producer thread or several, each calling create_and_start; then, with --batch,
+        # one create_and_start_many call (producers = 0 in the report).
+        for producers in [*args.producers, *([0] if args.batch else [])]:
+            bench.producers = max(producers, 1)
             job_rounds: list[dict[str, Any]] = []
             bare_rounds: list[dict[str, Any]] = []
             for i in range(args.rounds):
                 bare_rounds.append(bench.run_bare(args.jobs))
-                job_rounds.append(bench.run_jobs(args.jobs))
+                job_rounds.append(bench.run_jobs(args.jobs, batch=producers == 0))
                 bare, jobs = bare_rounds[-1], job_rounds[-1]
                 print(
-                    f"{producers} producer(s), round {i + 1}: bare {bare['rate']:6.1f}/s "
+                    f"{describe(producers)}, round {i + 1}: bare {bare['rate']:6.1f}/s "
                     f"({bare['seconds']:.2f}s, sending {bare['producer_seconds']:.2f}s)  jobs "
                     f"{jobs['rate']:6.1f}/s ({jobs['seconds']:.2f}s, creating "
                     f"{jobs['producer_seconds']:.2f}s)",
@@ -456,6 +472,13 @@ def main() -> None:
             worker.wait(30)
         server.terminate()
         server.wait(10)
+
+
+def describe(producers: int) -> str:
+    """How the jobs of a set of rounds are created (0: one create_and_start_many call)."""
+    if producers == 0:
+        return "one create_and_start_many (bare: 1 producer)"
+    return f"{producers} producer(s)"
 
 
 def producer_counts(text: str) -> list[int]:
@@ -485,13 +508,16 @@ def report(
         f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
         f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
         f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}, "
-        f"{producers} producer thread(s)"
+        + (f"{producers} producer thread(s)" if producers else "jobs: one create_and_start_many")
     )
     print(f"bare Celery   {bare_rate:8.1f} tasks/s")
     print(f"job layer     {job_rate:8.1f} jobs/s")
     print(f"ratio         {ratio:8.1%}  (target >= 50%)  {'OK' if ratio >= 0.5 else 'BELOW'}")
+    # The batch rounds count their own producer's queries (a few for all the jobs).
+    creating = last_job["producer_queries"] if producers == 0 else counted["producer_queries"]
     print(
-        f"DB queries per job: {counted['producer_queries']:.1f} at create_and_start, "
+        f"DB queries per job: {creating:.2f} at "
+        f"{'create_and_start_many' if producers == 0 else 'create_and_start'}, "
         f"{counted['worker_queries']:.1f} in the worker"
     )
     print(

@@ -12,7 +12,7 @@ import datetime
 import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
@@ -172,7 +172,86 @@ class JobHandler:
         return job
 
     @classmethod
+    def create_and_start_many(
+        cls, user: Any, job_type_name: str, values_list: Iterable[Mapping[str, Any]]
+    ) -> list[Job]:
+        """Create one job of the named type for ``user`` per mapping of values, in one
+        transaction, and hand them all to the executor. All or nothing: bad values for any of
+        them raise ``InvalidJobValues`` naming its position, a batch that would pass the type's
+        ``max_count`` raises ``MaxJobCountExceeded``, and then no job is created. Returns the
+        saved, specific jobs in the order of ``values_list``.
+
+        On PostgreSQL the rows of all the jobs take three statements however many there are
+        (unless the type's model has its own ``save()``, save signal receivers or fields the
+        database fills; then each job is saved on its own, as elsewhere). With an executor
+        that runs jobs inline, each job runs once all are saved; the first error among them
+        then reaches the caller after the rest have run."""
+        job_type = job_type_registry.get(job_type_name)
+        if isinstance(values_list, Mapping | str | bytes):
+            raise InvalidJobValues(
+                f"values_list must be a list of mappings, one per job; got one "
+                f"{type(values_list).__name__}. For a single job, use create_and_start()."
+            )
+        built: list[tuple[Job, dict[str, Any]]] = []
+        for position, values in enumerate(values_list):
+            if not isinstance(values, Mapping):
+                raise InvalidJobValues(
+                    f"Job {position}: values must be a mapping of field names to values, "
+                    f"got {type(values).__name__}."
+                )
+            try:
+                built.append(cls._build(user, job_type, dict(values)))
+            except InvalidJobValues as exc:
+                raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
+        if not built:
+            return []
+        from task_ferry.executors.base import get_executor
+
+        executor = get_executor()
+        jobs = [job for job, _prepared in built]
+        try:
+            with transaction.atomic(using=router.db_for_write(Job)):
+                cls._save_many(user, job_type, built)
+                for job in jobs:
+                    live_handles.track(job)
+                    signals.emit(signals.job_created, job)
+                    if executor.dispatches_on_commit:
+                        executor.enqueue_job(job)
+        except IntegrityError as exc:
+            raise cls._refused(user, exc) from exc
+        if not executor.dispatches_on_commit:
+            cls._run_each(executor, jobs)
+        return jobs
+
+    @staticmethod
+    def _run_each(executor: Any, jobs: list[Job]) -> None:
+        """Hand each job to an executor that runs it at once; re-raise the first error after
+        all have run, so one failing job does not leave the others pending."""
+        first_error: Exception | None = None
+        for job in jobs:
+            try:
+                executor.enqueue_job(job)
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    @classmethod
     def _create(cls, user: Any, job_type: JobType, values: dict[str, Any]) -> Job:
+        job, prepared = cls._build(user, job_type, values)
+        try:
+            cls._save(user, job_type, job, prepared)
+        except IntegrityError as exc:
+            # A user deleted meanwhile, or a unique constraint of the type's own fields.
+            raise cls._refused(user, exc) from exc
+        return live_handles.track(job)
+
+    @classmethod
+    def _build(
+        cls, user: Any, job_type: JobType, values: dict[str, Any]
+    ) -> tuple[Job, dict[str, Any]]:
+        """A new, validated, unsaved job of ``job_type`` from ``values``, and the values its
+        ``prepare_values`` returned."""
         if user is not None and not getattr(user, "is_authenticated", False):
             raise InvalidJobValues("Jobs need a saved, authenticated user, or user=None.")
         if user is not None and user.pk is None:
@@ -213,13 +292,7 @@ class JobHandler:
         except OverflowError as exc:
             # Django's IntegerField.to_python() lets int(float("inf")) escape.
             raise InvalidJobValues(f"Invalid job values: {exc}") from exc
-
-        try:
-            cls._save(user, job_type, job, prepared)
-        except IntegrityError as exc:
-            # A user deleted meanwhile, or a unique constraint of the type's own fields.
-            raise cls._refused(user, exc) from exc
-        return live_handles.track(job)
+        return job, prepared
 
     @classmethod
     def _save(cls, user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
@@ -233,18 +306,50 @@ class JobHandler:
             if inserted:
                 return
         with transaction.atomic():
-            if max_count is not None:
-                if not cls._lock_user(user):
-                    raise _user_gone(user)
-                live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
-                if live >= max_count:
-                    raise MaxJobCountExceeded(job_type.type, max_count)
-            try:
-                job.save(force_insert=True)
-            except (TypeError, ValueError, DataError) as exc:
-                # Values full_clean() lets through as "empty" ([] for a nullable number, say).
-                raise InvalidJobValues(f"Invalid job values: {exc}") from exc
+            cls._check_max_count(user, job_type, max_count, adding=1)
+            cls._save_one(job)
             job_type.after_job_creation(job, prepared)
+
+    @classmethod
+    def _save_many(
+        cls, user: Any, job_type: JobType, built: list[tuple[Job, dict[str, Any]]]
+    ) -> None:
+        """Save the jobs of ``create_and_start_many``, inside its transaction."""
+        max_count = job_type.get_max_count() if user is not None else None
+        cls._check_max_count(user, job_type, max_count, adding=len(built))
+        jobs = [job for job, _prepared in built]
+        try:
+            inserted = statements.insert_jobs(jobs)
+        except (TypeError, ValueError, DataError) as exc:
+            raise InvalidJobValues(f"Invalid job values: {exc}") from exc
+        if not inserted:
+            for job in jobs:
+                cls._save_one(job)
+        for job, prepared in built:
+            job_type.after_job_creation(job, prepared)
+
+    @classmethod
+    def _check_max_count(
+        cls, user: Any, job_type: JobType, max_count: int | None, *, adding: int
+    ) -> None:
+        """Raise ``MaxJobCountExceeded`` unless ``adding`` more live jobs of the type keep the
+        user within ``max_count``. Locks the user's row until the transaction ends, so
+        concurrent creates cannot both squeeze in."""
+        if max_count is None:
+            return
+        if not cls._lock_user(user):
+            raise _user_gone(user)
+        live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
+        if live + adding > max_count:
+            raise MaxJobCountExceeded(job_type.type, max_count)
+
+    @staticmethod
+    def _save_one(job: Job) -> None:
+        try:
+            job.save(force_insert=True)
+        except (TypeError, ValueError, DataError) as exc:
+            # Values full_clean() lets through as "empty" ([] for a nullable number, say).
+            raise InvalidJobValues(f"Invalid job values: {exc}") from exc
 
     @staticmethod
     def _refused(user: Any, exc: IntegrityError) -> InvalidJobValues:

@@ -1,14 +1,16 @@
 """The hand-written SQL of the statements every job pays for.
 
 - ``insert_job``: a new job's two rows (``Job`` and its type's) in one statement;
+- ``insert_jobs``: the rows of many new jobs with one statement per table (and batch of rows);
 - ``start_and_load``: the move from pending to started, returning the job's row, in one;
 - ``compare_and_set``: every other state change (``handler.transition``).
 
 The ORM would build each query anew on every call, and take four round trips for each of the
 first two. Here each statement is built once per model and database and kept.
 ``insert_job`` and ``start_and_load`` run on PostgreSQL in autocommit mode only
-(``one_statement_connection``); elsewhere they write nothing and say so (False, None), and the
-caller takes the ORM's way. ``compare_and_set`` runs on every backend.
+(``one_statement_connection``), ``insert_jobs`` on PostgreSQL in a transaction; elsewhere they
+write nothing and say so (False, None), and the caller takes the ORM's way.
+``compare_and_set`` runs on every backend.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from django.utils import timezone
 
 from task_ferry.models import Job, JobState
 
-__all__ = ["compare_and_set", "insert_job", "one_statement_connection", "start_and_load"]
+__all__ = [
+    "compare_and_set",
+    "insert_job",
+    "insert_jobs",
+    "one_statement_connection",
+    "start_and_load",
+]
 
 T = TypeVar("T")
 
@@ -198,11 +206,12 @@ def insert_job(job: Job) -> bool:
     return True
 
 
-def _insert_statement(
-    model: type[Job], connection: Any
-) -> tuple[str, list[Field[Any, Any]]] | None:
-    """``WITH j AS (INSERT INTO job ... RETURNING id) INSERT INTO <model's table> ...``; None for
-    models not stored as one table under ``Job``, or with fields the database fills."""
+def _insert_plan(
+    model: type[Job],
+) -> tuple[list[Field[Any, Any]], list[Field[Any, Any]], Field[Any, Any]] | None:
+    """The fields of a new job of ``model`` to insert: the ``Job`` row's (its key left out),
+    the model's own row's, and the model's link to its ``Job`` row. None for models not stored
+    as one table under ``Job``, or with fields the database fills."""
     if model._meta.proxy or model is Job or not issubclass(model, Job):
         return None
     link = model._meta.parents.get(Job)
@@ -215,21 +224,103 @@ def _insert_statement(
         for f in job_fields + own_fields
     ):
         return None
+    return job_fields, own_fields, link
+
+
+def _columns(connection: Any, fields: list[Field[Any, Any]]) -> str:
+    return ", ".join(connection.ops.quote_name(f.column) for f in fields)
+
+
+def _placeholders(fields: list[Any]) -> str:
+    return ", ".join("%s" for _ in fields)
+
+
+def _insert_statement(
+    model: type[Job], connection: Any
+) -> tuple[str, list[Field[Any, Any]]] | None:
+    """``WITH j AS (INSERT INTO job ... RETURNING id) INSERT INTO <model's table> ...``; None
+    where ``_insert_plan`` has none."""
+    plan = _insert_plan(model)
+    if plan is None:
+        return None
+    job_fields, own_fields, link = plan
     quote = connection.ops.quote_name
-
-    def columns(fields: list[Field[Any, Any]]) -> str:
-        return ", ".join(quote(f.column) for f in fields)
-
-    def placeholders(fields: list[Field[Any, Any]]) -> str:
-        return ", ".join("%s" for _ in fields)
-
-    own_values = f", {placeholders(own_fields)}" if own_fields else ""
-    own_columns = f", {columns(own_fields)}" if own_fields else ""
+    own_values = f", {_placeholders(own_fields)}" if own_fields else ""
+    own_columns = f", {_columns(connection, own_fields)}" if own_fields else ""
     sql = (
-        f"WITH new_job AS (INSERT INTO {quote(Job._meta.db_table)} ({columns(job_fields)}) "
-        f"VALUES ({placeholders(job_fields)}) RETURNING {quote(Job._meta.pk.column)}) "
+        f"WITH new_job AS (INSERT INTO {quote(Job._meta.db_table)} "
+        f"({_columns(connection, job_fields)}) VALUES ({_placeholders(job_fields)}) "
+        f"RETURNING {quote(Job._meta.pk.column)}) "
         f"INSERT INTO {quote(model._meta.db_table)} ({quote(link.column)}{own_columns}) "
         f"VALUES ((SELECT {quote(Job._meta.pk.column)} FROM new_job){own_values}) "
         f"RETURNING {quote(link.column)}"
     )
     return sql, job_fields + own_fields
+
+
+# Rows per INSERT of insert_jobs(): keeps each statement's text and parameters moderate.
+BULK_INSERT_ROWS = 500
+
+
+def insert_jobs(jobs: list[Job]) -> bool:
+    """Save new jobs of one model, each a ``Job`` row and a row of the model, with the same
+    few statements however many there are: one takes their ids from the ``Job`` table's
+    sequence, then one ``INSERT`` per table for every ``BULK_INSERT_ROWS`` jobs. PostgreSQL
+    only, inside the caller's transaction (``JobHandler.create_and_start_many`` opens one).
+    False, having written nothing, where each job's ``save()`` must do it: the conditions of
+    ``insert_job``, or a ``Job`` key without a sequence."""
+    model = type(jobs[0])
+    using = router.db_for_write(Job)
+    connection = connections[using]
+    if (
+        router.db_for_write(model) != using
+        or connection.vendor != "postgresql"
+        or any(type(job) is not model for job in jobs)
+        or model.save is not Job.save
+        or pre_save.has_listeners(model)
+        or post_save.has_listeners(model)
+        or _insert_plan(model) is None
+    ):
+        return False
+    plan = _insert_plan(model)
+    assert plan is not None
+    job_fields, own_fields, link = plan
+    quote = connection.ops.quote_name
+    pk = Job._meta.pk
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
+            [quote(Job._meta.db_table), pk.column, len(jobs)],
+        )
+        ids = [row[0] for row in cursor.fetchall()]
+        if any(pk_value is None for pk_value in ids):
+            return False
+        for start in range(0, len(jobs), BULK_INSERT_ROWS):
+            chunk = list(zip(jobs[start : start + BULK_INSERT_ROWS], ids[start:], strict=False))
+            for table, key, fields in (
+                (Job._meta.db_table, pk, job_fields),
+                (model._meta.db_table, link, own_fields),
+            ):
+                row = f"({_placeholders([key, *fields])})"
+                cursor.execute(
+                    f"INSERT INTO {quote(table)} ({_columns(connection, [key, *fields])}) "
+                    f"VALUES {', '.join(row for _ in chunk)}",
+                    [
+                        value
+                        for job, job_id in chunk
+                        for value in (
+                            job_id,
+                            *(
+                                f.get_db_prep_save(f.pre_save(job, True), connection)
+                                for f in fields
+                            ),
+                        )
+                    ],
+                )
+    # What Model.save() leaves on each instance: its key (and parent link), a saved state.
+    for job, job_id in zip(jobs, ids, strict=False):
+        for field in (pk, link):
+            setattr(job, field.attname, job_id)
+        job._state.adding = False
+        job._state.db = using
+    return True

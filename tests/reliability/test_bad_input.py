@@ -113,6 +113,31 @@ def test_create_and_start_with_arbitrary_input(queueing, users, user_index, job_
     job.delete()
 
 
+@FUZZ
+@given(
+    user_index=st.integers(min_value=0, max_value=7),
+    job_type_name=st.sampled_from(["scripted", "limited"]) | anything,
+    values_list=st.lists(st.dictionaries(field_names, anything, max_size=3) | anything, max_size=4),
+)
+def test_create_and_start_many_with_arbitrary_input(
+    queueing, users, user_index, job_type_name, values_list
+):
+    counter["create"] += 1
+    before = consistent()
+    user = users[user_index]
+    try:
+        jobs = JobHandler.create_and_start_many(user, job_type_name, values_list)
+    except CLEAR_ERRORS as exc:
+        assert str(exc)
+        # All or nothing.
+        assert consistent() == before
+        return
+    assert consistent()[0] == before[0] + len(values_list) == before[0] + len(jobs)
+    assert all(Job.objects.get(pk=job.pk).type == job_type_name for job in jobs)
+    for job in jobs:
+        job.delete()
+
+
 # Stands for the id of the example's own job, spelled as an int, a str or a float.
 OWN_ID = object()
 

@@ -67,6 +67,17 @@ def test_job_runs_to_finished(celery_executor: CeleryWorker, user) -> None:
 
 
 @pytest.mark.worker
+def test_a_batch_of_jobs_runs_to_finished(celery_executor: CeleryWorker, user) -> None:
+    jobs = JobHandler.create_and_start_many(
+        user, "scripted", [{"steps": 2, "marker": f"batch {i}"} for i in range(5)]
+    )
+
+    for job in jobs:
+        assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    assert Marker.objects.filter(name__startswith="batch ").count() == 5
+
+
+@pytest.mark.worker
 def test_failing_job_is_marked_failed(celery_executor: CeleryWorker, user) -> None:
     job = JobHandler.create_and_start(user, "scripted", steps=5, fail_at=2, marker="failed-run")
 
@@ -409,6 +420,20 @@ def test_broker_on_wrong_port_fails_every_job_of_the_transaction(
     # The callers' handles follow the database.
     assert (first.state, second.state) == ("failed", "failed")
     assert [state_of(first.pk), state_of(second.pk)] == ["failed", "failed"]
+
+
+def test_broker_down_fails_every_job_of_a_batch(transactional_db, settings, user) -> None:
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+    }
+    app = Celery("tf-tests-wrong-port-batch", broker=f"redis://127.0.0.1:{free_port()}/0")
+    with current_celery_app(app), pytest.raises(DispatchError):
+        JobHandler.create_and_start_many(user, "scripted", [{}, {}, {}])
+    app.close()
+
+    assert list(Job.objects.values_list("state", flat=True)) == ["failed"] * 3
+    assert HookCall.objects.filter(hook="on_error").count() == 3
 
 
 def test_check_reports_a_missing_celery_app(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -155,6 +155,16 @@ def test_job_finishes_in_the_worker(start_worker, user):
     assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
 
 
+def test_a_batch_of_jobs_finishes_in_the_worker(start_worker, user):
+    worker = start_worker()
+    jobs = JobHandler.create_and_start_many(
+        user, "scripted", [{"steps": 2, "marker": f"batch {i}"} for i in range(3)]
+    )
+    for job in jobs:
+        assert wait_until_ended(job, worker).state == "finished", worker.output()
+    assert Marker.objects.filter(name__startswith="batch ").count() == 3
+
+
 def test_failing_job_is_failed_once_and_rolled_back(start_worker, user):
     worker = start_worker()
     job = JobHandler.create_and_start(user, "scripted", steps=5, fail_at=2, marker="gone")
