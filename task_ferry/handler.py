@@ -212,6 +212,8 @@ class JobHandler:
         try:
             with transaction.atomic(using=router.db_for_write(Job)):
                 cls._save_many(user, job_type, built)
+                # As for create_and_start() calls in one atomic() block: the signals now, the
+                # dispatch once the block commits; a failed dispatch fails the unsent rest.
                 for job in jobs:
                     live_handles.track(job)
                     signals.emit(signals.job_created, job)
