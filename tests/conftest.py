@@ -4,6 +4,19 @@ from django.core.cache import caches
 from rest_framework.test import APIClient
 
 
+@pytest.fixture
+def no_dispatch(monkeypatch):
+    """Jobs stay pending, as if no worker had taken them yet; the ids handed to the (immediate)
+    executor are recorded."""
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    dispatched = []
+    monkeypatch.setattr(
+        ImmediateExecutor, "enqueue", lambda self, job_id: dispatched.append(job_id)
+    )
+    return dispatched
+
+
 @pytest.fixture(autouse=True)
 def _forget_cached_snapshots():
     """SQLite hands out the ids of rolled-back rows again, so a snapshot that an earlier test

@@ -5,21 +5,10 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from task_ferry.exceptions import InvalidJobValues, JobTypeDoesNotExist, MaxJobCountExceeded
-from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.registry import JobType, job_type_registry
 from tests.testapp.models import HookCall, ScriptedJob
-
-
-@pytest.fixture
-def no_dispatch(monkeypatch):
-    """Jobs stay pending; the ids handed to the executor are recorded."""
-    dispatched = []
-    monkeypatch.setattr(
-        ImmediateExecutor, "enqueue", lambda self, job_id: dispatched.append(job_id)
-    )
-    return dispatched
 
 
 class AnnouncedJobType(JobType):

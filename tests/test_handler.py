@@ -19,16 +19,6 @@ from tests.myapp.models import ExportJob
 from tests.testapp.models import HookCall, LimitedJob, Marker, ScriptedJob
 
 
-@pytest.fixture
-def no_dispatch(monkeypatch):
-    """Jobs stay pending, as if no worker had taken them yet."""
-    dispatched = []
-    monkeypatch.setattr(
-        ImmediateExecutor, "enqueue", lambda self, job_id: dispatched.append(job_id)
-    )
-    return dispatched
-
-
 def test_create_and_start_returns_the_saved_specific_job(db, user, no_dispatch):
     job = JobHandler.create_and_start(user, "export_table", table_id=7)
     assert isinstance(job, ExportJob)
