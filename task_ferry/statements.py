@@ -272,18 +272,17 @@ def insert_jobs(jobs: list[Job]) -> bool:
     model = type(jobs[0])
     using = router.db_for_write(Job)
     connection = connections[using]
+    plan = _insert_plan(model)
     if (
-        router.db_for_write(model) != using
+        plan is None
+        or router.db_for_write(model) != using
         or connection.vendor != "postgresql"
         or any(type(job) is not model for job in jobs)
         or model.save is not Job.save
         or pre_save.has_listeners(model)
         or post_save.has_listeners(model)
-        or _insert_plan(model) is None
     ):
         return False
-    plan = _insert_plan(model)
-    assert plan is not None
     job_fields, own_fields, link = plan
     quote = connection.ops.quote_name
     pk = Job._meta.pk

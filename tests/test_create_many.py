@@ -129,3 +129,20 @@ def test_inline_runs_every_job_then_raises_the_first_error(db, user):
         )
     states = list(ScriptedJob.objects.order_by("pk").values_list("state", "result"))
     assert states == [("finished", "done"), ("failed", ""), ("finished", "done")]
+
+
+def test_save_signal_receivers_of_the_model_see_every_job_saved(db, user, no_dispatch):
+    from django.db.models.signals import post_save
+
+    saved = []
+
+    def receiver(sender, instance, created, **kwargs):
+        saved.append((instance.pk, created))
+
+    post_save.connect(receiver, sender=ScriptedJob)
+    try:
+        jobs = JobHandler.create_and_start_many(user, "scripted", [{}, {}])
+    finally:
+        post_save.disconnect(receiver, sender=ScriptedJob)
+    # Saved one by one through save(), not the bulk statements, so receivers run as usual.
+    assert saved == [(jobs[0].pk, True), (jobs[1].pk, True)]
