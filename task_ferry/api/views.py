@@ -284,10 +284,11 @@ def newest_snapshot(job: Job) -> dict[str, Any]:
 def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any) -> dict[str, Any]:
     """The job's snapshot, from the progress store when it has a complete one (no job query),
     else built from the row; 404 if ``policy`` hides the job from the user."""
+    store_reachable = True
     try:
         snapshot = get_store().read(job_id)
     except ProgressStoreUnavailable:
-        snapshot = None
+        snapshot, store_reachable = None, False
     # A snapshot without the type's fields predates them: the row is complete.
     if snapshot is not None and "fields" in snapshot:
         if not policy.can_view(request, snapshot.get("user_id")):
@@ -295,7 +296,8 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
         return snapshot
     job = visible_job(policy, request, job_id, pk)
     snapshot = job_snapshot(job)
-    if job.is_live:
+    # (Not when the read failed: a frozen store would make the poll wait for it twice.)
+    if job.is_live and store_reachable:
         # A pending job has none until its first poll: the next polls need no query. (An ended
         # job's snapshot is stored when it ends; one that expired is not worth storing again.)
         with suppress(ProgressStoreUnavailable):

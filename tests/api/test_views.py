@@ -430,3 +430,29 @@ def test_a_broken_type_serializer_does_not_stop_progress_or_polls(api, user, sto
     body = api.get(f"{URL}{job.pk}/").json()
     assert (body["state"], body["progress_percentage"]) == ("finished", 100)
     assert "table_id" not in body
+
+
+def test_a_poll_while_the_store_is_down_answers_from_the_row_and_asks_the_store_once(
+    api, user, hold, redis_server, monkeypatch
+):
+    from task_ferry.stores.redis import RedisProgressStore
+
+    job = create(user, steps=5)
+    redis_server.stop()
+    calls = []
+    for name in ("read", "write_if_absent"):
+        method = getattr(RedisProgressStore, name)
+        monkeypatch.setattr(
+            RedisProgressStore,
+            name,
+            lambda self, *args, _method=method, _name=name: (
+                calls.append(_name) or _method(self, *args)
+            ),
+        )
+    body = api.get(f"{URL}{job.pk}/").json()
+    assert (body["state"], body["steps"]) == ("pending", 5)
+    # A store that failed the read is not asked again: a frozen one would cost the poll twice.
+    assert calls == ["read"]
+    redis_server.start()
+    api.get(f"{URL}{job.pk}/")
+    assert calls[1:] == ["read", "write_if_absent"]
