@@ -12,7 +12,7 @@ import datetime
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
@@ -301,15 +301,13 @@ class JobHandler:
         max_count = job_type.get_max_count() if user is not None else None
         if max_count is None and type(job_type).after_job_creation is JobType.after_job_creation:
             # Nothing else to do in the transaction: both rows in one statement, if we can.
-            try:
-                inserted = statements.insert_job(job)
-            except (TypeError, ValueError, DataError) as exc:
-                raise InvalidJobValues(f"Invalid job values: {exc}") from exc
-            if inserted:
-                return
+            with _values_refused():
+                if statements.insert_job(job):
+                    return
         with transaction.atomic():
             cls._check_max_count(user, job_type, max_count, adding=1)
-            cls._save_one(job)
+            with _values_refused():
+                job.save(force_insert=True)
             job_type.after_job_creation(job, prepared)
 
     @classmethod
@@ -320,13 +318,10 @@ class JobHandler:
         max_count = job_type.get_max_count() if user is not None else None
         cls._check_max_count(user, job_type, max_count, adding=len(built))
         jobs = [job for job, _prepared in built]
-        try:
-            inserted = statements.insert_jobs(jobs)
-        except (TypeError, ValueError, DataError) as exc:
-            raise InvalidJobValues(f"Invalid job values: {exc}") from exc
-        if not inserted:
-            for job in jobs:
-                cls._save_one(job)
+        with _values_refused():
+            if not statements.insert_jobs(jobs):
+                for job in jobs:
+                    job.save(force_insert=True)
         for job, prepared in built:
             job_type.after_job_creation(job, prepared)
 
@@ -344,14 +339,6 @@ class JobHandler:
         live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
         if live + adding > max_count:
             raise MaxJobCountExceeded(job_type.type, max_count)
-
-    @staticmethod
-    def _save_one(job: Job) -> None:
-        try:
-            job.save(force_insert=True)
-        except (TypeError, ValueError, DataError) as exc:
-            # Values full_clean() lets through as "empty" ([] for a nullable number, say).
-            raise InvalidJobValues(f"Invalid job values: {exc}") from exc
 
     @staticmethod
     def _refused(user: Any, exc: IntegrityError) -> InvalidJobValues:
@@ -620,6 +607,16 @@ class JobHandler:
         from task_ferry.runner import JobRun
 
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
+
+
+@contextlib.contextmanager
+def _values_refused() -> Iterator[None]:
+    """Values ``full_clean()`` lets through as "empty" ([] for a nullable number, say) and the
+    database driver refuses become ``InvalidJobValues``."""
+    try:
+        yield
+    except (TypeError, ValueError, DataError) as exc:
+        raise InvalidJobValues(f"Invalid job values: {exc}") from exc
 
 
 def _user_gone(user: Any) -> InvalidJobValues:

@@ -172,6 +172,16 @@ def _start_statement(model: type[Job], connection: Any) -> _StartStatement | Non
     return sql, fields, converters
 
 
+def saves_plainly(model: type[Job]) -> bool:
+    """Whether ``model.save()`` is ``Job.save()`` with nobody listening to it, so that inserting
+    the rows with our own SQL skips nothing."""
+    return (
+        model.save is Job.save
+        and not pre_save.has_listeners(model)
+        and not post_save.has_listeners(model)
+    )
+
+
 def insert_job(job: Job) -> bool:
     """Save a new job's ``Job`` row and its model's row in one statement (one round trip and one
     commit instead of four round trips), on PostgreSQL in autocommit mode. False, having
@@ -179,12 +189,7 @@ def insert_job(job: Job) -> bool:
     a model with its own ``save()``, save signal receivers, or fields the database fills."""
     model = type(job)
     connection = one_statement_connection(model, loads=False)
-    if (
-        connection is None
-        or model.save is not Job.save
-        or pre_save.has_listeners(model)
-        or post_save.has_listeners(model)
-    ):
+    if connection is None or not saves_plainly(model):
         return False
     statement = cached(
         ("insert_job", model, connection.alias), lambda: _insert_statement(model, connection)
@@ -278,9 +283,7 @@ def insert_jobs(jobs: list[Job]) -> bool:
         or router.db_for_write(model) != using
         or connection.vendor != "postgresql"
         or any(type(job) is not model for job in jobs)
-        or model.save is not Job.save
-        or pre_save.has_listeners(model)
-        or post_save.has_listeners(model)
+        or not saves_plainly(model)
     ):
         return False
     job_fields, own_fields, link = plan

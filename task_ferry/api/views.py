@@ -286,20 +286,21 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
     else built from the row; 404 if ``policy`` hides the job from the user."""
     store_reachable = True
     try:
-        snapshot = get_store().read(job_id)
+        stored = get_store().read(job_id)
     except ProgressStoreUnavailable:
-        snapshot, store_reachable = None, False
+        stored, store_reachable = None, False
     # A snapshot without the type's fields predates them: the row is complete.
-    if snapshot is not None and "fields" in snapshot:
-        if not policy.can_view(request, snapshot.get("user_id")):
+    if stored is not None and "fields" in stored:
+        if not policy.can_view(request, stored.get("user_id")):
             raise NotFound(str(JobDoesNotExist(pk)))
-        return snapshot
+        return stored
     job = visible_job(policy, request, job_id, pk)
     snapshot = job_snapshot(job)
-    # (Not when the read failed: a frozen store would make the poll wait for it twice.)
-    if job.is_live and store_reachable:
-        # A pending job has none until its first poll: the next polls need no query. (An ended
-        # job's snapshot is stored when it ends; one that expired is not worth storing again.)
+    # A pending job has none until its first poll: store it, so the next polls need no query.
+    # Not for an ended job (its snapshot is written when it ends; one that expired is not worth
+    # storing again), not when the store holds an older one (it would refuse), and not when the
+    # read failed (a frozen store would make the poll wait for it twice).
+    if job.is_live and stored is None and store_reachable:
         with suppress(ProgressStoreUnavailable):
             get_store().write_if_absent(job_id, snapshot)
     return snapshot

@@ -151,7 +151,7 @@ def test_create_validates_and_starts_a_job_of_the_type(api, user):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_create_in_an_atomic_request_dispatches_the_job_once_the_request_commits(
+def test_a_job_created_in_an_atomic_request_is_polled_from_its_committed_row(
     api, user, store, monkeypatch
 ):
     from task_ferry.executors.immediate import ImmediateExecutor
@@ -167,8 +167,8 @@ def test_create_in_an_atomic_request_dispatches_the_job_once_the_request_commits
     assert response.status_code == 201
     body = response.json()
     assert (body["state"], body["steps"]) == ("pending", 3)
-    # Handed to the executor once the request committed, with nothing in the store before the
-    # first poll; that poll sees the committed row.
+    # The executor got the job with nothing in the store; the first poll after the request
+    # committed reads the row, and stores its snapshot.
     assert seen_in_request == [None]
     assert api.get(f"{URL}{body['id']}/").json()["steps"] == 3
     assert store.read(body["id"])["state"] == "pending"
