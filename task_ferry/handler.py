@@ -164,8 +164,8 @@ class JobHandler:
         job_type = job_type_registry.get(job_type_name)
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
-        # No snapshot yet: the row says all there is to say about a pending job, and most jobs
-        # are never polled before they start. The first poll stores one (``write_if_absent``).
+        # No snapshot yet: the row says all there is to say about a pending job, and one nobody
+        # polls before it starts needs none. The first poll stores one (``write_if_absent``).
         from task_ferry.executors.base import get_executor
 
         get_executor().enqueue_job(job)
