@@ -101,10 +101,26 @@ class LiveHandles:
 live_handles = LiveHandles()
 
 
-def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fields: Any) -> bool:
+def transition(
+    job: Job,
+    to_state: JobState,
+    *,
+    from_states: Iterable[str],
+    flush: bool = True,
+    **fields: Any,
+) -> bool:
     """Move the job to ``to_state`` if it is still in one of ``from_states``.
 
     Returns False when another party changed the state first; nothing is written then.
+
+    ``flush=False``: on PostgreSQL in autocommit mode, the commit returns before the WAL is
+    flushed to disk (one fsync less). Only for a move that carries none of the job's work,
+    such that losing it in a database crash looks like a worker that died at that moment,
+    which the stale-job sweep already handles: a lost ``started`` leaves the job pending (its
+    work cannot commit without flushing the ``started`` first); a lost ``finished`` of a run
+    that wrote nothing to the database, or a lost ``failed`` or ``cancelled`` of a started
+    job, leaves it started, and the sweep ends it. Inside a caller's transaction the caller's
+    commit decides.
     """
     now = timezone.now()
     values: dict[str, Any] = {"state": to_state, "updated_at": now, **fields}
@@ -112,7 +128,7 @@ def transition(job: Job, to_state: JobState, *, from_states: Iterable[str], **fi
         values.setdefault("started_at", now)
     if to_state in ENDED_STATES:
         values.setdefault("finished_at", now)
-    if not statements.compare_and_set(job.pk, list(from_states), values):
+    if not statements.compare_and_set(job.pk, list(from_states), values, flush=flush):
         return False
     job.apply_fields(values)
     live_handles.apply(job.pk, values)

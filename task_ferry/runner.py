@@ -5,15 +5,14 @@ The job's ``run()`` executes inside one database transaction, so a failed or can
 leaves none of its own writes behind. The move to ``finished`` is the last statement of that
 transaction (the work and its success commit together, or neither does); the moves to
 ``started``, ``failed`` and ``cancelled`` are committed on their own, so they are never rolled
-back.
+back. Only a commit that carries the job's work waits for the disk: the others are state
+moves alone (see ``handler.transition``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import traceback
-from collections.abc import Iterator
 
 from django.db import DatabaseError, connection, transaction
 
@@ -56,34 +55,6 @@ def nothing_to_commit() -> bool:
     return bool(connection.connection.info.transaction_status == 0)
 
 
-@contextlib.contextmanager
-def commits_without_waiting_for_disk() -> Iterator[None]:
-    """Commits inside return before PostgreSQL has flushed them to disk.
-
-    Used for the moves to ``started`` and ``cancelled``, which then cost a round trip instead
-    of a WAL flush (several milliseconds on a busy disk), so a job starts sooner and
-    ``on_cancelled`` runs a millisecond after the request. No work of the job is at stake: a
-    database crash that loses the move to ``cancelled`` leaves a started job the stale-job sweep
-    ends, and the job's own commit flushes the move to ``started`` along with it.
-    """
-    # Inside a caller's transaction, the setting would change that transaction's commit too.
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
-        yield
-        return
-    # Session-level in autocommit mode: one round trip less than BEGIN + SET LOCAL + COMMIT.
-    with connection.cursor() as cursor:
-        cursor.execute("SET synchronous_commit TO OFF")
-    try:
-        yield
-    finally:
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("RESET synchronous_commit")
-        except DatabaseError:
-            # Never leave the setting on a connection that later commits a job's work.
-            connection.close()
-
-
 class JobRun:
     def __init__(
         self, job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
@@ -123,7 +94,8 @@ class JobRun:
                 if finish_inside:
                     self._finish(job, label)
             if not finish_inside:
-                self._finish(job, label)
+                # Nothing of the job's work rides on this commit: see transition(flush=False).
+                self._finish(job, label, flush=False)
         except JobCancelled:
             self._end_cancelled(job, job_type, watch)
             return job
@@ -147,11 +119,12 @@ class JobRun:
         return job
 
     @staticmethod
-    def _finish(job: Job, label: str) -> None:
+    def _finish(job: Job, label: str, *, flush: bool = True) -> None:
         if not transition(
             job,
             JobState.FINISHED,
             from_states=[JobState.STARTED],
+            flush=flush,
             progress_percentage=100,
             progress_state=label,
         ):
@@ -166,10 +139,7 @@ class JobRun:
             if job is not None:
                 return job
         job = Job(pk=self.job_id)
-        # Losing this commit in a database crash only leaves the job pending (nothing of its
-        # work can commit before it), so it need not wait for the disk: one fsync less per job.
-        with commits_without_waiting_for_disk():
-            started = transition(job, JobState.STARTED, from_states=[JobState.PENDING])
+        started = transition(job, JobState.STARTED, from_states=[JobState.PENDING], flush=False)
         return self._load() if started else None
 
     def _load(self) -> Job:
@@ -184,14 +154,14 @@ class JobRun:
     def _end_cancelled(self, job: Job, job_type: JobType, watch: Watch) -> None:
         percentage, label = watch.stop()
         reconnect_if_broken()
-        with commits_without_waiting_for_disk():
-            moved = transition(
-                job,
-                JobState.CANCELLED,
-                from_states=[JobState.STARTED],
-                progress_percentage=percentage,
-                progress_state=label,
-            )
+        moved = transition(
+            job,
+            JobState.CANCELLED,
+            from_states=[JobState.STARTED],
+            flush=False,
+            progress_percentage=percentage,
+            progress_state=label,
+        )
         if moved:
             JobHandler._after_cancelled(job)
 
@@ -214,6 +184,7 @@ class JobRun:
             job,
             JobState.FAILED,
             from_states=[JobState.STARTED],
+            flush=False,
             progress_percentage=percentage,
             progress_state=label,
             error=error[:2000],

@@ -40,6 +40,11 @@ T = TypeVar("T")
 _statements: dict[tuple[Any, ...], Any] = {}
 
 
+# In a statement's FROM list: its own transaction commits without waiting for the WAL flush.
+# set_config(..., true) lasts for that transaction only: nothing to reset.
+NO_FLUSH = "SELECT set_config('synchronous_commit', 'off', true)"
+
+
 def cached(key: tuple[Any, ...], build: Callable[[], T]) -> T:
     """The statement kept under ``key``, built the first time it is asked for."""
     if key not in _statements:
@@ -62,12 +67,16 @@ def one_statement_connection(model: type[Job], *, loads: bool) -> BaseDatabaseWr
     return connection
 
 
-def compare_and_set(job_id: int, from_states: list[str], values: dict[str, Any]) -> bool:
+def compare_and_set(
+    job_id: int, from_states: list[str], values: dict[str, Any], *, flush: bool = True
+) -> bool:
     """``UPDATE`` the job's row with ``values`` if its state is one of ``from_states``; whether
     it did. The statement ``QuerySet.update()`` sends, built once instead of for every call:
-    every job ends through here, so the query building would cost more than the query."""
+    every job ends through here, so the query building would cost more than the query.
+    ``flush=False``: see ``handler.transition``."""
     using = router.db_for_write(Job)
     connection = connections[using]
+    no_flush = not flush and connection.vendor == "postgresql" and not connection.in_atomic_block
 
     def build() -> tuple[str, list[Field[Any, Any]]]:
         by_name = {f.name: f for f in Job._meta.concrete_fields}
@@ -78,13 +87,16 @@ def compare_and_set(job_id: int, from_states: list[str], values: dict[str, Any])
 
         assignments = ", ".join(f"{column(f)} = %s" for f in fields)
         states = ", ".join("%s" for _ in from_states)
+        source = f"FROM ({NO_FLUSH}) AS no_flush " if no_flush else ""
         sql = (
-            f"UPDATE {connection.ops.quote_name(Job._meta.db_table)} SET {assignments} "
+            f"UPDATE {connection.ops.quote_name(Job._meta.db_table)} SET {assignments} {source}"
             f"WHERE {column(by_name['id'])} = %s AND {column(by_name['state'])} IN ({states})"
         )
         return sql, fields
 
-    sql, fields = cached(("compare_and_set", using, tuple(values), len(from_states)), build)
+    sql, fields = cached(
+        ("compare_and_set", using, tuple(values), len(from_states), no_flush), build
+    )
     params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
     with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
         cursor.execute(sql, [*params, job_id, *from_states])
@@ -101,7 +113,7 @@ def start_and_load(job_id: int, type_name: str, model: type[Job]) -> Job | None:
     as ``model``, in one round trip, on PostgreSQL in autocommit mode.
 
     The compare-and-set of ``transition()``, fused with the load. Its commit does not wait for
-    the disk (see ``runner.commits_without_waiting_for_disk`` for why that is safe). None when
+    the disk (see ``handler.transition`` for why that is safe). None when
     the job is not pending, is of another type or model, or this database cannot do it: the
     caller then goes the long way, ``transition()`` and a load.
     """
@@ -150,8 +162,7 @@ def _start_statement(model: type[Job], connection: Any) -> _StartStatement | Non
     def column(name: str) -> str:
         return f"{job}.{job_columns[name]}"
 
-    # set_config(..., true) lasts for this statement's own transaction only: nothing to reset.
-    sources = ["(SELECT set_config('synchronous_commit', 'off', true)) AS no_flush"]
+    sources = [f"({NO_FLUSH}) AS no_flush"]
     conditions = [f"{column('id')} = %s", f"{column('state')} = %s", f"{column('type')} = %s"]
     if link is not None:
         sources.append(quote(own_table))

@@ -165,17 +165,29 @@ def ticks_only(self, job, progress):
 
 
 def record_job_updates(statements):
-    """An execute wrapper noting, for each UPDATE of the job table, whether it ran inside a
-    transaction block."""
+    """An execute wrapper noting, for each UPDATE of the job table: its SET clause, the state
+    it moves to, whether it ran inside a transaction block, and whether it turned off the wait
+    for the disk."""
 
     def wrapper(execute, sql, params, many, context):
         if sql.startswith('UPDATE "task_ferry_job"') or sql.startswith("UPDATE `task_ferry_job`"):
             statements.append(
-                (sql.split(" SET ")[1].split(" WHERE ")[0], connection.in_atomic_block)
+                {
+                    "set": sql.split(" SET ")[1].split(" WHERE ")[0],
+                    "to": params[0],  # every state change sets the state first
+                    "inside": connection.in_atomic_block,
+                    "no_flush": "synchronous_commit" in sql,
+                }
             )
         return execute(sql, params, many, context)
 
     return wrapper
+
+
+def synchronous_commit():
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's one-statement finish")
@@ -188,9 +200,11 @@ def test_a_run_that_wrote_nothing_finishes_in_a_statement_of_its_own(
         job = JobHandler.create_and_start(user, "scripted")
     row = ScriptedJob.objects.get(pk=job.pk)
     assert (row.state, row.progress_percentage, row.progress_state) == ("finished", 100, "tick 3")
-    finish = [inside for sql, inside in statements if "finished_at" in sql]
-    # No transaction block to commit around it: one round trip instead of three.
-    assert finish == [False]
+    finish = [(s["inside"], s["no_flush"]) for s in statements if s["to"] == "finished"]
+    # No transaction block to commit around it: one round trip instead of three. No work rides
+    # on its commit, so it does not wait for the disk either.
+    assert finish == [(False, True)]
+    assert synchronous_commit() == "on"  # for that statement's transaction only
 
 
 def test_a_run_that_wrote_finishes_inside_its_work_transaction(transactional_db, user):
@@ -198,7 +212,49 @@ def test_a_run_that_wrote_finishes_inside_its_work_transaction(transactional_db,
     with connection.execute_wrapper(record_job_updates(statements)):
         job = JobHandler.create_and_start(user, "scripted", marker="work")
     assert ScriptedJob.objects.get(pk=job.pk).state == "finished"
-    assert [inside for sql, inside in statements if "finished_at" in sql] == [True]
+    finish = [(s["inside"], s["no_flush"]) for s in statements if s["to"] == "finished"]
+    # The work commits with its finish, and that commit waits for the disk as usual.
+    assert finish == [(True, False)]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's commits without flush")
+def test_only_the_commits_of_work_wait_for_the_disk(transactional_db, user, monkeypatch):
+    """The moves to started, failed and cancelled carry no work (a failed or cancelled run's
+    work was rolled back): no flush. Cancelling a pending job, which its worker must never miss
+    after a crash, waits for the disk."""
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    def run(self, job, progress):
+        Marker.objects.create(name=job.marker)
+        if job.marker == "cancel":
+            progress.request_cancel()
+        progress.create_child(represents=100, total=1).increment()
+        raise RuntimeError("failing on purpose")
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    statements = []
+    with connection.execute_wrapper(record_job_updates(statements)):
+        with pytest.raises(RuntimeError, match="on purpose"):
+            JobHandler.create_and_start(user, "scripted", marker="fail")
+        cancelled = JobHandler.create_and_start(user, "scripted", marker="cancel")
+        monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+        monkeypatch.setattr(ImmediateExecutor, "enqueue_job", lambda self, job: None)
+        pending = JobHandler.create_and_start(user, "scripted")
+        JobHandler.cancel(user, pending.pk)
+    moves = [(s["to"], s["inside"], s["no_flush"]) for s in statements]
+    assert moves == [
+        ("started", False, True),
+        ("failed", False, True),
+        ("started", False, True),
+        ("cancelled", False, True),
+        ("cancelled", False, False),  # the pending one
+    ]
+    failed = ScriptedJob.objects.get(marker="fail")
+    assert (failed.state, failed.error) == ("failed", "RuntimeError: failing on purpose")
+    states = dict(ScriptedJob.objects.values_list("pk", "state"))
+    assert (states[cancelled.pk], states[pending.pk]) == ("cancelled", "cancelled")
+    assert not Marker.objects.exists()
+    assert synchronous_commit() == "on"
 
 
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
