@@ -186,3 +186,32 @@ def test_raising_before_delete_hook_is_logged_and_the_job_deleted(db, user, capl
         assert JobHandler.cleanup_old_jobs() == 1
     assert_logged_exception(hook_error_records(caplog, "before_delete"))
     assert not Job.objects.exists()
+
+
+def test_job_created_is_sent_inside_the_creating_transaction_like_post_save(
+    transactional_db, user, monkeypatch
+):
+    """As the signals docs say: the row exists for the receiver, and a receiver that defers its
+    outside work with on_commit sends nothing for a create that is rolled back."""
+    from django.db import transaction
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    monkeypatch.setattr(ImmediateExecutor, "enqueue_job", lambda self, job: None)
+    seen, sent = [], []
+
+    def receiver(sender, job, **kwargs):
+        seen.append(Job.objects.filter(pk=job.pk).exists())
+        transaction.on_commit(lambda: sent.append(job.pk))
+
+    signals.job_created.connect(receiver, weak=False)
+    try:
+        with pytest.raises(RuntimeError, match="the caller's own error"):
+            with transaction.atomic():
+                JobHandler.create_and_start(user, "scripted")
+                raise RuntimeError("the caller's own error")
+        kept = JobHandler.create_and_start(user, "scripted")
+    finally:
+        signals.job_created.disconnect(receiver)
+    assert seen == [True, True]
+    assert sent == [kept.pk]
+    assert list(Job.objects.values_list("pk", flat=True)) == [kept.pk]
