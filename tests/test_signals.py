@@ -205,10 +205,12 @@ def test_job_created_is_sent_inside_the_creating_transaction_like_post_save(
 
     signals.job_created.connect(receiver, weak=False)
     try:
-        with pytest.raises(RuntimeError, match="the caller's own error"):
-            with transaction.atomic():
-                JobHandler.create_and_start(user, "scripted")
-                raise RuntimeError("the caller's own error")
+        with (
+            pytest.raises(RuntimeError, match="the caller's own error"),
+            transaction.atomic(),
+        ):
+            JobHandler.create_and_start(user, "scripted")
+            raise RuntimeError("the caller's own error")
         kept = JobHandler.create_and_start(user, "scripted")
     finally:
         signals.job_created.disconnect(receiver)
