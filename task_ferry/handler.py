@@ -114,12 +114,11 @@ def transition(
     Returns False when another party changed the state first; nothing is written then.
 
     ``flush=False``: on PostgreSQL in autocommit mode, the commit returns before the WAL is
-    flushed to disk (one fsync less). Only for a move that carries none of the job's work,
-    such that losing it in a database crash looks like a worker that died at that moment,
-    which the stale-job sweep already handles: a lost ``started`` leaves the job pending (its
-    work cannot commit without flushing the ``started`` first); a lost ``finished`` of a run
-    that wrote nothing to the database, or a lost ``failed`` or ``cancelled`` of a started
-    job, leaves it started, and the sweep ends it. Inside a caller's transaction the caller's
+    flushed to disk (one fsync less, no extra round trip). The runner uses it for the moves to
+    ``started`` and ``cancelled``, which carry none of the job's work: a database crash that
+    loses the ``started`` leaves a pending job none of whose work committed (that commit would
+    have flushed the ``started`` with it), and one that loses the ``cancelled`` leaves a
+    started job that the stale-job sweep ends. Inside a caller's transaction the caller's
     commit decides.
     """
     now = timezone.now()

@@ -5,8 +5,8 @@ The job's ``run()`` executes inside one database transaction, so a failed or can
 leaves none of its own writes behind. The move to ``finished`` is the last statement of that
 transaction (the work and its success commit together, or neither does); the moves to
 ``started``, ``failed`` and ``cancelled`` are committed on their own, so they are never rolled
-back. Only a commit that carries the job's work waits for the disk: the others are state
-moves alone (see ``handler.transition``).
+back. The moves to ``started`` and ``cancelled`` do not wait for the disk (see
+``handler.transition``).
 """
 
 from __future__ import annotations
@@ -94,8 +94,7 @@ class JobRun:
                 if finish_inside:
                     self._finish(job, label)
             if not finish_inside:
-                # Nothing of the job's work rides on this commit: see transition(flush=False).
-                self._finish(job, label, flush=False)
+                self._finish(job, label)
         except JobCancelled:
             self._end_cancelled(job, job_type, watch)
             return job
@@ -119,12 +118,11 @@ class JobRun:
         return job
 
     @staticmethod
-    def _finish(job: Job, label: str, *, flush: bool = True) -> None:
+    def _finish(job: Job, label: str) -> None:
         if not transition(
             job,
             JobState.FINISHED,
             from_states=[JobState.STARTED],
-            flush=flush,
             progress_percentage=100,
             progress_state=label,
         ):
@@ -184,7 +182,6 @@ class JobRun:
             job,
             JobState.FAILED,
             from_states=[JobState.STARTED],
-            flush=False,
             progress_percentage=percentage,
             progress_state=label,
             error=error[:2000],

@@ -201,10 +201,9 @@ def test_a_run_that_wrote_nothing_finishes_in_a_statement_of_its_own(
     row = ScriptedJob.objects.get(pk=job.pk)
     assert (row.state, row.progress_percentage, row.progress_state) == ("finished", 100, "tick 3")
     finish = [(s["inside"], s["no_flush"]) for s in statements if s["to"] == "finished"]
-    # No transaction block to commit around it: one round trip instead of three. No work rides
-    # on its commit, so it does not wait for the disk either.
-    assert finish == [(False, True)]
-    assert synchronous_commit() == "on"  # for that statement's transaction only
+    # No transaction block to commit around it: one round trip instead of three. Its commit
+    # waits for the disk: a finished job stays finished through a database crash.
+    assert finish == [(False, False)]
 
 
 def test_a_run_that_wrote_finishes_inside_its_work_transaction(transactional_db, user):
@@ -218,10 +217,12 @@ def test_a_run_that_wrote_finishes_inside_its_work_transaction(transactional_db,
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's commits without flush")
-def test_only_the_commits_of_work_wait_for_the_disk(transactional_db, user, monkeypatch):
-    """The moves to started, failed and cancelled carry no work (a failed or cancelled run's
-    work was rolled back): no flush. Cancelling a pending job, which its worker must never miss
-    after a crash, waits for the disk."""
+def test_only_the_moves_to_started_and_cancelled_skip_the_wait_for_the_disk(
+    transactional_db, user, monkeypatch
+):
+    """They carry none of the job's work, and losing one in a crash leaves a job the sweep
+    ends. The move to failed keeps its error; cancelling a pending job, which its worker must
+    never miss after a crash, waits for the disk too."""
     from task_ferry.executors.immediate import ImmediateExecutor
 
     def run(self, job, progress):
@@ -244,7 +245,7 @@ def test_only_the_commits_of_work_wait_for_the_disk(transactional_db, user, monk
     moves = [(s["to"], s["inside"], s["no_flush"]) for s in statements]
     assert moves == [
         ("started", False, True),
-        ("failed", False, True),
+        ("failed", False, False),
         ("started", False, True),
         ("cancelled", False, True),
         ("cancelled", False, False),  # the pending one
