@@ -242,6 +242,10 @@ def test_only_the_moves_to_started_and_cancelled_skip_the_wait_for_the_disk(
         monkeypatch.setattr(ImmediateExecutor, "enqueue_job", lambda self, job: None)
         pending = JobHandler.create_and_start(user, "scripted")
         JobHandler.cancel(user, pending.pk)
+        # Run by id alone: the long way, a compare-and-set of its own, then a load.
+        by_id = JobHandler.create_and_start(user, "scripted", marker="by id")
+        with pytest.raises(RuntimeError, match="on purpose"):
+            JobHandler.run_job(by_id.pk)
     moves = [(s["to"], s["inside"], s["no_flush"]) for s in statements]
     assert moves == [
         ("started", False, True),
@@ -249,11 +253,17 @@ def test_only_the_moves_to_started_and_cancelled_skip_the_wait_for_the_disk(
         ("started", False, True),
         ("cancelled", False, True),
         ("cancelled", False, False),  # the pending one
+        ("started", False, True),
+        ("failed", False, False),
     ]
     failed = ScriptedJob.objects.get(marker="fail")
     assert (failed.state, failed.error) == ("failed", "RuntimeError: failing on purpose")
     states = dict(ScriptedJob.objects.values_list("pk", "state"))
-    assert (states[cancelled.pk], states[pending.pk]) == ("cancelled", "cancelled")
+    assert [states[j.pk] for j in (cancelled, pending, by_id)] == [
+        "cancelled",
+        "cancelled",
+        "failed",
+    ]
     assert not Marker.objects.exists()
     assert synchronous_commit() == "on"
 
