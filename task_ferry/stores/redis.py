@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -32,41 +32,38 @@ class RedisProgressStore(ProgressStore):
             health_check_interval=30,
         )
 
+    @contextlib.contextmanager
+    def _failing(self, doing: str) -> Iterator[None]:
+        """A Redis error inside becomes ``ProgressStoreUnavailable``: "Could not <doing> Redis
+        at <url>: <error>"."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise ProgressStoreUnavailable(f"Could not {doing} Redis at {self.url}: {exc}") from exc
+
     def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
         self.write_many({job_id: snapshot})
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         if not snapshots:
             return
-        try:
+        with self._failing("write to"):
             pipe = self.client.pipeline(transaction=False)
             for job_id, snapshot in snapshots.items():
                 payload = json.dumps(snapshot, separators=(",", ":"))
                 pipe.set(self.snapshot_key(job_id), payload, ex=self.timeout)
                 pipe.publish(self.events_channel(job_id), payload)
             pipe.execute()
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not write to Redis at {self.url}: {exc}"
-            ) from exc
 
     def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
         payload = json.dumps(snapshot, separators=(",", ":"))
-        try:
+        with self._failing("write to"):
             self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout, nx=True)
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not write to Redis at {self.url}: {exc}"
-            ) from exc
 
     def read_raw(self, job_id: int) -> bytes | None:
         """The stored snapshot as JSON bytes, for responses that can pass them on as they are."""
-        try:
+        with self._failing("read from"):
             raw = self.client.get(self.snapshot_key(job_id))
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not read from Redis at {self.url}: {exc}"
-            ) from exc
         return raw if raw is None or isinstance(raw, bytes) else raw.encode()
 
     def read(self, job_id: int) -> dict[str, Any] | None:
@@ -77,37 +74,25 @@ class RedisProgressStore(ProgressStore):
         ids = list(job_ids)
         if not ids:
             return {}
-        try:
+        with self._failing("read from"):
             values = self.client.mget([self.snapshot_key(i) for i in ids])
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not read from Redis at {self.url}: {exc}"
-            ) from exc
         return {i: json.loads(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
     def request_cancel(self, job_id: int, token: str = "") -> None:
-        try:
+        with self._failing("record the cancel request in"):
             pipe = self.client.pipeline(transaction=False)
             # The key covers a job whose worker subscribes later; the message wakes one already
             # running.
             pipe.set(self.cancel_key(job_id), token, ex=self.timeout)
             pipe.publish(self.cancel_channel, str(job_id))
             pipe.execute()
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not record the cancel request in Redis at {self.url}: {exc}"
-            ) from exc
 
     def cancel_requests(self, job_ids: Iterable[int]) -> dict[int, str]:
         ids = list(job_ids)
         if not ids:
             return {}
-        try:
+        with self._failing("read from"):
             values = self.client.mget([self.cancel_key(i) for i in ids])
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not read from Redis at {self.url}: {exc}"
-            ) from exc
         return {
             i: v.decode() if isinstance(v, bytes) else str(v)
             for i, v in zip(ids, values, strict=True)
@@ -118,12 +103,8 @@ class RedisProgressStore(ProgressStore):
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
         if not keys:
             return
-        try:
+        with self._failing("delete from"):
             self.client.delete(*keys)
-        except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(
-                f"Could not delete from Redis at {self.url}: {exc}"
-            ) from exc
 
     def cancel_listener(self) -> CancelListener:
         return RedisCancelListener(self)
