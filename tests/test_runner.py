@@ -239,7 +239,6 @@ def test_only_the_moves_to_started_and_cancelled_skip_the_wait_for_the_disk(
             JobHandler.create_and_start(user, "scripted", marker="fail")
         cancelled = JobHandler.create_and_start(user, "scripted", marker="cancel")
         monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
-        monkeypatch.setattr(ImmediateExecutor, "enqueue_job", lambda self, job: None)
         pending = JobHandler.create_and_start(user, "scripted")
         JobHandler.cancel(user, pending.pk)
         # Run by id alone: the long way, a compare-and-set of its own, then a load.

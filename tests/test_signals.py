@@ -189,14 +189,12 @@ def test_raising_before_delete_hook_is_logged_and_the_job_deleted(db, user, capl
 
 
 def test_job_created_is_sent_inside_the_creating_transaction_like_post_save(
-    transactional_db, user, monkeypatch
+    transactional_db, user, no_dispatch
 ):
     """As the signals docs say: the row exists for the receiver, and a receiver that defers its
     outside work with on_commit sends nothing for a create that is rolled back."""
     from django.db import transaction
 
-    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
-    monkeypatch.setattr(ImmediateExecutor, "enqueue_job", lambda self, job: None)
     seen, sent = [], []
 
     def receiver(sender, job, **kwargs):
