@@ -381,6 +381,33 @@ def test_a_broker_restart_between_two_jobs_is_ridden_out(own_redis_broker, user,
 
 
 @pytest.mark.worker
+def test_a_thread_sends_all_its_messages_through_one_redis_client(
+    own_redis_broker, user, settings, monkeypatch
+) -> None:
+    import redis
+
+    # kombu's Redis transport builds a redis-py client per message; the executor keeps one.
+    built = []
+    original_init = redis.Redis.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        original_init(self, *args, **kwargs)
+
+    _server, app = own_redis_broker
+    JobHandler.create_and_start(user, "scripted", steps=1)
+    monkeypatch.setattr(redis.Redis, "__init__", counting_init)
+    jobs = [JobHandler.create_and_start(user, "scripted", steps=1) for _ in range(5)]
+    monkeypatch.undo()
+
+    assert built == []
+    queue = settings.TASK_FERRY["CELERY_QUEUE"]
+    port = app.connection_for_write().port
+    assert redis.Redis(port=port).llen(queue) == 6
+    assert {state_of(job.pk) for job in jobs} == {"pending"}
+
+
+@pytest.mark.worker
 def test_hung_broker_fails_the_job_within_seconds(own_redis_broker, user) -> None:
     server, _app = own_redis_broker
     JobHandler.create_and_start(user, "scripted", steps=1)
