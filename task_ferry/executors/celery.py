@@ -148,6 +148,9 @@ class CeleryExecutor(BaseExecutor):
                 args=(job_id, type_name),
                 queue=queue,
                 producer=producer,
+                # What Celery's saferepr() of the arguments would give, without its cost.
+                argsrepr=repr((job_id, type_name)),
+                kwargsrepr="{}",
                 retry=True,
                 retry_policy=PUBLISH_RETRY_POLICY,
                 ignore_result=True,
