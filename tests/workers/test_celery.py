@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("celery", reason="celery is not installed")
 
 from celery import Celery, _state
+from celery.utils.saferepr import saferepr
 from django.db import transaction
 from django.utils import timezone
 
@@ -403,8 +405,14 @@ def test_a_thread_sends_all_its_messages_through_one_redis_client(
     assert built == []
     queue = settings.TASK_FERRY["CELERY_QUEUE"]
     port = app.connection_for_write().port
-    assert redis.Redis(port=port).llen(queue) == 6
+    messages = [json.loads(m) for m in redis.Redis(port=port).lrange(queue, 0, -1)]
+    assert len(messages) == 6
     assert {state_of(job.pk) for job in jobs} == {"pending"}
+    # Monitoring tools (Flower, celery events) show the arguments as Celery would write them.
+    shown = {m["headers"]["argsrepr"]: m["headers"] for m in messages}
+    for job in jobs:
+        headers = shown[saferepr((job.pk, "scripted"))]
+        assert (headers["task"], headers["kwargsrepr"]) == (RUN_JOB_TASK, saferepr({}))
 
 
 @pytest.mark.worker
