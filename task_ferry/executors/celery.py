@@ -155,7 +155,6 @@ class CeleryExecutor(BaseExecutor):
                 retry_policy=PUBLISH_RETRY_POLICY,
                 ignore_result=True,
             )
-            keep_one_redis_client(producer.channel)
         except Exception as exc:
             # kombu raises OperationalError, but transports leak their own errors too.
             self._drop_connection()
@@ -170,6 +169,8 @@ class CeleryExecutor(BaseExecutor):
                 f"{connection.as_uri()}: {exc}. The job was marked failed. Check that the "
                 f"broker is running."
             ) from exc
+        # Once sent, the job is dispatched: nothing here may fail it.
+        keep_one_redis_client(producer.channel)
 
     def _connection(self, app: Celery) -> tuple[Connection, Producer]:
         """This thread's broker connection, with timeouts on every socket operation, and its
@@ -235,9 +236,13 @@ def keep_one_redis_client(channel: Any) -> None:
     create = getattr(channel, "_create_client", None)
     if create is None or getattr(create, "keeps_one_client", False):
         return
-    if "asynchronous" not in inspect.signature(create).parameters:
+    try:
+        if "asynchronous" not in inspect.signature(create).parameters:
+            return
+        client = create()
+    except Exception:
+        logger.debug("kombu's Redis channel keeps its client per message", exc_info=True)
         return
-    client = create()
 
     def create_client(*args: Any, **kwargs: Any) -> Any:
         if args or kwargs.get("asynchronous"):
