@@ -232,8 +232,8 @@ class JobHandler:
                 for job in jobs:
                     live_handles.track(job)
                     signals.emit(signals.job_created, job)
-                    if executor.dispatches_on_commit:
-                        executor.enqueue_job(job)
+                if executor.dispatches_on_commit:
+                    executor.enqueue_jobs(jobs)
         except IntegrityError as exc:
             raise cls._refused(user, exc) from exc
         if not executor.dispatches_on_commit:

@@ -46,6 +46,12 @@ class BaseExecutor(ABC):
         override this to read the type from ``job`` instead of querying it by id."""
         self.enqueue(job.pk)
 
+    def enqueue_jobs(self, jobs: list[Job]) -> None:
+        """Dispatch jobs the handler has just created together (``create_and_start_many``),
+        in their order. Executors that can send several messages at once override this."""
+        for job in jobs:
+            self.enqueue_job(job)
+
     def check(self) -> list[CheckMessage]:
         """System-check messages about this executor's configuration."""
         return []

@@ -63,6 +63,9 @@ PUBLISH_RETRY_POLICY = {
     "interval_max": 0.5,
 }
 
+# What dispatches a job: its id, its type's name and the queue it goes to.
+Message = tuple[int, str, str]
+
 UNREACHABLE_MESSAGE = (
     "The job queue {queue!r} could not be reached, so this job was never started. Try again later."
 )
@@ -102,11 +105,16 @@ class CeleryExecutor(BaseExecutor):
         self._local = threading.local()
 
     def enqueue(self, job_id: int) -> None:
-        self._dispatch_on_commit(job_id, self.type_of(job_id))
+        type_name = self.type_of(job_id)
+        self._dispatch_on_commit([(job_id, type_name, self.queue_for(type_name))])
 
     def enqueue_job(self, job: Job) -> None:
         # The handler holds the job: its type gives the queue without a query.
-        self._dispatch_on_commit(job.pk, job.type)
+        self._dispatch_on_commit([(job.pk, job.type, self.queue_for(job.type))])
+
+    def enqueue_jobs(self, jobs: list[Job]) -> None:
+        # One callback sends them all, in one round trip where kombu batches publishes.
+        self._dispatch_on_commit([(job.pk, job.type, self.queue_for(job.type)) for job in jobs])
 
     def queue_for(self, type_name: str) -> str:
         from task_ferry.registry import job_type_registry
@@ -114,8 +122,7 @@ class CeleryExecutor(BaseExecutor):
         queue: str | None = job_type_registry.get(type_name).queue
         return queue or str(ferry_settings.CELERY_QUEUE)
 
-    def _dispatch_on_commit(self, job_id: int, type_name: str) -> None:
-        queue = self.queue_for(type_name)
+    def _dispatch_on_commit(self, messages: list[Message]) -> None:
         from task_ferry.models import Job
 
         using = router.db_for_write(Job)
@@ -125,8 +132,9 @@ class CeleryExecutor(BaseExecutor):
             if not connection.run_on_commit:
                 # First job of this transaction: whatever is left belongs to rolled-back ones.
                 awaiting.clear()
-            awaiting[job_id] = queue
-        transaction.on_commit(functools.partial(self._send, job_id, type_name, queue), using=using)
+            for job_id, _type_name, queue in messages:
+                awaiting[job_id] = queue
+        transaction.on_commit(functools.partial(self._send, messages), using=using)
 
     def _awaiting_jobs(self) -> dict[int, str]:
         awaiting: dict[int, str] | None = getattr(self._awaiting, "jobs", None)
@@ -134,40 +142,52 @@ class CeleryExecutor(BaseExecutor):
             awaiting = self._awaiting.jobs = {}
         return awaiting
 
-    def _send(self, job_id: int, type_name: str, queue: str) -> None:
+    def _send(self, messages: list[Message]) -> None:
         awaiting = self._awaiting_jobs()
-        awaiting.pop(job_id, None)
+        for job_id, _type_name, _queue in messages:
+            awaiting.pop(job_id, None)
         app = get_celery_app()
         if app is None:
-            self._fail_unsent(job_id, queue, "no Celery app is configured")
+            for job_id, _type_name, queue in messages:
+                self._fail_unsent(job_id, queue, "no Celery app is configured")
             raise TaskFerryImproperlyConfigured(NO_APP_MESSAGE)
         connection, producer = self._connection(app)
         try:
-            app.send_task(
-                RUN_JOB_TASK,
-                args=(job_id, type_name),
-                queue=queue,
-                producer=producer,
-                # What Celery's saferepr() of the arguments would give, without its cost.
-                argsrepr=repr((job_id, type_name)),
-                kwargsrepr="{}",
-                retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
-                ignore_result=True,
-            )
+            with publish_batch(producer, len(messages)):
+                for job_id, type_name, queue in messages:
+                    app.send_task(
+                        RUN_JOB_TASK,
+                        args=(job_id, type_name),
+                        queue=queue,
+                        producer=producer,
+                        # What Celery's saferepr() of the arguments would give, without its cost.
+                        argsrepr=repr((job_id, type_name)),
+                        kwargsrepr="{}",
+                        retry=True,
+                        retry_policy=PUBLISH_RETRY_POLICY,
+                        ignore_result=True,
+                    )
         except Exception as exc:
-            # kombu raises OperationalError, but transports leak their own errors too.
+            # kombu raises OperationalError, but transports leak their own errors too. In a
+            # batch, some messages may have reached the broker: failing their jobs is still
+            # safe, as a worker only runs a job that is pending.
             self._drop_connection()
-            reason = f"{type(exc).__name__}: {exc}"
-            self._fail_unsent(job_id, queue, reason)
+            reason = describe_error(exc)
+            for job_id, _type_name, queue in messages:
+                self._fail_unsent(job_id, queue, reason)
             # Jobs of the same commit whose callbacks Django drops after this exception.
             for other_id, other_queue in list(awaiting.items()):
                 self._fail_unsent(other_id, other_queue, reason)
             awaiting.clear()
+            job_id, _type_name, queue = messages[0]
+            if len(messages) == 1:
+                what, outcome = f"Job {job_id} could not", "The job was marked failed."
+            else:
+                what = f"{len(messages)} jobs (ids {job_id} to {messages[-1][0]}) could not all"
+                outcome = "Each of them that had not started was marked failed."
             raise DispatchError(
-                f"Job {job_id} could not be sent to the Celery queue {queue!r} at "
-                f"{connection.as_uri()}: {exc}. The job was marked failed. Check that the "
-                f"broker is running."
+                f"{what} be sent to the Celery queue {queue!r} at {connection.as_uri()}: "
+                f"{reason.rstrip('.')}. {outcome} Check that the broker is running."
             ) from exc
         # Once sent, the job is dispatched: nothing here may fail it.
         keep_one_redis_client(producer.channel)
@@ -222,6 +242,28 @@ class CeleryExecutor(BaseExecutor):
         if get_celery_app() is None:
             return [Error(NO_APP_MESSAGE, hint=NO_APP_HINT, id="task_ferry.E010")]
         return []
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"`` of a send's error, with the error that caused it (a failed kombu
+    batch says only that delivery is uncertain; its cause says why)."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    return text if cause is None else f"{text} ({type(cause).__name__}: {cause})"
+
+
+def publish_batch(producer: Producer, count: int) -> contextlib.AbstractContextManager[Any]:
+    """A context in which the producer's publishes wait, to reach the broker together when it
+    ends (kombu 5.7's ``Producer.batch()``; on Redis, one pipeline). Its own publishes for a
+    single message, a transport that cannot batch, or an older kombu.
+
+    A batch that fails raises once for all its messages, and some of them may have reached
+    the broker: the caller fails every job of it that has not started.
+    """
+    batch = getattr(producer, "batch", None)
+    if count < 2 or batch is None:
+        return contextlib.nullcontext()
+    return cast("contextlib.AbstractContextManager[Any]", batch(max_size=count))
 
 
 def keep_one_redis_client(channel: Any) -> None:

@@ -416,6 +416,64 @@ def test_a_thread_sends_all_its_messages_through_one_redis_client(
 
 
 @pytest.mark.worker
+def test_a_batch_of_jobs_reaches_a_redis_broker_in_one_write(
+    own_redis_broker, user, settings, monkeypatch
+) -> None:
+    import redis
+    from redis.connection import AbstractConnection
+
+    _server, app = own_redis_broker
+    JobHandler.create_and_start(user, "scripted", steps=1)  # connects and declares the queue
+    writes = []
+    original_send = AbstractConnection.send_packed_command
+
+    def counting_send(self, command, *args, **kwargs):
+        writes.append(command)
+        return original_send(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting_send)
+    jobs = JobHandler.create_and_start_many(user, "scripted", [{"steps": 1}] * 10)
+    monkeypatch.undo()
+
+    assert len(writes) == 1
+    queue = settings.TASK_FERRY["CELERY_QUEUE"]
+    port = app.connection_for_write().port
+    messages = [json.loads(m) for m in redis.Redis(port=port).lrange(queue, 0, -1)]
+    # LPUSH puts the newest first; workers take from the other end, so the oldest runs first.
+    sent = [m["headers"]["argsrepr"] for m in reversed(messages[:10])]
+    assert sent == [saferepr((job.pk, "scripted")) for job in jobs]
+    assert {state_of(job.pk) for job in jobs} == {"pending"}
+
+
+@pytest.mark.worker
+def test_hung_broker_fails_every_job_of_a_batch_and_none_of_them_runs(
+    own_redis_broker, user
+) -> None:
+    server, _app = own_redis_broker
+    JobHandler.create_and_start(user, "scripted", steps=1)
+    server.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DispatchError, match=r"3 jobs \(ids \d+ to \d+\) could not all"):
+            JobHandler.create_and_start_many(
+                user, "scripted", [{"marker": f"hung batch {i}"} for i in range(3)]
+            )
+        elapsed = time.monotonic() - started
+    finally:
+        server.send_signal(signal.SIGCONT)
+
+    assert elapsed < 10
+    batch = list(ScriptedJob.objects.filter(marker__startswith="hung batch"))
+    assert [job.state for job in batch] == ["failed"] * 3
+    # The broker may still have taken some of the messages: a worker given one runs nothing.
+    for job in batch:
+        assert JobHandler.run_job(job.pk, job_type_name="scripted") is None
+        assert state_of(job.pk) == "failed"
+    assert not Marker.objects.filter(name__startswith="hung batch").exists()
+    assert HookCall.objects.filter(hook="on_error", job_id__in=[j.pk for j in batch]).count() == 3
+
+
+@pytest.mark.worker
 def test_hung_broker_fails_the_job_within_seconds(own_redis_broker, user) -> None:
     server, _app = own_redis_broker
     JobHandler.create_and_start(user, "scripted", steps=1)
@@ -463,7 +521,7 @@ def test_broker_down_fails_every_job_of_a_batch(transactional_db, settings, user
         "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
     }
     app = Celery("tf-tests-wrong-port-batch", broker=f"redis://127.0.0.1:{free_port()}/0")
-    with current_celery_app(app), pytest.raises(DispatchError):
+    with current_celery_app(app), pytest.raises(DispatchError, match="3 jobs .* could not all"):
         JobHandler.create_and_start_many(user, "scripted", [{}, {}, {}])
     app.close()
 
