@@ -257,13 +257,15 @@ def publish_batch(producer: Producer, count: int) -> contextlib.AbstractContextM
     ends (kombu 5.7's ``Producer.batch()``; on Redis, one pipeline). Its own publishes for a
     single message, a transport that cannot batch, or an older kombu.
 
-    A batch that fails raises once for all its messages, and some of them may have reached
-    the broker: the caller fails every job of it that has not started.
+    kombu sends a long batch a thousand commands at a time (on Redis, a message is one). A
+    batch that fails raises once for all its messages, and some of them may have reached the
+    broker: the caller fails every job of it that has not started.
     """
     batch = getattr(producer, "batch", None)
     if count < 2 or batch is None:
         return contextlib.nullcontext()
-    return cast("contextlib.AbstractContextManager[Any]", batch(max_size=count))
+    context: contextlib.AbstractContextManager[Any] = batch()
+    return context
 
 
 def keep_one_redis_client(channel: Any) -> None:
