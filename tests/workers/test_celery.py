@@ -417,6 +417,38 @@ def test_a_thread_sends_all_its_messages_through_one_redis_client(
 
 
 @pytest.mark.worker
+def test_a_thread_binds_each_queue_to_its_channel_once(
+    own_redis_broker, user, settings, monkeypatch
+) -> None:
+    import redis
+    from kombu.abstract import MaybeChannelBound
+
+    # Given a queue's name, kombu binds a copy of Celery's queue (and its exchange) to the
+    # channel for every message; the executor keeps the queue it bound after the first send.
+    bound = []
+    original_bind = MaybeChannelBound.bind
+
+    def counting_bind(self, *args, **kwargs):
+        bound.append(self)
+        return original_bind(self, *args, **kwargs)
+
+    _server, app = own_redis_broker
+    JobHandler.create_and_start(user, "scripted", steps=1)
+    monkeypatch.setattr(MaybeChannelBound, "bind", counting_bind)
+    jobs = [JobHandler.create_and_start(user, "scripted", steps=1) for _ in range(5)]
+    monkeypatch.undo()
+
+    assert bound == []
+    queue = settings.TASK_FERRY["CELERY_QUEUE"]
+    port = app.connection_for_write().port
+    messages = [json.loads(m) for m in redis.Redis(port=port).lrange(queue, 0, -1)]
+    assert len(messages) == 6
+    # Routed as before: the queue's name as routing key, on the default exchange.
+    assert {(m["properties"]["delivery_info"]["routing_key"]) for m in messages} == {queue}
+    assert {state_of(job.pk) for job in jobs} == {"pending"}
+
+
+@pytest.mark.worker
 @pytest.mark.skipif(not hasattr(Producer, "batch"), reason="kombu before 5.7 has no batches")
 def test_a_batch_of_jobs_reaches_a_redis_broker_in_one_write(
     own_redis_broker, user, settings, monkeypatch
