@@ -168,33 +168,39 @@ class CeleryExecutor(BaseExecutor):
                         ignore_result=True,
                     )
         except Exception as exc:
-            # kombu raises OperationalError, but transports leak their own errors too. In a
-            # batch, some messages may have reached the broker: failing their jobs is still
-            # safe, as a worker only runs a job that is pending.
+            # kombu raises OperationalError, but transports leak their own errors too.
             self._drop_connection()
-            reason = describe_error(exc)
-            for job_id, _type_name, queue in messages:
-                self._fail_unsent(job_id, queue, reason)
-            # Jobs of the same commit whose callbacks Django drops after this exception.
-            for other_id, other_queue in list(awaiting.items()):
-                self._fail_unsent(other_id, other_queue, reason)
-            awaiting.clear()
-            job_id, _type_name, queue = messages[0]
-            if len(messages) == 1:
-                what, outcome = f"Job {job_id} could not", "The job was marked failed."
-            else:
-                what = f"{len(messages)} jobs (ids {job_id} to {messages[-1][0]}) could not all"
-                outcome = "Each of them that had not started was marked failed."
-            raise DispatchError(
-                f"{what} be sent to the Celery queue {queue!r} at {connection.as_uri()}: "
-                f"{reason.rstrip('.')}. {outcome} Check that the broker is running."
-            ) from exc
+            raise self._dispatch_failed(messages, connection, exc) from exc
         # Once sent, the job is dispatched: nothing here may fail it.
         try:
             self._bind_queues(app, producer, {queue for _id, _type, queue in messages})
         except Exception:
             logger.debug("Could not keep Celery's queues bound", exc_info=True)
         keep_one_redis_client(producer.channel)
+
+    def _dispatch_failed(
+        self, messages: list[Message], connection: Connection, exc: Exception
+    ) -> DispatchError:
+        """Fail the jobs of a send that raised, and those of the same commit that Django will
+        not send after it; the error for the caller. In a batch, some messages may have
+        reached the broker: failing their jobs is still safe, as a worker only runs a job that
+        is pending."""
+        reason = describe_error(exc)
+        awaiting = self._awaiting_jobs()
+        unsent = [(job_id, queue) for job_id, _type_name, queue in messages]
+        for job_id, queue in [*unsent, *awaiting.items()]:
+            self._fail_unsent(job_id, queue, reason)
+        awaiting.clear()
+        job_id, queue = unsent[0]
+        if len(unsent) == 1:
+            what, outcome = f"Job {job_id} could not", "The job was marked failed."
+        else:
+            what = f"{len(unsent)} jobs (ids {job_id} to {unsent[-1][0]}) could not all"
+            outcome = "Each of them that had not started was marked failed."
+        return DispatchError(
+            f"{what} be sent to the Celery queue {queue!r} at {connection.as_uri()}: "
+            f"{reason.rstrip('.')}. {outcome} Check that the broker is running."
+        )
 
     def _connection(self, app: Celery) -> tuple[Connection, Producer]:
         """This thread's broker connection, with timeouts on every socket operation, and its
