@@ -384,22 +384,30 @@ def test_a_broker_restart_between_two_jobs_is_ridden_out(own_redis_broker, user,
 
 
 @pytest.mark.worker
-def test_a_thread_sends_all_its_messages_through_one_redis_client(
+def test_after_its_first_send_a_thread_builds_nothing_per_message(
     own_redis_broker, user, settings, monkeypatch
 ) -> None:
     import redis
+    from kombu.abstract import MaybeChannelBound
 
-    # kombu's Redis transport builds a redis-py client per message; the executor keeps one.
+    # kombu's Redis transport builds a redis-py client per message, and binds a copy of the
+    # queue (and its exchange) to the channel; the executor keeps one client and bound queue.
     built = []
     original_init = redis.Redis.__init__
+    original_bind = MaybeChannelBound.bind
 
     def counting_init(self, *args, **kwargs):
         built.append(self)
         original_init(self, *args, **kwargs)
 
+    def counting_bind(self, *args, **kwargs):
+        built.append(self)
+        return original_bind(self, *args, **kwargs)
+
     _server, app = own_redis_broker
     JobHandler.create_and_start(user, "scripted", steps=1)
     monkeypatch.setattr(redis.Redis, "__init__", counting_init)
+    monkeypatch.setattr(MaybeChannelBound, "bind", counting_bind)
     jobs = [JobHandler.create_and_start(user, "scripted", steps=1) for _ in range(5)]
     monkeypatch.undo()
 
@@ -409,43 +417,13 @@ def test_a_thread_sends_all_its_messages_through_one_redis_client(
     messages = [json.loads(m) for m in redis.Redis(port=port).lrange(queue, 0, -1)]
     assert len(messages) == 6
     assert {state_of(job.pk) for job in jobs} == {"pending"}
+    # Routed as Celery routes a queue's name: on the default exchange, the name as routing key.
+    assert {m["properties"]["delivery_info"]["routing_key"] for m in messages} == {queue}
     # Monitoring tools (Flower, celery events) show the arguments as Celery would write them.
     shown = {m["headers"]["argsrepr"]: m["headers"] for m in messages}
     for job in jobs:
         headers = shown[saferepr((job.pk, "scripted"))]
         assert (headers["task"], headers["kwargsrepr"]) == (RUN_JOB_TASK, saferepr({}))
-
-
-@pytest.mark.worker
-def test_a_thread_binds_each_queue_to_its_channel_once(
-    own_redis_broker, user, settings, monkeypatch
-) -> None:
-    import redis
-    from kombu.abstract import MaybeChannelBound
-
-    # Given a queue's name, kombu binds a copy of Celery's queue (and its exchange) to the
-    # channel for every message; the executor keeps the queue it bound after the first send.
-    bound = []
-    original_bind = MaybeChannelBound.bind
-
-    def counting_bind(self, *args, **kwargs):
-        bound.append(self)
-        return original_bind(self, *args, **kwargs)
-
-    _server, app = own_redis_broker
-    JobHandler.create_and_start(user, "scripted", steps=1)
-    monkeypatch.setattr(MaybeChannelBound, "bind", counting_bind)
-    jobs = [JobHandler.create_and_start(user, "scripted", steps=1) for _ in range(5)]
-    monkeypatch.undo()
-
-    assert bound == []
-    queue = settings.TASK_FERRY["CELERY_QUEUE"]
-    port = app.connection_for_write().port
-    messages = [json.loads(m) for m in redis.Redis(port=port).lrange(queue, 0, -1)]
-    assert len(messages) == 6
-    # Routed as before: the queue's name as routing key, on the default exchange.
-    assert {(m["properties"]["delivery_info"]["routing_key"]) for m in messages} == {queue}
-    assert {state_of(job.pk) for job in jobs} == {"pending"}
 
 
 @pytest.mark.worker
