@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from django.utils import timezone
 from kombu import Producer
 
 from task_ferry.exceptions import DispatchError
+from task_ferry.executors.base import get_executor
 from task_ferry.executors.celery import RUN_JOB_TASK, CeleryExecutor, beat_schedule
 from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat, Job
@@ -381,6 +383,52 @@ def test_a_broker_restart_between_two_jobs_is_ridden_out(own_redis_broker, user,
     finally:
         restarted.terminate()
         restarted.wait(5)
+
+
+@pytest.mark.worker
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
+def test_a_rabbitmq_connection_closed_by_the_broker_is_ridden_out(
+    transactional_db, settings, user
+) -> None:
+    queue = unique_queue("closed-by-broker")
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+        "CELERY_QUEUE": queue,
+    }
+    app = Celery("tf-tests-closed-by-broker", broker=celery_fixtures.BROKER_URLS["amqp"])
+    try:
+        with current_celery_app(app):
+            jobs = [JobHandler.create_and_start(user, "scripted", steps=1) for _ in range(2)]
+            # The broker closes the executor's connection (a RabbitMQ restart, a network blip,
+            # an operator); the executor only finds out at its next send.
+            _app, _pid, executor_connection, _producer = get_executor()._local.connection
+            local_port = executor_connection.connection.sock.getsockname()[1]
+            subprocess.run(
+                ["rabbitmqctl", "close_connection", rabbitmq_connection_from(local_port), "test"],
+                check=True,
+                capture_output=True,
+            )
+            jobs += [JobHandler.create_and_start(user, "scripted", steps=1) for _ in range(2)]
+        with app.connection_for_write() as connection:
+            channel = connection.channel()
+            assert channel.queue_declare(queue, passive=True).message_count == 4
+            channel.queue_delete(queue)
+    finally:
+        app.close()
+    assert {state_of(job.pk) for job in jobs} == {"pending"}
+
+
+def rabbitmq_connection_from(local_port: int) -> str:
+    """The process id RabbitMQ gives the connection from this machine's ``local_port``."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_connections", "--no-table-headers", "--quiet", "pid", "name"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    [pid] = [line.split("\t")[0] for line in listed if f"\t127.0.0.1:{local_port} -> " in line]
+    return pid
 
 
 @pytest.mark.worker
