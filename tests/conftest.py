@@ -1,7 +1,16 @@
+import sys
+
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.cache import caches
 from rest_framework.test import APIClient
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leave the shared RabbitMQ without this run's queues."""
+    celery_fixtures = sys.modules.get("tests.workers.celery_fixtures")
+    if celery_fixtures is not None:
+        celery_fixtures.delete_session_queues()
 
 
 @pytest.fixture

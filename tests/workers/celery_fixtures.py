@@ -33,8 +33,29 @@ BROKER_URLS = {
 WORKER_START_TIMEOUT = 30
 
 
+# Every queue name this session handed out, for delete_session_queues().
+SESSION_QUEUES: set[str] = set()
+
+
 def unique_queue(name: str) -> str:
-    return f"tf-{SESSION}-{name}"
+    queue = f"tf-{SESSION}-{name}"
+    SESSION_QUEUES.add(queue)
+    return queue
+
+
+def delete_session_queues() -> None:
+    """Delete this session's queues from RabbitMQ, which keeps declared queues (empty or
+    not) until they are deleted; on Redis a queue is a list, gone once empty."""
+    if not SESSION_QUEUES:
+        return
+    app = Celery("tf-tests-cleanup", broker=BROKER_URLS["amqp"], set_as_current=False)
+    try:
+        with app.connection_for_write() as conn, contextlib.suppress(Exception):
+            channel = conn.channel()
+            for queue in sorted(SESSION_QUEUES):
+                channel.queue_delete(queue)
+    finally:
+        app.close()
 
 
 def worker_env(broker_url: str, **extra: str) -> dict[str, str]:
