@@ -105,16 +105,18 @@ class CeleryExecutor(BaseExecutor):
         self._local = threading.local()
 
     def enqueue(self, job_id: int) -> None:
-        type_name = self.type_of(job_id)
-        self._dispatch_on_commit([(job_id, type_name, self.queue_for(type_name))])
+        self._dispatch_on_commit([self._message(job_id, self.type_of(job_id))])
 
     def enqueue_job(self, job: Job) -> None:
-        # The handler holds the job: its type gives the queue without a query.
-        self._dispatch_on_commit([(job.pk, job.type, self.queue_for(job.type))])
+        self.enqueue_jobs([job])
 
     def enqueue_jobs(self, jobs: list[Job]) -> None:
-        # One callback sends them all, in one round trip where kombu batches publishes.
-        self._dispatch_on_commit([(job.pk, job.type, self.queue_for(job.type)) for job in jobs])
+        # The handler holds the jobs: their type gives the queue without a query. One callback
+        # sends them all, in one round trip where kombu batches publishes.
+        self._dispatch_on_commit([self._message(job.pk, job.type) for job in jobs])
+
+    def _message(self, job_id: int, type_name: str) -> Message:
+        return (job_id, type_name, self.queue_for(type_name))
 
     def queue_for(self, type_name: str) -> str:
         from task_ferry.registry import job_type_registry
@@ -222,29 +224,28 @@ class CeleryExecutor(BaseExecutor):
         return connection, producer
 
     def _bound_queues(self, producer: Producer) -> dict[str, Any]:
-        """Celery's queues this thread has sent to, by name, bound to the producer's current
-        channel (empty after a reconnect). Given a queue's name, kombu binds a copy of the
-        queue to the channel for every message, and drops it: a tenth of ``create_and_start``'s
-        CPU time."""
-        queues: dict[str, Any] = getattr(self._local, "queues", None) or {}
-        if queues and next(iter(queues.values())).channel is not producer.channel:
-            queues = {}
-        self._local.queues = queues
-        return queues
+        """Celery's queues this thread has sent to, by name, bound to the producer's channel;
+        empty before the first send and after a reconnect. Given a queue's name, kombu binds a
+        copy of the queue to the channel for every message, and drops it: a tenth of
+        ``create_and_start``'s CPU time."""
+        channel, queues = getattr(self._local, "queues", None) or (None, {})
+        # Only a thread that has sent holds bound queues, so its producer's channel is open.
+        return queues if queues and channel is producer.channel else {}
 
     def _bind_queues(self, app: Celery, producer: Producer, names: set[str]) -> None:
         """After a send, when the producer's channel is open: bind the queues it went to."""
-        queues = self._bound_queues(producer)
         channel = producer.channel
         if channel is None:
             return
+        queues = self._bound_queues(producer)
         for name in names - queues.keys():
             queues[name] = app.amqp.queues[name].bind(channel)
+        self._local.queues = (channel, queues)
 
     def _drop_connection(self) -> None:
         cached = getattr(self._local, "connection", None)
         self._local.connection = None
-        self._local.queues = {}
+        self._local.queues = None
         if cached is not None and cached[1] == os.getpid():
             with contextlib.suppress(Exception):
                 cached[2].release()
