@@ -233,7 +233,8 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         if not self.policy.can_cancel(request, job):
             raise NotFound(str(JobDoesNotExist(pk)))
         job = JobHandler.cancel_job(job)
-        return Response(public_job(job_snapshot(job)))
+        # A running job is only asked to stop: until it does, its progress is in the store.
+        return Response(public_job(newest_snapshot(job) if job.is_live else job_snapshot(job)))
 
     def _job_type(self, name: Any) -> JobType:
         if name is None or name == "":

@@ -386,6 +386,16 @@ def test_cancel_a_running_job_asks_it_to_stop(api, user, store, hold):
     assert store.is_cancel_requested(job.pk)
 
 
+def test_cancel_of_a_running_job_answers_with_its_live_progress(api, user, store, hold):
+    job = start(create(user, steps=5))
+    live = job_snapshot(job)
+    live.update(progress_percentage=61, progress_state="step 3 of 5")
+    store.write(job.pk, live)
+    body = api.post(f"{URL}{job.pk}/cancel/").json()
+    assert (body["state"], body["progress_percentage"]) == ("started", 61)
+    assert body["progress_state"] == "step 3 of 5"
+
+
 def test_cancel_an_ended_job_changes_nothing(api, user):
     job = create(user, steps=1)
     response = api.post(f"{URL}{job.pk}/cancel/")
