@@ -18,6 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any, cast
 
 from django.core.checks import CheckMessage, Error
+from django.core.checks import Warning as CheckWarning
 from django.db import router, transaction
 
 from task_ferry.conf import ferry_settings
@@ -271,8 +272,12 @@ class CeleryExecutor(BaseExecutor):
                     id="task_ferry.E010",
                 )
             ]
-        if get_celery_app() is None:
+        app = get_celery_app()
+        if app is None:
             return [Error(NO_APP_MESSAGE, hint=NO_APP_HINT, id="task_ferry.E010")]
+        # Environment variables included: CELERY_BROKER_WRITE_URL, then CELERY_BROKER_URL.
+        if not app.conf.broker_write_url:
+            return [CheckWarning(NO_BROKER_MESSAGE, hint=NO_BROKER_HINT, id="task_ferry.W011")]
         return []
 
 
@@ -330,6 +335,15 @@ def keep_one_redis_client(channel: Any) -> None:
 
 
 NO_APP_MESSAGE = "TASK_FERRY['EXECUTOR'] is the CeleryExecutor, but no Celery app is configured."
+NO_BROKER_MESSAGE = (
+    "The Celery app has no broker URL, so jobs go to Celery's default broker, "
+    "amqp://guest@localhost//."
+)
+NO_BROKER_HINT = (
+    'Set CELERY_BROKER_URL in your settings (e.g. "redis://127.0.0.1:6379/1"; celery.py reads '
+    'it with config_from_object("django.conf:settings", namespace="CELERY")), or pass broker= '
+    "to Celery()."
+)
 NO_APP_HINT = (
     "Create your Celery app in <project>/celery.py and import it in <project>/__init__.py "
     "(see docs/executors.md), so it exists once Django has started."

@@ -612,6 +612,22 @@ def test_check_reports_celery_not_installed(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_check_passes_with_the_project_app() -> None:
+    app = Celery("tf-tests-check", set_as_current=False, broker="redis://127.0.0.1:6379/14")
+    with current_celery_app(app):
+        assert CeleryExecutor().check() == []
+    app.close()
+
+
+def test_check_warns_of_an_app_without_a_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Celery would send every job to amqp://guest@localhost// without saying so.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERY_BROKER_WRITE_URL", raising=False)
     with current_celery_app(Celery("tf-tests-check", set_as_current=False)) as app:
+        [warning] = CeleryExecutor().check()
+        assert warning.id == "task_ferry.W011"
+        assert "amqp://guest@localhost//" in warning.msg
+        assert "CELERY_BROKER_URL" in warning.hint
+        # The variable Celery reads from the environment counts as configured.
+        monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:6379/14")
         assert CeleryExecutor().check() == []
     app.close()
