@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,9 +36,12 @@ from tests.testapp.models import HookCall, Marker, ScriptedJob
 from tests.waiting import wait_for
 from tests.workers import celery_fixtures
 from tests.workers.celery_fixtures import (
+    BROKER_URLS,
+    CeleryProcess,
     CeleryWorker,
     current_celery_app,
     start_celery,
+    start_worker,
     unique_queue,
     worker_env,
 )
@@ -110,6 +115,63 @@ def test_running_job_is_cancelled(celery_executor: CeleryWorker, user) -> None:
     assert 0 <= cancelled.progress_percentage < 100
     assert not Marker.objects.filter(name="cancelled-run").exists()
     wait_for(lambda: hook_calls(job.pk, "on_cancelled") == 1)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def two_workers(request, settings, transactional_db) -> Iterator[list[CeleryProcess]]:
+    """Two workers of one process each on one queue, as on two hosts: they share nothing but
+    the broker, the database and the progress store."""
+    broker = request.param
+    queue = unique_queue(f"two-hosts-{broker}")
+    app = Celery(f"tf-tests-two-{broker}", broker=BROKER_URLS[broker], set_as_current=False)
+    workers = [start_worker(BROKER_URLS[broker], [queue], concurrency=1) for _ in range(2)]
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+        "CELERY_QUEUE": queue,
+    }
+    try:
+        with current_celery_app(app):
+            yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
+        CeleryWorker(broker, queue, workers[0], app).purge(queue)
+        app.close()
+
+
+def jobs_received(worker: CeleryProcess) -> int:
+    return len(re.findall(r"Task task_ferry\.run_job\[[^\]]+\] received", worker.log()))
+
+
+@pytest.mark.worker
+def test_two_workers_share_a_queue_and_a_cancel_reaches_each_job_where_it_runs(
+    two_workers: list[CeleryProcess], user
+) -> None:
+    first, second = (
+        JobHandler.create_and_start(user, "scripted", steps=400, tick_delay=0.05) for _ in range(2)
+    )
+    wait_for_state(first.pk, "started")
+    wait_for_state(second.pk, "started")
+    # One process and one message at a time each (worker_prefetch_multiplier = 1, acks_late):
+    # the worker running the first job cannot hold the second.
+    assert [jobs_received(worker) for worker in two_workers] == [1, 1]
+
+    for job in (first, second):
+        JobHandler.cancel(user, job.pk)
+    for job in (first, second):
+        ended = wait_for_state(job.pk, "cancelled", "finished", "failed", timeout=5)
+        assert ended.state == "cancelled"
+        wait_for(lambda job=job: hook_calls(job.pk, "on_cancelled") == 1)
+
+    # A fan-out spreads over both workers and runs once.
+    jobs = JobHandler.create_and_start_many(
+        user, "scripted", [{"steps": 2, "tick_delay": 0.02}] * 20
+    )
+    for job in jobs:
+        assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    taken = [jobs_received(worker) - 1 for worker in two_workers]
+    assert sum(taken) == 20 and min(taken) > 0, taken
 
 
 @pytest.mark.worker
