@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +29,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from task_ferry.api.hub import get_hub
+from task_ferry.api.hub import EventHub, get_hub
 from task_ferry.api.permissions import IsJobOwner, get_permission_class
 from task_ferry.api.serializers import is_final, public_job
 from task_ferry.api.views import visible_snapshot
@@ -134,21 +134,46 @@ def render_published(raw: bytes) -> tuple[bytes, bool]:
     return job_event(snapshot), is_final(snapshot)
 
 
-async def live_events(
+async def open_live_stream(
     store: RedisProgressStore, job_id: int, first: dict[str, Any]
-) -> AsyncIterator[bytes]:
-    """The stream: current state, then every published snapshot until the job ends."""
-    keepalive = float(ferry_settings.SSE_KEEPALIVE)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + float(ferry_settings.SSE_MAX_DURATION)
+) -> AsyncIterator[bytes] | None:
+    """The job's live stream, subscribed and with its first event ready; None when Redis
+    cannot be reached (the caller answers the polling fallback instead)."""
     hub = get_hub(store.url)
     channel = store.events_channel(job_id)
     try:
         queue = await hub.subscribe(channel)
     except (redis.RedisError, OSError) as exc:
         logger.warning("Job %s: event stream without Redis: %s", job_id, exc)
-        yield retry_field(POLL_RETRY_MS) + job_event(first)
-        return
+        return None
+    events = live_events(hub, store, job_id, channel, queue, first)
+    # Started here, so its unsubscribing runs however the response ends, even if never sent.
+    opening = await anext(events)
+    return prepend(opening, events)
+
+
+async def prepend(chunk: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    try:
+        yield chunk
+        async for more in rest:
+            yield more
+    finally:
+        await rest.aclose()
+
+
+async def live_events(
+    hub: EventHub,
+    store: RedisProgressStore,
+    job_id: int,
+    channel: str,
+    queue: asyncio.Queue[bytes | None],
+    first: dict[str, Any],
+) -> AsyncGenerator[bytes, None]:
+    """The stream of a subscribed ``queue``: current state, then every published snapshot
+    until the job ends. Unsubscribes when it ends."""
+    keepalive = float(ferry_settings.SSE_KEEPALIVE)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + float(ferry_settings.SSE_MAX_DURATION)
     try:
         try:
             # Read after subscribing, so no change falls between the two.
@@ -209,6 +234,8 @@ async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
         and isinstance(store, RedisProgressStore)
         and not is_final(snapshot)
     ):
-        return event_stream_response(live_events(store, snapshot["id"], snapshot), "live")
+        stream = await open_live_stream(store, snapshot["id"], snapshot)
+        if stream is not None:
+            return event_stream_response(stream, "live")
     retry = POLL_RETRY_MS if not is_final(snapshot) else LIVE_RETRY_MS
     return event_stream_response(retry_field(retry) + job_event(snapshot), "poll")

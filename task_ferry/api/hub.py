@@ -35,6 +35,8 @@ class EventHub:
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        # Unsubscribes of cancelled subscriptions, kept referenced until they are done.
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def subscribe(self, channel: str) -> asyncio.Queue[bytes | None]:
         """A queue of what is published on ``channel`` from now on; ``None`` in it means the
@@ -49,7 +51,8 @@ class EventHub:
                     if self._pubsub is None:
                         self._pubsub = self.client.pubsub()
                     await self._pubsub.subscribe(channel)
-                except (redis.RedisError, OSError):
+                except BaseException:
+                    # Cancelled too (the client went away): leave no listener behind.
                     self._forget(channel, queue)
                     raise
                 if self._reader is None or self._reader.done():
@@ -61,7 +64,16 @@ class EventHub:
         except (TimeoutError, redis.RedisError, OSError) as exc:
             await self.unsubscribe(channel, queue)
             raise redis.ConnectionError(f"Subscription to {channel} failed: {exc!r}") from exc
+        except asyncio.CancelledError:
+            # Awaiting the unsubscribe here could be cancelled in turn: hand it to a task.
+            self._forget_later(channel, queue)
+            raise
         return queue
+
+    def _forget_later(self, channel: str, queue: asyncio.Queue[bytes | None]) -> None:
+        task = asyncio.get_running_loop().create_task(self.unsubscribe(channel, queue))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def unsubscribe(self, channel: str, queue: asyncio.Queue[bytes | None]) -> None:
         async with self._lock:

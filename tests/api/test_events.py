@@ -1,6 +1,7 @@
 """``GET /<id>/events/``: Server-Sent Events under ASGI, the polling fallback under WSGI."""
 
 import asyncio
+import contextlib
 import json
 import shutil
 import threading
@@ -14,6 +15,8 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.test import AsyncClient, Client
 
+from task_ferry.api import hub as hub_module
+from task_ferry.api.hub import EventHub
 from task_ferry.handler import JobHandler
 from task_ferry.snapshot import job_snapshot
 from tests.api.conftest import create, needs_redis, start
@@ -264,16 +267,57 @@ def test_a_stream_ends_when_redis_stops_and_the_next_one_polls_from_the_database
         rest = "".join([chunk.decode() async for chunk in stream])
         took = time.monotonic() - began
         again = await client.get(url(job))
-        body = "".join([chunk.decode() async for chunk in again.streaming_content])
-        return head, rest, took, again, body
+        return head, rest, took, again, again.content.decode()
 
     head, rest, took, again, body = run_async(scenario)
     assert parse_events(head)[1][1]["progress_percentage"] == 50
     assert "event: end" not in rest and took < 5
     assert again.status_code == 200
+    # Without Redis there is no subscription: the answer says it is the polling fallback.
+    assert again["X-Task-Ferry-Stream"] == "poll"
     events = parse_events(body)
     assert events[0] == ("retry", 2000)
     # The progress was only in the store (as mid-transaction progress is): this is the row.
     data = events[1][1]
     assert (data["id"], data["state"], data["progress_percentage"]) == (job.pk, "started", 0)
     assert len(events) == 2
+
+
+@needs_redis
+def test_a_subscription_cancelled_midway_leaves_nothing_behind(monkeypatch):
+    """A client that goes away while its stream subscribes cancels the subscription; the hub
+    keeps no listener for it, and the next stream of the job subscribes normally."""
+    monkeypatch.setattr(hub_module, "SUBSCRIBE_TIMEOUT", 1.0)
+
+    async def scenario():
+        hub = EventHub(django_settings.TASK_FERRY["REDIS_URL"])
+        channel = "tf-tests:events:cancelled-midway"
+        try:
+            outcomes = []
+            # Cancelled while connecting, then while waiting for Redis to confirm (a stalled
+            # reader stands in for a slow Redis).
+            for stalled in (False, True):
+                if stalled:
+                    hub._reader = asyncio.create_task(asyncio.sleep(60))
+                subscribing = asyncio.create_task(hub.subscribe(channel))
+                await asyncio.sleep(0.2 if stalled else 0)
+                subscribing.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await subscribing
+                await asyncio.sleep(0.1)  # the handed-off unsubscribe
+                outcomes.append(dict(hub._queues))
+            hub._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hub._reader
+            queue = await hub.subscribe(channel)
+            await hub.client.publish(channel, b"after")
+            received = await asyncio.wait_for(queue.get(), 2)
+            await hub.unsubscribe(channel, queue)
+            return outcomes, received, dict(hub._queues)
+        finally:
+            await hub.client.aclose()
+
+    outcomes, received, left = asyncio.run(scenario())
+    assert outcomes == [{}, {}]
+    assert received == b"after"
+    assert left == {}
