@@ -134,9 +134,10 @@ class Job(models.Model):
 
 class Heartbeat(models.Model):
     """Proof of life of a started job, kept apart from the job row so that a job's own open
-    transaction (which may lock its row) never delays it."""
+    transaction (which may lock its row) never delays it. No foreign-key constraint in the
+    database: its check would wait on that lock (deleting a job still deletes its heartbeat)."""
 
-    job = models.OneToOneField(Job, primary_key=True, on_delete=models.CASCADE)
+    job = models.OneToOneField(Job, primary_key=True, on_delete=models.CASCADE, db_constraint=False)
     worker = models.CharField(max_length=255)
     beat_at = models.DateTimeField(default=timezone.now, db_index=True)
 

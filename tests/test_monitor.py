@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from task_ferry.handler import JobHandler
-from task_ferry.models import Job
+from task_ferry.models import Heartbeat, Job
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH, cancel_token
 from task_ferry.stores.base import get_store
@@ -228,6 +228,22 @@ def test_cancel_returns_while_the_job_holds_its_row_lock(transactional_db, user,
     row = ScriptedJob.objects.get(pk=job.pk)
     assert (row.state, row.result) == ("cancelled", "")
     assert HookCall.objects.filter(job_id=job.pk, hook="on_cancelled").count() == 1
+
+
+@needs_concurrent_writers
+def test_a_job_holding_its_row_lock_delays_neither_heartbeats_nor_cancel_requests(
+    transactional_db, user, gated, settings
+):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_INTERVAL": 0.1}
+    thread, job = start_halfway(gated, user, steps=20, lock_own_row=True)
+    # The first beat inserts the job's heartbeat row while the job's transaction locks its row.
+    wait_until(lambda: Heartbeat.objects.filter(job_id=job.pk).exists(), "a heartbeat")
+    get_store().request_cancel(job.pk, token=cancel_token(job))
+    wait_until(lambda: gated.progress.cancel_requested, "the cancel request reached the job")
+    assert thread.is_alive()
+    gated.release.set()
+    thread.finish()
+    assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
 
 
 def test_a_label_longer_than_the_column_is_truncated(db, user, monkeypatch):
