@@ -23,6 +23,7 @@ from task_ferry.models import Job, JobState
 from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, job_type_registry
+from task_ferry.snapshot import storable
 
 logger = logging.getLogger("task_ferry")
 
@@ -174,7 +175,8 @@ class JobRun:
     ) -> None:
         percentage, label = watch.stop()
         reconnect_if_broken()
-        error = f"{type(exc).__name__}: {exc}"
+        # An error text the database refuses would leave the job started: made storable.
+        error = storable(f"{type(exc).__name__}: {exc}")
         human = getattr(exc, "human_readable_error", None) or (
             DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
         )
@@ -185,8 +187,8 @@ class JobRun:
             progress_percentage=percentage,
             progress_state=label,
             error=error[:2000],
-            human_readable_error=str(human),
-            traceback="".join(traceback.format_exception(exc)),
+            human_readable_error=storable(str(human)),
+            traceback=storable("".join(traceback.format_exception(exc))),
         ):
             return
         publish(job)

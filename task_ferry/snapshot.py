@@ -39,9 +39,14 @@ def isoformat(value: datetime.datetime | None) -> str | None:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
+def storable(text: str) -> str:
+    """``text`` as every database stores it: PostgreSQL refuses NUL characters in text."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def truncate_state(label: object) -> str:
     """The label as it fits the ``progress_state`` column: longer ones are cut, not refused."""
-    text = label if isinstance(label, str) else str(label)
+    text = storable(label if isinstance(label, str) else str(label))
     if len(text) <= STATE_LABEL_MAX_LENGTH:
         return text
     return text[: STATE_LABEL_MAX_LENGTH - 1] + "…"

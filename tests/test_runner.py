@@ -54,6 +54,35 @@ def test_exception_can_carry_a_message_for_users(db, user, monkeypatch):
     assert job.human_readable_error == "The file could not be read. Upload it again."
 
 
+@pytest.mark.parametrize("where", ["error", "label"])
+def test_a_nul_character_in_an_error_or_a_label_still_ends_the_job(
+    transactional_db, user, monkeypatch, where
+):
+    # PostgreSQL refuses NUL in text: the job's own end would raise and leave it started.
+    def run(self, job, progress):
+        progress.increment(10, state="Read a\x00b.csv")
+        if where == "error":
+            raise ValueError("bad record: 'a\x00b'")
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    if where == "error":
+        with pytest.raises(ValueError, match="bad record"):
+            JobHandler.create_and_start(user, "scripted")
+    else:
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == ("failed" if where == "error" else "finished")
+    assert job.progress_state == "Read a\ufffdb.csv"
+    if where == "error":
+        assert job.error == "ValueError: bad record: 'a\ufffdb'"
+        assert "\x00" not in job.traceback
+        # The hook gets the exception as it was raised.
+        assert [str(e) for e in errors] == ["bad record: 'a\x00b'"]
+
+
 def fail_elsewhere(job_id):
     """The stale-job sweep failing a job that is still running, from its own thread and
     database connection; returns once it has."""
