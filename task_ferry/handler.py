@@ -156,6 +156,13 @@ def publish(job: Job) -> None:
         )
 
 
+def publish_as_stored(job: Job) -> None:
+    """``publish()`` the job as its row stands: a run that failed or was stopped may have
+    changed the instance with writes that were rolled back."""
+    stored = type(job)._default_manager.filter(pk=job.pk).first()
+    publish(job if stored is None else stored)
+
+
 def parse_job_id(job_id: Any) -> int:
     """The id as an int; anything that is not a positive integer does not exist."""
     if isinstance(job_id, bool):
@@ -430,8 +437,12 @@ class JobHandler:
         return job
 
     @staticmethod
-    def _after_cancelled(job: Job) -> None:
-        publish(job)
+    def _after_cancelled(job: Job, *, ran: bool = False) -> None:
+        """Publish the cancelled job, then run its hook; ``ran``: its run changed the instance."""
+        if ran:
+            publish_as_stored(job)
+        else:
+            publish(job)
         job_type = job_type_registry.get(job.type)
         try:
             job_type.on_cancelled(job)

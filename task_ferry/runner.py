@@ -18,7 +18,13 @@ from django.db import DatabaseError, connection, transaction
 
 from task_ferry import signals
 from task_ferry.exceptions import JobCancelled, JobFenced
-from task_ferry.handler import JobHandler, publish, start_and_load, transition
+from task_ferry.handler import (
+    JobHandler,
+    publish,
+    publish_as_stored,
+    start_and_load,
+    transition,
+)
 from task_ferry.models import Job, JobState
 from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
@@ -104,6 +110,8 @@ class JobRun:
                 "Job %s was ended elsewhere while it ran; its work was rolled back.", job.pk
             )
             job.refresh_from_db(fields=["state", "error", "human_readable_error", "finished_at"])
+            # Its monitor may have published it live over the other party's end.
+            publish_as_stored(job)
             return job
         except Exception as exc:
             # Django replaces the connection when rolling back on it failed: it broke.
@@ -162,7 +170,10 @@ class JobRun:
             progress_state=label,
         )
         if moved:
-            JobHandler._after_cancelled(job)
+            JobHandler._after_cancelled(job, ran=True)
+        else:
+            # Ended elsewhere (by the stale-job sweep): the store shows what the row says.
+            publish_as_stored(job)
 
     def _end_failed(
         self,
@@ -190,8 +201,9 @@ class JobRun:
             human_readable_error=storable(str(human)),
             traceback=storable("".join(traceback.format_exception(exc))),
         ):
+            publish_as_stored(job)
             return
-        publish(job)
+        publish_as_stored(job)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, error, exc_info=exc)
         try:
             job_type.on_error(job, exc)

@@ -6,6 +6,7 @@ from django.db import connection
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
 from task_ferry.registry import job_type_registry
+from task_ferry.stores.base import get_store
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 
 
@@ -113,6 +114,40 @@ def test_a_job_ended_elsewhere_while_running_keeps_that_end_and_loses_its_work(
     assert (row.state, row.error, row.result) == ("failed", "lost", "")
     assert not Marker.objects.exists()
     assert not HookCall.objects.exists()
+    # Whatever its monitor published meanwhile, the store ends with the sweep's end.
+    assert get_store().read(job.pk)["state"] == "failed"
+
+
+@pytest.mark.parametrize("end", ["failed", "cancelled"])
+def test_an_ended_jobs_snapshot_shows_its_row_not_the_writes_rolled_back(
+    transactional_db, user, api, monkeypatch, end
+):
+    seen_by_hook = []
+
+    def run(self, job, progress):
+        job.result = "written, then rolled back"
+        job.save(update_fields=["result"])
+        if end == "cancelled":
+            progress.request_cancel()
+            progress.increment()
+        raise RuntimeError("boom")
+
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    monkeypatch.setattr(job_type, "on_cancelled", lambda self, job: seen_by_hook.append(job.result))
+    if end == "failed":
+        with pytest.raises(RuntimeError):
+            JobHandler.create_and_start(user, "scripted")
+    else:
+        JobHandler.create_and_start(user, "scripted")
+    row = ScriptedJob.objects.get()
+    assert (row.state, row.result) == (end, "")
+    assert get_store().read(row.pk)["fields"]["result"] == ""
+    body = api.get(f"/api/jobs/{row.pk}/").json()
+    assert (body["state"], body["result"]) == (end, "")
+    if end == "cancelled":
+        # The hook still sees what the run did, to clean up after it.
+        assert seen_by_hook == ["written, then rolled back"]
 
 
 def test_a_job_runs_at_most_once(db, user, monkeypatch):
