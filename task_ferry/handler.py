@@ -616,11 +616,15 @@ class JobHandler:
         # Loaded after the commit, so it carries the failed state.
         specific = job.specific
         publish(specific)
-        job_type = job_type_registry.get(job.type)
-        try:
-            job_type.on_error(specific, exc)
-        except Exception:
-            logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
+        if job.type in job_type_registry:
+            job_type = job_type_registry.get(job.type)
+            try:
+                job_type.on_error(specific, exc)
+            except Exception:
+                logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
+        else:
+            # Its type was removed: the job is failed all the same, without a hook to run.
+            logger.warning("Job %s: no job type %r to run on_error of.", job.pk, job.type)
         signals.emit(signals.job_failed, specific, exc=exc)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, exc)
 

@@ -17,7 +17,7 @@ import traceback
 from django.db import DatabaseError, connection, transaction
 
 from task_ferry import signals
-from task_ferry.exceptions import JobCancelled, JobFenced
+from task_ferry.exceptions import JobCancelled, JobFenced, JobTypeDoesNotExist
 from task_ferry.handler import (
     JobHandler,
     publish,
@@ -81,7 +81,11 @@ class JobRun:
             # Cancelled before it started, or already taken by another delivery.
             logger.info("Job %s is not pending; not running it.", self.job_id)
             return None
-        job_type = job_type_registry.get(job.type)
+        try:
+            job_type = job_type_registry.get(job.type)
+        except JobTypeDoesNotExist as exc:
+            self._end_unknown_type(job, exc)
+            raise
         progress = Progress()
         # Inside a caller's transaction no other connection sees the job, so there is nobody
         # to beat for (and the monitor's own connection could not write the heartbeat).
@@ -157,6 +161,25 @@ class JobRun:
             if job is not None and job.type == self.job_type_name:
                 return job
         return Job.objects.get(pk=self.job_id).specific
+
+    @staticmethod
+    def _end_unknown_type(job: Job, exc: JobTypeDoesNotExist) -> None:
+        """Fail a job whose type this worker does not have (removed, or not deployed here yet):
+        left started, nothing would run it until the sweep."""
+        error = (
+            f"The worker that took this job has no job type {job.type!r} ({exc}) Run the same "
+            f"code in workers as where jobs are created."
+        )
+        if transition(
+            job,
+            JobState.FAILED,
+            from_states=[JobState.STARTED],
+            error=error,
+            human_readable_error=GENERIC_FAILURE,
+        ):
+            publish_as_stored(job)
+            logger.error("Job %s failed: %s", job.pk, error)
+            signals.emit(signals.job_failed, job, exc=exc)
 
     def _end_cancelled(self, job: Job, job_type: JobType, watch: Watch) -> None:
         percentage, label = watch.stop()

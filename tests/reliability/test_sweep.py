@@ -11,9 +11,11 @@ from django.core.management import CommandError, call_command
 from django.db import connections, transaction
 from django.utils import timezone
 
-from task_ferry.exceptions import MaxJobCountExceeded
+from task_ferry.exceptions import JobTypeDoesNotExist, MaxJobCountExceeded
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
+from task_ferry.registry import job_type_registry
+from task_ferry.stores.base import get_store
 from tests.reliability.helpers import hook_calls, needs_row_locks, start_lost_job, state_of
 
 pytestmark = pytest.mark.django_db
@@ -124,6 +126,59 @@ def test_a_hook_that_raises_does_not_stop_the_sweep(queueing, user, monkeypatch,
     assert JobHandler.sweep_stale_jobs() == 3
     assert [state_of(j) for j in jobs] == ["failed"] * 3
     assert caplog.text.count("on_error hook") == 3
+
+
+@pytest.fixture
+def retired_type():
+    """A job type whose jobs outlive it: registered to create them, then removed, as by a
+    deploy that dropped it (or a worker that does not have it yet)."""
+    from tests.testapp.job_types import ScriptedJobType
+
+    class RetiredJobType(ScriptedJobType):
+        type = "retired"
+
+    job_type_registry.register(RetiredJobType)
+    yield lambda: job_type_registry.unregister("retired")
+    if "retired" in job_type_registry:
+        job_type_registry.unregister("retired")
+
+
+def test_a_worker_without_the_jobs_type_fails_it_with_a_clear_error(queueing, user, retired_type):
+    job = JobHandler.create_and_start(user, "retired")
+    retired_type()
+    with pytest.raises(JobTypeDoesNotExist):
+        JobHandler.run_job(job.pk, job_type_name="retired")
+    job = Job.objects.get(pk=job.pk)
+    assert job.state == "failed"
+    assert "has no job type 'retired'" in job.error
+    assert get_store().read(job.pk)["state"] == "failed"
+
+
+def test_a_stale_job_of_a_removed_type_is_failed_with_the_others(queueing, user, retired_type):
+    retired = start_lost_job(user, "retired")
+    retired_type()
+    other = start_lost_job(user)
+    assert JobHandler.sweep_stale_jobs() == 2
+    assert (state_of(retired), state_of(other)) == ("failed", "failed")
+    assert hook_calls(other, "on_error") == 1
+
+
+def test_the_long_lived_sweeper_outlives_a_failing_sweep(queueing, monkeypatch, capsys):
+    from task_ferry.management.commands import task_ferry_sweep
+
+    outcomes = iter([RuntimeError("a bug in a hook"), 0])
+
+    def sweep():
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        raise KeyboardInterrupt  # the second round ran: the command's own way out
+
+    monkeypatch.setattr(JobHandler, "sweep_stale_jobs", sweep)
+    monkeypatch.setattr(task_ferry_sweep.time, "sleep", lambda seconds: None)
+    call_command("task_ferry_sweep", interval=0.1)
+    assert "Sweep failed, retrying in 0.1s: a bug in a hook" in capsys.readouterr().err
+    assert next(outcomes, "all used") == "all used"
 
 
 def test_command_sweeps_once(queueing, user, capsys):

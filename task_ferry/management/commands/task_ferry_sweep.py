@@ -5,14 +5,17 @@ Run it from cron every minute, or as a long-lived process with ``--interval``.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, close_old_connections
+from django.db import close_old_connections
 
 from task_ferry.conf import ferry_settings
 from task_ferry.handler import JobHandler
+
+logger = logging.getLogger("task_ferry")
 
 
 class Command(BaseCommand):
@@ -48,8 +51,10 @@ class Command(BaseCommand):
                 close_old_connections()
                 try:
                     self._sweep_once()
-                except DatabaseError as exc:
-                    # Keep the sweeper alive through a database outage; retry next round.
+                except Exception as exc:
+                    # Keep the sweeper alive through a database outage or a bug in a hook;
+                    # retry next round.
+                    logger.exception("task_ferry_sweep: a sweep failed")
                     self.stderr.write(f"Sweep failed, retrying in {interval:g}s: {exc}")
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
