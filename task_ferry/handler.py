@@ -164,8 +164,12 @@ def publish_as_stored(job: Job) -> None:
 
 
 def parse_job_id(job_id: Any) -> int:
-    """The id as an int; anything that is not a positive integer does not exist."""
-    if isinstance(job_id, bool):
+    """The id as an int; anything that is not a positive integer does not exist. Text must be
+    plain digits: not "+5", " 5", "05" or "0_5", which int() would take."""
+    if isinstance(job_id, bool) or (
+        isinstance(job_id, str)
+        and not (job_id.isascii() and job_id.isdigit() and not job_id.startswith("0"))
+    ):
         raise JobDoesNotExist(job_id)
     try:
         value = int(job_id)

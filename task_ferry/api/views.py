@@ -42,8 +42,8 @@ STATE_GROUPS: dict[str, tuple[str, ...]] = {
     "ended": tuple(str(s) for s in ENDED_STATES),
     **{str(s): (str(s),) for s in JobState},
 }
-# Keyword names of create_and_start itself, which job values cannot use.
-RESERVED_VALUE_NAMES = frozenset({"user", "job_type_name"})
+# Parameter names of create_and_start itself, which job values cannot use.
+RESERVED_VALUE_NAMES = frozenset({"cls", "user", "job_type_name"})
 
 _created_jobs: ContextVar[list[Job] | None] = ContextVar("task_ferry_created_jobs", default=None)
 
@@ -202,6 +202,10 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         )
         serializer.is_valid(raise_exception=True)
         extras = {key: value for key, value in values.items() if key not in serializer.fields}
+        # A name the serializer already fills from another field (its ``source``).
+        clashing = sorted(extras.keys() & serializer.validated_data.keys())
+        if clashing:
+            raise ValidationError({name: ["Unknown field."] for name in clashing})
         with capture_created_jobs() as created:
             try:
                 job = JobHandler.create_and_start(
@@ -297,6 +301,10 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
         return stored
     job = visible_job(policy, request, job_id, pk)
     snapshot = job_snapshot(job)
+    if job.is_live and stored is not None:
+        # Without fields (its type's serializer failed), the stored snapshot still has the
+        # progress, which the row does not have until the job ends.
+        snapshot.update(stored)
     # A pending job has none until its first poll: store it, so the next polls need no query.
     # Not for an ended job (its snapshot is written when it ends; one that expired is not worth
     # storing again), not when the store holds an older one (it would refuse), and not when the

@@ -61,6 +61,16 @@ def test_a_malformed_id_is_404(api, user, bad_id):
     assert api.get(f"{URL}{bad_id}/events/").status_code == 404
 
 
+@pytest.mark.parametrize("prefix", ["+", "0", "%20"])
+def test_an_own_jobs_id_in_another_spelling_is_404(api, user, prefix):
+    # int() takes "+5", "05" and " 5"; ids in URLs are plain digits.
+    job = create(user, steps=1)
+    assert api.get(f"{URL}{job.pk}/").status_code == 200
+    assert api.get(f"{URL}{prefix}{job.pk}/").status_code == 404
+    assert api.post(f"{URL}{prefix}{job.pk}/cancel/").status_code == 404
+    assert api.get(f"{URL}{prefix}{job.pk}/events/").status_code == 404
+
+
 def test_staff_see_only_their_own_jobs_by_default(staff, foreign_jobs):
     client = client_for(staff)
     for job in foreign_jobs:

@@ -192,6 +192,7 @@ def test_create_rejects_fields_the_type_does_not_have(api, user):
         ({"type": "scripted", "state": "finished"}, "state"),
         ({"type": "scripted", "user": 2}, "user"),
         ({"type": "scripted", "job_type_name": "x"}, "job_type_name"),
+        ({"type": "scripted", "cls": 1}, "cls"),
     ]:
         response = api.post(URL, body, format="json")
         assert response.status_code == 400, body
@@ -345,6 +346,44 @@ def test_a_poll_never_replaces_the_snapshot_a_run_wrote_meanwhile(user, store, h
         "started",
         40,
     )
+
+
+def test_a_running_jobs_progress_shows_when_its_types_serializer_fails(
+    api, user, store, hold, monkeypatch
+):
+    class NeedsRequest(serializers.ModelSerializer):
+        class Meta:
+            model = ScriptedJob
+            fields = ["steps"]
+
+        def to_representation(self, instance):
+            return {"steps": instance.steps, "by": self.context["request"].user.pk}
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "serializer_class", NeedsRequest)
+    # Without the request, the snapshots have no fields: the monitor's, and the row's.
+    job = start(create(user, steps=5), percentage=40, label="step 2 of 5")
+    assert "fields" not in store.read(job.pk)
+    body = api.get(f"{URL}{job.pk}/").json()
+    assert (body["state"], body["progress_percentage"]) == ("started", 40)
+
+
+def test_create_refuses_a_value_named_like_the_source_of_another_field(
+    api, user, hold, monkeypatch
+):
+    class Renamed(serializers.ModelSerializer):
+        stepCount = serializers.IntegerField(source="steps")
+
+        class Meta:
+            model = ScriptedJob
+            fields = ["stepCount"]
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "serializer_class", Renamed)
+    response = api.post(URL, {"type": "scripted", "stepCount": 2, "steps": 3}, format="json")
+    assert (response.status_code, response.json()) == (400, {"steps": ["Unknown field."]})
+    assert not Job.objects.exists()
+    response = api.post(URL, {"type": "scripted", "stepCount": 2}, format="json")
+    assert response.status_code == 201
+    assert ScriptedJob.objects.get().steps == 2
 
 
 def test_an_ended_jobs_poll_stores_no_snapshot(api, user, store, hold):
