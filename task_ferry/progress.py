@@ -129,10 +129,10 @@ class Progress:
     def track(self, iterable: Iterable[T], state: str | None = None) -> Iterator[T]:
         """Yield from ``iterable``, incrementing by one after each item.
 
-        A sized iterable (``len()`` works) on a node that has not counted anything yet sets
-        the node's total first.
+        A sized iterable (``len()`` works) on a node that has not counted anything yet, and
+        has no children (whose worth a new total would rescale), sets the node's total first.
         """
-        if isinstance(iterable, Sized) and self.done == 0:
+        if isinstance(iterable, Sized) and self.done == 0 and self._children == (0, []):
             self.total = len(iterable)
         increment = self.increment
         for item in iterable:

@@ -122,6 +122,15 @@ def test_track_sets_total_from_a_sized_iterable_and_ticks_after_each_item():
     assert progress.state == "tracking"
 
 
+def test_track_on_a_node_with_children_keeps_its_total_so_progress_never_goes_back():
+    progress = Progress()
+    progress.create_child(represents=20, total=1).increment(state="Fetched rows")
+    assert progress.percentage == 20
+    seen = [progress.percentage for _row in progress.track(range(50), state="Writing")]
+    assert seen == sorted(seen) and seen[0] == 20
+    assert progress.total == 100 and progress.percentage == 70
+
+
 def test_track_keeps_the_total_for_an_unsized_iterable():
     stage = Progress().create_child(represents=100, total=10)
     assert list(stage.track(iter(range(5)))) == [0, 1, 2, 3, 4]
