@@ -441,9 +441,10 @@ class JobHandler:
         return job
 
     @staticmethod
-    def _after_cancelled(job: Job, *, ran: bool = False) -> None:
-        """Publish the cancelled job, then run its hook; ``ran``: its run changed the instance."""
-        if ran:
+    def _after_cancelled(job: Job, *, as_stored: bool = False) -> None:
+        """Publish the cancelled job (``as_stored``: from its row, which its run's changes to the
+        instance did not reach), then run its hook."""
+        if as_stored:
             publish_as_stored(job)
         else:
             publish(job)

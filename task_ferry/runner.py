@@ -11,8 +11,11 @@ back. The moves to ``started`` and ``cancelled`` do not wait for the disk (see
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import traceback
+from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
@@ -62,6 +65,21 @@ def nothing_to_commit() -> bool:
     return bool(connection.connection.info.transaction_status == 0)
 
 
+@functools.cache
+def own_attnames(model: type[Job]) -> tuple[str, ...]:
+    """The columns a job type's model adds to ``Job``."""
+    base = {field.attname for field in Job._meta.concrete_fields}
+    return tuple(f.attname for f in model._meta.concrete_fields if f.attname not in base)
+
+
+def own_values(job: Job) -> tuple[Any, ...]:
+    """The job's own field values, containers copied, to tell later whether a run changed them."""
+    return tuple(
+        copy.deepcopy(value) if isinstance(value, dict | list | set) else value
+        for value in (getattr(job, name) for name in own_attnames(type(job)))
+    )
+
+
 class JobRun:
     def __init__(
         self, job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
@@ -86,6 +104,7 @@ class JobRun:
         except JobTypeDoesNotExist as exc:
             self._end_unknown_type(job, exc)
             raise
+        self._own_values = own_values(job)
         progress = Progress()
         # Inside a caller's transaction no other connection sees the job, so there is nobody
         # to beat for (and the monitor's own connection could not write the heartbeat).
@@ -162,6 +181,11 @@ class JobRun:
                 return job
         return Job.objects.get(pk=self.job_id).specific
 
+    def _run_changed(self, job: Job) -> bool:
+        """Whether the run changed the job's own fields on the instance: their writes, if any,
+        were rolled back, so the instance no longer shows the row."""
+        return own_values(job) != self._own_values
+
     @staticmethod
     def _end_unknown_type(job: Job, exc: JobTypeDoesNotExist) -> None:
         """Fail a job whose type this worker does not have (removed, or not deployed here yet):
@@ -193,7 +217,7 @@ class JobRun:
             progress_state=label,
         )
         if moved:
-            JobHandler._after_cancelled(job, ran=True)
+            JobHandler._after_cancelled(job, as_stored=self._run_changed(job))
         else:
             # Ended elsewhere (by the stale-job sweep): the store shows what the row says.
             publish_as_stored(job)
@@ -226,7 +250,10 @@ class JobRun:
         ):
             publish_as_stored(job)
             return
-        publish_as_stored(job)
+        if self._run_changed(job):
+            publish_as_stored(job)
+        else:
+            publish(job)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, error, exc_info=exc)
         try:
             job_type.on_error(job, exc)
