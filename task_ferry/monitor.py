@@ -57,6 +57,7 @@ class Watch:
         "job",
         "progress",
         "published",
+        "published_at",
         "snapshot",
     )
 
@@ -70,6 +71,8 @@ class Watch:
         self.snapshot: dict[str, Any] | None = None
         #: The numbers last published; None until the start snapshot has been.
         self.published: tuple[int, str] | None = None
+        #: When they were (``time.monotonic()``).
+        self.published_at = 0.0
         #: Whether the store was asked for a cancel request made before the monitor listened.
         self.cancel_checked = False
         self.cancel_token = cancel_token(job)
@@ -146,9 +149,13 @@ class JobMonitor:
     def _publish(self, store: ProgressStore) -> None:
         with self._lock:
             batch: dict[Watch, tuple[int, str]] = {}
+            # A job whose numbers stay put for long is published again before its snapshot
+            # expires: a poll would otherwise get the row, which has no progress until the end.
+            now = time.monotonic()
+            stale_before = now - store.timeout / 2
             for watch in self._watches.values():
                 current = watch.current()
-                if current != watch.published:
+                if current != watch.published or watch.published_at < stale_before:
                     batch[watch] = current
             if not batch:
                 return
@@ -170,6 +177,7 @@ class JobMonitor:
             self._report_store_up()
             for watch, current in batch.items():
                 watch.published = current
+                watch.published_at = now
 
     def _report_store_down(self, exc: Exception) -> None:
         # Once per outage: a warning per interval would flood the logs.

@@ -231,6 +231,22 @@ def test_cancel_returns_while_the_job_holds_its_row_lock(transactional_db, user,
 
 
 @needs_concurrent_writers
+def test_a_job_whose_progress_stays_put_keeps_its_snapshot_past_the_store_timeout(
+    transactional_db, user, api, gated, settings
+):
+    # Snapshots expire after PROGRESS_CACHE_TIMEOUT; a job parked at 50 % for longer than that
+    # is published again before its snapshot goes, instead of showing the row's 0 %.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "PROGRESS_CACHE_TIMEOUT": 1}
+    thread, job = start_halfway(gated, user, steps=20)
+    wait_until(lambda: (get_store().read(job.pk) or {}).get("progress_percentage") == 50, "50%")
+    for _ in range(6):
+        time.sleep(0.4)
+        assert api.get(f"/api/jobs/{job.pk}/").json()["progress_percentage"] == 50
+    gated.release.set()
+    thread.finish()
+
+
+@needs_concurrent_writers
 def test_a_job_holding_its_row_lock_delays_neither_heartbeats_nor_cancel_requests(
     transactional_db, user, gated, settings
 ):
