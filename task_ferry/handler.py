@@ -17,7 +17,7 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import DataError, IntegrityError, router, transaction
+from django.db import DatabaseError, DataError, IntegrityError, router, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.db.models.deletion import Collector
 from django.utils import timezone
@@ -161,6 +161,34 @@ def publish_as_stored(job: Job) -> None:
     changed the instance with writes that were rolled back."""
     stored = type(job)._default_manager.filter(pk=job.pk).first()
     publish(job if stored is None else stored)
+
+
+@contextlib.contextmanager
+def only_one(name: str) -> Iterator[bool]:
+    """Whether this process holds the database-wide lock ``name`` until the block ends: an
+    advisory lock on PostgreSQL, ``GET_LOCK()`` on MySQL and MariaDB; always True on SQLite,
+    which has one writer anyway. Released when the block ends, or with the connection."""
+    connection = transaction.get_connection(router.db_for_write(Job))
+    if connection.vendor == "postgresql":
+        take = "SELECT pg_try_advisory_lock(hashtext(%s))"
+        release = "SELECT pg_advisory_unlock(hashtext(%s))"
+    elif connection.vendor == "mysql":
+        take, release = "SELECT GET_LOCK(%s, 0)", "SELECT RELEASE_LOCK(%s)"
+        # Its locks are server-wide: one per database.
+        name = f"{name}:{connection.settings_dict['NAME']}"
+    else:
+        yield True
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(take, [name])
+        taken = bool(cursor.fetchone()[0])
+    try:
+        yield taken
+    finally:
+        if taken:
+            # A connection that broke meanwhile took the lock with it.
+            with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+                cursor.execute(release, [name])
 
 
 def parse_job_id(job_id: Any) -> int:
@@ -469,17 +497,22 @@ class JobHandler:
         cutoff = cls.expiry_cutoff(older_than)
         deleted = 0
         last_id = 0
-        while True:
-            batch = list(
-                Job.objects.expired(cutoff)
-                .filter(pk__gt=last_id)
-                .order_by("pk")
-                .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
-            )
-            if not batch:
-                return deleted
-            last_id = batch[-1][0]
-            deleted += cls._delete_batch(batch, cutoff)
+        with only_one("task_ferry.cleanup_old_jobs") as alone:
+            if not alone:
+                # Both would call before_delete for the same jobs (cron and beat, say).
+                logger.warning("cleanup_old_jobs: another cleanup is running; this one stops.")
+                return 0
+            while True:
+                batch = list(
+                    Job.objects.expired(cutoff)
+                    .filter(pk__gt=last_id)
+                    .order_by("pk")
+                    .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
+                )
+                if not batch:
+                    return deleted
+                last_id = batch[-1][0]
+                deleted += cls._delete_batch(batch, cutoff)
 
     @staticmethod
     def _delete_batch(batch: list[tuple[int, str, int]], cutoff: datetime.datetime) -> int:

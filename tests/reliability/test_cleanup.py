@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
+import time
 import tracemalloc
 from collections import Counter
 
@@ -103,3 +105,40 @@ def test_cleanup_leaves_jobs_younger_than_the_expiry_alone(user, before_delete_c
     assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=5)) == 20
     assert set(Job.objects.values_list("pk", flat=True)) == set(young)
     assert set(before_delete_calls) == set(old)
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
+@pytest.mark.django_db(transaction=True)
+def test_two_cleanups_at_once_call_before_delete_once_per_job(user, monkeypatch):
+    # Cron and Celery beat both scheduled, say: the second finds the first running and stops.
+    calls: Counter[int] = Counter()
+    first_hook = threading.Event()
+
+    def before_delete(self, job):
+        calls[job.pk] += 1
+        first_hook.set()
+        time.sleep(0.002)
+
+    for job_type in job_type_registry.all():
+        monkeypatch.setattr(type(job_type), "before_delete", before_delete)
+    expired = bulk_jobs(300)
+    results: list[int] = []
+
+    def cleanup():
+        try:
+            results.append(JobHandler.cleanup_old_jobs())
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=cleanup)
+    first.start()
+    assert first_hook.wait(10)
+    cleanup()  # meanwhile, on this thread's own connection
+    first.join(30)
+
+    assert sorted(results) == [0, 300]
+    assert calls == Counter({pk: 1 for pk in expired})
+    assert not Job.objects.filter(pk__in=expired).exists()
+    # The lock was released: the next cleanup runs.
+    more = bulk_jobs(10)
+    assert JobHandler.cleanup_old_jobs() == len(more)
