@@ -247,9 +247,10 @@ class JobAdmin(JobModelAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        if term.isdigit():
+        if term.isascii() and term.isdigit():
             # A number is a job id: one primary key lookup, however large the table.
-            return queryset.filter(pk=int(term)), False
+            job_id = int(term)
+            return queryset.filter(pk=job_id) if job_id < 2**63 else queryset.none(), False
         users = get_user_model()._default_manager.filter(
             Q(username__icontains=term) | Q(email__icontains=term)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from importlib import import_module
 from types import ModuleType
@@ -31,18 +32,19 @@ def check_settings(
                 id="task_ferry.E002",
             )
         )
-    for name, minimum in (
-        ("PROGRESS_CACHE_TIMEOUT", 1),
-        ("JOB_EXPIRY_DAYS", 0),
-        ("PUBLISH_INTERVAL", 0.001),
-        ("HEARTBEAT_INTERVAL", 0.1),
-        ("HEARTBEAT_TIMEOUT", 1),
-    ):
+    refused = set()
+    for name, minimum, maximum, kind in NUMBERS:
         value = getattr(ferry_settings, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        if value is None and name in MAY_BE_NONE:
+            continue
+        if not is_number(value, kind) or not minimum <= value <= maximum:
+            refused.add(name)
+            what = "a whole number" if kind is int else "a number"
+            none = " or None" if name in MAY_BE_NONE else ""
             messages.append(
                 Error(
-                    f"TASK_FERRY[{name!r}] must be a number >= {minimum}, got {value!r}.",
+                    f"TASK_FERRY[{name!r}] must be {what} from {minimum} to {maximum:g}{none}, "
+                    f"got {value!r}.",
                     hint=f"Remove it to use the default, {DEFAULTS[name]!r}.",
                     id="task_ferry.E003",
                 )
@@ -57,7 +59,11 @@ def check_settings(
                 id="task_ferry.E004",
             )
         )
-    if ferry_settings.HEARTBEAT_TIMEOUT <= ferry_settings.HEARTBEAT_INTERVAL:
+    heartbeat_refused = refused & {"HEARTBEAT_TIMEOUT", "HEARTBEAT_INTERVAL"}
+    if (
+        not heartbeat_refused
+        and ferry_settings.HEARTBEAT_TIMEOUT <= ferry_settings.HEARTBEAT_INTERVAL
+    ):
         messages.append(
             Error(
                 "TASK_FERRY['HEARTBEAT_TIMEOUT'] must be larger than HEARTBEAT_INTERVAL, or "
@@ -66,7 +72,51 @@ def check_settings(
                 id="task_ferry.E005",
             )
         )
+    messages.extend(check_permission_class())
     return messages
+
+
+# Numeric settings: name, smallest and largest value, and int for whole numbers only.
+NUMBERS: tuple[tuple[str, float, float, type], ...] = (
+    # Redis takes whole seconds for a key's lifetime.
+    ("PROGRESS_CACHE_TIMEOUT", 1, 10 * 365 * 86400, int),
+    # A cutoff further back than the calendar goes cannot be computed.
+    ("JOB_EXPIRY_DAYS", 0, 36500, float),
+    ("PUBLISH_INTERVAL", 0.001, 3600, float),
+    ("HEARTBEAT_INTERVAL", 0.1, 86400, float),
+    ("HEARTBEAT_TIMEOUT", 1, 7 * 86400, float),
+    ("PENDING_TIMEOUT", 1, 365 * 86400, float),
+    ("SSE_KEEPALIVE", 0.1, 3600, float),
+    ("SSE_MAX_DURATION", 1, 86400, float),
+)
+MAY_BE_NONE = {"PENDING_TIMEOUT"}
+
+
+def is_number(value: object, kind: type) -> bool:
+    """A finite int (or, unless ``kind`` is int, float); never a bool."""
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def check_permission_class() -> list[CheckMessage]:
+    from django.utils.module_loading import import_string
+
+    path = ferry_settings.API_PERMISSION_CLASS
+    try:
+        import_string(path)
+    except (ImportError, TypeError, ValueError) as exc:
+        return [
+            Error(
+                f"TASK_FERRY['API_PERMISSION_CLASS'] = {path!r} cannot be imported: {exc}.",
+                hint="Fix the dotted path, e.g. task_ferry.api.permissions.IsJobOwnerOrStaff, "
+                "or remove it to use IsJobOwner.",
+                id="task_ferry.E008",
+            )
+        ]
+    return []
 
 
 # Modules an executor needs, and the extra that installs them.
@@ -102,6 +152,14 @@ def check_executor(
     from task_ferry.executors.base import check_executor as run_check
 
     path = ferry_settings.EXECUTOR
+    if not isinstance(path, str):
+        return [
+            Error(
+                f"TASK_FERRY['EXECUTOR'] must be a dotted path (a string), got {path!r}.",
+                hint='For example "task_ferry.executors.celery.CeleryExecutor".',
+                id="task_ferry.E001",
+            )
+        ]
     try:
         import_string(path)
     except ImportError as exc:
@@ -134,19 +192,40 @@ def check_store(
 ) -> list[CheckMessage]:
     from django.utils.module_loading import import_string
 
-    from task_ferry.stores.base import default_store_path, get_store
+    from task_ferry.stores.base import ProgressStore, default_store_path, get_store
 
+    path = default_store_path()
     try:
-        import_string(default_store_path())
-    except ImportError as exc:
+        store_class = import_string(path)
+    except (ImportError, TypeError, ValueError) as exc:
         return [
             Error(
-                f"The progress store {default_store_path()!r} cannot be imported: {exc}.",
+                f"The progress store {path!r} cannot be imported: {exc}.",
                 hint="Fix TASK_FERRY['PROGRESS_STORE'] or remove it.",
                 id="task_ferry.E006",
             )
         ]
-    return get_store().check()
+    if not (inspect.isclass(store_class) and issubclass(store_class, ProgressStore)):
+        return [
+            Error(
+                f"The progress store {path!r} is not a ProgressStore subclass.",
+                hint="Fix TASK_FERRY['PROGRESS_STORE'] or remove it.",
+                id="task_ferry.E006",
+            )
+        ]
+    try:
+        store = get_store()
+    except Exception as exc:
+        # A Redis URL without a scheme, say: every job and poll would fail the same way.
+        return [
+            Error(
+                f"The progress store {path!r} cannot be created: {exc}",
+                hint="Fix TASK_FERRY['REDIS_URL'] (e.g. redis://127.0.0.1:6379/0) or the "
+                "store's settings.",
+                id="task_ferry.E006",
+            )
+        ]
+    return store.check()
 
 
 @register()
@@ -157,8 +236,9 @@ def check_job_types(
 
     messages: list[CheckMessage] = []
     for job_type in job_type_registry.all():
-        if job_type.max_count is not None and (
-            not isinstance(job_type.max_count, int) or job_type.max_count < 1
+        max_count = job_type.max_count
+        if max_count is not None and (
+            isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1
         ):
             messages.append(
                 Error(

@@ -124,11 +124,38 @@ def test_e002_unknown_setting(ferry):
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("PROGRESS_CACHE_TIMEOUT", 0), ("JOB_EXPIRY_DAYS", "7"), ("PUBLISH_INTERVAL", True)],
+    [
+        ("PROGRESS_CACHE_TIMEOUT", 0),
+        # Redis refuses a fractional lifetime: every write would fail.
+        ("PROGRESS_CACHE_TIMEOUT", 1.5),
+        ("JOB_EXPIRY_DAYS", "7"),
+        # Its cutoff would fall before year 1.
+        ("JOB_EXPIRY_DAYS", 10_000_000),
+        ("PUBLISH_INTERVAL", True),
+        ("PENDING_TIMEOUT", "3600"),
+        ("PENDING_TIMEOUT", -5),
+        ("SSE_KEEPALIVE", "soon"),
+        ("SSE_MAX_DURATION", None),
+        ("HEARTBEAT_INTERVAL", float("nan")),
+    ],
 )
 def test_e003_setting_that_is_not_a_number_in_range(ferry, name, value):
     ferry(**{name: value})
     assert name in only("task_ferry.E003").msg
+
+
+def test_pending_timeout_may_be_none(ferry):
+    ferry(PENDING_TIMEOUT=None)
+    assert ferry_messages() == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"HEARTBEAT_INTERVAL": "10"}, {"HEARTBEAT_TIMEOUT": "60"}, {"HEARTBEAT_TIMEOUT": None}],
+)
+def test_a_heartbeat_setting_that_is_not_a_number_is_e003_and_no_crash(ferry, values):
+    ferry(**values)
+    assert ids(ferry_messages()) == ["task_ferry.E003"]
 
 
 @pytest.mark.parametrize("value", [0, -1, "5", 2.5])
@@ -147,9 +174,39 @@ def test_e006_progress_store_that_does_not_import(ferry):
     assert "myproject.stores.Nope" in only("task_ferry.E006").msg
 
 
-def test_e007_bad_max_count(monkeypatch):
+def test_e006_progress_store_that_is_not_a_store(ferry):
+    ferry(PROGRESS_STORE="collections.OrderedDict")
+    assert "not a ProgressStore" in only("task_ferry.E006").msg
+
+
+def test_e006_redis_url_without_its_scheme(ferry):
+    ferry(REDIS_URL="127.0.0.1:6379", PROGRESS_STORE=None)
+    message = only("task_ferry.E006")
+    assert "cannot be created" in message.msg and "redis://" in message.hint
+
+
+def test_e001_executor_given_as_a_class(ferry):
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    ferry(EXECUTOR=ImmediateExecutor)
+    assert "must be a dotted path" in only("task_ferry.E001").msg
+
+
+def test_e008_api_permission_class_that_does_not_import(ferry):
+    ferry(API_PERMISSION_CLASS="myproject.permissions.Nope")
+    assert "myproject.permissions.Nope" in only("task_ferry.E008").msg
+
+
+def test_e009_cache_alias_not_in_caches(ferry):
+    ferry(REDIS_URL=None, PROGRESS_STORE=None, CACHE_ALIAS="progress")
+    message = only("task_ferry.E009")
+    assert "'progress'" in message.msg and "default" in message.hint
+
+
+@pytest.mark.parametrize("value", [0, True, "2"])
+def test_e007_bad_max_count(monkeypatch, value):
     job_type = job_type_registry.get("limited")
-    monkeypatch.setattr(type(job_type), "max_count", 0)
+    monkeypatch.setattr(type(job_type), "max_count", value)
     assert only("task_ferry.E007").obj is type(job_type)
 
 

@@ -78,6 +78,12 @@ def test_bad_age_says_what_to_write(db, text):
         call_command("task_ferry_cleanup", older_than=text)
 
 
+@pytest.mark.parametrize("text", ["36501d", "3000000d", "99999999999d"])
+def test_an_age_too_far_back_is_refused(db, text):
+    with pytest.raises(CommandError, match="too far back"):
+        call_command("task_ferry_cleanup", older_than=text)
+
+
 def test_cleanup_dry_run_deletes_nothing(aged_jobs):
     out = run("task_ferry_cleanup", "--dry-run", "--older-than", "3d")
     assert "Would delete 3 ended job(s)" in out
@@ -232,6 +238,13 @@ def test_watch_redraws_bars_on_a_terminal(live_jobs, monkeypatch):
     assert frames[2] == "No pending or running jobs.\n"
 
 
-def test_jobs_rejects_bad_interval(db):
+@pytest.mark.parametrize("interval", ["0", "nan", "inf"])
+def test_jobs_rejects_bad_interval(db, interval):
     with pytest.raises(CommandError, match="--interval"):
-        call_command("task_ferry_jobs", "--watch", "--interval", "0")
+        call_command("task_ferry_jobs", "--watch", "--interval", interval)
+
+
+@pytest.mark.parametrize("interval", ["0", "nan", "inf"])
+def test_sweep_rejects_bad_interval(db, interval):
+    with pytest.raises(CommandError, match="--interval"):
+        call_command("task_ferry_sweep", "--interval", interval)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache
+from django.core.checks import CheckMessage, Error
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
@@ -71,3 +73,15 @@ class CacheProgressStore(ProgressStore):
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
         if keys:
             self._call("delete_many", keys)
+
+    def check(self) -> list[CheckMessage]:
+        if self.alias not in settings.CACHES:
+            return [
+                Error(
+                    f"TASK_FERRY['CACHE_ALIAS'] is {self.alias!r}, which is not in CACHES: "
+                    f"progress and cancel requests would go nowhere.",
+                    hint=f"Use one of {sorted(settings.CACHES)}, or set TASK_FERRY['REDIS_URL'].",
+                    id="task_ferry.E009",
+                )
+            ]
+        return []

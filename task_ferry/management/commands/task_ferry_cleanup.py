@@ -17,6 +17,10 @@ AGE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "": "days"}
 
 
+# The checks refuse a longer JOB_EXPIRY_DAYS: a cutoff before year 1 cannot be computed.
+MAX_AGE = datetime.timedelta(days=36500)
+
+
 def parse_age(text: str) -> datetime.timedelta:
     """``"12h"``, ``"3d"``, ``"2w"``, ``"90m"``, ``"30s"``, or a bare number of days."""
     match = AGE_PATTERN.match(text)
@@ -26,7 +30,13 @@ def parse_age(text: str) -> datetime.timedelta:
             f"30s, 90m, 12h, 3d or 2w (a bare number means days)."
         )
     amount, unit = match.groups()
-    return datetime.timedelta(**{AGE_UNITS[unit]: float(amount)})
+    try:
+        age = datetime.timedelta(**{AGE_UNITS[unit]: float(amount)})
+    except OverflowError:
+        age = datetime.timedelta.max
+    if age > MAX_AGE:
+        raise CommandError(f"--older-than {text!r} is too far back: at most 36500 days.")
+    return age
 
 
 class Command(BaseCommand):

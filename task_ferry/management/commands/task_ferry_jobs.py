@@ -18,6 +18,8 @@ from task_ferry.stores.base import get_store
 
 # Cursor up to the first line of the previous frame, then clear to the end of the screen.
 REDRAW = "\x1b[{lines}F\x1b[J"
+# A day; also keeps nan and inf out (time.sleep refuses them).
+MAX_INTERVAL = 86400
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,8 +114,10 @@ class Command(BaseCommand):
         parser.add_argument("--plain", action="store_true", help="Plain lines even on a terminal.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["interval"] <= 0:
-            raise CommandError("--interval must be a number of seconds > 0.")
+        if not 0 < options["interval"] <= MAX_INTERVAL:
+            raise CommandError(
+                f"--interval must be a number of seconds > 0, at most {MAX_INTERVAL}."
+            )
         if options["limit"] < 1:
             raise CommandError("--limit must be at least 1.")
         self.job_type: str | None = options["job_type"]

@@ -17,6 +17,9 @@ from task_ferry.handler import JobHandler
 
 logger = logging.getLogger("task_ferry")
 
+# A day; also keeps nan and inf out (time.sleep refuses them).
+MAX_INTERVAL = 86400
+
 
 class Command(BaseCommand):
     help = (
@@ -35,8 +38,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, interval: float | None = None, **options: Any) -> None:
         self.verbosity = int(options.get("verbosity", 1))
-        if interval is not None and not interval > 0:
-            raise CommandError(f"--interval must be a number of seconds > 0, got {interval!r}.")
+        if interval is not None and not 0 < interval <= MAX_INTERVAL:
+            raise CommandError(
+                f"--interval must be a number of seconds > 0, at most {MAX_INTERVAL}; "
+                f"got {interval!r}."
+            )
         if interval is None:
             self._sweep_once()
             return
