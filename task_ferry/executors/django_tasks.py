@@ -137,11 +137,40 @@ class DjangoTasksExecutor(BaseExecutor):
         # The handler holds the job: its type gives queue and priority without a query.
         self._dispatch_on_commit(job.pk, job.type)
 
+    def enqueue_jobs(self, jobs: list[Job]) -> None:
+        if tasks_api is None:
+            raise TaskFerryImproperlyConfigured(_missing_api_message())
+        # One callback for the batch: when one job fails to enqueue, the rest are failed too
+        # (separate callbacks would stop at the first that raised, leaving the rest pending).
+        batch = [(job.pk, job.type) for job in jobs]
+        transaction.on_commit(functools.partial(self.dispatch_many, batch))
+
     def _dispatch_on_commit(self, job_id: int, type_name: str) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
         # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
         transaction.on_commit(functools.partial(self.dispatch, job_id, type_name))
+
+    def dispatch_many(self, batch: list[tuple[int, str]]) -> None:
+        """``dispatch()`` each (job id, type name) in turn. After a failure, every job after it
+        is marked failed too, and the ``DispatchError`` says so."""
+        for index, (job_id, type_name) in enumerate(batch):
+            try:
+                self.dispatch(job_id, type_name)
+            except DispatchError as exc:
+                rest = [later_id for later_id, _type_name in batch[index + 1 :]]
+                if not rest:
+                    raise
+                for later_id in rest:
+                    self._fail_undispatched(
+                        later_id,
+                        f"Job {later_id} was not handed to the django.tasks backend: job "
+                        f"{job_id} of the same batch could not be, before it",
+                    )
+                raise DispatchError(
+                    f"{exc} The {len(rest)} job(s) after it in the same batch (ids "
+                    f"{rest[0]} to {rest[-1]}) were marked failed too."
+                ) from exc.__cause__
 
     def dispatch(self, job_id: int, type_name: str) -> None:
         """Enqueue the job's task now. Raises ``DispatchError`` after marking the job failed.

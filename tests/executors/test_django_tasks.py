@@ -264,6 +264,28 @@ def test_queue_rejected_by_the_backend_fails_the_job(
 
 
 @requires_tasks
+def test_a_batch_the_backend_refuses_fails_every_job_of_it(
+    transactional_db, user, settings, alias, use_executor, DBTaskResult
+):
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
+    with pytest.raises(DispatchError, match=r"The 2 job\(s\) after it in the same batch"):
+        JobHandler.create_and_start_many(user, "routed", [{}, {}, {}])
+    assert list(Job.objects.values_list("state", flat=True)) == ["failed"] * 3
+    assert not DBTaskResult.objects.exists()
+
+
+@requires_tasks
+def test_a_batch_is_enqueued_on_commit_with_one_task_per_job(
+    transactional_db, user, use_executor, DBTaskResult
+):
+    with transaction.atomic():
+        jobs = JobHandler.create_and_start_many(user, "scripted", [{}, {}, {}])
+        assert not DBTaskResult.objects.exists()
+    enqueued = sorted(task.args_kwargs["args"][0] for task in DBTaskResult.objects.all())
+    assert enqueued == sorted(job.pk for job in jobs)
+
+
+@requires_tasks
 def test_failure_at_the_outer_commit_still_fails_the_job(
     transactional_db, user, settings, alias, use_executor
 ):
