@@ -129,8 +129,8 @@ class RedisCancelListener(CancelListener):
 
     def __init__(self, store: RedisProgressStore) -> None:
         self.store = store
-        # Subscribe confirmations are skipped here: redis-py would turn them into None, which
-        # looks like "nothing arrived" and would end a wait early.
+        # Not ignore_subscribe_messages: redis-py would turn a confirmation into None, which
+        # looks like "nothing arrived" and would end a wait early. wait() skips them instead.
         self.pubsub: PubSub = store.client.pubsub()
         try:
             self.pubsub.subscribe(store.cancel_channel)
