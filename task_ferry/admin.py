@@ -7,6 +7,7 @@ counts a large table: see ``EstimatedCountPaginator``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from collections.abc import Sequence
@@ -25,8 +26,8 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
-from task_ferry.handler import JobHandler
+from task_ferry.exceptions import JobDoesNotExist, JobTypeDoesNotExist, ProgressStoreUnavailable
+from task_ferry.handler import JobHandler, parse_job_id
 from task_ferry.models import Job, JobQuerySet, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
@@ -247,10 +248,9 @@ class JobAdmin(JobModelAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        if term.isascii() and term.isdigit():
-            # A number is a job id: one primary key lookup, however large the table.
-            job_id = int(term)
-            return queryset.filter(pk=job_id) if job_id < 2**63 else queryset.none(), False
+        with contextlib.suppress(JobDoesNotExist):
+            # A job id: one primary key lookup, however large the table.
+            return queryset.filter(pk=parse_job_id(term)), False
         users = get_user_model()._default_manager.filter(
             Q(username__icontains=term) | Q(email__icontains=term)
         )
@@ -294,11 +294,7 @@ class JobAdmin(JobModelAdmin):
     @admin.display(description="fields")
     def type_fields(self, job: Job) -> SafeString | str:
         specific = job.specific
-        own = [
-            f
-            for f in specific._meta.concrete_fields
-            if f.model is not Job and not getattr(f, "parent_link", False)
-        ]
+        own = type(specific).own_fields()
         if not own:
             return "-"
         rows = format_html_join(

@@ -102,12 +102,14 @@ class Job(models.Model):
         instance must not revive a job the sweep or a cancel has ended."""
         updating = not self._state.adding and not kwargs.get("force_insert")
         if updating and not args and kwargs.get("update_fields") is None:
-            kwargs["update_fields"] = [
-                f.name
-                for f in self._meta.concrete_fields
-                if f.model is not Job and not f.primary_key
-            ]
+            kwargs["update_fields"] = [f.name for f in self.own_fields()]
         super().save(*args, **kwargs)
+
+    @classmethod
+    def own_fields(cls) -> list[models.Field[Any, Any]]:
+        """The columns a job type's model adds to ``Job``, its link to the ``Job`` row left
+        out."""
+        return [f for f in cls._meta.concrete_fields if f.model is not Job and not f.primary_key]
 
     @property
     def is_live(self) -> bool:

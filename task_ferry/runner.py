@@ -67,9 +67,7 @@ def nothing_to_commit() -> bool:
 
 @functools.cache
 def own_attnames(model: type[Job]) -> tuple[str, ...]:
-    """The columns a job type's model adds to ``Job``."""
-    base = {field.attname for field in Job._meta.concrete_fields}
-    return tuple(f.attname for f in model._meta.concrete_fields if f.attname not in base)
+    return tuple(f.attname for f in model.own_fields())
 
 
 def own_values(job: Job) -> tuple[Any, ...]:

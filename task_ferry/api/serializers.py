@@ -60,13 +60,7 @@ class JobSerializer(serializers.Serializer[Any]):
 
 def own_field_names(model: type[Job]) -> list[str]:
     """Fields the job type's model adds to ``Job``, parent links left out."""
-    base = {f.name for f in Job._meta.concrete_fields}
-    return [
-        f.name
-        for f in model._meta.concrete_fields
-        if f.name not in base
-        and not (f.remote_field and getattr(f.remote_field, "parent_link", False))
-    ]
+    return [f.name for f in model.own_fields()]
 
 
 _derived: dict[type[Job], type[serializers.ModelSerializer[Any]]] = {}
