@@ -17,8 +17,9 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import display_for_field
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_user_model
+from django.core.exceptions import FieldDoesNotExist
 from django.core.paginator import Paginator
-from django.db import connections
+from django.db import connections, models
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
@@ -178,6 +179,22 @@ else:
     JobModelAdmin = admin.ModelAdmin
 
 
+def owner_search(term: str) -> Q | None:
+    """Users whose username or email (the user model's ``USERNAME_FIELD`` and ``EMAIL_FIELD``,
+    where they are text columns) contains ``term``; None if the model has neither."""
+    user_model = get_user_model()
+    match = None
+    for name in dict.fromkeys([user_model.USERNAME_FIELD, user_model.get_email_field_name()]):
+        try:
+            field = user_model._meta.get_field(name)
+        except FieldDoesNotExist:
+            continue
+        if isinstance(field, models.CharField | models.TextField):
+            lookup = Q(**{f"{name}__icontains": term})
+            match = lookup if match is None else match | lookup
+    return match
+
+
 @admin.register(Job)
 class JobAdmin(JobModelAdmin):
     list_display = ("id", "type", "owner", "state_badge", "progress", "created", "duration")
@@ -185,7 +202,7 @@ class JobAdmin(JobModelAdmin):
     list_filter = ("state", TypeListFilter, AgeListFilter)
     list_select_related = ("user",)
     # Declared so the search box shows; get_search_results decides how a term is matched.
-    search_fields = ("=id", "=type", "user__username", "user__email")
+    search_fields = ("=id", "=type")
     search_help_text = "A job id, a job type name, or part of an owner's username or email."
     # Newest first along the primary key index: free at any table size.
     ordering = ("-id",)
@@ -251,15 +268,15 @@ class JobAdmin(JobModelAdmin):
         with contextlib.suppress(JobDoesNotExist):
             # A job id: one primary key lookup, however large the table.
             return queryset.filter(pk=parse_job_id(term)), False
-        users = get_user_model()._default_manager.filter(
-            Q(username__icontains=term) | Q(email__icontains=term)
-        )
-        match = Q(user__in=users.values("pk"))
+        match = Q(pk__in=[])
+        if owner_match := owner_search(term):
+            users = get_user_model()._default_manager.filter(owner_match)
+            match |= Q(user__in=users.values("pk"))
         if term in job_type_registry:
             match |= Q(type=term)
         return queryset.filter(match), False
 
-    @admin.display(description="owner", ordering="user__username")
+    @admin.display(description="owner")
     def owner(self, job: Job) -> str:
         return str(job.user) if job.user_id else "(system)"
 

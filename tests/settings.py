@@ -94,6 +94,10 @@ else:
         }
     }
 
+# A second alias for the same database, for tests whose router writes jobs elsewhere than
+# "default" (a connection of its own, so its transactions are its own).
+DATABASES["jobs"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
+
 REDIS_URL = os.environ.get("TASK_FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 STORE = os.environ.get("TASK_FERRY_TEST_STORE", "redis")
 

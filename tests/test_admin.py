@@ -127,6 +127,22 @@ def test_search_by_id_type_username_and_email(admin_client, user, other_user):
         assert listed_ids(admin_client.get(LIST_URL, {"q": term})) == []
 
 
+def test_search_follows_the_user_models_username_and_email_fields(
+    admin_client, user, other_user, monkeypatch
+):
+    User = type(user)
+    # A user model that logs in by its first name and has no email column.
+    monkeypatch.setattr(User, "USERNAME_FIELD", "first_name")
+    monkeypatch.setattr(User, "EMAIL_FIELD", "no_such_field")
+    other_user.first_name = "Roberta"
+    other_user.save()
+    theirs = make_job(other_user)
+    make_job(user)
+
+    assert listed_ids(admin_client.get(LIST_URL, {"q": "obert"})) == [theirs.pk]
+    assert listed_ids(admin_client.get(LIST_URL, {"q": other_user.username})) == []
+
+
 def test_cancel_action_goes_through_the_handler(admin_client, user):
     pending = make_job(user)
     running = make_job(user)

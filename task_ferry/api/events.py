@@ -231,6 +231,7 @@ async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
     store = get_store()
     if (
         isinstance(request, ASGIRequest)
+        and request.method != "HEAD"  # headers only: no stream to hold open
         and isinstance(store, RedisProgressStore)
         and not is_final(snapshot)
     ):

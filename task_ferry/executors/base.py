@@ -57,6 +57,14 @@ class BaseExecutor(ABC):
         return []
 
 
+def describe_ids(ids: list[int]) -> str:
+    """``"ids 4 to 9"`` for a run of consecutive ids, else the ids themselves (a few of them)."""
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"ids {ids[0]} to {ids[-1]}"
+    shown = ", ".join(str(job_id) for job_id in ids[:5])
+    return f"ids {shown}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+
 @functools.cache
 def get_executor() -> BaseExecutor:
     """The configured executor, built once per process (reset when settings change)."""

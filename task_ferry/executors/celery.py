@@ -23,10 +23,11 @@ from django.db import router, transaction
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
-from task_ferry.executors.base import BaseExecutor
+from task_ferry.executors.base import BaseExecutor, describe_ids
 
 if TYPE_CHECKING:
     from celery import Celery
+    from django.db.backends.base.base import BaseDatabaseWrapper
     from kombu import Connection, Producer
 
     from task_ferry.models import Job
@@ -66,6 +67,8 @@ PUBLISH_RETRY_POLICY = {
 
 # What dispatches a job: its id, its type's name and the queue it goes to.
 Message = tuple[int, str, str]
+# One transaction's messages that are not sent yet, by job id.
+Outbox = dict[int, Message]
 
 UNREACHABLE_MESSAGE = (
     "The job queue {queue!r} could not be reached, so this job was never started. Try again later."
@@ -101,8 +104,7 @@ class CeleryExecutor(BaseExecutor):
     supports_queues = True
 
     def __init__(self) -> None:
-        # Per thread: jobs registered for dispatch on commit and not sent yet; the connection.
-        self._awaiting = threading.local()
+        # Per thread: the broker connection, its producer and the queues bound to it.
         self._local = threading.local()
 
     def enqueue(self, job_id: int) -> None:
@@ -130,29 +132,34 @@ class CeleryExecutor(BaseExecutor):
 
         using = router.db_for_write(Job)
         connection = transaction.get_connection(using)
+        outbox: Outbox | None = None
         if connection.in_atomic_block:
-            awaiting = self._awaiting_jobs()
-            if not connection.run_on_commit:
-                # First job of this transaction: whatever is left belongs to rolled-back ones.
-                awaiting.clear()
-            for job_id, _type_name, queue in messages:
-                awaiting[job_id] = queue
-        transaction.on_commit(functools.partial(self._send, messages), using=using)
+            outbox = self._outbox(connection)
+            outbox.update((message[0], message) for message in messages)
+        transaction.on_commit(functools.partial(self._send, messages, outbox), using=using)
 
-    def _awaiting_jobs(self) -> dict[int, str]:
-        awaiting: dict[int, str] | None = getattr(self._awaiting, "jobs", None)
-        if awaiting is None:
-            awaiting = self._awaiting.jobs = {}
-        return awaiting
+    def _outbox(self, connection: BaseDatabaseWrapper) -> Outbox:
+        """The current transaction's messages not sent yet: shared by the send callbacks it
+        registered, so that the one that fails knows which jobs Django will not send after it.
 
-    def _send(self, messages: list[Message]) -> None:
-        awaiting = self._awaiting_jobs()
-        for job_id, _type_name, _queue in messages:
-            awaiting.pop(job_id, None)
+        Found through the transaction's own list of on-commit callbacks. A job created in
+        another transaction's callback, or in another thread, gets its transaction's outbox.
+        """
+        # Django keeps (savepoint ids, callback, robust) per callback.
+        for entry in reversed(connection.run_on_commit):
+            func = entry[1]
+            if isinstance(func, functools.partial) and func.func == self._send:
+                outbox: Outbox = func.args[1]
+                return outbox
+        return {}
+
+    def _send(self, messages: list[Message], outbox: Outbox | None = None) -> None:
+        if outbox is not None:
+            for job_id, _type_name, _queue in messages:
+                outbox.pop(job_id, None)
         app = get_celery_app()
         if app is None:
-            for job_id, _type_name, queue in messages:
-                self._fail_unsent(job_id, queue, "no Celery app is configured")
+            self._fail_all(messages, outbox, "no Celery app is configured")
             raise TaskFerryImproperlyConfigured(NO_APP_MESSAGE)
         connection, producer = self._connection(app)
         try:
@@ -173,7 +180,7 @@ class CeleryExecutor(BaseExecutor):
         except Exception as exc:
             # kombu raises OperationalError, but transports leak their own errors too.
             self._drop_connection()
-            raise self._dispatch_failed(messages, connection, exc) from exc
+            raise self._dispatch_failed(messages, outbox, connection, exc) from exc
         # Once sent, the job is dispatched: nothing here may fail it.
         try:
             self._bind_queues(app, producer, {queue for _id, _type, queue in messages})
@@ -182,23 +189,24 @@ class CeleryExecutor(BaseExecutor):
         keep_one_redis_client(producer.channel)
 
     def _dispatch_failed(
-        self, messages: list[Message], connection: Connection, exc: Exception
+        self,
+        messages: list[Message],
+        outbox: Outbox | None,
+        connection: Connection,
+        exc: Exception,
     ) -> DispatchError:
         """Fail the jobs of a send that raised, and those of the same commit that Django will
         not send after it; the error for the caller. In a batch, some messages may have
         reached the broker: failing their jobs is still safe, as a worker only runs a job that
         is pending."""
         reason = describe_error(exc)
-        awaiting = self._awaiting_jobs()
-        unsent = [(job_id, queue) for job_id, _type_name, queue in messages]
-        for job_id, queue in [*unsent, *awaiting.items()]:
-            self._fail_unsent(job_id, queue, reason)
-        awaiting.clear()
-        job_id, queue = unsent[0]
-        if len(unsent) == 1:
+        self._fail_all(messages, outbox, reason)
+        job_id, _type_name, queue = messages[0]
+        if len(messages) == 1:
             what, outcome = f"Job {job_id} could not", "The job was marked failed."
         else:
-            what = f"{len(unsent)} jobs (ids {job_id} to {unsent[-1][0]}) could not all"
+            ids = describe_ids([message[0] for message in messages])
+            what = f"{len(messages)} jobs ({ids}) could not all"
             outcome = "Each of them that had not started was marked failed."
         return DispatchError(
             f"{what} be sent to the Celery queue {queue!r} at {connection.as_uri()}: "
@@ -250,6 +258,14 @@ class CeleryExecutor(BaseExecutor):
         if cached is not None and cached[1] == os.getpid():
             with contextlib.suppress(Exception):
                 cached[2].release()
+
+    def _fail_all(self, messages: list[Message], outbox: Outbox | None, reason: str) -> None:
+        """Fail the jobs of a send that cannot happen, and those of the same transaction that
+        Django will not send after it (its later callbacks are dropped once one raises)."""
+        for job_id, _type_name, queue in [*messages, *(outbox or {}).values()]:
+            self._fail_unsent(job_id, queue, reason)
+        if outbox is not None:
+            outbox.clear()
 
     @staticmethod
     def _fail_unsent(job_id: int, queue: str, reason: str) -> None:

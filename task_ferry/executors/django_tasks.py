@@ -19,14 +19,14 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error
 from django.core.checks import Warning as CheckWarning
-from django.db import connection, transaction
+from django.db import router, transaction
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     DispatchError,
     TaskFerryImproperlyConfigured,
 )
-from task_ferry.executors.base import BaseExecutor
+from task_ferry.executors.base import BaseExecutor, describe_ids
 from task_ferry.models import Job
 from task_ferry.registry import JobType, job_type_registry
 
@@ -143,13 +143,15 @@ class DjangoTasksExecutor(BaseExecutor):
         # One callback for the batch: when one job fails to enqueue, the rest are failed too
         # (separate callbacks would stop at the first that raised, leaving the rest pending).
         batch = [(job.pk, job.type) for job in jobs]
-        transaction.on_commit(functools.partial(self.dispatch_many, batch))
+        transaction.on_commit(functools.partial(self.dispatch_many, batch), using=jobs_database())
 
     def _dispatch_on_commit(self, job_id: int, type_name: str) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
         # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
-        transaction.on_commit(functools.partial(self.dispatch, job_id, type_name))
+        transaction.on_commit(
+            functools.partial(self.dispatch, job_id, type_name), using=jobs_database()
+        )
 
     def dispatch_many(self, batch: list[tuple[int, str]]) -> None:
         """``dispatch()`` each (job id, type name) in turn. After a failure, every job after it
@@ -168,8 +170,8 @@ class DjangoTasksExecutor(BaseExecutor):
                         f"{job_id} of the same batch could not be, before it",
                     )
                 raise DispatchError(
-                    f"{exc} The {len(rest)} job(s) after it in the same batch (ids "
-                    f"{rest[0]} to {rest[-1]}) were marked failed too."
+                    f"{exc} The {len(rest)} job(s) after it in the same batch "
+                    f"({describe_ids(rest)}) were marked failed too."
                 ) from exc.__cause__
 
     def dispatch(self, job_id: int, type_name: str) -> None:
@@ -208,6 +210,7 @@ class DjangoTasksExecutor(BaseExecutor):
         too and the stale-job sweep will fail it)."""
         from task_ferry.handler import JobHandler
 
+        connection = transaction.get_connection(jobs_database())
         if not connection.in_atomic_block:
             # The backend's failure may have broken a shared database connection.
             connection.close_if_unusable_or_obsolete()
@@ -348,6 +351,11 @@ class DjangoTasksExecutor(BaseExecutor):
                     )
                 )
         return messages
+
+
+def jobs_database() -> str:
+    """The database alias jobs are written to: the one whose commit makes them visible."""
+    return router.db_for_write(Job)
 
 
 def _configured_backend(alias: str) -> str | None:

@@ -161,6 +161,25 @@ def test_the_stream_sends_keep_alives_and_closes_after_its_lifetime(
 
 
 @needs_redis
+def test_under_asgi_head_answers_at_once_without_subscribing(transactional_db, user, hold):
+    job = start(create(user, steps=4))
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.head(url(job))
+        hub = hub_module.get_hub(django_settings.TASK_FERRY["REDIS_URL"])
+        return response, dict(hub._queues)
+
+    response, listeners = run_async(scenario)
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    assert response["X-Task-Ferry-Stream"] == "poll"
+    assert not response.streaming
+    assert listeners == {}
+
+
+@needs_redis
 def test_under_asgi_others_and_anonymous_get_json_errors(transactional_db, user, other_user, hold):
     job = start(create(other_user, steps=4))
 

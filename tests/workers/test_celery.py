@@ -422,6 +422,32 @@ def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
 
 
 @pytest.mark.worker
+def test_a_job_started_by_a_commit_hook_leaves_the_transactions_unsent_jobs_to_fail(
+    own_redis_broker, user
+) -> None:
+    """A commit hook of the transaction starts a job in a transaction of its own, then the
+    broker goes away: every job the first transaction could not send any more is failed."""
+    server, _app = own_redis_broker
+
+    def start_another_job_then_lose_the_broker() -> None:
+        with transaction.atomic():
+            JobHandler.create_and_start(user, "scripted", steps=1)
+        server.terminate()
+        server.wait(5)
+
+    with pytest.raises(DispatchError), transaction.atomic():
+        sent = JobHandler.create_and_start(user, "scripted", steps=1)
+        transaction.on_commit(start_another_job_then_lose_the_broker)
+        refused = JobHandler.create_and_start(user, "scripted", steps=1)
+        never_sent = JobHandler.create_and_start(user, "scripted", steps=1)
+
+    assert state_of(sent.pk) == "pending"
+    assert [state_of(refused.pk), state_of(never_sent.pk)] == ["failed", "failed"]
+    started_by_hook = ScriptedJob.objects.exclude(pk__in=[sent.pk, refused.pk, never_sent.pk])
+    assert [job.state for job in started_by_hook] == ["pending"]
+
+
+@pytest.mark.worker
 def test_a_broker_restart_between_two_jobs_is_ridden_out(own_redis_broker, user, settings) -> None:
     import redis
 

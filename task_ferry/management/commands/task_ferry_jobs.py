@@ -13,13 +13,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from task_ferry.exceptions import ProgressStoreUnavailable
+from task_ferry.management.intervals import check_interval
 from task_ferry.models import Job
 from task_ferry.stores.base import get_store
 
 # Cursor up to the first line of the previous frame, then clear to the end of the screen.
 REDRAW = "\x1b[{lines}F\x1b[J"
-# A day; also keeps nan and inf out (time.sleep refuses them).
-MAX_INTERVAL = 86400
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,10 +113,7 @@ class Command(BaseCommand):
         parser.add_argument("--plain", action="store_true", help="Plain lines even on a terminal.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if not 0 < options["interval"] <= MAX_INTERVAL:
-            raise CommandError(
-                f"--interval must be a number of seconds > 0, at most {MAX_INTERVAL}."
-            )
+        check_interval(options["interval"])
         if options["limit"] < 1:
             raise CommandError("--limit must be at least 1.")
         self.job_type: str | None = options["job_type"]

@@ -9,16 +9,14 @@ import logging
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 from django.db import close_old_connections
 
 from task_ferry.conf import ferry_settings
 from task_ferry.handler import JobHandler
+from task_ferry.management.intervals import check_interval
 
 logger = logging.getLogger("task_ferry")
-
-# A day; also keeps nan and inf out (time.sleep refuses them).
-MAX_INTERVAL = 86400
 
 
 class Command(BaseCommand):
@@ -38,14 +36,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, interval: float | None = None, **options: Any) -> None:
         self.verbosity = int(options.get("verbosity", 1))
-        if interval is not None and not 0 < interval <= MAX_INTERVAL:
-            raise CommandError(
-                f"--interval must be a number of seconds > 0, at most {MAX_INTERVAL}; "
-                f"got {interval!r}."
-            )
         if interval is None:
             self._sweep_once()
             return
+        check_interval(interval)
         self.stdout.write(
             f"Sweeping every {interval:g}s (heartbeat timeout "
             f"{ferry_settings.HEARTBEAT_TIMEOUT:g}s). Stop with Ctrl-C."
