@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from django.core.checks import CheckMessage, Error
+from django.db import transaction
 from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
@@ -55,6 +57,27 @@ class BaseExecutor(ABC):
     def check(self) -> list[CheckMessage]:
         """System-check messages about this executor's configuration."""
         return []
+
+
+def transaction_outbox(using: str, send: Callable[..., object]) -> dict[int, Any] | None:
+    """What the current transaction on ``using`` still has to dispatch, by job id: shared by
+    the on-commit callbacks it registered as ``functools.partial(send, items, outbox)``. None
+    in autocommit mode, where each dispatch happens at once.
+
+    When one callback fails, Django drops the later ones, so the outbox names the jobs that
+    will not be sent and must be failed. Found through the transaction's own callbacks, so a
+    job started by another transaction's commit hook, or in another thread, gets its own.
+    """
+    connection = transaction.get_connection(using)
+    if not connection.in_atomic_block:
+        return None
+    # Django keeps (savepoint ids, callback, robust) per callback.
+    for entry in reversed(connection.run_on_commit):
+        func = entry[1]
+        if isinstance(func, functools.partial) and func.func == send:
+            outbox: dict[int, Any] = func.args[1]
+            return outbox
+    return {}
 
 
 def describe_ids(ids: list[int]) -> str:

@@ -23,11 +23,10 @@ from django.db import router, transaction
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
-from task_ferry.executors.base import BaseExecutor, describe_ids
+from task_ferry.executors.base import BaseExecutor, describe_ids, transaction_outbox
 
 if TYPE_CHECKING:
     from celery import Celery
-    from django.db.backends.base.base import BaseDatabaseWrapper
     from kombu import Connection, Producer
 
     from task_ferry.models import Job
@@ -131,27 +130,10 @@ class CeleryExecutor(BaseExecutor):
         from task_ferry.models import Job
 
         using = router.db_for_write(Job)
-        connection = transaction.get_connection(using)
-        outbox: Outbox | None = None
-        if connection.in_atomic_block:
-            outbox = self._outbox(connection)
+        outbox = transaction_outbox(using, self._send)
+        if outbox is not None:
             outbox.update((message[0], message) for message in messages)
         transaction.on_commit(functools.partial(self._send, messages, outbox), using=using)
-
-    def _outbox(self, connection: BaseDatabaseWrapper) -> Outbox:
-        """The current transaction's messages not sent yet: shared by the send callbacks it
-        registered, so that the one that fails knows which jobs Django will not send after it.
-
-        Found through the transaction's own list of on-commit callbacks. A job created in
-        another transaction's callback, or in another thread, gets its transaction's outbox.
-        """
-        # Django keeps (savepoint ids, callback, robust) per callback.
-        for entry in reversed(connection.run_on_commit):
-            func = entry[1]
-            if isinstance(func, functools.partial) and func.func == self._send:
-                outbox: Outbox = func.args[1]
-                return outbox
-        return {}
 
     def _send(self, messages: list[Message], outbox: Outbox | None = None) -> None:
         if outbox is not None:

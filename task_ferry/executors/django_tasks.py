@@ -26,7 +26,7 @@ from task_ferry.exceptions import (
     DispatchError,
     TaskFerryImproperlyConfigured,
 )
-from task_ferry.executors.base import BaseExecutor, describe_ids
+from task_ferry.executors.base import BaseExecutor, describe_ids, transaction_outbox
 from task_ferry.models import Job
 from task_ferry.registry import JobType, job_type_registry
 
@@ -131,46 +131,53 @@ class DjangoTasksExecutor(BaseExecutor):
     def enqueue(self, job_id: int) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
-        self._dispatch_on_commit(job_id, self.type_of(job_id))
+        self._dispatch_on_commit([(job_id, self.type_of(job_id))])
 
     def enqueue_job(self, job: Job) -> None:
-        # The handler holds the job: its type gives queue and priority without a query.
-        self._dispatch_on_commit(job.pk, job.type)
+        self.enqueue_jobs([job])
 
     def enqueue_jobs(self, jobs: list[Job]) -> None:
-        if tasks_api is None:
-            raise TaskFerryImproperlyConfigured(_missing_api_message())
-        # One callback for the batch: when one job fails to enqueue, the rest are failed too
-        # (separate callbacks would stop at the first that raised, leaving the rest pending).
-        batch = [(job.pk, job.type) for job in jobs]
-        transaction.on_commit(functools.partial(self.dispatch_many, batch), using=jobs_database())
+        # The handler holds the jobs: their type gives queue and priority without a query.
+        self._dispatch_on_commit([(job.pk, job.type) for job in jobs])
 
-    def _dispatch_on_commit(self, job_id: int, type_name: str) -> None:
+    def _dispatch_on_commit(self, batch: list[tuple[int, str]]) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
         # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
-        transaction.on_commit(
-            functools.partial(self.dispatch, job_id, type_name), using=jobs_database()
-        )
+        using = jobs_database()
+        outbox = transaction_outbox(using, self.dispatch_many)
+        if outbox is not None:
+            outbox.update((job_id, type_name) for job_id, type_name in batch)
+        transaction.on_commit(functools.partial(self.dispatch_many, batch, outbox), using=using)
 
-    def dispatch_many(self, batch: list[tuple[int, str]]) -> None:
+    def dispatch_many(
+        self, batch: list[tuple[int, str]], outbox: dict[int, str] | None = None
+    ) -> None:
         """``dispatch()`` each (job id, type name) in turn. After a failure, every job after it
-        is marked failed too, and the ``DispatchError`` says so."""
+        is marked failed too, with those of ``outbox`` (job id to type name: the jobs its
+        transaction has still to dispatch, which Django will not), and the ``DispatchError``
+        says so."""
+        if outbox is not None:
+            for job_id, _type_name in batch:
+                outbox.pop(job_id, None)
         for index, (job_id, type_name) in enumerate(batch):
             try:
                 self.dispatch(job_id, type_name)
             except DispatchError as exc:
                 rest = [later_id for later_id, _type_name in batch[index + 1 :]]
+                rest += list(outbox or {})
+                if outbox is not None:
+                    outbox.clear()
                 if not rest:
                     raise
                 for later_id in rest:
                     self._fail_undispatched(
                         later_id,
                         f"Job {later_id} was not handed to the django.tasks backend: job "
-                        f"{job_id} of the same batch could not be, before it",
+                        f"{job_id} of the same transaction could not be, before it",
                     )
                 raise DispatchError(
-                    f"{exc} The {len(rest)} job(s) after it in the same batch "
+                    f"{exc} The {len(rest)} job(s) after it in the same transaction "
                     f"({describe_ids(rest)}) were marked failed too."
                 ) from exc.__cause__
 

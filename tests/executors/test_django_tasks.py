@@ -268,7 +268,7 @@ def test_a_batch_the_backend_refuses_fails_every_job_of_it(
     transactional_db, user, settings, alias, use_executor, DBTaskResult
 ):
     settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
-    with pytest.raises(DispatchError, match=r"The 2 job\(s\) after it in the same batch"):
+    with pytest.raises(DispatchError, match=r"The 2 job\(s\) after it in the same transaction"):
         JobHandler.create_and_start_many(user, "routed", [{}, {}, {}])
     assert list(Job.objects.values_list("state", flat=True)) == ["failed"] * 3
     assert not DBTaskResult.objects.exists()
@@ -283,6 +283,24 @@ def test_a_batch_is_enqueued_on_commit_with_one_task_per_job(
         assert not DBTaskResult.objects.exists()
     enqueued = sorted(task.args_kwargs["args"][0] for task in DBTaskResult.objects.all())
     assert enqueued == sorted(job.pk for job in jobs)
+
+
+@requires_tasks
+def test_a_refused_job_fails_the_jobs_its_transaction_had_still_to_enqueue(
+    transactional_db, user, settings, alias, use_executor, DBTaskResult
+):
+    """Jobs started one by one in a transaction: Django drops the callbacks after the one
+    that raised, so the jobs they would have enqueued are failed with it, not left pending."""
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
+    with pytest.raises(DispatchError, match=r"The 2 job\(s\) after it"), transaction.atomic():
+        enqueued = JobHandler.create_and_start(user, "scripted")
+        refused = JobHandler.create_and_start(user, "routed")
+        later = [JobHandler.create_and_start(user, "scripted") for _ in range(2)]
+
+    assert Job.objects.get(pk=enqueued.pk).state == "pending"
+    assert [task.args_kwargs["args"] for task in DBTaskResult.objects.all()] == [[enqueued.pk]]
+    states = Job.objects.filter(pk__in=[refused.pk, *(job.pk for job in later)])
+    assert list(states.values_list("state", flat=True)) == ["failed"] * 3
 
 
 @requires_tasks
