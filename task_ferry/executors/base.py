@@ -66,7 +66,8 @@ def transaction_outbox(using: str, send: Callable[..., object]) -> dict[int, Any
 
     When one callback fails, Django drops the later ones, so the outbox names the jobs that
     will not be sent and must be failed. Found through the transaction's own callbacks, so a
-    job started by another transaction's commit hook, or in another thread, gets its own.
+    job started by another transaction's commit hook, or in another thread, gets its own. A job
+    rolled back with a savepoint stays listed: failing it finds no row.
     """
     connection = transaction.get_connection(using)
     if not connection.in_atomic_block:
