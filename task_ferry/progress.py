@@ -112,14 +112,26 @@ class Progress:
 
     def fraction(self) -> float:
         """How much of this node is done, from 0.0 to 1.0, children included."""
-        total = self.total
-        if total <= 0:
-            return 1.0
+        # A stack rather than recursion, so that children nest to any depth. Each entry: a node,
+        # the steps counted for it so far, and its children still to count.
         folded, children = self._children
-        value = self.done + folded
-        for child in children:
-            value += child._represents * child.fraction()
-        return 1.0 if value >= total else value / total
+        stack = [(self, self.done + folded, iter(children))]
+        while True:
+            node, value, pending = stack[-1]
+            for child in pending:
+                folded, grandchildren = child._children
+                if grandchildren:
+                    stack[-1] = (node, value, pending)
+                    stack.append((child, child.done + folded, iter(grandchildren)))
+                    break
+                value += child._represents * _ratio(child.done + folded, child.total)
+            else:
+                stack.pop()
+                node_fraction = _ratio(value, node.total)
+                if not stack:
+                    return node_fraction
+                parent, parent_value, siblings = stack[-1]
+                stack[-1] = (parent, parent_value + node._represents * node_fraction, siblings)
 
     @property
     def percentage(self) -> int:
@@ -141,6 +153,11 @@ class Progress:
 
     def __repr__(self) -> str:
         return f"<Progress {self.done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"
+
+
+def _ratio(value: float, total: float) -> float:
+    """``value`` steps of ``total`` as a fraction, 1.0 at most; an empty node is complete."""
+    return 1.0 if value >= total or total <= 0 else value / total
 
 
 def _checked_amount(name: str, value: object) -> float:
