@@ -42,6 +42,16 @@ GENERIC_FAILURE = "Something went wrong while running this job."
 DATABASE_FAILURE = "The database connection was lost while running this job. Start it again."
 
 
+def describe(exc: BaseException) -> str:
+    """``"<ExceptionClass>: <message>"``, also for an exception whose ``str()`` raises."""
+    try:
+        message = str(exc)
+    except Exception:
+        # What the traceback module shows: the job must be marked failed all the same.
+        message = "<exception str() failed>"
+    return f"{type(exc).__name__}: {message}"
+
+
 def reconnect_if_broken() -> None:
     """A dropped database connection must not stop us from recording how the job ended."""
     # Not close_if_unusable_or_obsolete(): with CONN_MAX_AGE = 0 every connection is
@@ -232,7 +242,7 @@ class JobRun:
         percentage, label = watch.stop()
         reconnect_if_broken()
         # An error text the database refuses would leave the job started: made storable.
-        error = storable(f"{type(exc).__name__}: {exc}")
+        error = storable(describe(exc))
         human = getattr(exc, "human_readable_error", None) or (
             DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
         )

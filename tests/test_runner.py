@@ -84,6 +84,28 @@ def test_a_nul_character_in_an_error_or_a_label_still_ends_the_job(
         assert [str(e) for e in errors] == ["bad record: 'a\x00b'"]
 
 
+def test_an_exception_whose_str_raises_still_fails_the_job(transactional_db, user, monkeypatch):
+    class Unprintable(Exception):
+        def __str__(self):
+            raise AttributeError("'NoneType' object has no attribute 'name'")
+
+    def run(self, job, progress):
+        raise Unprintable()
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    # The job's own exception reaches the caller, not the one its message raised.
+    with pytest.raises(Unprintable):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert job.error == "Unprintable: <exception str() failed>"
+    assert "Unprintable" in job.traceback
+    assert [type(e) for e in errors] == [Unprintable]
+
+
 def fail_elsewhere(job_id):
     """The stale-job sweep failing a job that is still running, from its own thread and
     database connection; returns once it has."""
