@@ -100,7 +100,8 @@ class JobRun:
     def execute(self) -> Job | None:
         """Run the job if it is still pending. Returns the job, or None if it was not run.
 
-        Re-raises the job's own exception after the job is marked failed.
+        Re-raises the job's own exception (``KeyboardInterrupt`` and ``SystemExit`` included)
+        after the job is marked failed.
         """
         job = self._start()
         if job is None:
@@ -150,6 +151,11 @@ class JobRun:
                 isinstance(exc, DatabaseError) and connection.connection is not db_connection
             )
             self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
+            raise
+        except BaseException as exc:
+            # Ctrl-C, sys.exit(), a killed greenlet: the process may live on, so the job is
+            # failed now rather than left started until the sweep.
+            self._end_failed(job, job_type, watch, exc)
             raise
         finally:
             watch.stop()

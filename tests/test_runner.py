@@ -106,6 +106,27 @@ def test_an_exception_whose_str_raises_still_fails_the_job(transactional_db, use
     assert [type(e) for e in errors] == [Unprintable]
 
 
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_job_is_marked_failed_not_left_started(
+    transactional_db, user, monkeypatch, interruption
+):
+    # Ctrl-C in a management command running jobs inline, or sys.exit() in the job's code.
+    def run(self, job, progress):
+        Marker.objects.create(name="rolled-back")
+        progress.increment(40, state="Halfway there")
+        raise interruption()
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    with pytest.raises(interruption):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert (job.state, job.error) == ("failed", f"{interruption.__name__}: ")
+    assert (job.progress_percentage, job.progress_state) == (40, "Halfway there")
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]
+    assert get_store().read(job.pk)["state"] == "failed"
+
+
 def fail_elsewhere(job_id):
     """The stale-job sweep failing a job that is still running, from its own thread and
     database connection; returns once it has."""
