@@ -28,6 +28,7 @@ FOLD_CHILDREN_AT = 16
 
 class Progress:
     __slots__ = (
+        "_cancel_raised",
         "_cancelled",
         "_children",
         "_fold_at",
@@ -45,6 +46,7 @@ class Progress:
         self._root: Progress = self
         self._label: str = ""
         self._cancelled = False
+        self._cancel_raised = False
         # Parent steps this node is worth when complete.
         self._represents: float = 0
         # (steps of children already complete and folded away, children still counted). One
@@ -59,6 +61,7 @@ class Progress:
         """
         root = self._root
         if root._cancelled:
+            root._cancel_raised = True
             raise JobCancelled("The job was cancelled.")
         if by.__class__ is not int or by < 0:
             by = _checked_amount("increment(by=...)", by)
@@ -82,6 +85,11 @@ class Progress:
     @property
     def cancel_requested(self) -> bool:
         return self._root._cancelled
+
+    @property
+    def cancel_raised(self) -> bool:
+        """Whether a tick has raised ``JobCancelled``: the job was told to stop."""
+        return self._root._cancel_raised
 
     def request_cancel(self) -> None:
         """Make the next ``increment()`` anywhere in this tree raise ``JobCancelled``."""

@@ -126,6 +126,9 @@ class JobRun:
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
+                if progress.cancel_raised:
+                    # It caught JobCancelled (an ``except Exception`` around a loop's body, say).
+                    raise JobCancelled(f"Job {job.pk} returned after it was cancelled.")
                 _percentage, label = watch.stop()
                 # A run that sent the database nothing has no work to commit with its success:
                 # the finish then commits on its own, one round trip instead of three.

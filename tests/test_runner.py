@@ -127,6 +127,40 @@ def test_an_interrupted_job_is_marked_failed_not_left_started(
     assert get_store().read(job.pk)["state"] == "failed"
 
 
+def test_a_run_that_catches_its_cancel_and_returns_still_ends_cancelled(
+    transactional_db, user, monkeypatch
+):
+    # A loop that skips bad rows with ``except Exception`` catches JobCancelled too.
+    def run(self, job, progress):
+        Marker.objects.create(name="rolled-back")
+        for row in range(10):
+            try:
+                if row == 3:
+                    JobHandler.cancel(user, job.pk)
+                progress.increment(10, state=f"Row {row}")
+            except Exception:
+                continue
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert (job.state, job.progress_percentage, job.progress_state) == ("cancelled", 30, "Row 2")
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
+
+
+def test_a_cancel_request_after_the_last_tick_lets_the_job_finish(
+    transactional_db, user, monkeypatch
+):
+    def run(self, job, progress):
+        progress.increment(100)
+        JobHandler.cancel(user, job.pk)
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    JobHandler.create_and_start(user, "scripted")
+    assert ScriptedJob.objects.get().state == "finished"
+
+
 def fail_elsewhere(job_id):
     """The stale-job sweep failing a job that is still running, from its own thread and
     database connection; returns once it has."""
