@@ -1,3 +1,4 @@
+import os
 import threading
 
 import pytest
@@ -159,6 +160,33 @@ def test_a_cancel_request_after_the_last_tick_lets_the_job_finish(
     monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
     JobHandler.create_and_start(user, "scripted")
     assert ScriptedJob.objects.get().state == "finished"
+
+
+@pytest.mark.parametrize("where", ["error", "label"])
+def test_a_file_name_that_is_not_utf8_in_an_error_or_a_label_still_ends_the_job(
+    transactional_db, user, monkeypatch, where
+):
+    # os.listdir() gives such names with lone surrogates, which no database driver encodes.
+    name = os.fsdecode(b"caf\xe9.csv")
+
+    def run(self, job, progress):
+        progress.increment(10, state=f"Reading {name}")
+        if where == "error":
+            raise ValueError(f"bad record in {name}")
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    if where == "error":
+        with pytest.raises(ValueError, match="bad record"):
+            JobHandler.create_and_start(user, "scripted")
+    else:
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == ("failed" if where == "error" else "finished")
+    assert job.progress_state == "Reading caf\ufffd.csv"
+    assert get_store().read(job.pk)["progress_state"] == "Reading caf\ufffd.csv"
+    if where == "error":
+        assert job.error == "ValueError: bad record in caf\ufffd.csv"
+        assert "caf\ufffd.csv" in job.traceback
 
 
 def fail_elsewhere(job_id):
