@@ -28,6 +28,7 @@ FOLD_CHILDREN_AT = 16
 
 class Progress:
     __slots__ = (
+        "_cancel_raised",
         "_cancelled",
         "_children",
         "_fold_at",
@@ -45,6 +46,7 @@ class Progress:
         self._root: Progress = self
         self._label: str = ""
         self._cancelled = False
+        self._cancel_raised = False
         # Parent steps this node is worth when complete.
         self._represents: float = 0
         # (steps of children already complete and folded away, children still counted). One
@@ -59,6 +61,7 @@ class Progress:
         """
         root = self._root
         if root._cancelled:
+            root._cancel_raised = True
             raise JobCancelled("The job was cancelled.")
         if by.__class__ is not int or by < 0:
             by = _checked_amount("increment(by=...)", by)
@@ -82,6 +85,11 @@ class Progress:
     @property
     def cancel_requested(self) -> bool:
         return self._root._cancelled
+
+    @property
+    def cancel_raised(self) -> bool:
+        """Whether a tick has raised ``JobCancelled``: the job was told to stop."""
+        return self._root._cancel_raised
 
     def request_cancel(self) -> None:
         """Make the next ``increment()`` anywhere in this tree raise ``JobCancelled``."""
@@ -112,14 +120,26 @@ class Progress:
 
     def fraction(self) -> float:
         """How much of this node is done, from 0.0 to 1.0, children included."""
-        total = self.total
-        if total <= 0:
-            return 1.0
+        # A stack rather than recursion, so that children nest to any depth. Each entry: a node,
+        # the steps counted for it so far, and its children still to count.
         folded, children = self._children
-        value = self.done + folded
-        for child in children:
-            value += child._represents * child.fraction()
-        return 1.0 if value >= total else value / total
+        stack = [(self, self.done + folded, iter(children))]
+        while True:
+            node, value, pending = stack[-1]
+            for child in pending:
+                folded, grandchildren = child._children
+                if grandchildren:
+                    stack[-1] = (node, value, pending)
+                    stack.append((child, child.done + folded, iter(grandchildren)))
+                    break
+                value += child._represents * _ratio(child.done + folded, child.total)
+            else:
+                stack.pop()
+                node_fraction = _ratio(value, node.total)
+                if not stack:
+                    return node_fraction
+                parent, parent_value, siblings = stack[-1]
+                stack[-1] = (parent, parent_value + node._represents * node_fraction, siblings)
 
     @property
     def percentage(self) -> int:
@@ -141,6 +161,11 @@ class Progress:
 
     def __repr__(self) -> str:
         return f"<Progress {self.done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"
+
+
+def _ratio(value: float, total: float) -> float:
+    """``value`` steps of ``total`` as a fraction, 1.0 at most; an empty node is complete."""
+    return 1.0 if value >= total or total <= 0 else value / total
 
 
 def _checked_amount(name: str, value: object) -> float:

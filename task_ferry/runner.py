@@ -42,6 +42,16 @@ GENERIC_FAILURE = "Something went wrong while running this job."
 DATABASE_FAILURE = "The database connection was lost while running this job. Start it again."
 
 
+def describe(exc: BaseException) -> str:
+    """``"<ExceptionClass>: <message>"``, also for an exception whose ``str()`` raises."""
+    try:
+        message = str(exc)
+    except Exception:
+        # What the traceback module shows: the job must be marked failed all the same.
+        message = "<exception str() failed>"
+    return f"{type(exc).__name__}: {message}"
+
+
 def reconnect_if_broken() -> None:
     """A dropped database connection must not stop us from recording how the job ended."""
     # Not close_if_unusable_or_obsolete(): with CONN_MAX_AGE = 0 every connection is
@@ -90,7 +100,8 @@ class JobRun:
     def execute(self) -> Job | None:
         """Run the job if it is still pending. Returns the job, or None if it was not run.
 
-        Re-raises the job's own exception after the job is marked failed.
+        Re-raises the job's own exception (``KeyboardInterrupt`` and ``SystemExit`` included)
+        after the job is marked failed.
         """
         job = self._start()
         if job is None:
@@ -115,6 +126,9 @@ class JobRun:
         try:
             with transaction.atomic():
                 job_type.run(job, progress)
+                if progress.cancel_raised:
+                    # It caught JobCancelled (an ``except Exception`` around a loop's body, say).
+                    raise JobCancelled(f"Job {job.pk} returned after it was cancelled.")
                 _percentage, label = watch.stop()
                 # A run that sent the database nothing has no work to commit with its success:
                 # the finish then commits on its own, one round trip instead of three.
@@ -140,6 +154,11 @@ class JobRun:
                 isinstance(exc, DatabaseError) and connection.connection is not db_connection
             )
             self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
+            raise
+        except BaseException as exc:
+            # Ctrl-C, sys.exit(), a killed greenlet: the process may live on, so the job is
+            # failed now rather than left started until the sweep.
+            self._end_failed(job, job_type, watch, exc)
             raise
         finally:
             watch.stop()
@@ -232,7 +251,7 @@ class JobRun:
         percentage, label = watch.stop()
         reconnect_if_broken()
         # An error text the database refuses would leave the job started: made storable.
-        error = storable(f"{type(exc).__name__}: {exc}")
+        error = storable(describe(exc))
         human = getattr(exc, "human_readable_error", None) or (
             DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
         )

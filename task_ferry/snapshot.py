@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from typing import Any
 
 from task_ferry.models import Job
 
 logger = logging.getLogger("task_ferry")
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 STATE_LABEL_MAX_LENGTH = Job._meta.get_field("progress_state").max_length or 255
 
 # Keys of the public poll response, in the spec's order.
@@ -40,8 +42,11 @@ def isoformat(value: datetime.datetime | None) -> str | None:
 
 
 def storable(text: str) -> str:
-    """``text`` as every database stores it: PostgreSQL refuses NUL characters in text."""
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    """``text`` as every database stores it: PostgreSQL refuses NUL characters in text, and no
+    driver encodes lone surrogates (``os.fsdecode()`` of a file name that is not UTF-8)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return text if text.isascii() else LONE_SURROGATE.sub("\ufffd", text)
 
 
 def truncate_state(label: object) -> str:

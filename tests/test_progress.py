@@ -1,4 +1,5 @@
 import math
+import sys
 from decimal import Decimal
 from fractions import Fraction
 
@@ -85,6 +86,19 @@ def test_nested_children():
     files[1].increment(50)
     files[2].increment(100)
     assert progress.percentage == 60
+
+
+def test_children_nest_deeper_than_the_recursion_limit():
+    # A recursive walk (a directory tree, a thread of replies) makes a child per level.
+    progress = Progress()
+    node = progress.create_child(represents=100, total=1)
+    for _ in range(sys.getrecursionlimit() + 100):
+        node = node.create_child(represents=1, total=1)
+    assert progress.percentage == 0
+    node.increment(0.5)
+    assert progress.percentage == 50
+    node.increment(0.5)
+    assert progress.percentage == 100
 
 
 def test_a_node_counts_its_own_steps_and_its_childrens():

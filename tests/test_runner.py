@@ -1,3 +1,4 @@
+import os
 import threading
 
 import pytest
@@ -82,6 +83,110 @@ def test_a_nul_character_in_an_error_or_a_label_still_ends_the_job(
         assert "\x00" not in job.traceback
         # The hook gets the exception as it was raised.
         assert [str(e) for e in errors] == ["bad record: 'a\x00b'"]
+
+
+def test_an_exception_whose_str_raises_still_fails_the_job(transactional_db, user, monkeypatch):
+    class Unprintable(Exception):
+        def __str__(self):
+            raise AttributeError("'NoneType' object has no attribute 'name'")
+
+    def run(self, job, progress):
+        raise Unprintable()
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    # The job's own exception reaches the caller, not the one its message raised.
+    with pytest.raises(Unprintable):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert job.error == "Unprintable: <exception str() failed>"
+    assert "Unprintable" in job.traceback
+    assert [type(e) for e in errors] == [Unprintable]
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_job_is_marked_failed_not_left_started(
+    transactional_db, user, monkeypatch, interruption
+):
+    # Ctrl-C in a management command running jobs inline, or sys.exit() in the job's code.
+    def run(self, job, progress):
+        Marker.objects.create(name="rolled-back")
+        progress.increment(40, state="Halfway there")
+        raise interruption()
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    with pytest.raises(interruption):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert (job.state, job.error) == ("failed", f"{interruption.__name__}: ")
+    assert (job.progress_percentage, job.progress_state) == (40, "Halfway there")
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]
+    assert get_store().read(job.pk)["state"] == "failed"
+
+
+def test_a_run_that_catches_its_cancel_and_returns_still_ends_cancelled(
+    transactional_db, user, monkeypatch
+):
+    # A loop that skips bad rows with ``except Exception`` catches JobCancelled too.
+    def run(self, job, progress):
+        Marker.objects.create(name="rolled-back")
+        for row in range(10):
+            try:
+                if row == 3:
+                    JobHandler.cancel(user, job.pk)
+                progress.increment(10, state=f"Row {row}")
+            except Exception:
+                continue
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert (job.state, job.progress_percentage, job.progress_state) == ("cancelled", 30, "Row 2")
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
+
+
+def test_a_cancel_request_after_the_last_tick_lets_the_job_finish(
+    transactional_db, user, monkeypatch
+):
+    def run(self, job, progress):
+        progress.increment(100)
+        JobHandler.cancel(user, job.pk)
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    JobHandler.create_and_start(user, "scripted")
+    assert ScriptedJob.objects.get().state == "finished"
+
+
+@pytest.mark.parametrize("where", ["error", "label"])
+def test_a_file_name_that_is_not_utf8_in_an_error_or_a_label_still_ends_the_job(
+    transactional_db, user, monkeypatch, where
+):
+    # os.listdir() gives such names with lone surrogates, which no database driver encodes.
+    name = os.fsdecode(b"caf\xe9.csv")
+
+    def run(self, job, progress):
+        progress.increment(10, state=f"Reading {name}")
+        if where == "error":
+            raise ValueError(f"bad record in {name}")
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    if where == "error":
+        with pytest.raises(ValueError, match="bad record"):
+            JobHandler.create_and_start(user, "scripted")
+    else:
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == ("failed" if where == "error" else "finished")
+    assert job.progress_state == "Reading caf\ufffd.csv"
+    assert get_store().read(job.pk)["progress_state"] == "Reading caf\ufffd.csv"
+    if where == "error":
+        assert job.error == "ValueError: bad record in caf\ufffd.csv"
+        assert "caf\ufffd.csv" in job.traceback
 
 
 def fail_elsewhere(job_id):
