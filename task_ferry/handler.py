@@ -671,7 +671,9 @@ class JobHandler:
         job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
     ) -> Job | None:
         """Run a pending job in this process. Executors call this; see ``task_ferry.runner``.
-        Passing the job's type name, when the executor has it, saves a query."""
+        Passing the job's type name, when the executor has it, saves a query. ``heartbeat=False``
+        writes no heartbeat rows (the sweep then judges the job by its ``started_at``); cancel
+        requests reach the job all the same."""
         from task_ferry.runner import JobRun
 
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()

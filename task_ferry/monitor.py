@@ -59,13 +59,19 @@ class Watch:
         "published",
         "published_at",
         "snapshot",
+        "visible",
     )
 
-    def __init__(self, monitor: JobMonitor, job: Job, progress: Progress, heartbeat: bool) -> None:
+    def __init__(
+        self, monitor: JobMonitor, job: Job, progress: Progress, *, heartbeat: bool, visible: bool
+    ) -> None:
         self._monitor = monitor
         self.job = job
         self.progress = progress
         self.heartbeat = heartbeat
+        #: Whether other connections see the job's row (it does not run inside a caller's
+        #: transaction), so that the monitor can ask the database about it.
+        self.visible = visible
         #: The job's snapshot, built at its first publication (most short jobs end before
         #: one); each publication updates its progress.
         self.snapshot: dict[str, Any] | None = None
@@ -100,10 +106,11 @@ class JobMonitor:
         self._thread: threading.Thread | None = None
         self._store_down = False
 
-    def watch(self, job: Job, progress: Progress, *, heartbeat: bool) -> Watch:
+    def watch(self, job: Job, progress: Progress, *, heartbeat: bool, visible: bool) -> Watch:
         """Start publishing ``job``'s progress, its start first, and delivering its cancel
-        requests."""
-        watch = Watch(self, job, progress, heartbeat)
+        requests. ``heartbeat``: write its heartbeat rows; ``visible``: its row is committed,
+        so cancel requests recorded in the database and ends made elsewhere are read for it."""
+        watch = Watch(self, job, progress, heartbeat=heartbeat, visible=visible)
         with self._lock:
             self._watches[job.pk] = watch
             if self._thread is None or not self._thread.is_alive():
@@ -191,17 +198,19 @@ class JobMonitor:
             logger.warning("task_ferry monitor: progress store reachable again")
 
     def _beat(self, watches: list[Watch]) -> None:
-        job_ids = [w.job.pk for w in watches if w.heartbeat]
-        if not job_ids:
+        visible_ids = [w.job.pk for w in watches if w.visible]
+        if not visible_ids:
             return
+        job_ids = [w.job.pk for w in watches if w.heartbeat and w.visible]
         now = timezone.now()
         name = worker_name()
         try:
             # A job the stale-job sweep ended meanwhile (this worker was frozen, say) is stopped
             # at its next tick; its finish would be refused anyway.
-            # Cancel requests recorded in the database while the store was down arrive here too.
+            # Cancel requests recorded in the database while the store was down arrive here too,
+            # for jobs run without heartbeat rows as well.
             flagged = dict(
-                Job.objects.filter(pk__in=job_ids)
+                Job.objects.filter(pk__in=visible_ids)
                 .filter(
                     ~Q(state=JobState.STARTED)
                     | Exists(CancelRequest.objects.filter(job_id=OuterRef("pk")))
@@ -224,7 +233,7 @@ class JobMonitor:
                 update_fields=["worker", "beat_at"],
             )
         except Exception:
-            logger.exception("task_ferry monitor: heartbeat of jobs %s failed", job_ids)
+            logger.exception("task_ferry monitor: heartbeat of jobs %s failed", visible_ids)
         finally:
             # Beats are seconds apart: holding a connection open in between buys nothing.
             connections.close_all()

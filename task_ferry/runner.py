@@ -116,11 +116,13 @@ class JobRun:
         self._own_values = own_values(job)
         progress = Progress()
         # Inside a caller's transaction no other connection sees the job, so there is nobody
-        # to beat for (and the monitor's own connection could not write the heartbeat).
+        # to beat for, nor a request in the database to read (only this process can cancel it).
         own_transaction = not connection.in_atomic_block
         # The monitor publishes the start like any progress, within PUBLISH_INTERVAL: a job
         # that ends sooner goes from pending to its end with one write to the store, not two.
-        watch = get_monitor().watch(job, progress, heartbeat=self.heartbeat and own_transaction)
+        watch = get_monitor().watch(
+            job, progress, heartbeat=self.heartbeat, visible=own_transaction
+        )
         signals.emit(signals.job_started, job)
         db_connection = connection.connection
         try:

@@ -120,8 +120,8 @@ def processes(transactional_db: None, tmp_path: Path, settings: Any) -> Iterator
     started: list[WorkerProcess] = []
 
     class Starter:
-        def worker(self) -> WorkerProcess:
-            proc = self.start(["run"])
+        def worker(self, *, heartbeat: bool = True) -> WorkerProcess:
+            proc = self.start(["run" if heartbeat else "run-no-heartbeat"])
             proc.wait_ready()
             return proc
 

@@ -9,9 +9,10 @@ import pytest
 
 from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.handler import JobHandler
+from task_ferry.models import Heartbeat
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import SOCKET_TIMEOUT
-from tests.reliability.helpers import state_of
+from tests.reliability.helpers import hook_calls, state_of
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 from tests.waiting import wait_for
 
@@ -101,6 +102,49 @@ def test_a_running_job_cancelled_while_redis_is_down_stops_at_its_next_heartbeat
     assert list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True)) == [
         "on_cancelled"
     ]
+
+
+def test_a_cancel_recorded_while_redis_was_down_reaches_the_job_once_after_redis_returns(
+    queueing, ferry, processes, redis_server, api, user
+):
+    # The heartbeat comes after Redis is back: the request is in the database only.
+    ferry(REDIS_URL=redis_server.url, HEARTBEAT_INTERVAL=1.5, HEARTBEAT_TIMEOUT=10)
+    worker = processes.worker()
+    job = JobHandler.create_and_start(user, "scripted", steps=400, tick_delay=0.02)
+    wait_for(lambda: (live_progress(job.pk) or 0) > 0)
+
+    redis_server.stop()
+    assert api.post(f"/api/jobs/{job.pk}/cancel/").json()["state"] == "started"
+    redis_server.start()
+
+    wait_for(lambda: state_of(job.pk) == "cancelled", timeout=10, worker=worker)
+    wait_for(lambda: hook_calls(job, "on_cancelled"), timeout=10)
+    # The request stays recorded, and is read at every beat, but the job ends once; the next
+    # job on the worker is not touched by it.
+    after = JobHandler.create_and_start(user, "scripted", steps=100, tick_delay=0.02)
+    wait_for(lambda: state_of(after.pk) == "finished", timeout=15, worker=worker)
+    assert hook_calls(job, "on_cancelled") == 1
+    assert api.get(f"/api/jobs/{job.pk}/").json()["state"] == "cancelled"
+
+
+def test_a_job_run_without_heartbeat_still_gets_a_cancel_recorded_while_redis_is_down(
+    queueing, ferry, processes, redis_server, api, user
+):
+    # heartbeat=False writes no heartbeat rows; the job's row is committed all the same, so a
+    # cancel request recorded in the database must reach it.
+    ferry(REDIS_URL=redis_server.url, HEARTBEAT_INTERVAL=0.3, HEARTBEAT_TIMEOUT=10)
+    processes.worker(heartbeat=False)
+    job = JobHandler.create_and_start(user, "scripted", steps=400, tick_delay=0.02, marker="m")
+    wait_for(lambda: (live_progress(job.pk) or 0) > 0)
+
+    redis_server.stop()
+    response = api.post(f"/api/jobs/{job.pk}/cancel/")
+    assert (response.status_code, response.json()["state"]) == (200, "started")
+
+    wait_for(lambda: state_of(job.pk) != "started", timeout=15)
+    assert state_of(job.pk) == "cancelled"
+    assert not Marker.objects.filter(name="m").exists()
+    assert not Heartbeat.objects.filter(job_id=job.pk).exists()
 
 
 def test_sweep_repairs_a_snapshot_left_live_by_a_frozen_redis(

@@ -3,6 +3,7 @@ jobs and runs each through ``JobHandler.run_job``, as a Celery or db_worker task
 going when a job raises.
 
     python -m tests.reliability.worker run             # the worker loop
+    python -m tests.reliability.worker run-no-heartbeat  # the same, run_job(heartbeat=False)
     python -m tests.reliability.worker manage ARGS...  # a management command
 
 ``TF_WORKER_SETTINGS`` (JSON) is merged over the test settings' ``TASK_FERRY``.
@@ -31,7 +32,7 @@ def setup() -> None:
     job_type_registry.register_module(job_types)
 
 
-def run() -> None:
+def run(*, heartbeat: bool = True) -> None:
     from django.db import DatabaseError, connection
 
     from task_ferry.handler import JobHandler
@@ -51,7 +52,7 @@ def run() -> None:
             continue
         print(f"start {job_id}", flush=True)
         try:
-            JobHandler.run_job(job_id)
+            JobHandler.run_job(job_id, heartbeat=heartbeat)
         except Exception as exc:
             print(f"raised {job_id} {type(exc).__name__}", flush=True)
         else:
@@ -62,6 +63,8 @@ def main(argv: list[str]) -> None:
     setup()
     if argv[:1] == ["run"]:
         run()
+    elif argv[:1] == ["run-no-heartbeat"]:
+        run(heartbeat=False)
     elif argv[:1] == ["manage"]:
         from django.core.management import execute_from_command_line
 
