@@ -41,6 +41,7 @@ from task_ferry.models import (
     Job,
     JobQuerySet,
     JobState,
+    jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import cancel_token, job_snapshot
@@ -168,7 +169,7 @@ def only_one(name: str) -> Iterator[bool]:
     """Whether this process holds the database-wide lock ``name`` until the block ends: an
     advisory lock on PostgreSQL, ``GET_LOCK()`` on MySQL and MariaDB; always True on SQLite,
     which has one writer anyway. Released when the block ends, or with the connection."""
-    connection = transaction.get_connection(router.db_for_write(Job))
+    connection = transaction.get_connection(jobs_database())
     if connection.vendor == "postgresql":
         take = "SELECT pg_try_advisory_lock(hashtext(%s))"
         release = "SELECT pg_advisory_unlock(hashtext(%s))"
@@ -264,7 +265,7 @@ class JobHandler:
         executor = get_executor()
         jobs = [job for job, _prepared in built]
         try:
-            with transaction.atomic(using=router.db_for_write(Job)):
+            with transaction.atomic(using=jobs_database()):
                 cls._save_many(user, job_type, built)
                 # As for create_and_start() calls in one atomic() block: the signals now, the
                 # dispatch once the block commits; a failed dispatch fails the unsent rest.
@@ -358,7 +359,7 @@ class JobHandler:
             with _values_refused():
                 if statements.insert_job(job):
                     return
-        with transaction.atomic():
+        with transaction.atomic(using=jobs_database()):
             cls._check_max_count(user, job_type, max_count, adding=1)
             with _values_refused():
                 job.save(force_insert=True)
@@ -397,7 +398,7 @@ class JobHandler:
     @staticmethod
     def _refused(user: Any, exc: IntegrityError) -> InvalidJobValues:
         """The clear error for a job the database refused to store."""
-        connection = transaction.get_connection(router.db_for_write(Job))
+        connection = transaction.get_connection(jobs_database())
         # Inside a caller's broken transaction nothing more can be asked.
         if user is not None and not connection.needs_rollback:
             users = user._meta.model._default_manager
@@ -409,9 +410,11 @@ class JobHandler:
     def _lock_user(user: Any) -> bool:
         """Serialise job creation per user, so concurrent creates respect ``max_count``.
         False if the user's row is gone."""
-        # _meta, not type(): request.user is a SimpleLazyObject under session auth.
+        # _meta, not type(): request.user is a SimpleLazyObject under session auth. Through
+        # the connection that inserts the job: its foreign key puts users in the same database.
         locked = (
-            user._meta.model._default_manager.select_for_update()
+            user._meta.model._default_manager.using(jobs_database())
+            .select_for_update()
             .filter(pk=user.pk)
             .values_list("pk", flat=True)
             .first()
@@ -543,7 +546,7 @@ class JobHandler:
                         )
             # Collected before the delete, which sets each instance's pk to None.
             deleted_ids.extend(job.pk for job in jobs)
-            collector = Collector(using=model._base_manager.db)
+            collector = Collector(using=router.db_for_write(model))
             collector.collect(jobs)
             _, per_model = collector.delete()
             deleted += per_model.get(Job._meta.label, 0)
@@ -632,7 +635,7 @@ class JobHandler:
     def _fail_each(cls, candidates: JobQuerySet, from_state: JobState, message: str) -> int:
         failed = 0
         for pk in list(candidates.order_by("pk").values_list("pk", flat=True)):
-            with transaction.atomic():
+            with transaction.atomic(using=jobs_database()):
                 # A row locked by a live transaction (a frozen worker's) is retried next sweep
                 # rather than blocking this one.
                 job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
-from django.db import models
+from django.db import models, router
 from django.utils import timezone
 from django.utils.functional import cached_property
 
@@ -132,6 +132,12 @@ class Job(models.Model):
         """Copy column values written by an ``UPDATE`` onto this instance."""
         for name, value in fields.items():
             setattr(self, name, value)
+
+
+def jobs_database() -> str:
+    """The database alias job rows are written to: where their transactions and locks are
+    taken (``default`` unless a database router says otherwise)."""
+    return router.db_for_write(Job)
 
 
 class Heartbeat(models.Model):

@@ -11,13 +11,14 @@ back. The moves to ``started`` and ``cancelled`` do not wait for the disk (see
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import traceback
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 
 from task_ferry import signals
 from task_ferry.exceptions import JobCancelled, JobFenced, JobTypeDoesNotExist
@@ -28,7 +29,7 @@ from task_ferry.handler import (
     start_and_load,
     transition,
 )
-from task_ferry.models import Job, JobState
+from task_ferry.models import Job, JobState, jobs_database
 from task_ferry.monitor import Watch, get_monitor
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, job_type_registry
@@ -56,23 +57,36 @@ def reconnect_if_broken() -> None:
     """A dropped database connection must not stop us from recording how the job ended."""
     # Not close_if_unusable_or_obsolete(): with CONN_MAX_AGE = 0 every connection is
     # "obsolete", and reconnecting would cost the cancel path several milliseconds.
+    connection = connections[jobs_database()]
     if not connection.in_atomic_block and connection.errors_occurred:
         if not connection.is_usable():
             connection.close()
         connection.errors_occurred = False
 
 
-def nothing_to_commit() -> bool:
-    """Whether the transaction of the outermost ``atomic()`` block open on the connection has
-    sent nothing to the database yet and holds no ``on_commit`` callbacks, so that committing
-    it would do nothing. PostgreSQL only: the other backends begin at the block's start (SQLite,
-    where that costs no round trip) or cannot tell (MySQL)."""
-    if connection.vendor != "postgresql" or connection.connection is None:
-        return False
-    if connection.savepoint_ids or connection.run_on_commit or connection.needs_rollback:
-        return False
-    # psycopg 2 and 3 both number the idle state 0: no transaction block begun.
-    return bool(connection.connection.info.transaction_status == 0)
+def run_databases() -> list[str]:
+    """The databases whose transaction a job's ``run()`` executes in: the jobs' own, so that
+    its finish commits with its work, and ``default`` where a router keeps jobs elsewhere (the
+    job's work most likely goes there). The jobs' one is opened first and committed last."""
+    using = jobs_database()
+    return [using] if using == DEFAULT_DB_ALIAS else [using, DEFAULT_DB_ALIAS]
+
+
+def nothing_to_commit(aliases: list[str]) -> bool:
+    """Whether the transactions of the outermost ``atomic()`` blocks open on these databases
+    have sent nothing yet and hold no ``on_commit`` callbacks, so that committing them would do
+    nothing. PostgreSQL only: the other backends begin at the block's start (SQLite, where
+    that costs no round trip) or cannot tell (MySQL)."""
+    for alias in aliases:
+        connection = connections[alias]
+        if connection.vendor != "postgresql" or connection.connection is None:
+            return False
+        if connection.savepoint_ids or connection.run_on_commit or connection.needs_rollback:
+            return False
+        # psycopg 2 and 3 both number the idle state 0: no transaction block begun.
+        if connection.connection.info.transaction_status != 0:
+            return False
+    return True
 
 
 @functools.cache
@@ -117,6 +131,8 @@ class JobRun:
         progress = Progress()
         # Inside a caller's transaction no other connection sees the job, so there is nobody
         # to beat for, nor a request in the database to read (only this process can cancel it).
+        databases = run_databases()
+        connection = connections[databases[0]]
         own_transaction = not connection.in_atomic_block
         # The monitor publishes the start like any progress, within PUBLISH_INTERVAL: a job
         # that ends sooner goes from pending to its end with one write to the store, not two.
@@ -126,7 +142,9 @@ class JobRun:
         signals.emit(signals.job_started, job)
         db_connection = connection.connection
         try:
-            with transaction.atomic():
+            with contextlib.ExitStack() as run_transaction:
+                for alias in databases:
+                    run_transaction.enter_context(transaction.atomic(using=alias))
                 job_type.run(job, progress)
                 if progress.cancel_raised:
                     # It caught JobCancelled (an ``except Exception`` around a loop's body, say).
@@ -134,7 +152,7 @@ class JobRun:
                 _percentage, label = watch.stop()
                 # A run that sent the database nothing has no work to commit with its success:
                 # the finish then commits on its own, one round trip instead of three.
-                finish_inside = not (own_transaction and nothing_to_commit())
+                finish_inside = not (own_transaction and nothing_to_commit(databases))
                 if finish_inside:
                     self._finish(job, label)
             if not finish_inside:

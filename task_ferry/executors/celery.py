@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from django.core.checks import CheckMessage, Error
 from django.core.checks import Warning as CheckWarning
-from django.db import router, transaction
+from django.db import transaction
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
@@ -127,9 +127,9 @@ class CeleryExecutor(BaseExecutor):
         return queue or str(ferry_settings.CELERY_QUEUE)
 
     def _dispatch_on_commit(self, messages: list[Message]) -> None:
-        from task_ferry.models import Job
+        from task_ferry.models import jobs_database
 
-        using = router.db_for_write(Job)
+        using = jobs_database()
         outbox = transaction_outbox(using, self._send)
         if outbox is not None:
             outbox.update((message[0], message) for message in messages)

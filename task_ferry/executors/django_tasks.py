@@ -19,7 +19,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error
 from django.core.checks import Warning as CheckWarning
-from django.db import router, transaction
+from django.db import transaction
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
@@ -27,7 +27,7 @@ from task_ferry.exceptions import (
     TaskFerryImproperlyConfigured,
 )
 from task_ferry.executors.base import BaseExecutor, describe_ids, transaction_outbox
-from task_ferry.models import Job
+from task_ferry.models import Job, jobs_database
 from task_ferry.registry import JobType, job_type_registry
 
 logger = logging.getLogger("task_ferry")
@@ -358,11 +358,6 @@ class DjangoTasksExecutor(BaseExecutor):
                     )
                 )
         return messages
-
-
-def jobs_database() -> str:
-    """The database alias jobs are written to: the one whose commit makes them visible."""
-    return router.db_for_write(Job)
 
 
 def _configured_backend(alias: str) -> str | None:

@@ -324,24 +324,12 @@ def test_obsolete_backend_path_at_dispatch_says_what_to_use(
     assert Job.objects.get().state == "failed"
 
 
-class JobsInTheirOwnDatabase:
-    """Writes and reads jobs through the "jobs" alias; everything else through "default"."""
-
-    def db_for_read(self, model, **hints):
-        return "jobs" if issubclass(model, Job) else None
-
-    db_for_write = db_for_read
-
-    def allow_relation(self, obj1, obj2, **hints):
-        return True
-
-
 @requires_tasks
 @pytest.mark.django_db(transaction=True, databases=["default", "jobs"])
 def test_dispatch_waits_for_the_commit_of_the_database_jobs_are_routed_to(
     settings, user, use_executor, DBTaskResult
 ):
-    settings.DATABASE_ROUTERS = [f"{__name__}.JobsInTheirOwnDatabase"]
+    settings.DATABASE_ROUTERS = ["tests.routers.JobsInTheirOwnDatabase"]
     with transaction.atomic(using="jobs"):
         job = JobHandler.create_and_start(user, "scripted", steps=3)
         assert not DBTaskResult.objects.exists()

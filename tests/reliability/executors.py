@@ -9,6 +9,7 @@ import threading
 from django.db import transaction
 
 from task_ferry.executors.base import BaseExecutor
+from task_ferry.models import jobs_database
 
 
 class QueueingExecutor(BaseExecutor):
@@ -19,7 +20,7 @@ class QueueingExecutor(BaseExecutor):
     _lock = threading.Lock()
 
     def enqueue(self, job_id: int) -> None:
-        transaction.on_commit(functools.partial(self._record, job_id))
+        transaction.on_commit(functools.partial(self._record, job_id), using=jobs_database())
 
     def _record(self, job_id: int) -> None:
         with self._lock:

@@ -1,0 +1,77 @@
+"""Jobs in a database of their own (a router sends ``Job`` to the "jobs" alias): creating,
+limiting, running, sweeping and cleaning up take their transactions and locks there."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from django.db import connection, transaction
+from django.utils import timezone
+
+from task_ferry.exceptions import MaxJobCountExceeded
+from task_ferry.handler import JobHandler
+from task_ferry.models import Job, JobState
+from tests.reliability.helpers import hook_calls, start_lost_job, state_of
+from tests.testapp.models import HookCall, Marker
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "jobs"])
+
+
+@pytest.fixture(autouse=True)
+def routed(settings):
+    settings.DATABASE_ROUTERS = ["tests.routers.JobsInTheirOwnDatabase"]
+
+
+def test_max_count_is_enforced(queueing, user):
+    JobHandler.create_and_start(user, "limited")
+    JobHandler.create_and_start(user, "limited")
+    with pytest.raises(MaxJobCountExceeded):
+        JobHandler.create_and_start(user, "limited")
+    assert Job.objects.count() == 2
+
+
+# Two connections to one SQLite database cannot both write at once; a project that routes jobs
+# elsewhere on SQLite gives them a file of their own.
+runs_on_both = pytest.mark.skipif(
+    connection.vendor == "sqlite", reason="the two aliases share one SQLite database"
+)
+
+
+@runs_on_both
+def test_a_job_runs_to_finished_and_its_work_commits(user):
+    job = JobHandler.create_and_start(user, "scripted", steps=2, marker="routed-run")
+    assert state_of(job) == JobState.FINISHED
+    assert Marker.objects.filter(name="routed-run").exists()
+
+
+@runs_on_both
+def test_a_failing_run_rolls_back_its_work_and_fails_the_job(user):
+    with pytest.raises(RuntimeError, match="scripted failure"):
+        JobHandler.create_and_start(user, "scripted", steps=2, fail_at=1, marker="rolled-back")
+    assert list(Job.objects.values_list("state", flat=True)) == [JobState.FAILED]
+    assert not Marker.objects.filter(name="rolled-back").exists()
+
+
+def test_the_sweep_fails_a_job_whose_worker_was_lost(queueing, user):
+    job = start_lost_job(user)
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert state_of(job) == JobState.FAILED
+    assert hook_calls(job, "on_error") == 1
+
+
+def test_cleanup_deletes_old_jobs(queueing, user):
+    job = JobHandler.create_and_start(user, "scripted")
+    JobHandler.cancel(user, job.pk)
+    Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - datetime.timedelta(days=60))
+    assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=30)) == 1
+    assert not Job.objects.exists()
+    assert HookCall.objects.filter(job_id=job.pk, hook="before_delete").count() == 1
+
+
+def test_create_inside_the_callers_transaction_on_the_jobs_database(queueing, user):
+    with pytest.raises(RuntimeError), transaction.atomic(using="jobs"):
+        JobHandler.create_and_start(user, "limited")
+        raise RuntimeError("roll back")
+    assert not Job.objects.exists()
+    assert queueing.dispatched == []
