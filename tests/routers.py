@@ -4,12 +4,14 @@ from task_ferry.models import Job
 
 
 class JobsInTheirOwnDatabase:
-    """Writes and reads jobs through the "jobs" alias (the same database as "default", on a
+    """Writes and reads jobs (task_ferry's tables and every job type's) through the "jobs" alias (the same database as "default", on a
     connection of its own, so its transactions are its own); everything else through
     "default"."""
 
     def db_for_read(self, model, **hints):
-        return "jobs" if issubclass(model, Job) else None
+        if issubclass(model, Job) or model._meta.app_label == "task_ferry":
+            return "jobs"
+        return None
 
     db_for_write = db_for_read
 
