@@ -169,6 +169,12 @@ class JobRun:
             publish_as_stored(job)
             return job
         except Exception as exc:
+            if progress.cancel_raised:
+                # Raised on the way out of a cancel (JobCancelled wrapped in an error of its
+                # own, or cleanup that failed): the job stops because it was cancelled.
+                logger.info("Job %s raised %r after it was cancelled.", job.pk, exc)
+                self._end_cancelled(job, job_type, watch)
+                return job
             # Django replaces the connection when rolling back on it failed: it broke.
             connection_lost = (
                 isinstance(exc, DatabaseError) and connection.connection is not db_connection

@@ -150,6 +150,28 @@ def test_a_run_that_catches_its_cancel_and_returns_still_ends_cancelled(
     assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
 
 
+def test_a_run_that_wraps_its_cancel_in_an_error_of_its_own_ends_cancelled(
+    transactional_db, user, monkeypatch
+):
+    class ImportFailed(Exception):
+        pass
+
+    def run(self, job, progress):
+        Marker.objects.create(name="rolled-back")
+        try:
+            JobHandler.cancel(user, job.pk)
+            progress.increment(10, state="Row 1")
+        except Exception as exc:
+            raise ImportFailed("the import stopped") from exc
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    assert ScriptedJob.objects.get().state == "cancelled"
+    assert job.state == "cancelled"
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
+
+
 def test_a_cancel_request_after_the_last_tick_lets_the_job_finish(
     transactional_db, user, monkeypatch
 ):
