@@ -1,8 +1,11 @@
 import sys
 
 import pytest
+import redis
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.cache import caches
+from django.db import connection
 from rest_framework.test import APIClient
 
 
@@ -26,15 +29,6 @@ def no_dispatch(monkeypatch):
     return dispatched
 
 
-@pytest.fixture(autouse=True)
-def _forget_cached_snapshots():
-    """SQLite hands out the ids of rolled-back rows again, so a snapshot that an earlier test
-    left in the local-memory cache would pose as a new job's progress."""
-    yield
-    for cache in caches.all(initialized_only=True):
-        cache.clear()
-
-
 @pytest.fixture
 def user(db):
     return get_user_model().objects.create_user("alice", password="pw")
@@ -53,10 +47,16 @@ def api(user):
 
 
 @pytest.fixture(autouse=True)
-def _forget_cached_snapshots():
-    """SQLite reuses job ids across tests: a snapshot or cancel request a test left in the
-    in-process cache store must not describe the next test's job with the same id."""
+def _forget_snapshots():
+    """SQLite hands out the ids of rolled-back rows again, so a snapshot or cancel request that
+    an earlier test left in the store would describe the next test's job with the same id."""
     yield
-    from django.core.cache import caches
-
-    caches["default"].clear()
+    for cache in caches.all(initialized_only=True):
+        cache.clear()
+    ferry = settings.TASK_FERRY
+    if connection.vendor == "sqlite" and ferry.get("REDIS_URL"):
+        client = redis.Redis.from_url(ferry["REDIS_URL"])
+        keys = list(client.scan_iter(f"{ferry['KEY_PREFIX']}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
