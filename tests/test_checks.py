@@ -101,11 +101,31 @@ def test_e001_message_names_the_extra():
     from task_ferry.checks import missing_extra
 
     celery_missing = ModuleNotFoundError("No module named 'celery'", name="celery")
-    assert missing_extra("task_ferry.executors.celery.CeleryExecutor", celery_missing) == "celery"
-    own_module = ModuleNotFoundError("nope", name="task_ferry.executors.django_tasks")
-    assert missing_extra("task_ferry.executors.django_tasks.X", own_module) == "django-tasks"
+    assert missing_extra(celery_missing) == "celery"
     typo = ModuleNotFoundError("nope", name="myproject")
-    assert missing_extra("myproject.Executor", typo) is None
+    assert missing_extra(typo) is None
+    # A class the executor module does not define: a typo, whatever the module.
+    class_typo = ImportError('Module "task_ferry.executors.celery" does not define a "X"')
+    assert missing_extra(class_typo) is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "task_ferry.executors.celery.CeleryExecuter",
+        "task_ferry.executors.django_tasks.DjangoTaskExecutor",
+    ],
+)
+def test_e001_class_name_typo_in_an_executor_module_is_not_a_missing_extra(ferry, path):
+    module, name = path.rsplit(".", 1)
+    ferry(EXECUTOR=path)
+    message = only("task_ferry.E001")
+    assert f'Module "{module}" does not define a "{name}" attribute/class' in message.msg
+    assert "extra" not in message.msg
+    assert "pip install" not in message.hint
+    assert "task_ferry.executors.celery.CeleryExecutor" in message.hint
+    assert "task_ferry.executors.django_tasks.DjangoTasksExecutor" in message.hint
+    assert "task_ferry.executors.immediate.ImmediateExecutor" in message.hint
 
 
 def test_e001_executor_that_is_not_an_executor(ferry):
