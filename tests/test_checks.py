@@ -1,5 +1,6 @@
 """Every task_ferry system check id, raised by the configuration it describes."""
 
+import re
 import socket
 import sys
 from importlib.util import find_spec
@@ -133,6 +134,19 @@ def test_e001_executor_that_is_not_an_executor(ferry):
     assert (
         "is not a subclass of task_ferry.executors.base.BaseExecutor" in only("task_ferry.E001").msg
     )
+
+
+@pytest.mark.parametrize("value", ["some string", ["EXECUTOR"], ""])
+def test_task_ferry_that_is_not_a_dict_is_improperly_configured(settings, value):
+    from task_ferry.conf import ferry_settings
+    from task_ferry.exceptions import TaskFerryImproperlyConfigured
+
+    settings.TASK_FERRY = value
+    message = f"TASK_FERRY must be a dict of settings, got {type(value).__name__}: {value!r}."
+    with pytest.raises(TaskFerryImproperlyConfigured, match=re.escape(message)):
+        run_checks()
+    with pytest.raises(TaskFerryImproperlyConfigured, match=re.escape(message)):
+        ferry_settings.EXECUTOR  # noqa: B018 - reading it is what raises
 
 
 def test_e002_unknown_setting(ferry):
