@@ -429,8 +429,8 @@ class JobHandler:
         return live_handles.track(job.specific)
 
     @classmethod
-    def get_jobs_for_user(cls, user: Any) -> Any:
-        """The user's jobs, newest first (a ``JobQuerySet``)."""
+    def get_jobs_for_user(cls, user: Any) -> JobQuerySet:
+        """The user's jobs, newest first."""
         return Job.objects.for_user(user).order_by("-created_at", "-id")
 
     @classmethod

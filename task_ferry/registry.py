@@ -54,7 +54,7 @@ class JobType:
         """
         return values
 
-    def after_job_creation(self, job: Job, values: dict[str, Any]) -> None:
+    def after_job_creation(self, job: Any, values: dict[str, Any]) -> None:
         """Called right after the job row is saved, before it is dispatched."""
 
     def run(self, job: Any, progress: Progress) -> None:
