@@ -8,7 +8,7 @@ from typing import Any, assert_type
 from django.contrib.auth.models import User
 
 from task_ferry.handler import JobHandler
-from task_ferry.models import JobQuerySet
+from task_ferry.models import Job, JobQuerySet
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType
 from tests.testapp.models import ScriptedJob
@@ -25,7 +25,15 @@ def amounts(progress: Progress) -> None:
 
 
 def jobs_of(user: User) -> None:
-    assert_type(JobHandler.get_jobs_for_user(user), JobQuerySet)
+    assert_type(JobHandler.get_jobs_for_user(user), JobQuerySet[Job])
+    assert_type(Job.objects.live().get(), Job)
+    assert_type(ScriptedJob.objects.for_user(user).pending().first(), ScriptedJob | None)
+
+
+def stalled(jobs: JobQuerySet[ScriptedJob]) -> list[ScriptedJob]:
+    """A queryset annotated with a job type's own model yields that model."""
+    assert_type(jobs.running().get(), ScriptedJob)
+    return list(jobs.running().filter(steps__gt=1))
 
 
 class ScriptedJobType(JobType):
