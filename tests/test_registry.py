@@ -50,6 +50,10 @@ def test_get_unknown_lists_the_known_types():
     assert "'exprot_table'" in str(info.value)
     assert "'export_table'" in str(info.value)
     assert "export_table" in info.value.known
+    assert str(info.value).endswith(
+        "Job types are registered from the job_types module of each app in INSTALLED_APPS "
+        "(<app>/job_types.py), imported at startup."
+    )
 
 
 def test_get_by_model_accepts_class_and_instance():

@@ -247,7 +247,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         for job_type in allowed:
             if job_type.type == name:
                 return job_type
-        message = str(JobTypeDoesNotExist(str(name), [t.type for t in allowed]))
+        message = JobTypeDoesNotExist(str(name), [t.type for t in allowed]).summary
         raise ValidationError({"type": [message]})
 
     @staticmethod

@@ -421,6 +421,23 @@ def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
     assert state_of(reachable.pk) == "pending"
 
 
+@pytest.mark.worker
+def test_api_create_with_the_broker_down_is_201_with_the_job_failed(
+    own_redis_broker, user, api
+) -> None:
+    server, _app = own_redis_broker
+    server.terminate()
+    server.wait(5)
+
+    response = api.post("/api/jobs/", {"type": "scripted", "steps": 1}, format="json")
+
+    assert response.status_code == 201
+    body = response.json()
+    assert body["state"] == "failed"
+    assert "could not be reached" in body["human_readable_error"]
+    assert state_of(body["id"]) == "failed"
+
+
 def test_a_broker_that_refuses_the_login_fails_the_job_and_the_advice_fits(
     transactional_db, settings, user
 ) -> None:
