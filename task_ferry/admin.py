@@ -331,7 +331,7 @@ class JobAdmin(JobModelAdmin):
         return format_html('<pre style="white-space: pre-wrap">{}</pre>', job.traceback)
 
     @admin.action(description="Cancel selected jobs", permissions=["cancel"])
-    def cancel_jobs(self, request: HttpRequest, queryset: JobQuerySet) -> None:
+    def cancel_jobs(self, request: HttpRequest, queryset: JobQuerySet[Job]) -> None:
         cancelled = asked = 0
         ended = queryset.ended().count()
         for job in queryset.live():

@@ -126,21 +126,13 @@ EXTRA_FOR_MODULE = {
     "django_tasks": "django-tasks",
     "django_tasks_db": "django-tasks",
 }
-EXTRA_FOR_EXECUTOR_MODULE = {
-    "task_ferry.executors.celery": "celery",
-    "task_ferry.executors.django_tasks": "django-tasks",
-}
 
 
-def missing_extra(path: str, exc: ImportError) -> str | None:
-    """The django-task-ferry extra that would make ``path`` importable, if one would."""
+def missing_extra(exc: ImportError) -> str | None:
+    """The django-task-ferry extra whose package failed to import in ``exc``, if any (a
+    misspelt class in an executor module is a typo, not a missing extra)."""
     missing = (exc.name or "").split(".")[0]
-    if missing in EXTRA_FOR_MODULE:
-        return EXTRA_FOR_MODULE[missing]
-    for module, extra in EXTRA_FOR_EXECUTOR_MODULE.items():
-        if path.startswith(module + "."):
-            return extra
-    return None
+    return EXTRA_FOR_MODULE.get(missing)
 
 
 @register()
@@ -163,7 +155,7 @@ def check_executor(
     try:
         import_string(path)
     except ImportError as exc:
-        extra = missing_extra(str(path), exc)
+        extra = missing_extra(exc)
         if extra is not None:
             return [
                 Error(

@@ -8,11 +8,14 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
+
+from task_ferry.exceptions import TaskFerryImproperlyConfigured
 
 SETTINGS_NAME = "TASK_FERRY"
 
@@ -62,7 +65,15 @@ class FerrySettings:
 
     @property
     def user_settings(self) -> dict[str, Any]:
-        value = getattr(settings, SETTINGS_NAME, None) or {}
+        value = getattr(settings, SETTINGS_NAME, None)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise TaskFerryImproperlyConfigured(
+                f"{SETTINGS_NAME} must be a dict of settings, got {type(value).__name__}: "
+                f"{value!r}. For example: {SETTINGS_NAME} = "
+                '{"EXECUTOR": "task_ferry.executors.celery.CeleryExecutor"}.'
+            )
         return dict(value)
 
     def __getattr__(self, name: str) -> Any:

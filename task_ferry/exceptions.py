@@ -23,7 +23,12 @@ class JobTypeDoesNotExist(TaskFerryError, LookupError):
         self.name = name
         self.known = sorted(known)
         known_text = ", ".join(repr(k) for k in self.known) or "none are registered"
-        super().__init__(f"No job type named {name!r}. Known job types: {known_text}.")
+        #: The unknown name and the known ones, without advice on registering: for API clients.
+        self.summary = f"No job type named {name!r}. Known job types: {known_text}."
+        super().__init__(
+            f"{self.summary} Job types are registered from the job_types module of each app in "
+            f"INSTALLED_APPS (<app>/job_types.py), imported at startup."
+        )
 
 
 class JobTypeAlreadyRegistered(TaskFerryImproperlyConfigured):

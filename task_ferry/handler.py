@@ -432,8 +432,8 @@ class JobHandler:
         return live_handles.track(job.specific)
 
     @classmethod
-    def get_jobs_for_user(cls, user: Any) -> Any:
-        """The user's jobs, newest first (a ``JobQuerySet``)."""
+    def get_jobs_for_user(cls, user: Any) -> JobQuerySet[Job]:
+        """The user's jobs, newest first."""
         return Job.objects.for_user(user).order_by("-created_at", "-id")
 
     @classmethod
@@ -632,7 +632,7 @@ class JobHandler:
                 publish(job)
 
     @classmethod
-    def _fail_each(cls, candidates: JobQuerySet, from_state: JobState, message: str) -> int:
+    def _fail_each(cls, candidates: JobQuerySet[Job], from_state: JobState, message: str) -> int:
         failed = 0
         for pk in list(candidates.order_by("pk").values_list("pk", flat=True)):
             with transaction.atomic(using=jobs_database()):

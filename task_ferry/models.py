@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
@@ -27,7 +27,11 @@ LIVE_STATES = (JobState.PENDING, JobState.STARTED)
 ENDED_STATES = (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
 
 
-class JobQuerySet(models.QuerySet["Job"]):
+# The job model a queryset yields: ``Job``, or a job type's own subclass.
+JobT = TypeVar("JobT", bound="Job", covariant=True)
+
+
+class JobQuerySet(models.QuerySet[JobT]):
     def pending(self) -> Self:
         return self.filter(state=JobState.PENDING)
 

@@ -219,8 +219,14 @@ class JobMonitor:
             )
             ended = {pk for pk, state in flagged.items() if state != JobState.STARTED}
             if ended:
-                logger.warning("Jobs %s were ended elsewhere; stopping them here.", sorted(ended))
                 job_ids = [job_id for job_id in job_ids if job_id not in ended]
+                # A run stops its watch before committing its own end: an ended job no longer
+                # watched ended here, while the query ran.
+                ended_elsewhere = ended & {w.job.pk for w in self._watching()}
+                if ended_elsewhere:
+                    logger.warning(
+                        "Jobs %s were ended elsewhere; stopping them here.", sorted(ended_elsewhere)
+                    )
             self._cancel(set(flagged))
             connection = connections[Heartbeat.objects.db]
             conflict_target = (

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import fractions
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Sized
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 from task_ferry.exceptions import JobCancelled
 
 __all__ = ["Progress"]
 
 T = TypeVar("T")
+#: A number of steps: an int, float, ``Decimal`` or ``Fraction``.
+Amount: TypeAlias = float | decimal.Decimal | fractions.Fraction
 
 # Completed children are folded into one number once a node has this many.
 FOLD_CHILDREN_AT = 16
@@ -39,7 +42,7 @@ class Progress:
         "total",
     )
 
-    def __init__(self, total: float = 100) -> None:
+    def __init__(self, total: Amount = 100) -> None:
         self.total: float = _checked_amount("total", total)
         #: Steps counted on this node itself (children report through their own counters).
         self.done: float = 0
@@ -54,7 +57,7 @@ class Progress:
         self._children: tuple[float, list[Progress]] = (0, [])
         self._fold_at = FOLD_CHILDREN_AT
 
-    def increment(self, by: float = 1, state: str | None = None) -> None:
+    def increment(self, by: Amount = 1, state: str | None = None) -> None:
         """Advance by ``by`` steps of this node, optionally with a new state label.
 
         Raises ``JobCancelled`` once the job was asked to stop.
@@ -95,7 +98,7 @@ class Progress:
         """Make the next ``increment()`` anywhere in this tree raise ``JobCancelled``."""
         self._root._cancelled = True
 
-    def create_child(self, represents: float, total: float) -> Progress:
+    def create_child(self, represents: Amount, total: Amount) -> Progress:
         """A stage worth ``represents`` steps of this node, counting to its own ``total``.
 
         A child with ``total=0`` is complete at once.

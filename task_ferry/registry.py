@@ -54,7 +54,7 @@ class JobType:
         """
         return values
 
-    def after_job_creation(self, job: Job, values: dict[str, Any]) -> None:
+    def after_job_creation(self, job: Any, values: dict[str, Any]) -> None:
         """Called right after the job row is saved, before it is dispatched."""
 
     def run(self, job: Any, progress: Progress) -> None:
@@ -93,6 +93,14 @@ def is_concrete_job_type(obj: object) -> bool:
     )
 
 
+def inherited_name(first: JobType, second: JobType) -> str:
+    """Why two types share a name when one subclasses the other without naming itself."""
+    for parent, child in ((type(first), type(second)), (type(second), type(first))):
+        if issubclass(child, parent) and "type" not in vars(child):
+            return f": {child.__qualname__} inherits {parent.__qualname__}'s unless it sets its own"
+    return ""
+
+
 class JobTypeRegistry:
     def __init__(self) -> None:
         self._by_name: dict[str, JobType] = {}
@@ -116,7 +124,7 @@ class JobTypeRegistry:
                     f"Job type name {instance.type!r} is claimed by both "
                     f"{type(existing).__module__}.{type(existing).__qualname__} and "
                     f"{type(instance).__module__}.{type(instance).__qualname__}. "
-                    f"Give one of them a different `type`."
+                    f"Give one of them a different `type`{inherited_name(existing, instance)}."
                 )
             self._by_name[instance.type] = instance
         return instance

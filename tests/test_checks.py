@@ -1,5 +1,6 @@
 """Every task_ferry system check id, raised by the configuration it describes."""
 
+import re
 import socket
 import sys
 from importlib.util import find_spec
@@ -101,11 +102,31 @@ def test_e001_message_names_the_extra():
     from task_ferry.checks import missing_extra
 
     celery_missing = ModuleNotFoundError("No module named 'celery'", name="celery")
-    assert missing_extra("task_ferry.executors.celery.CeleryExecutor", celery_missing) == "celery"
-    own_module = ModuleNotFoundError("nope", name="task_ferry.executors.django_tasks")
-    assert missing_extra("task_ferry.executors.django_tasks.X", own_module) == "django-tasks"
+    assert missing_extra(celery_missing) == "celery"
     typo = ModuleNotFoundError("nope", name="myproject")
-    assert missing_extra("myproject.Executor", typo) is None
+    assert missing_extra(typo) is None
+    # A class the executor module does not define: a typo, whatever the module.
+    class_typo = ImportError('Module "task_ferry.executors.celery" does not define a "X"')
+    assert missing_extra(class_typo) is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "task_ferry.executors.celery.CeleryExecuter",
+        "task_ferry.executors.django_tasks.DjangoTaskExecutor",
+    ],
+)
+def test_e001_class_name_typo_in_an_executor_module_is_not_a_missing_extra(ferry, path):
+    module, name = path.rsplit(".", 1)
+    ferry(EXECUTOR=path)
+    message = only("task_ferry.E001")
+    assert f'Module "{module}" does not define a "{name}" attribute/class' in message.msg
+    assert "extra" not in message.msg
+    assert "pip install" not in message.hint
+    assert "task_ferry.executors.celery.CeleryExecutor" in message.hint
+    assert "task_ferry.executors.django_tasks.DjangoTasksExecutor" in message.hint
+    assert "task_ferry.executors.immediate.ImmediateExecutor" in message.hint
 
 
 def test_e001_executor_that_is_not_an_executor(ferry):
@@ -113,6 +134,19 @@ def test_e001_executor_that_is_not_an_executor(ferry):
     assert (
         "is not a subclass of task_ferry.executors.base.BaseExecutor" in only("task_ferry.E001").msg
     )
+
+
+@pytest.mark.parametrize("value", ["some string", ["EXECUTOR"], ""])
+def test_task_ferry_that_is_not_a_dict_is_improperly_configured(settings, value):
+    from task_ferry.conf import ferry_settings
+    from task_ferry.exceptions import TaskFerryImproperlyConfigured
+
+    settings.TASK_FERRY = value
+    message = f"TASK_FERRY must be a dict of settings, got {type(value).__name__}: {value!r}."
+    with pytest.raises(TaskFerryImproperlyConfigured, match=re.escape(message)):
+        run_checks()
+    with pytest.raises(TaskFerryImproperlyConfigured, match=re.escape(message)):
+        ferry_settings.EXECUTOR  # noqa: B018 - reading it is what raises
 
 
 def test_e002_unknown_setting(ferry):

@@ -8,8 +8,9 @@ import time
 import pytest
 from django.db import connection
 
-from task_ferry.handler import JobHandler
-from task_ferry.models import Heartbeat, Job
+from task_ferry.handler import JobHandler, transition
+from task_ferry.models import Heartbeat, Job, JobState
+from task_ferry.monitor import get_monitor
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH, cancel_token
 from task_ferry.stores.base import get_store
@@ -403,3 +404,43 @@ def test_the_monitor_closes_the_database_connection_of_its_thread_when_it_goes_i
     gated.release.set()
     thread.finish()
     wait_until(lambda: monitor_connection.connection is None, "the monitor's connection closed")
+
+
+def beat_from_the_monitor_thread(watches):
+    """A beat as the monitor thread runs it, on its own thread and database connection."""
+    beater = threading.Thread(target=get_monitor()._beat, args=(watches,))
+    beater.start()
+    beater.join()
+
+
+def test_a_job_whose_run_ended_before_the_beats_query_is_not_reported_or_cancelled(
+    transactional_db, user, monkeypatch, caplog
+):
+    taken = []
+
+    def run(self, job, progress):
+        # The monitor takes its list of watched jobs, then the run ends before the beat's query.
+        taken.extend(get_monitor()._watching())
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    assert [watch.job.pk for watch in taken] == [job.pk]
+    beat_from_the_monitor_thread(taken)
+    assert "ended elsewhere" not in caplog.text
+    assert not taken[0].progress.cancel_requested
+    assert not Heartbeat.objects.filter(job_id=job.pk).exists()
+    assert ScriptedJob.objects.get(pk=job.pk).state == "finished"
+
+
+@needs_concurrent_writers
+def test_a_running_job_ended_elsewhere_is_reported_and_stopped_at_the_next_beat(
+    transactional_db, user, gated, caplog
+):
+    thread, job = start_halfway(gated, user, steps=4)
+    transition(Job(pk=job.pk), JobState.FAILED, from_states=[JobState.STARTED], error="lost")
+    beat_from_the_monitor_thread(get_monitor()._watching())
+    assert f"Jobs [{job.pk}] were ended elsewhere; stopping them here." in caplog.text
+    assert gated.progress.cancel_requested
+    gated.release.set()
+    thread.finish()
+    assert Job.objects.get(pk=job.pk).state == "failed"

@@ -44,12 +44,39 @@ def test_two_classes_under_one_name_is_a_clear_error():
     assert isinstance(job_type_registry.get("export_table"), ExportJobType)
 
 
+def test_a_subclass_inheriting_its_parents_name_stops_startup_with_a_clear_error():
+    # What autodiscovery does with a job_types module: Django's startup fails, no check runs.
+    module = types.ModuleType("someapp.job_types")
+
+    class ExportJobType(JobType):
+        type = "export"
+        model_class = ExportJob
+
+    class CsvExportJobType(ExportJobType):
+        pass
+
+    for cls in (ExportJobType, CsvExportJobType):
+        cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
+        setattr(module, cls.__name__, cls)
+    with pytest.raises(JobTypeAlreadyRegistered) as info:
+        JobTypeRegistry().register_module(module)
+    assert str(info.value) == (
+        "Job type name 'export' is claimed by both someapp.job_types.ExportJobType and "
+        "someapp.job_types.CsvExportJobType. Give one of them a different `type`: "
+        "CsvExportJobType inherits ExportJobType's unless it sets its own."
+    )
+
+
 def test_get_unknown_lists_the_known_types():
     with pytest.raises(JobTypeDoesNotExist) as info:
         job_type_registry.get("exprot_table")
     assert "'exprot_table'" in str(info.value)
     assert "'export_table'" in str(info.value)
     assert "export_table" in info.value.known
+    assert str(info.value).endswith(
+        "Job types are registered from the job_types module of each app in INSTALLED_APPS "
+        "(<app>/job_types.py), imported at startup."
+    )
 
 
 def test_get_by_model_accepts_class_and_instance():

@@ -38,7 +38,7 @@ class IsJobOwner(BasePermission):
         """True: this user sees every job, other users' and system jobs included."""
         return False
 
-    def visible_jobs(self, request: Request, queryset: JobQuerySet) -> JobQuerySet:
+    def visible_jobs(self, request: Request, queryset: JobQuerySet[Job]) -> JobQuerySet[Job]:
         """The jobs this user may list, look up and follow."""
         if self.sees_all_jobs(request):
             return queryset

@@ -152,8 +152,8 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         assert isinstance(permission, IsJobOwner)
         return permission
 
-    def get_queryset(self) -> JobQuerySet:
-        queryset: JobQuerySet = Job.objects.order_by("-created_at", "-id")
+    def get_queryset(self) -> JobQuerySet[Job]:
+        queryset: JobQuerySet[Job] = Job.objects.order_by("-created_at", "-id")
         return self.policy.visible_jobs(self.request, queryset)
 
     def filter_queryset(self, queryset: Any) -> Any:
@@ -247,7 +247,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         for job_type in allowed:
             if job_type.type == name:
                 return job_type
-        message = str(JobTypeDoesNotExist(str(name), [t.type for t in allowed]))
+        message = JobTypeDoesNotExist(str(name), [t.type for t in allowed]).summary
         raise ValidationError({"type": [message]})
 
     @staticmethod

@@ -192,7 +192,7 @@ class CeleryExecutor(BaseExecutor):
             outcome = "Each of them that had not started was marked failed."
         return DispatchError(
             f"{what} be sent to the Celery queue {queue!r} at {connection.as_uri()}: "
-            f"{reason.rstrip('.')}. {outcome} Check that the broker is running."
+            f"{reason.rstrip('.')}. {outcome} Check the broker URL and that the broker is running."
         )
 
     def _connection(self, app: Celery) -> tuple[Connection, Producer]:

@@ -422,6 +422,51 @@ def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
 
 
 @pytest.mark.worker
+def test_api_create_with_the_broker_down_is_201_with_the_job_failed(
+    own_redis_broker, user, api
+) -> None:
+    server, _app = own_redis_broker
+    server.terminate()
+    server.wait(5)
+
+    response = api.post("/api/jobs/", {"type": "scripted", "steps": 1}, format="json")
+
+    assert response.status_code == 201
+    body = response.json()
+    assert body["state"] == "failed"
+    assert "could not be reached" in body["human_readable_error"]
+    assert state_of(body["id"]) == "failed"
+
+
+def test_a_broker_that_refuses_the_login_fails_the_job_and_the_advice_fits(
+    transactional_db, settings, user
+) -> None:
+    """RabbitMQ refusing the credentials is not a broker that is down: the error's advice
+    covers both."""
+    scheme, rest = BROKER_URLS["amqp"].split("://", 1)
+    app = Celery(
+        "tf-tests-refused-login",
+        broker=f"{scheme}://task-ferry-nobody:wrong@{rest.rsplit('@', 1)[-1]}",
+        set_as_current=False,
+    )
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+        "CELERY_QUEUE": unique_queue("refused-login"),
+    }
+    try:
+        with current_celery_app(app), pytest.raises(DispatchError) as raised:
+            JobHandler.create_and_start(user, "scripted", steps=1)
+    finally:
+        app.close()
+    assert "ACCESS_REFUSED" in str(raised.value)
+    assert str(raised.value).endswith(
+        "The job was marked failed. Check the broker URL and that the broker is running."
+    )
+    assert ScriptedJob.objects.get().state == "failed"
+
+
+@pytest.mark.worker
 def test_a_job_started_by_a_commit_hook_leaves_the_transactions_unsent_jobs_to_fail(
     own_redis_broker, user
 ) -> None:
