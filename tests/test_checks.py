@@ -6,6 +6,7 @@ import sys
 from importlib.util import find_spec
 
 import pytest
+from django.conf import settings as django_settings
 from django.core.checks import run_checks
 
 from task_ferry.registry import JobType, job_type_registry
@@ -250,6 +251,17 @@ def test_w001_redis_unreachable(ferry):
     assert message.is_serious() is False
     assert "unreachable" in message.msg
     assert "REDIS_URL" in message.hint
+
+
+@pytest.mark.skipif(
+    django_settings.TASK_FERRY.get("REDIS_URL") is None, reason="needs the test Redis"
+)
+def test_w001_redis_that_refuses_the_database_number(ferry):
+    ferry(REDIS_URL="redis://127.0.0.1:6379/99999", PROGRESS_STORE=None)
+    message = only("task_ferry.W001")
+    assert "refuses the connection" in message.msg
+    assert "Start Redis" not in message.hint
+    assert "database number" in message.hint
 
 
 def registered_type(type_name):

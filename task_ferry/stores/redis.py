@@ -112,6 +112,17 @@ class RedisProgressStore(ProgressStore):
     def check(self) -> list[CheckMessage]:
         try:
             self.client.ping()
+        except redis.ResponseError as exc:
+            # Redis answered: it runs, but refuses this URL (a database number past its
+            # `databases`, a wrong password).
+            return [
+                Warning(
+                    f"The progress store's Redis at {self.url} refuses the connection: {exc}",
+                    hint="Fix TASK_FERRY['REDIS_URL'] (its database number, user or password). "
+                    "Until then, progress is only visible once a job ends.",
+                    id="task_ferry.W001",
+                )
+            ]
         except redis.RedisError as exc:
             return [
                 Warning(
