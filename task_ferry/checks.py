@@ -9,8 +9,10 @@ from importlib import import_module
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from django.apps import AppConfig
-from django.core.checks import CheckMessage, Error, register
+from django.apps import AppConfig, apps
+from django.core.checks import CheckMessage, Error, Tags, register
+from django.core.checks import Warning as CheckWarning
+from django.urls import URLResolver, get_resolver
 
 from task_ferry.conf import DEFAULTS, ferry_settings
 
@@ -338,6 +340,42 @@ def job_types_modules() -> list[ModuleType]:
         for app_config in apps.get_app_configs()
         if module_has_submodule(app_config.module, "job_types")
     ]
+
+
+@register(Tags.urls)
+def check_api_apps(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    if apps.is_installed("rest_framework") or not api_is_routed():
+        return []
+    return [
+        CheckWarning(
+            "task_ferry's API is in the URLconf, but 'rest_framework' is not in INSTALLED_APPS: "
+            "a request that accepts text/html (a browser, the browsable API) fails with "
+            "TemplateDoesNotExist.",
+            hint='Add "rest_framework" to INSTALLED_APPS.',
+            id="task_ferry.W040",
+        )
+    ]
+
+
+def api_is_routed() -> bool:
+    """Whether a view of ``task_ferry.api`` is anywhere in the root URLconf."""
+    try:
+        patterns = list(get_resolver().url_patterns)
+    except Exception:
+        # A URLconf that does not load is Django's own check's to report.
+        return False
+    while patterns:
+        pattern = patterns.pop()
+        if isinstance(pattern, URLResolver):
+            patterns.extend(pattern.url_patterns)
+            continue
+        view = pattern.callback
+        module = getattr(getattr(view, "cls", view), "__module__", "")
+        if module.startswith("task_ferry.api."):
+            return True
+    return False
 
 
 def duplicate_name_error(name: str, classes: list[type[JobType]]) -> Error:

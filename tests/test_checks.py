@@ -331,3 +331,28 @@ def test_base_classes_without_a_name_are_fine():
     # RecordingJobType in tests/testapp/job_types.py has no `type`: a base, not a job type.
     assert testapp_job_types.RecordingJobType.type == ""
     assert ferry_messages() == []
+
+
+# The URLconf of test_w040_not_reported_without_the_api_in_the_urlconf.
+urlpatterns: list = []
+
+
+@pytest.fixture
+def without_rest_framework(monkeypatch):
+    from django.apps import apps
+
+    installed = apps.is_installed
+    monkeypatch.setattr(
+        apps, "is_installed", lambda name: name != "rest_framework" and installed(name)
+    )
+
+
+def test_w040_api_routed_without_rest_framework_installed(without_rest_framework):
+    message = only("task_ferry.W040")
+    assert "INSTALLED_APPS" in message.msg
+    assert message.hint == 'Add "rest_framework" to INSTALLED_APPS.'
+
+
+def test_w040_not_reported_without_the_api_in_the_urlconf(without_rest_framework, settings):
+    settings.ROOT_URLCONF = __name__
+    assert "task_ferry.W040" not in {m.id for m in run_checks()}
