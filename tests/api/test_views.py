@@ -200,6 +200,23 @@ def test_create_rejects_fields_the_type_does_not_have(api, user):
     assert not Job.objects.exists()
 
 
+def test_create_refuses_the_link_to_the_job_row(api, user, other_user, hold):
+    # With it, a client picked the new job's id: another user's id answered the database's
+    # "already exists", a free one was taken and later failed someone else's create.
+    taken = create(other_user, "limited").pk
+    for value in (taken, taken + 1000):
+        for body in (
+            {"type": "limited", "job_ptr_id": value},
+            {"type": "export_table", "table_id": 1, "job_ptr_id": value},
+        ):
+            response = api.post(URL, body, format="json")
+            assert (response.status_code, response.json()) == (
+                400,
+                {"job_ptr_id": ["Unknown field."]},
+            ), body
+    assert list(Job.objects.values_list("pk", flat=True)) == [taken]
+
+
 def test_create_needs_a_json_object_with_a_type(api, user):
     response = api.post(URL, [1, 2], format="json")
     assert response.status_code == 400
