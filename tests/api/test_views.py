@@ -13,6 +13,7 @@ from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import job_snapshot
 from tests.api.conftest import create, needs_redis, start
 from tests.myapp.job_types import ExportJobType
+from tests.myapp.models import ExportJob
 from tests.testapp.models import ScriptedJob
 
 URL = "/api/jobs/"
@@ -250,6 +251,19 @@ def test_create_uses_the_types_serializer_class_then_prepare_values(api, user, m
     # The serializer chooses the type's fields in responses too.
     assert response.json()["table_id"] == 2
     assert "output_path" not in response.json()
+
+
+def test_create_refuses_a_column_the_types_serializer_leaves_out(api, user, hold, monkeypatch):
+    class TableOnly(serializers.ModelSerializer):
+        class Meta:
+            model = ExportJob
+            fields = ["table_id"]
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", TableOnly)
+    body = {"type": "export_table", "table_id": 1, "output_path": "/etc/passwd"}
+    response = api.post(URL, body, format="json")
+    assert (response.status_code, response.json()) == (400, {"output_path": ["Unknown field."]})
+    assert not Job.objects.exists()
 
 
 def test_create_beyond_max_count_is_429_with_the_limit(api, user, hold):
