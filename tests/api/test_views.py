@@ -266,6 +266,19 @@ def test_create_refuses_a_column_the_types_serializer_leaves_out(api, user, hold
     assert not Job.objects.exists()
 
 
+def test_a_client_cannot_choose_the_file_the_readme_types_on_cancelled_deletes(
+    api, user, hold, tmp_path
+):
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    body = {"type": "export_table", "table_id": 1, "output_path": str(precious)}
+    response = api.post(URL, body, format="json")
+    assert response.status_code == 201
+    assert response.json()["output_path"] == ""
+    assert api.post(f"{URL}{response.json()['id']}/cancel/").json()["state"] == "cancelled"
+    assert precious.exists()
+
+
 def test_create_beyond_max_count_is_429_with_the_limit(api, user, hold):
     for _ in range(2):
         assert api.post(URL, {"type": "limited"}, format="json").status_code == 201
