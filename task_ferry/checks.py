@@ -106,9 +106,11 @@ def is_number(value: object, kind: type) -> bool:
 def check_permission_class() -> list[CheckMessage]:
     from django.utils.module_loading import import_string
 
+    from task_ferry.api.permissions import IsJobOwner
+
     path = ferry_settings.API_PERMISSION_CLASS
     try:
-        import_string(path)
+        permission_class = import_string(path)
     except (ImportError, TypeError, ValueError) as exc:
         return [
             Error(
@@ -116,6 +118,22 @@ def check_permission_class() -> list[CheckMessage]:
                 hint="Fix the dotted path, e.g. task_ferry.api.permissions.IsJobOwnerOrStaff, "
                 "or remove it to use IsJobOwner.",
                 id="task_ferry.E008",
+            )
+        ]
+    if (
+        isinstance(permission_class, type)
+        and issubclass(permission_class, IsJobOwner)
+        and permission_class.has_object_permission is not IsJobOwner.has_object_permission
+    ):
+        # Its rule would be silently skipped: a hole, not a style issue.
+        return [
+            Error(
+                f"TASK_FERRY['API_PERMISSION_CLASS'] = {path!r} overrides "
+                "has_object_permission(), which the job API never calls: details and events "
+                "are answered from the progress store, without a Job object.",
+                hint="Decide who sees which jobs in sees_all_jobs(), or in visible_jobs() and "
+                "can_view() together, and who cancels in can_cancel(); see docs/api.md.",
+                id="task_ferry.E040",
             )
         ]
     return []

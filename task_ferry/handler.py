@@ -51,14 +51,6 @@ logger = logging.getLogger("task_ferry")
 
 __all__ = ["JobHandler"]
 
-# Columns the handler owns; prepare_values may not set them.
-MANAGED_FIELDS = frozenset(f.name for f in Job._meta.get_fields() if f.concrete) | {
-    "id",
-    "pk",
-    "job_ptr",
-    "content_type_id",
-    "user_id",
-}
 CLEANUP_BATCH_SIZE = 500
 
 
@@ -325,10 +317,10 @@ class JobHandler:
                 f"got {type(prepared).__name__}."
             )
         model = job_type.model_class
-        own_fields = {f.name for f in model._meta.concrete_fields} | {
-            f.attname for f in model._meta.concrete_fields
-        }
-        unknown = sorted(k for k in prepared if k not in own_fields or k in MANAGED_FIELDS)
+        # Only the type's own columns: the base ones belong to the handler, and the link to the
+        # Job row (``job_ptr_id``) would let the values choose the job's id.
+        own_fields = {name for f in model.own_fields() for name in (f.name, f.attname)}
+        unknown = sorted(k for k in prepared if k not in own_fields)
         if unknown:
             raise InvalidJobValues(
                 f"{job_type.type!r} jobs have no field(s) {', '.join(unknown)}.",

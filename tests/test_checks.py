@@ -9,6 +9,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.checks import run_checks
 
+from task_ferry.api.permissions import IsJobOwner
 from task_ferry.registry import JobType, job_type_registry
 from tests.testapp import job_types as testapp_job_types
 from tests.testapp.models import ScriptedJob
@@ -230,6 +231,22 @@ def test_e001_executor_given_as_a_class(ferry):
 def test_e008_api_permission_class_that_does_not_import(ferry):
     ferry(API_PERMISSION_CLASS="myproject.permissions.Nope")
     assert "myproject.permissions.Nope" in only("task_ferry.E008").msg
+
+
+class HidesEveryJob(IsJobOwner):
+    def has_object_permission(self, request, view, obj):
+        return False
+
+
+def test_e040_api_permission_class_that_relies_on_has_object_permission(ferry):
+    # The API answers details and events from the progress store: it never calls it, so
+    # this policy would let its users see and cancel their jobs all the same.
+    ferry(API_PERMISSION_CLASS="tests.test_checks.HidesEveryJob")
+    message = only("task_ferry.E040")
+    assert "has_object_permission" in message.msg
+    assert "can_view" in message.hint and "visible_jobs" in message.hint
+    ferry(API_PERMISSION_CLASS="task_ferry.api.permissions.IsJobOwnerOrStaff")
+    assert not [m for m in ferry_messages() if m.id == "task_ferry.E040"]
 
 
 def test_e009_cache_alias_not_in_caches(ferry):

@@ -27,6 +27,7 @@ from drf_spectacular.utils import (
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework import serializers
 
+from task_ferry.api.permissions import get_permission_class
 from task_ferry.api.serializers import JobSerializer, type_serializer_class
 from task_ferry.models import JobState
 from task_ferry.registry import JobType, job_type_registry
@@ -260,6 +261,10 @@ def add_events_operation(paths: dict[str, Any]) -> None:
 
 
 class JobSchemaView(SpectacularAPIView):
-    """``GET schema/``: the OpenAPI schema of the job API alone."""
+    """``GET schema/``: the OpenAPI schema of the job API alone, for whom the API serves."""
 
     generator_class = JobSchemaGenerator
+
+    def get_permissions(self) -> list[Any]:
+        # No more public than the endpoints it describes; spectacular's SERVE_PERMISSIONS too.
+        return [get_permission_class()(), *super().get_permissions()]

@@ -84,6 +84,13 @@ def job_paths() -> dict[str, str]:
     return paths
 
 
+def columns(job_type: JobType) -> set[str]:
+    """Names (and attnames) of every column of the type's model, ``Job``'s included."""
+    return {
+        name for f in job_type.model_class._meta.concrete_fields for name in (f.name, f.attname)
+    }
+
+
 def specific_from_joined(job: Job, paths: dict[str, str]) -> Job:
     """The job as its type's model, from the rows ``select_related(*paths)`` joined in."""
     path = paths.get(job.type)
@@ -202,8 +209,9 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         )
         serializer.is_valid(raise_exception=True)
         extras = {key: value for key, value in values.items() if key not in serializer.fields}
-        # A name the serializer already fills from another field (its ``source``).
-        clashing = sorted(extras.keys() & serializer.validated_data.keys())
+        # A name the serializer already fills from another field (its ``source``), or a column
+        # it leaves out: only the serializer's fields set columns.
+        clashing = sorted(extras.keys() & (serializer.validated_data.keys() | columns(job_type)))
         if clashing:
             raise ValidationError({name: ["Unknown field."] for name in clashing})
         with capture_created_jobs() as created:

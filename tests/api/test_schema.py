@@ -7,7 +7,9 @@ import textwrap
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from rest_framework.test import APIClient
 
+from task_ferry.api.permissions import IsJobOwner
 from tests.api.conftest import create, start
 from tests.api.live import ROOT, session_headers, uvicorn_server
 
@@ -75,6 +77,21 @@ def test_job_responses_and_create_requests_are_one_of_the_types(schema):
         "scripted",
     ]
     assert {"limit", "offset", "state"} <= set(filters)
+
+
+class StaffOnly(IsJobOwner):
+    def has_permission(self, request, view):
+        return super().has_permission(request, view) and request.user.is_staff
+
+
+def test_the_schema_is_refused_to_whom_the_api_refuses(api, settings):
+    assert APIClient().get(SCHEMA_URL).status_code == 403
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "API_PERMISSION_CLASS": "tests.api.test_schema.StaffOnly",
+    }
+    assert api.get("/api/jobs/").status_code == 403
+    assert api.get(SCHEMA_URL).status_code == 403
 
 
 def test_the_api_works_without_drf_spectacular_installed(tmp_path):
@@ -154,7 +171,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(transactional_db
         run()
 
     with uvicorn_server() as base:
-        schema = schemathesis.openapi.from_url(base + SCHEMA_URL)
+        schema = schemathesis.openapi.from_url(base + SCHEMA_URL, headers=headers)
         # The event stream stays open while its job lives: not something to fuzz.
         operations = [
             result.ok()

@@ -13,6 +13,7 @@ from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import job_snapshot
 from tests.api.conftest import create, needs_redis, start
 from tests.myapp.job_types import ExportJobType
+from tests.myapp.models import ExportJob
 from tests.testapp.models import ScriptedJob
 
 URL = "/api/jobs/"
@@ -200,6 +201,23 @@ def test_create_rejects_fields_the_type_does_not_have(api, user):
     assert not Job.objects.exists()
 
 
+def test_create_refuses_the_link_to_the_job_row(api, user, other_user, hold):
+    # With it, a client picked the new job's id: another user's id answered the database's
+    # "already exists", a free one was taken and later failed someone else's create.
+    taken = create(other_user, "limited").pk
+    for value in (taken, taken + 1000):
+        for body in (
+            {"type": "limited", "job_ptr_id": value},
+            {"type": "export_table", "table_id": 1, "job_ptr_id": value},
+        ):
+            response = api.post(URL, body, format="json")
+            assert (response.status_code, response.json()) == (
+                400,
+                {"job_ptr_id": ["Unknown field."]},
+            ), body
+    assert list(Job.objects.values_list("pk", flat=True)) == [taken]
+
+
 def test_create_needs_a_json_object_with_a_type(api, user):
     response = api.post(URL, [1, 2], format="json")
     assert response.status_code == 400
@@ -233,6 +251,32 @@ def test_create_uses_the_types_serializer_class_then_prepare_values(api, user, m
     # The serializer chooses the type's fields in responses too.
     assert response.json()["table_id"] == 2
     assert "output_path" not in response.json()
+
+
+def test_create_refuses_a_column_the_types_serializer_leaves_out(api, user, hold, monkeypatch):
+    class TableOnly(serializers.ModelSerializer):
+        class Meta:
+            model = ExportJob
+            fields = ["table_id"]
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", TableOnly)
+    body = {"type": "export_table", "table_id": 1, "output_path": "/etc/passwd"}
+    response = api.post(URL, body, format="json")
+    assert (response.status_code, response.json()) == (400, {"output_path": ["Unknown field."]})
+    assert not Job.objects.exists()
+
+
+def test_a_client_cannot_choose_the_file_the_readme_types_on_cancelled_deletes(
+    api, user, hold, tmp_path
+):
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    body = {"type": "export_table", "table_id": 1, "output_path": str(precious)}
+    response = api.post(URL, body, format="json")
+    assert response.status_code == 201
+    assert response.json()["output_path"] == ""
+    assert api.post(f"{URL}{response.json()['id']}/cancel/").json()["state"] == "cancelled"
+    assert precious.exists()
 
 
 def test_create_beyond_max_count_is_429_with_the_limit(api, user, hold):
