@@ -45,6 +45,10 @@ class JobType:
     priority: ClassVar[int] = 0
     #: DRF serializer of the type's own fields for the API; None derives one from model_class.
     serializer_class: ClassVar[builtins.type[Serializer[Any]] | None] = None
+    #: Whether API clients may start jobs of this type (``POST /``). They may then set every
+    #: writable field of the serializer: give the type a ``serializer_class`` that leaves out
+    #: what the job writes itself, or make those fields ``editable=False``.
+    api_create: ClassVar[bool] = False
 
     def prepare_values(self, values: dict[str, Any], user: Any) -> dict[str, Any]:
         """Validate and transform the values before the job row is created.

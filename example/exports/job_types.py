@@ -42,6 +42,8 @@ class ExportJobType(JobType):
     type = "example_export"
     model_class = ExportJob
     max_count = 5
+    # The page starts exports through POST /api/jobs/.
+    api_create = True
 
     def run(self, job: ExportJob, progress: Progress) -> None:
         # No database access until the end: on SQLite the job's transaction would otherwise

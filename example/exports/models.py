@@ -19,8 +19,9 @@ class ExportJob(Job):
     seconds = models.FloatField(
         default=default_export_seconds, validators=[MinValueValidator(0), MaxValueValidator(600)]
     )
-    output_path = models.CharField(max_length=500, blank=True)
-    output_size = models.PositiveBigIntegerField(null=True, blank=True)
+    # Written by the job: editable=False keeps them out of what API clients may set.
+    output_path = models.CharField(max_length=500, blank=True, editable=False)
+    output_size = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
 
     @property
     def output_name(self) -> str:

@@ -56,7 +56,8 @@ class IsJobOwner(BasePermission):
         return True
 
     def can_create(self, request: Request, job_type: JobType) -> bool:
-        """False hides the type from ``POST /``: it is then an unknown type to this user."""
+        """Asked for types whose ``api_create`` is true. False hides the type from ``POST /``:
+        it is then an unknown type to this user."""
         return True
 
 

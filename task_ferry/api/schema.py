@@ -73,7 +73,9 @@ def _component(job_type: JobType, direction: str) -> type[serializers.Serializer
 
 def _polymorphic(component_name: str, direction: str, **kwargs: Any) -> PolymorphicProxySerializer:
     def per_type() -> dict[str, serializers.Serializer[Any] | type[serializers.Serializer[Any]]]:
-        return {t.type: _component(t, direction) for t in job_type_registry}
+        # A request creates a job: only of the types that let API clients do so.
+        types = [t for t in job_type_registry if direction != "request" or t.api_create]
+        return {t.type: _component(t, direction) for t in types}
 
     return PolymorphicProxySerializer(
         component_name=component_name,

@@ -122,6 +122,12 @@ def parse_choices(request: Request, name: str, allowed: Mapping[str, Any]) -> li
     return values
 
 
+def creatable(policy: IsJobOwner, request: Request, job_type: JobType) -> bool:
+    """Whether the caller may start ``job_type`` through the API: the type opts in with
+    ``api_create``, and the permission class's ``can_create`` agrees."""
+    return job_type.api_create and policy.can_create(request, job_type)
+
+
 class JSONFirstNegotiation(DefaultContentNegotiation):
     """DRF's negotiation, minus its parsing for the usual poll (no ``Accept``, or JSON): polls
     are the hot path, and the browsable API still answers browsers."""
@@ -251,7 +257,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
     def _job_type(self, name: Any) -> JobType:
         if name is None or name == "":
             raise ValidationError({"type": ["This field is required."]})
-        allowed = [t for t in job_type_registry if self.policy.can_create(self.request, t)]
+        allowed = [t for t in job_type_registry if creatable(self.policy, self.request, t)]
         for job_type in allowed:
             if job_type.type == name:
                 return job_type

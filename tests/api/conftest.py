@@ -17,6 +17,15 @@ needs_redis = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def export_table_by_api(monkeypatch):
+    """The README's export type (tests/myapp, as the README writes it) opted in to creation
+    through the API, as a project would with ``api_create = True``."""
+    from tests.myapp.job_types import ExportJobType
+
+    monkeypatch.setattr(ExportJobType, "api_create", True)
+
+
 @pytest.fixture
 def hold(monkeypatch):
     """Jobs stay pending: the executor takes nothing."""

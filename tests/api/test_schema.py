@@ -209,3 +209,17 @@ def test_a_project_wide_schema_gets_the_event_stream_from_the_hook(schema):
     events = result["paths"]["/api/jobs/{id}/events/"]["get"]
     assert events["operationId"] == "jobs_events_retrieve"
     assert list(events["responses"]["200"]["content"]) == ["text/event-stream"]
+
+
+def test_the_create_request_lists_only_the_types_that_opt_in(api, monkeypatch):
+    from tests.myapp.job_types import ExportJobType
+
+    monkeypatch.setattr(ExportJobType, "api_create", False)
+    components = api.get(SCHEMA_URL).json()["components"]["schemas"]
+    assert set(components["JobCreate"]["discriminator"]["mapping"]) == {
+        "limited",
+        "routed",
+        "scripted",
+    }
+    # Responses still describe every type.
+    assert "export_table" in components["Job"]["discriminator"]["mapping"]

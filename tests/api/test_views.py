@@ -266,16 +266,22 @@ def test_create_refuses_a_column_the_types_serializer_leaves_out(api, user, hold
     assert not Job.objects.exists()
 
 
-def test_a_client_cannot_choose_the_file_the_readme_types_on_cancelled_deletes(
-    api, user, hold, tmp_path
+def test_a_type_that_does_not_opt_in_cannot_be_started_through_the_api(
+    api, user, hold, monkeypatch, tmp_path
 ):
+    # The README's type, as the README writes it: a client must not pick the file its
+    # on_cancelled deletes.
+    monkeypatch.setattr(ExportJobType, "api_create", False)
     precious = tmp_path / "precious"
     precious.write_text("keep me")
     body = {"type": "export_table", "table_id": 1, "output_path": str(precious)}
     response = api.post(URL, body, format="json")
-    assert response.status_code == 201
-    assert response.json()["output_path"] == ""
-    assert api.post(f"{URL}{response.json()['id']}/cancel/").json()["state"] == "cancelled"
+    assert response.status_code == 400
+    assert response.json()["type"][0].startswith("No job type named 'export_table'.")
+    assert "'export_table'" not in response.json()["type"][0].split("Known job types:")[1]
+    assert not Job.objects.exists()
+    # The Python API is unchanged: the project's own code starts any type.
+    assert JobHandler.create_and_start(user, "export_table", table_id=1).pk
     assert precious.exists()
 
 

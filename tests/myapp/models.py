@@ -6,8 +6,7 @@ from task_ferry.models import Job
 
 class ExportJob(Job):
     table_id = models.IntegerField()
-    # Written by run(), removed by on_cancelled: editable=False keeps API clients from setting it.
-    output_path = models.CharField(max_length=500, blank=True, editable=False)
+    output_path = models.CharField(max_length=500, blank=True)
 
     class Meta:
         app_label = "myapp"

@@ -22,6 +22,7 @@ class RecordingJobType(JobType):
 class ScriptedJobType(RecordingJobType):
     type = "scripted"
     model_class = ScriptedJob
+    api_create = True
 
     def run(self, job, progress):
         if job.lock_own_row:
@@ -52,6 +53,7 @@ class LimitedJobType(RecordingJobType):
     type = "limited"
     model_class = LimitedJob
     max_count = 2
+    api_create = True
 
     def run(self, job, progress):
         progress.increment(100)
