@@ -75,3 +75,25 @@ def test_create_inside_the_callers_transaction_on_the_jobs_database(queueing, us
         raise RuntimeError("roll back")
     assert not Job.objects.exists()
     assert queueing.dispatched == []
+
+
+class JobsWrittenToTheirDatabaseReadFromAnother:
+    """A primary/replica router: jobs are written through "jobs", read through "default" (a
+    connection of its own, which sees only what is committed)."""
+
+    def db_for_write(self, model, **hints):
+        if issubclass(model, Job) or model._meta.app_label == "task_ferry":
+            return "jobs"
+        return None
+
+    def allow_relation(self, obj1, obj2, **hints):
+        return True
+
+
+def test_max_count_counts_the_live_jobs_where_the_users_lock_is_held(settings, queueing, user):
+    # The count must see the jobs of the transaction that holds the user's lock, not a replica.
+    settings.DATABASE_ROUTERS = [f"{__name__}.JobsWrittenToTheirDatabaseReadFromAnother"]
+    with pytest.raises(MaxJobCountExceeded), transaction.atomic(using="jobs"):
+        for _ in range(3):
+            JobHandler.create_and_start(user, "limited")
+    assert not Job.objects.exists()
