@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db.backends.dummy.base import DatabaseWrapper as NoDatabase
 from django.utils import timezone
 
 from task_ferry.exceptions import MaxJobCountExceeded
@@ -97,3 +98,33 @@ def test_max_count_counts_the_live_jobs_where_the_users_lock_is_held(settings, q
         for _ in range(3):
             JobHandler.create_and_start(user, "limited")
     assert not Job.objects.exists()
+
+
+class EverythingInTheJobsDatabase:
+    def db_for_read(self, model, **hints):
+        return "jobs"
+
+    db_for_write = db_for_read
+
+    def allow_relation(self, obj1, obj2, **hints):
+        return True
+
+
+@pytest.fixture
+def empty_default(settings):
+    """Django's multi-database layout with ``"default": {}``: a router sends every model
+    elsewhere, and ``default`` is the dummy backend Django puts in its place."""
+    settings.DATABASE_ROUTERS = [f"{__name__}.EverythingInTheJobsDatabase"]
+    real = connections[DEFAULT_DB_ALIAS]
+    connections[DEFAULT_DB_ALIAS] = NoDatabase(
+        {**real.settings_dict, "ENGINE": "django.db.backends.dummy"}, DEFAULT_DB_ALIAS
+    )
+    yield
+    connections[DEFAULT_DB_ALIAS] = real
+
+
+def test_a_job_runs_where_default_is_left_empty(user, empty_default):
+    job = JobHandler.create_and_start(user, "scripted", steps=2, marker="no-default")
+    assert job.state == JobState.FINISHED
+    assert Job.objects.using("jobs").get().state == JobState.FINISHED
+    assert Marker.objects.using("jobs").filter(name="no-default").exists()
