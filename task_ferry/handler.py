@@ -383,7 +383,9 @@ class JobHandler:
             return
         if not cls._lock_user(user):
             raise _user_gone(user)
-        live = Job.objects.live().filter(user_id=user.pk, type=job_type.type).count()
+        # Counted where the lock is held: a replica would miss the jobs of this transaction.
+        jobs = Job.objects.using(jobs_database())
+        live = jobs.live().filter(user_id=user.pk, type=job_type.type).count()
         if live + adding > max_count:
             raise MaxJobCountExceeded(job_type.type, max_count)
 

@@ -41,6 +41,8 @@ logger = logging.getLogger("task_ferry")
 GENERIC_FAILURE = "Something went wrong while running this job."
 # Shown when the job's database connection broke (server restart, killed backend, network).
 DATABASE_FAILURE = "The database connection was lost while running this job. Start it again."
+# What Django puts in a database left empty in DATABASES (``"default": {}``).
+NO_ENGINE = "django.db.backends.dummy"
 
 
 def describe(exc: BaseException) -> str:
@@ -67,9 +69,15 @@ def reconnect_if_broken() -> None:
 def run_databases() -> list[str]:
     """The databases whose transaction a job's ``run()`` executes in: the jobs' own, so that
     its finish commits with its work, and ``default`` where a router keeps jobs elsewhere (the
-    job's work most likely goes there). The jobs' one is opened first and committed last."""
+    job's work most likely goes there) and ``default`` is a database: Django's multi-database
+    layout may leave it empty. The jobs' one is opened first and committed last."""
     using = jobs_database()
-    return [using] if using == DEFAULT_DB_ALIAS else [using, DEFAULT_DB_ALIAS]
+    if (
+        using == DEFAULT_DB_ALIAS
+        or connections[DEFAULT_DB_ALIAS].settings_dict["ENGINE"] == NO_ENGINE
+    ):
+        return [using]
+    return [using, DEFAULT_DB_ALIAS]
 
 
 def nothing_to_commit(aliases: list[str]) -> bool:

@@ -24,7 +24,7 @@ from django.db.models import Field
 from django.db.models.signals import post_save, pre_save
 from django.utils import timezone
 
-from task_ferry.models import Job, JobState
+from task_ferry.models import Job, JobState, jobs_database
 
 __all__ = [
     "compare_and_set",
@@ -58,7 +58,7 @@ def one_statement_connection(model: type[Job], *, loads: bool) -> BaseDatabaseWr
     that ``loads`` the job, read through), when one statement of our own may do the work there:
     PostgreSQL, outside any ``atomic()`` block (inside one, the caller's transaction decides
     about commits and round trips anyway)."""
-    using = router.db_for_write(Job)
+    using = jobs_database()
     if router.db_for_write(model) != using or (loads and router.db_for_read(model) != using):
         return None
     connection = connections[using]
@@ -74,7 +74,7 @@ def compare_and_set(
     it did. The statement ``QuerySet.update()`` sends, built once instead of for every call:
     every job ends through here, so the query building would cost more than the query.
     ``flush=False``: see ``handler.transition``."""
-    using = router.db_for_write(Job)
+    using = jobs_database()
     connection = connections[using]
     no_flush = not flush and connection.vendor == "postgresql" and not connection.in_atomic_block
 
@@ -286,7 +286,7 @@ def insert_jobs(jobs: list[Job]) -> bool:
     False, having written nothing, where each job's ``save()`` must do it: the conditions of
     ``insert_job``, or a ``Job`` key without a sequence."""
     model = type(jobs[0])
-    using = router.db_for_write(Job)
+    using = jobs_database()
     connection = connections[using]
     plan = _insert_plan(model)
     if (

@@ -182,6 +182,7 @@ class CeleryExecutor(BaseExecutor):
         reached the broker: failing their jobs is still safe, as a worker only runs a job that
         is pending."""
         reason = describe_error(exc)
+        later = list(outbox or {})
         self._fail_all(messages, outbox, reason)
         job_id, _type_name, queue = messages[0]
         if len(messages) == 1:
@@ -190,6 +191,12 @@ class CeleryExecutor(BaseExecutor):
             ids = describe_ids([message[0] for message in messages])
             what = f"{len(messages)} jobs ({ids}) could not all"
             outcome = "Each of them that had not started was marked failed."
+        if later:
+            after = "it" if len(messages) == 1 else "them"
+            outcome += (
+                f" The {len(later)} job(s) after {after} in the same transaction "
+                f"({describe_ids(later)}) were marked failed too."
+            )
         return DispatchError(
             f"{what} be sent to the Celery queue {queue!r} at {connection.as_uri()}: "
             f"{reason.rstrip('.')}. {outcome} Check the broker URL and that the broker is running."

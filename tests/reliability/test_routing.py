@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db.backends.dummy.base import DatabaseWrapper as NoDatabase
 from django.utils import timezone
 
 from task_ferry.exceptions import MaxJobCountExceeded
@@ -75,3 +76,55 @@ def test_create_inside_the_callers_transaction_on_the_jobs_database(queueing, us
         raise RuntimeError("roll back")
     assert not Job.objects.exists()
     assert queueing.dispatched == []
+
+
+class JobsWrittenToTheirDatabaseReadFromAnother:
+    """A primary/replica router: jobs are written through "jobs", read through "default" (a
+    connection of its own, which sees only what is committed)."""
+
+    def db_for_write(self, model, **hints):
+        if issubclass(model, Job) or model._meta.app_label == "task_ferry":
+            return "jobs"
+        return None
+
+    def allow_relation(self, obj1, obj2, **hints):
+        return True
+
+
+def test_max_count_counts_the_live_jobs_where_the_users_lock_is_held(settings, queueing, user):
+    # The count must see the jobs of the transaction that holds the user's lock, not a replica.
+    settings.DATABASE_ROUTERS = [f"{__name__}.JobsWrittenToTheirDatabaseReadFromAnother"]
+    with pytest.raises(MaxJobCountExceeded), transaction.atomic(using="jobs"):
+        for _ in range(3):
+            JobHandler.create_and_start(user, "limited")
+    assert not Job.objects.exists()
+
+
+class EverythingInTheJobsDatabase:
+    def db_for_read(self, model, **hints):
+        return "jobs"
+
+    db_for_write = db_for_read
+
+    def allow_relation(self, obj1, obj2, **hints):
+        return True
+
+
+@pytest.fixture
+def empty_default(settings):
+    """Django's multi-database layout with ``"default": {}``: a router sends every model
+    elsewhere, and ``default`` is the dummy backend Django puts in its place."""
+    settings.DATABASE_ROUTERS = [f"{__name__}.EverythingInTheJobsDatabase"]
+    real = connections[DEFAULT_DB_ALIAS]
+    connections[DEFAULT_DB_ALIAS] = NoDatabase(
+        {**real.settings_dict, "ENGINE": "django.db.backends.dummy"}, DEFAULT_DB_ALIAS
+    )
+    yield
+    connections[DEFAULT_DB_ALIAS] = real
+
+
+def test_a_job_runs_where_default_is_left_empty(user, empty_default):
+    job = JobHandler.create_and_start(user, "scripted", steps=2, marker="no-default")
+    assert job.state == JobState.FINISHED
+    assert Job.objects.using("jobs").get().state == JobState.FINISHED
+    assert Marker.objects.using("jobs").filter(name="no-default").exists()

@@ -467,6 +467,24 @@ def test_a_broker_that_refuses_the_login_fails_the_job_and_the_advice_fits(
 
 
 @pytest.mark.worker
+def test_the_dispatch_error_names_the_jobs_of_its_transaction_it_failed_too(
+    own_redis_broker, user
+) -> None:
+    server, _app = own_redis_broker
+    with pytest.raises(DispatchError) as raised, transaction.atomic():
+        jobs = [JobHandler.create_and_start(user, "scripted", steps=1) for _ in range(3)]
+        server.terminate()
+        server.wait(5)
+
+    first, *later = jobs
+    assert f"Job {first.pk} could not be sent" in str(raised.value)
+    assert f"The 2 job(s) after it in the same transaction (ids {later[0].pk} to " in str(
+        raised.value
+    )
+    assert [state_of(job.pk) for job in jobs] == ["failed"] * 3
+
+
+@pytest.mark.worker
 def test_a_job_started_by_a_commit_hook_leaves_the_transactions_unsent_jobs_to_fail(
     own_redis_broker, user
 ) -> None:
