@@ -135,7 +135,10 @@
     return request(jobUrl(opts.base, jobId), opts, { headers: { Accept: "application/json" } });
   }
 
-  /** POST <base>: start a job of `type` with the type's own `values`. Resolves to the job. */
+  /**
+   * POST <base>: start a job of `type` with the type's own `values`. Resolves to the job.
+   * Only types with api_create = True can be started; others answer 400.
+   */
   function startJob(type, values, options) {
     const opts = Object.assign({}, DEFAULTS, options);
     return post(opts.base, Object.assign({}, values, { type: type }), opts);
