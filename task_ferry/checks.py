@@ -120,11 +120,18 @@ def check_permission_class() -> list[CheckMessage]:
                 id="task_ferry.E008",
             )
         ]
-    if (
-        isinstance(permission_class, type)
-        and issubclass(permission_class, IsJobOwner)
-        and permission_class.has_object_permission is not IsJobOwner.has_object_permission
-    ):
+    if not (isinstance(permission_class, type) and issubclass(permission_class, IsJobOwner)):
+        # The API asks it which jobs a user sees and may cancel: hooks only IsJobOwner has.
+        return [
+            Error(
+                f"TASK_FERRY['API_PERMISSION_CLASS'] = {path!r} is not a subclass of "
+                "task_ferry.api.permissions.IsJobOwner: every API request would fail.",
+                hint="Subclass IsJobOwner (or IsJobOwnerOrStaff) and override its hooks; see "
+                "docs/api.md.",
+                id="task_ferry.E041",
+            )
+        ]
+    if permission_class.has_object_permission is not IsJobOwner.has_object_permission:
         # Its rule would be silently skipped: a hole, not a style issue.
         return [
             Error(

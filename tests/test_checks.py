@@ -373,3 +373,15 @@ def test_w040_api_routed_without_rest_framework_installed(without_rest_framework
 def test_w040_not_reported_without_the_api_in_the_urlconf(without_rest_framework, settings):
     settings.ROOT_URLCONF = __name__
     assert "task_ferry.W040" not in {m.id for m in run_checks()}
+
+
+class NotAJobPolicy:
+    def has_permission(self, request, view):
+        return True
+
+
+def test_e041_api_permission_class_that_is_not_a_job_owner_policy(ferry):
+    ferry(API_PERMISSION_CLASS=f"{__name__}.NotAJobPolicy")
+    message = only("task_ferry.E041")
+    assert "not a subclass of task_ferry.api.permissions.IsJobOwner" in message.msg
+    assert "IsJobOwner" in message.hint

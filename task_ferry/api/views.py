@@ -261,7 +261,10 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         for job_type in allowed:
             if job_type.type == name:
                 return job_type
-        message = JobTypeDoesNotExist(str(name), [t.type for t in allowed]).summary
+        if allowed:
+            message = JobTypeDoesNotExist(str(name), [t.type for t in allowed]).summary
+        else:
+            message = f"No job type named {name!r} can be started through this API."
         raise ValidationError({"type": [message]})
 
     @staticmethod

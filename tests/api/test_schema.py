@@ -223,3 +223,13 @@ def test_the_create_request_lists_only_the_types_that_opt_in(api, monkeypatch):
     }
     # Responses still describe every type.
     assert "export_table" in components["Job"]["discriminator"]["mapping"]
+
+
+def test_with_no_type_open_to_the_api_the_schema_has_no_create(api, monkeypatch):
+    from task_ferry.registry import job_type_registry
+
+    for job_type in job_type_registry:
+        monkeypatch.setattr(type(job_type), "api_create", False)
+    schema = api.get(SCHEMA_URL).json()
+    assert set(schema["paths"]["/api/jobs/"]) == {"get"}
+    assert "JobCreate" not in schema["components"]["schemas"]

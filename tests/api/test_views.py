@@ -285,6 +285,16 @@ def test_a_type_that_does_not_opt_in_cannot_be_started_through_the_api(
     assert precious.exists()
 
 
+def test_with_no_type_open_to_the_api_create_says_so(api, hold, monkeypatch):
+    for job_type in job_type_registry:
+        monkeypatch.setattr(type(job_type), "api_create", False)
+    response = api.post(URL, {"type": "scripted"}, format="json")
+    assert (response.status_code, response.json()) == (
+        400,
+        {"type": ["No job type named 'scripted' can be started through this API."]},
+    )
+
+
 def test_create_beyond_max_count_is_429_with_the_limit(api, user, hold):
     for _ in range(2):
         assert api.post(URL, {"type": "limited"}, format="json").status_code == 201
