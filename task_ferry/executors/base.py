@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django.core.checks import CheckMessage, Error
 from django.db import transaction
@@ -59,26 +59,63 @@ class BaseExecutor(ABC):
         return []
 
 
-def transaction_outbox(using: str, send: Callable[..., object]) -> dict[int, Any] | None:
-    """What the current transaction on ``using`` still has to dispatch, by job id: shared by
-    the on-commit callbacks it registered as ``functools.partial(send, items, outbox)``. None
-    in autocommit mode, where each dispatch happens at once.
+Item = TypeVar("Item", bound=tuple[Any, ...])
 
-    When one callback fails, Django drops the later ones, so the outbox names the jobs that
-    will not be sent and must be failed. Found through the transaction's own callbacks, so a
-    job started by another transaction's commit hook, or in another thread, gets its own. A job
-    rolled back with a savepoint stays listed: failing it finds no row.
+
+class Outbox(Generic[Item]):
+    """What one transaction still has to dispatch: its items (job id first) by job id, shared
+    by the on-commit callbacks ``dispatch_on_commit`` registers for it.
+
+    When one callback fails, Django drops the later ones: ``take_rest()`` names the jobs that
+    will not be sent and must be failed. A job rolled back with a savepoint stays listed:
+    failing it finds no row.
     """
+
+    def __init__(self) -> None:
+        self._items: dict[int, Item] = {}
+
+    def add(self, items: list[Item]) -> None:
+        self._items.update((item[0], item) for item in items)
+
+    def sending(self, items: list[Item]) -> None:
+        """These items are being sent: they are no longer the rest's."""
+        for item in items:
+            self._items.pop(item[0], None)
+
+    def take_rest(self) -> list[Item]:
+        rest = list(self._items.values())
+        self._items.clear()
+        return rest
+
+
+def dispatch_on_commit(
+    using: str, send: Callable[[list[Item], Outbox[Item]], object], items: list[Item]
+) -> None:
+    """Call ``send(items, outbox)`` once the current transaction on ``using`` commits (at once
+    in autocommit mode). ``outbox`` is the transaction's: found through its own on-commit
+    callbacks, so a job started by another transaction's commit hook, or in another thread,
+    gets its own."""
     connection = transaction.get_connection(using)
-    if not connection.in_atomic_block:
-        return None
-    # Django keeps (savepoint ids, callback, robust) per callback.
-    for entry in reversed(connection.run_on_commit):
-        func = entry[1]
-        if isinstance(func, functools.partial) and func.func == send:
-            outbox: dict[int, Any] = func.args[1]
-            return outbox
-    return {}
+    outbox: Outbox[Item] | None = None
+    if connection.in_atomic_block:
+        # Django keeps (savepoint ids, callback, robust) per callback.
+        for entry in reversed(connection.run_on_commit):
+            func = entry[1]
+            if isinstance(func, functools.partial) and func.func == send:
+                outbox = func.args[1]
+                break
+    if outbox is None:
+        outbox = Outbox()
+    outbox.add(items)
+    transaction.on_commit(functools.partial(send, items, outbox), using=using)
+
+
+def describe_later(ids: list[int], after: str = "it") -> str:
+    """The sentence that says which later jobs of the transaction were failed with a send."""
+    return (
+        f"The {len(ids)} job(s) after {after} in the same transaction ({describe_ids(ids)}) "
+        f"were marked failed too."
+    )
 
 
 def describe_ids(ids: list[int]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import inspect
 import logging
 import os
@@ -19,11 +18,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 from django.core.checks import CheckMessage, Error
 from django.core.checks import Warning as CheckWarning
-from django.db import transaction
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
-from task_ferry.executors.base import BaseExecutor, describe_ids, transaction_outbox
+from task_ferry.executors.base import (
+    BaseExecutor,
+    Outbox,
+    describe_ids,
+    describe_later,
+    dispatch_on_commit,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -66,8 +70,6 @@ PUBLISH_RETRY_POLICY = {
 
 # What dispatches a job: its id, its type's name and the queue it goes to.
 Message = tuple[int, str, str]
-# One transaction's messages that are not sent yet, by job id.
-Outbox = dict[int, Message]
 
 UNREACHABLE_MESSAGE = (
     "The job queue {queue!r} could not be reached, so this job was never started. Try again later."
@@ -129,16 +131,10 @@ class CeleryExecutor(BaseExecutor):
     def _dispatch_on_commit(self, messages: list[Message]) -> None:
         from task_ferry.models import jobs_database
 
-        using = jobs_database()
-        outbox = transaction_outbox(using, self._send)
-        if outbox is not None:
-            outbox.update((message[0], message) for message in messages)
-        transaction.on_commit(functools.partial(self._send, messages, outbox), using=using)
+        dispatch_on_commit(jobs_database(), self._send, messages)
 
-    def _send(self, messages: list[Message], outbox: Outbox | None = None) -> None:
-        if outbox is not None:
-            for job_id, _type_name, _queue in messages:
-                outbox.pop(job_id, None)
+    def _send(self, messages: list[Message], outbox: Outbox[Message]) -> None:
+        outbox.sending(messages)
         app = get_celery_app()
         if app is None:
             self._fail_all(messages, outbox, "no Celery app is configured")
@@ -173,7 +169,7 @@ class CeleryExecutor(BaseExecutor):
     def _dispatch_failed(
         self,
         messages: list[Message],
-        outbox: Outbox | None,
+        outbox: Outbox[Message],
         connection: Connection,
         exc: Exception,
     ) -> DispatchError:
@@ -182,8 +178,7 @@ class CeleryExecutor(BaseExecutor):
         reached the broker: failing their jobs is still safe, as a worker only runs a job that
         is pending."""
         reason = describe_error(exc)
-        later = list(outbox or {})
-        self._fail_all(messages, outbox, reason)
+        later = self._fail_all(messages, outbox, reason)
         job_id, _type_name, queue = messages[0]
         if len(messages) == 1:
             what, outcome = f"Job {job_id} could not", "The job was marked failed."
@@ -192,11 +187,7 @@ class CeleryExecutor(BaseExecutor):
             what = f"{len(messages)} jobs ({ids}) could not all"
             outcome = "Each of them that had not started was marked failed."
         if later:
-            after = "it" if len(messages) == 1 else "them"
-            outcome += (
-                f" The {len(later)} job(s) after {after} in the same transaction "
-                f"({describe_ids(later)}) were marked failed too."
-            )
+            outcome += " " + describe_later(later, "it" if len(messages) == 1 else "them")
         return DispatchError(
             f"{what} be sent to the Celery queue {queue!r} at {connection.as_uri()}: "
             f"{reason.rstrip('.')}. {outcome} Check the broker URL and that the broker is running."
@@ -248,13 +239,14 @@ class CeleryExecutor(BaseExecutor):
             with contextlib.suppress(Exception):
                 cached[2].release()
 
-    def _fail_all(self, messages: list[Message], outbox: Outbox | None, reason: str) -> None:
+    def _fail_all(self, messages: list[Message], outbox: Outbox[Message], reason: str) -> list[int]:
         """Fail the jobs of a send that cannot happen, and those of the same transaction that
-        Django will not send after it (its later callbacks are dropped once one raises)."""
-        for job_id, _type_name, queue in [*messages, *(outbox or {}).values()]:
+        Django will not send after it (its later callbacks are dropped once one raises).
+        Returns the ids of the later ones."""
+        later = outbox.take_rest()
+        for job_id, _type_name, queue in [*messages, *later]:
             self._fail_unsent(job_id, queue, reason)
-        if outbox is not None:
-            outbox.clear()
+        return [job_id for job_id, _type_name, _queue in later]
 
     @staticmethod
     def _fail_unsent(job_id: int, queue: str, reason: str) -> None:

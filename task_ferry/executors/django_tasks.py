@@ -9,7 +9,6 @@ the database and run by ``python manage.py db_worker``. Every job runs through t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import logging
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from task_ferry.exceptions import (
     DispatchError,
     TaskFerryImproperlyConfigured,
 )
-from task_ferry.executors.base import BaseExecutor, describe_ids, transaction_outbox
+from task_ferry.executors.base import BaseExecutor, Outbox, describe_later, dispatch_on_commit
 from task_ferry.models import Job, jobs_database
 from task_ferry.registry import JobType, job_type_registry
 
@@ -144,30 +143,22 @@ class DjangoTasksExecutor(BaseExecutor):
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
         # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
-        using = jobs_database()
-        outbox = transaction_outbox(using, self.dispatch_many)
-        if outbox is not None:
-            outbox.update((job_id, type_name) for job_id, type_name in batch)
-        transaction.on_commit(functools.partial(self.dispatch_many, batch, outbox), using=using)
+        dispatch_on_commit(jobs_database(), self.dispatch_many, batch)
 
     def dispatch_many(
-        self, batch: list[tuple[int, str]], outbox: dict[int, str] | None = None
+        self, batch: list[tuple[int, str]], outbox: Outbox[tuple[int, str]] | None = None
     ) -> None:
         """``dispatch()`` each (job id, type name) in turn. After a failure, every job after it
-        is marked failed too, with those of ``outbox`` (job id to type name: the jobs its
-        transaction has still to dispatch, which Django will not), and the ``DispatchError``
-        says so."""
-        if outbox is not None:
-            for job_id, _type_name in batch:
-                outbox.pop(job_id, None)
+        is marked failed too, with the rest of ``outbox`` (the jobs its transaction has still
+        to dispatch, which Django will not), and the ``DispatchError`` says so."""
+        outbox = outbox or Outbox()
+        outbox.sending(batch)
         for index, (job_id, type_name) in enumerate(batch):
             try:
                 self.dispatch(job_id, type_name)
             except DispatchError as exc:
-                rest = [later_id for later_id, _type_name in batch[index + 1 :]]
-                rest += list(outbox or {})
-                if outbox is not None:
-                    outbox.clear()
+                later = [*batch[index + 1 :], *outbox.take_rest()]
+                rest = [later_id for later_id, _type_name in later]
                 if not rest:
                     raise
                 for later_id in rest:
@@ -176,10 +167,7 @@ class DjangoTasksExecutor(BaseExecutor):
                         f"Job {later_id} was not handed to the django.tasks backend: job "
                         f"{job_id} of the same transaction could not be, before it",
                     )
-                raise DispatchError(
-                    f"{exc} The {len(rest)} job(s) after it in the same transaction "
-                    f"({describe_ids(rest)}) were marked failed too."
-                ) from exc.__cause__
+                raise DispatchError(f"{exc} {describe_later(rest)}") from exc.__cause__
 
     def dispatch(self, job_id: int, type_name: str) -> None:
         """Enqueue the job's task now. Raises ``DispatchError`` after marking the job failed.
