@@ -4,17 +4,21 @@ limiting, running, sweeping and cleaning up take their transactions and locks th
 from __future__ import annotations
 
 import datetime
+import threading
 
 import pytest
-from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, transaction
 from django.db.backends.dummy.base import DatabaseWrapper as NoDatabase
 from django.utils import timezone
 
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
+from task_ferry.runner import DATABASE_FAILURE
+from tests.backends import end_sessions, other_sessions
 from tests.reliability.helpers import hook_calls, start_lost_job, state_of
 from tests.testapp.models import HookCall, Marker
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "jobs"])
 
@@ -52,6 +56,38 @@ def test_a_failing_run_rolls_back_its_work_and_fails_the_job(user):
         JobHandler.create_and_start(user, "scripted", steps=2, fail_at=1, marker="rolled-back")
     assert list(Job.objects.values_list("state", flat=True)) == [JobState.FAILED]
     assert not Marker.objects.filter(name="rolled-back").exists()
+
+
+@runs_on_both
+def test_a_connection_lost_on_default_fails_the_job_as_a_lost_connection(queueing, user):
+    """The run's transaction on ``default`` (where its work goes) breaks, not the one on the
+    jobs' database: the user is told the connection was lost all the same."""
+    job = JobHandler.create_and_start(user, "scripted", block_for=1.5, steps=2, marker="dropped")
+    runner = threading.Thread(target=run_in_a_thread_of_its_own, args=(job.pk,))
+    runner.start()
+    try:
+        # Only the run's connection to ``default`` has written anything (the marker) so far.
+        # InnoDB refreshes its list of transactions only if last read over 0.1 s before.
+        sessions = wait_for(lambda: other_sessions(in_transaction=True), interval=0.15)
+        assert len(sessions) == 1
+        end_sessions(sessions)
+    finally:
+        runner.join(timeout=30)
+
+    job = Job.objects.get(pk=job.pk)
+    assert job.state == JobState.FAILED
+    assert job.human_readable_error == DATABASE_FAILURE
+    assert not Marker.objects.filter(name="dropped").exists()
+    assert hook_calls(job, "on_error") == 1
+
+
+def run_in_a_thread_of_its_own(job_id: int) -> None:
+    try:
+        JobHandler.run_job(job_id)
+    except DatabaseError:
+        pass
+    finally:
+        connections.close_all()
 
 
 def test_the_sweep_fails_a_job_whose_worker_was_lost(queueing, user):
