@@ -76,9 +76,9 @@ class Progress:
         # Clamping here keeps an overshooting stage from counting for more than it represents.
         self.done = done if done < self.total else self.total
 
-    def set_state(self, state: str) -> None:
-        """Change the label without advancing."""
-        self.increment(0, state=state)
+    def set_state(self, state: str | None) -> None:
+        """Change the label without advancing; ``None`` clears it, as ``""`` does."""
+        self.increment(0, state="" if state is None else state)
 
     @property
     def state(self) -> str:

@@ -151,6 +151,19 @@ def test_track_keeps_the_total_for_an_unsized_iterable():
     assert stage.percentage == 50
 
 
+@pytest.mark.parametrize("cleared", [None, ""])
+def test_set_state_none_clears_the_label(cleared):
+    progress = Progress()
+    progress.create_child(represents=50, total=2).increment(state="Writing row 1")
+    progress.set_state(cleared)
+    assert progress.state == ""
+    assert progress.percentage == 25
+    # increment() without a state keeps the label, as before.
+    progress.set_state("Finalising")
+    progress.increment(10)
+    assert progress.state == "Finalising"
+
+
 def test_fractional_steps_reach_100():
     progress = Progress()
     child = progress.create_child(represents=100, total=1)
