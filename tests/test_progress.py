@@ -197,6 +197,38 @@ def test_create_child_rejects_bad_numbers(represents, total):
         Progress().create_child(represents=represents, total=total)
 
 
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: Progress().create_child(10**400, 1), r"create_child\(represents=...\)"),
+        (lambda: Progress().create_child(1, Decimal("1e400")), r"create_child\(total=...\)"),
+        (lambda: Progress(10**400), r"Progress\(total=...\)"),
+        (lambda: Progress(Fraction(10**5000, 3)), r"Progress\(total=...\)"),
+    ],
+    ids=["int represents", "Decimal total", "int root total", "Fraction root total"],
+)
+def test_amounts_beyond_a_float_are_refused_at_the_call_with_what_to_do(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be at most 1.798e\+308") as raised:
+        call()
+    assert "Count in larger steps" in str(raised.value)
+
+
+def test_a_step_beyond_a_float_is_clamped_like_any_overshoot():
+    progress = Progress()
+    stage = progress.create_child(represents=50, total=2.5)
+    stage.increment(0.5)
+    stage.increment(10**400)
+    assert stage.done == 2.5
+    assert progress.percentage == 50
+
+
+def test_folded_children_worth_nearly_the_largest_float_still_add_up():
+    progress = Progress(sys.float_info.max)
+    for _ in range(FOLD_CHILDREN_AT * 2):
+        progress.create_child(represents=10**308, total=1).increment()
+    assert progress.percentage == 100
+
+
 def test_a_cancel_request_raises_at_the_next_tick_anywhere_in_the_tree():
     progress = Progress()
     child = progress.create_child(represents=50, total=10).create_child(represents=5, total=5)
