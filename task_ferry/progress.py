@@ -38,7 +38,9 @@ class Progress:
         "_cancelled",
         "_children",
         "_fold_at",
+        "_folded",
         "_label",
+        "_parent",
         "_represents",
         "_root",
         "done",
@@ -59,6 +61,9 @@ class Progress:
         # tuple, replaced whole, so a reader on another thread always sees a consistent pair.
         self._children: tuple[float, list[Progress]] = (0, [])
         self._fold_at = FOLD_CHILDREN_AT
+        self._parent: Progress | None = None
+        # Counted in the parent's folded number instead of among its children.
+        self._folded = False
 
     def increment(self, by: Amount = 1, state: str | None = None) -> None:
         """Advance by ``by`` steps of this node, optionally with a new state label.
@@ -112,6 +117,7 @@ class Progress:
         """
         child = Progress(_checked_amount("create_child(total=...)", total))
         child._root = self._root
+        child._parent = self
         # A float, so that however many are folded together their sum cannot overflow.
         child._represents = float(_checked_amount("create_child(represents=...)", represents))
         folded, children = self._children
@@ -120,8 +126,10 @@ class Progress:
             return child
         kept = []
         for old in children:
-            if old.total > 0 and old.fraction() >= 1:
+            # An empty child is complete, whatever its children; see track() for its total.
+            if old.total == 0 or old.fraction() >= 1:
                 folded += old._represents
+                old._folded = True
             else:
                 kept.append(old)
         kept.append(child)
@@ -164,11 +172,27 @@ class Progress:
         has no children (whose worth a new total would rescale), sets the node's total first.
         """
         if isinstance(iterable, Sized) and self.done == 0 and self._children == (0, []):
-            self.total = len(iterable)
+            total = len(iterable)
+            if total and not self.total:
+                # Complete while empty, and no longer: nor, maybe, the nodes above it.
+                self._count_again()
+            self.total = total
         increment = self.increment
         for item in iterable:
             yield item
             increment(1, state)
+
+    def _count_again(self) -> None:
+        """Put this node, and every node above it folded away as complete, back among their
+        parents' children, whose progress is worked out afresh at each look."""
+        node = self
+        while (parent := node._parent) is not None:
+            if node._folded:
+                folded, children = parent._children
+                # One tuple, replaced whole: a reader sees the node counted once, either way.
+                parent._children = (folded - node._represents, [*children, node])
+                node._folded = False
+            node = parent
 
     def __repr__(self) -> str:
         return f"<Progress {self.done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"

@@ -5,6 +5,7 @@ from fractions import Fraction
 
 import pytest
 
+from task_ferry import progress as progress_module
 from task_ferry.exceptions import JobCancelled
 from task_ferry.progress import FOLD_CHILDREN_AT, Progress
 
@@ -71,6 +72,51 @@ def test_completed_children_are_folded_without_changing_the_total():
     assert len(counted) < FOLD_CHILDREN_AT * 2
     assert folded + sum(c._represents for c in counted) == pytest.approx(FOLD_CHILDREN_AT * 4)
     assert progress.percentage == FOLD_CHILDREN_AT * 4
+
+
+def test_empty_children_are_folded_like_completed_ones():
+    # A child per file, most of them empty: the monitor must not walk them all at each publish.
+    progress = Progress()
+    for _ in range(FOLD_CHILDREN_AT * 8):
+        progress.create_child(represents=0.25, total=0)
+    folded, counted = progress._children
+    assert len(counted) < FOLD_CHILDREN_AT * 2
+    assert folded + sum(c._represents for c in counted) == pytest.approx(FOLD_CHILDREN_AT * 2)
+    assert progress.percentage == FOLD_CHILDREN_AT * 2
+
+
+@pytest.fixture
+def unfolded(monkeypatch):
+    """A root whose children are never folded: what a folded tree must add up to."""
+
+    def build():
+        with monkeypatch.context() as patched:
+            patched.setattr(progress_module, "FOLD_CHILDREN_AT", 10**9)
+            return Progress()
+
+    return build
+
+
+def test_an_empty_child_folded_away_counts_again_once_track_gives_it_a_total(unfolded):
+    """Stages made empty up front and filled by ``track()`` later: every percentage on the way
+    is the one the tree gives without folding, also where an empty grandchild made its folded
+    parent complete."""
+    trees = [Progress(), unfolded()]
+    seen: list[list[int]] = [[], []]
+    for root, percentages in zip(trees, seen, strict=True):
+        # Complete, its own step and its empty child's: folded away with the stages below.
+        nested = root.create_child(represents=20, total=2)
+        nested.increment()
+        late_file = nested.create_child(represents=1, total=0)
+        stages = [root.create_child(represents=1.25, total=0) for _ in range(FOLD_CHILDREN_AT * 4)]
+        percentages.append(root.percentage)
+        for stage in stages:
+            for _row in stage.track(range(4)):
+                percentages.append(root.percentage)
+        for _row in late_file.track(range(2)):
+            percentages.append(root.percentage)
+        percentages.append(root.percentage)
+    assert seen[0] == seen[1]
 
 
 def test_nested_children():
