@@ -3,12 +3,15 @@ limiting, running, sweeping and cleaning up take their transactions and locks th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
+from collections.abc import Iterator
 
 import pytest
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, transaction
 from django.db.backends.dummy.base import DatabaseWrapper as NoDatabase
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from task_ferry.exceptions import MaxJobCountExceeded
@@ -97,21 +100,66 @@ def test_the_sweep_fails_a_job_whose_worker_was_lost(queueing, user):
     assert hook_calls(job, "on_error") == 1
 
 
-def test_cleanup_deletes_old_jobs(queueing, user):
+@contextlib.contextmanager
+def queries_by_alias() -> Iterator[dict[str, CaptureQueriesContext]]:
+    """The statements this thread sends through each of the two aliases meanwhile."""
+    with contextlib.ExitStack() as stack:
+        yield {
+            alias: stack.enter_context(CaptureQueriesContext(connections[alias]))
+            for alias in ("default", "jobs")
+        }
+
+
+def statements(captured: CaptureQueriesContext, kind: str, *words: str) -> list[str]:
+    """The captured statements of ``kind`` (``"DELETE"``, ...) that contain each of ``words``."""
+    return [
+        query["sql"]
+        for query in captured.captured_queries
+        if query["sql"].lstrip().upper().startswith(kind)
+        and all(word.lower() in query["sql"].lower() for word in words)
+    ]
+
+
+def writes(captured: CaptureQueriesContext) -> list[str]:
+    return [sql for kind in ("INSERT", "UPDATE", "DELETE") for sql in statements(captured, kind)]
+
+
+def test_cleanup_deletes_old_jobs(settings, queueing, user):
+    # Jobs read through "default": the deletes, and the lock that keeps two cleanups apart,
+    # must still go where jobs are written.
+    settings.DATABASE_ROUTERS = [f"{__name__}.JobsWrittenToTheirDatabaseReadFromAnother"]
     job = JobHandler.create_and_start(user, "scripted")
     JobHandler.cancel(user, job.pk)
     Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - datetime.timedelta(days=60))
-    assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=30)) == 1
+    with queries_by_alias() as captured:
+        assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=30)) == 1
     assert not Job.objects.exists()
     assert HookCall.objects.filter(job_id=job.pk, hook="before_delete").count() == 1
+    assert statements(captured["jobs"], "DELETE", Job._meta.db_table)
+    assert not statements(captured["default"], "DELETE")
+    lock = {"postgresql": "advisory_lock", "mysql": "GET_LOCK("}.get(connection.vendor)
+    if lock is not None:
+        assert statements(captured["jobs"], "SELECT", lock)
+        assert not statements(captured["default"], "SELECT", lock)
 
 
 def test_create_inside_the_callers_transaction_on_the_jobs_database(queueing, user):
-    with pytest.raises(RuntimeError), transaction.atomic(using="jobs"):
+    with (
+        queries_by_alias() as captured,
+        pytest.raises(RuntimeError),
+        transaction.atomic(using="jobs"),
+    ):
         JobHandler.create_and_start(user, "limited")
         raise RuntimeError("roll back")
     assert not Job.objects.exists()
     assert queueing.dispatched == []
+    # max_count's lock on the user's row and the job's rows: all in the caller's transaction.
+    users = user._meta.db_table
+    locked = statements(captured["jobs"], "SELECT", users)
+    assert locked and ("FOR UPDATE" in locked[0]) is connection.features.has_select_for_update
+    assert statements(captured["jobs"], "INSERT", Job._meta.db_table)
+    assert not statements(captured["default"], "SELECT", users)
+    assert not writes(captured["default"])
 
 
 class JobsWrittenToTheirDatabaseReadFromAnother:
