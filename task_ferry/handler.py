@@ -585,10 +585,21 @@ class JobHandler:
         return failed
 
     @classmethod
-    def fail_undispatched(cls, job_id: int, *, error: str, human_readable_error: str) -> bool:
+    def fail_undispatched(
+        cls,
+        job_id: int,
+        *,
+        error: str,
+        human_readable_error: str,
+        created_at: datetime.datetime | None = None,
+    ) -> bool:
         """Fail a pending job its executor could not hand to a queue. False if it is no longer
-        pending (or was rolled back)."""
-        job = Job.objects.filter(pk=job_id).first()
+        pending (or was rolled back). With ``created_at``, only the job created then: on
+        SQLite, a job rolled back with a savepoint leaves its id to the next job created."""
+        jobs = Job.objects.filter(pk=job_id)
+        if created_at is not None:
+            jobs = jobs.filter(created_at=created_at)
+        job = jobs.first()
         if job is None or not transition(
             job,
             JobState.FAILED,

@@ -14,6 +14,7 @@ import decimal
 import fractions
 import math
 import numbers
+import sys
 from collections.abc import Iterable, Iterator, Sized
 from typing import TypeAlias, TypeVar
 
@@ -27,6 +28,8 @@ Amount: TypeAlias = float | decimal.Decimal | fractions.Fraction
 
 # Completed children are folded into one number once a node has this many.
 FOLD_CHILDREN_AT = 16
+# The largest total or step: a node's fraction is worked out in floats.
+MAX_AMOUNT = sys.float_info.max
 
 
 class Progress:
@@ -35,7 +38,9 @@ class Progress:
         "_cancelled",
         "_children",
         "_fold_at",
+        "_folded",
         "_label",
+        "_parent",
         "_represents",
         "_root",
         "done",
@@ -43,7 +48,7 @@ class Progress:
     )
 
     def __init__(self, total: Amount = 100) -> None:
-        self.total: float = _checked_amount("total", total)
+        self.total: float = _checked_amount("Progress(total=...)", total)
         #: Steps counted on this node itself (children report through their own counters).
         self.done: float = 0
         self._root: Progress = self
@@ -56,6 +61,9 @@ class Progress:
         # tuple, replaced whole, so a reader on another thread always sees a consistent pair.
         self._children: tuple[float, list[Progress]] = (0, [])
         self._fold_at = FOLD_CHILDREN_AT
+        self._parent: Progress | None = None
+        # Counted in the parent's folded number instead of among its children.
+        self._folded = False
 
     def increment(self, by: Amount = 1, state: str | None = None) -> None:
         """Advance by ``by`` steps of this node, optionally with a new state label.
@@ -72,13 +80,17 @@ class Progress:
             if state.__class__ is not str and not isinstance(state, str):
                 raise ValueError(f"state must be a str, got {type(state).__name__}")
             root._label = state
-        done = self.done + by
+        try:
+            done = self.done + by
+        except OverflowError:
+            # An int beyond the largest float, added to a float: past any total.
+            done = self.total
         # Clamping here keeps an overshooting stage from counting for more than it represents.
         self.done = done if done < self.total else self.total
 
-    def set_state(self, state: str) -> None:
-        """Change the label without advancing."""
-        self.increment(0, state=state)
+    def set_state(self, state: str | None) -> None:
+        """Change the label without advancing; ``None`` clears it, as ``""`` does."""
+        self.increment(0, state="" if state is None else state)
 
     @property
     def state(self) -> str:
@@ -103,17 +115,21 @@ class Progress:
 
         A child with ``total=0`` is complete at once.
         """
-        child = Progress(total)
+        child = Progress(_checked_amount("create_child(total=...)", total))
         child._root = self._root
-        child._represents = _checked_amount("represents", represents)
+        child._parent = self
+        # A float, so that however many are folded together their sum cannot overflow.
+        child._represents = float(_checked_amount("create_child(represents=...)", represents))
         folded, children = self._children
         if len(children) < self._fold_at:
             children.append(child)
             return child
         kept = []
         for old in children:
-            if old.total > 0 and old.fraction() >= 1:
+            # An empty child is complete, whatever its children; see track() for its total.
+            if old.total == 0 or old.fraction() >= 1:
                 folded += old._represents
+                old._folded = True
             else:
                 kept.append(old)
         kept.append(child)
@@ -156,11 +172,27 @@ class Progress:
         has no children (whose worth a new total would rescale), sets the node's total first.
         """
         if isinstance(iterable, Sized) and self.done == 0 and self._children == (0, []):
-            self.total = len(iterable)
+            total = len(iterable)
+            if total and not self.total:
+                # Complete while empty, and no longer: nor, maybe, the nodes above it.
+                self._count_again()
+            self.total = total
         increment = self.increment
         for item in iterable:
             yield item
             increment(1, state)
+
+    def _count_again(self) -> None:
+        """Put this node, and every node above it folded away as complete, back among their
+        parents' children, whose progress is worked out afresh at each look."""
+        node = self
+        while (parent := node._parent) is not None:
+            if node._folded:
+                folded, children = parent._children
+                # One tuple, replaced whole: a reader sees the node counted once, either way.
+                parent._children = (folded - node._represents, [*children, node])
+                node._folded = False
+            node = parent
 
     def __repr__(self) -> str:
         return f"<Progress {self.done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"
@@ -172,12 +204,43 @@ def _ratio(value: float, total: float) -> float:
 
 
 def _checked_amount(name: str, value: object) -> float:
-    """``value`` as a finite number >= 0, or a ``ValueError`` that says what was wrong."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, numbers.Real | decimal.Decimal) and not isinstance(value, bool):
-        with contextlib.suppress(ValueError, OverflowError):
+    """``value`` as a finite number >= 0 that a float holds, or a ``ValueError`` that says what
+    was wrong."""
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if 0 <= value <= MAX_AMOUNT:
+            return value
+    elif isinstance(value, numbers.Real | decimal.Decimal):
+        with contextlib.suppress(ArithmeticError, ValueError):
             number = float(value)
             if math.isfinite(number) and number >= 0:
                 return number
-    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    digits = _digits_beyond_a_float(value)
+    if digits:
+        raise ValueError(
+            f"{name} must be at most {MAX_AMOUNT:.4g} (the largest float), got a number of "
+            f"{digits} digits. Count in larger steps: only the ratio of steps to the total "
+            f"matters."
+        )
+    if isinstance(value, int) and -value > MAX_AMOUNT:
+        shown = f"a negative number of {_digits(value)} digits"
+    else:
+        shown = repr(value)
+    raise ValueError(f"{name} must be a finite number >= 0, got {shown}")
+
+
+def _digits_beyond_a_float(value: object) -> int:
+    """How many digits ``value`` has before its decimal point, if it is a finite number too
+    large for a float (a float from it would be infinite); else 0."""
+    if isinstance(value, decimal.Decimal):
+        if value.is_finite() and value > MAX_AMOUNT:
+            return value.adjusted() + 1
+    elif isinstance(value, int | fractions.Fraction) and value > MAX_AMOUNT:
+        return _digits(int(value))
+    return 0
+
+
+def _digits(value: int) -> int:
+    """About how many digits ``value`` has: ``str()`` refuses beyond 4,300 of them."""
+    return int(abs(value).bit_length() * math.log10(2)) + 1

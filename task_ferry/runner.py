@@ -148,11 +148,13 @@ class JobRun:
             job, progress, heartbeat=self.heartbeat, visible=own_transaction
         )
         signals.emit(signals.job_started, job)
-        db_connection = connection.connection
+        # The DB-API connection of each database the run's transaction is open on.
+        opened: dict[str, Any] = {}
         try:
             with contextlib.ExitStack() as run_transaction:
                 for alias in databases:
                     run_transaction.enter_context(transaction.atomic(using=alias))
+                    opened[alias] = connections[alias].connection
                 job_type.run(job, progress)
                 if progress.cancel_raised:
                     # It caught JobCancelled (an ``except Exception`` around a loop's body, say).
@@ -183,9 +185,11 @@ class JobRun:
                 logger.info("Job %s raised %r after it was cancelled.", job.pk, exc)
                 self._end_cancelled(job, job_type, watch)
                 return job
-            # Django replaces the connection when rolling back on it failed: it broke.
-            connection_lost = (
-                isinstance(exc, DatabaseError) and connection.connection is not db_connection
+            # Django replaces a connection when rolling back on it failed: it broke. Either
+            # database's: the job's work mostly goes to ``default``.
+            connection_lost = isinstance(exc, DatabaseError) and any(
+                connections[alias].connection is not db_connection
+                for alias, db_connection in opened.items()
             )
             self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
             raise

@@ -5,6 +5,7 @@ from fractions import Fraction
 
 import pytest
 
+from task_ferry import progress as progress_module
 from task_ferry.exceptions import JobCancelled
 from task_ferry.progress import FOLD_CHILDREN_AT, Progress
 
@@ -71,6 +72,51 @@ def test_completed_children_are_folded_without_changing_the_total():
     assert len(counted) < FOLD_CHILDREN_AT * 2
     assert folded + sum(c._represents for c in counted) == pytest.approx(FOLD_CHILDREN_AT * 4)
     assert progress.percentage == FOLD_CHILDREN_AT * 4
+
+
+def test_empty_children_are_folded_like_completed_ones():
+    # A child per file, most of them empty: the monitor must not walk them all at each publish.
+    progress = Progress()
+    for _ in range(FOLD_CHILDREN_AT * 8):
+        progress.create_child(represents=0.25, total=0)
+    folded, counted = progress._children
+    assert len(counted) < FOLD_CHILDREN_AT * 2
+    assert folded + sum(c._represents for c in counted) == pytest.approx(FOLD_CHILDREN_AT * 2)
+    assert progress.percentage == FOLD_CHILDREN_AT * 2
+
+
+@pytest.fixture
+def unfolded(monkeypatch):
+    """A root whose children are never folded: what a folded tree must add up to."""
+
+    def build():
+        with monkeypatch.context() as patched:
+            patched.setattr(progress_module, "FOLD_CHILDREN_AT", 10**9)
+            return Progress()
+
+    return build
+
+
+def test_an_empty_child_folded_away_counts_again_once_track_gives_it_a_total(unfolded):
+    """Stages made empty up front and filled by ``track()`` later: every percentage on the way
+    is the one the tree gives without folding, also where an empty grandchild made its folded
+    parent complete."""
+    trees = [Progress(), unfolded()]
+    seen: list[list[int]] = [[], []]
+    for root, percentages in zip(trees, seen, strict=True):
+        # Complete, its own step and its empty child's: folded away with the stages below.
+        nested = root.create_child(represents=20, total=2)
+        nested.increment()
+        late_file = nested.create_child(represents=1, total=0)
+        stages = [root.create_child(represents=1.25, total=0) for _ in range(FOLD_CHILDREN_AT * 4)]
+        percentages.append(root.percentage)
+        for stage in stages:
+            for _row in stage.track(range(4)):
+                percentages.append(root.percentage)
+        for _row in late_file.track(range(2)):
+            percentages.append(root.percentage)
+        percentages.append(root.percentage)
+    assert seen[0] == seen[1]
 
 
 def test_nested_children():
@@ -151,6 +197,19 @@ def test_track_keeps_the_total_for_an_unsized_iterable():
     assert stage.percentage == 50
 
 
+@pytest.mark.parametrize("cleared", [None, ""])
+def test_set_state_none_clears_the_label(cleared):
+    progress = Progress()
+    progress.create_child(represents=50, total=2).increment(state="Writing row 1")
+    progress.set_state(cleared)
+    assert progress.state == ""
+    assert progress.percentage == 25
+    # increment() without a state keeps the label, as before.
+    progress.set_state("Finalising")
+    progress.increment(10)
+    assert progress.state == "Finalising"
+
+
 def test_fractional_steps_reach_100():
     progress = Progress()
     child = progress.create_child(represents=100, total=1)
@@ -182,6 +241,38 @@ def test_increment_accepts_real_numbers(by):
 def test_create_child_rejects_bad_numbers(represents, total):
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         Progress().create_child(represents=represents, total=total)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: Progress().create_child(10**400, 1), r"create_child\(represents=...\)"),
+        (lambda: Progress().create_child(1, Decimal("1e400")), r"create_child\(total=...\)"),
+        (lambda: Progress(10**400), r"Progress\(total=...\)"),
+        (lambda: Progress(Fraction(10**5000, 3)), r"Progress\(total=...\)"),
+    ],
+    ids=["int represents", "Decimal total", "int root total", "Fraction root total"],
+)
+def test_amounts_beyond_a_float_are_refused_at_the_call_with_what_to_do(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be at most 1.798e\+308") as raised:
+        call()
+    assert "Count in larger steps" in str(raised.value)
+
+
+def test_a_step_beyond_a_float_is_clamped_like_any_overshoot():
+    progress = Progress()
+    stage = progress.create_child(represents=50, total=2.5)
+    stage.increment(0.5)
+    stage.increment(10**400)
+    assert stage.done == 2.5
+    assert progress.percentage == 50
+
+
+def test_folded_children_worth_nearly_the_largest_float_still_add_up():
+    progress = Progress(sys.float_info.max)
+    for _ in range(FOLD_CHILDREN_AT * 2):
+        progress.create_child(represents=10**308, total=1).increment()
+    assert progress.percentage == 100
 
 
 def test_a_cancel_request_raises_at_the_next_tick_anywhere_in_the_tree():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django.core.checks import CheckMessage, Error
@@ -43,6 +44,17 @@ class BaseExecutor(ABC):
             raise JobDoesNotExist(job_id)
         return type_name
 
+    @staticmethod
+    def job_of(job_id: int) -> Job:
+        """A job known only by its id, with its type and ``created_at`` (one query)."""
+        from task_ferry.exceptions import JobDoesNotExist
+        from task_ferry.models import Job
+
+        job = Job.objects.only("type", "created_at").filter(pk=job_id).first()
+        if job is None:
+            raise JobDoesNotExist(job_id)
+        return job
+
     def enqueue_job(self, job: Job) -> None:
         """Dispatch a job the handler has just created. Executors that route by job type
         override this to read the type from ``job`` instead of querying it by id."""
@@ -67,34 +79,39 @@ class Outbox(Generic[Item]):
     by the on-commit callbacks ``dispatch_on_commit`` registers for it.
 
     When one callback fails, Django drops the later ones: ``take_rest()`` names the jobs that
-    will not be sent and must be failed. A job rolled back with a savepoint stays listed:
-    failing it finds no row.
+    will not be sent and must be failed. A job rolled back with a savepoint stays listed, and
+    on SQLite its id can since have been given to another transaction's job: each job is kept
+    with its ``created_at``, which the failing matches as well as its id.
     """
 
     def __init__(self) -> None:
-        self._items: dict[int, Item] = {}
+        self._items: dict[int, tuple[Item, datetime.datetime]] = {}
 
-    def add(self, items: list[Item]) -> None:
-        self._items.update((item[0], item) for item in items)
+    def add(self, items: list[Item], created_at: Mapping[int, datetime.datetime]) -> None:
+        self._items.update((item[0], (item, created_at[item[0]])) for item in items)
 
     def sending(self, items: list[Item]) -> None:
         """These items are being sent: they are no longer the rest's."""
         for item in items:
             self._items.pop(item[0], None)
 
-    def take_rest(self) -> list[Item]:
+    def take_rest(self) -> list[tuple[Item, datetime.datetime]]:
+        """The items not sent, each with its job's ``created_at``."""
         rest = list(self._items.values())
         self._items.clear()
         return rest
 
 
 def dispatch_on_commit(
-    using: str, send: Callable[[list[Item], Outbox[Item]], object], items: list[Item]
+    using: str,
+    send: Callable[[list[Item], Outbox[Item]], object],
+    items: list[Item],
+    created_at: Mapping[int, datetime.datetime],
 ) -> None:
     """Call ``send(items, outbox)`` once the current transaction on ``using`` commits (at once
     in autocommit mode). ``outbox`` is the transaction's: found through its own on-commit
     callbacks, so a job started by another transaction's commit hook, or in another thread,
-    gets its own."""
+    gets its own. ``created_at`` gives each item's job's, by job id."""
     connection = transaction.get_connection(using)
     outbox: Outbox[Item] | None = None
     if connection.in_atomic_block:
@@ -106,7 +123,7 @@ def dispatch_on_commit(
                 break
     if outbox is None:
         outbox = Outbox()
-    outbox.add(items)
+    outbox.add(items, created_at)
     transaction.on_commit(functools.partial(send, items, outbox), using=using)
 
 
@@ -120,6 +137,8 @@ def describe_later(ids: list[int], after: str = "it") -> str:
 
 def describe_ids(ids: list[int]) -> str:
     """``"ids 4 to 9"`` for a run of consecutive ids, else the ids themselves (a few of them)."""
+    if len(ids) == 1:
+        return f"id {ids[0]}"
     if ids == list(range(ids[0], ids[0] + len(ids))):
         return f"ids {ids[0]} to {ids[-1]}"
     shown = ", ".join(str(job_id) for job_id in ids[:5])

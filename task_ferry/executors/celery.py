@@ -109,7 +109,7 @@ class CeleryExecutor(BaseExecutor):
         self._local = threading.local()
 
     def enqueue(self, job_id: int) -> None:
-        self._dispatch_on_commit([self._message(job_id, self.type_of(job_id))])
+        self.enqueue_jobs([self.job_of(job_id)])
 
     def enqueue_job(self, job: Job) -> None:
         self.enqueue_jobs([job])
@@ -117,7 +117,10 @@ class CeleryExecutor(BaseExecutor):
     def enqueue_jobs(self, jobs: list[Job]) -> None:
         # The handler holds the jobs: their type gives the queue without a query. One callback
         # sends them all, in one round trip where kombu batches publishes.
-        self._dispatch_on_commit([self._message(job.pk, job.type) for job in jobs])
+        self._dispatch_on_commit(
+            [self._message(job.pk, job.type) for job in jobs],
+            {job.pk: job.created_at for job in jobs},
+        )
 
     def _message(self, job_id: int, type_name: str) -> Message:
         return (job_id, type_name, self.queue_for(type_name))
@@ -128,10 +131,12 @@ class CeleryExecutor(BaseExecutor):
         queue: str | None = job_type_registry.get(type_name).queue
         return queue or str(ferry_settings.CELERY_QUEUE)
 
-    def _dispatch_on_commit(self, messages: list[Message]) -> None:
+    def _dispatch_on_commit(
+        self, messages: list[Message], created_at: dict[int, datetime.datetime]
+    ) -> None:
         from task_ferry.models import jobs_database
 
-        dispatch_on_commit(jobs_database(), self._send, messages)
+        dispatch_on_commit(jobs_database(), self._send, messages, created_at)
 
     def _send(self, messages: list[Message], outbox: Outbox[Message]) -> None:
         outbox.sending(messages)
@@ -242,18 +247,25 @@ class CeleryExecutor(BaseExecutor):
     def _fail_all(self, messages: list[Message], outbox: Outbox[Message], reason: str) -> list[int]:
         """Fail the jobs of a send that cannot happen, and those of the same transaction that
         Django will not send after it (its later callbacks are dropped once one raises).
-        Returns the ids of the later ones."""
+        Returns the ids of the later ones that were marked failed."""
         later = outbox.take_rest()
-        for job_id, _type_name, queue in [*messages, *later]:
-            self._fail_unsent(job_id, queue, reason)
-        return [job_id for job_id, _type_name, _queue in later]
+        for job_id, _type_name, queue in messages:
+            self._fail_unsent(job_id, None, queue, reason)
+        return [
+            job_id
+            for (job_id, _type_name, queue), created_at in later
+            if self._fail_unsent(job_id, created_at, queue, reason)
+        ]
 
     @staticmethod
-    def _fail_unsent(job_id: int, queue: str, reason: str) -> None:
+    def _fail_unsent(
+        job_id: int, created_at: datetime.datetime | None, queue: str, reason: str
+    ) -> bool:
         from task_ferry.handler import JobHandler
 
-        JobHandler.fail_undispatched(
+        return JobHandler.fail_undispatched(
             job_id,
+            created_at=created_at,
             error=f"Could not dispatch to Celery queue {queue!r}: {reason}",
             human_readable_error=UNREACHABLE_MESSAGE.format(queue=queue),
         )

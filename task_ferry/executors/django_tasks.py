@@ -9,6 +9,7 @@ the database and run by ``python manage.py db_worker``. Every job runs through t
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib
 import logging
 from collections.abc import Callable
@@ -130,20 +131,22 @@ class DjangoTasksExecutor(BaseExecutor):
     def enqueue(self, job_id: int) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
-        self._dispatch_on_commit([(job_id, self.type_of(job_id))])
+        self.enqueue_jobs([self.job_of(job_id)])
 
     def enqueue_job(self, job: Job) -> None:
         self.enqueue_jobs([job])
 
     def enqueue_jobs(self, jobs: list[Job]) -> None:
-        # The handler holds the jobs: their type gives queue and priority without a query.
-        self._dispatch_on_commit([(job.pk, job.type) for job in jobs])
-
-    def _dispatch_on_commit(self, batch: list[tuple[int, str]]) -> None:
         if tasks_api is None:
             raise TaskFerryImproperlyConfigured(_missing_api_message())
+        # The handler holds the jobs: their type gives queue and priority without a query.
         # django.tasks has no enqueue-on-commit; a rolled-back job must not reach a worker.
-        dispatch_on_commit(jobs_database(), self.dispatch_many, batch)
+        dispatch_on_commit(
+            jobs_database(),
+            self.dispatch_many,
+            [(job.pk, job.type) for job in jobs],
+            {job.pk: job.created_at for job in jobs},
+        )
 
     def dispatch_many(
         self, batch: list[tuple[int, str]], outbox: Outbox[tuple[int, str]] | None = None
@@ -157,17 +160,23 @@ class DjangoTasksExecutor(BaseExecutor):
             try:
                 self.dispatch(job_id, type_name)
             except DispatchError as exc:
-                later = [*batch[index + 1 :], *outbox.take_rest()]
-                rest = [later_id for later_id, _type_name in later]
-                if not rest:
-                    raise
-                for later_id in rest:
-                    self._fail_undispatched(
+                later: list[tuple[int, datetime.datetime | None]] = [
+                    (later_id, None) for later_id, _type_name in batch[index + 1 :]
+                ]
+                later += [(item[0], created_at) for item, created_at in outbox.take_rest()]
+                failed = [
+                    later_id
+                    for later_id, created_at in later
+                    if self._fail_undispatched(
                         later_id,
                         f"Job {later_id} was not handed to the django.tasks backend: job "
                         f"{job_id} of the same transaction could not be, before it",
+                        created_at,
                     )
-                raise DispatchError(f"{exc} {describe_later(rest)}") from exc.__cause__
+                ]
+                if not failed:
+                    raise
+                raise DispatchError(f"{exc} {describe_later(failed)}") from exc.__cause__
 
     def dispatch(self, job_id: int, type_name: str) -> None:
         """Enqueue the job's task now. Raises ``DispatchError`` after marking the job failed.
@@ -200,9 +209,12 @@ class DjangoTasksExecutor(BaseExecutor):
             ) from exc
 
     @staticmethod
-    def _fail_undispatched(job_id: int, message: str) -> bool:
-        """Mark the job failed; False if it was not (it left pending, or the database is down
-        too and the stale-job sweep will fail it)."""
+    def _fail_undispatched(
+        job_id: int, message: str, created_at: datetime.datetime | None = None
+    ) -> bool:
+        """Mark the job failed; False if it was not (it left pending, was rolled back, or the
+        database is down too and the stale-job sweep will fail it). ``created_at``, when
+        given, must match the row's too."""
         from task_ferry.handler import JobHandler
 
         connection = transaction.get_connection(jobs_database())
@@ -211,7 +223,10 @@ class DjangoTasksExecutor(BaseExecutor):
             connection.close_if_unusable_or_obsolete()
         try:
             return JobHandler.fail_undispatched(
-                job_id, error=message, human_readable_error=UNDISPATCHED_MESSAGE
+                job_id,
+                created_at=created_at,
+                error=message,
+                human_readable_error=UNDISPATCHED_MESSAGE,
             )
         except Exception:
             logger.exception("Job %s: could not mark the undispatched job failed", job_id)

@@ -304,6 +304,40 @@ def test_a_refused_job_fails_the_jobs_its_transaction_had_still_to_enqueue(
 
 
 @requires_tasks
+def test_a_refusal_leaves_alone_the_job_that_took_the_id_of_one_rolled_back_with_a_savepoint(
+    transactional_db, user, settings, alias, use_executor, DBTaskResult
+):
+    """On SQLite the id of a job rolled back with a savepoint goes to the next job created, here
+    by a commit hook of the transaction. When a later job of the transaction is refused, the
+    hook's job is not failed in the rolled-back one's place, and the error counts only the
+    jobs it failed."""
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
+    started_by_hook = []
+
+    def start_another_job():
+        with transaction.atomic():
+            started_by_hook.append(JobHandler.create_and_start(user, "scripted"))
+
+    with pytest.raises(DispatchError) as raised, transaction.atomic():
+        transaction.on_commit(start_another_job)
+        refused = JobHandler.create_and_start(user, "routed")
+        later = JobHandler.create_and_start(user, "scripted")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            rolled_back = JobHandler.create_and_start(user, "scripted")
+            raise RuntimeError
+
+    [hook_job] = started_by_hook
+    if connection.vendor == "sqlite":
+        assert hook_job.pk == rolled_back.pk
+    assert Job.objects.get(pk=hook_job.pk).state == "pending"
+    assert [task.args_kwargs["args"] for task in DBTaskResult.objects.all()] == [[hook_job.pk]]
+    assert [Job.objects.get(pk=job.pk).state for job in (refused, later)] == ["failed"] * 2
+    assert f"The 1 job(s) after it in the same transaction (id {later.pk}) were" in str(
+        raised.value
+    )
+
+
+@requires_tasks
 def test_failure_at_the_outer_commit_still_fails_the_job(
     transactional_db, user, settings, alias, use_executor
 ):

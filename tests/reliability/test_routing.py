@@ -3,18 +3,25 @@ limiting, running, sweeping and cleaning up take their transactions and locks th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import threading
+from collections.abc import Iterator
 
 import pytest
-from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, transaction
 from django.db.backends.dummy.base import DatabaseWrapper as NoDatabase
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
+from task_ferry.runner import DATABASE_FAILURE
+from tests.backends import end_sessions, other_sessions
 from tests.reliability.helpers import hook_calls, start_lost_job, state_of
 from tests.testapp.models import HookCall, Marker
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "jobs"])
 
@@ -54,6 +61,38 @@ def test_a_failing_run_rolls_back_its_work_and_fails_the_job(user):
     assert not Marker.objects.filter(name="rolled-back").exists()
 
 
+@runs_on_both
+def test_a_connection_lost_on_default_fails_the_job_as_a_lost_connection(queueing, user):
+    """The run's transaction on ``default`` (where its work goes) breaks, not the one on the
+    jobs' database: the user is told the connection was lost all the same."""
+    job = JobHandler.create_and_start(user, "scripted", block_for=1.5, steps=2, marker="dropped")
+    runner = threading.Thread(target=run_in_a_thread_of_its_own, args=(job.pk,))
+    runner.start()
+    try:
+        # Only the run's connection to ``default`` has written anything (the marker) so far.
+        # InnoDB refreshes its list of transactions only if last read over 0.1 s before.
+        sessions = wait_for(lambda: other_sessions(in_transaction=True), interval=0.15)
+        assert len(sessions) == 1
+        end_sessions(sessions)
+    finally:
+        runner.join(timeout=30)
+
+    job = Job.objects.get(pk=job.pk)
+    assert job.state == JobState.FAILED
+    assert job.human_readable_error == DATABASE_FAILURE
+    assert not Marker.objects.filter(name="dropped").exists()
+    assert hook_calls(job, "on_error") == 1
+
+
+def run_in_a_thread_of_its_own(job_id: int) -> None:
+    try:
+        JobHandler.run_job(job_id)
+    except DatabaseError:
+        pass
+    finally:
+        connections.close_all()
+
+
 def test_the_sweep_fails_a_job_whose_worker_was_lost(queueing, user):
     job = start_lost_job(user)
     assert JobHandler.sweep_stale_jobs() == 1
@@ -61,21 +100,66 @@ def test_the_sweep_fails_a_job_whose_worker_was_lost(queueing, user):
     assert hook_calls(job, "on_error") == 1
 
 
-def test_cleanup_deletes_old_jobs(queueing, user):
+@contextlib.contextmanager
+def queries_by_alias() -> Iterator[dict[str, CaptureQueriesContext]]:
+    """The statements this thread sends through each of the two aliases meanwhile."""
+    with contextlib.ExitStack() as stack:
+        yield {
+            alias: stack.enter_context(CaptureQueriesContext(connections[alias]))
+            for alias in ("default", "jobs")
+        }
+
+
+def statements(captured: CaptureQueriesContext, kind: str, *words: str) -> list[str]:
+    """The captured statements of ``kind`` (``"DELETE"``, ...) that contain each of ``words``."""
+    return [
+        query["sql"]
+        for query in captured.captured_queries
+        if query["sql"].lstrip().upper().startswith(kind)
+        and all(word.lower() in query["sql"].lower() for word in words)
+    ]
+
+
+def writes(captured: CaptureQueriesContext) -> list[str]:
+    return [sql for kind in ("INSERT", "UPDATE", "DELETE") for sql in statements(captured, kind)]
+
+
+def test_cleanup_deletes_old_jobs(settings, queueing, user):
+    # Jobs read through "default": the deletes, and the lock that keeps two cleanups apart,
+    # must still go where jobs are written.
+    settings.DATABASE_ROUTERS = [f"{__name__}.JobsWrittenToTheirDatabaseReadFromAnother"]
     job = JobHandler.create_and_start(user, "scripted")
     JobHandler.cancel(user, job.pk)
     Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - datetime.timedelta(days=60))
-    assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=30)) == 1
+    with queries_by_alias() as captured:
+        assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=30)) == 1
     assert not Job.objects.exists()
     assert HookCall.objects.filter(job_id=job.pk, hook="before_delete").count() == 1
+    assert statements(captured["jobs"], "DELETE", Job._meta.db_table)
+    assert not statements(captured["default"], "DELETE")
+    lock = {"postgresql": "advisory_lock", "mysql": "GET_LOCK("}.get(connection.vendor)
+    if lock is not None:
+        assert statements(captured["jobs"], "SELECT", lock)
+        assert not statements(captured["default"], "SELECT", lock)
 
 
 def test_create_inside_the_callers_transaction_on_the_jobs_database(queueing, user):
-    with pytest.raises(RuntimeError), transaction.atomic(using="jobs"):
+    with (
+        queries_by_alias() as captured,
+        pytest.raises(RuntimeError),
+        transaction.atomic(using="jobs"),
+    ):
         JobHandler.create_and_start(user, "limited")
         raise RuntimeError("roll back")
     assert not Job.objects.exists()
     assert queueing.dispatched == []
+    # max_count's lock on the user's row and the job's rows: all in the caller's transaction.
+    users = user._meta.db_table
+    locked = statements(captured["jobs"], "SELECT", users)
+    assert locked and ("FOR UPDATE" in locked[0]) is connection.features.has_select_for_update
+    assert statements(captured["jobs"], "INSERT", Job._meta.db_table)
+    assert not statements(captured["default"], "SELECT", users)
+    assert not writes(captured["default"])
 
 
 class JobsWrittenToTheirDatabaseReadFromAnother:

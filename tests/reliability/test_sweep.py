@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 import time
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from task_ferry.exceptions import JobTypeDoesNotExist, MaxJobCountExceeded
 from task_ferry.handler import JobHandler, transition
-from task_ferry.models import Job, JobState
+from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
 from tests.reliability.helpers import hook_calls, needs_row_locks, start_lost_job, state_of
@@ -177,8 +178,40 @@ def test_the_long_lived_sweeper_outlives_a_failing_sweep(queueing, monkeypatch, 
     monkeypatch.setattr(JobHandler, "sweep_stale_jobs", sweep)
     monkeypatch.setattr(task_ferry_sweep.time, "sleep", lambda seconds: None)
     call_command("task_ferry_sweep", interval=0.1)
-    assert "Sweep failed, retrying in 0.1s: a bug in a hook" in capsys.readouterr().err
+    assert (
+        "Sweep failed, retrying in 0.1s: RuntimeError: a bug in a hook" in capsys.readouterr().err
+    )
     assert next(outcomes, "all used") == "all used"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("traceback", [False, True])
+def test_a_failed_round_of_the_long_lived_sweeper_is_reported_once_on_stderr(
+    monkeypatch, capsys, caplog, traceback
+):
+    """As Django's commands report errors: on stderr, the traceback only with --traceback;
+    not logged as well, which printed the failure twice."""
+    from task_ferry.management.commands import task_ferry_sweep
+
+    def stop(seconds):
+        raise KeyboardInterrupt  # the command's own way out, after the first round
+
+    monkeypatch.setattr(task_ferry_sweep.time, "sleep", stop)
+    # The heartbeat table is missing, as before migrate: the sweep's first query fails.
+    table = Heartbeat._meta.db_table
+    with connection.schema_editor() as editor:
+        editor.alter_db_table(Heartbeat, table, f"{table}_away")
+    try:
+        call_command("task_ferry_sweep", interval=30, traceback=traceback)
+    finally:
+        with connection.schema_editor() as editor:
+            editor.alter_db_table(Heartbeat, f"{table}_away", table)
+
+    err = capsys.readouterr().err
+    assert err.count("Sweep failed") == 1
+    assert "Sweep failed, retrying in 30s: " in err and table in err
+    assert ("Traceback (most recent call last)" in err) is traceback
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 def test_command_sweeps_once(queueing, user, capsys):

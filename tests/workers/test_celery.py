@@ -21,7 +21,7 @@ pytest.importorskip("celery", reason="celery is not installed")
 
 from celery import Celery, _state
 from celery.utils.saferepr import saferepr
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from kombu import Producer
 
@@ -508,6 +508,40 @@ def test_a_job_started_by_a_commit_hook_leaves_the_transactions_unsent_jobs_to_f
     assert [state_of(refused.pk), state_of(never_sent.pk)] == ["failed", "failed"]
     started_by_hook = ScriptedJob.objects.exclude(pk__in=[sent.pk, refused.pk, never_sent.pk])
     assert [job.state for job in started_by_hook] == ["pending"]
+
+
+def test_the_broker_lost_leaves_alone_the_job_that_took_the_id_of_one_rolled_back_with_a_savepoint(
+    own_redis_broker, user
+) -> None:
+    """On SQLite the id of a job rolled back with a savepoint goes to the next job created, here
+    by a commit hook of the transaction that then loses the broker. The hook's job, sent, is
+    not failed in the rolled-back one's place, and the error counts only the jobs it failed."""
+    server, _app = own_redis_broker
+    started_by_hook = []
+
+    def start_another_job_then_lose_the_broker() -> None:
+        with transaction.atomic():
+            started_by_hook.append(JobHandler.create_and_start(user, "scripted", steps=1))
+        server.terminate()
+        server.wait(5)
+
+    with pytest.raises(DispatchError) as raised, transaction.atomic():
+        transaction.on_commit(start_another_job_then_lose_the_broker)
+        refused = JobHandler.create_and_start(user, "scripted", steps=1)
+        never_sent = JobHandler.create_and_start(user, "scripted", steps=1)
+        with pytest.raises(RuntimeError), transaction.atomic():
+            rolled_back = JobHandler.create_and_start(user, "scripted", steps=1)
+            raise RuntimeError
+
+    [hook_job] = started_by_hook
+    if connection.vendor == "sqlite":
+        assert hook_job.pk == rolled_back.pk
+    assert state_of(hook_job.pk) == "pending"
+    assert [state_of(refused.pk), state_of(never_sent.pk)] == ["failed", "failed"]
+    assert (
+        f"The 1 job(s) after it in the same transaction (id {never_sent.pk}) were marked failed"
+        in str(raised.value)
+    )
 
 
 @pytest.mark.worker

@@ -5,8 +5,8 @@ Run it from cron every minute, or as a long-lived process with ``--interval``.
 
 from __future__ import annotations
 
-import logging
 import time
+import traceback
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
@@ -15,8 +15,6 @@ from django.db import close_old_connections
 from task_ferry.conf import ferry_settings
 from task_ferry.handler import JobHandler
 from task_ferry.management.intervals import check_interval
-
-logger = logging.getLogger("task_ferry")
 
 
 class Command(BaseCommand):
@@ -53,9 +51,12 @@ class Command(BaseCommand):
                     self._sweep_once()
                 except Exception as exc:
                     # Keep the sweeper alive through a database outage or a bug in a hook;
-                    # retry next round.
-                    logger.exception("task_ferry_sweep: a sweep failed")
-                    self.stderr.write(f"Sweep failed, retrying in {interval:g}s: {exc}")
+                    # retry next round. Reported as Django's commands report errors.
+                    self.stderr.write(
+                        f"Sweep failed, retrying in {interval:g}s: {type(exc).__name__}: {exc}"
+                    )
+                    if options.get("traceback"):
+                        self.stderr.write(traceback.format_exc())
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
             pass
