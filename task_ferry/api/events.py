@@ -218,6 +218,13 @@ def event_stream_response(content: Any, mode: str) -> HttpResponseBase:
     return response
 
 
+class EveryDatabase(frozenset[str]):
+    """Contains every database alias."""
+
+    def __contains__(self, alias: object) -> bool:
+        return True
+
+
 async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
     """``GET /<id>/events/``. See docs/api.md for the event format."""
     if isinstance(request, ASGIRequest):
@@ -240,3 +247,8 @@ async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
             return event_stream_response(stream, "live")
     retry = POLL_RETRY_MS if not is_final(snapshot) else LIVE_RETRY_MS
     return event_stream_response(retry_field(retry) + job_event(snapshot), "poll")
+
+
+# Django refuses ATOMIC_REQUESTS for an async view, and the stream must hold no transaction
+# anyway: exempt it on every database, as ``transaction.non_atomic_requests`` does for one.
+job_events._non_atomic_requests = EveryDatabase()  # type: ignore[attr-defined]

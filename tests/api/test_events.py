@@ -340,3 +340,33 @@ def test_a_subscription_cancelled_midway_leaves_nothing_behind(monkeypatch):
     assert outcomes == [{}, {}]
     assert received == b"after"
     assert left == {}
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "jobs"])
+def test_the_stream_works_in_a_project_with_atomic_requests(user, hold, monkeypatch):
+    """``ATOMIC_REQUESTS`` wraps every view in a transaction, which Django refuses for an async
+    view: each stream request was a 500 ("You cannot use ATOMIC_REQUESTS with async views.")."""
+    from django.db import connections
+
+    for alias in connections:
+        monkeypatch.setitem(connections.settings[alias], "ATOMIC_REQUESTS", True)
+        monkeypatch.setitem(connections[alias].settings_dict, "ATOMIC_REQUESTS", True)
+    job = start(create(user, steps=4), percentage=50)
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    response = client.get(url(job))
+    assert response.status_code == 200
+    assert parse_events(response.content.decode())[1][1]["progress_percentage"] == 50
+
+    async def scenario():
+        async_client = AsyncClient(raise_request_exception=False)
+        await async_client.aforce_login(user)
+        response = await async_client.get(url(job))
+        head = (await anext(response.streaming_content)).decode() if response.streaming else ""
+        if response.streaming:
+            await response.streaming_content.aclose()
+        return response.status_code, head
+
+    status, head = run_async(scenario)
+    assert status == 200
+    assert parse_events(head)[1][1]["progress_percentage"] == 50
