@@ -565,3 +565,37 @@ def test_a_poll_while_the_store_is_down_answers_from_the_row_and_asks_the_store_
     redis_server.start()
     api.get(f"{URL}{job.pk}/")
     assert calls[1:] == ["read", "write_if_absent"]
+
+
+def test_a_type_serializer_giving_decimals_and_datetimes_publishes_and_streams(
+    api, user, store, monkeypatch
+):
+    """A serializer's field may hand back what DRF's renderer encodes but ``json`` does not: a
+    ``DecimalField(coerce_to_string=False)``, a method field returning a ``datetime``. Every
+    write to the store raised ``TypeError``: the run's final publish raised into the caller,
+    and the monitor stopped publishing and beating for every job of its process."""
+    import decimal
+
+    class PricedExportSerializer(serializers.ModelSerializer):
+        price = serializers.SerializerMethodField()
+        priced_at = serializers.SerializerMethodField()
+
+        class Meta:
+            model = ExportJob
+            fields = ["table_id", "price", "priced_at"]
+
+        def get_price(self, job):
+            return decimal.Decimal("1.50")
+
+        def get_priced_at(self, job):
+            return datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", PricedExportSerializer)
+    job = create(user, "export_table", table_id=3)
+    assert ExportJob.objects.get(pk=job.pk).state == "finished"
+    expected = {"table_id": 3, "price": 1.5, "priced_at": "2026-01-02T03:04:05Z"}
+    assert store.read(job.pk)["fields"] == expected
+    body = api.get(f"{URL}{job.pk}/").json()
+    assert {key: body[key] for key in expected} == expected
+    events = api.get(f"{URL}{job.pk}/events/").content.decode()
+    assert '"price":1.5' in events and "event: end" in events
