@@ -151,9 +151,16 @@ def publish(job: Job) -> None:
 
 def publish_as_stored(job: Job) -> None:
     """``publish()`` the job as its row stands: a run that failed or was stopped may have
-    changed the instance with writes that were rolled back."""
+    changed the instance with writes that were rolled back. A job whose row was deleted
+    meanwhile is forgotten by the store instead, so that polls find it gone."""
     stored = type(job)._default_manager.filter(pk=job.pk).first()
-    publish(job if stored is None else stored)
+    if stored is not None:
+        publish(stored)
+        return
+    try:
+        get_store().delete([job.pk])
+    except ProgressStoreUnavailable as exc:
+        logger.warning("Job %s: progress store unavailable, snapshot not deleted: %s", job.pk, exc)
 
 
 @contextlib.contextmanager

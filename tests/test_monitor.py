@@ -444,3 +444,43 @@ def test_a_running_job_ended_elsewhere_is_reported_and_stopped_at_the_next_beat(
     gated.release.set()
     thread.finish()
     assert Job.objects.get(pk=job.pk).state == "failed"
+
+
+class UnsavingGatedJobType(GatedJobType):
+    """A gated job that never writes its own row."""
+
+    def run(self, job, progress):
+        job.save = None  # its run must not touch its row
+        Marker.objects.create(name=f"gated {job.pk}")
+        progress.increment(50, state="half")
+        self.progress = progress
+        self.halfway.set()
+        assert self.release.wait(WAIT)
+        progress.increment(50)
+
+
+@needs_concurrent_writers
+@pytest.mark.parametrize("saves_its_row", [False, True])
+def test_a_job_deleted_while_it_runs_leaves_no_snapshot_and_no_error_of_ours(
+    transactional_db, user, api, saves_its_row
+):
+    """Its owner's account deleted (``Job.user`` cascades), say. The run's end raised
+    ``DoesNotExist`` into the worker, or stored the job's snapshot as ``started`` again, which
+    polls and streams then showed for ``PROGRESS_CACHE_TIMEOUT``."""
+    gated = job_type_registry.register(GatedJobType() if saves_its_row else UnsavingGatedJobType())
+    try:
+        thread, job = start_halfway(gated, user, steps=20)
+        wait_until(lambda: get_store().read(job.pk) is not None, "the job is published")
+        Job.objects.filter(pk=job.pk).delete()
+        gated.release.set()
+        thread.join(WAIT)
+    finally:
+        gated.release.set()
+        job_type_registry.unregister(gated)
+    # Only the job's own error: saving a row that is gone.
+    assert thread.error is None or "did not affect any rows" in str(thread.error)
+    assert (thread.error is not None) == saves_its_row
+    assert get_store().read(job.pk) is None
+    assert api.get(f"/api/jobs/{job.pk}/").status_code == 404
+    assert api.get(f"/api/jobs/{job.pk}/events/").status_code == 404
+    assert not Marker.objects.filter(name=f"gated {job.pk}").exists()
