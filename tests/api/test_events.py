@@ -370,3 +370,42 @@ def test_the_stream_works_in_a_project_with_atomic_requests(user, hold, monkeypa
     status, head = run_async(scenario)
     assert status == 200
     assert parse_events(head)[1][1]["progress_percentage"] == 50
+
+
+@needs_redis
+@pytest.mark.worker
+def test_uvicorn_with_a_graceful_shutdown_timeout_stops_while_a_stream_is_open(
+    transactional_db, user, hold
+):
+    """As docs/api.md says: without ``--timeout-graceful-shutdown``, uvicorn's stop (a deploy,
+    Ctrl-C, each ``--reload``) waits for every open stream to end, up to ``SSE_MAX_DURATION``."""
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[django_settings.SESSION_COOKIE_NAME].value
+    job = start(create(user, steps=4), percentage=10)
+    received = []
+    opened = threading.Event()
+
+    def follow(base):
+        http = httpx.Client(base_url=base, cookies={"sessionid": cookie}, timeout=30)
+        # Cut short, as EventSource sees it too: it reconnects.
+        with (
+            http,
+            contextlib.suppress(httpx.RemoteProtocolError),
+            http.stream("GET", url(job)) as response,
+        ):
+            for chunk in response.iter_text():
+                received.append(chunk)
+                opened.set()
+
+    with uvicorn_server(args=("--timeout-graceful-shutdown", "1")) as base:
+        reader = threading.Thread(target=follow, args=(base,), daemon=True)
+        reader.start()
+        assert opened.wait(10)
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    reader.join(5)
+    assert took < 5 and not reader.is_alive()
+    # The stream closed without `end`: EventSource reconnects, to the next server.
+    events = parse_events("".join(received))
+    assert [name for name, _ in events] == ["retry", "job"]
