@@ -410,3 +410,44 @@ def test_uvicorn_with_a_graceful_shutdown_timeout_stops_while_a_stream_is_open(
     # The stream closed without `end`: EventSource reconnects, to the next server.
     events = parse_events("".join(received))
     assert [name for name, _ in events] == ["retry", "job"]
+
+
+@needs_redis
+def test_publications_older_than_the_streams_first_event_are_not_sent_after_it(store):
+    """A stream reads the job's snapshot once subscribed, so publications made in between
+    arrive after a first event that already shows them, or a newer one: the stream sent 60 %,
+    then 50 %, then 60 % again."""
+    from task_ferry.api.events import live_events
+    from task_ferry.api.hub import get_hub
+
+    job_id = 2**40 + 17
+    running = {
+        **dict.fromkeys(("created_at", "updated_at", "started_at", "finished_at")),
+        **{"id": job_id, "type": "scripted", "state": "started", "user_id": 1},
+        **{"progress_percentage": 0, "progress_state": "", "error": "", "human_readable_error": ""},
+    }
+
+    async def scenario():
+        hub = get_hub(django_settings.TASK_FERRY["REDIS_URL"])
+        channel = store.events_channel(job_id)
+        queue = await hub.subscribe(channel)
+        for percentage, label in ((50, "a"), (60, "b")):
+            change = {**running, "progress_percentage": percentage, "progress_state": label}
+            await sync_to_async(store.write)(job_id, change)
+        await asyncio.sleep(0.1)  # both reach the stream's queue
+        stream = live_events(hub, store, job_id, channel, queue, running)
+        chunks = [await anext(stream)]
+        for change in (
+            {"progress_percentage": 70},
+            {"progress_percentage": 100, "state": "finished"},
+        ):
+            await sync_to_async(store.write)(job_id, {**running, **change})
+        chunks.extend([chunk async for chunk in stream])
+        return parse_events(b"".join(chunks).decode())
+
+    try:
+        events = asyncio.run(scenario())
+    finally:
+        store.delete([job_id])
+    shown = [(data["progress_percentage"], data["state"]) for name, data in events if name == "job"]
+    assert shown == [(60, "started"), (70, "started"), (100, "finished")]
