@@ -4,8 +4,10 @@ import asyncio
 import contextlib
 import json
 import shutil
+import socket
 import threading
 import time
+import urllib.parse
 
 import httpx
 import pytest
@@ -318,6 +320,7 @@ def test_a_subscription_cancelled_midway_leaves_nothing_behind(monkeypatch):
             for stalled in (False, True):
                 if stalled:
                     hub._reader = asyncio.create_task(asyncio.sleep(60))
+                    hub._reader_pubsub = hub._pubsub
                 subscribing = asyncio.create_task(hub.subscribe(channel))
                 await asyncio.sleep(0.2 if stalled else 0)
                 subscribing.cancel()
@@ -451,3 +454,78 @@ def test_publications_older_than_the_streams_first_event_are_not_sent_after_it(s
         store.delete([job_id])
     shown = [(data["progress_percentage"], data["state"]) for name, data in events if name == "job"]
     assert shown == [(60, "started"), (70, "started"), (100, "finished")]
+
+
+class HalfOpenProxy:
+    """A TCP proxy to Redis whose open connections can go silent without closing: the link a
+    failover or a network cut leaves behind (until TCP gives up, minutes later). Connections
+    opened afterwards work."""
+
+    def __init__(self, host, port):
+        self.target = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.generation = 0
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_open_connections(self):
+        self.generation += 1
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection(self.target)
+                self.sockets += [client, upstream]
+                for pair in ((client, upstream), (upstream, client)):
+                    threading.Thread(
+                        target=self._pipe, args=(*pair, self.generation), daemon=True
+                    ).start()
+
+    def _pipe(self, source, target, generation):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if generation == self.generation:
+                    target.sendall(data)
+
+    def close(self):
+        for sock in (self.server, *self.sockets):
+            sock.close()
+
+
+@needs_redis
+def test_the_hub_replaces_a_subscriber_connection_that_went_silent(monkeypatch):
+    """Once Redis stops confirming subscriptions on the hub's connection, every new stream of
+    the process waited ``SUBSCRIBE_TIMEOUT`` and fell back to polling, for as long as the dead
+    connection lasted; the streams open on it never heard another change."""
+    monkeypatch.setattr(hub_module, "SUBSCRIBE_TIMEOUT", 1.0)
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
+    direct = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"])
+    prefix = f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:silent"
+
+    async def scenario():
+        hub = EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl())
+        try:
+            following = await hub.subscribe(f"{prefix}-1")
+            proxy.cut_open_connections()
+            with pytest.raises(redis.ConnectionError):
+                await hub.subscribe(f"{prefix}-2")
+            # The stream open on the dead connection is told to reconnect.
+            told = await asyncio.wait_for(following.get(), 2)
+            queue = await hub.subscribe(f"{prefix}-3")
+            await sync_to_async(direct.publish)(f"{prefix}-3", b"live again")
+            received = await asyncio.wait_for(queue.get(), 2)
+            await hub.unsubscribe(f"{prefix}-3", queue)
+            return told, received
+        finally:
+            await hub.client.aclose()
+
+    try:
+        told, received = asyncio.run(scenario())
+    finally:
+        proxy.close()
+        direct.close()
+    assert told is None
+    assert received == b"live again"
