@@ -1,5 +1,6 @@
 """List, create, detail and cancel, through the URLs a project mounts."""
 
+import contextlib
 import datetime
 
 import pytest
@@ -11,7 +12,7 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import CancelRequest, Job
 from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import job_snapshot
-from tests.api.conftest import create, needs_redis, start
+from tests.api.conftest import client_for, create, needs_redis, start
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
 from tests.testapp.models import ScriptedJob
@@ -599,3 +600,39 @@ def test_a_type_serializer_giving_decimals_and_datetimes_publishes_and_streams(
     assert {key: body[key] for key in expected} == expected
     events = api.get(f"{URL}{job.pk}/events/").content.decode()
     assert '"price":1.5' in events and "event: end" in events
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_job_is_gone_from_detail_and_events_once_the_delete_commits(
+    api, user, other_user, store, hold
+):
+    """Polls and streams are answered from the progress store, which kept a deleted job's
+    snapshot for ``PROGRESS_CACHE_TIMEOUT``: a pending job deleted by the project's own code
+    still showed as pending to the page following it, an ended one was still there."""
+    from django.db import transaction
+
+    pending, ended = create(user, steps=2), create(user, steps=2)
+    JobHandler.run_job(ended.pk)
+    assert api.get(f"{URL}{pending.pk}/").json()["state"] == "pending"
+    assert store.read(ended.pk)["state"] == "finished"
+    with transaction.atomic():
+        Job.objects.filter(pk=pending.pk).delete()
+        ScriptedJob.objects.get(pk=ended.pk).delete()
+        # Not before the delete commits: rolled back, the job would be there still.
+        assert store.read(pending.pk) is not None
+    for job in (pending, ended):
+        assert store.read(job.pk) is None
+        assert api.get(f"{URL}{job.pk}/").status_code == 404
+        assert api.get(f"{URL}{job.pk}/events/").status_code == 404
+    # A rolled-back delete forgets nothing.
+    kept = create(user, steps=2)
+    api.get(f"{URL}{kept.pk}/")
+    with contextlib.suppress(RuntimeError), transaction.atomic():
+        Job.objects.filter(pk=kept.pk).delete()
+        raise RuntimeError("rolled back")
+    assert store.read(kept.pk)["state"] == "pending"
+    # Deleting a user deletes their jobs (``Job.user`` cascades).
+    others = create(other_user, steps=2)
+    client_for(other_user).get(f"{URL}{others.pk}/")
+    other_user.delete()
+    assert store.read(others.pk) is None
