@@ -154,7 +154,10 @@ async def open_live_stream(
     try:
         queue = await hub.subscribe(channel)
     except (redis.RedisError, OSError) as exc:
-        logger.warning("Job %s: event stream without Redis: %s", job_id, exc)
+        # Once per outage: every client reconnects to the fallback every few seconds.
+        if hub.reachable:
+            hub.reachable = False
+            logger.warning("Event streams fall back to polling without Redis: %s", exc)
         return None
     events = live_events(hub, store, job_id, channel, queue, first)
     # Started here, so its unsubscribing runs however the response ends, even if never sent.

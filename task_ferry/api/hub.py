@@ -44,6 +44,9 @@ class EventHub:
         self._lock = asyncio.Lock()
         # Unsubscribes of cancelled subscriptions, kept referenced until they are done.
         self._pending: set[asyncio.Task[None]] = set()
+        #: False from a lost connection or a failed subscription until a subscription is
+        #: confirmed, so that an outage is logged once, not once per stream.
+        self.reachable = True
 
     async def subscribe(self, channel: str) -> asyncio.Queue[bytes | None]:
         """A queue of what is published on ``channel`` from now on; ``None`` in it means the
@@ -83,6 +86,7 @@ class EventHub:
             # Awaiting the unsubscribe here could be cancelled in turn: hand it to a task.
             self._forget_later(channel, queue)
             raise
+        self.reachable = True
         return queue
 
     def _forget_later(self, channel: str, queue: asyncio.Queue[bytes | None]) -> None:
@@ -135,6 +139,7 @@ class EventHub:
                 # Dropped already: the listeners there are now belong to a new connection.
                 return
             self._pubsub = None
+            self.reachable = False
             for listeners in self._queues.values():
                 for queue in listeners:
                     queue.put_nowait(None)

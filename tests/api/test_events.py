@@ -529,3 +529,32 @@ def test_the_hub_replaces_a_subscriber_connection_that_went_silent(monkeypatch):
         direct.close()
     assert told is None
     assert received == b"live again"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_streams_without_redis_log_the_outage_once_not_once_per_request(
+    transactional_db, user, hold, redis_server, caplog
+):
+    """Every ``EventSource`` reconnects every two seconds to the polling fallback: a warning
+    per request flooded the logs while Redis was down."""
+    job = start(create(user, steps=2), percentage=50)
+    redis_server.stop()
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        modes = []
+        for requests, then in ((5, redis_server.start), (1, redis_server.stop), (3, None)):
+            for _ in range(requests):
+                response = await client.get(url(job))
+                modes.append(response["X-Task-Ferry-Stream"])
+                if response.streaming:
+                    await response.streaming_content.aclose()
+            if then is not None:
+                await sync_to_async(then)()
+        return modes
+
+    with caplog.at_level("WARNING", logger="task_ferry"):
+        assert run_async(scenario) == ["poll"] * 5 + ["live"] + ["poll"] * 3
+    outages = [r for r in caplog.records if "event stream" in r.getMessage().lower()]
+    assert len(outages) == 2, [r.getMessage() for r in outages]
