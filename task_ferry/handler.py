@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import threading
 import weakref
@@ -151,9 +152,41 @@ def publish(job: Job) -> None:
 
 def publish_as_stored(job: Job) -> None:
     """``publish()`` the job as its row stands: a run that failed or was stopped may have
-    changed the instance with writes that were rolled back."""
+    changed the instance with writes that were rolled back. A job whose row was deleted
+    meanwhile is forgotten by the store instead, so that polls find it gone."""
     stored = type(job)._default_manager.filter(pk=job.pk).first()
-    publish(job if stored is None else stored)
+    if stored is not None:
+        publish(stored)
+        return
+    try:
+        get_store().delete([job.pk])
+    except ProgressStoreUnavailable as exc:
+        logger.warning("Job %s: progress store unavailable, snapshot not deleted: %s", job.pk, exc)
+
+
+def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) -> None:
+    """``post_delete`` receiver: once the delete commits, the store forgets the job, so polls
+    and streams, answered from the store, find it gone. One store call per transaction."""
+    connection = transaction.get_connection(using)
+    if connection.in_atomic_block:
+        # The transaction's own callback, if it has one already: Django keeps (savepoint ids,
+        # callback, robust) per callback.
+        for entry in reversed(connection.run_on_commit):
+            callback = entry[1]
+            if isinstance(callback, functools.partial) and callback.func is forget_snapshots:
+                callback.args[0].append(instance.pk)
+                return
+    transaction.on_commit(functools.partial(forget_snapshots, [instance.pk]), using=using)
+
+
+def forget_snapshots(job_ids: list[int]) -> None:
+    try:
+        get_store().delete(job_ids)
+    except ProgressStoreUnavailable as exc:
+        # They expire on their own.
+        logger.warning(
+            "Progress store unavailable, deleted jobs %s not forgotten: %s", job_ids, exc
+        )
 
 
 @contextlib.contextmanager

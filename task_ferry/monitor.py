@@ -75,7 +75,8 @@ class Watch:
         #: The job's snapshot, built at its first publication (most short jobs end before
         #: one); each publication updates its progress.
         self.snapshot: dict[str, Any] | None = None
-        #: The numbers last published; None until the start snapshot has been.
+        #: The numbers last published; None until the start snapshot has been, and again
+        #: once the store was found unreachable.
         self.published: tuple[int, str] | None = None
         #: When they were (``time.monotonic()``).
         self.published_at = 0.0
@@ -187,6 +188,9 @@ class JobMonitor:
                 watch.published_at = now
 
     def _report_store_down(self, exc: Exception) -> None:
+        # It may come back empty (a restart): every job is published again once it answers.
+        for watch in list(self._watches.values()):
+            watch.published = None
         # Once per outage: a warning per interval would flood the logs.
         if not self._store_down:
             self._store_down = True

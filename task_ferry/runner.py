@@ -18,6 +18,7 @@ import logging
 import traceback
 from typing import Any
 
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 
 from task_ferry import signals
@@ -172,9 +173,13 @@ class JobRun:
             return job
         except JobFenced:
             logger.warning(
-                "Job %s was ended elsewhere while it ran; its work was rolled back.", job.pk
+                "Job %s was ended or deleted elsewhere while it ran; its work was rolled back.",
+                job.pk,
             )
-            job.refresh_from_db(fields=["state", "error", "human_readable_error", "finished_at"])
+            with contextlib.suppress(ObjectDoesNotExist):
+                job.refresh_from_db(
+                    fields=["state", "error", "human_readable_error", "finished_at"]
+                )
             # Its monitor may have published it live over the other party's end.
             publish_as_stored(job)
             return job

@@ -51,10 +51,11 @@ def storable(text: str) -> str:
 
 def truncate_state(label: object) -> str:
     """The label as it fits the ``progress_state`` column: longer ones are cut, not refused."""
-    text = storable(label if isinstance(label, str) else str(label))
-    if len(text) <= STATE_LABEL_MAX_LENGTH:
-        return text
-    return text[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+    text = label if isinstance(label, str) else str(label)
+    if len(text) > STATE_LABEL_MAX_LENGTH:
+        # Cut first: the monitor does this for every job at each interval, whatever the length.
+        text = text[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+    return storable(text)
 
 
 def cancel_token(job: Job) -> str:

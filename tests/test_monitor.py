@@ -12,7 +12,7 @@ from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.monitor import get_monitor
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH, cancel_token
+from task_ferry.snapshot import STATE_LABEL_MAX_LENGTH, cancel_token, truncate_state
 from task_ferry.stores.base import get_store
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 from tests.waiting import wait_for
@@ -278,6 +278,19 @@ def test_a_label_longer_than_the_column_is_truncated(db, user, monkeypatch):
     assert get_store().read(job.pk)["progress_state"] == row.progress_state
 
 
+def test_a_huge_label_costs_the_monitor_no_more_than_a_short_one():
+    """The monitor works out every running job's label at each ``PUBLISH_INTERVAL``: it
+    scanned the whole label for characters no database stores before cutting it, 30 ms of
+    every 50 for a 10-million-character label that is not ASCII."""
+    huge = "é" * 10_000_000 + "\x00"
+    began = time.perf_counter()
+    for _ in range(10):
+        cut = truncate_state(huge)
+    assert (time.perf_counter() - began) / 10 < 0.002
+    assert cut == "é" * (STATE_LABEL_MAX_LENGTH - 1) + "…"
+    assert truncate_state("é\x00\ud800") == "é\ufffd\ufffd"
+
+
 def test_the_final_state_and_100_percent_are_published_as_the_run_ends(
     db, user, settings, monkeypatch
 ):
@@ -444,3 +457,43 @@ def test_a_running_job_ended_elsewhere_is_reported_and_stopped_at_the_next_beat(
     gated.release.set()
     thread.finish()
     assert Job.objects.get(pk=job.pk).state == "failed"
+
+
+class UnsavingGatedJobType(GatedJobType):
+    """A gated job that never writes its own row."""
+
+    def run(self, job, progress):
+        job.save = None  # its run must not touch its row
+        Marker.objects.create(name=f"gated {job.pk}")
+        progress.increment(50, state="half")
+        self.progress = progress
+        self.halfway.set()
+        assert self.release.wait(WAIT)
+        progress.increment(50)
+
+
+@needs_concurrent_writers
+@pytest.mark.parametrize("saves_its_row", [False, True])
+def test_a_job_deleted_while_it_runs_leaves_no_snapshot_and_no_error_of_ours(
+    transactional_db, user, api, saves_its_row
+):
+    """Its owner's account deleted (``Job.user`` cascades), say. The run's end raised
+    ``DoesNotExist`` into the worker, or stored the job's snapshot as ``started`` again, which
+    polls and streams then showed for ``PROGRESS_CACHE_TIMEOUT``."""
+    gated = job_type_registry.register(GatedJobType() if saves_its_row else UnsavingGatedJobType())
+    try:
+        thread, job = start_halfway(gated, user, steps=20)
+        wait_until(lambda: get_store().read(job.pk) is not None, "the job is published")
+        Job.objects.filter(pk=job.pk).delete()
+        gated.release.set()
+        thread.join(WAIT)
+    finally:
+        gated.release.set()
+        job_type_registry.unregister(gated)
+    # Only the job's own error: saving a row that is gone.
+    assert thread.error is None or "did not affect any rows" in str(thread.error)
+    assert (thread.error is not None) == saves_its_row
+    assert get_store().read(job.pk) is None
+    assert api.get(f"/api/jobs/{job.pk}/").status_code == 404
+    assert api.get(f"/api/jobs/{job.pk}/events/").status_code == 404
+    assert not Marker.objects.filter(name=f"gated {job.pk}").exists()

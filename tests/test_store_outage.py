@@ -13,6 +13,7 @@ from task_ferry.snapshot import cancel_token
 from task_ferry.stores.base import get_store
 from tests.test_monitor import GatedJobType, start_halfway, wait_until
 from tests.testapp.models import ScriptedJob
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server on PATH"
@@ -106,3 +107,36 @@ def test_publishing_and_cancel_requests_resume_when_redis_returns(
         job_type_registry.unregister(gated)
     assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
     assert get_store().read(job.pk)["state"] == "cancelled"
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
+def test_a_redis_restart_between_two_publications_does_not_lose_a_running_jobs_progress(
+    transactional_db, user, api, redis_server
+):
+    """Redis restarted empty (no persistence, or a failover to a fresh replica) while a job's
+    progress stays put, a long step say: the monitor must publish it again once Redis is back.
+    It only published changed numbers, so polls read the row (0 %) until the next tick."""
+    from task_ferry.registry import job_type_registry
+
+    gated = job_type_registry.register(GatedJobType())
+    try:
+        thread, job = start_halfway(gated, user, steps=20)
+        wait_until(
+            lambda: (get_store().read(job.pk) or {}).get("progress_percentage") == 50,
+            "the running job's progress is published",
+        )
+        redis_server.stop()
+        redis_server.start()
+        # The monitor resubscribes within a second of Redis returning.
+        wait_for(
+            lambda: get_store().read(job.pk),
+            timeout=3,
+            what="the running job's progress is published again",
+        )
+        body = api.get(f"/api/jobs/{job.pk}/").json()
+        assert (body["state"], body["progress_percentage"]) == ("started", 50)
+        gated.release.set()
+        thread.finish()
+    finally:
+        gated.release.set()
+        job_type_registry.unregister(gated)

@@ -36,6 +36,7 @@ from task_ferry.api.views import visible_snapshot
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobDoesNotExist
 from task_ferry.handler import parse_job_id
+from task_ferry.models import JobState
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import RedisProgressStore
 
@@ -127,11 +128,20 @@ def release_connections() -> None:
             conn.close()
 
 
+def running_percentage(snapshot: dict[str, Any]) -> int | None:
+    """The percentage of a running job; None in any other state."""
+    if snapshot.get("state") != JobState.STARTED:
+        return None
+    percentage: int = snapshot.get("progress_percentage") or 0
+    return percentage
+
+
 @functools.lru_cache(maxsize=64)
-def render_published(raw: bytes) -> tuple[bytes, bool]:
-    """The events of a published snapshot, rendered once for all the streams that get it."""
+def render_published(raw: bytes) -> tuple[bytes, bool, int | None]:
+    """The events of a published snapshot, rendered once for all the streams that get it,
+    whether it is final, and its ``running_percentage``."""
     snapshot = json.loads(raw)
-    return job_event(snapshot), is_final(snapshot)
+    return job_event(snapshot), is_final(snapshot), running_percentage(snapshot)
 
 
 async def open_live_stream(
@@ -144,7 +154,10 @@ async def open_live_stream(
     try:
         queue = await hub.subscribe(channel)
     except (redis.RedisError, OSError) as exc:
-        logger.warning("Job %s: event stream without Redis: %s", job_id, exc)
+        # Once per outage: every client reconnects to the fallback every few seconds.
+        if hub.reachable:
+            hub.reachable = False
+            logger.warning("Event streams fall back to polling without Redis: %s", exc)
         return None
     events = live_events(hub, store, job_id, channel, queue, first)
     # Started here, so its unsubscribing runs however the response ends, even if never sent.
@@ -181,6 +194,7 @@ async def live_events(
         except (redis.RedisError, OSError):
             last_raw = None
         snapshot = first if last_raw is None else json.loads(last_raw)
+        shown = running_percentage(snapshot)
         yield retry_field(LIVE_RETRY_MS) + job_event(snapshot)
         if is_final(snapshot):
             return
@@ -198,8 +212,14 @@ async def live_events(
             # The snapshot read after subscribing may also arrive as a message.
             if raw == last_raw:
                 continue
+            event, final, percentage = render_published(raw)
+            if percentage is not None:
+                # A running job's percentage never goes back: this was published before the
+                # snapshot read after subscribing, which the stream has sent already.
+                if shown is not None and percentage < shown:
+                    continue
+                shown = percentage
             last_raw = raw
-            event, final = render_published(raw)
             yield event
             next_keepalive = loop.time() + keepalive
             if final:
@@ -216,6 +236,13 @@ def event_stream_response(content: Any, mode: str) -> HttpResponseBase:
     response["X-Accel-Buffering"] = "no"
     response["X-Task-Ferry-Stream"] = mode
     return response
+
+
+class EveryDatabase(frozenset[str]):
+    """Contains every database alias."""
+
+    def __contains__(self, alias: object) -> bool:
+        return True
 
 
 async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
@@ -240,3 +267,8 @@ async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
             return event_stream_response(stream, "live")
     retry = POLL_RETRY_MS if not is_final(snapshot) else LIVE_RETRY_MS
     return event_stream_response(retry_field(retry) + job_event(snapshot), "poll")
+
+
+# Django refuses ATOMIC_REQUESTS for an async view, and the stream must hold no transaction
+# anyway: exempt it on every database, as ``transaction.non_atomic_requests`` does for one.
+job_events._non_atomic_requests = EveryDatabase()  # type: ignore[attr-defined]

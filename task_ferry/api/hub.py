@@ -24,19 +24,29 @@ __all__ = ["EventHub", "get_hub"]
 SUBSCRIBE_TIMEOUT = 5.0
 # Seconds the reader waits for a message before looking again (so it notices a lost link).
 READ_TIMEOUT = 5.0
+# Longest wait for Redis to take a command or answer one, reads of the reader aside.
+SOCKET_TIMEOUT = 2.0
 
 
 class EventHub:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2.0)
+        # A socket timeout too: a write to a dead link must not hold the lock for good.
+        self.client = redis.asyncio.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=SOCKET_TIMEOUT
+        )
         self._pubsub: PubSub | None = None
         self._queues: dict[str, set[asyncio.Queue[bytes | None]]] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        # The connection the reader reads: a new connection needs a reader of its own.
+        self._reader_pubsub: PubSub | None = None
         self._lock = asyncio.Lock()
         # Unsubscribes of cancelled subscriptions, kept referenced until they are done.
         self._pending: set[asyncio.Task[None]] = set()
+        #: False from a lost connection or a failed subscription until a subscription is
+        #: confirmed, so that an outage is logged once, not once per stream.
+        self.reachable = True
 
     async def subscribe(self, channel: str) -> asyncio.Queue[bytes | None]:
         """A queue of what is published on ``channel`` from now on; ``None`` in it means the
@@ -55,19 +65,28 @@ class EventHub:
                     # Cancelled too (the client went away): leave no listener behind.
                     self._forget(channel, queue)
                     raise
-                if self._reader is None or self._reader.done():
-                    self._reader = asyncio.create_task(self._read())
+                reader = self._reader
+                if reader is None or reader.done() or self._reader_pubsub is not self._pubsub:
+                    self._reader_pubsub = self._pubsub
+                    self._reader = asyncio.create_task(self._read(self._pubsub))
             confirmed = self._confirmed[channel]
+            pubsub = self._pubsub
         try:
             # Once confirmed, nothing published on the channel can be missed.
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
         except (TimeoutError, redis.RedisError, OSError) as exc:
             await self.unsubscribe(channel, queue)
+            if isinstance(exc, TimeoutError) and pubsub is not None:
+                # Redis answers nothing on this connection (a link left half-open by a failover
+                # or a network cut, for minutes): its streams reconnect, on a new one.
+                logger.warning("Event streams: Redis did not confirm a subscription: %r", exc)
+                await self._drop_everything(pubsub, exc)
             raise redis.ConnectionError(f"Subscription to {channel} failed: {exc!r}") from exc
         except asyncio.CancelledError:
             # Awaiting the unsubscribe here could be cancelled in turn: hand it to a task.
             self._forget_later(channel, queue)
             raise
+        self.reachable = True
         return queue
 
     def _forget_later(self, channel: str, queue: asyncio.Queue[bytes | None]) -> None:
@@ -95,9 +114,7 @@ class EventHub:
             confirmed.cancel()
         return True
 
-    async def _read(self) -> None:
-        pubsub = self._pubsub
-        assert pubsub is not None
+    async def _read(self, pubsub: PubSub) -> None:
         try:
             while self._pubsub is pubsub:
                 message = await pubsub.get_message(timeout=READ_TIMEOUT)
@@ -118,8 +135,11 @@ class EventHub:
 
     async def _drop_everything(self, pubsub: PubSub, exc: BaseException) -> None:
         async with self._lock:
-            if self._pubsub is pubsub:
-                self._pubsub = None
+            if self._pubsub is not pubsub:
+                # Dropped already: the listeners there are now belong to a new connection.
+                return
+            self._pubsub = None
+            self.reachable = False
             for listeners in self._queues.values():
                 for queue in listeners:
                     queue.put_nowait(None)
@@ -130,6 +150,11 @@ class EventHub:
                     confirmed.exception()
             self._queues.clear()
             self._confirmed.clear()
+            reader = self._reader if self._reader_pubsub is pubsub else None
+        if reader is not None and reader is not asyncio.current_task():
+            # Its pending read would hold the connection, which the pool hands out again.
+            reader.cancel()
+            await asyncio.wait([reader])
         with contextlib.suppress(redis.RedisError, OSError, RuntimeError):
             await pubsub.aclose()
 

@@ -8,10 +8,12 @@ read from the progress store or built from a row, so both paths give the same JS
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from typing import Any
 
 from rest_framework import serializers
+from rest_framework.utils import encoders
 
 from task_ferry.models import Job, JobState
 from task_ferry.registry import JobType, job_type_registry
@@ -30,6 +32,8 @@ FINAL_STATES = frozenset(str(s) for s in (JobState.FINISHED, JobState.FAILED, Jo
 PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~$@+-]+){2,}[\\/]?")
 TRACEBACK_MARKER = "Traceback (most recent call last)"
 ERROR_MAX_LENGTH = 500
+# Values that ``json`` writes as they are; the type's fields need converting otherwise.
+JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 class JobSerializer(serializers.Serializer[Any]):
@@ -97,7 +101,12 @@ def type_fields(job: Job) -> dict[str, Any] | None:
     if representer is None:
         representer = _representers.setdefault(serializer_class, serializer_class())
     data = representer.to_representation(job)
-    return {key: value for key, value in data.items() if key not in PUBLIC_FIELDS}
+    fields = {key: value for key, value in data.items() if key not in PUBLIC_FIELDS}
+    if any(value.__class__ not in JSON_SCALARS for value in fields.values()):
+        # What DRF's renderer encodes but ``json`` does not (a ``Decimal`` left uncoerced, a
+        # method field's ``datetime``): as the API renders it, so stores can write it.
+        fields = json.loads(json.dumps(fields, cls=encoders.JSONEncoder))
+    return fields
 
 
 def clean_error(error: str) -> str:

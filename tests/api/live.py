@@ -43,8 +43,9 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def uvicorn_server(*, timeout: float = 30, **env: str):
-    """Yield the base URL of a uvicorn process serving ``tests.asgi`` until the block ends."""
+def uvicorn_server(*, timeout: float = 30, args: tuple[str, ...] = (), **env: str):
+    """Yield the base URL of a uvicorn process serving ``tests.asgi`` until the block ends.
+    ``args``: more options of uvicorn's command line."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -59,6 +60,7 @@ def uvicorn_server(*, timeout: float = 30, **env: str):
             "--log-level",
             "warning",
             "--no-access-log",
+            *args,
         ],
         cwd=ROOT,
         env=server_env(**env),

@@ -4,8 +4,10 @@ import asyncio
 import contextlib
 import json
 import shutil
+import socket
 import threading
 import time
+import urllib.parse
 
 import httpx
 import pytest
@@ -318,6 +320,7 @@ def test_a_subscription_cancelled_midway_leaves_nothing_behind(monkeypatch):
             for stalled in (False, True):
                 if stalled:
                     hub._reader = asyncio.create_task(asyncio.sleep(60))
+                    hub._reader_pubsub = hub._pubsub
                 subscribing = asyncio.create_task(hub.subscribe(channel))
                 await asyncio.sleep(0.2 if stalled else 0)
                 subscribing.cancel()
@@ -340,3 +343,218 @@ def test_a_subscription_cancelled_midway_leaves_nothing_behind(monkeypatch):
     assert outcomes == [{}, {}]
     assert received == b"after"
     assert left == {}
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "jobs"])
+def test_the_stream_works_in_a_project_with_atomic_requests(user, hold, monkeypatch):
+    """``ATOMIC_REQUESTS`` wraps every view in a transaction, which Django refuses for an async
+    view: each stream request was a 500 ("You cannot use ATOMIC_REQUESTS with async views.")."""
+    from django.db import connections
+
+    for alias in connections:
+        monkeypatch.setitem(connections.settings[alias], "ATOMIC_REQUESTS", True)
+        monkeypatch.setitem(connections[alias].settings_dict, "ATOMIC_REQUESTS", True)
+    job = start(create(user, steps=4), percentage=50)
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    response = client.get(url(job))
+    assert response.status_code == 200
+    assert parse_events(response.content.decode())[1][1]["progress_percentage"] == 50
+
+    async def scenario():
+        async_client = AsyncClient(raise_request_exception=False)
+        await async_client.aforce_login(user)
+        response = await async_client.get(url(job))
+        if not response.streaming:  # the polling fallback, with the cache store
+            return response.status_code, response.content.decode()
+        head = (await anext(response.streaming_content)).decode()
+        await response.streaming_content.aclose()
+        return response.status_code, head
+
+    status, head = run_async(scenario)
+    assert status == 200
+    assert parse_events(head)[1][1]["progress_percentage"] == 50
+
+
+@needs_redis
+@pytest.mark.worker
+def test_uvicorn_with_a_graceful_shutdown_timeout_stops_while_a_stream_is_open(
+    transactional_db, user, hold
+):
+    """As docs/api.md says: without ``--timeout-graceful-shutdown``, uvicorn's stop (a deploy,
+    Ctrl-C, each ``--reload``) waits for every open stream to end, up to ``SSE_MAX_DURATION``."""
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[django_settings.SESSION_COOKIE_NAME].value
+    job = start(create(user, steps=4), percentage=10)
+    received = []
+    opened = threading.Event()
+
+    def follow(base):
+        http = httpx.Client(base_url=base, cookies={"sessionid": cookie}, timeout=30)
+        # Cut short, as EventSource sees it too: it reconnects.
+        with (
+            http,
+            contextlib.suppress(httpx.RemoteProtocolError),
+            http.stream("GET", url(job)) as response,
+        ):
+            for chunk in response.iter_text():
+                received.append(chunk)
+                opened.set()
+
+    with uvicorn_server(args=("--timeout-graceful-shutdown", "1")) as base:
+        reader = threading.Thread(target=follow, args=(base,), daemon=True)
+        reader.start()
+        assert opened.wait(10)
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    reader.join(5)
+    assert took < 5 and not reader.is_alive()
+    # The stream closed without `end`: EventSource reconnects, to the next server.
+    events = parse_events("".join(received))
+    assert [name for name, _ in events] == ["retry", "job"]
+
+
+@needs_redis
+def test_publications_older_than_the_streams_first_event_are_not_sent_after_it(store):
+    """A stream reads the job's snapshot once subscribed, so publications made in between
+    arrive after a first event that already shows them, or a newer one: the stream sent 60 %,
+    then 50 %, then 60 % again."""
+    from task_ferry.api.events import live_events
+    from task_ferry.api.hub import get_hub
+
+    job_id = 2**40 + 17
+    running = {
+        **dict.fromkeys(("created_at", "updated_at", "started_at", "finished_at")),
+        **{"id": job_id, "type": "scripted", "state": "started", "user_id": 1},
+        **{"progress_percentage": 0, "progress_state": "", "error": "", "human_readable_error": ""},
+    }
+
+    async def scenario():
+        hub = get_hub(django_settings.TASK_FERRY["REDIS_URL"])
+        channel = store.events_channel(job_id)
+        queue = await hub.subscribe(channel)
+        for percentage, label in ((50, "a"), (60, "b")):
+            change = {**running, "progress_percentage": percentage, "progress_state": label}
+            await sync_to_async(store.write)(job_id, change)
+        await asyncio.sleep(0.1)  # both reach the stream's queue
+        stream = live_events(hub, store, job_id, channel, queue, running)
+        chunks = [await anext(stream)]
+        for change in (
+            {"progress_percentage": 70},
+            {"progress_percentage": 100, "state": "finished"},
+        ):
+            await sync_to_async(store.write)(job_id, {**running, **change})
+        chunks.extend([chunk async for chunk in stream])
+        return parse_events(b"".join(chunks).decode())
+
+    try:
+        events = asyncio.run(scenario())
+    finally:
+        store.delete([job_id])
+    shown = [(data["progress_percentage"], data["state"]) for name, data in events if name == "job"]
+    assert shown == [(60, "started"), (70, "started"), (100, "finished")]
+
+
+class HalfOpenProxy:
+    """A TCP proxy to Redis whose open connections can go silent without closing: the link a
+    failover or a network cut leaves behind (until TCP gives up, minutes later). Connections
+    opened afterwards work."""
+
+    def __init__(self, host, port):
+        self.target = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.generation = 0
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_open_connections(self):
+        self.generation += 1
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection(self.target)
+                self.sockets += [client, upstream]
+                for pair in ((client, upstream), (upstream, client)):
+                    threading.Thread(
+                        target=self._pipe, args=(*pair, self.generation), daemon=True
+                    ).start()
+
+    def _pipe(self, source, target, generation):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if generation == self.generation:
+                    target.sendall(data)
+
+    def close(self):
+        for sock in (self.server, *self.sockets):
+            sock.close()
+
+
+@needs_redis
+def test_the_hub_replaces_a_subscriber_connection_that_went_silent(monkeypatch):
+    """Once Redis stops confirming subscriptions on the hub's connection, every new stream of
+    the process waited ``SUBSCRIBE_TIMEOUT`` and fell back to polling, for as long as the dead
+    connection lasted; the streams open on it never heard another change."""
+    monkeypatch.setattr(hub_module, "SUBSCRIBE_TIMEOUT", 1.0)
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
+    direct = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"])
+    prefix = f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:silent"
+
+    async def scenario():
+        hub = EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl())
+        try:
+            following = await hub.subscribe(f"{prefix}-1")
+            proxy.cut_open_connections()
+            with pytest.raises(redis.ConnectionError):
+                await hub.subscribe(f"{prefix}-2")
+            # The stream open on the dead connection is told to reconnect.
+            told = await asyncio.wait_for(following.get(), 2)
+            queue = await hub.subscribe(f"{prefix}-3")
+            await sync_to_async(direct.publish)(f"{prefix}-3", b"live again")
+            received = await asyncio.wait_for(queue.get(), 2)
+            await hub.unsubscribe(f"{prefix}-3", queue)
+            return told, received
+        finally:
+            await hub.client.aclose()
+
+    try:
+        told, received = asyncio.run(scenario())
+    finally:
+        proxy.close()
+        direct.close()
+    assert told is None
+    assert received == b"live again"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_streams_without_redis_log_the_outage_once_not_once_per_request(
+    transactional_db, user, hold, redis_server, caplog
+):
+    """Every ``EventSource`` reconnects every two seconds to the polling fallback: a warning
+    per request flooded the logs while Redis was down."""
+    job = start(create(user, steps=2), percentage=50)
+    redis_server.stop()
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        modes = []
+        for requests, then in ((5, redis_server.start), (1, redis_server.stop), (3, None)):
+            for _ in range(requests):
+                response = await client.get(url(job))
+                modes.append(response["X-Task-Ferry-Stream"])
+                if response.streaming:
+                    await response.streaming_content.aclose()
+            if then is not None:
+                await sync_to_async(then)()
+        return modes
+
+    with caplog.at_level("WARNING", logger="task_ferry"):
+        assert run_async(scenario) == ["poll"] * 5 + ["live"] + ["poll"] * 3
+    outages = [r for r in caplog.records if "event stream" in r.getMessage().lower()]
+    assert len(outages) == 2, [r.getMessage() for r in outages]

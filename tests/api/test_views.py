@@ -1,5 +1,6 @@
 """List, create, detail and cancel, through the URLs a project mounts."""
 
+import contextlib
 import datetime
 
 import pytest
@@ -11,7 +12,7 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import CancelRequest, Job
 from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import job_snapshot
-from tests.api.conftest import create, needs_redis, start
+from tests.api.conftest import client_for, create, needs_redis, start
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
 from tests.testapp.models import ScriptedJob
@@ -565,3 +566,73 @@ def test_a_poll_while_the_store_is_down_answers_from_the_row_and_asks_the_store_
     redis_server.start()
     api.get(f"{URL}{job.pk}/")
     assert calls[1:] == ["read", "write_if_absent"]
+
+
+def test_a_type_serializer_giving_decimals_and_datetimes_publishes_and_streams(
+    api, user, store, monkeypatch
+):
+    """A serializer's field may hand back what DRF's renderer encodes but ``json`` does not: a
+    ``DecimalField(coerce_to_string=False)``, a method field returning a ``datetime``. Every
+    write to the store raised ``TypeError``: the run's final publish raised into the caller,
+    and the monitor stopped publishing and beating for every job of its process."""
+    import decimal
+
+    class PricedExportSerializer(serializers.ModelSerializer):
+        price = serializers.SerializerMethodField()
+        priced_at = serializers.SerializerMethodField()
+
+        class Meta:
+            model = ExportJob
+            fields = ["table_id", "price", "priced_at"]
+
+        def get_price(self, job):
+            return decimal.Decimal("1.50")
+
+        def get_priced_at(self, job):
+            return datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", PricedExportSerializer)
+    job = create(user, "export_table", table_id=3)
+    assert ExportJob.objects.get(pk=job.pk).state == "finished"
+    expected = {"table_id": 3, "price": 1.5, "priced_at": "2026-01-02T03:04:05Z"}
+    assert store.read(job.pk)["fields"] == expected
+    body = api.get(f"{URL}{job.pk}/").json()
+    assert {key: body[key] for key in expected} == expected
+    events = api.get(f"{URL}{job.pk}/events/").content.decode()
+    assert '"price":1.5' in events and "event: end" in events
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_job_is_gone_from_detail_and_events_once_the_delete_commits(
+    api, user, other_user, store, hold
+):
+    """Polls and streams are answered from the progress store, which kept a deleted job's
+    snapshot for ``PROGRESS_CACHE_TIMEOUT``: a pending job deleted by the project's own code
+    still showed as pending to the page following it, an ended one was still there."""
+    from django.db import transaction
+
+    pending, ended = create(user, steps=2), create(user, steps=2)
+    JobHandler.run_job(ended.pk)
+    assert api.get(f"{URL}{pending.pk}/").json()["state"] == "pending"
+    assert store.read(ended.pk)["state"] == "finished"
+    with transaction.atomic():
+        Job.objects.filter(pk=pending.pk).delete()
+        ScriptedJob.objects.get(pk=ended.pk).delete()
+        # Not before the delete commits: rolled back, the job would be there still.
+        assert store.read(pending.pk) is not None
+    for job in (pending, ended):
+        assert store.read(job.pk) is None
+        assert api.get(f"{URL}{job.pk}/").status_code == 404
+        assert api.get(f"{URL}{job.pk}/events/").status_code == 404
+    # A rolled-back delete forgets nothing.
+    kept = create(user, steps=2)
+    api.get(f"{URL}{kept.pk}/")
+    with contextlib.suppress(RuntimeError), transaction.atomic():
+        Job.objects.filter(pk=kept.pk).delete()
+        raise RuntimeError("rolled back")
+    assert store.read(kept.pk)["state"] == "pending"
+    # Deleting a user deletes their jobs (``Job.user`` cascades).
+    others = create(other_user, steps=2)
+    client_for(other_user).get(f"{URL}{others.pk}/")
+    other_user.delete()
+    assert store.read(others.pk) is None
