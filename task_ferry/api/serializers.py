@@ -11,6 +11,7 @@ import datetime
 import re
 from typing import Any
 
+from django.utils import timezone
 from rest_framework import serializers
 
 from task_ferry.models import Job, JobState
@@ -124,7 +125,8 @@ def estimate_finish(snapshot: dict[str, Any], now: datetime.datetime | None = No
     if snapshot.get("state") != JobState.STARTED or not started_at or not 0 < percentage < 100:
         return None
     started = parse_datetime(started_at)
-    now = now or datetime.datetime.now(datetime.UTC)
+    # Naive local times with USE_TZ = False, as the snapshot's started_at then is.
+    now = now or timezone.now()
     elapsed = now - started
     if elapsed.total_seconds() < 0:
         return None
