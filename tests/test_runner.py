@@ -150,6 +150,32 @@ def test_an_emoji_a_utf8mb3_table_refuses_still_ends_the_job(
         assert Marker.objects.filter(name="written").exists()
 
 
+def test_an_error_message_too_large_for_one_statement_still_fails_the_job(
+    transactional_db, user, monkeypatch
+):
+    # MariaDB refuses a statement over max_allowed_packet (16 MiB by default) and drops the
+    # connection: an exception quoting a whole file would leave its job started.
+    def run(self, job, progress):
+        progress.increment(10, state="Parsing")
+        raise ValueError("bad payload: " + "x" * 20_000_000 + " (end)")
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    # The test type's own hook stores the message whole.
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    with pytest.raises(ValueError, match="bad payload"):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert (job.state, job.progress_percentage) == ("failed", 10)
+    assert job.error.startswith("ValueError: bad payload: xxx")
+    assert job.traceback.startswith("Traceback (most recent call last):")
+    assert job.traceback.rstrip().endswith("x (end)")
+    assert "characters left out" in job.traceback
+    assert len(job.traceback) < 200_000
+    assert [len(str(e)) for e in errors] == [20_000_019]
+
+
 def test_an_exception_whose_str_raises_still_fails_the_job(transactional_db, user, monkeypatch):
     class Unprintable(Exception):
         def __str__(self):
