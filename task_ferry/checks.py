@@ -269,7 +269,54 @@ def check_job_types(
             )
     messages.extend(check_registered_types(job_type_registry))
     messages.extend(check_job_types_modules(job_type_registry))
+    if any(job_type.get_max_count() is not None for job_type in job_type_registry.all()):
+        messages.extend(check_isolation_level())
     return messages
+
+
+def check_isolation_level() -> list[CheckMessage]:
+    """``max_count`` counts the user's live jobs with a plain read once the user's row is
+    locked: at REPEATABLE READ that read sees the snapshot of the transaction's first read, not
+    the jobs another create committed while this one waited for the lock."""
+    from django.db import connections
+
+    from task_ferry.models import jobs_database
+
+    alias = jobs_database()
+    connection = connections[alias]
+    options = connection.settings_dict.get("OPTIONS") or {}
+    if connection.vendor == "mysql":
+        level = options.get("isolation_level", "read committed")
+        if level is None:
+            described = "the server's isolation level (REPEATABLE READ unless it was changed)"
+        elif str(level).lower() == "repeatable read":
+            described = "REPEATABLE READ"
+        else:
+            return []
+    elif connection.vendor == "postgresql":
+        from django.db.backends.postgresql.psycopg_any import IsolationLevel
+
+        level = options.get("isolation_level")
+        try:
+            if level is None or IsolationLevel(level) != IsolationLevel.REPEATABLE_READ:
+                return []
+        except ValueError:
+            # Not a level at all: Django refuses it when it connects.
+            return []
+        described = "REPEATABLE READ"
+    else:
+        return []
+    return [
+        CheckWarning(
+            f"DATABASES[{alias!r}], where jobs are written, runs transactions at {described}. "
+            f"A create_and_start() inside a transaction that has read before (ATOMIC_REQUESTS, "
+            f"say) counts the user's live jobs in that older snapshot, so concurrent creates "
+            f"can exceed max_count.",
+            hint=f"Use READ COMMITTED, Django's default: remove 'isolation_level' from "
+            f"DATABASES[{alias!r}]['OPTIONS'].",
+            id="task_ferry.W002",
+        )
+    ]
 
 
 def check_registered_types(registry: JobTypeRegistry) -> list[CheckMessage]:

@@ -56,6 +56,21 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+# The most of a traceback that is stored: a statement over MariaDB's max_allowed_packet
+# (16 MiB by default) is refused, and the job's failure with it.
+TRACEBACK_MAX_LENGTH = 100_000
+
+
+def shorten_traceback(text: str) -> str:
+    """The traceback as stored: a huge one (an exception quoting a whole file) keeps its start
+    and its end, where the frames and the exception's own line are."""
+    if len(text) <= TRACEBACK_MAX_LENGTH:
+        return text
+    keep = TRACEBACK_MAX_LENGTH // 2
+    left_out = len(text) - 2 * keep
+    return f"{text[:keep]}\n[… {left_out} characters left out …]\n{text[-keep:]}"
+
+
 def reconnect_if_broken() -> None:
     """A dropped database connection must not stop us from recording how the job ended."""
     # Not close_if_unusable_or_obsolete(): with CONN_MAX_AGE = 0 every connection is
@@ -306,7 +321,7 @@ class JobRun:
             progress_state=label,
             error=error[:2000],
             human_readable_error=storable(str(human)),
-            traceback=storable("".join(traceback.format_exception(exc))),
+            traceback=storable(shorten_traceback("".join(traceback.format_exception(exc)))),
         ):
             publish_as_stored(job)
             return

@@ -15,10 +15,11 @@ write nothing and say so (False, None), and the caller takes the ORM's way.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from django.db import DataError, connections, router, transaction
+from django.db import DatabaseError, DataError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field
 from django.db.models.signals import post_save, pre_save
@@ -73,7 +74,8 @@ def compare_and_set(
     """``UPDATE`` the job's row with ``values`` if its state is one of ``from_states``; whether
     it did. The statement ``QuerySet.update()`` sends, built once instead of for every call:
     every job ends through here, so the query building would cost more than the query.
-    ``flush=False``: see ``handler.transition``."""
+    ``flush=False``: see ``handler.transition``. Text that a ``utf8mb3`` table on MySQL refuses
+    is narrowed to what it holds, in ``values`` too, so the caller sees what was stored."""
     using = jobs_database()
     connection = connections[using]
     no_flush = not flush and connection.vendor == "postgresql" and not connection.in_atomic_block
@@ -99,8 +101,39 @@ def compare_and_set(
     )
     params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
     with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
-        cursor.execute(sql, [*params, job_id, *from_states])
+        try:
+            cursor.execute(sql, [*params, job_id, *from_states])
+        except DatabaseError as exc:
+            narrowed = within_bmp(values) if refused_beyond_bmp(connection, exc) else {}
+            if not narrowed:
+                raise
+            # A utf8mb3 table: refused, the job's own end (its error, its label) would leave it
+            # started. MySQL undoes the statement alone, so the transaction goes on.
+            values.update(narrowed)
+            params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+            cursor.execute(sql, [*params, job_id, *from_states])
         return bool(cursor.rowcount)
+
+
+# MySQL's "Incorrect <type> value" (1366): for text, characters its character set lacks.
+MYSQL_INCORRECT_STRING_VALUE = 1366
+BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
+
+
+def refused_beyond_bmp(connection: BaseDatabaseWrapper, exc: DatabaseError) -> bool:
+    """Whether MySQL refused a statement for text its 3-byte ``utf8mb3`` columns cannot hold
+    (emoji and other characters beyond the Basic Multilingual Plane)."""
+    code = exc.args[0] if exc.args else None
+    return connection.vendor == "mysql" and code == MYSQL_INCORRECT_STRING_VALUE
+
+
+def within_bmp(values: dict[str, Any]) -> dict[str, str]:
+    """The text among ``values`` that has characters beyond the BMP, each replaced by U+FFFD."""
+    narrowed = {}
+    for name, value in values.items():
+        if isinstance(value, str) and not value.isascii() and BEYOND_BMP.search(value):
+            narrowed[name] = BEYOND_BMP.sub("\ufffd", value)
+    return narrowed
 
 
 if TYPE_CHECKING:

@@ -385,3 +385,51 @@ def test_e041_api_permission_class_that_is_not_a_job_owner_policy(ferry):
     message = only("task_ferry.E041")
     assert "not a subclass of task_ferry.api.permissions.IsJobOwner" in message.msg
     assert "IsJobOwner" in message.hint
+
+
+@pytest.fixture
+def isolation_level(monkeypatch):
+    """Sets the jobs' database's ``isolation_level`` option, as DATABASES would; the checks
+    read it, no connection is made with it."""
+    from django.db import connection
+
+    def configure(level):
+        options = {**connection.settings_dict.get("OPTIONS", {}), "isolation_level": level}
+        monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+
+    return connection, configure
+
+
+def test_w002_jobs_database_at_repeatable_read_with_a_max_count(isolation_level):
+    connection, configure = isolation_level
+    if connection.vendor == "mysql":
+        configure("repeatable read")
+    elif connection.vendor == "postgresql":
+        from django.db.backends.postgresql.psycopg_any import IsolationLevel
+
+        configure(IsolationLevel.REPEATABLE_READ)
+    else:
+        pytest.skip("SQLite has no isolation levels to choose")
+    assert "REPEATABLE READ" in only("task_ferry.W002").msg
+    assert "max_count" in only("task_ferry.W002").msg
+
+
+@pytest.mark.skipif(
+    django_settings.DATABASES["default"]["ENGINE"] != "django.db.backends.mysql",
+    reason="MySQL's isolation_level None: the server's own, REPEATABLE READ by default",
+)
+def test_w002_mysql_at_the_servers_isolation_level(isolation_level):
+    _connection, configure = isolation_level
+    configure(None)
+    assert "the server's isolation level" in only("task_ferry.W002").msg
+
+
+def test_w002_not_reported_without_a_max_count(isolation_level, ferry, monkeypatch):
+    connection, configure = isolation_level
+    if connection.vendor != "mysql":
+        pytest.skip("the MySQL spelling of the option")
+    configure("repeatable read")
+    ferry(MAX_JOBS_PER_USER_PER_TYPE=None)
+    for job_type in job_type_registry.all():
+        monkeypatch.setattr(type(job_type), "max_count", None)
+    assert "task_ferry.W002" not in ids(ferry_messages())

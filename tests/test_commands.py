@@ -178,6 +178,16 @@ def test_jobs_draws_bars_on_a_terminal(live_jobs):
     assert "50%" in bar_line and "halfway" in bar_line
 
 
+def test_jobs_draws_bars_with_use_tz_off(live_jobs, settings):
+    # Projects started before Django 5.0 may still run with naive local times.
+    settings.USE_TZ = False
+    _, running = live_jobs
+    publish_progress(running, 50, "halfway")
+    out = run("task_ferry_jobs", stdout=TerminalOutput())
+    assert "pending or running job(s)" in out.splitlines()[0]
+    assert "50%" in next(line for line in out.splitlines() if line.startswith(f"#{running.pk}"))
+
+
 def script_sleeps(monkeypatch, *steps):
     """Replace the watch loop's sleep with ``steps``, run one per sleep: time passing."""
     pending = list(steps)

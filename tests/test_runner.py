@@ -96,6 +96,86 @@ def test_text_no_database_stores_in_an_error_or_a_label_still_ends_the_job(
         assert [str(e) for e in errors] == [f"bad record in {name}"]
 
 
+@pytest.fixture
+def utf8mb3_job_table(transactional_db):
+    """The job table in MySQL's 3-byte utf8, as in databases created before utf8mb4 was the
+    default: it refuses characters beyond the Basic Multilingual Plane, emoji among them."""
+    table = Job._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT table_collation FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = %s",
+            [table],
+        )
+        (collation,) = cursor.fetchone()
+        cursor.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb3")
+    yield
+    with connection.cursor() as cursor:
+        charset = collation.split("_")[0]
+        cursor.execute(
+            f"ALTER TABLE {table} CONVERT TO CHARACTER SET {charset} COLLATE {collation}"
+        )
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="MySQL's utf8mb3 tables")
+@pytest.mark.parametrize("where", ["error", "label"])
+def test_an_emoji_a_utf8mb3_table_refuses_still_ends_the_job(
+    utf8mb3_job_table, user, monkeypatch, where
+):
+    def run(self, job, progress):
+        Marker.objects.create(name="written")
+        progress.increment(10, state="Reading \U0001f600.csv")
+        if where == "error":
+            raise ValueError("bad record in \U0001f600.csv")
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    if where == "error":
+        with pytest.raises(ValueError, match="bad record"):
+            JobHandler.create_and_start(user, "scripted")
+    else:
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == ("failed" if where == "error" else "finished")
+    assert job.progress_state == "Reading \ufffd.csv"
+    assert get_store().read(job.pk)["progress_state"] == "Reading \ufffd.csv"
+    if where == "error":
+        assert job.error == "ValueError: bad record in \ufffd.csv"
+        assert "\ufffd.csv" in job.traceback
+        assert [str(e) for e in errors] == ["bad record in \U0001f600.csv"]
+    else:
+        # The run's own work committed with its finish.
+        assert Marker.objects.filter(name="written").exists()
+
+
+def test_an_error_message_too_large_for_one_statement_still_fails_the_job(
+    transactional_db, user, monkeypatch
+):
+    # MariaDB refuses a statement over max_allowed_packet (16 MiB by default) and drops the
+    # connection: an exception quoting a whole file would leave its job started.
+    def run(self, job, progress):
+        progress.increment(10, state="Parsing")
+        raise ValueError("bad payload: " + "x" * 20_000_000 + " (end)")
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    # The test type's own hook stores the message whole.
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    with pytest.raises(ValueError, match="bad payload"):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert (job.state, job.progress_percentage) == ("failed", 10)
+    assert job.error.startswith("ValueError: bad payload: xxx")
+    assert job.traceback.startswith("Traceback (most recent call last):")
+    assert job.traceback.rstrip().endswith("x (end)")
+    assert "characters left out" in job.traceback
+    assert len(job.traceback) < 200_000
+    assert [len(str(e)) for e in errors] == [20_000_019]
+
+
 def test_an_exception_whose_str_raises_still_fails_the_job(transactional_db, user, monkeypatch):
     class Unprintable(Exception):
         def __str__(self):

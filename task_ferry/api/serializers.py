@@ -12,6 +12,7 @@ import json
 import re
 from typing import Any
 
+from django.utils import timezone
 from rest_framework import serializers
 from rest_framework.utils import encoders
 
@@ -133,7 +134,8 @@ def estimate_finish(snapshot: dict[str, Any], now: datetime.datetime | None = No
     if snapshot.get("state") != JobState.STARTED or not started_at or not 0 < percentage < 100:
         return None
     started = parse_datetime(started_at)
-    now = now or datetime.datetime.now(datetime.UTC)
+    # Naive local times with USE_TZ = False, as the snapshot's started_at then is.
+    now = now or timezone.now()
     elapsed = now - started
     if elapsed.total_seconds() < 0:
         return None

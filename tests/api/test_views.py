@@ -354,6 +354,21 @@ def test_detail_estimates_the_finish_from_progress(api, user, hold):
     assert api.get(f"{URL}{job.pk}/").json()["eta"] is None
 
 
+def test_detail_estimates_the_finish_with_use_tz_off(api, user, hold, settings):
+    # Projects started before Django 5.0 may still run with naive local times.
+    settings.USE_TZ = False
+    job = start(create(user, steps=4), percentage=25, started_ago=30)
+    response = api.get(f"{URL}{job.pk}/")
+    assert response.status_code == 200
+    body = response.json()
+    eta = datetime.datetime.fromisoformat(body["eta"])
+    expected = datetime.datetime.fromisoformat(body["started_at"]) + datetime.timedelta(seconds=120)
+    assert eta.tzinfo is None
+    assert abs((eta - expected).total_seconds()) < 5
+    listed = datetime.datetime.fromisoformat(api.get(URL).json()["results"][0]["eta"])
+    assert abs((listed - expected).total_seconds()) < 5
+
+
 def test_detail_of_a_live_job_makes_no_query(api, user, hold):
     job = start(create(user, steps=10), percentage=30, label="step 3 of 10")
     with CaptureQueriesContext(connection) as queries:

@@ -91,6 +91,11 @@ def job_lines(jobs: Iterable[Job]) -> list[JobLine]:
     return lines
 
 
+def local_time(now: datetime.datetime) -> datetime.datetime:
+    """``now`` in the current time zone; with USE_TZ = False it already is, and naive."""
+    return timezone.localtime(now) if timezone.is_aware(now) else now
+
+
 class Command(BaseCommand):
     help = (
         "Show pending and running jobs with their progress. Progress comes from the progress "
@@ -144,9 +149,7 @@ class Command(BaseCommand):
                 self.stdout.write(line.plain(now))
             return len(lines)
         width = shutil.get_terminal_size().columns
-        self.stdout.write(
-            f"{len(lines)} pending or running job(s), {timezone.localtime(now):%H:%M:%S}"
-        )
+        self.stdout.write(f"{len(lines)} pending or running job(s), {local_time(now):%H:%M:%S}")
         for line in lines:
             self.stdout.write(line.bar(now, width))
         return len(lines) + 1
