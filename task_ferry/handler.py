@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
 import logging
 import threading
 import weakref
@@ -201,7 +202,7 @@ def only_one(name: str) -> Iterator[bool]:
     elif connection.vendor == "mysql":
         take, release = "SELECT GET_LOCK(%s, 0)", "SELECT RELEASE_LOCK(%s)"
         # Its locks are server-wide: one per database.
-        name = f"{name}:{connection.settings_dict['NAME']}"
+        name = mysql_lock_name(name, connection.settings_dict["NAME"])
     else:
         yield True
         return
@@ -215,6 +216,20 @@ def only_one(name: str) -> Iterator[bool]:
             # A connection that broke meanwhile took the lock with it.
             with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
                 cursor.execute(release, [name])
+
+
+# MySQL 8 refuses a GET_LOCK() name longer than this (MariaDB takes any).
+MYSQL_LOCK_NAME_LENGTH = 64
+
+
+def mysql_lock_name(name: str, database: str) -> str:
+    """``name:database``, or, where that is too long for MySQL, ``name:`` and as much of a
+    digest of the database's name as fits."""
+    full = f"{name}:{database}"
+    if len(full) <= MYSQL_LOCK_NAME_LENGTH:
+        return full
+    digest = hashlib.sha256(database.encode()).hexdigest()
+    return f"{name}:{digest}"[:MYSQL_LOCK_NAME_LENGTH]
 
 
 def parse_job_id(job_id: Any) -> int:

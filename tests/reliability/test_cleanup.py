@@ -14,7 +14,13 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from task_ferry.handler import CLEANUP_BATCH_SIZE, JobHandler, publish
+from task_ferry.handler import (
+    CLEANUP_BATCH_SIZE,
+    MYSQL_LOCK_NAME_LENGTH,
+    JobHandler,
+    mysql_lock_name,
+    publish,
+)
 from task_ferry.models import Job, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
@@ -142,3 +148,15 @@ def test_two_cleanups_at_once_call_before_delete_once_per_job(user, monkeypatch)
     # The lock was released: the next cleanup runs.
     more = bulk_jobs(10)
     assert JobHandler.cleanup_old_jobs() == len(more)
+
+
+def test_the_cleanup_lock_name_fits_mysql_8_whatever_the_database_name():
+    # MySQL 8 refuses GET_LOCK() names over 64 characters; database names may have 64.
+    name = "task_ferry.cleanup_old_jobs"
+    assert mysql_lock_name(name, "shop") == "task_ferry.cleanup_old_jobs:shop"
+    long_names = ["d" * 64, "d" * 63 + "e"]
+    locks = [mysql_lock_name(name, database) for database in long_names]
+    assert all(len(lock) == MYSQL_LOCK_NAME_LENGTH for lock in locks)
+    assert all(lock.startswith(f"{name}:") for lock in locks)
+    # Two databases of one server still get locks of their own.
+    assert locks[0] != locks[1]
