@@ -46,7 +46,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import cancel_token, job_snapshot
+from task_ferry.snapshot import cancel_token, job_snapshot, truncate_state
 from task_ferry.stores.base import get_store
 
 logger = logging.getLogger("task_ferry")
@@ -230,6 +230,25 @@ def mysql_lock_name(name: str, database: str) -> str:
         return full
     digest = hashlib.sha256(database.encode()).hexdigest()
     return f"{name}:{digest}"[:MYSQL_LOCK_NAME_LENGTH]
+
+
+def last_progress(job_id: int) -> dict[str, Any]:
+    """The progress a running job last published, as the fields of its row (the row keeps
+    what the job had when it started until it ends); empty if the store has none or cannot
+    be reached."""
+    try:
+        snapshot = get_store().read(job_id)
+    except ProgressStoreUnavailable:
+        return {}
+    if not snapshot or snapshot.get("state") != JobState.STARTED:
+        return {}
+    percentage, label = snapshot.get("progress_percentage"), snapshot.get("progress_state")
+    fields: dict[str, Any] = {}
+    if isinstance(percentage, int) and not isinstance(percentage, bool) and 0 <= percentage <= 100:
+        fields["progress_percentage"] = percentage
+    if isinstance(label, str):
+        fields["progress_state"] = truncate_state(label)
+    return fields
 
 
 def parse_job_id(job_id: Any) -> int:
@@ -698,6 +717,7 @@ class JobHandler:
                     from_states=[from_state],
                     error=message,
                     human_readable_error=message,
+                    **(last_progress(pk) if from_state == JobState.STARTED else {}),
                 ):
                     continue
             cls._after_lost(job, JobLost(message))

@@ -13,7 +13,7 @@ from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from task_ferry.exceptions import JobTypeDoesNotExist, MaxJobCountExceeded
-from task_ferry.handler import JobHandler, transition
+from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
@@ -32,6 +32,24 @@ def test_lapsed_heartbeat_fails_job_as_worker_lost(queueing, user):
     assert "worker lost" in job.human_readable_error
     assert job.finished_at is not None
     assert hook_calls(job, "on_error") == 1
+
+
+def test_a_lost_job_keeps_the_progress_it_last_published(queueing, user):
+    job = start_lost_job(user)
+    # What the worker's monitor published before the worker died; the row still says 0 %.
+    job.progress_percentage, job.progress_state = 40, "Reading rows"
+    publish(job)
+
+    JobHandler.sweep_stale_jobs()
+
+    failed = Job.objects.get(pk=job.pk)
+    assert (failed.state, failed.progress_percentage, failed.progress_state) == (
+        JobState.FAILED,
+        40,
+        "Reading rows",
+    )
+    snapshot = get_store().read(job.pk)
+    assert (snapshot["state"], snapshot["progress_percentage"]) == (JobState.FAILED, 40)
 
 
 def test_second_sweep_changes_nothing_and_calls_no_hook_again(queueing, user):
