@@ -75,7 +75,8 @@ class Progress:
             root._cancel_raised = True
             raise JobCancelled("The job was cancelled.")
         if by.__class__ is not int or by < 0:
-            by = _checked_amount("increment(by=...)", by)
+            # A step beyond the largest float is past any total: clamped below, like an int's.
+            by = _checked_amount("increment(by=...)", by, clamp_huge=True)
         if state is not None:
             if state.__class__ is not str and not isinstance(state, str):
                 raise ValueError(f"state must be a str, got {type(state).__name__}")
@@ -203,9 +204,9 @@ def _ratio(value: float, total: float) -> float:
     return 1.0 if value >= total or total <= 0 else value / total
 
 
-def _checked_amount(name: str, value: object) -> float:
+def _checked_amount(name: str, value: object, *, clamp_huge: bool = False) -> float:
     """``value`` as a finite number >= 0 that a float holds, or a ``ValueError`` that says what
-    was wrong."""
+    was wrong. With ``clamp_huge``, a number beyond the largest float is the largest float."""
     if isinstance(value, bool):
         pass
     elif isinstance(value, int):
@@ -217,30 +218,28 @@ def _checked_amount(name: str, value: object) -> float:
             if math.isfinite(number) and number >= 0:
                 return number
     digits = _digits_beyond_a_float(value)
-    if digits:
+    if digits > 0:
+        if clamp_huge:
+            return MAX_AMOUNT
         raise ValueError(
             f"{name} must be at most {MAX_AMOUNT:.4g} (the largest float), got a number of "
             f"{digits} digits. Count in larger steps: only the ratio of steps to the total "
             f"matters."
         )
-    if isinstance(value, int) and -value > MAX_AMOUNT:
-        shown = f"a negative number of {_digits(value)} digits"
-    else:
-        shown = repr(value)
+    shown = f"a negative number of {-digits} digits" if digits else repr(value)
     raise ValueError(f"{name} must be a finite number >= 0, got {shown}")
 
 
 def _digits_beyond_a_float(value: object) -> int:
-    """How many digits ``value`` has before its decimal point, if it is a finite number too
-    large for a float (a float from it would be infinite); else 0."""
-    if isinstance(value, decimal.Decimal):
-        if value.is_finite() and value > MAX_AMOUNT:
-            return value.adjusted() + 1
-    elif isinstance(value, int | fractions.Fraction) and value > MAX_AMOUNT:
-        return _digits(int(value))
+    """How many digits ``value`` has before its decimal point, negated for a negative number,
+    if it is a finite number that a float cannot hold (``str()`` refuses an int beyond 4,300
+    digits); else 0."""
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        if -MAX_AMOUNT <= value <= MAX_AMOUNT:
+            return 0
+        digits = value.adjusted() + 1
+        return -digits if value < 0 else digits
+    if isinstance(value, int | fractions.Fraction) and not -MAX_AMOUNT <= value <= MAX_AMOUNT:
+        digits = int(abs(int(value)).bit_length() * math.log10(2)) + 1
+        return -digits if value < 0 else digits
     return 0
-
-
-def _digits(value: int) -> int:
-    """About how many digits ``value`` has: ``str()`` refuses beyond 4,300 of them."""
-    return int(abs(value).bit_length() * math.log10(2)) + 1

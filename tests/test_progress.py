@@ -259,13 +259,34 @@ def test_amounts_beyond_a_float_are_refused_at_the_call_with_what_to_do(call, na
     assert "Count in larger steps" in str(raised.value)
 
 
-def test_a_step_beyond_a_float_is_clamped_like_any_overshoot():
+@pytest.mark.parametrize(
+    "step", [10**400, Decimal("1e400"), Fraction(10**400, 3)], ids=["int", "Decimal", "Fraction"]
+)
+def test_a_step_beyond_a_float_is_clamped_like_any_overshoot(step):
     progress = Progress()
     stage = progress.create_child(represents=50, total=2.5)
     stage.increment(0.5)
-    stage.increment(10**400)
+    stage.increment(step)
     assert stage.done == 2.5
     assert progress.percentage == 50
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: Progress(-(10**5000)), r"Progress\(total=...\)"),
+        (
+            lambda: Progress().create_child(Fraction(-(10**5000), 3), 1),
+            r"create_child\(represents=...\)",
+        ),
+        (lambda: Progress().increment(Fraction(-(10**5000), 7)), r"increment\(by=...\)"),
+    ],
+    ids=["int", "Fraction represents", "Fraction step"],
+)
+def test_a_negative_number_too_long_to_print_is_refused_naming_the_argument(call, name):
+    # Python refuses str() of an int beyond 4,300 digits: the message must not need it.
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number >= 0, got a negative"):
+        call()
 
 
 def test_folded_children_worth_nearly_the_largest_float_still_add_up():
