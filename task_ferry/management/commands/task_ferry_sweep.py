@@ -5,8 +5,8 @@ Run it from cron every minute, or as a long-lived process with ``--interval``.
 
 from __future__ import annotations
 
+import logging
 import time
-import traceback
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
@@ -15,6 +15,8 @@ from django.db import close_old_connections
 from task_ferry.conf import ferry_settings
 from task_ferry.handler import JobHandler
 from task_ferry.management.intervals import check_interval
+
+logger = logging.getLogger("task_ferry")
 
 
 class Command(BaseCommand):
@@ -51,12 +53,15 @@ class Command(BaseCommand):
                     self._sweep_once()
                 except Exception as exc:
                     # Keep the sweeper alive through a database outage or a bug in a hook;
-                    # retry next round. Reported as Django's commands report errors.
-                    self.stderr.write(
-                        f"Sweep failed, retrying in {interval:g}s: {type(exc).__name__}: {exc}"
+                    # retry next round. Logged, so error trackers hear of it; a project that
+                    # gives the logger no handler gets it on stderr from Python, once.
+                    logger.error(
+                        "Sweep failed, retrying in %gs: %s: %s",
+                        interval,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=True,
                     )
-                    if options.get("traceback"):
-                        self.stderr.write(traceback.format_exc())
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
             pass
