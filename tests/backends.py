@@ -51,3 +51,11 @@ def end_sessions(session_ids: list[int] | None = None) -> int:
             else:
                 cursor.execute(f"KILL {int(session_id)}")
     return len(session_ids)
+
+
+def our_session_id() -> int:
+    """The id of this thread's session of the test database, for another to end it."""
+    query = {"postgresql": "SELECT pg_backend_pid()", "mysql": "SELECT CONNECTION_ID()"}
+    with connection.cursor() as cursor:
+        cursor.execute(query[connection.vendor])
+        return int(cursor.fetchone()[0])

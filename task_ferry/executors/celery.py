@@ -183,10 +183,16 @@ class CeleryExecutor(BaseExecutor):
         reached the broker: failing their jobs is still safe, as a worker only runs a job that
         is pending."""
         reason = describe_error(exc)
-        later = self._fail_all(messages, outbox, reason)
+        failed, later = self._fail_all(messages, outbox, reason)
         job_id, _type_name, queue = messages[0]
         if len(messages) == 1:
-            what, outcome = f"Job {job_id} could not", "The job was marked failed."
+            what = f"Job {job_id} could not"
+            outcome = (
+                "The job was marked failed."
+                if failed
+                else "The job could not be marked failed (see the log): it stays pending until "
+                "the stale-job sweep fails it."
+            )
         else:
             ids = describe_ids([message[0] for message in messages])
             what = f"{len(messages)} jobs ({ids}) could not all"
@@ -244,14 +250,19 @@ class CeleryExecutor(BaseExecutor):
             with contextlib.suppress(Exception):
                 cached[2].release()
 
-    def _fail_all(self, messages: list[Message], outbox: Outbox[Message], reason: str) -> list[int]:
+    def _fail_all(
+        self, messages: list[Message], outbox: Outbox[Message], reason: str
+    ) -> tuple[list[int], list[int]]:
         """Fail the jobs of a send that cannot happen, and those of the same transaction that
         Django will not send after it (its later callbacks are dropped once one raises).
-        Returns the ids of the later ones that were marked failed."""
+        Returns the ids of each that were marked failed."""
         later = outbox.take_rest()
-        for job_id, _type_name, queue in messages:
-            self._fail_unsent(job_id, None, queue, reason)
-        return [
+        failed = [
+            job_id
+            for job_id, _type_name, queue in messages
+            if self._fail_unsent(job_id, None, queue, reason)
+        ]
+        return failed, [
             job_id
             for (job_id, _type_name, queue), created_at in later
             if self._fail_unsent(job_id, created_at, queue, reason)
@@ -261,14 +272,21 @@ class CeleryExecutor(BaseExecutor):
     def _fail_unsent(
         job_id: int, created_at: datetime.datetime | None, queue: str, reason: str
     ) -> bool:
+        """Mark the job failed; False if it was not (it left pending, was rolled back, or the
+        database is down too: the stale-job sweep fails it after PENDING_TIMEOUT)."""
         from task_ferry.handler import JobHandler
 
-        return JobHandler.fail_undispatched(
-            job_id,
-            created_at=created_at,
-            error=f"Could not dispatch to Celery queue {queue!r}: {reason}",
-            human_readable_error=UNREACHABLE_MESSAGE.format(queue=queue),
-        )
+        try:
+            return JobHandler.fail_undispatched(
+                job_id,
+                created_at=created_at,
+                error=f"Could not dispatch to Celery queue {queue!r}: {reason}",
+                human_readable_error=UNREACHABLE_MESSAGE.format(queue=queue),
+            )
+        except Exception:
+            # The caller's error must stay the broker's, which is what to fix first.
+            logger.exception("Job %s: could not mark the unsent job failed", job_id)
+            return False
 
     def check(self) -> list[CheckMessage]:
         try:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -25,12 +26,13 @@ from django.db import connection, transaction
 from django.utils import timezone
 from kombu import Producer
 
+from task_ferry import signals
 from task_ferry.exceptions import DispatchError
 from task_ferry.executors.base import get_executor
 from task_ferry.executors.celery import RUN_JOB_TASK, CeleryExecutor, beat_schedule
 from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat, Job
-from tests.backends import end_sessions
+from tests.backends import end_sessions, our_session_id
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 from tests.waiting import wait_for
@@ -419,6 +421,32 @@ def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
     assert "own-broker" in failed.error
     assert hook_calls(failed.pk, "on_error") == 1
     assert state_of(reachable.pk) == "pending"
+
+
+@pytest.mark.worker
+def test_broker_and_database_both_lost_raise_the_brokers_error(own_redis_broker, user) -> None:
+    # A host losing its network loses both: the error to fix first is still the broker's.
+    server, _app = own_redis_broker
+    server.terminate()
+    server.wait(5)
+    session = our_session_id()
+
+    def lose_the_database(sender, job, **kwargs):
+        # Ended from another connection (a thread has its own), once the job's row is in.
+        ender = threading.Thread(target=lambda: (end_sessions([session]), connection.close()))
+        ender.start()
+        ender.join(10)
+
+    signals.job_created.connect(lose_the_database)
+    try:
+        with pytest.raises(DispatchError, match="could not be sent to the Celery queue") as raised:
+            JobHandler.create_and_start(user, "scripted", steps=1)
+    finally:
+        signals.job_created.disconnect(lose_the_database)
+        connection.close()
+    assert "could not be marked failed (see the log)" in str(raised.value)
+    # Nothing ran it and nothing failed it: pending, for the sweep.
+    assert ScriptedJob.objects.get().state == "pending"
 
 
 @pytest.mark.worker
