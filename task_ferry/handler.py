@@ -166,14 +166,20 @@ def publish_as_stored(job: Job) -> None:
 
 def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) -> None:
     """``post_delete`` receiver: once the delete commits, the store forgets the job, so polls
-    and streams, answered from the store, find it gone. One store call per transaction."""
+    and streams, answered from the store, find it gone. One store call per transaction (and
+    per savepoint that deletes jobs)."""
     connection = transaction.get_connection(using)
     if connection.in_atomic_block:
-        # The transaction's own callback, if it has one already: Django keeps (savepoint ids,
-        # callback, robust) per callback.
+        # The callback of the same savepoint, if there is one already (Django keeps (savepoint
+        # ids, callback, robust) per callback): a rollback to a savepoint drops its callbacks.
+        savepoints = set(connection.savepoint_ids)
         for entry in reversed(connection.run_on_commit):
             callback = entry[1]
-            if isinstance(callback, functools.partial) and callback.func is forget_snapshots:
+            if (
+                isinstance(callback, functools.partial)
+                and callback.func is forget_snapshots
+                and entry[0] == savepoints
+            ):
                 callback.args[0].append(instance.pk)
                 return
     transaction.on_commit(functools.partial(forget_snapshots, [instance.pk]), using=using)
