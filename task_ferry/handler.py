@@ -556,7 +556,6 @@ class JobHandler:
         for pk, type_name, content_type_id in batch:
             by_model.setdefault((type_name, content_type_id), []).append(pk)
         deleted = 0
-        deleted_ids: list[int] = []
         for (type_name, content_type_id), ids in by_model.items():
             model = ContentType.objects.get_for_id(content_type_id).model_class() or Job
             # Loaded through the job's own model, so deleting them needs no query per parent row;
@@ -577,15 +576,11 @@ class JobHandler:
                             job.pk,
                             job_type,
                         )
-            # Collected before the delete, which sets each instance's pk to None.
-            deleted_ids.extend(job.pk for job in jobs)
+            # Its post_delete receiver forgets their snapshots once the delete commits.
             collector = Collector(using=router.db_for_write(model))
             collector.collect(jobs)
             _, per_model = collector.delete()
             deleted += per_model.get(Job._meta.label, 0)
-        # An unreachable store is fine: snapshots expire on their own.
-        with contextlib.suppress(ProgressStoreUnavailable):
-            get_store().delete(deleted_ids)
         return deleted
 
     @classmethod
