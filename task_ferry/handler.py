@@ -189,9 +189,11 @@ def forget_snapshots(job_ids: list[int]) -> None:
     try:
         get_store().delete(job_ids)
     except ProgressStoreUnavailable as exc:
-        # They expire on their own.
+        # They expire on their own. A count: a bulk delete can be of many thousands.
         logger.warning(
-            "Progress store unavailable, deleted jobs %s not forgotten: %s", job_ids, exc
+            "Progress store unavailable, snapshots of %d deleted jobs not forgotten: %s",
+            len(job_ids),
+            exc,
         )
 
 
