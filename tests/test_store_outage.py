@@ -125,6 +125,16 @@ def test_a_redis_restart_between_two_publications_does_not_lose_a_running_jobs_p
             lambda: (get_store().read(job.pk) or {}).get("progress_percentage") == 50,
             "the running job's progress is published",
         )
+        # Subscribed to cancel requests, so the monitor hears Redis go: a test before this one
+        # may have left it waiting a second to subscribe again, during which the restart went
+        # unnoticed.
+        store = get_store()
+        wait_until(
+            lambda: dict(store.client.pubsub_numsub(store.cancel_channel)).get(
+                store.cancel_channel.encode()
+            ),
+            "the monitor listens for cancel requests",
+        )
         redis_server.stop()
         redis_server.start()
         # The monitor resubscribes within a second of Redis returning.
