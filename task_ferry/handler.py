@@ -167,14 +167,20 @@ def publish_as_stored(job: Job) -> None:
 
 def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) -> None:
     """``post_delete`` receiver: once the delete commits, the store forgets the job, so polls
-    and streams, answered from the store, find it gone. One store call per transaction."""
+    and streams, answered from the store, find it gone. One store call per transaction (and
+    per savepoint that deletes jobs)."""
     connection = transaction.get_connection(using)
     if connection.in_atomic_block:
-        # The transaction's own callback, if it has one already: Django keeps (savepoint ids,
-        # callback, robust) per callback.
+        # The callback of the same savepoint, if there is one already (Django keeps (savepoint
+        # ids, callback, robust) per callback): a rollback to a savepoint drops its callbacks.
+        savepoints = set(connection.savepoint_ids)
         for entry in reversed(connection.run_on_commit):
             callback = entry[1]
-            if isinstance(callback, functools.partial) and callback.func is forget_snapshots:
+            if (
+                isinstance(callback, functools.partial)
+                and callback.func is forget_snapshots
+                and entry[0] == savepoints
+            ):
                 callback.args[0].append(instance.pk)
                 return
     transaction.on_commit(functools.partial(forget_snapshots, [instance.pk]), using=using)
@@ -184,9 +190,11 @@ def forget_snapshots(job_ids: list[int]) -> None:
     try:
         get_store().delete(job_ids)
     except ProgressStoreUnavailable as exc:
-        # They expire on their own.
+        # They expire on their own. A count: a bulk delete can be of many thousands.
         logger.warning(
-            "Progress store unavailable, deleted jobs %s not forgotten: %s", job_ids, exc
+            "Progress store unavailable, snapshots of %d deleted jobs not forgotten: %s",
+            len(job_ids),
+            exc,
         )
 
 
@@ -584,7 +592,6 @@ class JobHandler:
         for pk, type_name, content_type_id in batch:
             by_model.setdefault((type_name, content_type_id), []).append(pk)
         deleted = 0
-        deleted_ids: list[int] = []
         for (type_name, content_type_id), ids in by_model.items():
             model = ContentType.objects.get_for_id(content_type_id).model_class() or Job
             # Loaded through the job's own model, so deleting them needs no query per parent row;
@@ -605,15 +612,11 @@ class JobHandler:
                             job.pk,
                             job_type,
                         )
-            # Collected before the delete, which sets each instance's pk to None.
-            deleted_ids.extend(job.pk for job in jobs)
+            # Its post_delete receiver forgets their snapshots once the delete commits.
             collector = Collector(using=router.db_for_write(model))
             collector.collect(jobs)
             _, per_model = collector.delete()
             deleted += per_model.get(Job._meta.label, 0)
-        # An unreachable store is fine: snapshots expire on their own.
-        with contextlib.suppress(ProgressStoreUnavailable):
-            get_store().delete(deleted_ids)
         return deleted
 
     @classmethod

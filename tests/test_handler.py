@@ -205,6 +205,32 @@ def test_cleanup_deletes_only_ended_jobs_past_expiry(db, user, no_dispatch):
     )
 
 
+def test_cleanup_asks_the_store_to_forget_each_deleted_job_once(
+    transactional_db, user, no_dispatch, monkeypatch
+):
+    """The ``post_delete`` receiver forgets deleted jobs once their delete commits; the cleanup
+    forgot each batch a second time, one more store call (a wait more, with the store down)."""
+    from task_ferry.stores.base import get_store
+
+    jobs = [JobHandler.create_and_start(user, "scripted") for _ in range(3)]
+    for job in jobs:
+        JobHandler.run_job(job.pk)
+        _age(job, 8)
+    store = get_store()
+    assert all(store.read(job.pk) for job in jobs)
+    forgotten = []
+    delete = type(store).delete
+
+    def counted_delete(self, job_ids):
+        forgotten.append(sorted(job_ids))
+        delete(self, job_ids)
+
+    monkeypatch.setattr(type(store), "delete", counted_delete)
+    assert JobHandler.cleanup_old_jobs() == 3
+    assert forgotten == [sorted(job.pk for job in jobs)]
+    assert not any(store.read(job.pk) for job in jobs)
+
+
 def test_cleanup_honours_job_expiry_days(db, user, settings):
     job = JobHandler.create_and_start(user, "scripted")
     _age(job, 3)

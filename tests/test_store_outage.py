@@ -125,6 +125,16 @@ def test_a_redis_restart_between_two_publications_does_not_lose_a_running_jobs_p
             lambda: (get_store().read(job.pk) or {}).get("progress_percentage") == 50,
             "the running job's progress is published",
         )
+        # Subscribed to cancel requests, so the monitor hears Redis go: a test before this one
+        # may have left it waiting a second to subscribe again, during which the restart went
+        # unnoticed.
+        store = get_store()
+        wait_until(
+            lambda: dict(store.client.pubsub_numsub(store.cancel_channel)).get(
+                store.cancel_channel.encode()
+            ),
+            "the monitor listens for cancel requests",
+        )
         redis_server.stop()
         redis_server.start()
         # The monitor resubscribes within a second of Redis returning.
@@ -140,3 +150,21 @@ def test_a_redis_restart_between_two_publications_does_not_lose_a_running_jobs_p
     finally:
         gated.release.set()
         job_type_registry.unregister(gated)
+
+
+def test_deleting_many_jobs_while_redis_is_down_commits_and_logs_a_short_warning(
+    transactional_db, user, no_dispatch, redis_server, caplog
+):
+    """The ``post_delete`` receiver cannot reach the store: the delete commits all the same
+    (the snapshots expire on their own), and its warning no longer lists every deleted id,
+    one log line of megabytes for a bulk delete of 100,000 jobs."""
+    from task_ferry.models import Job
+
+    jobs = JobHandler.create_and_start_many(user, "scripted", [{}] * 1000)
+    redis_server.stop()
+    with caplog.at_level("WARNING", logger="task_ferry"):
+        deleted, _ = Job.objects.filter(pk__in=[job.pk for job in jobs]).delete()
+    assert deleted and not Job.objects.exists()
+    warnings = [r.getMessage() for r in caplog.records if "not forgotten" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "of 1000 deleted jobs" in warnings[0] and len(warnings[0]) < 300, warnings[0]

@@ -8,6 +8,7 @@ once with a ``retry`` delay, so ``EventSource`` polls by reconnecting.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import json
 import logging
@@ -128,20 +129,20 @@ def release_connections() -> None:
             conn.close()
 
 
-def running_percentage(snapshot: dict[str, Any]) -> int | None:
-    """The percentage of a running job; None in any other state."""
-    if snapshot.get("state") != JobState.STARTED:
+def running_since(snapshot: dict[str, Any]) -> datetime.datetime | None:
+    """When a running job's snapshot was made (its worker stamps each one); None in any other
+    state."""
+    if snapshot.get("state") != JobState.STARTED or not snapshot.get("updated_at"):
         return None
-    percentage: int = snapshot.get("progress_percentage") or 0
-    return percentage
+    return datetime.datetime.fromisoformat(snapshot["updated_at"])
 
 
 @functools.lru_cache(maxsize=64)
-def render_published(raw: bytes) -> tuple[bytes, bool, int | None]:
+def render_published(raw: bytes) -> tuple[bytes, bool, datetime.datetime | None]:
     """The events of a published snapshot, rendered once for all the streams that get it,
-    whether it is final, and its ``running_percentage``."""
+    whether it is final, and its ``running_since``."""
     snapshot = json.loads(raw)
-    return job_event(snapshot), is_final(snapshot), running_percentage(snapshot)
+    return job_event(snapshot), is_final(snapshot), running_since(snapshot)
 
 
 async def open_live_stream(
@@ -194,7 +195,7 @@ async def live_events(
         except (redis.RedisError, OSError):
             last_raw = None
         snapshot = first if last_raw is None else json.loads(last_raw)
-        shown = running_percentage(snapshot)
+        shown = running_since(snapshot)
         yield retry_field(LIVE_RETRY_MS) + job_event(snapshot)
         if is_final(snapshot):
             return
@@ -212,13 +213,13 @@ async def live_events(
             # The snapshot read after subscribing may also arrive as a message.
             if raw == last_raw:
                 continue
-            event, final, percentage = render_published(raw)
-            if percentage is not None:
-                # A running job's percentage never goes back: this was published before the
-                # snapshot read after subscribing, which the stream has sent already.
-                if shown is not None and percentage < shown:
+            event, final, made_at = render_published(raw)
+            if made_at is not None:
+                # Published before the snapshot read after subscribing, which the stream has
+                # sent already. (Not its percentage: that can go back, see docs/progress.md.)
+                if shown is not None and made_at < shown:
                     continue
-                shown = percentage
+                shown = made_at
             last_raw = raw
             yield event
             next_keepalive = loop.time() + keepalive

@@ -415,36 +415,41 @@ def test_uvicorn_with_a_graceful_shutdown_timeout_stops_while_a_stream_is_open(
     assert [name for name, _ in events] == ["retry", "job"]
 
 
-@needs_redis
-def test_publications_older_than_the_streams_first_event_are_not_sent_after_it(store):
-    """A stream reads the job's snapshot once subscribed, so publications made in between
-    arrive after a first event that already shows them, or a newer one: the stream sent 60 %,
-    then 50 %, then 60 % again."""
+def running_snapshot(job_id):
+    return {
+        **dict.fromkeys(("created_at", "started_at", "finished_at")),
+        **{"id": job_id, "type": "scripted", "state": "started", "user_id": 1},
+        **{"progress_percentage": 0, "progress_state": "", "error": "", "human_readable_error": ""},
+        "updated_at": "2026-01-02T03:04:00Z",
+    }
+
+
+def stream_around(store, job_id, before, after):
+    """The ``(percentage, label, state)`` a stream shows when ``before`` is published between
+    its subscription and its read of the snapshot, and ``after`` once it has sent it. Each
+    change updates a running snapshot, stamped a second later than the one before, as the
+    worker's monitor stamps its publications."""
     from task_ferry.api.events import live_events
     from task_ferry.api.hub import get_hub
 
-    job_id = 2**40 + 17
-    running = {
-        **dict.fromkeys(("created_at", "updated_at", "started_at", "finished_at")),
-        **{"id": job_id, "type": "scripted", "state": "started", "user_id": 1},
-        **{"progress_percentage": 0, "progress_state": "", "error": "", "human_readable_error": ""},
-    }
+    snapshot = running_snapshot(job_id)
+    stamps = iter(range(1, 60))
+
+    def publish(change):
+        snapshot.update(change, updated_at=f"2026-01-02T03:04:{next(stamps):02}Z")
+        return sync_to_async(store.write)(job_id, dict(snapshot))
 
     async def scenario():
         hub = get_hub(django_settings.TASK_FERRY["REDIS_URL"])
         channel = store.events_channel(job_id)
         queue = await hub.subscribe(channel)
-        for percentage, label in ((50, "a"), (60, "b")):
-            change = {**running, "progress_percentage": percentage, "progress_state": label}
-            await sync_to_async(store.write)(job_id, change)
-        await asyncio.sleep(0.1)  # both reach the stream's queue
-        stream = live_events(hub, store, job_id, channel, queue, running)
+        for change in before:
+            await publish(change)
+        await asyncio.sleep(0.1)  # they reach the stream's queue
+        stream = live_events(hub, store, job_id, channel, queue, running_snapshot(job_id))
         chunks = [await anext(stream)]
-        for change in (
-            {"progress_percentage": 70},
-            {"progress_percentage": 100, "state": "finished"},
-        ):
-            await sync_to_async(store.write)(job_id, {**running, **change})
+        for change in after:
+            await publish(change)
         chunks.extend([chunk async for chunk in stream])
         return parse_events(b"".join(chunks).decode())
 
@@ -452,8 +457,54 @@ def test_publications_older_than_the_streams_first_event_are_not_sent_after_it(s
         events = asyncio.run(scenario())
     finally:
         store.delete([job_id])
-    shown = [(data["progress_percentage"], data["state"]) for name, data in events if name == "job"]
-    assert shown == [(60, "started"), (70, "started"), (100, "finished")]
+    return [
+        (data["progress_percentage"], data["progress_state"], data["state"])
+        for name, data in events
+        if name == "job"
+    ]
+
+
+@needs_redis
+def test_publications_older_than_the_streams_first_event_are_not_sent_after_it(store):
+    """A stream reads the job's snapshot once subscribed, so publications made in between
+    arrive after a first event that already shows them, or a newer one: the stream sent 60 %,
+    then 50 %, then 60 % again."""
+    shown = stream_around(
+        store,
+        2**40 + 17,
+        before=[
+            {"progress_percentage": 50, "progress_state": "a"},
+            {"progress_percentage": 60, "progress_state": "a"},
+            # A new label at the same percentage: the older one must not come back either.
+            {"progress_percentage": 60, "progress_state": "b"},
+        ],
+        after=[{"progress_percentage": 70}, {"progress_percentage": 100, "state": "finished"}],
+    )
+    assert shown == [(60, "b", "started"), (70, "b", "started"), (100, "b", "finished")]
+
+
+@needs_redis
+def test_a_stream_sends_a_running_jobs_percentage_going_back(store):
+    """A stage created empty counts as complete until ``track()`` gives it a total
+    (docs/progress.md), so a running job's percentage can go back: 50 %, then 0 % and up. The
+    stream dropped every publication below the highest percentage it had sent, so it stood
+    at 50 % with a stale label while polls showed the job's progress."""
+    shown = stream_around(
+        store,
+        2**40 + 18,
+        before=[{"progress_percentage": 50, "progress_state": "Counting rows"}],
+        after=[
+            {"progress_percentage": 0, "progress_state": "Writing rows"},
+            {"progress_percentage": 12},
+            {"progress_percentage": 100, "state": "finished"},
+        ],
+    )
+    assert shown == [
+        (50, "Counting rows", "started"),
+        (0, "Writing rows", "started"),
+        (12, "Writing rows", "started"),
+        (100, "Writing rows", "finished"),
+    ]
 
 
 class HalfOpenProxy:

@@ -651,3 +651,22 @@ def test_a_deleted_job_is_gone_from_detail_and_events_once_the_delete_commits(
     client_for(other_user).get(f"{URL}{others.pk}/")
     other_user.delete()
     assert store.read(others.pk) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_rolled_back_to_a_savepoint_keeps_the_jobs_progress(api, user, store, hold):
+    """A delete undone by a savepoint leaves the job, and so its progress in the store: the
+    snapshots to forget were one list per transaction, so the store forgot this job too when
+    the transaction committed, and polls read its row (0 %) until its progress moved."""
+    from django.db import transaction
+
+    gone = create(user, steps=2)
+    kept = start(create(user, steps=4), percentage=50)
+    with transaction.atomic():
+        Job.objects.filter(pk=gone.pk).delete()
+        with contextlib.suppress(RuntimeError), transaction.atomic():
+            Job.objects.filter(pk=kept.pk).delete()
+            raise RuntimeError("rolled back to the savepoint")
+    assert api.get(f"{URL}{gone.pk}/").status_code == 404
+    body = api.get(f"{URL}{kept.pk}/").json()
+    assert (body["state"], body["progress_percentage"]) == ("started", 50)
