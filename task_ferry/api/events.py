@@ -12,6 +12,7 @@ import datetime
 import functools
 import json
 import logging
+import random
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -209,7 +210,10 @@ async def live_events(
             except TimeoutError:
                 continue
             if raw is None:
-                return  # Redis went away; the client reconnects after ``retry``.
+                # Redis went away (or stalled) for every stream of this process at once: their
+                # clients reconnect spread over a second, not all in the same millisecond.
+                yield retry_field(LIVE_RETRY_MS + random.randrange(LIVE_RETRY_MS))
+                return
             # The snapshot read after subscribing may also arrive as a message.
             if raw == last_raw:
                 continue

@@ -18,6 +18,7 @@ from django.db import connection
 from django.test import AsyncClient, Client
 
 from task_ferry.api import hub as hub_module
+from task_ferry.api.events import LIVE_RETRY_MS
 from task_ferry.api.hub import EventHub
 from task_ferry.handler import JobHandler
 from task_ferry.snapshot import job_snapshot
@@ -293,6 +294,9 @@ def test_a_stream_ends_when_redis_stops_and_the_next_one_polls_from_the_database
     head, rest, took, again, body = run_async(scenario)
     assert parse_events(head)[1][1]["progress_percentage"] == 50
     assert "event: end" not in rest and took < 5
+    # Every stream of the process ends at once: their clients come back spread over a second.
+    (retry,) = [value for name, value in parse_events(rest) if name == "retry"]
+    assert LIVE_RETRY_MS <= retry < 2 * LIVE_RETRY_MS
     assert again.status_code == 200
     # Without Redis there is no subscription: the answer says it is the polling fallback.
     assert again["X-Task-Ferry-Stream"] == "poll"
