@@ -46,7 +46,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import cancel_token, job_snapshot, truncate_state
+from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import get_store
 
 logger = logging.getLogger("task_ferry")
@@ -240,15 +240,20 @@ def mysql_lock_name(name: str, database: str) -> str:
     return f"{name}:{digest}"[:MYSQL_LOCK_NAME_LENGTH]
 
 
-def last_progress(job_id: int) -> dict[str, Any]:
+def last_progress(job: Job) -> dict[str, Any]:
     """The progress a running job last published, as the fields of its row (the row keeps
     what the job had when it started until it ends); empty if the store has none or cannot
     be reached."""
     try:
-        snapshot = get_store().read(job_id)
+        snapshot = get_store().read(job.pk)
     except ProgressStoreUnavailable:
         return {}
-    if not snapshot or snapshot.get("state") != JobState.STARTED:
+    if (
+        not snapshot
+        or snapshot.get("state") != JobState.STARTED
+        # Left by an earlier job with the same id (ids can be reused), not this one's.
+        or snapshot.get("created_at") != isoformat(job.created_at)
+    ):
         return {}
     percentage, label = snapshot.get("progress_percentage"), snapshot.get("progress_state")
     fields: dict[str, Any] = {}
@@ -720,7 +725,7 @@ class JobHandler:
                     from_states=[from_state],
                     error=message,
                     human_readable_error=message,
-                    **(last_progress(pk) if from_state == JobState.STARTED else {}),
+                    **(last_progress(job) if from_state == JobState.STARTED else {}),
                 ):
                     continue
             cls._after_lost(job, JobLost(message))

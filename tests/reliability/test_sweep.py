@@ -52,6 +52,25 @@ def test_a_lost_job_keeps_the_progress_it_last_published(queueing, user):
     assert (snapshot["state"], snapshot["progress_percentage"]) == (JobState.FAILED, 40)
 
 
+def test_a_lost_job_keeps_no_progress_an_earlier_job_with_its_id_published(queueing, user):
+    job = start_lost_job(user)
+    # A snapshot left by an earlier job with this id (a database restored from a backup, a
+    # reused id), still "started" in the store: not this job's progress.
+    earlier = Job.objects.get(pk=job.pk)
+    earlier.created_at -= datetime.timedelta(days=1)
+    earlier.progress_percentage, earlier.progress_state = 90, "Someone else's rows"
+    publish(earlier)
+
+    JobHandler.sweep_stale_jobs()
+
+    failed = Job.objects.get(pk=job.pk)
+    assert (failed.state, failed.progress_percentage, failed.progress_state) == (
+        JobState.FAILED,
+        0,
+        "",
+    )
+
+
 def test_second_sweep_changes_nothing_and_calls_no_hook_again(queueing, user):
     job = start_lost_job(user)
     JobHandler.sweep_stale_jobs()
