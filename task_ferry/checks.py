@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any
 from django.apps import AppConfig, apps
 from django.core.checks import CheckMessage, Error, Tags, register
 from django.core.checks import Warning as CheckWarning
+from django.db import DatabaseError
 from django.urls import URLResolver, get_resolver
 
 from task_ferry.conf import DEFAULTS, ferry_settings
 
 if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
     from task_ferry.registry import JobType, JobTypeRegistry
 
 
@@ -270,14 +273,15 @@ def check_job_types(
     messages.extend(check_registered_types(job_type_registry))
     messages.extend(check_job_types_modules(job_type_registry))
     if any(job_type.get_max_count() is not None for job_type in job_type_registry.all()):
-        messages.extend(check_isolation_level())
+        messages.extend(check_isolation_level(kwargs.get("databases")))
     return messages
 
 
-def check_isolation_level() -> list[CheckMessage]:
+def check_isolation_level(databases: Sequence[str] | None) -> list[CheckMessage]:
     """``max_count`` counts the user's live jobs with a plain read once the user's row is
     locked: at REPEATABLE READ that read sees the snapshot of the transaction's first read, not
-    the jobs another create committed while this one waited for the lock."""
+    the jobs another create committed while this one waited for the lock. Told to look at the
+    jobs' database (``migrate``, ``check --database``), asks it; otherwise reads ``OPTIONS``."""
     from django.db import connections
 
     from task_ferry.models import jobs_database
@@ -285,7 +289,18 @@ def check_isolation_level() -> list[CheckMessage]:
     alias = jobs_database()
     connection = connections[alias]
     options = connection.settings_dict.get("OPTIONS") or {}
-    if connection.vendor == "mysql":
+    # psycopg applies an isolation_level of OPTIONS as each transaction begins: outside one, a
+    # PostgreSQL session reports the server's. MySQL's sessions are SET to it when they open.
+    asks = bool(databases and alias in databases) and not (
+        connection.vendor == "postgresql" and "isolation_level" in options
+    )
+    level = session_isolation_level(connection) if asks else None
+    if level is not None:
+        # Whatever set it: OPTIONS, an init_command, the server's or the role's default.
+        if level != "repeatable read":
+            return []
+        described = "REPEATABLE READ"
+    elif connection.vendor == "mysql":
         level = options.get("isolation_level", "read committed")
         if level is None:
             described = "the server's isolation level (REPEATABLE READ unless it was changed)"
@@ -313,10 +328,34 @@ def check_isolation_level() -> list[CheckMessage]:
             f"say) counts the user's live jobs in that older snapshot, so concurrent creates "
             f"can exceed max_count.",
             hint=f"Use READ COMMITTED, Django's default: remove 'isolation_level' from "
-            f"DATABASES[{alias!r}]['OPTIONS'].",
+            f"DATABASES[{alias!r}]['OPTIONS'], or set it there to READ COMMITTED where the "
+            f"server's default is another.",
             id="task_ferry.W002",
         )
     ]
+
+
+def session_isolation_level(connection: BaseDatabaseWrapper) -> str | None:
+    """The isolation level of the connection's transactions as the database reports it, in
+    lower case ("repeatable read"); None on SQLite or if it cannot be asked."""
+    if connection.vendor not in ("postgresql", "mysql"):
+        return None
+    try:
+        if connection.vendor == "postgresql":
+            sql = "SHOW transaction_isolation"
+        else:
+            # MariaDB before 11.1 has only the older name, MySQL 8 only the newer.
+            name = (
+                "tx_isolation" if connection.display_name == "MariaDB" else "transaction_isolation"
+            )
+            sql = f"SELECT @@SESSION.{name}"
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+            (level,) = cursor.fetchone()
+    except DatabaseError:
+        return None
+    # MySQL says REPEATABLE-READ.
+    return str(level).replace("-", " ").lower()
 
 
 def check_registered_types(registry: JobTypeRegistry) -> list[CheckMessage]:

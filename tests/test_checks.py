@@ -433,3 +433,76 @@ def test_w002_not_reported_without_a_max_count(isolation_level, ferry, monkeypat
     for job_type in job_type_registry.all():
         monkeypatch.setattr(type(job_type), "max_count", None)
     assert "task_ferry.W002" not in ids(ferry_messages())
+
+
+@pytest.fixture
+def connection_options(transactional_db, monkeypatch):
+    """Connects the jobs' database anew with the given OPTIONS, as a server or an
+    init_command would set its sessions up; the next test gets a connection of its own."""
+    from django.db import connections
+
+    from task_ferry.models import jobs_database
+
+    connection = connections[jobs_database()]
+
+    def configure(**options):
+        connection.close()
+        merged = {**connection.settings_dict.get("OPTIONS", {}), **options}
+        monkeypatch.setitem(connection.settings_dict, "OPTIONS", merged)
+
+    yield connection, configure
+    monkeypatch.undo()
+    connection.close()
+
+
+def database_messages(connection):
+    return [m for m in run_checks(databases=[connection.alias]) if m.id == "task_ferry.W002"]
+
+
+def test_w002_asks_the_database_the_level_its_sessions_get(connection_options):
+    """Set outside ``isolation_level``, REPEATABLE READ is found when the checks may query the
+    database (migrate, check --database), as Django's own database checks do."""
+    connection, configure = connection_options
+    if connection.vendor == "postgresql":
+        # As ALTER DATABASE ... SET default_transaction_isolation would (not an OPTIONS key
+        # Django reads: it keeps the server's level without one).
+        configure(options="-c default_transaction_isolation=repeatable\\ read")
+    elif connection.vendor == "mysql":
+        # Empty, like None, leaves the server's level; the init_command sets it.
+        configure(
+            isolation_level="",
+            init_command="SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        )
+    else:
+        pytest.skip("SQLite has no isolation levels to choose")
+    (message,) = database_messages(connection)
+    assert "REPEATABLE READ" in message.msg
+
+
+def test_w002_asking_the_database_still_finds_the_level_options_set(connection_options):
+    # psycopg sets PostgreSQL's as each transaction begins: a session outside one reports the
+    # server's default, READ COMMITTED here.
+    connection, configure = connection_options
+    if connection.vendor == "postgresql":
+        from django.db.backends.postgresql.psycopg_any import IsolationLevel
+
+        configure(isolation_level=IsolationLevel.REPEATABLE_READ)
+    elif connection.vendor == "mysql":
+        configure(isolation_level="repeatable read")
+    else:
+        pytest.skip("SQLite has no isolation levels to choose")
+    (message,) = database_messages(connection)
+    assert "REPEATABLE READ" in message.msg
+
+
+@pytest.mark.skipif(
+    django_settings.DATABASES["default"]["ENGINE"] != "django.db.backends.mysql",
+    reason="MySQL's isolation_level None: the server's own level",
+)
+def test_w002_not_reported_where_the_database_says_read_committed(connection_options):
+    connection, configure = connection_options
+    configure(
+        isolation_level=None,
+        init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+    )
+    assert database_messages(connection) == []
