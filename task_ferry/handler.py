@@ -210,7 +210,12 @@ def only_one(name: str) -> Iterator[bool]:
     elif connection.vendor == "mysql":
         take, release = "SELECT GET_LOCK(%s, 0)", "SELECT RELEASE_LOCK(%s)"
         # Its locks are server-wide: one per database.
-        name = mysql_lock_name(name, connection.settings_dict["NAME"])
+        length = (
+            MARIADB_LOCK_NAME_LENGTH
+            if connection.display_name == "MariaDB"
+            else MYSQL_LOCK_NAME_LENGTH
+        )
+        name = mysql_lock_name(name, connection.settings_dict["NAME"], length)
     else:
         yield True
         return
@@ -226,18 +231,19 @@ def only_one(name: str) -> Iterator[bool]:
                 cursor.execute(release, [name])
 
 
-# MySQL 8 refuses a GET_LOCK() name longer than this (MariaDB takes any).
+# The longest GET_LOCK() names MySQL 8 and MariaDB take.
 MYSQL_LOCK_NAME_LENGTH = 64
+MARIADB_LOCK_NAME_LENGTH = 192
 
 
-def mysql_lock_name(name: str, database: str) -> str:
-    """``name:database``, or, where that is too long for MySQL, ``name:`` and as much of a
+def mysql_lock_name(name: str, database: str, length: int = MYSQL_LOCK_NAME_LENGTH) -> str:
+    """``name:database``, or, where that is longer than ``length``, ``name:`` and as much of a
     digest of the database's name as fits."""
     full = f"{name}:{database}"
-    if len(full) <= MYSQL_LOCK_NAME_LENGTH:
+    if len(full) <= length:
         return full
     digest = hashlib.sha256(database.encode()).hexdigest()
-    return f"{name}:{digest}"[:MYSQL_LOCK_NAME_LENGTH]
+    return f"{name}:{digest}"[:length]
 
 
 def last_progress(job: Job) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import tracemalloc
 from collections import Counter
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.test import TestCase
 from django.test.utils import CaptureQueriesContext
 
@@ -166,3 +166,26 @@ def test_the_cleanup_lock_name_fits_mysql_8_whatever_the_database_name():
     assert all(lock.startswith(f"{name}:") for lock in locks)
     # Two databases of one server still get locks of their own.
     assert locks[0] != locks[1]
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="MariaDB's GET_LOCK()")
+def test_mariadb_cleanup_waits_for_one_of_an_earlier_release_whatever_the_database_name(
+    user, monkeypatch
+):
+    # MariaDB takes lock names of 192 characters: its cleanup lock is still named
+    # "name:database" as in earlier releases, so a cleanup from either side of a deploy stops
+    # while the other runs.
+    if connection.display_name != "MariaDB":
+        pytest.skip("MySQL 8 takes 64 characters: the name was shortened for it")
+    bulk_jobs(3)
+    database = "d" * 64
+    earlier_release = connections.create_connection(connection.alias)
+    try:
+        earlier_release.ensure_connection()
+        with earlier_release.cursor() as cursor:
+            cursor.execute("SELECT GET_LOCK(%s, 0)", [f"task_ferry.cleanup_old_jobs:{database}"])
+            assert cursor.fetchone()[0] == 1
+        monkeypatch.setitem(connection.settings_dict, "NAME", database)
+        assert JobHandler.cleanup_old_jobs() == 0
+    finally:
+        earlier_release.close()
