@@ -196,7 +196,12 @@ class CeleryExecutor(BaseExecutor):
         else:
             ids = describe_ids([message[0] for message in messages])
             what = f"{len(messages)} jobs ({ids}) could not all"
-            outcome = "Each of them that had not started was marked failed."
+            outcome = (
+                "Each of them that had not started was marked failed."
+                if failed
+                else "None of them could be marked failed (see the log): those that had not "
+                "started stay pending until the stale-job sweep fails them."
+            )
         if later:
             outcome += " " + describe_later(later, "it" if len(messages) == 1 else "them")
         return DispatchError(

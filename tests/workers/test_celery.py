@@ -450,6 +450,37 @@ def test_broker_and_database_both_lost_raise_the_brokers_error(own_redis_broker,
 
 
 @pytest.mark.worker
+def test_broker_and_database_both_lost_in_a_batch_say_its_jobs_stay_pending(
+    own_redis_broker, user
+) -> None:
+    server, _app = own_redis_broker
+    server.terminate()
+    server.wait(5)
+    session = our_session_id()
+
+    def lose_the_database():
+        ender = threading.Thread(target=lambda: (end_sessions([session]), connection.close()))
+        ender.start()
+        ender.join(10)
+
+    def once_committed(sender, job, **kwargs):
+        # Before the dispatch's own callback, which create_and_start_many() adds after these.
+        if not transaction.get_connection().run_on_commit:
+            transaction.on_commit(lose_the_database)
+
+    signals.job_created.connect(once_committed)
+    try:
+        with pytest.raises(DispatchError, match="could not all be sent") as raised:
+            JobHandler.create_and_start_many(user, "scripted", [{"steps": 1}, {"steps": 1}])
+    finally:
+        signals.job_created.disconnect(once_committed)
+        connection.close()
+    assert "None of them could be marked failed (see the log)" in str(raised.value)
+    assert "was marked failed" not in str(raised.value)
+    assert sorted(ScriptedJob.objects.values_list("state", flat=True)) == ["pending", "pending"]
+
+
+@pytest.mark.worker
 def test_api_create_with_the_broker_down_is_201_with_the_job_failed(
     own_redis_broker, user, api
 ) -> None:
