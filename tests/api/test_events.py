@@ -618,6 +618,57 @@ def test_the_hub_replaces_a_subscriber_connection_that_went_silent(monkeypatch):
     assert received == b"live again"
 
 
+class StalledProxy(HalfOpenProxy):
+    """A TCP proxy to Redis that, while ``stalled``, takes connections and answers nothing on
+    them (a Redis frozen by a long command or a full disk, a stalled load balancer)."""
+
+    stalled = True
+
+    def _pipe(self, source, target, generation):
+        super()._pipe(source, target, -1 if self.stalled else generation)
+
+
+@needs_redis
+def test_streams_subscribing_together_to_a_redis_that_answers_nothing_fail_together():
+    """The hub connected while holding its lock, so each stream waited for every one before
+    it to time out: four opened together fell back to polling after 2, 4, 6 and 8 seconds,
+    and a burst of them kept requests waiting for minutes."""
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = StalledProxy(target.hostname, target.port or 6379)
+    direct = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"])
+    prefix = f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:stalled"
+
+    async def scenario():
+        hub = EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl())
+        began = time.monotonic()
+
+        async def fails_after(channel):
+            with pytest.raises(redis.RedisError):
+                await hub.subscribe(channel)
+            return time.monotonic() - began
+
+        try:
+            took = await asyncio.gather(*(fails_after(f"{prefix}-{i}") for i in range(4)))
+            # Redis answers again: the next stream tries again, and subscribes.
+            proxy.stalled = False
+            queue = await hub.subscribe(f"{prefix}-live")
+            await sync_to_async(direct.publish)(f"{prefix}-live", b"live again")
+            received = await asyncio.wait_for(queue.get(), 2)
+            await hub.unsubscribe(f"{prefix}-live", queue)
+            return took, received
+        finally:
+            await hub.client.aclose()
+
+    try:
+        took, received = asyncio.run(scenario())
+    finally:
+        proxy.close()
+        direct.close()
+    # One attempt's timeout (SOCKET_TIMEOUT) for all four, not one after another.
+    assert max(took) < hub_module.SOCKET_TIMEOUT + 1.5, took
+    assert received == b"live again"
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 def test_streams_without_redis_log_the_outage_once_not_once_per_request(
     transactional_db, user, hold, redis_server, caplog
