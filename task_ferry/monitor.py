@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from django.db import connections
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from task_ferry.conf import ferry_settings
@@ -201,6 +201,24 @@ class JobMonitor:
             self._store_down = False
             logger.warning("task_ferry monitor: progress store reachable again")
 
+    def _forget_deleted(self, job_ids: set[int]) -> None:
+        """Stop publishing the running jobs whose rows were deleted, and take their snapshots
+        out of the store again: a publication since the delete would show them ``started``
+        until their runs end (which find no row, and roll back their work)."""
+        with self._lock:
+            watches = [w for w in self._watches.values() if w.job.pk in job_ids]
+            for watch in watches:
+                del self._watches[watch.job.pk]
+        if not watches:
+            # Their runs ended before the query: they forgot the jobs themselves.
+            return
+        forgotten = sorted(w.job.pk for w in watches)
+        logger.info("Jobs %s were deleted while they ran; no longer publishing them.", forgotten)
+        try:
+            get_store().delete(forgotten)
+        except ProgressStoreUnavailable as exc:
+            self._report_store_down(exc)
+
     def _beat(self, watches: list[Watch]) -> None:
         visible_ids = [w.job.pk for w in watches if w.visible]
         if not visible_ids:
@@ -213,15 +231,25 @@ class JobMonitor:
             # at its next tick; its finish would be refused anyway.
             # Cancel requests recorded in the database while the store was down arrive here too,
             # for jobs run without heartbeat rows as well.
-            flagged = dict(
+            # Every row, not only the flagged ones: a job whose row is missing was deleted.
+            rows = (
                 Job.objects.filter(pk__in=visible_ids)
-                .filter(
-                    ~Q(state=JobState.STARTED)
-                    | Exists(CancelRequest.objects.filter(job_id=OuterRef("pk")))
+                .annotate(
+                    cancel_requested=Exists(CancelRequest.objects.filter(job_id=OuterRef("pk")))
                 )
-                .values_list("pk", "state")
+                .values_list("pk", "state", "cancel_requested")
             )
-            ended = {pk for pk, state in flagged.items() if state != JobState.STARTED}
+            states: dict[int, str] = {}
+            flagged: set[int] = set()
+            for pk, state, cancel_requested in rows:
+                states[pk] = state
+                if state != JobState.STARTED or cancel_requested:
+                    flagged.add(pk)
+            deleted = set(visible_ids) - states.keys()
+            if deleted:
+                job_ids = [job_id for job_id in job_ids if job_id not in deleted]
+                self._forget_deleted(deleted)
+            ended = {pk for pk in flagged if states[pk] != JobState.STARTED}
             if ended:
                 job_ids = [job_id for job_id in job_ids if job_id not in ended]
                 # A run stops its watch before committing its own end: an ended job no longer
@@ -231,7 +259,7 @@ class JobMonitor:
                     logger.warning(
                         "Jobs %s were ended elsewhere; stopping them here.", sorted(ended_elsewhere)
                     )
-            self._cancel(set(flagged))
+            self._cancel(flagged)
             connection = connections[Heartbeat.objects.db]
             conflict_target = (
                 ["job"] if connection.features.supports_update_conflicts_with_target else None

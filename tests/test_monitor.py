@@ -497,3 +497,49 @@ def test_a_job_deleted_while_it_runs_leaves_no_snapshot_and_no_error_of_ours(
     assert api.get(f"/api/jobs/{job.pk}/").status_code == 404
     assert api.get(f"/api/jobs/{job.pk}/events/").status_code == 404
     assert not Marker.objects.filter(name=f"gated {job.pk}").exists()
+
+
+@needs_concurrent_writers
+def test_a_running_job_whose_row_is_deleted_is_no_longer_published_after_the_next_beat(
+    transactional_db, user, gated, settings
+):
+    """The delete took its snapshot out of the store, then the monitor published the job as
+    ``started`` again at each change until its run ended: polls and streams showed a job that
+    was gone, for as long as it ran."""
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_INTERVAL": 0.2}
+    store = get_store()
+    thread, job = start_halfway(gated, user, steps=20)
+    wait_until(lambda: store.read(job.pk) is not None, "the job is published")
+    Job.objects.filter(pk=job.pk).delete()
+    deleted_at = time.monotonic()
+    # The run goes on making progress, which the monitor would publish.
+    ticking = threading.Event()
+    ticking.set()
+
+    def keep_ticking():
+        for i in itertools.count():
+            if not ticking.is_set():
+                return
+            gated.progress.set_state(f"still going {i}")
+            time.sleep(0.02)
+
+    ticker = threading.Thread(target=keep_ticking, daemon=True)
+    ticker.start()
+    last_shown = [deleted_at]
+
+    def gone_for_a_second():
+        if store.read(job.pk) is not None:
+            last_shown[0] = time.monotonic()
+        return time.monotonic() - last_shown[0] > 1.0
+
+    try:
+        wait_until(gone_for_a_second, "the snapshot to stay out of the store")
+    finally:
+        ticking.clear()
+        ticker.join(WAIT)
+        gated.release.set()
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    assert store.read(job.pk) is None
+    # Nor a heartbeat row for a job that has none.
+    assert not Heartbeat.objects.filter(job_id=job.pk).exists()

@@ -138,11 +138,17 @@ def running_since(snapshot: dict[str, Any]) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(snapshot["updated_at"])
 
 
+# The stream's last event when its job was deleted: as final as a 404 of the job would be.
+DELETED_EVENT = sse_event("end", {"state": None, "deleted": True})
+
+
 @functools.lru_cache(maxsize=64)
 def render_published(raw: bytes) -> tuple[bytes, bool, datetime.datetime | None]:
-    """The events of a published snapshot, rendered once for all the streams that get it,
-    whether it is final, and its ``running_since``."""
+    """The events of a published snapshot (or of the store's deletion notice), rendered once
+    for all the streams that get it, whether it is final, and its ``running_since``."""
     snapshot = json.loads(raw)
+    if snapshot.get("deleted") is True:
+        return DELETED_EVENT, True, None
     return job_event(snapshot), is_final(snapshot), running_since(snapshot)
 
 

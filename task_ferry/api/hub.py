@@ -41,7 +41,12 @@ class EventHub:
         self._reader: asyncio.Task[None] | None = None
         # The connection the reader reads: a new connection needs a reader of its own.
         self._reader_pubsub: PubSub | None = None
+        # Held while connecting and subscribing, which take seconds against a Redis that does
+        # not answer: one attempt at a time.
         self._lock = asyncio.Lock()
+        # Subscriptions that failed to reach Redis: the ones waiting for the lock meanwhile
+        # fail with them.
+        self._failed_attempts = 0
         # Unsubscribes of cancelled subscriptions, kept referenced until they are done.
         self._pending: set[asyncio.Task[None]] = set()
         #: False from a lost connection or a failed subscription until a subscription is
@@ -52,7 +57,12 @@ class EventHub:
         """A queue of what is published on ``channel`` from now on; ``None`` in it means the
         link to Redis was lost. Raises ``redis.RedisError`` if Redis cannot be reached."""
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        failed_attempts = self._failed_attempts
         async with self._lock:
+            if self._failed_attempts != failed_attempts:
+                # Redis failed the attempt this one waited for (it may take seconds to time
+                # out): fail now rather than each stream in turn. The next stream tries again.
+                raise redis.ConnectionError(f"Redis at {self.url} did not take a subscription.")
             listeners = self._queues.setdefault(channel, set())
             listeners.add(queue)
             if channel not in self._confirmed:
@@ -61,7 +71,9 @@ class EventHub:
                     if self._pubsub is None:
                         self._pubsub = self.client.pubsub()
                     await self._pubsub.subscribe(channel)
-                except BaseException:
+                except BaseException as exc:
+                    if isinstance(exc, redis.RedisError | OSError):
+                        self._failed_attempts += 1
                     # Cancelled too (the client went away): leave no listener behind.
                     self._forget(channel, queue)
                     raise

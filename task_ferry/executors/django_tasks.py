@@ -318,16 +318,27 @@ class DjangoTasksExecutor(BaseExecutor):
                     id="task_ferry.E027",
                 )
             )
+        configured_queues = _configured_queues(alias)
         for job_type in job_type_registry.all():
             queue = job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME
             if backend.queues and queue not in backend.queues:
+                if isinstance(configured_queues, str):
+                    # django.tasks takes set("reports"): one queue per character.
+                    queue_hint = (
+                        f"TASKS[{alias!r}]['QUEUES'] is the string {configured_queues!r}, "
+                        f"which django.tasks reads as one queue per character; make it a "
+                        f"list, e.g. {[configured_queues]!r}."
+                    )
+                else:
+                    queue_hint = (
+                        f"Add {queue!r} to TASKS[{alias!r}]['QUEUES'] or change the type's queue."
+                    )
                 messages.append(
                     Error(
                         f"Job type {job_type.type!r} uses queue {queue!r}, which the "
                         f"django.tasks backend {alias!r} does not allow "
                         f"(QUEUES: {sorted(backend.queues)}); its jobs would fail to dispatch.",
-                        hint=f"Add {queue!r} to TASKS[{alias!r}]['QUEUES'] or change the "
-                        f"type's queue.",
+                        hint=queue_hint,
                         obj=type(job_type),
                         id="task_ferry.E025",
                     )
@@ -367,6 +378,12 @@ def _configured_backend(alias: str) -> str | None:
     """The BACKEND path that TASKS names for ``alias``, as written in the settings."""
     params = (getattr(settings, "TASKS", None) or {}).get(alias)
     return params.get("BACKEND") if isinstance(params, dict) else None
+
+
+def _configured_queues(alias: str) -> Any:
+    """The QUEUES that TASKS gives for ``alias``, as written in the settings."""
+    params = (getattr(settings, "TASKS", None) or {}).get(alias)
+    return params.get("QUEUES") if isinstance(params, dict) else None
 
 
 def _app_installed(name: str) -> bool:

@@ -19,6 +19,11 @@ from task_ferry.stores.base import CancelListener, ProgressStore
 SOCKET_TIMEOUT = 2.0
 
 
+def deletion_notice(job_id: int) -> str:
+    """What ``delete()`` publishes on a job's events channel, in place of a snapshot."""
+    return json.dumps({"id": job_id, "deleted": True}, separators=(",", ":"))
+
+
 class RedisProgressStore(ProgressStore):
     supports_push = True
 
@@ -100,11 +105,16 @@ class RedisProgressStore(ProgressStore):
         }
 
     def delete(self, job_ids: Iterable[int]) -> None:
-        keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
-        if not keys:
+        ids = list(job_ids)
+        if not ids:
             return
         with self._failing("delete from"):
-            self.client.delete(*keys)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(*[k for i in ids for k in (self.snapshot_key(i), self.cancel_key(i))])
+            # Open event streams of the jobs would otherwise wait for a change that never comes.
+            for job_id in ids:
+                pipe.publish(self.events_channel(job_id), deletion_notice(job_id))
+            pipe.execute()
 
     def cancel_listener(self) -> CancelListener:
         return RedisCancelListener(self)

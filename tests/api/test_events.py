@@ -21,6 +21,7 @@ from task_ferry.api import hub as hub_module
 from task_ferry.api.events import LIVE_RETRY_MS
 from task_ferry.api.hub import EventHub
 from task_ferry.handler import JobHandler
+from task_ferry.models import Job
 from task_ferry.snapshot import job_snapshot
 from tests.api.conftest import create, needs_redis, start
 from tests.api.live import uvicorn_server
@@ -138,6 +139,37 @@ def test_under_asgi_every_change_is_pushed_until_the_end(transactional_db, user,
     ]
     assert events[3][1]["state"] == "finished" and events[4][1] == {"state": "finished"}
     assert events[0][1]["progress_state"] == "step 1" and events[0][1]["steps"] == 4
+
+
+@needs_redis
+def test_the_stream_of_a_job_deleted_while_it_is_followed_ends_as_a_404_would(
+    transactional_db, user, hold
+):
+    """The store forgot the job's snapshot and announced nothing: the stream went on with
+    keep-alives until ``SSE_MAX_DURATION`` (five minutes), showing a job that was gone."""
+    job = start(create(user, steps=4), percentage=25)
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.get(url(job))
+        assert response["X-Task-Ferry-Stream"] == "live"
+        stream = response.streaming_content
+        head = (await anext(stream)).decode()
+        # The owner's account deleted, say: the delete commits, and the store forgets the job.
+        await sync_to_async(lambda: Job.objects.filter(pk=job.pk).delete())()
+        began = time.monotonic()
+        rest = "".join([chunk.decode() async for chunk in stream])
+        took = time.monotonic() - began
+        again = await client.get(url(job))
+        return head, rest, took, again.status_code
+
+    head, rest, took, again = run_async(scenario)
+    assert parse_events(head)[1][1]["progress_percentage"] == 25
+    # ``end``, which clients close their EventSource on; the job is no longer there to show.
+    assert parse_events(rest) == [("end", {"state": None, "deleted": True})]
+    assert took < 3
+    assert again == 404
 
 
 @needs_redis
@@ -583,6 +615,57 @@ def test_the_hub_replaces_a_subscriber_connection_that_went_silent(monkeypatch):
         proxy.close()
         direct.close()
     assert told is None
+    assert received == b"live again"
+
+
+class StalledProxy(HalfOpenProxy):
+    """A TCP proxy to Redis that, while ``stalled``, takes connections and answers nothing on
+    them (a Redis frozen by a long command or a full disk, a stalled load balancer)."""
+
+    stalled = True
+
+    def _pipe(self, source, target, generation):
+        super()._pipe(source, target, -1 if self.stalled else generation)
+
+
+@needs_redis
+def test_streams_subscribing_together_to_a_redis_that_answers_nothing_fail_together():
+    """The hub connected while holding its lock, so each stream waited for every one before
+    it to time out: four opened together fell back to polling after 2, 4, 6 and 8 seconds,
+    and a burst of them kept requests waiting for minutes."""
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = StalledProxy(target.hostname, target.port or 6379)
+    direct = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"])
+    prefix = f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:stalled"
+
+    async def scenario():
+        hub = EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl())
+        began = time.monotonic()
+
+        async def fails_after(channel):
+            with pytest.raises(redis.RedisError):
+                await hub.subscribe(channel)
+            return time.monotonic() - began
+
+        try:
+            took = await asyncio.gather(*(fails_after(f"{prefix}-{i}") for i in range(4)))
+            # Redis answers again: the next stream tries again, and subscribes.
+            proxy.stalled = False
+            queue = await hub.subscribe(f"{prefix}-live")
+            await sync_to_async(direct.publish)(f"{prefix}-live", b"live again")
+            received = await asyncio.wait_for(queue.get(), 2)
+            await hub.unsubscribe(f"{prefix}-live", queue)
+            return took, received
+        finally:
+            await hub.client.aclose()
+
+    try:
+        took, received = asyncio.run(scenario())
+    finally:
+        proxy.close()
+        direct.close()
+    # One attempt's timeout (SOCKET_TIMEOUT) for all four, not one after another.
+    assert max(took) < hub_module.SOCKET_TIMEOUT + 1.5, took
     assert received == b"live again"
 
 

@@ -117,6 +117,17 @@ def test_queue_the_backend_does_not_allow(settings, alias):
 
 
 @requires_tasks
+def test_queues_given_as_a_string_says_to_make_it_a_list(settings, alias):
+    # set("special") is one queue per character, so the type's queue is refused.
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": "special"}}
+    errors = [m for m in DjangoTasksExecutor().check() if m.obj is RoutedJobType]
+    [error] = errors
+    assert error.id == "task_ferry.E025"
+    assert "is the string 'special'" in error.hint
+    assert "make it a list, e.g. ['special']" in error.hint
+
+
+@requires_tasks
 def test_priority_outside_the_django_tasks_range(alias, monkeypatch):
     monkeypatch.setattr(RoutedJobType, "priority", 500)
     [error] = DjangoTasksExecutor().check()
