@@ -56,6 +56,28 @@ def test_exception_can_carry_a_message_for_users(db, user, monkeypatch):
     assert job.human_readable_error == "The file could not be read. Upload it again."
 
 
+def run_reading(user, monkeypatch, name, *, where):
+    """Run a scripted job that writes a Marker, labels itself "Reading <name>" and, where
+    ``where`` is "error", fails on that file; the job as stored, and what on_error got."""
+
+    def run(self, job, progress):
+        Marker.objects.create(name="written")
+        progress.increment(10, state=f"Reading {name}")
+        if where == "error":
+            raise ValueError(f"bad record in {name}")
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    if where == "error":
+        with pytest.raises(ValueError, match="bad record"):
+            JobHandler.create_and_start(user, "scripted")
+    else:
+        JobHandler.create_and_start(user, "scripted")
+    return ScriptedJob.objects.get(), errors
+
+
 @pytest.mark.parametrize("where", ["error", "label"])
 @pytest.mark.parametrize(
     ("name", "stored"),
@@ -71,21 +93,7 @@ def test_exception_can_carry_a_message_for_users(db, user, monkeypatch):
 def test_text_no_database_stores_in_an_error_or_a_label_still_ends_the_job(
     transactional_db, user, monkeypatch, where, name, stored
 ):
-    def run(self, job, progress):
-        progress.increment(10, state=f"Reading {name}")
-        if where == "error":
-            raise ValueError(f"bad record in {name}")
-
-    errors = []
-    job_type = type(job_type_registry.get("scripted"))
-    monkeypatch.setattr(job_type, "run", run)
-    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
-    if where == "error":
-        with pytest.raises(ValueError, match="bad record"):
-            JobHandler.create_and_start(user, "scripted")
-    else:
-        JobHandler.create_and_start(user, "scripted")
-    job = ScriptedJob.objects.get()
+    job, errors = run_reading(user, monkeypatch, name, where=where)
     assert job.state == ("failed" if where == "error" else "finished")
     assert job.progress_state == f"Reading {stored}"
     assert get_store().read(job.pk)["progress_state"] == f"Reading {stored}"
@@ -122,22 +130,7 @@ def utf8mb3_job_table(transactional_db):
 def test_an_emoji_a_utf8mb3_table_refuses_still_ends_the_job(
     utf8mb3_job_table, user, monkeypatch, where
 ):
-    def run(self, job, progress):
-        Marker.objects.create(name="written")
-        progress.increment(10, state="Reading \U0001f600.csv")
-        if where == "error":
-            raise ValueError("bad record in \U0001f600.csv")
-
-    errors = []
-    job_type = type(job_type_registry.get("scripted"))
-    monkeypatch.setattr(job_type, "run", run)
-    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
-    if where == "error":
-        with pytest.raises(ValueError, match="bad record"):
-            JobHandler.create_and_start(user, "scripted")
-    else:
-        JobHandler.create_and_start(user, "scripted")
-    job = ScriptedJob.objects.get()
+    job, errors = run_reading(user, monkeypatch, "\U0001f600.csv", where=where)
     assert job.state == ("failed" if where == "error" else "finished")
     assert job.progress_state == "Reading \ufffd.csv"
     assert get_store().read(job.pk)["progress_state"] == "Reading \ufffd.csv"
