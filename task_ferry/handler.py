@@ -155,7 +155,7 @@ def publish_as_stored(job: Job) -> None:
     """``publish()`` the job as its row stands: a run that failed or was stopped may have
     changed the instance with writes that were rolled back. A job whose row was deleted
     meanwhile is forgotten by the store instead, so that polls find it gone."""
-    stored = type(job)._default_manager.filter(pk=job.pk).first()
+    stored = type(job)._default_manager.using(jobs_database()).filter(pk=job.pk).first()
     if stored is not None:
         publish(stored)
         return
@@ -677,7 +677,8 @@ class JobHandler:
         """Fail a pending job its executor could not hand to a queue. False if it is no longer
         pending (or was rolled back). With ``created_at``, only the job created then: on
         SQLite, a job rolled back with a savepoint leaves its id to the next job created."""
-        jobs = Job.objects.filter(pk=job_id)
+        # Where it was just created: a replica may not have it yet.
+        jobs = Job.objects.using(jobs_database()).filter(pk=job_id)
         if created_at is not None:
             jobs = jobs.filter(created_at=created_at)
         job = jobs.first()

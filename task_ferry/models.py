@@ -129,7 +129,9 @@ class Job(models.Model):
         model = ContentType.objects.get_for_id(self.content_type_id).model_class()
         if model is None or isinstance(self, model):
             return self
-        specific: Job = model._default_manager.get(pk=self.pk)  # type: ignore[assignment]
+        # From where this row was read: a job just written is not on a lagging replica yet.
+        manager = model._default_manager.db_manager(self._state.db)
+        specific: Job = manager.get(pk=self.pk)  # type: ignore[assignment]
         return specific
 
     def apply_fields(self, fields: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
-from task_ferry.models import CancelRequest, Heartbeat, Job, JobState
+from task_ferry.models import CancelRequest, Heartbeat, Job, JobState, jobs_database
 from task_ferry.progress import Progress
 from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import CancelListener, ProgressStore, get_store
@@ -232,8 +232,10 @@ class JobMonitor:
             # Cancel requests recorded in the database while the store was down arrive here too,
             # for jobs run without heartbeat rows as well.
             # Every row, not only the flagged ones: a job whose row is missing was deleted.
+            # Where the jobs are written: on a lagging replica a job just started looks deleted.
             rows = (
-                Job.objects.filter(pk__in=visible_ids)
+                Job.objects.using(jobs_database())
+                .filter(pk__in=visible_ids)
                 .annotate(
                     cancel_requested=Exists(CancelRequest.objects.filter(job_id=OuterRef("pk")))
                 )

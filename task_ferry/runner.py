@@ -248,13 +248,15 @@ class JobRun:
         return self._load() if started else None
 
     def _load(self) -> Job:
-        """The job as its type's own model."""
+        """The job as its type's own model, read where it was just started: a replica that a
+        router reads from may not have it yet."""
+        using = jobs_database()
         if self.job_type_name is not None and self.job_type_name in job_type_registry:
             model = job_type_registry.get(self.job_type_name).model_class
-            job = model._default_manager.filter(pk=self.job_id).first()
+            job = model._default_manager.using(using).filter(pk=self.job_id).first()
             if job is not None and job.type == self.job_type_name:
                 return job
-        return Job.objects.get(pk=self.job_id).specific
+        return Job.objects.using(using).get(pk=self.job_id).specific
 
     def _run_changed(self, job: Job) -> bool:
         """Whether the run changed the job's own fields on the instance: their writes, if any,

@@ -54,13 +54,13 @@ def cached(key: tuple[Any, ...], build: Callable[[], T]) -> T:
     return statement
 
 
-def one_statement_connection(model: type[Job], *, loads: bool) -> BaseDatabaseWrapper | None:
-    """The connection ``Job`` and ``model`` are both written through (and, for a statement
-    that ``loads`` the job, read through), when one statement of our own may do the work there:
-    PostgreSQL, outside any ``atomic()`` block (inside one, the caller's transaction decides
-    about commits and round trips anyway)."""
+def one_statement_connection(model: type[Job]) -> BaseDatabaseWrapper | None:
+    """The connection ``Job`` and ``model`` are both written through, when one statement of
+    our own may do the work there: PostgreSQL, outside any ``atomic()`` block (inside one, the
+    caller's transaction decides about commits and round trips anyway). A statement that
+    loads the job reads it there too, as a replica a router reads from may not have it yet."""
     using = jobs_database()
-    if router.db_for_write(model) != using or (loads and router.db_for_read(model) != using):
+    if router.db_for_write(model) != using:
         return None
     connection = connections[using]
     if connection.vendor != "postgresql" or connection.in_atomic_block:
@@ -150,7 +150,7 @@ def start_and_load(job_id: int, type_name: str, model: type[Job]) -> Job | None:
     the job is not pending, is of another type or model, or this database cannot do it: the
     caller then goes the long way, ``transition()`` and a load.
     """
-    connection = one_statement_connection(model, loads=True)
+    connection = one_statement_connection(model)
     if connection is None:
         return None
     statement = cached(
@@ -232,7 +232,7 @@ def insert_job(job: Job) -> bool:
     written nothing, where ``job.save()`` must do it: another database, an open transaction,
     a model with its own ``save()``, save signal receivers, or fields the database fills."""
     model = type(job)
-    connection = one_statement_connection(model, loads=False)
+    connection = one_statement_connection(model)
     if connection is None or not saves_plainly(model):
         return False
     statement = cached(

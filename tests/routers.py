@@ -17,3 +17,16 @@ class JobsInTheirOwnDatabase:
 
     def allow_relation(self, obj1, obj2, **hints):
         return True
+
+
+class JobsReadFromALaggingReplica:
+    """Django's primary/replica layout: jobs are written through "default" and read through
+    "replica", which has not caught up yet (it holds none of the rows)."""
+
+    def db_for_read(self, model, **hints):
+        if issubclass(model, Job) or model._meta.app_label == "task_ferry":
+            return "replica"
+        return None
+
+    def allow_relation(self, obj1, obj2, **hints):
+        return True

@@ -97,6 +97,19 @@ else:
 # A second alias for the same database, for tests whose router writes jobs elsewhere than
 # "default" (a connection of its own, so its transactions are its own).
 DATABASES["jobs"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
+# A database of its own, with the schema and none of the rows: a read replica that has not
+# caught up yet, for the tests of routers that read from one.
+DATABASES["replica"] = {
+    **DATABASES["default"],
+    "TEST": {
+        **DATABASES["default"].get("TEST", {}),
+        "NAME": (
+            f"{DATABASES['default']['TEST']['NAME']}_replica"
+            if DATABASES["default"]["TEST"]["NAME"]
+            else None  # SQLite in memory: one database per alias
+        ),
+    },
+}
 
 REDIS_URL = os.environ.get("TASK_FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 STORE = os.environ.get("TASK_FERRY_TEST_STORE", "redis")

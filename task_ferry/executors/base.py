@@ -37,9 +37,14 @@ class BaseExecutor(ABC):
     def type_of(job_id: int) -> str:
         """The type name of a job known only by its id (one query)."""
         from task_ferry.exceptions import JobDoesNotExist
-        from task_ferry.models import Job
+        from task_ferry.models import Job, jobs_database
 
-        type_name = Job.objects.filter(pk=job_id).values_list("type", flat=True).first()
+        type_name = (
+            Job.objects.using(jobs_database())
+            .filter(pk=job_id)
+            .values_list("type", flat=True)
+            .first()
+        )
         if type_name is None:
             raise JobDoesNotExist(job_id)
         return type_name
@@ -48,9 +53,10 @@ class BaseExecutor(ABC):
     def job_of(job_id: int) -> Job:
         """A job known only by its id, with its type and ``created_at`` (one query)."""
         from task_ferry.exceptions import JobDoesNotExist
-        from task_ferry.models import Job
+        from task_ferry.models import Job, jobs_database
 
-        job = Job.objects.only("type", "created_at").filter(pk=job_id).first()
+        jobs = Job.objects.using(jobs_database())
+        job = jobs.only("type", "created_at").filter(pk=job_id).first()
         if job is None:
             raise JobDoesNotExist(job_id)
         return job
