@@ -81,7 +81,8 @@ class JobLost(TaskFerryError):
 
 
 class DispatchError(TaskFerryError):
-    """The executor could not hand the job to its queue. The job was marked failed."""
+    """The executor could not hand the job to its queue. The job was marked failed, unless the
+    database could not be reached either: the message says which."""
 
 
 class ProgressStoreUnavailable(TaskFerryError):

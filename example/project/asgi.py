@@ -1,5 +1,6 @@
 """ASGI entry point: ``manage.py runexample --asgi``, or
-``uvicorn project.asgi:application`` from example/. With REDIS_URL set, progress bars get a
+``uvicorn project.asgi:application --timeout-graceful-shutdown 2`` from example/ (without
+it, a stop waits for open event streams). With REDIS_URL set, progress bars get a
 pushed event stream."""
 
 import os

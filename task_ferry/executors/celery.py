@@ -96,10 +96,10 @@ class CeleryExecutor(BaseExecutor):
     """Sends each job to ``JobType.queue`` (or ``TASK_FERRY["CELERY_QUEUE"]``) as one
     ``task_ferry.run_job`` message, after the surrounding transaction commits.
 
-    If the broker cannot be reached within a few seconds, the job is marked failed and
-    ``DispatchError`` is raised: right away in autocommit mode, or from the end of the
-    ``atomic()`` block that created the job (then every job of that block that was not sent is
-    marked failed too).
+    If the broker cannot be reached within a few seconds, the job is marked failed (if the
+    database can still be reached) and ``DispatchError`` is raised: right away in autocommit
+    mode, or from the end of the ``atomic()`` block that created the job (then every job of
+    that block that was not sent is marked failed too).
     """
 
     supports_queues = True

@@ -120,8 +120,9 @@ class DjangoTasksExecutor(BaseExecutor):
     transaction commits. A job type's ``queue`` picks the queue (default: ``"default"``); its
     ``priority`` is passed on to backends whose ``supports_priority`` is true.
 
-    If the backend refuses the task (unreachable, misconfigured), the job is marked failed and
-    ``DispatchError`` reaches the caller: a job never waits for a task that does not exist.
+    If the backend refuses the task (unreachable, misconfigured), the job is marked failed (if
+    the database can still be reached) and ``DispatchError`` reaches the caller, saying which:
+    a job never waits for a task that does not exist.
     """
 
     supports_queues = True
