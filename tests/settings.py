@@ -5,6 +5,7 @@ TASK_FERRY_TEST_STORE=redis|cache (default redis)."""
 import os
 import uuid
 from importlib.util import find_spec
+from typing import Any
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
@@ -58,6 +59,7 @@ TEMPLATES = [
 ]
 
 DB_VENDOR = os.environ.get("TASK_FERRY_TEST_DB", "postgresql")
+DATABASES: dict[str, dict[str, Any]]
 if DB_VENDOR == "postgresql":
     DATABASES = {
         "default": {
@@ -99,15 +101,13 @@ else:
 DATABASES["jobs"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
 # A database of its own, with the schema and none of the rows: a read replica that has not
 # caught up yet, for the tests of routers that read from one.
+_default_test = DATABASES["default"]["TEST"]
 DATABASES["replica"] = {
     **DATABASES["default"],
     "TEST": {
-        **DATABASES["default"].get("TEST", {}),
-        "NAME": (
-            f"{DATABASES['default']['TEST']['NAME']}_replica"
-            if DATABASES["default"]["TEST"]["NAME"]
-            else None  # SQLite in memory: one database per alias
-        ),
+        **_default_test,
+        # SQLite in memory (no name) gets one database per alias anyway.
+        "NAME": f"{_default_test['NAME']}_replica" if _default_test["NAME"] else None,
     },
 }
 
