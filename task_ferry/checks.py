@@ -272,67 +272,93 @@ def check_job_types(
             )
     messages.extend(check_registered_types(job_type_registry))
     messages.extend(check_job_types_modules(job_type_registry))
-    if any(job_type.get_max_count() is not None for job_type in job_type_registry.all()):
-        messages.extend(check_isolation_level(kwargs.get("databases")))
+    if uses_max_count():
+        messages.extend(check_isolation_level())
     return messages
 
 
-def check_isolation_level(databases: Sequence[str] | None) -> list[CheckMessage]:
-    """``max_count`` counts the user's live jobs with a plain read once the user's row is
-    locked: at REPEATABLE READ that read sees the snapshot of the transaction's first read, not
-    the jobs another create committed while this one waited for the lock. Told to look at the
-    jobs' database (``migrate``, ``check --database``), asks it; otherwise reads ``OPTIONS``."""
+def uses_max_count() -> bool:
+    from task_ferry.registry import job_type_registry
+
+    return any(job_type.get_max_count() is not None for job_type in job_type_registry.all())
+
+
+# ``max_count`` counts the user's live jobs with a plain read once the user's row is locked: at
+# REPEATABLE READ that read sees the snapshot of the transaction's first read, not the jobs
+# another create committed while this one waited for the lock. W002 comes from two checks:
+# this one reads OPTIONS (no query, so ``check`` and ``runserver`` need no database), the next
+# asks the database when Django runs database checks (``migrate``, ``check --database``).
+
+
+def check_isolation_level() -> list[CheckMessage]:
+    """W002 where the jobs' database's OPTIONS set REPEATABLE READ."""
+    from django.db import connections
+
+    from task_ferry.models import jobs_database
+
+    connection = connections[jobs_database()]
+    if not options_set_repeatable_read(connection):
+        return []
+    return [isolation_warning(connection.alias)]
+
+
+@register(Tags.database)
+def check_isolation_level_in_database(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """W002 where the jobs' database says its sessions run at REPEATABLE READ, whatever set it
+    (an init_command, the server's or the role's default), unless OPTIONS said so already."""
     from django.db import connections
 
     from task_ferry.models import jobs_database
 
     alias = jobs_database()
+    if not databases or alias not in databases or not uses_max_count():
+        return []
     connection = connections[alias]
     options = connection.settings_dict.get("OPTIONS") or {}
     # psycopg applies an isolation_level of OPTIONS as each transaction begins: outside one, a
     # PostgreSQL session reports the server's. MySQL's sessions are SET to it when they open.
-    asks = bool(databases and alias in databases) and not (
+    if options_set_repeatable_read(connection) or (
         connection.vendor == "postgresql" and "isolation_level" in options
-    )
-    level = session_isolation_level(connection) if asks else None
-    if level is not None:
-        # Whatever set it: OPTIONS, an init_command, the server's or the role's default.
-        if level != "repeatable read":
-            return []
-        described = "REPEATABLE READ"
-    elif connection.vendor == "mysql":
-        level = options.get("isolation_level", "read committed")
-        if level is None:
-            described = "the server's isolation level (REPEATABLE READ unless it was changed)"
-        elif str(level).lower() == "repeatable read":
-            described = "REPEATABLE READ"
-        else:
-            return []
-    elif connection.vendor == "postgresql":
+    ):
+        return []
+    if session_isolation_level(connection) != "repeatable read":
+        return []
+    return [isolation_warning(alias)]
+
+
+def options_set_repeatable_read(connection: BaseDatabaseWrapper) -> bool:
+    options = connection.settings_dict.get("OPTIONS") or {}
+    level = options.get("isolation_level")
+    if level is None:
+        return False
+    if connection.vendor == "mysql":
+        return str(level).lower() == "repeatable read"
+    if connection.vendor == "postgresql":
         from django.db.backends.postgresql.psycopg_any import IsolationLevel
 
-        level = options.get("isolation_level")
         try:
-            if level is None or IsolationLevel(level) != IsolationLevel.REPEATABLE_READ:
-                return []
+            return bool(IsolationLevel(level) == IsolationLevel.REPEATABLE_READ)
         except ValueError:
             # Not a level at all: Django refuses it when it connects.
-            return []
-        described = "REPEATABLE READ"
-    else:
-        return []
-    return [
-        CheckWarning(
-            f"DATABASES[{alias!r}], where jobs are written, runs transactions at {described}. "
-            f"A create_and_start() inside a transaction that has read before (ATOMIC_REQUESTS, "
-            f"say) counts the user's live jobs in that older snapshot, so concurrent creates "
-            f"can exceed max_count.",
-            hint=f"Use READ COMMITTED, Django's default: remove 'isolation_level' from "
-            f"DATABASES[{alias!r}]['OPTIONS'], or set it there to READ COMMITTED where the "
-            f"server's default is another.",
-            id="task_ferry.W002",
-        )
-    ]
+            return False
+    return False
+
+
+def isolation_warning(alias: str) -> CheckMessage:
+    return CheckWarning(
+        f"DATABASES[{alias!r}], where jobs are written, runs transactions at REPEATABLE READ. "
+        f"A create_and_start() inside a transaction that has read before (ATOMIC_REQUESTS, "
+        f"say) counts the user's live jobs in that older snapshot, so concurrent creates "
+        f"can exceed max_count.",
+        hint=f"Use READ COMMITTED, Django's default: remove 'isolation_level' from "
+        f"DATABASES[{alias!r}]['OPTIONS'], or set it there to READ COMMITTED where the "
+        f"server's default is another.",
+        id="task_ferry.W002",
+    )
 
 
 def session_isolation_level(connection: BaseDatabaseWrapper) -> str | None:
