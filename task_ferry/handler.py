@@ -158,11 +158,8 @@ def publish_as_stored(job: Job) -> None:
     stored = type(job)._default_manager.using(jobs_database()).filter(pk=job.pk).first()
     if stored is not None:
         publish(stored)
-        return
-    try:
-        get_store().delete([job.pk])
-    except ProgressStoreUnavailable as exc:
-        logger.warning("Job %s: progress store unavailable, snapshot not deleted: %s", job.pk, exc)
+    else:
+        forget_snapshots([job.pk])
 
 
 def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) -> None:
