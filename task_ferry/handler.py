@@ -45,6 +45,7 @@ from task_ferry.models import (
     JobState,
     jobs_database,
 )
+from task_ferry.monitor import forget_heartbeats
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import get_store
@@ -160,6 +161,7 @@ def publish_as_stored(job: Job) -> None:
         publish(stored)
     else:
         forget_snapshots([job.pk])
+        forget_heartbeats([job.pk])
 
 
 def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) -> None:
@@ -590,9 +592,15 @@ class JobHandler:
                     .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
                 )
                 if not batch:
-                    return deleted
+                    break
                 last_id = batch[-1][0]
                 deleted += cls._delete_batch(batch, cutoff)
+            # Rows a worker wrote for a job in the moment it was deleted (no foreign-key
+            # constraint stops them): nothing else would remove them.
+            job_gone = ~Exists(Job.objects.filter(pk=OuterRef("job_id")))
+            Heartbeat.objects.filter(job_gone).delete()
+            CancelRequest.objects.filter(job_gone).delete()
+        return deleted
 
     @staticmethod
     def _delete_batch(batch: list[tuple[int, str, int]], cutoff: datetime.datetime) -> int:

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from django.db import connections
@@ -251,6 +252,9 @@ class JobMonitor:
             if deleted:
                 job_ids = [job_id for job_id in job_ids if job_id not in deleted]
                 self._forget_deleted(deleted)
+                # The previous beat may have written their heartbeats after the delete (it read
+                # the rows before): nothing else would remove those.
+                forget_heartbeats(deleted)
             ended = {pk for pk in flagged if states[pk] != JobState.STARTED}
             if ended:
                 job_ids = [job_id for job_id in job_ids if job_id not in ended]
@@ -398,6 +402,13 @@ class _MonitorLoop:
 _monitor: JobMonitor | None = None
 _monitor_pid: int | None = None
 _monitor_lock = threading.Lock()
+
+
+def forget_heartbeats(job_ids: Iterable[int]) -> None:
+    """Delete the heartbeat rows of jobs whose rows were deleted. Deleting a job deletes its
+    heartbeat, but a beat that read the job before the delete writes it again afterwards (no
+    foreign-key constraint stops it)."""
+    Heartbeat.objects.filter(job_id__in=list(job_ids)).delete()
 
 
 def get_monitor() -> JobMonitor:

@@ -485,6 +485,8 @@ def test_a_job_deleted_while_it_runs_leaves_no_snapshot_and_no_error_of_ours(
         thread, job = start_halfway(gated, user, steps=20)
         wait_until(lambda: get_store().read(job.pk) is not None, "the job is published")
         Job.objects.filter(pk=job.pk).delete()
+        # What a beat that read the row just before the delete writes just after it.
+        Heartbeat.objects.create(job_id=job.pk, worker="a beat that read the row before it")
         gated.release.set()
         thread.join(WAIT)
     finally:
@@ -497,6 +499,7 @@ def test_a_job_deleted_while_it_runs_leaves_no_snapshot_and_no_error_of_ours(
     assert api.get(f"/api/jobs/{job.pk}/").status_code == 404
     assert api.get(f"/api/jobs/{job.pk}/events/").status_code == 404
     assert not Marker.objects.filter(name=f"gated {job.pk}").exists()
+    assert not Heartbeat.objects.filter(job_id=job.pk).exists()
 
 
 @needs_concurrent_writers
@@ -512,6 +515,8 @@ def test_a_running_job_whose_row_is_deleted_is_no_longer_published_after_the_nex
     wait_until(lambda: store.read(job.pk) is not None, "the job is published")
     Job.objects.filter(pk=job.pk).delete()
     deleted_at = time.monotonic()
+    # What a beat that read the row just before the delete writes just after it.
+    Heartbeat.objects.create(job_id=job.pk, worker="a beat that read the row before the delete")
     # The run goes on making progress, which the monitor would publish.
     ticking = threading.Event()
     ticking.set()

@@ -22,7 +22,7 @@ from task_ferry.handler import (
     mysql_lock_name,
     publish,
 )
-from task_ferry.models import Job, JobState
+from task_ferry.models import CancelRequest, Heartbeat, Job, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
 from tests.reliability.bulk import TYPES, bulk_jobs
@@ -117,6 +117,23 @@ def test_cleanup_leaves_jobs_younger_than_the_expiry_alone(user, before_delete_c
     assert JobHandler.cleanup_old_jobs(older_than=datetime.timedelta(days=5)) == 20
     assert set(Job.objects.values_list("pk", flat=True)) == set(young)
     assert set(before_delete_calls) == set(old)
+
+
+def test_cleanup_removes_heartbeats_and_cancel_requests_left_by_deleted_jobs(user):
+    """A worker's beat (or a cancel recorded while the store was down) that read a job just
+    before its delete writes its row just after: no foreign-key constraint refuses it, and the
+    row stayed for good."""
+    running = bulk_jobs(2, state=JobState.STARTED, user=user)
+    gone = max(Job.objects.values_list("pk", flat=True)) + 1000
+    Heartbeat.objects.create(job_id=gone, worker="a worker")
+    CancelRequest.objects.create(job_id=gone)
+    Heartbeat.objects.create(job_id=running[0], worker="a worker")
+    CancelRequest.objects.create(job_id=running[1])
+
+    JobHandler.cleanup_old_jobs()
+
+    assert list(Heartbeat.objects.values_list("job_id", flat=True)) == [running[0]]
+    assert list(CancelRequest.objects.values_list("job_id", flat=True)) == [running[1]]
 
 
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
