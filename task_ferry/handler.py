@@ -49,6 +49,7 @@ from task_ferry.monitor import forget_heartbeats
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
 from task_ferry.stores.base import get_store
+from task_ferry.transactions import pending_call
 
 logger = logging.getLogger("task_ferry")
 
@@ -168,20 +169,12 @@ def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) ->
     """``post_delete`` receiver: once the delete commits, the store forgets the job, so polls
     and streams, answered from the store, find it gone. One store call per transaction (and
     per savepoint that deletes jobs)."""
-    connection = transaction.get_connection(using)
-    if connection.in_atomic_block:
-        # The callback of the same savepoint, if there is one already (Django keeps (savepoint
-        # ids, callback, robust) per callback): a rollback to a savepoint drops its callbacks.
-        savepoints = set(connection.savepoint_ids)
-        for entry in reversed(connection.run_on_commit):
-            callback = entry[1]
-            if (
-                isinstance(callback, functools.partial)
-                and callback.func is forget_snapshots
-                and entry[0] == savepoints
-            ):
-                callback.args[0].append(instance.pk)
-                return
+    # The same savepoint's: a rollback to a savepoint drops its callbacks, not the ids added to
+    # an outer one's.
+    pending = pending_call(forget_snapshots, using, same_savepoint=True)
+    if pending is not None:
+        pending.args[0].append(instance.pk)
+        return
     transaction.on_commit(functools.partial(forget_snapshots, [instance.pk]), using=using)
 
 

@@ -14,6 +14,7 @@ from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import TaskFerryImproperlyConfigured
+from task_ferry.transactions import pending_call
 
 if TYPE_CHECKING:
     from task_ferry.models import Job
@@ -118,17 +119,8 @@ def dispatch_on_commit(
     in autocommit mode). ``outbox`` is the transaction's: found through its own on-commit
     callbacks, so a job started by another transaction's commit hook, or in another thread,
     gets its own. ``created_at`` gives each item's job's, by job id."""
-    connection = transaction.get_connection(using)
-    outbox: Outbox[Item] | None = None
-    if connection.in_atomic_block:
-        # Django keeps (savepoint ids, callback, robust) per callback.
-        for entry in reversed(connection.run_on_commit):
-            func = entry[1]
-            if isinstance(func, functools.partial) and func.func == send:
-                outbox = func.args[1]
-                break
-    if outbox is None:
-        outbox = Outbox()
+    pending = pending_call(send, using)
+    outbox: Outbox[Item] = pending.args[1] if pending is not None else Outbox()
     outbox.add(items, created_at)
     transaction.on_commit(functools.partial(send, items, outbox), using=using)
 
