@@ -1,4 +1,4 @@
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 
 
 class TaskFerryConfig(AppConfig):
@@ -7,16 +7,18 @@ class TaskFerryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django.db.models.signals import post_delete
+        from django.db.models.signals import class_prepared
 
         from task_ferry import (
             checks,  # noqa: F401 - registers the system checks
             conf,  # noqa: F401 - connects the setting_changed receiver
         )
-        from task_ferry.handler import forget_deleted_job
-        from task_ferry.models import Job
+        from task_ferry.handler import forget_deletes_of, forget_deletes_of_new_model
         from task_ferry.registry import job_type_registry
 
-        # Sent for the Job part of every job, whichever model the delete went through.
-        post_delete.connect(forget_deleted_job, sender=Job, dispatch_uid="task_ferry.forget")
+        # Job and each proxy of it, one by one: a receiver of every model's deletes would cost
+        # every other model its fast deletes (Django loads the rows of a model with receivers).
+        for model in apps.get_models():
+            forget_deletes_of(model)
+        class_prepared.connect(forget_deletes_of_new_model, dispatch_uid="task_ferry.forget")
         job_type_registry.autodiscover()

@@ -14,14 +14,15 @@ import hashlib
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, DataError, IntegrityError, router, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, Model, OuterRef, Q
 from django.db.models.deletion import Collector
+from django.db.models.signals import post_delete
 from django.utils import timezone
 
 from task_ferry import signals, statements
@@ -168,17 +169,33 @@ def publish_as_stored(job: Job) -> None:
 def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) -> None:
     """``post_delete`` receiver: once the delete commits, the store forgets the job, so polls
     and streams, answered from the store, find it gone. One store call per transaction (and
-    per savepoint that deletes jobs)."""
+    per savepoint that deletes jobs), each job once: a delete through a proxy of ``Job`` that
+    cascades to the job's own model sends the signal for the proxy and for ``Job``."""
     # The same savepoint's: a rollback to a savepoint drops its callbacks, not the ids added to
     # an outer one's.
     pending = pending_call(forget_snapshots, using, same_savepoint=True)
     if pending is not None:
-        pending.args[0].append(instance.pk)
+        pending.args[0].add(instance.pk)
         return
-    transaction.on_commit(functools.partial(forget_snapshots, [instance.pk]), using=using)
+    transaction.on_commit(functools.partial(forget_snapshots, {instance.pk}), using=using)
 
 
-def forget_snapshots(job_ids: list[int]) -> None:
+def forget_deletes_of(model: type[Model]) -> None:
+    """Connect ``forget_deleted_job`` to the deletes of ``model`` if it is ``Job`` or a proxy of
+    it: Django sends ``post_delete`` with the model the delete went through. Not to a job
+    type's model or a proxy of one: their deletes send it for the ``Job`` part of each job too,
+    and the job would be forgotten twice."""
+    if model._meta.concrete_model is Job:
+        post_delete.connect(forget_deleted_job, sender=model, dispatch_uid="task_ferry.forget")
+
+
+def forget_deletes_of_new_model(sender: type[Model], **kwargs: Any) -> None:
+    """``class_prepared`` receiver, for a proxy of ``Job`` defined once the apps are ready (in a
+    ``job_types.py`` module, say)."""
+    forget_deletes_of(sender)
+
+
+def forget_snapshots(job_ids: Collection[int]) -> None:
     try:
         get_store().delete(job_ids)
     except ProgressStoreUnavailable as exc:

@@ -15,8 +15,16 @@ from task_ferry.exceptions import (
 from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
+from task_ferry.registry import JobType, job_type_registry
 from tests.myapp.models import ExportJob
-from tests.testapp.models import HookCall, LimitedJob, Marker, ScriptedJob
+from tests.testapp.models import (
+    AnyJob,
+    HookCall,
+    LimitedJob,
+    Marker,
+    ScriptedJob,
+    ScriptedJobProxy,
+)
 
 
 def test_create_and_start_returns_the_saved_specific_job(db, user, no_dispatch):
@@ -229,6 +237,95 @@ def test_cleanup_asks_the_store_to_forget_each_deleted_job_once(
     assert JobHandler.cleanup_old_jobs() == 3
     assert forgotten == [sorted(job.pk for job in jobs)]
     assert not any(store.read(job.pk) for job in jobs)
+
+
+class FieldlessJobType(JobType):
+    """A type without fields of its own: its model is a proxy of ``Job``, its jobs have no row
+    but their ``Job`` row."""
+
+    type = "fieldless"
+    model_class = AnyJob
+
+    def run(self, job, progress):
+        progress.increment(100)
+
+
+@pytest.fixture
+def fieldless():
+    job_type = job_type_registry.register(FieldlessJobType)
+    yield job_type
+    job_type_registry.unregister(job_type)
+
+
+def test_deletes_through_proxies_forget_each_job_once(
+    transactional_db, user, no_dispatch, fieldless, monkeypatch
+):
+    """A delete through a proxy of ``Job`` sends ``post_delete`` with the proxy as its sender:
+    the receiver, connected for ``Job`` alone, never ran for a job without a row of its type's
+    own (a type whose model is that proxy), and polls and streams kept showing the job for
+    ``PROGRESS_CACHE_TIMEOUT``. A job with such a row, deleted through the proxy, gets the
+    signal for ``Job`` as well, and a proxy of a job type's model sends it for ``Job``
+    alone: each job is forgotten once."""
+    from django.db import transaction
+
+    from task_ferry.stores.base import get_store
+
+    jobs = [JobHandler.create_and_start(user, "fieldless") for _ in range(2)]
+    jobs += [JobHandler.create_and_start(user, "scripted") for _ in range(3)]
+    for job in jobs:
+        JobHandler.run_job(job.pk)
+    store = get_store()
+    assert all(store.read(job.pk)["state"] == "finished" for job in jobs)
+    forgotten = []
+    delete = type(store).delete
+
+    def counted_delete(self, job_ids):
+        forgotten.append(list(job_ids))
+        delete(self, job_ids)
+
+    monkeypatch.setattr(type(store), "delete", counted_delete)
+    with transaction.atomic():
+        AnyJob.objects.filter(pk=jobs[0].pk).delete()
+        AnyJob.objects.get(pk=jobs[1].pk).delete()
+        AnyJob.objects.filter(pk=jobs[2].pk).delete()
+        ScriptedJobProxy.objects.get(pk=jobs[3].pk).delete()
+        ScriptedJobProxy.objects.filter(pk=jobs[4].pk).delete()
+    assert not Job.objects.exists()
+    assert len(forgotten) == 1
+    assert sorted(forgotten[0]) == [job.pk for job in jobs]
+    assert not any(store.read(job.pk) for job in jobs)
+
+
+def test_a_proxy_of_job_defined_late_is_watched_and_other_models_keep_fast_deletes(db):
+    """A proxy of ``Job`` defined after the apps are ready (in a ``job_types.py`` module) is
+    watched as well. Other models get no receiver: with one, Django would load their rows
+    before deleting them and send signals for each."""
+    from django.db.models.signals import post_delete
+    from django.test.utils import CaptureQueriesContext, isolate_apps
+
+    with isolate_apps("tests.testapp"):
+
+        class LateJob(Job):
+            class Meta:
+                proxy = True
+                app_label = "testapp"
+
+        class LateScriptedJob(ScriptedJob):
+            class Meta:
+                proxy = True
+                app_label = "testapp"
+
+    try:
+        assert post_delete.has_listeners(LateJob)
+        assert not post_delete.has_listeners(LateScriptedJob)
+    finally:
+        # A signal keys its receivers by the sender's id, which a later class could reuse.
+        post_delete.disconnect(sender=LateJob, dispatch_uid="task_ferry.forget")
+    assert not post_delete.has_listeners(HookCall)
+    HookCall.objects.bulk_create(HookCall(job_id=i, hook="h") for i in range(3))
+    with CaptureQueriesContext(connection) as queries:
+        assert HookCall.objects.all().delete()[0] == 3
+    assert len(queries) == 1
 
 
 def test_cleanup_honours_job_expiry_days(db, user, settings):

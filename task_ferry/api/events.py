@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from rest_framework.exceptions import NotFound
@@ -38,7 +38,7 @@ from task_ferry.api.views import visible_snapshot
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobDoesNotExist
 from task_ferry.handler import parse_job_id
-from task_ferry.models import JobState
+from task_ferry.models import Job, JobState, jobs_database
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import RedisProgressStore
 
@@ -130,6 +130,21 @@ def release_connections() -> None:
             conn.close()
 
 
+def row_exists(job_id: int) -> bool:
+    """Whether the job's row is there, where jobs are written (a replica may not have seen its
+    delete yet). True when the database cannot tell: the stream goes on as it would have."""
+    try:
+        return Job._base_manager.using(jobs_database()).filter(pk=job_id).exists()
+    except DatabaseError as exc:
+        logger.warning("Event stream of job %s: could not read its row: %s", job_id, exc)
+        return True
+    finally:
+        release_connections()
+
+
+job_row_exists = sync_to_async(row_exists, thread_sensitive=False, executor=_access_executor)
+
+
 def running_since(snapshot: dict[str, Any]) -> datetime.datetime | None:
     """When a running job's snapshot was made (its worker stamps each one); None in any other
     state."""
@@ -201,6 +216,11 @@ async def live_events(
             last_raw = await hub.client.get(store.snapshot_key(job_id))
         except (redis.RedisError, OSError):
             last_raw = None
+        if last_raw is None and not await job_row_exists(job_id):
+            # Deleted since the access check, its store's notice published before this stream
+            # subscribed: the stream would wait for a change that never comes.
+            yield retry_field(LIVE_RETRY_MS) + DELETED_EVENT
+            return
         snapshot = first if last_raw is None else json.loads(last_raw)
         shown = running_since(snapshot)
         yield retry_field(LIVE_RETRY_MS) + job_event(snapshot)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -29,8 +29,15 @@ from task_ferry.exceptions import (
     MaxJobCountExceeded,
     ProgressStoreUnavailable,
 )
-from task_ferry.handler import JobHandler, parse_job_id
-from task_ferry.models import ENDED_STATES, LIVE_STATES, Job, JobQuerySet, JobState
+from task_ferry.handler import JobHandler, forget_snapshots, parse_job_id
+from task_ferry.models import (
+    ENDED_STATES,
+    LIVE_STATES,
+    Job,
+    JobQuerySet,
+    JobState,
+    jobs_database,
+)
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
@@ -327,6 +334,14 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
     # storing again), not when the store holds an older one (it would refuse), and not when the
     # read failed (a frozen store would make the poll wait for it twice).
     if job.is_live and stored is None and store_reachable:
-        with suppress(ProgressStoreUnavailable):
+        try:
             get_store().write_if_absent(job_id, snapshot)
+        except ProgressStoreUnavailable:
+            return snapshot
+        # A delete committed since the row was read had the store forget the job before this
+        # write, which would show the job for PROGRESS_CACHE_TIMEOUT. Read where jobs are
+        # written: a replica may not have the delete yet.
+        if not Job._base_manager.using(jobs_database()).filter(pk=job_id).exists():
+            forget_snapshots([job_id])
+            raise NotFound(str(JobDoesNotExist(pk)))
     return snapshot

@@ -17,6 +17,8 @@ from task_ferry.stores.base import CancelListener, ProgressStore
 
 # Fail fast: a poll or a tick must never hang on a Redis that went away.
 SOCKET_TIMEOUT = 2.0
+# Jobs per DEL (two keys each) and per round trip of deletion notices in ``delete()``.
+DELETE_BATCH_SIZE = 500
 
 
 def deletion_notice(job_id: int) -> str:
@@ -106,15 +108,18 @@ class RedisProgressStore(ProgressStore):
 
     def delete(self, job_ids: Iterable[int]) -> None:
         ids = list(job_ids)
-        if not ids:
-            return
         with self._failing("delete from"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.delete(*[k for i in ids for k in (self.snapshot_key(i), self.cancel_key(i))])
-            # Open event streams of the jobs would otherwise wait for a change that never comes.
-            for job_id in ids:
-                pipe.publish(self.events_channel(job_id), deletion_notice(job_id))
-            pipe.execute()
+            # In batches: Redis runs one command at a time, and a DEL of every key of a delete
+            # of 100,000 jobs would hold up every other client, workers' progress included.
+            for start in range(0, len(ids), DELETE_BATCH_SIZE):
+                batch = ids[start : start + DELETE_BATCH_SIZE]
+                pipe = self.client.pipeline(transaction=False)
+                pipe.delete(*[k for i in batch for k in (self.snapshot_key(i), self.cancel_key(i))])
+                # Open event streams of the jobs would otherwise wait for a change that never
+                # comes. Each after its job's DEL: a stream that read the snapshot still gets it.
+                for job_id in batch:
+                    pipe.publish(self.events_channel(job_id), deletion_notice(job_id))
+                pipe.execute()
 
     def cancel_listener(self) -> CancelListener:
         return RedisCancelListener(self)

@@ -173,6 +173,77 @@ def test_the_stream_of_a_job_deleted_while_it_is_followed_ends_as_a_404_would(
 
 
 @needs_redis
+@pytest.mark.parametrize("state", ["pending", "started"])
+def test_a_job_deleted_while_its_stream_opens_ends_the_stream_as_deleted(
+    transactional_db, user, hold, settings, state
+):
+    """A job deleted after the stream's access check, before it subscribed to the job's
+    channel: the store's deletion notice went out to no one, and the stream showed the job
+    with keep-alives until ``SSE_MAX_DURATION`` (five minutes). Another stream subscribing
+    meanwhile (the hub takes one subscription at a time) holds this one at that point."""
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 3}
+    job = create(user, steps=4)
+    if state == "started":
+        start(job, percentage=25)
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        hub = hub_module.get_hub(django_settings.TASK_FERRY["REDIS_URL"])
+        async with hub._lock:
+            opening = asyncio.create_task(client.get(url(job)))
+            # Past its access check, waiting to subscribe.
+            while not hub._lock._waiters:
+                assert not opening.done(), opening.result()
+                await asyncio.sleep(0.01)
+            await sync_to_async(lambda: Job.objects.filter(pk=job.pk).delete())()
+        response = await opening
+        assert response["X-Task-Ferry-Stream"] == "live"
+        began = time.monotonic()
+        text = await read_until_closed(response)
+        return text, time.monotonic() - began, dict(hub._queues)
+
+    text, took, listeners = run_async(scenario)
+    assert parse_events(text) == [("retry", 1000), ("end", {"state": None, "deleted": True})]
+    assert took < 1
+    assert listeners == {}
+
+
+@needs_redis
+def test_a_stream_whose_job_the_store_lost_while_it_opened_follows_the_job(
+    transactional_db, user, hold, store
+):
+    """A snapshot gone from the store (expired, or Redis restarted empty) is no deletion: the
+    stream finds the job's row and follows the job from the state its access check read."""
+    job = start(create(user, steps=4), percentage=25)
+    finished = {**job_snapshot(job), "state": "finished", "progress_percentage": 100}
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        hub = hub_module.get_hub(django_settings.TASK_FERRY["REDIS_URL"])
+        async with hub._lock:
+            opening = asyncio.create_task(client.get(url(job)))
+            while not hub._lock._waiters:
+                assert not opening.done(), opening.result()
+                await asyncio.sleep(0.01)
+            await sync_to_async(store.client.delete)(store.snapshot_key(job.pk))
+        response = await opening
+        stream = response.streaming_content
+        head = (await anext(stream)).decode()
+        await sync_to_async(store.write)(job.pk, finished)
+        rest = "".join([chunk.decode() async for chunk in stream])
+        return head, rest
+
+    head, rest = run_async(scenario)
+    assert parse_events(head)[1][1]["progress_percentage"] == 25
+    assert [(name, data.get("state")) for name, data in parse_events(rest)] == [
+        ("job", "finished"),
+        ("end", "finished"),
+    ]
+
+
+@needs_redis
 def test_the_stream_sends_keep_alives_and_closes_after_its_lifetime(
     transactional_db, user, hold, settings
 ):

@@ -654,6 +654,32 @@ def test_a_deleted_job_is_gone_from_detail_and_events_once_the_delete_commits(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("endpoint", ["", "events/"])
+def test_a_job_deleted_while_its_first_poll_reads_it_is_not_stored_again(
+    api, user, store, hold, monkeypatch, endpoint
+):
+    """A pending job's first poll (or stream) reads its row, then stores the snapshot it built:
+    a delete committed in between had the store forget the job first, so the poll stored it
+    again, and polls and streams showed the deleted job as pending for
+    ``PROGRESS_CACHE_TIMEOUT`` (a stream opening then waited five minutes for its end)."""
+    from task_ferry.api import views
+
+    job = create(user, steps=2)
+    read_row = views.visible_job
+
+    def row_read_then_job_deleted(*args):
+        found = read_row(*args)
+        Job.objects.filter(pk=job.pk).delete()
+        return found
+
+    monkeypatch.setattr(views, "visible_job", row_read_then_job_deleted)
+    assert api.get(f"{URL}{job.pk}/{endpoint}").status_code == 404
+    assert store.read(job.pk) is None
+    monkeypatch.setattr(views, "visible_job", read_row)
+    assert api.get(f"{URL}{job.pk}/").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_delete_rolled_back_to_a_savepoint_keeps_the_jobs_progress(api, user, store, hold):
     """A delete undone by a savepoint leaves the job, and so its progress in the store: the
     snapshots to forget were one list per transaction, so the store forgot this job too when

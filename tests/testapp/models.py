@@ -36,3 +36,17 @@ class HookCall(models.Model):
     job_id = models.BigIntegerField()
     hook = models.CharField(max_length=50)
     detail = models.TextField(blank=True)
+
+
+class AnyJob(Job):
+    """A proxy of the base model, as a project adds for a manager or an admin of its own."""
+
+    class Meta:
+        proxy = True
+
+
+class ScriptedJobProxy(ScriptedJob):
+    """A proxy of a job type's model."""
+
+    class Meta:
+        proxy = True

@@ -1,0 +1,37 @@
+"""The progress store on Django's cache framework."""
+
+import pytest
+from django.core.management import call_command
+
+from task_ferry.stores.cache import CacheProgressStore
+
+
+@pytest.fixture
+def database_cache(db, settings):
+    """A database cache, as a project without Redis shares one between its web and worker
+    processes. Its table goes with the test's transaction."""
+    settings.CACHES = {
+        **settings.CACHES,
+        "jobs": {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "task_ferry_test_cache",
+        },
+    }
+    call_command("createcachetable", "--database", "default", verbosity=0)
+    return CacheProgressStore(timeout=600, key_prefix="tf-test-cache", alias="jobs")
+
+
+def test_deleting_more_jobs_than_a_statement_takes_parameters_forgets_each(database_cache):
+    """Every key of a delete went to one ``delete_many()``, which the database cache sends as
+    one statement: past SQLite's limit of parameters (32,766 by default, 250,000 in Debian's
+    build; PostgreSQL's is 65,535 with server-side binding) the database refused it, and the
+    store forgot none of the jobs. Two keys a job: 130,000 jobs are past every limit."""
+    store = database_cache
+    job_ids = list(range(1, 130_001))
+    kept = [*job_ids[::10_000], job_ids[-1]]
+    store.write_many({job_id: {"id": job_id, "state": "started"} for job_id in kept})
+    store.request_cancel(job_ids[-1], "token")
+    assert len(store.read_many(kept)) == len(kept)
+    store.delete(job_ids)
+    assert store.read_many(kept) == {}
+    assert store.cancel_requests(job_ids[-1:]) == {}

@@ -1,0 +1,79 @@
+"""The Redis progress store, against a redis-server of the test's own (its statistics and
+configuration are the test's alone)."""
+
+import json
+import re
+import shutil
+import time
+
+import pytest
+import redis
+
+from task_ferry.stores.base import get_store
+from task_ferry.stores.redis import DELETE_BATCH_SIZE
+from tests.test_store_outage import redis_server  # noqa: F401 - a fixture of our own Redis
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs redis-server on PATH"
+)
+
+
+def key_counts_of_dels(client):
+    """How many keys each DEL since the slow log's reset named. The slow log keeps a command's
+    first arguments and then "... (N more arguments)"."""
+    counts = []
+    for entry in client.slowlog_get(-1):
+        command = entry["command"]
+        if not command.startswith(b"DEL "):
+            continue
+        shown, more = command, 0
+        if match := re.search(rb" \.\.\. \((\d+) more arguments\)$", command):
+            shown, more = command[: match.start()], int(match[1])
+        counts.append(len(shown.split()) - 1 + more)
+    return counts
+
+
+def test_deleting_many_jobs_forgets_and_announces_each_in_commands_of_bounded_size(
+    redis_server,  # noqa: F811
+):
+    """All the keys of a delete went in one ``DEL``: for 100,000 jobs, one command of 200,000
+    keys, during which Redis served no one else (workers' progress, polls, cancel requests)."""
+    store = get_store()
+    client = redis.Redis.from_url(redis_server.url)
+    job_ids = list(range(1, 2 * DELETE_BATCH_SIZE + 8))
+    store.write_many({i: {"id": i, "state": "started"} for i in job_ids})
+    for job_id in job_ids[::50]:
+        store.request_cancel(job_id, "token")
+    # A listener of every job's stream, as the event streams of a process are.
+    streams = client.pubsub()
+    streams.psubscribe(f"{store.key_prefix}:events:*")
+    assert streams.get_message(timeout=5)["type"] == "psubscribe"
+    client.config_set("slowlog-log-slower-than", 0)
+    client.config_set("slowlog-max-len", 10 * len(job_ids))
+    client.slowlog_reset()
+
+    store.delete(job_ids)
+
+    assert list(client.scan_iter(f"{store.key_prefix}:*")) == []
+    notices = []
+    deadline = time.monotonic() + 10
+    while len(notices) < len(job_ids) and time.monotonic() < deadline:
+        message = streams.get_message(timeout=1)
+        if message is not None and message["type"] == "pmessage":
+            notices.append(json.loads(message["data"]))
+    assert sorted(n["id"] for n in notices) == job_ids
+    assert all(n["deleted"] is True for n in notices)
+    counts = key_counts_of_dels(client)
+    assert sum(counts) == 2 * len(job_ids)
+    assert len(counts) == 3 and max(counts) == 2 * DELETE_BATCH_SIZE
+    streams.close()
+    client.close()
+
+
+def test_deleting_no_job_sends_nothing(redis_server):  # noqa: F811
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("slowlog-log-slower-than", 0)
+    client.slowlog_reset()
+    get_store().delete([])
+    assert key_counts_of_dels(client) == []
+    client.close()
