@@ -47,7 +47,13 @@ from task_ferry.models import (
 )
 from task_ferry.monitor import forget_heartbeats
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
+from task_ferry.snapshot import (
+    cancel_token,
+    isoformat,
+    job_snapshot,
+    truncate_error,
+    truncate_state,
+)
 from task_ferry.stores.base import get_store
 
 logger = logging.getLogger("task_ferry")
@@ -55,6 +61,7 @@ logger = logging.getLogger("task_ferry")
 __all__ = ["JobHandler"]
 
 CLEANUP_BATCH_SIZE = 500
+ERROR_FIELDS = frozenset({"error", "human_readable_error"})
 
 
 class LiveHandles:
@@ -119,6 +126,10 @@ def transition(
     """
     now = timezone.now()
     values: dict[str, Any] = {"state": to_state, "updated_at": now, **fields}
+    # Texts taken from exceptions (the job's, a broker's): one the database refuses would leave
+    # the job in its state.
+    for name in ERROR_FIELDS.intersection(fields):
+        values[name] = truncate_error(str(values[name]))
     if to_state == JobState.STARTED:
         values.setdefault("started_at", now)
     if to_state in ENDED_STATES:
@@ -695,7 +706,8 @@ class JobHandler:
             human_readable_error=human_readable_error,
         ):
             return False
-        cls._after_lost(job, DispatchError(error))
+        # As stored: the executor's error may be longer than a row keeps, or have a NUL.
+        cls._after_lost(job, DispatchError(job.error))
         return True
 
     @staticmethod
