@@ -256,14 +256,19 @@ def mysql_lock_name(name: str, database: str, length: int = MYSQL_LOCK_NAME_LENG
     return f"{name}:{digest}"[:length]
 
 
-def last_progress(job: Job) -> dict[str, Any]:
-    """The progress a running job last published, as the fields of its row (the row keeps
-    what the job had when it started until it ends); empty if the store has none or cannot
-    be reached."""
+def published_snapshots(job_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The snapshots the store holds of these jobs, in one read; empty if it cannot be
+    reached."""
     try:
-        snapshot = get_store().read(job.pk)
+        return get_store().read_many(job_ids)
     except ProgressStoreUnavailable:
         return {}
+
+
+def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
+    """The progress a running job last published (``snapshot``, read from the store), as the
+    fields of its row (the row keeps what the job had when it started until it ends); empty if
+    the snapshot is not this job's live one."""
     if (
         not snapshot
         or snapshot.get("state") != JobState.STARTED
@@ -738,22 +743,28 @@ class JobHandler:
     @classmethod
     def _fail_each(cls, candidates: JobQuerySet[Job], from_state: JobState, message: str) -> int:
         failed = 0
-        for pk in list(candidates.order_by("pk").values_list("pk", flat=True)):
-            with transaction.atomic(using=jobs_database()):
-                # A row locked by a live transaction (a frozen worker's) is retried next sweep
-                # rather than blocking this one.
-                job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
-                if job is None or not transition(
-                    job,
-                    JobState.FAILED,
-                    from_states=[from_state],
-                    error=message,
-                    human_readable_error=message,
-                    **(last_progress(job) if from_state == JobState.STARTED else {}),
-                ):
-                    continue
-            cls._after_lost(job, JobLost(message))
-            failed += 1
+        ids = list(candidates.order_by("pk").values_list("pk", flat=True))
+        for start in range(0, len(ids), CLEANUP_BATCH_SIZE):
+            batch = ids[start : start + CLEANUP_BATCH_SIZE]
+            # Read before any row is locked: a store that hangs would hold each lock for its
+            # timeout. Matched to each job by created_at once its row is locked.
+            published = published_snapshots(batch) if from_state == JobState.STARTED else {}
+            for pk in batch:
+                with transaction.atomic(using=jobs_database()):
+                    # A row locked by a live transaction (a frozen worker's) is retried next
+                    # sweep rather than blocking this one.
+                    job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
+                    if job is None or not transition(
+                        job,
+                        JobState.FAILED,
+                        from_states=[from_state],
+                        error=message,
+                        human_readable_error=message,
+                        **last_progress(job, published.get(pk)),
+                    ):
+                        continue
+                cls._after_lost(job, JobLost(message))
+                failed += 1
         return failed
 
     @staticmethod
