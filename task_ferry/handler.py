@@ -48,7 +48,13 @@ from task_ferry.models import (
 )
 from task_ferry.monitor import forget_heartbeats
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import cancel_token, isoformat, job_snapshot, truncate_state
+from task_ferry.snapshot import (
+    cancel_token,
+    isoformat,
+    job_snapshot,
+    truncate_error,
+    truncate_state,
+)
 from task_ferry.stores.base import get_store
 from task_ferry.transactions import pending_call
 
@@ -57,6 +63,7 @@ logger = logging.getLogger("task_ferry")
 __all__ = ["JobHandler"]
 
 CLEANUP_BATCH_SIZE = 500
+ERROR_FIELDS = frozenset({"error", "human_readable_error"})
 
 
 class LiveHandles:
@@ -121,6 +128,10 @@ def transition(
     """
     now = timezone.now()
     values: dict[str, Any] = {"state": to_state, "updated_at": now, **fields}
+    # Texts taken from exceptions (the job's, a broker's): one the database refuses would leave
+    # the job in its state.
+    for name in ERROR_FIELDS.intersection(fields):
+        values[name] = truncate_error(str(values[name]))
     if to_state == JobState.STARTED:
         values.setdefault("started_at", now)
     if to_state in ENDED_STATES:
@@ -255,14 +266,19 @@ def mysql_lock_name(name: str, database: str, length: int = MYSQL_LOCK_NAME_LENG
     return f"{name}:{digest}"[:length]
 
 
-def last_progress(job: Job) -> dict[str, Any]:
-    """The progress a running job last published, as the fields of its row (the row keeps
-    what the job had when it started until it ends); empty if the store has none or cannot
-    be reached."""
+def published_snapshots(job_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The snapshots the store holds of these jobs, in one read; empty if it cannot be
+    reached."""
     try:
-        snapshot = get_store().read(job.pk)
+        return get_store().read_many(job_ids)
     except ProgressStoreUnavailable:
         return {}
+
+
+def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
+    """The progress a running job last published (``snapshot``, read from the store), as the
+    fields of its row (the row keeps what the job had when it started until it ends); empty if
+    the snapshot is not this job's live one."""
     if (
         not snapshot
         or snapshot.get("state") != JobState.STARTED
@@ -705,7 +721,8 @@ class JobHandler:
             human_readable_error=human_readable_error,
         ):
             return False
-        cls._after_lost(job, DispatchError(error))
+        # As stored: the executor's error may be longer than a row keeps, or have a NUL.
+        cls._after_lost(job, DispatchError(job.error))
         return True
 
     @staticmethod
@@ -736,22 +753,28 @@ class JobHandler:
     @classmethod
     def _fail_each(cls, candidates: JobQuerySet[Job], from_state: JobState, message: str) -> int:
         failed = 0
-        for pk in list(candidates.order_by("pk").values_list("pk", flat=True)):
-            with transaction.atomic(using=jobs_database()):
-                # A row locked by a live transaction (a frozen worker's) is retried next sweep
-                # rather than blocking this one.
-                job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
-                if job is None or not transition(
-                    job,
-                    JobState.FAILED,
-                    from_states=[from_state],
-                    error=message,
-                    human_readable_error=message,
-                    **(last_progress(job) if from_state == JobState.STARTED else {}),
-                ):
-                    continue
-            cls._after_lost(job, JobLost(message))
-            failed += 1
+        ids = list(candidates.order_by("pk").values_list("pk", flat=True))
+        for start in range(0, len(ids), CLEANUP_BATCH_SIZE):
+            batch = ids[start : start + CLEANUP_BATCH_SIZE]
+            # Read before any row is locked: a store that hangs would hold each lock for its
+            # timeout. Matched to each job by created_at once its row is locked.
+            published = published_snapshots(batch) if from_state == JobState.STARTED else {}
+            for pk in batch:
+                with transaction.atomic(using=jobs_database()):
+                    # A row locked by a live transaction (a frozen worker's) is retried next
+                    # sweep rather than blocking this one.
+                    job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
+                    if job is None or not transition(
+                        job,
+                        JobState.FAILED,
+                        from_states=[from_state],
+                        error=message,
+                        human_readable_error=message,
+                        **last_progress(job, published.get(pk)),
+                    ):
+                        continue
+                cls._after_lost(job, JobLost(message))
+                failed += 1
         return failed
 
     @staticmethod

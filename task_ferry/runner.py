@@ -56,6 +56,19 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+def message_for_users(exc: BaseException, *, connection_lost: bool = False) -> str:
+    """The exception's ``human_readable_error``, or the generic sentence when it has none (or
+    one that raises when read)."""
+    try:
+        message = str(getattr(exc, "human_readable_error", None) or "")
+    except Exception:
+        # A property or __str__ that raises: the job must be marked failed all the same.
+        message = ""
+    if message.strip():
+        return message
+    return DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
+
+
 # The most of a traceback that is stored: a statement over MariaDB's max_allowed_packet
 # (16 MiB by default) is refused, and the job's failure with it.
 TRACEBACK_MAX_LENGTH = 100_000
@@ -310,19 +323,17 @@ class JobRun:
     ) -> None:
         percentage, label = watch.stop()
         reconnect_if_broken()
-        # An error text the database refuses would leave the job started: made storable.
-        error = storable(describe(exc))
-        human = getattr(exc, "human_readable_error", None) or (
-            DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
-        )
+        # Its error texts are cut and made storable by transition(): one the database refuses
+        # would leave the job started.
+        error = describe(exc)
         if not transition(
             job,
             JobState.FAILED,
             from_states=[JobState.STARTED],
             progress_percentage=percentage,
             progress_state=label,
-            error=error[:2000],
-            human_readable_error=storable(str(human)),
+            error=error,
+            human_readable_error=message_for_users(exc, connection_lost=connection_lost),
             traceback=storable(shorten_traceback("".join(traceback.format_exception(exc)))),
         ):
             publish_as_stored(job)
@@ -331,7 +342,7 @@ class JobRun:
             publish_as_stored(job)
         else:
             publish(job)
-        logger.error("Job %s (%s) failed: %s", job.pk, job.type, error, exc_info=exc)
+        logger.error("Job %s (%s) failed: %s", job.pk, job.type, job.error, exc_info=exc)
         try:
             job_type.on_error(job, exc)
         except Exception:

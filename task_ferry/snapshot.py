@@ -17,6 +17,9 @@ logger = logging.getLogger("task_ferry")
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 STATE_LABEL_MAX_LENGTH = Job._meta.get_field("progress_state").max_length or 255
+# The most of an error text (``error``, ``human_readable_error``) a job row keeps: an exception
+# may quote a whole file, and a statement over MariaDB's max_allowed_packet is refused.
+ERROR_TEXT_MAX_LENGTH = 2000
 
 # Keys of the public poll response, in the spec's order.
 PUBLIC_FIELDS = (
@@ -55,6 +58,13 @@ def truncate_state(label: object) -> str:
     if len(text) > STATE_LABEL_MAX_LENGTH:
         # Cut first: the monitor does this for every job at each interval, whatever the length.
         text = text[: STATE_LABEL_MAX_LENGTH - 1] + "…"
+    return storable(text)
+
+
+def truncate_error(text: str) -> str:
+    """An error text as a job row keeps it: longer ones are cut, the cut marked, not refused."""
+    if len(text) > ERROR_TEXT_MAX_LENGTH:
+        text = text[: ERROR_TEXT_MAX_LENGTH - 1] + "…"
     return storable(text)
 
 

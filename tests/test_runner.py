@@ -3,10 +3,12 @@ import threading
 
 import pytest
 from django.db import connection
+from django.utils.translation import gettext_lazy
 
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
 from task_ferry.registry import job_type_registry
+from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
 from task_ferry.stores.base import get_store
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 
@@ -54,6 +56,82 @@ def test_exception_can_carry_a_message_for_users(db, user, monkeypatch):
         JobHandler.create_and_start(user, "scripted")
     job = Job.objects.get()
     assert job.human_readable_error == "The file could not be read. Upload it again."
+
+
+def test_a_message_for_users_too_large_for_one_statement_is_cut_and_still_fails_the_job(
+    transactional_db, user, monkeypatch, client
+):
+    # A message quoting what the job read: over MariaDB's max_allowed_packet, the job's end
+    # would be refused and leave it started; elsewhere users would get all of it.
+    class Unreadable(Exception):
+        human_readable_error = "Row 7 could not be read: " + "x" * 20_000_000 + " (end)"
+
+    def run(self, job, progress):
+        raise Unreadable("bad row")
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    with pytest.raises(Unreadable):
+        JobHandler.create_and_start(user, "scripted")
+    job = Job.objects.get()
+    assert job.state == "failed"
+    assert job.human_readable_error.startswith("Row 7 could not be read: xxx")
+    assert job.human_readable_error.endswith("…")
+    assert len(job.human_readable_error) == ERROR_TEXT_MAX_LENGTH
+    assert get_store().read(job.pk)["human_readable_error"] == job.human_readable_error
+    client.force_login(user)
+    body = client.get(f"/api/jobs/{job.pk}/").json()
+    assert (body["state"], body["human_readable_error"]) == ("failed", job.human_readable_error)
+
+
+@pytest.mark.parametrize(
+    ("message", "stored"),
+    [
+        ("Row 7 of a\x00b.csv is empty.", "Row 7 of a\ufffdb.csv is empty."),
+        (os.fsdecode(b"caf\xe9.csv is empty."), "caf\ufffd.csv is empty."),
+        # Translated lazily, or any object: shown as its text.
+        (gettext_lazy("Upload it again."), "Upload it again."),
+        ("   ", "Something went wrong while running this job."),
+    ],
+    ids=["nul", "not-utf8", "lazy", "blank"],
+)
+def test_a_message_for_users_is_stored_as_every_database_takes_it(
+    transactional_db, user, monkeypatch, message, stored
+):
+    class Unreadable(Exception):
+        human_readable_error = message
+
+    def run(self, job, progress):
+        raise Unreadable("bad row")
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    with pytest.raises(Unreadable):
+        JobHandler.create_and_start(user, "scripted")
+    job = Job.objects.get()
+    assert (job.state, job.human_readable_error) == ("failed", stored)
+
+
+def test_a_message_for_users_that_raises_when_read_gives_the_generic_one(
+    transactional_db, user, monkeypatch
+):
+    class Unreadable(Exception):
+        @property
+        def human_readable_error(self):
+            return self.args[1]  # IndexError: raised with one argument only
+
+    def run(self, job, progress):
+        raise Unreadable("bad row")
+
+    errors = []
+    job_type = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type, "run", run)
+    monkeypatch.setattr(job_type, "on_error", lambda self, job, exc: errors.append(exc))
+    with pytest.raises(Unreadable):
+        JobHandler.create_and_start(user, "scripted")
+    job = Job.objects.get()
+    assert job.state == "failed"
+    assert job.human_readable_error == "Something went wrong while running this job."
+    assert job.error == "Unreadable: bad row"
+    assert [type(e) for e in errors] == [Unreadable]
 
 
 def run_reading(user, monkeypatch, name, *, where):

@@ -11,3 +11,10 @@ if tasks_api is not None:
         """Stores tasks like DummyBackend, but has no notion of priority."""
 
         supports_priority = False
+
+    class RefusingBackend(DummyBackend):
+        """Refuses every task with an error no database stores as it is: a NUL, which
+        PostgreSQL refuses in text, and more text than fits MariaDB's max_allowed_packet."""
+
+        def enqueue(self, task, args, kwargs):
+            raise ValueError("queue full\x00" + "x" * 20_000_000)

@@ -13,6 +13,7 @@ from task_ferry.executors.base import get_executor
 from task_ferry.executors.django_tasks import DjangoTasksExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
+from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, ScriptedJob
 
@@ -261,6 +262,23 @@ def test_backend_that_cannot_write_fails_the_job_and_tells_the_caller(
     ]
     # What a poller sees.
     assert JobHandler.get_job(user, job.pk).state == "failed"
+
+
+@requires_tasks
+def test_a_backend_error_no_database_stores_as_it_is_still_fails_the_job(
+    transactional_db, user, settings, alias, use_executor
+):
+    settings.TASKS = {alias: {"BACKEND": "tests.executors.backends.RefusingBackend", "QUEUES": []}}
+    with pytest.raises(DispatchError, match="queue full"):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert "ValueError: queue full\ufffdxxx" in job.error
+    assert job.error.endswith("x…") and len(job.error) == ERROR_TEXT_MAX_LENGTH
+    assert job.human_readable_error == django_tasks.UNDISPATCHED_MESSAGE
+    assert list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True)) == [
+        "on_error"
+    ]
 
 
 @requires_tasks

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import signal
 import threading
 import time
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, connections, transaction
+from django.db import DatabaseError, connection, connections, transaction
 from django.utils import timezone
 
 from task_ferry.exceptions import JobTypeDoesNotExist, MaxJobCountExceeded
@@ -308,3 +310,51 @@ def test_concurrent_sweeps_fail_each_job_once(queueing, user):
     assert sum(counts) == 12
     assert all(state_of(j) == "failed" for j in jobs)
     assert all(hook_calls(j, "on_error") == 1 for j in jobs)
+
+
+@needs_row_locks
+@pytest.mark.django_db(transaction=True)
+def test_a_hanging_store_holds_no_job_row_lock_while_the_sweep_reads_it(
+    queueing, ferry, redis_server, user, monkeypatch
+):
+    ferry(REDIS_URL=redis_server.url, PROGRESS_STORE="task_ferry.stores.redis.RedisProgressStore")
+    job = start_lost_job(user)
+    store = get_store()
+    reading = threading.Event()
+
+    def noticed(read):
+        def wrapper(*args, **kwargs):
+            reading.set()
+            return read(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("read", "read_many"):
+        monkeypatch.setattr(store, name, noticed(getattr(store, name)))
+    probes: list[str] = []
+
+    def lock_the_row_while_the_store_is_read():
+        reading.wait(10)
+        # Well within the store's socket timeout: the sweep still waits for Redis.
+        time.sleep(0.3)
+        try:
+            with transaction.atomic():
+                Job.objects.select_for_update(nowait=True).get(pk=job.pk)
+            probes.append("free")
+        except DatabaseError:
+            probes.append("locked")
+        finally:
+            connections.close_all()
+
+    prober = threading.Thread(target=lock_the_row_while_the_store_is_read)
+    prober.start()
+    # Takes connections, answers nothing: a frozen Redis or a stalled proxy.
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        assert JobHandler.sweep_stale_jobs() == 1
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        prober.join()
+    assert probes == ["free"]
+    assert state_of(job) == "failed"
+    assert hook_calls(job, "on_error") == 1
