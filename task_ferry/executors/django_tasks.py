@@ -273,11 +273,21 @@ class DjangoTasksExecutor(BaseExecutor):
         try:
             backend = tasks_api.task_backends[alias]
         except Exception as exc:
+            if _configured_backend(alias) == DATABASE_BACKEND:
+                # Named right, but the package is not installed (Django 6 without the extra).
+                hint = (
+                    'pip install "django-task-ferry[django-tasks]" (it brings django-tasks-db), '
+                    'add "django_tasks_db" to INSTALLED_APPS and run migrate.'
+                )
+            else:
+                hint = (
+                    f'Define TASKS = {{"{alias}": {{"BACKEND": "{DATABASE_BACKEND}"}}}} or '
+                    f'point TASK_FERRY["TASKS_BACKEND"] at an alias of TASKS.'
+                )
             return [
                 Error(
                     f"No usable django.tasks backend {alias!r} for DjangoTasksExecutor: {exc}",
-                    hint=f'Define TASKS = {{"{alias}": {{"BACKEND": "{DATABASE_BACKEND}"}}}} or '
-                    f'point TASK_FERRY["TASKS_BACKEND"] at an alias of TASKS.',
+                    hint=hint,
                     id="task_ferry.E021",
                 )
             ]

@@ -93,6 +93,17 @@ def test_backend_that_does_not_import_is_no_usable_backend(settings, alias):
 
 
 @requires_tasks
+def test_the_database_backend_not_installed_says_to_install_it(settings, alias, monkeypatch):
+    # Django 6 without the extra: django.tasks is there, django-tasks-db is not.
+    monkeypatch.setitem(sys.modules, "django_tasks_db", None)
+    settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND}}
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E021"
+    assert "django-task-ferry[django-tasks]" in error.hint
+    assert "INSTALLED_APPS" in error.hint
+
+
+@requires_tasks
 def test_immediate_backend_warns_that_jobs_do_not_reach_a_worker(settings, alias, backends):
     settings.TASKS = {alias: {"BACKEND": backends["immediate"], "QUEUES": []}}
     [warning] = DjangoTasksExecutor().check()
