@@ -97,7 +97,9 @@ def test_cleanup_dry_run_deletes_nothing(aged_jobs):
 def test_cleanup_dry_run_lists_jobs_with_verbosity_2(aged_jobs):
     out = run("task_ferry_cleanup", "--dry-run", "--older-than", "3d", "-v", "2")
     for name in ("old_finished", "old_failed", "old_limited"):
-        assert f"#{aged_jobs[name].pk} " in out
+        job = Job.objects.get(pk=aged_jobs[name].pk)
+        ended = job.finished_at.astimezone(datetime.UTC)
+        assert f"#{job.pk} {job.type} {job.state} at {ended:%Y-%m-%d %H:%M:%S} UTC\n" in out
     assert f"#{aged_jobs['recent'].pk} " not in out
 
 
@@ -252,6 +254,11 @@ def test_watch_redraws_bars_on_a_terminal(live_jobs, monkeypatch):
 def test_jobs_rejects_bad_interval(db, interval):
     with pytest.raises(CommandError, match="--interval"):
         call_command("task_ferry_jobs", "--watch", "--interval", interval)
+
+
+def test_sweep_run_once_says_when_there_was_nothing_to_fail(db):
+    # A silent exit left a user wondering whether it had run at all.
+    assert run("task_ferry_sweep") == "No stale jobs.\n"
 
 
 @pytest.mark.parametrize("interval", ["0", "nan", "inf"])

@@ -84,7 +84,9 @@ class Command(BaseCommand):
             for job_id, type_name, state, finished_at in expired.order_by("pk").values_list(
                 "pk", "type", "state", "finished_at"
             ):
-                self.stdout.write(f"  #{job_id} {type_name} {state}, finished {finished_at:%c}")
+                # As the header writes the cutoff: with its zone, not in the locale's format.
+                ended = f"{finished_at:%Y-%m-%d %H:%M:%S %Z}".rstrip()
+                self.stdout.write(f"  #{job_id} {type_name} {state} at {ended}")
 
 
 def describe(age: datetime.timedelta) -> str:

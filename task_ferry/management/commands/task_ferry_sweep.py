@@ -37,7 +37,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, interval: float | None = None, **options: Any) -> None:
         self.verbosity = int(options.get("verbosity", 1))
         if interval is None:
-            self._sweep_once()
+            self._sweep_once(say_none=True)
             return
         check_interval(interval)
         self.stdout.write(
@@ -66,7 +66,11 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass
 
-    def _sweep_once(self) -> None:
+    def _sweep_once(self, *, say_none: bool = False) -> None:
+        """Sweep, and say what it failed; a round that failed nothing is said only when run
+        once (or with -v 2): a sweeper that keeps running would fill its log."""
         failed = JobHandler.sweep_stale_jobs()
-        if failed or self.verbosity > 1:
+        if failed:
             self.stdout.write(f"Failed {failed} stale job(s).")
+        elif say_none or self.verbosity > 1:
+            self.stdout.write("No stale jobs.")
