@@ -56,7 +56,7 @@ from task_ferry.snapshot import (
     truncate_state,
 )
 from task_ferry.stores.base import get_store
-from task_ferry.transactions import pending_call
+from task_ferry.transactions import call_on_commit, pending_call
 
 logger = logging.getLogger("task_ferry")
 
@@ -169,7 +169,8 @@ def publish_as_stored(job: Job) -> None:
     """``publish()`` the job as its row stands: a run that failed or was stopped may have
     changed the instance with writes that were rolled back. A job whose row was deleted
     meanwhile is forgotten by the store instead, so that polls find it gone."""
-    stored = type(job)._default_manager.using(jobs_database()).filter(pk=job.pk).first()
+    # The base manager: a default manager that filters rows must not make the job look deleted.
+    stored = type(job)._base_manager.using(jobs_database()).filter(pk=job.pk).first()
     if stored is not None:
         publish(stored)
     else:
@@ -188,7 +189,7 @@ def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) ->
     if pending is not None:
         pending.args[0].add(instance.pk)
         return
-    transaction.on_commit(functools.partial(forget_snapshots, {instance.pk}), using=using)
+    call_on_commit(functools.partial(forget_snapshots, {instance.pk}), using, same_savepoint=True)
 
 
 def forget_deletes_of(model: type[Model]) -> None:

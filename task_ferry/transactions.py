@@ -4,6 +4,11 @@ Django keeps a transaction's on-commit callbacks in ``connection.run_on_commit``
 ids, callback, robust) per callback, and drops the callbacks of a savepoint rolled back. Code
 that batches its work per transaction (the executors' outbox, the store's forgetting of deleted
 jobs) finds its own pending callback there and adds to it, instead of registering one more.
+
+Each lookup is remembered for as long as the list is the same object: Django replaces it at
+every commit, rollback and rollback to a savepoint, the only times a callback leaves it. A
+delete of many jobs in a transaction that also holds a callback per row of the project's own
+would otherwise scan past all of them, once per job.
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ import functools
 from typing import Any
 
 from django.db import transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+MEMO_ATTRIBUTE = "_task_ferry_pending_calls"
+
+Key = tuple[Any, frozenset[str] | None]
 
 
 def pending_call(
@@ -23,7 +33,12 @@ def pending_call(
     connection = transaction.get_connection(using)
     if not connection.in_atomic_block:
         return None
+    memo = _memo(connection)
+    key = _key(connection, func, same_savepoint)
+    if key in memo:
+        return memo[key]
     savepoints = set(connection.savepoint_ids)
+    found = None
     for entry in reversed(connection.run_on_commit):
         callback = entry[1]
         if (
@@ -32,5 +47,33 @@ def pending_call(
             and callback.func == func
             and (not same_savepoint or entry[0] == savepoints)
         ):
-            return callback
-    return None
+            found = callback
+            break
+    memo[key] = found
+    return found
+
+
+def call_on_commit(
+    callback: functools.partial[Any], using: str, *, same_savepoint: bool = False
+) -> None:
+    """``transaction.on_commit(callback)``, which ``pending_call(callback.func, ...)`` then
+    finds without a scan."""
+    transaction.on_commit(callback, using=using)
+    connection = transaction.get_connection(using)
+    if connection.in_atomic_block:
+        _memo(connection)[_key(connection, callback.func, same_savepoint)] = callback
+
+
+def _key(connection: BaseDatabaseWrapper, func: Any, same_savepoint: bool) -> Key:
+    return (func, frozenset(connection.savepoint_ids) if same_savepoint else None)
+
+
+def _memo(connection: BaseDatabaseWrapper) -> dict[Key, functools.partial[Any] | None]:
+    # The list itself is kept, not its id(): a new list may get the id of one collected.
+    memo: tuple[list[Any], dict[Key, functools.partial[Any] | None]] | None = getattr(
+        connection, MEMO_ATTRIBUTE, None
+    )
+    if memo is None or memo[0] is not connection.run_on_commit:
+        memo = (connection.run_on_commit, {})
+        setattr(connection, MEMO_ATTRIBUTE, memo)
+    return memo[1]

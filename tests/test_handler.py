@@ -1,4 +1,5 @@
 import datetime
+import functools
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
@@ -293,6 +294,56 @@ def test_deletes_through_proxies_forget_each_job_once(
     assert not Job.objects.exists()
     assert len(forgotten) == 1
     assert sorted(forgotten[0]) == [job.pk for job in jobs]
+    assert not any(store.read(job.pk) for job in jobs)
+
+
+class ScanCountingList(list):
+    """``connection.run_on_commit``, counting the backward scans of it."""
+
+    scans = 0
+
+    def __reversed__(self):
+        type(self).scans += 1
+        return super().__reversed__()
+
+
+def test_a_delete_of_many_jobs_beside_a_callback_per_row_of_its_own_scans_once(
+    transactional_db, user, no_dispatch, monkeypatch
+):
+    """A project's own receiver that registers an on-commit callback per deleted row (delete
+    the job's file once committed, say) put a callback between each job's and the one that
+    forgets them all: each job's signal scanned back past every one of them, and a delete of
+    20,000 jobs took 9 s of Python inside its transaction."""
+    from django.db import transaction
+    from django.db.models.signals import post_delete
+
+    from task_ferry.stores.base import get_store
+
+    jobs = [JobHandler.create_and_start(user, "scripted") for _ in range(200)]
+    store = get_store()
+    for job in jobs:
+        JobHandler.run_job(job.pk)
+    files_removed = []
+
+    def remove_file_on_commit(sender, instance, **kwargs):
+        transaction.on_commit(functools.partial(files_removed.append, instance.pk))
+
+    post_delete.connect(remove_file_on_commit, sender=Job, dispatch_uid="test.remove_file")
+    forgotten = []
+    delete = type(store).delete
+    monkeypatch.setattr(
+        type(store), "delete", lambda self, ids: (forgotten.append(set(ids)), delete(self, ids))
+    )
+    try:
+        with transaction.atomic():
+            connection.run_on_commit = ScanCountingList()
+            Job.objects.filter(pk__in=[job.pk for job in jobs]).delete()
+            scans = ScanCountingList.scans
+    finally:
+        post_delete.disconnect(sender=Job, dispatch_uid="test.remove_file")
+    assert scans <= 1
+    assert forgotten == [{job.pk for job in jobs}]
+    assert sorted(files_removed) == sorted(job.pk for job in jobs)
     assert not any(store.read(job.pk) for job in jobs)
 
 

@@ -9,12 +9,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django.core.checks import CheckMessage, Error
-from django.db import transaction
 from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import TaskFerryImproperlyConfigured
-from task_ferry.transactions import pending_call
+from task_ferry.transactions import call_on_commit, pending_call
 
 if TYPE_CHECKING:
     from task_ferry.models import Job
@@ -122,7 +121,7 @@ def dispatch_on_commit(
     pending = pending_call(send, using)
     outbox: Outbox[Item] = pending.args[1] if pending is not None else Outbox()
     outbox.add(items, created_at)
-    transaction.on_commit(functools.partial(send, items, outbox), using=using)
+    call_on_commit(functools.partial(send, items, outbox), using)
 
 
 def describe_later(ids: list[int], after: str = "it") -> str:

@@ -13,6 +13,7 @@ import datetime
 import importlib
 import logging
 from collections.abc import Callable
+from importlib.util import find_spec
 from types import ModuleType
 from typing import Any
 
@@ -273,7 +274,7 @@ class DjangoTasksExecutor(BaseExecutor):
         try:
             backend = tasks_api.task_backends[alias]
         except Exception as exc:
-            if _configured_backend(alias) == DATABASE_BACKEND:
+            if _configured_backend(alias) == DATABASE_BACKEND and not find_spec("django_tasks_db"):
                 # Named right, but the package is not installed (Django 6 without the extra).
                 hint = (
                     'pip install "django-task-ferry[django-tasks]" (it brings django-tasks-db), '

@@ -104,6 +104,21 @@ def test_the_database_backend_not_installed_says_to_install_it(settings, alias, 
 
 
 @requires_tasks
+def test_the_database_backend_installed_but_misconfigured_is_not_told_to_install_it(
+    settings, alias
+):
+    # django-tasks-db is installed; the project's own OPTIONS name an id_function that does not
+    # import.
+    settings.TASKS = {
+        alias: {"BACKEND": DATABASE_BACKEND, "OPTIONS": {"id_function": "myproject.ids.no_such"}}
+    }
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E021"
+    assert "myproject" in error.msg
+    assert "pip install" not in error.hint
+
+
+@requires_tasks
 def test_immediate_backend_warns_that_jobs_do_not_reach_a_worker(settings, alias, backends):
     settings.TASKS = {alias: {"BACKEND": backends["immediate"], "QUEUES": []}}
     [warning] = DjangoTasksExecutor().check()
