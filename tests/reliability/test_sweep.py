@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import signal
 import threading
 import time
 
@@ -312,12 +310,18 @@ def test_concurrent_sweeps_fail_each_job_once(queueing, user):
     assert all(hook_calls(j, "on_error") == 1 for j in jobs)
 
 
+@pytest.fixture
+def redis_store(ferry, redis_server):
+    """The progress store is a redis-server of the test's own, which it can freeze."""
+    ferry(REDIS_URL=redis_server.url, PROGRESS_STORE="task_ferry.stores.redis.RedisProgressStore")
+    return redis_server
+
+
 @needs_row_locks
 @pytest.mark.django_db(transaction=True)
 def test_a_hanging_store_holds_no_job_row_lock_while_the_sweep_reads_it(
-    queueing, ferry, redis_server, user, monkeypatch
+    queueing, redis_store, user, monkeypatch
 ):
-    ferry(REDIS_URL=redis_server.url, PROGRESS_STORE="task_ferry.stores.redis.RedisProgressStore")
     job = start_lost_job(user)
     store = get_store()
     reading = threading.Event()
@@ -348,12 +352,10 @@ def test_a_hanging_store_holds_no_job_row_lock_while_the_sweep_reads_it(
 
     prober = threading.Thread(target=lock_the_row_while_the_store_is_read)
     prober.start()
-    # Takes connections, answers nothing: a frozen Redis or a stalled proxy.
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
     try:
-        assert JobHandler.sweep_stale_jobs() == 1
+        with redis_store.frozen():
+            assert JobHandler.sweep_stale_jobs() == 1
     finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
         prober.join()
     assert probes == ["free"]
     assert state_of(job) == "failed"
