@@ -14,7 +14,7 @@ import hashlib
 import logging
 import threading
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
@@ -267,13 +267,41 @@ def mysql_lock_name(name: str, database: str, length: int = MYSQL_LOCK_NAME_LENG
     return f"{name}:{digest}"[:length]
 
 
-def published_snapshots(job_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """The snapshots the store holds of these jobs, in one read; empty if it cannot be
-    reached."""
-    try:
-        return get_store().read_many(job_ids)
-    except ProgressStoreUnavailable:
-        return {}
+class SweepRoundStore:
+    """The progress store as one round of the stale-job sweep calls it. After the first call
+    that fails, the round calls it no more: against a store that hangs, each call would wait
+    out the socket timeout again, and the jobs still to fail would wait with it. The final
+    snapshots left unwritten are rewritten by a later round (``_republish_ended``)."""
+
+    def __init__(self) -> None:
+        self.unavailable = False
+
+    def read_many(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The snapshots the store holds of these jobs, in one read; empty if it cannot be
+        reached."""
+        if self.unavailable:
+            return {}
+        try:
+            return get_store().read_many(job_ids)
+        except ProgressStoreUnavailable as exc:
+            self._lost(exc)
+            return {}
+
+    def publish(self, job: Job) -> None:
+        if self.unavailable:
+            return
+        try:
+            get_store().write(job.pk, job_snapshot(job))
+        except ProgressStoreUnavailable as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: ProgressStoreUnavailable) -> None:
+        self.unavailable = True
+        logger.warning(
+            "Sweep: progress store unavailable, no more snapshots read or published this "
+            "round; a later round publishes those of the jobs it fails: %s",
+            exc,
+        )
 
 
 def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
@@ -676,11 +704,13 @@ class JobHandler:
         lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
             ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
         )
+        store = SweepRoundStore()
         failed = cls._fail_each(
             Job.objects.running().filter(lapsed),
             JobState.STARTED,
             f"The worker running this job stopped responding for over {timeout:g} seconds "
             f"(worker lost). Start the job again.",
+            store,
         )
         pending_timeout = ferry_settings.PENDING_TIMEOUT
         if pending_timeout is not None:
@@ -691,9 +721,10 @@ class JobHandler:
                 JobState.PENDING,
                 f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
                 f"workers are running and consume this job's queue, then start it again.",
+                store,
             )
         cls._republish_ended(
-            now - datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)
+            now - datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT), store
         )
         return failed
 
@@ -727,39 +758,42 @@ class JobHandler:
         return True
 
     @staticmethod
-    def _republish_ended(since: datetime.datetime) -> None:
+    def _republish_ended(since: datetime.datetime, store: SweepRoundStore) -> None:
         """Rewrite snapshots that still show a job as live after it ended: its final publish
-        failed while the store was unreachable, and pollers would wait until the key expired."""
+        failed while the store was unreachable (or the sweep round that failed it had found the
+        store so), and pollers would wait until the key expired."""
         ended = Job.objects.ended().filter(finished_at__gte=since).order_by("pk")
         last_id = 0
-        store = get_store()
-        while True:
+        while not store.unavailable:
             ids = list(
                 ended.filter(pk__gt=last_id).values_list("pk", flat=True)[:CLEANUP_BATCH_SIZE]
             )
             if not ids:
                 return
             last_id = ids[-1]
-            try:
-                snapshots = store.read_many(ids)
-            except ProgressStoreUnavailable:
-                return
+            snapshots = store.read_many(ids)
             stale = [
                 pk for pk, snapshot in snapshots.items() if snapshot.get("state") in LIVE_STATES
             ]
             for job in Job.objects.filter(pk__in=stale):
                 logger.info("Job %s: republishing its final state to the progress store.", job.pk)
-                publish(job)
+                store.publish(job)
 
     @classmethod
-    def _fail_each(cls, candidates: JobQuerySet[Job], from_state: JobState, message: str) -> int:
+    def _fail_each(
+        cls,
+        candidates: JobQuerySet[Job],
+        from_state: JobState,
+        message: str,
+        store: SweepRoundStore,
+    ) -> int:
         failed = 0
         ids = list(candidates.order_by("pk").values_list("pk", flat=True))
         for start in range(0, len(ids), CLEANUP_BATCH_SIZE):
             batch = ids[start : start + CLEANUP_BATCH_SIZE]
             # Read before any row is locked: a store that hangs would hold each lock for its
             # timeout. Matched to each job by created_at once its row is locked.
-            published = published_snapshots(batch) if from_state == JobState.STARTED else {}
+            published = store.read_many(batch) if from_state == JobState.STARTED else {}
             for pk in batch:
                 with transaction.atomic(using=jobs_database()):
                     # A row locked by a live transaction (a frozen worker's) is retried next
@@ -774,16 +808,18 @@ class JobHandler:
                         **last_progress(job, published.get(pk)),
                     ):
                         continue
-                cls._after_lost(job, JobLost(message))
+                cls._after_lost(job, JobLost(message), publish_final=store.publish)
                 failed += 1
         return failed
 
     @staticmethod
-    def _after_lost(job: Job, exc: TaskFerryError) -> None:
+    def _after_lost(
+        job: Job, exc: TaskFerryError, *, publish_final: Callable[[Job], None] = publish
+    ) -> None:
         """Publish and run the hooks of a job just failed from outside its run."""
         # Loaded after the commit, so it carries the failed state.
         specific = job.specific
-        publish(specific)
+        publish_final(specific)
         if job.type in job_type_registry:
             job_type = job_type_registry.get(job.type)
             try:

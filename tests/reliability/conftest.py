@@ -3,6 +3,7 @@ redis-server of our own on a spare port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -173,6 +174,17 @@ class RedisServer:
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
         wait_for(self._ping(client), timeout=10)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Stopped with SIGSTOP for the block: it takes connections and answers nothing, as a
+        frozen Redis or a stalled proxy would; its data is kept."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 
 import pytest
@@ -156,12 +155,9 @@ def test_sweep_repairs_a_snapshot_left_live_by_a_frozen_redis(
     wait_for(lambda: (live_progress(job.pk) or 0) > 0)
 
     # A frozen Redis keeps its data but times out every call, the final publish included.
-    redis_server.proc.send_signal(signal.SIGSTOP)
-    try:
+    with redis_server.frozen():
         wait_for(lambda: state_of(job) == "finished", timeout=20)
         time.sleep(SOCKET_TIMEOUT + 0.5)
-    finally:
-        redis_server.proc.send_signal(signal.SIGCONT)
     assert api.get(f"/api/jobs/{job.pk}/").json()["state"] == "started"
 
     JobHandler.sweep_stale_jobs()

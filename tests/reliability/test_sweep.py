@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import signal
 import threading
 import time
 
@@ -14,11 +12,16 @@ from django.core.management import CommandError, call_command
 from django.db import DatabaseError, connection, connections, transaction
 from django.utils import timezone
 
-from task_ferry.exceptions import JobTypeDoesNotExist, MaxJobCountExceeded
+from task_ferry.exceptions import (
+    JobTypeDoesNotExist,
+    MaxJobCountExceeded,
+    ProgressStoreUnavailable,
+)
 from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
+from task_ferry.stores.redis import SOCKET_TIMEOUT
 from tests.reliability.helpers import hook_calls, needs_row_locks, start_lost_job, state_of
 
 pytestmark = pytest.mark.django_db
@@ -312,12 +315,47 @@ def test_concurrent_sweeps_fail_each_job_once(queueing, user):
     assert all(hook_calls(j, "on_error") == 1 for j in jobs)
 
 
+@pytest.fixture
+def redis_store(ferry, redis_server):
+    """The progress store is a redis-server of the test's own, which it can freeze."""
+    ferry(REDIS_URL=redis_server.url, PROGRESS_STORE="task_ferry.stores.redis.RedisProgressStore")
+    return redis_server
+
+
+def record_store_calls(store, monkeypatch):
+    """The names of the store's calls from now on, with whether each raised
+    ``ProgressStoreUnavailable``; a call the store makes to itself is not counted again."""
+    calls: list[tuple[str, bool]] = []
+    depth = 0
+
+    def recorded(name, method):
+        def wrapper(*args, **kwargs):
+            nonlocal depth
+            depth += 1
+            try:
+                result = method(*args, **kwargs)
+            except ProgressStoreUnavailable:
+                if depth == 1:
+                    calls.append((name, True))
+                raise
+            finally:
+                depth -= 1
+            if depth == 0:
+                calls.append((name, False))
+            return result
+
+        return wrapper
+
+    for name in ("read", "read_many", "write", "write_many", "write_if_absent", "delete"):
+        monkeypatch.setattr(store, name, recorded(name, getattr(store, name)))
+    return calls
+
+
 @needs_row_locks
 @pytest.mark.django_db(transaction=True)
 def test_a_hanging_store_holds_no_job_row_lock_while_the_sweep_reads_it(
-    queueing, ferry, redis_server, user, monkeypatch
+    queueing, redis_store, user, monkeypatch
 ):
-    ferry(REDIS_URL=redis_server.url, PROGRESS_STORE="task_ferry.stores.redis.RedisProgressStore")
     job = start_lost_job(user)
     store = get_store()
     reading = threading.Event()
@@ -348,13 +386,44 @@ def test_a_hanging_store_holds_no_job_row_lock_while_the_sweep_reads_it(
 
     prober = threading.Thread(target=lock_the_row_while_the_store_is_read)
     prober.start()
-    # Takes connections, answers nothing: a frozen Redis or a stalled proxy.
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
     try:
-        assert JobHandler.sweep_stale_jobs() == 1
+        with redis_store.frozen():
+            assert JobHandler.sweep_stale_jobs() == 1
     finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
         prober.join()
     assert probes == ["free"]
     assert state_of(job) == "failed"
     assert hook_calls(job, "on_error") == 1
+
+
+def test_a_sweep_round_stops_calling_a_hanging_store_after_its_first_timeout(
+    queueing, ferry, redis_store, user, monkeypatch, caplog
+):
+    ferry(PENDING_TIMEOUT=600)
+    lost = [start_lost_job(user) for _ in range(3)]
+    never_taken = [JobHandler.create_and_start(None, "scripted") for _ in range(2)]
+    Job.objects.filter(pk__in=[job.pk for job in never_taken]).update(
+        created_at=timezone.now() - datetime.timedelta(hours=1)
+    )
+    jobs = lost + never_taken
+    for job in jobs:
+        # Their live snapshots, as a worker's monitor and the create left them.
+        publish(Job.objects.get(pk=job.pk))
+    calls = record_store_calls(get_store(), monkeypatch)
+
+    with redis_store.frozen():
+        began = time.monotonic()
+        assert JobHandler.sweep_stale_jobs() == 5
+        took = time.monotonic() - began
+
+    assert [state_of(job) for job in jobs] == ["failed"] * 5
+    assert [hook_calls(job, "on_error") for job in jobs] == [1] * 5
+    # Each call after the first would have waited a socket timeout of its own.
+    assert [failed for _, failed in calls] == [True]
+    assert took < 3 * SOCKET_TIMEOUT
+    outage = [r for r in caplog.records if "unavailable" in r.getMessage().lower()]
+    assert len(outage) == 1, [r.getMessage() for r in outage]
+
+    # Back: the next round publishes the final snapshots the first could not.
+    assert JobHandler.sweep_stale_jobs() == 0
+    assert [get_store().read(job.pk)["state"] for job in jobs] == ["failed"] * 5
