@@ -9,6 +9,7 @@ import time
 import pytest
 from django.db import connection
 
+from task_ferry import signals
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.stores.base import get_store
@@ -41,7 +42,8 @@ def test_a_job_the_replica_does_not_have_yet_runs_and_stays_published(user):
 
     def follow_the_store():
         while not done.is_set():
-            job_ids = list(Job.objects.using("default").values_list("pk", flat=True))
+            # From the signal, not a query: on SQLite the run's transaction locks the table.
+            job_ids = list(started)
             if job_ids:
                 snapshot = get_store().read(job_ids[0])
                 if snapshot is not None and snapshot["state"] == JobState.STARTED:
@@ -50,6 +52,12 @@ def test_a_job_the_replica_does_not_have_yet_runs_and_stays_published(user):
                     seen.append(snapshot is not None)
             time.sleep(0.02)
 
+    started: list[int] = []
+
+    def remember(sender, job, **kwargs):
+        started.append(job.pk)
+
+    signals.job_started.connect(remember, dispatch_uid="test.replica.started")
     watcher = threading.Thread(target=watch_the_store)
     watcher.start()
     try:
@@ -57,6 +65,7 @@ def test_a_job_the_replica_does_not_have_yet_runs_and_stays_published(user):
     finally:
         done.set()
         watcher.join(5)
+        signals.job_started.disconnect(dispatch_uid="test.replica.started")
 
     assert Job.objects.using("default").get(pk=job.pk).state == JobState.FINISHED
     assert not Job.objects.using("replica").exists()  # it never caught up
