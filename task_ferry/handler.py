@@ -207,6 +207,12 @@ def forget_deletes_of_new_model(sender: type[Model], **kwargs: Any) -> None:
     forget_deletes_of(sender)
 
 
+def job_row_exists(job_id: int) -> bool:
+    """Whether the job's row is there, read where jobs are written: a replica may not have seen
+    its delete yet."""
+    return Job._base_manager.using(jobs_database()).filter(pk=job_id).exists()
+
+
 def forget_snapshots(job_ids: Collection[int]) -> None:
     try:
         get_store().delete(job_ids)

@@ -37,8 +37,8 @@ from task_ferry.api.serializers import is_final, public_job
 from task_ferry.api.views import visible_snapshot
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobDoesNotExist
-from task_ferry.handler import parse_job_id
-from task_ferry.models import Job, JobState, jobs_database
+from task_ferry.handler import job_row_exists, parse_job_id
+from task_ferry.models import JobState
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import RedisProgressStore
 
@@ -131,10 +131,10 @@ def release_connections() -> None:
 
 
 def row_exists(job_id: int) -> bool:
-    """Whether the job's row is there, where jobs are written (a replica may not have seen its
-    delete yet). True when the database cannot tell: the stream goes on as it would have."""
+    """``job_row_exists()``, True when the database cannot tell: the stream goes on as it
+    would have."""
     try:
-        return Job._base_manager.using(jobs_database()).filter(pk=job_id).exists()
+        return job_row_exists(job_id)
     except DatabaseError as exc:
         logger.warning("Event stream of job %s: could not read its row: %s", job_id, exc)
         return True
@@ -142,7 +142,7 @@ def row_exists(job_id: int) -> bool:
         release_connections()
 
 
-job_row_exists = sync_to_async(row_exists, thread_sensitive=False, executor=_access_executor)
+row_exists_async = sync_to_async(row_exists, thread_sensitive=False, executor=_access_executor)
 
 
 def running_since(snapshot: dict[str, Any]) -> datetime.datetime | None:
@@ -216,7 +216,7 @@ async def live_events(
             last_raw = await hub.client.get(store.snapshot_key(job_id))
         except (redis.RedisError, OSError):
             last_raw = None
-        if last_raw is None and not await job_row_exists(job_id):
+        if last_raw is None and not await row_exists_async(job_id):
             # Deleted since the access check, its store's notice published before this stream
             # subscribed: the stream would wait for a change that never comes.
             yield retry_field(LIVE_RETRY_MS) + DELETED_EVENT

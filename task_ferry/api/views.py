@@ -29,14 +29,13 @@ from task_ferry.exceptions import (
     MaxJobCountExceeded,
     ProgressStoreUnavailable,
 )
-from task_ferry.handler import JobHandler, forget_snapshots, parse_job_id
+from task_ferry.handler import JobHandler, forget_snapshots, job_row_exists, parse_job_id
 from task_ferry.models import (
     ENDED_STATES,
     LIVE_STATES,
     Job,
     JobQuerySet,
     JobState,
-    jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
@@ -339,9 +338,8 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
         except ProgressStoreUnavailable:
             return snapshot
         # A delete committed since the row was read had the store forget the job before this
-        # write, which would show the job for PROGRESS_CACHE_TIMEOUT. Read where jobs are
-        # written: a replica may not have the delete yet.
-        if not Job._base_manager.using(jobs_database()).filter(pk=job_id).exists():
+        # write, which would show the job for PROGRESS_CACHE_TIMEOUT.
+        if not job_row_exists(job_id):
             forget_snapshots([job_id])
             raise NotFound(str(JobDoesNotExist(pk)))
     return snapshot
