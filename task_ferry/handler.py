@@ -351,7 +351,7 @@ class JobHandler:
     """Creates, cancels, looks up and cleans up jobs. All methods are class methods."""
 
     @classmethod
-    def create_and_start(cls, user: Any, job_type_name: str, **values: Any) -> Job:
+    def create_and_start(cls, /, user: Any, job_type_name: str, **values: Any) -> Job:
         """Create a job of the named type for ``user`` (None for a system job) and hand it to
         the executor. Returns the saved, specific job at once."""
         job_type = job_type_registry.get(job_type_name)

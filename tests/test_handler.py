@@ -56,6 +56,8 @@ def test_anonymous_user_is_rejected(db, no_dispatch):
         ("export_table", {}, InvalidJobValues, "table_id is required"),
         ("export_table", {"table_id": "many"}, InvalidJobValues, "table_id"),
         ("export_table", {"table_id": 1, "colour": "red"}, InvalidJobValues, "no field.*colour"),
+        # A value named like the classmethod's own first parameter (a TypeError before).
+        ("export_table", {"table_id": 1, "cls": None}, InvalidJobValues, "no field.*cls"),
         ("export_table", {"table_id": 1, "state": "finished"}, InvalidJobValues, "state"),
         ("scripted", {"steps": -1}, InvalidJobValues, "steps"),
         ("scripted", {"steps": float("inf")}, InvalidJobValues, "Invalid job values: .*integer"),
