@@ -43,12 +43,12 @@ class Progress:
         "_parent",
         "_represents",
         "_root",
+        "_total",
         "done",
-        "total",
     )
 
     def __init__(self, total: Amount = 100) -> None:
-        self.total: float = _checked_amount("Progress(total=...)", total)
+        self._total: float = _checked_amount("Progress(total=...)", total)
         #: Steps counted on this node itself (children report through their own counters).
         self.done: float = 0
         self._root: Progress = self
@@ -85,9 +85,23 @@ class Progress:
             done = self.done + by
         except OverflowError:
             # An int beyond the largest float, added to a float: past any total.
-            done = self.total
+            done = self._total
         # Clamping here keeps an overshooting stage from counting for more than it represents.
-        self.done = done if done < self.total else self.total
+        self.done = done if done < self._total else self._total
+
+    @property
+    def total(self) -> float:
+        """Steps this node counts to; 0 makes it complete, whatever its children."""
+        return self._total
+
+    @total.setter
+    def total(self, total: Amount) -> None:
+        checked = _checked_amount("Progress.total", total)
+        grows = checked > self._total
+        self._total = checked
+        if grows and self.fraction() < 1:
+            # Folded away as complete, maybe, and no longer: nor, maybe, the nodes above it.
+            self._count_again()
 
     def set_state(self, state: str | None) -> None:
         """Change the label without advancing; ``None`` clears it, as ``""`` does."""
@@ -127,8 +141,8 @@ class Progress:
             return child
         kept = []
         for old in children:
-            # An empty child is complete, whatever its children; see track() for its total.
-            if old.total == 0 or old.fraction() >= 1:
+            # An empty child is complete, whatever its children, until it is given a total.
+            if old._total == 0 or old.fraction() >= 1:
                 folded += old._represents
                 old._folded = True
             else:
@@ -152,10 +166,10 @@ class Progress:
                     stack[-1] = (node, value, pending)
                     stack.append((child, child.done + folded, iter(grandchildren)))
                     break
-                value += child._represents * _ratio(child.done + folded, child.total)
+                value += child._represents * _ratio(child.done + folded, child._total)
             else:
                 stack.pop()
-                node_fraction = _ratio(value, node.total)
+                node_fraction = _ratio(value, node._total)
                 if not stack:
                     return node_fraction
                 parent, parent_value, siblings = stack[-1]
@@ -173,11 +187,7 @@ class Progress:
         has no children (whose worth a new total would rescale), sets the node's total first.
         """
         if isinstance(iterable, Sized) and self.done == 0 and self._children == (0, []):
-            total = len(iterable)
-            if total and not self.total:
-                # Complete while empty, and no longer: nor, maybe, the nodes above it.
-                self._count_again()
-            self.total = total
+            self.total = len(iterable)
         increment = self.increment
         for item in iterable:
             yield item

@@ -119,6 +119,45 @@ def test_an_empty_child_folded_away_counts_again_once_track_gives_it_a_total(unf
     assert seen[0] == seen[1]
 
 
+def test_a_folded_child_given_more_to_do_by_assigning_its_total_counts_again(unfolded):
+    """Stages folded away as complete, then given a larger ``total`` by the job: each
+    percentage is the one the tree gives without folding, also where a grandchild's new total
+    makes its folded parent incomplete."""
+    trees = [Progress(), unfolded()]
+    seen: list[list[int]] = [[], []]
+    for root, percentages in zip(trees, seen, strict=True):
+        finished = root.create_child(represents=30, total=10)
+        finished.increment(10)
+        empty = root.create_child(represents=10, total=0)
+        nested = root.create_child(represents=20, total=1)
+        nested_file = nested.create_child(represents=1, total=1)
+        nested_file.increment()
+        rest = [root.create_child(represents=1.25, total=1) for _ in range(FOLD_CHILDREN_AT * 4)]
+        percentages.append(root.percentage)
+        finished.total = 20
+        percentages.append(root.percentage)
+        empty.total = 4
+        percentages.append(root.percentage)
+        nested_file.total = 4
+        percentages.append(root.percentage)
+        for stage in [finished, empty, nested_file, *rest]:
+            stage.increment(stage.total)
+            percentages.append(root.percentage)
+    assert seen[0] == seen[1]
+    assert seen[0][:4] == [60, 45, 35, 20]
+    assert seen[0][-1] == 100
+
+
+@pytest.mark.parametrize("total", [-1, math.nan, math.inf, "10", None, True])
+def test_assigning_a_bad_total_is_refused_and_changes_nothing(total):
+    progress = Progress()
+    stage = progress.create_child(represents=50, total=4)
+    stage.increment(2)
+    with pytest.raises(ValueError, match=r"^Progress.total must be a finite number >= 0"):
+        stage.total = total
+    assert (stage.total, progress.percentage) == (4, 25)
+
+
 def test_nested_children():
     progress = Progress()
     stage = progress.create_child(represents=60, total=3)

@@ -22,6 +22,8 @@ def amounts(progress: Progress) -> None:
     progress.increment(Fraction(1, 3), state="a third")
     progress.create_child(represents=10, total=3.5)
     progress.create_child(represents=Decimal("12.5"), total=Fraction(7, 2))
+    progress.total = Decimal("120")
+    assert_type(progress.total, float)
 
 
 def jobs_of(user: User) -> None:
