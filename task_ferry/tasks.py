@@ -12,11 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_ready
 
 from task_ferry.executors.celery import (
     CLEANUP_OLD_JOBS_TASK,
     RUN_JOB_TASK,
     SWEEP_STALE_JOBS_TASK,
+    log_queues_served,
 )
 
 __all__ = ["cleanup_old_jobs", "run_job", "sweep_stale_jobs"]
@@ -47,6 +49,12 @@ def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None)
         # restart: reconnect and try again. A job that had started is not run again.
         connections.close_all()
         raise self.retry(exc=exc, countdown=DATABASE_RETRY_DELAY) from exc
+
+
+# Workers import this module (autodiscover_tasks) before they start consuming.
+@worker_ready.connect(dispatch_uid="task_ferry.log_queues_served")
+def log_queues_served_at_start(sender: Any, **kwargs: Any) -> None:
+    log_queues_served(sender)
 
 
 @shared_task(name=CLEANUP_OLD_JOBS_TASK, ignore_result=True)

@@ -313,6 +313,52 @@ class CeleryExecutor(BaseExecutor):
         return []
 
 
+def log_queues_served(consumer: Any) -> None:
+    """At a worker's start (``worker_ready``, whose sender is its consumer), say when it
+    consumes none of the queues jobs go to (a WARNING: they would wait unseen), or only some
+    (INFO). Django's checks cannot see a worker's ``-Q``."""
+    from task_ferry.executors.base import get_executor
+    from task_ferry.registry import job_type_registry
+
+    executor = get_executor()
+    if not isinstance(executor, CeleryExecutor):
+        return
+    job_queues = sorted({executor.queue_for(job_type.type) for job_type in job_type_registry})
+    consumed = consumed_queues(consumer)
+    served = [queue for queue in job_queues if queue in consumed]
+    unserved = [queue for queue in job_queues if queue not in consumed]
+    if not unserved:
+        return
+    if served:
+        # Workers dedicated to some queues are a legitimate setup: say it, do not warn.
+        logger.info(
+            "This worker takes the jobs sent to the queue(s) %s; those sent to %s need a worker "
+            "started with -Q %s.",
+            ", ".join(served),
+            ", ".join(unserved),
+            ",".join(unserved),
+        )
+        return
+    logger.warning(
+        "This worker consumes the queue(s) %s, and task_ferry sends jobs to %s: it will run "
+        "none of them, and they stay pending until a worker consumes their queue. Start it "
+        "with -Q: celery -A %s worker -Q %s",
+        ", ".join(consumed) or "(none)",
+        ", ".join(job_queues),
+        consumer.app.main or "proj",
+        ",".join(job_queues),
+    )
+
+
+def consumed_queues(consumer: Any) -> list[str]:
+    """Names of the queues a worker's consumer takes tasks from (``-Q``, or Celery's default
+    queue, ``celery``, without it)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is not None:
+        return [queue.name for queue in task_consumer.queues]
+    return list(consumer.app.amqp.queues.consume_from)
+
+
 def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` of a send's error, with the error that caused it (a failed kombu
     batch says only that delivery is uncertain; its cause says why)."""

@@ -8,6 +8,14 @@ from tests.settings import *  # noqa: F403
 from tests.settings import LOGGING, TASK_FERRY
 
 TASK_FERRY = {**TASK_FERRY, "KEY_PREFIX": os.environ["TASK_FERRY_TEST_KEY_PREFIX"]}
+# A worker whose project dispatches with the CeleryExecutor, to this queue (the executor's
+# start-up hint about the worker's queues needs it).
+if os.environ.get("TASK_FERRY_TEST_CELERY_QUEUE"):
+    TASK_FERRY = {
+        **TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+        "CELERY_QUEUE": os.environ["TASK_FERRY_TEST_CELERY_QUEUE"],
+    }
 # Celery's own log handler prints task_ferry's lines once, with the process name.
 LOGGING = copy.deepcopy(LOGGING)
 LOGGING["loggers"]["task_ferry"] = {"level": "INFO"}

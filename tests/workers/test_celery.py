@@ -218,6 +218,67 @@ def test_job_type_queue_routes_the_job(
         celery_executor.cancel_consumer(special)
 
 
+@pytest.fixture
+def private_redis_broker(transactional_db) -> Iterator[str]:
+    """A redis-server of our own: a worker started without -Q consumes Celery's ``celery``
+    queue there, which no other test run shares."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _accepts(port), timeout=10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(5)
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize(
+    "queue_option, celery_executor, warned, told",
+    [
+        (None, True, True, False),
+        ("{default}", True, False, True),
+        ("{default},special", True, False, False),
+        (None, False, False, False),
+    ],
+    ids=["without -Q", "-Q default", "-Q default,special", "ImmediateExecutor"],
+)
+def test_a_worker_consuming_none_of_the_jobs_queues_warns_at_start(
+    private_redis_broker: str,
+    queue_option: str | None,
+    celery_executor: bool,
+    warned: bool,
+    told: bool,
+) -> None:
+    """The test project's job types go to CELERY_QUEUE and to RoutedJobType's "special"."""
+    default = unique_queue("hint-default")
+    args = ["worker", "--pool=solo", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+    if queue_option is not None:
+        args.append(f"--queues={queue_option.format(default=default)}")
+    extra = {"TASK_FERRY_TEST_CELERY_QUEUE": default} if celery_executor else {}
+    env = worker_env(private_redis_broker, **extra)
+    worker = start_celery(args, env, ready_text=" ready.")
+    worker.stop()
+    log = worker.log()
+
+    warning = (
+        f"WARNING/MainProcess] This worker consumes the queue(s) celery, and task_ferry sends "
+        f"jobs to special, {default}: it will run none of them, and they stay pending until a "
+        f"worker consumes their queue. Start it with -Q: celery -A tests worker -Q "
+        f"special,{default}"
+    )
+    info = (
+        f"INFO/MainProcess] This worker takes the jobs sent to the queue(s) {default}; those "
+        f"sent to special need a worker started with -Q special."
+    )
+    assert (warning in log) is warned, log
+    assert (info in log) is told, log
+    assert ("This worker" in log) is (warned or told), log
+
+
 @pytest.mark.worker
 def test_pending_job_cancelled_before_a_worker_takes_it_never_runs(
     celery_executor: CeleryWorker, user, monkeypatch: pytest.MonkeyPatch
