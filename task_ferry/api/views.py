@@ -337,8 +337,12 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
     # read failed (a frozen store would make the poll wait for it twice).
     if job.is_live and stored is None and store_reachable:
         try:
-            get_store().write_if_absent(job_id, snapshot)
+            written = get_store().write_if_absent(job_id, snapshot)
         except ProgressStoreUnavailable:
+            return snapshot
+        # Not written: the snapshot there is another poll's, which checks the row itself, or
+        # the run's, whose monitor forgets a job deleted while it runs.
+        if not written:
             return snapshot
         # A delete committed since the row was read had the store forget the job before this
         # write, which would show the job for PROGRESS_CACHE_TIMEOUT.

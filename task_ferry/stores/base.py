@@ -58,15 +58,18 @@ class ProgressStore(ABC):
     def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
         """Store the job's newest snapshot and announce it to listeners."""
 
-    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> bool:
         """Store a snapshot built from the job's row unless the store holds one already, without
-        announcing it. The API does this for a live job the store knows nothing of (a pending
-        job's first poll), so that a snapshot the job's run wrote meanwhile is never replaced by
-        this older one. The built-in stores do it with one atomic "add". This fallback, for
-        stores that do not override it, reads then writes (announcing the snapshot): it can
-        lose that race, and then shows the older state until the job's next write."""
-        if self.read(job_id) is None:
-            self.write(job_id, snapshot)
+        announcing it; whether it stored it. The API does this for a live job the store knows
+        nothing of (a pending job's first poll), so that a snapshot the job's run wrote
+        meanwhile is never replaced by this older one. The built-in stores do it with one atomic
+        "add". This fallback, for stores that do not override it, reads then writes (announcing
+        the snapshot): it can lose that race, and then shows the older state until the job's
+        next write."""
+        if self.read(job_id) is not None:
+            return False
+        self.write(job_id, snapshot)
+        return True
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         """``write()`` several jobs' snapshots; stores override this to do it in one go."""

@@ -45,8 +45,8 @@ class CacheProgressStore(ProgressStore):
         # A cache has no listeners to announce to.
         self._call("set", self.snapshot_key(job_id), snapshot, self.timeout)
 
-    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
-        self._call("add", self.snapshot_key(job_id), snapshot, self.timeout)
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> bool:
+        return bool(self._call("add", self.snapshot_key(job_id), snapshot, self.timeout))
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         values = {self.snapshot_key(i): snapshot for i, snapshot in snapshots.items()}

@@ -62,10 +62,12 @@ class RedisProgressStore(ProgressStore):
                 pipe.publish(self.events_channel(job_id), payload)
             pipe.execute()
 
-    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> bool:
         payload = json.dumps(snapshot, separators=(",", ":"))
         with self._failing("write to"):
-            self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout, nx=True)
+            # SET NX answers OK when it set the key, nil when the key was there.
+            written = self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout, nx=True)
+        return bool(written)
 
     def read_raw(self, job_id: int) -> bytes | None:
         """The stored snapshot as JSON bytes, for responses that can pass them on as they are."""

@@ -425,6 +425,36 @@ def test_a_poll_never_replaces_the_snapshot_a_run_wrote_meanwhile(user, store, h
     )
 
 
+def test_a_first_poll_that_finds_a_snapshot_stored_meanwhile_reads_the_row_once(
+    api, user, store, hold, monkeypatch
+):
+    """Another poll stored the job's snapshot between this poll's read of the store and its
+    own write, which stored nothing: it read the job's row a second time all the same, to
+    check a delete that only the poll that wrote the snapshot has to check."""
+    from task_ferry.api import views
+
+    job = create(user, steps=2)
+    read_row = views.visible_job
+
+    def row_read_then_stored_by_another_poll(*args):
+        found = read_row(*args)
+        store.write_if_absent(job.pk, job_snapshot(found))
+        return found
+
+    monkeypatch.setattr(views, "visible_job", row_read_then_stored_by_another_poll)
+    with CaptureQueriesContext(connection) as queries:
+        assert api.get(f"{URL}{job.pk}/").json()["state"] == "pending"
+    assert len([q for q in queries if "task_ferry_job" in q["sql"]]) == 1
+
+
+def test_write_if_absent_says_whether_it_stored_the_snapshot(user, store, hold):
+    job = create(user, steps=5)
+    assert store.write_if_absent(job.pk, job_snapshot(job)) is True
+    start(job, percentage=40)
+    assert store.write_if_absent(job.pk, job_snapshot(job)) is False
+    assert store.read(job.pk)["progress_percentage"] == 40
+
+
 def test_a_running_jobs_progress_shows_when_its_types_serializer_fails(
     api, user, store, hold, monkeypatch
 ):

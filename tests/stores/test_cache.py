@@ -35,3 +35,16 @@ def test_deleting_more_jobs_than_a_statement_takes_parameters_forgets_each(datab
     store.delete(job_ids)
     assert store.read_many(kept) == {}
     assert store.cancel_requests(job_ids[-1:]) == {}
+
+
+def test_the_fallback_write_if_absent_says_whether_it_stored(db):
+    """``ProgressStore.write_if_absent()`` as a store that does not override it has it."""
+    from task_ferry.stores.base import ProgressStore
+
+    class ReadThenWrite(CacheProgressStore):
+        write_if_absent = ProgressStore.write_if_absent
+
+    store = ReadThenWrite(timeout=600, key_prefix="tf-test-fallback", alias="default")
+    assert store.write_if_absent(1, {"id": 1, "state": "pending"}) is True
+    assert store.write_if_absent(1, {"id": 1, "state": "started"}) is False
+    assert store.read(1) == {"id": 1, "state": "pending"}
