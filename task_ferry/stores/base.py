@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.core.checks import CheckMessage
 from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
+from task_ferry.exceptions import ProgressStoreUnavailable, SnapshotsNotForgotten
 
 
 class CancelListener(ABC):
@@ -101,7 +102,8 @@ class ProgressStore(ABC):
 
     @abstractmethod
     def delete(self, job_ids: Iterable[int]) -> None:
-        """Forget the jobs' snapshots and cancel requests."""
+        """Forget the jobs' snapshots and cancel requests. A store that does it in several
+        calls (``delete_in_batches()``) raises ``SnapshotsNotForgotten`` when one fails."""
 
     def cancel_listener(self) -> CancelListener:
         """A listener for cancel requests of all jobs; only push stores have one."""
@@ -110,6 +112,23 @@ class ProgressStore(ABC):
     def check(self) -> list[CheckMessage]:
         """System-check messages about this store's configuration."""
         return []
+
+
+def delete_in_batches(
+    job_ids: Iterable[int], batch_size: int, delete_batch: Callable[[list[int]], None]
+) -> None:
+    """``delete_batch()`` the jobs ``batch_size`` at a time. When one fails, raises
+    ``SnapshotsNotForgotten`` with the jobs of that batch and the later ones."""
+    ids = list(job_ids)
+    for start in range(0, len(ids), batch_size):
+        try:
+            delete_batch(ids[start : start + batch_size])
+        except ProgressStoreUnavailable as exc:
+            # The later batches are not tried: a store down or frozen would make each of them
+            # wait for its own timeout (with Redis 2 s, 200 times for 100,000 jobs) in the
+            # commit of the delete, and refusals (a read-only replica) would refuse them too.
+            # What is left expires after PROGRESS_CACHE_TIMEOUT.
+            raise SnapshotsNotForgotten(str(exc), ids[start:]) from exc
 
 
 def default_store_path() -> str:
