@@ -87,3 +87,12 @@ class DispatchError(TaskFerryError):
 
 class ProgressStoreUnavailable(TaskFerryError):
     """The progress store (Redis or the cache) could not be reached."""
+
+
+class SnapshotsNotForgotten(ProgressStoreUnavailable):
+    """``ProgressStore.delete()`` stopped part-way: the jobs before ``job_ids`` are forgotten,
+    these may still be stored (until they expire)."""
+
+    def __init__(self, message: str, job_ids: list[int]) -> None:
+        super().__init__(message)
+        self.job_ids = job_ids

@@ -34,6 +34,7 @@ from task_ferry.exceptions import (
     JobLost,
     MaxJobCountExceeded,
     ProgressStoreUnavailable,
+    SnapshotsNotForgotten,
     TaskFerryError,
 )
 from task_ferry.models import (
@@ -217,9 +218,12 @@ def forget_snapshots(job_ids: Collection[int]) -> None:
     try:
         get_store().delete(job_ids)
     except ProgressStoreUnavailable as exc:
-        # They expire on their own. A count: a bulk delete can be of many thousands.
+        # A store that deletes in batches forgot those before the one that failed.
+        not_forgotten = exc.job_ids if isinstance(exc, SnapshotsNotForgotten) else job_ids
+        # They expire on their own. Counts: a bulk delete can be of many thousands.
         logger.warning(
-            "Progress store unavailable, snapshots of %d deleted jobs not forgotten: %s",
+            "Progress store unavailable, snapshots of %d of %d deleted jobs not forgotten: %s",
+            len(not_forgotten),
             len(job_ids),
             exc,
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from django.db import transaction
 from django.dispatch import receiver
 from django.utils.functional import cached_property
 from rest_framework import status, viewsets
@@ -36,6 +38,7 @@ from task_ferry.models import (
     Job,
     JobQuerySet,
     JobState,
+    jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
@@ -334,12 +337,34 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
     # read failed (a frozen store would make the poll wait for it twice).
     if job.is_live and stored is None and store_reachable:
         try:
-            get_store().write_if_absent(job_id, snapshot)
+            written = get_store().write_if_absent(job_id, snapshot)
         except ProgressStoreUnavailable:
+            return snapshot
+        # Not written: the snapshot there is another poll's, which checks the row itself, or
+        # the run's, whose monitor forgets a job deleted while it runs.
+        if not written:
             return snapshot
         # A delete committed since the row was read had the store forget the job before this
         # write, which would show the job for PROGRESS_CACHE_TIMEOUT.
         if not job_row_exists(job_id):
             forget_snapshots([job_id])
             raise NotFound(str(JobDoesNotExist(pk)))
+        check_row_again_on_commit(job_id)
     return snapshot
+
+
+def check_row_again_on_commit(job_id: int) -> None:
+    """In a transaction (``ATOMIC_REQUESTS``), read whether the job's row is there once more
+    when it commits: at REPEATABLE READ (MySQL, PostgreSQL) or on SQLite in WAL mode, every read
+    of the transaction sees the database as at its first, not a delete committed since."""
+    using = jobs_database()
+    if transaction.get_connection(using).in_atomic_block:
+        # Robust: the request's work is committed by then, and its answer must not be a 500.
+        transaction.on_commit(
+            functools.partial(forget_if_deleted, job_id), using=using, robust=True
+        )
+
+
+def forget_if_deleted(job_id: int) -> None:
+    if not job_row_exists(job_id):
+        forget_snapshots([job_id])

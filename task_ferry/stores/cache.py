@@ -16,7 +16,7 @@ from django.core.checks import CheckMessage, Error
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
-from task_ferry.stores.base import ProgressStore
+from task_ferry.stores.base import ProgressStore, delete_in_batches
 
 # Keys per delete_many() in delete(). The database cache sends them as the parameters of one
 # statement (SQLite takes 32,766 by default, 999 before 3.32; PostgreSQL with server-side
@@ -45,8 +45,8 @@ class CacheProgressStore(ProgressStore):
         # A cache has no listeners to announce to.
         self._call("set", self.snapshot_key(job_id), snapshot, self.timeout)
 
-    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
-        self._call("add", self.snapshot_key(job_id), snapshot, self.timeout)
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> bool:
+        return bool(self._call("add", self.snapshot_key(job_id), snapshot, self.timeout))
 
     def write_many(self, snapshots: dict[int, dict[str, Any]]) -> None:
         values = {self.snapshot_key(i): snapshot for i, snapshot in snapshots.items()}
@@ -75,9 +75,12 @@ class CacheProgressStore(ProgressStore):
         return {keys[key]: str(value) for key, value in found.items() if value is not None}
 
     def delete(self, job_ids: Iterable[int]) -> None:
+        # Two keys a job.
+        delete_in_batches(job_ids, DELETE_BATCH_KEYS // 2, self._delete_batch)
+
+    def _delete_batch(self, job_ids: list[int]) -> None:
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
-        for start in range(0, len(keys), DELETE_BATCH_KEYS):
-            self._call("delete_many", keys[start : start + DELETE_BATCH_KEYS])
+        self._call("delete_many", keys)
 
     def check(self) -> list[CheckMessage]:
         if self.alias not in settings.CACHES:

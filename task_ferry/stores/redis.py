@@ -13,7 +13,7 @@ from redis.client import PubSub
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
-from task_ferry.stores.base import CancelListener, ProgressStore
+from task_ferry.stores.base import CancelListener, ProgressStore, delete_in_batches
 
 # Fail fast: a poll or a tick must never hang on a Redis that went away.
 SOCKET_TIMEOUT = 2.0
@@ -62,10 +62,12 @@ class RedisProgressStore(ProgressStore):
                 pipe.publish(self.events_channel(job_id), payload)
             pipe.execute()
 
-    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> None:
+    def write_if_absent(self, job_id: int, snapshot: dict[str, Any]) -> bool:
         payload = json.dumps(snapshot, separators=(",", ":"))
         with self._failing("write to"):
-            self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout, nx=True)
+            # SET NX answers OK when it set the key, nil when the key was there.
+            written = self.client.set(self.snapshot_key(job_id), payload, ex=self.timeout, nx=True)
+        return bool(written)
 
     def read_raw(self, job_id: int) -> bytes | None:
         """The stored snapshot as JSON bytes, for responses that can pass them on as they are."""
@@ -107,19 +109,19 @@ class RedisProgressStore(ProgressStore):
         }
 
     def delete(self, job_ids: Iterable[int]) -> None:
-        ids = list(job_ids)
+        # In batches: Redis runs one command at a time, and a DEL of every key of a delete of
+        # 100,000 jobs would hold up every other client, workers' progress included.
+        delete_in_batches(job_ids, DELETE_BATCH_SIZE, self._delete_batch)
+
+    def _delete_batch(self, job_ids: list[int]) -> None:
         with self._failing("delete from"):
-            # In batches: Redis runs one command at a time, and a DEL of every key of a delete
-            # of 100,000 jobs would hold up every other client, workers' progress included.
-            for start in range(0, len(ids), DELETE_BATCH_SIZE):
-                batch = ids[start : start + DELETE_BATCH_SIZE]
-                pipe = self.client.pipeline(transaction=False)
-                pipe.delete(*[k for i in batch for k in (self.snapshot_key(i), self.cancel_key(i))])
-                # Open event streams of the jobs would otherwise wait for a change that never
-                # comes. Each after its job's DEL: a stream that read the snapshot still gets it.
-                for job_id in batch:
-                    pipe.publish(self.events_channel(job_id), deletion_notice(job_id))
-                pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(*[k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))])
+            # Open event streams of the jobs would otherwise wait for a change that never
+            # comes. Each after its job's DEL: a stream that read the snapshot still gets it.
+            for job_id in job_ids:
+                pipe.publish(self.events_channel(job_id), deletion_notice(job_id))
+            pipe.execute()
 
     def cancel_listener(self) -> CancelListener:
         return RedisCancelListener(self)

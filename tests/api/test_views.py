@@ -2,6 +2,7 @@
 
 import contextlib
 import datetime
+import threading
 
 import pytest
 from django.db import connection
@@ -424,6 +425,36 @@ def test_a_poll_never_replaces_the_snapshot_a_run_wrote_meanwhile(user, store, h
     )
 
 
+def test_a_first_poll_that_finds_a_snapshot_stored_meanwhile_reads_the_row_once(
+    api, user, store, hold, monkeypatch
+):
+    """Another poll stored the job's snapshot between this poll's read of the store and its
+    own write, which stored nothing: it read the job's row a second time all the same, to
+    check a delete that only the poll that wrote the snapshot has to check."""
+    from task_ferry.api import views
+
+    job = create(user, steps=2)
+    read_row = views.visible_job
+
+    def row_read_then_stored_by_another_poll(*args):
+        found = read_row(*args)
+        store.write_if_absent(job.pk, job_snapshot(found))
+        return found
+
+    monkeypatch.setattr(views, "visible_job", row_read_then_stored_by_another_poll)
+    with CaptureQueriesContext(connection) as queries:
+        assert api.get(f"{URL}{job.pk}/").json()["state"] == "pending"
+    assert len([q for q in queries if "task_ferry_job" in q["sql"]]) == 1
+
+
+def test_write_if_absent_says_whether_it_stored_the_snapshot(user, store, hold):
+    job = create(user, steps=5)
+    assert store.write_if_absent(job.pk, job_snapshot(job)) is True
+    start(job, percentage=40)
+    assert store.write_if_absent(job.pk, job_snapshot(job)) is False
+    assert store.read(job.pk)["progress_percentage"] == 40
+
+
 def test_a_running_jobs_progress_shows_when_its_types_serializer_fails(
     api, user, store, hold, monkeypatch
 ):
@@ -676,6 +707,83 @@ def test_a_job_deleted_while_its_first_poll_reads_it_is_not_stored_again(
     assert api.get(f"{URL}{job.pk}/{endpoint}").status_code == 404
     assert store.read(job.pk) is None
     monkeypatch.setattr(views, "visible_job", read_row)
+    assert api.get(f"{URL}{job.pk}/").status_code == 404
+
+
+@pytest.fixture
+def requests_read_one_snapshot(transactional_db):
+    """Each request runs in a transaction (``ATOMIC_REQUESTS``) whose reads all see the
+    database as it was at the first one: REPEATABLE READ on PostgreSQL, MySQL and MariaDB, WAL
+    mode on SQLite (a database file: set TASK_FERRY_TEST_SQLITE)."""
+    from django.db import connection
+
+    settings_dict = connection.settings_dict
+    saved = {key: settings_dict.get(key) for key in ("OPTIONS", "ATOMIC_REQUESTS")}
+    if connection.vendor == "sqlite":
+        if connection.is_in_memory_db():
+            pytest.skip("SQLite's WAL mode needs a database file")
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=WAL")
+    else:
+        if connection.vendor == "mysql":
+            level = "repeatable read"
+        else:
+            from django.db.backends.postgresql.psycopg_any import IsolationLevel
+
+            level = IsolationLevel.REPEATABLE_READ
+        settings_dict["OPTIONS"] = {**settings_dict.get("OPTIONS", {}), "isolation_level": level}
+        # The level is set when a connection opens.
+        connection.close()
+    settings_dict["ATOMIC_REQUESTS"] = True
+    yield
+    settings_dict.update(saved)
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=DELETE")
+    connection.close()
+
+
+def in_another_thread(func):
+    """Run ``func`` on a connection of its own, which it commits on and then closes."""
+    from django.db import connections
+
+    errors = []
+
+    def run():
+        try:
+            func()
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and not errors, errors
+
+
+def test_a_job_deleted_while_its_first_poll_reads_it_in_a_snapshot_is_not_stored_again(
+    api, user, store, hold, monkeypatch, requests_read_one_snapshot
+):
+    """With ``ATOMIC_REQUESTS``, the first poll's second read of the row ran in the request's
+    own snapshot, which did not see a delete committed since its first: the job was stored
+    again and polls showed the deleted job as pending for ``PROGRESS_CACHE_TIMEOUT``."""
+    from task_ferry.api import views
+
+    job = create(user, steps=2)
+    read_row = views.visible_job
+
+    def row_read_then_job_deleted_elsewhere(*args):
+        found = read_row(*args)
+        in_another_thread(lambda: Job.objects.filter(pk=job.pk).delete())
+        return found
+
+    monkeypatch.setattr(views, "visible_job", row_read_then_job_deleted_elsewhere)
+    # The request's snapshot still has the job: it may show it this once.
+    assert api.get(f"{URL}{job.pk}/").status_code in (200, 404)
+    monkeypatch.setattr(views, "visible_job", read_row)
+    assert store.read(job.pk) is None
     assert api.get(f"{URL}{job.pk}/").status_code == 404
 
 

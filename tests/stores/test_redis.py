@@ -77,3 +77,43 @@ def test_deleting_no_job_sends_nothing(redis_server):  # noqa: F811
     get_store().delete([])
     assert key_counts_of_dels(client) == []
     client.close()
+
+
+def test_a_delete_cut_short_by_redis_going_away_counts_the_jobs_it_did_not_forget(
+    redis_server,  # noqa: F811
+    monkeypatch,
+    caplog,
+):
+    """Redis went away after the first of three batches: the store stopped there, and the
+    warning said none of the jobs were forgotten, though the first batch's were."""
+    from redis.client import Pipeline
+
+    from task_ferry.exceptions import SnapshotsNotForgotten
+    from task_ferry.handler import forget_snapshots
+
+    store = get_store()
+    job_ids = list(range(1, 2 * DELETE_BATCH_SIZE + 8))
+    store.write_many({i: {"id": i, "state": "started"} for i in job_ids})
+    execute = Pipeline.execute
+    executed = []
+
+    def execute_then_stop_redis(self, *args, **kwargs):
+        result = execute(self, *args, **kwargs)
+        executed.append(result)
+        if len(executed) == 1:
+            redis_server.stop()
+        return result
+
+    monkeypatch.setattr(Pipeline, "execute", execute_then_stop_redis)
+    with pytest.raises(SnapshotsNotForgotten) as raised:
+        store.delete(job_ids)
+    assert raised.value.job_ids == job_ids[DELETE_BATCH_SIZE:]
+
+    redis_server.start()
+    store.write_many({i: {"id": i, "state": "started"} for i in job_ids})
+    executed.clear()
+    with caplog.at_level("WARNING", logger="task_ferry"):
+        forget_snapshots(job_ids)
+    (warning,) = [r.getMessage() for r in caplog.records if "not forgotten" in r.getMessage()]
+    not_forgotten = len(job_ids) - DELETE_BATCH_SIZE
+    assert f"snapshots of {not_forgotten} of {len(job_ids)} deleted jobs not forgotten" in warning
