@@ -166,17 +166,19 @@ def publish(job: Job) -> None:
         )
 
 
-def publish_as_stored(job: Job) -> None:
+def publish_as_stored(job: Job) -> bool:
     """``publish()`` the job as its row stands: a run that failed or was stopped may have
     changed the instance with writes that were rolled back. A job whose row was deleted
-    meanwhile is forgotten by the store instead, so that polls find it gone."""
+    meanwhile is forgotten by the store instead, so that polls find it gone. Returns whether
+    the row is there."""
     # The base manager: a default manager that filters rows must not make the job look deleted.
     stored = type(job)._base_manager.using(jobs_database()).filter(pk=job.pk).first()
-    if stored is not None:
-        publish(stored)
-    else:
+    if stored is None:
         forget_snapshots([job.pk])
         forget_heartbeats([job.pk])
+        return False
+    publish(stored)
+    return True
 
 
 def forget_deleted_job(sender: Any, instance: Job, using: str, **kwargs: Any) -> None:
@@ -623,12 +625,17 @@ class JobHandler:
             publish_as_stored(job)
         else:
             publish(job)
+        JobHandler._run_on_cancelled(job)
+        signals.emit(signals.job_cancelled, job)
+
+    @staticmethod
+    def _run_on_cancelled(job: Job) -> None:
+        """Run the job type's ``on_cancelled``; one that raises is logged."""
         job_type = job_type_registry.get(job.type)
         try:
             job_type.on_cancelled(job)
         except Exception:
             logger.exception("Job %s: on_cancelled hook of %r raised", job.pk, job_type)
-        signals.emit(signals.job_cancelled, job)
 
     @staticmethod
     def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:

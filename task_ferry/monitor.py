@@ -52,8 +52,10 @@ class Watch:
 
     __slots__ = (
         "_monitor",
+        "beaten_at",
         "cancel_checked",
         "cancel_token",
+        "gone_at",
         "heartbeat",
         "job",
         "progress",
@@ -84,11 +86,22 @@ class Watch:
         #: Whether the store was asked for a cancel request made before the monitor listened.
         self.cancel_checked = False
         self.cancel_token = cancel_token(job)
+        #: When its last heartbeat row was written, or the run started (``time.monotonic()``).
+        self.beaten_at = time.monotonic()
+        #: When the monitor found its row deleted; None while it has not.
+        self.gone_at: float | None = None
 
     def current(self) -> tuple[int, str]:
         """The job's percentage and (column-sized) label right now."""
         progress = self.progress
         return progress.percentage, truncate_state(progress.state)
+
+    def deleted_while_started(self) -> bool:
+        """Whether the job, whose row is gone, was still ``started`` when it was deleted: the
+        stale-job sweep, the one other party that ends a running job (and runs its
+        ``on_error``), fails it only once its heartbeat lapsed for ``HEARTBEAT_TIMEOUT``."""
+        gone_at = time.monotonic() if self.gone_at is None else self.gone_at
+        return gone_at - self.beaten_at < ferry_settings.HEARTBEAT_TIMEOUT
 
     def stop(self) -> tuple[int, str]:
         """Stop publishing this job and return its last numbers. Once this returns, the monitor
@@ -202,19 +215,22 @@ class JobMonitor:
             self._store_down = False
             logger.warning("task_ferry monitor: progress store reachable again")
 
-    def _forget_deleted(self, job_ids: set[int]) -> None:
-        """Stop publishing the running jobs whose rows were deleted, and take their snapshots
-        out of the store again: a publication since the delete would show them ``started``
-        until their runs end (which find no row, and roll back their work)."""
+    def _forget_deleted(self, job_ids: set[int], found_at: float) -> None:
+        """Stop the running jobs whose rows were deleted at their next tick, as if cancelled:
+        their work would be rolled back at their end, which finds no row. Stop publishing
+        them too, and take their snapshots out of the store again: a publication since the
+        delete would show them ``started`` until their runs end."""
         with self._lock:
             watches = [w for w in self._watches.values() if w.job.pk in job_ids]
             for watch in watches:
                 del self._watches[watch.job.pk]
+                watch.gone_at = found_at
+                watch.progress.request_cancel()
         if not watches:
             # Their runs ended before the query: they forgot the jobs themselves.
             return
         forgotten = sorted(w.job.pk for w in watches)
-        logger.info("Jobs %s were deleted while they ran; no longer publishing them.", forgotten)
+        logger.info("Jobs %s were deleted while they ran; stopping them.", forgotten)
         try:
             get_store().delete(forgotten)
         except ProgressStoreUnavailable as exc:
@@ -225,6 +241,8 @@ class JobMonitor:
         if not visible_ids:
             return
         job_ids = [w.job.pk for w in watches if w.heartbeat and w.visible]
+        # No later than the beat_at written, which the stale-job sweep goes by.
+        beaten_at = time.monotonic()
         now = timezone.now()
         name = worker_name()
         try:
@@ -251,7 +269,8 @@ class JobMonitor:
             deleted = set(visible_ids) - states.keys()
             if deleted:
                 job_ids = [job_id for job_id in job_ids if job_id not in deleted]
-                self._forget_deleted(deleted)
+                # Found after the query: the rows were deleted before it answered.
+                self._forget_deleted(deleted, time.monotonic())
                 # The previous beat may have written their heartbeats after the delete (it read
                 # the rows before): nothing else would remove those.
                 forget_heartbeats(deleted)
@@ -276,6 +295,10 @@ class JobMonitor:
                 unique_fields=conflict_target,
                 update_fields=["worker", "beat_at"],
             )
+            beaten = set(job_ids)
+            for watch in watches:
+                if watch.job.pk in beaten:
+                    watch.beaten_at = beaten_at
         except Exception:
             logger.exception("task_ferry monitor: heartbeat of jobs %s failed", visible_ids)
         finally:

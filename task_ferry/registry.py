@@ -69,7 +69,9 @@ class JobType:
         """Called once after the job was marked failed."""
 
     def on_cancelled(self, job: Any) -> None:
-        """Called once after the job was marked cancelled. Clean up partial output here."""
+        """Called once after the job was marked cancelled, or after its run was stopped because
+        its row was deleted while it ran (the row is gone: do not save ``job``). Clean up
+        partial output here."""
 
     def before_delete(self, job: Any) -> None:
         """Called before ``cleanup_old_jobs`` deletes this expired job."""

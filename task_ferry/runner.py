@@ -308,9 +308,13 @@ class JobRun:
         )
         if moved:
             JobHandler._after_cancelled(job, as_stored=self._run_changed(job))
-        else:
-            # Ended elsewhere (by the stale-job sweep): the store shows what the row says.
-            publish_as_stored(job)
+            return
+        # Ended elsewhere (by the stale-job sweep): the store shows what the row says.
+        row_there = publish_as_stored(job)
+        if not row_there and watch.deleted_while_started():
+            # Deleted while it ran (its owner's account, say): only its type can clean up what
+            # it left outside the database. No signal: its state never changed.
+            JobHandler._run_on_cancelled(job)
 
     def _end_failed(
         self,

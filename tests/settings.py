@@ -119,7 +119,7 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
 # One id per test run, inherited by the worker processes the tests start through os.environ.
 RUN_ID = os.environ.setdefault("TASK_FERRY_TEST_RUN_ID", uuid.uuid4().hex[:8])
 
-TASK_FERRY = {
+TASK_FERRY: dict[str, Any] = {
     "EXECUTOR": "task_ferry.executors.immediate.ImmediateExecutor",
     "REDIS_URL": REDIS_URL if STORE == "redis" else None,
     # Each test run gets its own keys, so snapshots of an earlier run never leak in.
@@ -127,6 +127,9 @@ TASK_FERRY = {
     # Only DjangoTasksExecutor reads it; its own alias keeps other runs' db_workers away.
     "TASKS_BACKEND": f"tf-test-{RUN_ID}",
 }
+# A worker process that a test starts with a heartbeat as short as the test's own settings.
+if os.environ.get("TASK_FERRY_TEST_HEARTBEAT_INTERVAL"):
+    TASK_FERRY["HEARTBEAT_INTERVAL"] = float(os.environ["TASK_FERRY_TEST_HEARTBEAT_INTERVAL"])
 
 if HAS_DJANGO_TASKS_DB:
     # An empty QUEUES allows every queue name.

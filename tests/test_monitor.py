@@ -2,12 +2,15 @@
 inside its own open transaction, while the test looks at the store and the API."""
 
 import itertools
+import logging
 import threading
 import time
 
 import pytest
 from django.db import connection
 
+from task_ferry import signals
+from task_ferry.exceptions import JobCancelled
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.monitor import get_monitor
@@ -522,7 +525,8 @@ def test_a_running_job_whose_row_is_deleted_is_no_longer_published_after_the_nex
     Heartbeat.objects.update_or_create(
         job_id=job.pk, defaults={"worker": "a beat that read the row before the delete"}
     )
-    # The run goes on making progress, which the monitor would publish.
+    # The run goes on making progress, which the monitor would publish, until the monitor
+    # stops it at the next beat.
     ticking = threading.Event()
     ticking.set()
 
@@ -530,7 +534,10 @@ def test_a_running_job_whose_row_is_deleted_is_no_longer_published_after_the_nex
         for i in itertools.count():
             if not ticking.is_set():
                 return
-            gated.progress.set_state(f"still going {i}")
+            try:
+                gated.progress.set_state(f"still going {i}")
+            except JobCancelled:
+                return
             time.sleep(0.02)
 
     ticker = threading.Thread(target=keep_ticking, daemon=True)
@@ -552,4 +559,102 @@ def test_a_running_job_whose_row_is_deleted_is_no_longer_published_after_the_nex
     assert not thread.is_alive()
     assert store.read(job.pk) is None
     # Nor a heartbeat row for a job that has none.
+    assert not Heartbeat.objects.filter(job_id=job.pk).exists()
+
+
+class EndlessGatedJobType(GatedJobType):
+    """A gated job that ticks until the test releases it, and records its ending hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.hooks = []
+
+    def run(self, job, progress):
+        Marker.objects.create(name=f"gated {job.pk}")
+        self.progress = progress
+        self.halfway.set()
+        while not self.release.is_set():
+            progress.increment(0, state="exporting")
+            time.sleep(0.01)
+
+    def on_error(self, job, exc):
+        self.hooks.append(("on_error", job.pk))
+
+    def on_cancelled(self, job):
+        self.hooks.append(("on_cancelled", job.pk))
+
+
+@pytest.fixture
+def endless():
+    job_type = job_type_registry.register(EndlessGatedJobType())
+    yield job_type
+    job_type.release.set()
+    job_type_registry.unregister(job_type)
+
+
+@pytest.fixture
+def cancelled_signals():
+    sent = []
+
+    def receiver(sender, job, **kwargs):
+        sent.append(job.pk)
+
+    signals.job_cancelled.connect(receiver, weak=False)
+    yield sent
+    signals.job_cancelled.disconnect(receiver)
+
+
+@needs_concurrent_writers
+def test_a_running_job_whose_row_is_deleted_stops_at_its_first_tick_after_the_next_beat(
+    transactional_db, user, api, endless, cancelled_signals, settings, caplog
+):
+    """Its owner's account deleted, say. The run went on to its end, which found no row and
+    rolled its work back: an hour's export kept a worker busy for an hour for nothing."""
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_INTERVAL": 0.2}
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    thread, job = start_halfway(endless, user)
+    wait_until(lambda: Heartbeat.objects.filter(job_id=job.pk).exists(), "a heartbeat")
+    Job.objects.filter(pk=job.pk).delete()
+    deleted_at = time.monotonic()
+    thread.join(WAIT)
+    stopped_after = time.monotonic() - deleted_at
+    endless.release.set()
+    thread.finish()
+    # The next beat within 0.2 s, then the next tick within 0.01 s.
+    assert stopped_after < 2, f"the run went on for {stopped_after:.1f} s after the delete"
+    assert endless.progress.cancel_raised
+    # Its type may clean up what it left outside the database (a half-written file); nothing
+    # else would. No signal: the job's state never changed, it is gone.
+    assert endless.hooks == [("on_cancelled", job.pk)]
+    assert cancelled_signals == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"Jobs [{job.pk}] were deleted while they ran; stopping them." in caplog.text
+    assert not Marker.objects.filter(name=f"gated {job.pk}").exists()
+    assert get_store().read(job.pk) is None
+    assert api.get(f"/api/jobs/{job.pk}/").status_code == 404
+    assert not Heartbeat.objects.filter(job_id=job.pk).exists()
+    assert not Job.objects.filter(pk=job.pk).exists()
+
+
+@needs_concurrent_writers
+def test_a_job_swept_then_deleted_while_its_worker_was_frozen_gets_no_second_hook(
+    transactional_db, user, endless, settings
+):
+    """Its ``on_error`` ran when the sweep failed it: ``on_cancelled`` as well would be two
+    ending hooks for one job. The run cannot tell from the missing row, only from how long its
+    heartbeat had lapsed."""
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_INTERVAL": 0.2, "HEARTBEAT_TIMEOUT": 1}
+    thread, job = start_halfway(endless, user)
+    wait_until(lambda: Heartbeat.objects.filter(job_id=job.pk).exists(), "a heartbeat")
+    monitor = get_monitor()
+    # The worker's monitor frozen (it takes this lock for its list of jobs); the job ticks on.
+    with monitor._lock:
+        wait_until(lambda: JobHandler.sweep_stale_jobs() == 1, "the sweep to fail the job")
+        Job.objects.filter(pk=job.pk).delete()
+    thread.join(WAIT)
+    endless.release.set()
+    thread.finish()
+    assert endless.progress.cancel_raised
+    assert endless.hooks == [("on_error", job.pk)]
+    assert get_store().read(job.pk) is None
     assert not Heartbeat.objects.filter(job_id=job.pk).exists()

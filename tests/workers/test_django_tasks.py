@@ -42,9 +42,10 @@ ENDED = ("finished", "failed", "cancelled")
 class DbWorker:
     """A ``django-admin db_worker`` process on the test database, stopped by its PID."""
 
-    def __init__(self, queues: str, log_path: Path) -> None:
+    def __init__(self, queues: str, log_path: Path, env: dict[str, str]) -> None:
         env = {
             **os.environ,
+            **env,
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
             ),
@@ -95,8 +96,8 @@ def start_worker(transactional_db, tmp_path):
     """Starts db_worker processes; each is stopped (by PID) before the test database is flushed."""
     workers: list[DbWorker] = []
 
-    def start(queues: str = "default") -> DbWorker:
-        worker = DbWorker(queues, tmp_path / f"db_worker-{len(workers)}.log")
+    def start(queues: str = "default", **env: str) -> DbWorker:
+        worker = DbWorker(queues, tmp_path / f"db_worker-{len(workers)}.log", env)
         workers.append(worker)
         return worker
 
@@ -197,6 +198,30 @@ def test_running_job_is_cancelled_at_its_next_tick(start_worker, user):
     assert not Marker.objects.filter(name="cancelled-work").exists()
     assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
     assert hooks(job) == ["on_cancelled"]
+
+
+def test_running_job_whose_row_is_deleted_stops_at_its_next_tick(start_worker, user):
+    """Its owner's account deleted, say: the worker ran the job to its end, which found no row
+    and rolled its work back, busy for nothing all that time."""
+    worker = start_worker(TASK_FERRY_TEST_HEARTBEAT_INTERVAL="0.2")
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=2000, tick_delay=0.05, marker="deleted-work"
+    )
+    wait_for(
+        lambda: ScriptedJob.objects.filter(pk=job.pk, state="started").exists(),
+        what="job to start",
+        worker=worker,
+    )
+    Job.objects.filter(pk=job.pk).delete()
+    deleted_at = time.monotonic()
+    # Done with it in a beat and a tick, not in the 100 s its steps take.
+    task = task_done({"args_kwargs__args": [job.pk]}, worker)
+    assert time.monotonic() - deleted_at < 5
+    assert task.status == "SUCCESSFUL"
+    assert hooks(job) == ["on_cancelled"]
+    assert not Marker.objects.filter(name="deleted-work").exists()
+    assert "Traceback" not in worker.output()
+    assert f"Job {job.pk}" not in worker.output()
 
 
 def test_pending_job_cancelled_before_the_worker_takes_it_never_runs(start_worker, user):
