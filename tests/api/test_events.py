@@ -17,12 +17,14 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.test import AsyncClient, Client
 
+from task_ferry.api import events as events_module
 from task_ferry.api import hub as hub_module
 from task_ferry.api.events import LIVE_RETRY_MS
 from task_ferry.api.hub import EventHub
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.snapshot import job_snapshot
+from task_ferry.stores.base import get_store
 from tests.api.conftest import create, needs_redis, start
 from tests.api.live import uvicorn_server
 
@@ -175,60 +177,63 @@ def test_the_stream_of_a_job_deleted_while_it_is_followed_ends_as_a_404_would(
 @needs_redis
 @pytest.mark.parametrize("state", ["pending", "started"])
 def test_a_job_deleted_while_its_stream_opens_ends_the_stream_as_deleted(
-    transactional_db, user, hold, settings, state
+    transactional_db, user, hold, settings, state, monkeypatch
 ):
     """A job deleted after the stream's access check, before it subscribed to the job's
     channel: the store's deletion notice went out to no one, and the stream showed the job
-    with keep-alives until ``SSE_MAX_DURATION`` (five minutes). Another stream subscribing
-    meanwhile (the hub takes one subscription at a time) holds this one at that point."""
+    with keep-alives until ``SSE_MAX_DURATION`` (five minutes)."""
     settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 3}
     job = create(user, steps=4)
     if state == "started":
         start(job, percentage=25)
+    after_access_check(monkeypatch, lambda: Job.objects.filter(pk=job.pk).delete())
 
     async def scenario():
         client = AsyncClient()
         await client.aforce_login(user)
-        hub = hub_module.get_hub(django_settings.TASK_FERRY["REDIS_URL"])
-        async with hub._lock:
-            opening = asyncio.create_task(client.get(url(job)))
-            # Past its access check, waiting to subscribe.
-            while not hub._lock._waiters:
-                assert not opening.done(), opening.result()
-                await asyncio.sleep(0.01)
-            await sync_to_async(lambda: Job.objects.filter(pk=job.pk).delete())()
-        response = await opening
+        response = await client.get(url(job))
         assert response["X-Task-Ferry-Stream"] == "live"
         began = time.monotonic()
         text = await read_until_closed(response)
-        return text, time.monotonic() - began, dict(hub._queues)
+        return text, time.monotonic() - began
 
-    text, took, listeners = run_async(scenario)
+    text, took = run_async(scenario)
     assert parse_events(text) == [("retry", 1000), ("end", {"state": None, "deleted": True})]
     assert took < 1
-    assert listeners == {}
+    # The stream left the job's channel.
+    assert numsub_once_settled(get_store().client, get_store().events_channel(job.pk)) == 0
+
+
+def after_access_check(monkeypatch, action):
+    """Run ``action`` between a stream's access check and its subscription, in the access
+    check's thread."""
+    check_access = events_module.check_access
+
+    def check_then_act(request, pk):
+        answer = check_access(request, pk)
+        try:
+            action()
+        finally:
+            events_module.release_connections()
+        return answer
+
+    monkeypatch.setattr(events_module, "check_access", check_then_act)
 
 
 @needs_redis
 def test_a_stream_whose_job_the_store_lost_while_it_opened_follows_the_job(
-    transactional_db, user, hold, store
+    transactional_db, user, hold, store, monkeypatch
 ):
     """A snapshot gone from the store (expired, or Redis restarted empty) is no deletion: the
     stream finds the job's row and follows the job from the state its access check read."""
     job = start(create(user, steps=4), percentage=25)
     finished = {**job_snapshot(job), "state": "finished", "progress_percentage": 100}
+    after_access_check(monkeypatch, lambda: store.client.delete(store.snapshot_key(job.pk)))
 
     async def scenario():
         client = AsyncClient()
         await client.aforce_login(user)
-        hub = hub_module.get_hub(django_settings.TASK_FERRY["REDIS_URL"])
-        async with hub._lock:
-            opening = asyncio.create_task(client.get(url(job)))
-            while not hub._lock._waiters:
-                assert not opening.done(), opening.result()
-                await asyncio.sleep(0.01)
-            await sync_to_async(store.client.delete)(store.snapshot_key(job.pk))
-        response = await opening
+        response = await client.get(url(job))
         stream = response.streaming_content
         head = (await anext(stream)).decode()
         await sync_to_async(store.write)(job.pk, finished)
@@ -767,3 +772,13 @@ def test_streams_without_redis_log_the_outage_once_not_once_per_request(
         assert run_async(scenario) == ["poll"] * 5 + ["live"] + ["poll"] * 3
     outages = [r for r in caplog.records if "event stream" in r.getMessage().lower()]
     assert len(outages) == 2, [r.getMessage() for r in outages]
+
+
+def numsub_once_settled(client, channel, timeout=3.0):
+    """The channel's subscriber count once it is 0, or as it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (count := dict(client.pubsub_numsub(channel))[channel.encode()]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    return count
