@@ -38,7 +38,8 @@ from task_ferry.api.views import visible_snapshot
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobDoesNotExist
 from task_ferry.handler import job_row_exists, parse_job_id
-from task_ferry.models import JobState
+from task_ferry.models import Job, JobState, jobs_database
+from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import RedisProgressStore
 
@@ -146,6 +147,22 @@ def row_exists(job_id: int) -> bool:
 
 
 row_exists_async = sync_to_async(row_exists, thread_sensitive=False, executor=_access_executor)
+
+
+def row_snapshot(job_id: int) -> dict[str, Any] | None:
+    """The job's snapshot built from its row, read where jobs are written; None when the row
+    is gone, and ``{}`` when the database cannot tell (the stream goes on as it would have)."""
+    try:
+        job = Job._base_manager.using(jobs_database()).filter(pk=job_id).first()
+        return None if job is None else job_snapshot(job.specific)
+    except DatabaseError as exc:
+        logger.warning("Event stream of job %s: could not read its row: %s", job_id, exc)
+        return {}
+    finally:
+        release_connections()
+
+
+row_snapshot_async = sync_to_async(row_snapshot, thread_sensitive=False, executor=_access_executor)
 
 
 def running_since(snapshot: dict[str, Any]) -> datetime.datetime | None:
@@ -258,11 +275,15 @@ async def live_events(
                 async with hub.rereads:
                     raw = await read_snapshot(hub, store, job_id)
                 if raw is None:
-                    if not await row_exists_async(job_id):
+                    # Gone from the store (Redis restarted empty): a running job's worker
+                    # publishes it again, but a job that ended meanwhile has only its row.
+                    row = await row_snapshot_async(job_id)
+                    if row is None:
                         yield DELETED_EVENT
                         return
-                    # Gone from the store (Redis restarted empty): the worker's next
-                    # publication brings it back.
+                    if is_final(row):
+                        yield job_event(row)
+                        return
                     continue
             else:
                 raw = item

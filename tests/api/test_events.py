@@ -22,8 +22,8 @@ from task_ferry.api import events as events_module
 from task_ferry.api import hub as hub_module
 from task_ferry.api.events import LIVE_RETRY_MS
 from task_ferry.api.hub import EventHub, Link
-from task_ferry.handler import JobHandler
-from task_ferry.models import Job
+from task_ferry.handler import JobHandler, transition
+from task_ferry.models import Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.api.conftest import create, needs_redis, start
@@ -913,3 +913,41 @@ def numsub_once_settled(client, channel, timeout=3.0):
     ):
         time.sleep(0.05)
     return count
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_a_job_that_ended_while_redis_was_down_ends_its_stream_once_redis_is_back(
+    transactional_db, user, hold, redis_server, settings
+):
+    """Its final snapshot could not be published, and Redis came back empty: the stream,
+    subscribed again, found no snapshot and waited out ``SSE_MAX_DURATION``. It now reads
+    the job's row, which has the final state."""
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 8}
+    job = start(create(user, steps=2), percentage=50)
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.get(url(job))
+        assert response["X-Task-Ferry-Stream"] == "live"
+        head = (await anext(response.streaming_content)).decode()
+        reading = asyncio.create_task(read_until_closed(response, timeout=20))
+        await sync_to_async(redis_server.stop)()
+        # The worker's end: the row is written, its publication fails.
+        finished = await sync_to_async(transition)(
+            job, JobState.FINISHED, from_states=[JobState.STARTED], progress_percentage=100
+        )
+        await sync_to_async(redis_server.start)()
+        began = time.monotonic()
+        return head, finished, await reading, time.monotonic() - began
+
+    head, finished, rest, took = run_async(scenario, timeout=30)
+    assert finished
+    assert parse_events(head)[1][1]["progress_percentage"] == 50
+    events = [(name, data) for name, data in parse_events(rest) if name != "comment"]
+    assert [(name, data["state"]) for name, data in events] == [
+        ("job", "finished"),
+        ("end", "finished"),
+    ]
+    assert events[0][1]["progress_percentage"] == 100
+    assert took < 6
