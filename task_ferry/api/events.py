@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import redis
 from asgiref.sync import sync_to_async
@@ -31,14 +31,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from task_ferry.api.hub import EventHub, get_hub
+from task_ferry.api.hub import EventHub, Link, get_hub
 from task_ferry.api.permissions import IsJobOwner, get_permission_class
 from task_ferry.api.serializers import is_final, public_job
 from task_ferry.api.views import visible_snapshot
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobDoesNotExist
 from task_ferry.handler import job_row_exists, parse_job_id
-from task_ferry.models import JobState
+from task_ferry.models import Job, JobState, jobs_database
+from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import RedisProgressStore
 
@@ -50,6 +51,9 @@ logger = logging.getLogger("task_ferry")
 LIVE_RETRY_MS = 1000
 # Reconnect delay of the polling fallback, in ms: the poll interval.
 POLL_RETRY_MS = 2000
+# Seconds a live stream waits for the hub to subscribe again after losing Redis, before it
+# ends with ``reconnect`` (its client then polls the database until Redis is back).
+OUTAGE_LIMIT = 15.0
 KEEPALIVE = b": keep-alive\n\n"
 
 
@@ -145,6 +149,22 @@ def row_exists(job_id: int) -> bool:
 row_exists_async = sync_to_async(row_exists, thread_sensitive=False, executor=_access_executor)
 
 
+def row_snapshot(job_id: int) -> dict[str, Any] | None:
+    """The job's snapshot built from its row, read where jobs are written; None when the row
+    is gone, and ``{}`` when the database cannot tell (the stream goes on as it would have)."""
+    try:
+        job = Job._base_manager.using(jobs_database()).filter(pk=job_id).first()
+        return None if job is None else job_snapshot(job.specific)
+    except DatabaseError as exc:
+        logger.warning("Event stream of job %s: could not read its row: %s", job_id, exc)
+        return {}
+    finally:
+        release_connections()
+
+
+row_snapshot_async = sync_to_async(row_snapshot, thread_sensitive=False, executor=_access_executor)
+
+
 def running_since(snapshot: dict[str, Any]) -> datetime.datetime | None:
     """When a running job's snapshot was made (its worker stamps each one); None in any other
     state."""
@@ -155,6 +175,9 @@ def running_since(snapshot: dict[str, Any]) -> datetime.datetime | None:
 
 # The stream's last event when its job was deleted: as final as a 404 of the job would be.
 DELETED_EVENT = sse_event("end", {"state": None, "deleted": True})
+# The stream's last event when Redis stayed away past ``OUTAGE_LIMIT``: not an end, the client
+# reconnects.
+REDIS_LOST_EVENT = sse_event("reconnect", {"reason": "redis-unavailable"})
 
 
 @functools.lru_cache(maxsize=64)
@@ -202,7 +225,7 @@ async def live_events(
     store: RedisProgressStore,
     job_id: int,
     channel: str,
-    queue: asyncio.Queue[bytes | None],
+    queue: asyncio.Queue[bytes | Link],
     first: dict[str, Any],
 ) -> AsyncGenerator[bytes, None]:
     """The stream of a subscribed ``queue``: current state, then every published snapshot
@@ -211,11 +234,8 @@ async def live_events(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + float(ferry_settings.SSE_MAX_DURATION)
     try:
-        try:
-            # Read after subscribing, so no change falls between the two.
-            last_raw = await hub.client.get(store.snapshot_key(job_id))
-        except (redis.RedisError, OSError):
-            last_raw = None
+        # Read after subscribing, so no change falls between the two.
+        last_raw = await read_snapshot(hub, store, job_id)
         if last_raw is None and not await row_exists_async(job_id):
             # Deleted since the access check, its store's notice published before this stream
             # subscribed: the stream would wait for a change that never comes.
@@ -227,19 +247,46 @@ async def live_events(
         if is_final(snapshot):
             return
         next_keepalive = loop.time() + keepalive
+        # Set while the hub has lost Redis: when the stream gives up waiting for it.
+        give_up_at: float | None = None
         while (now := loop.time()) < deadline:
+            if give_up_at is not None and now >= give_up_at:
+                # Redis stays away: every stream of this process ends about now, and their
+                # clients reconnect spread over a second, not all in the same millisecond.
+                yield (
+                    retry_field(LIVE_RETRY_MS + random.randrange(LIVE_RETRY_MS)) + REDIS_LOST_EVENT
+                )
+                return
             if now >= next_keepalive:
                 yield KEEPALIVE
                 next_keepalive = now + keepalive
+            wake_at = min(next_keepalive, deadline, give_up_at or deadline)
             try:
-                raw = await asyncio.wait_for(queue.get(), min(next_keepalive, deadline) - now)
+                item = await asyncio.wait_for(queue.get(), wake_at - now)
             except TimeoutError:
                 continue
-            if raw is None:
-                # Redis went away (or stalled) for every stream of this process at once: their
-                # clients reconnect spread over a second, not all in the same millisecond.
-                yield retry_field(LIVE_RETRY_MS + random.randrange(LIVE_RETRY_MS))
-                return
+            if item is Link.LOST:
+                give_up_at = give_up_at or loop.time() + OUTAGE_LIMIT
+                continue
+            if item is Link.RESUBSCRIBED:
+                give_up_at = None
+                # Changes published while the channel was not subscribed were missed: the
+                # store's snapshot has the newest of them.
+                async with hub.rereads:
+                    raw = await read_snapshot(hub, store, job_id)
+                if raw is None:
+                    # Gone from the store (Redis restarted empty): a running job's worker
+                    # publishes it again, but a job that ended meanwhile has only its row.
+                    row = await row_snapshot_async(job_id)
+                    if row is None:
+                        yield DELETED_EVENT
+                        return
+                    if is_final(row):
+                        yield job_event(row)
+                        return
+                    continue
+            else:
+                raw = item
             # The snapshot read after subscribing may also arrive as a message.
             if raw == last_raw:
                 continue
@@ -257,6 +304,14 @@ async def live_events(
                 return
     finally:
         await hub.unsubscribe(channel, queue)
+
+
+async def read_snapshot(hub: EventHub, store: RedisProgressStore, job_id: int) -> bytes | None:
+    """The job's snapshot as stored, None when it is not there or Redis does not answer."""
+    try:
+        return cast("bytes | None", await hub.client.get(store.snapshot_key(job_id)))
+    except (redis.RedisError, OSError):
+        return None
 
 
 def event_stream_response(content: Any, mode: str) -> HttpResponseBase:

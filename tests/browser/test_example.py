@@ -344,6 +344,36 @@ def test_bar_uses_the_stream_fallbacks(example_server: ExampleServer, page) -> N
     assert page.errors == []
 
 
+def test_bar_polls_and_reopens_its_stream_when_told_to_reconnect(
+    example_server: ExampleServer, page
+) -> None:
+    """A stream that ends with ``reconnect`` (its server lost Redis for longer than it waits):
+    the bar polls the job at once, then opens a new stream."""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    told: list[str] = []
+
+    def lost_redis(route) -> None:
+        if told:
+            route.continue_()
+            return
+        response = route.fetch()
+        told.append(response.text())
+        ending = 'event: reconnect\ndata: {"reason":"redis-unavailable"}\n\n'
+        route.fulfill(response=response, body=response.text() + ending)
+
+    page.route(re.compile(r"/api/jobs/\d+/events/"), lost_redis)
+    job_id = mount_bar(page, seconds=3)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    assert len(told) == 1 and "event: job" in told[0]
+    # Without it, the browser reconnected after the stream's retry delay, with no poll.
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") >= 1
+    assert example_server.requests_to(f"/api/jobs/{job_id}/events/") >= 2
+    assert page.errors == []
+
+
 def test_a_second_interrupt_during_shutdown_still_stops_the_worker(
     example_server: ExampleServer,
 ) -> None:

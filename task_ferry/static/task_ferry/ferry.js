@@ -248,6 +248,15 @@
         this._source = null;
         this._poll();
       });
+      source.addEventListener("reconnect", () => {
+        // The server lost Redis for longer than it waits: poll now to bridge the gap, then
+        // reopen the stream after a backoff (answered by polling until Redis is back).
+        source.close();
+        if (this.stopped || this._source !== source) return;
+        this._source = null;
+        this._streamFailures += 1;
+        this._poll();
+      });
       source.addEventListener("error", () => {
         if (this.stopped || this._source !== source) return;
         if (delivered && source.readyState === EventSource.CONNECTING) {
