@@ -339,6 +339,9 @@ def log_queues_served(consumer: Any) -> None:
             ",".join(unserved),
         )
         return
+    # The queues it consumes kept: Celery's ``celery``, without -Q, may hold the project's
+    # other tasks, which a worker started with only the jobs' queues would no longer run.
+    queues = [*consumed, *job_queues]
     logger.warning(
         "This worker consumes the queue(s) %s, and task_ferry sends jobs to %s: it will run "
         "none of them, and they stay pending until a worker consumes their queue. Start it "
@@ -346,7 +349,7 @@ def log_queues_served(consumer: Any) -> None:
         ", ".join(consumed) or "(none)",
         ", ".join(job_queues),
         consumer.app.main or "proj",
-        ",".join(job_queues),
+        ",".join(queues),
     )
 
 

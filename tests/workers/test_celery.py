@@ -268,7 +268,7 @@ def test_a_worker_consuming_none_of_the_jobs_queues_warns_at_start(
         f"WARNING/MainProcess] This worker consumes the queue(s) celery, and task_ferry sends "
         f"jobs to special, {default}: it will run none of them, and they stay pending until a "
         f"worker consumes their queue. Start it with -Q: celery -A tests worker -Q "
-        f"special,{default}"
+        f"celery,special,{default}"
     )
     info = (
         f"INFO/MainProcess] This worker takes the jobs sent to the queue(s) {default}; those "

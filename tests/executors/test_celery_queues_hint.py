@@ -1,0 +1,35 @@
+"""The Celery worker's start-up hint about the queues it consumes, with a stand-in consumer
+(the real workers' test is tests/workers/test_celery.py)."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from task_ferry.executors.celery import log_queues_served
+
+
+def consumer(*queues):
+    return SimpleNamespace(
+        app=SimpleNamespace(main="proj"),
+        task_consumer=SimpleNamespace(queues=[SimpleNamespace(name=q) for q in queues]),
+    )
+
+
+@pytest.fixture
+def celery_executor(settings):
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+        "CELERY_QUEUE": "default",
+    }
+
+
+def test_the_suggested_queues_keep_those_the_worker_consumes(celery_executor, caplog):
+    """A worker started without -Q consumes ``celery``, where the project's own tasks go:
+    started with only the jobs' queues, as the hint said, it would no longer run them."""
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    log_queues_served(consumer("celery"))
+    (record,) = [r for r in caplog.records if r.name == "task_ferry"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().endswith("celery -A proj worker -Q celery,default,special")
