@@ -274,16 +274,19 @@ async def live_events(
                 # store's snapshot has the newest of them.
                 async with hub.rereads:
                     raw = await read_snapshot(hub, store, job_id)
+                    # Unless the store has the job's end, its row too: a job that ended
+                    # meanwhile may have had its final publication refused (Redis restarted
+                    # empty) or timed out (Redis stalled, its older snapshot kept).
+                    ended = raw is not None and render_published(raw)[1]
+                    row = {} if ended else await row_snapshot_async(job_id)
+                if row is None:
+                    yield DELETED_EVENT
+                    return
+                if row and is_final(row):
+                    yield job_event(row)
+                    return
                 if raw is None:
-                    # Gone from the store (Redis restarted empty): a running job's worker
-                    # publishes it again, but a job that ended meanwhile has only its row.
-                    row = await row_snapshot_async(job_id)
-                    if row is None:
-                        yield DELETED_EVENT
-                        return
-                    if is_final(row):
-                        yield job_event(row)
-                        return
+                    # A running job's worker publishes it again.
                     continue
             else:
                 raw = item
