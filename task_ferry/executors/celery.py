@@ -314,9 +314,11 @@ class CeleryExecutor(BaseExecutor):
 
 
 def log_queues_served(consumer: Any) -> None:
-    """At a worker's start (``worker_ready``, whose sender is its consumer), say when it
-    consumes none of the queues jobs go to (a WARNING: they would wait unseen), or only some
-    (INFO). Django's checks cannot see a worker's ``-Q``."""
+    """At a worker's start (``worker_ready``, whose sender is its consumer), say which of the
+    queues jobs go to it does not consume: a WARNING when it was started without ``-Q`` (it
+    consumes Celery's default queue alone, and jobs would wait unseen), INFO otherwise (workers
+    dedicated to some queues are a legitimate setup). Django's checks cannot see a worker's
+    ``-Q``."""
     from task_ferry.executors.base import get_executor
     from task_ferry.registry import job_type_registry
 
@@ -330,7 +332,6 @@ def log_queues_served(consumer: Any) -> None:
     if not unserved:
         return
     if served:
-        # Workers dedicated to some queues are a legitimate setup: say it, do not warn.
         logger.info(
             "This worker takes the jobs sent to the queue(s) %s; those sent to %s need a worker "
             "started with -Q %s.",
@@ -339,8 +340,18 @@ def log_queues_served(consumer: Any) -> None:
             ",".join(unserved),
         )
         return
-    # The queues it consumes kept: Celery's ``celery``, without -Q, may hold the project's
-    # other tasks, which a worker started with only the jobs' queues would no longer run.
+    if consumed != [consumer.app.conf.task_default_queue]:
+        # Started with -Q for other queues: a worker dedicated to the project's other tasks.
+        logger.info(
+            "This worker takes no jobs: it consumes the queue(s) %s, and task_ferry sends jobs "
+            "to %s.",
+            ", ".join(consumed) or "(none)",
+            ", ".join(job_queues),
+        )
+        return
+    # Started without -Q, surely by mistake. The queue it consumes kept: Celery's default may
+    # hold the project's other tasks, which a worker started with only the jobs' queues would
+    # no longer run.
     queues = [*consumed, *job_queues]
     logger.warning(
         "This worker consumes the queue(s) %s, and task_ferry sends jobs to %s: it will run "

@@ -11,7 +11,7 @@ from task_ferry.executors.celery import log_queues_served
 
 def consumer(*queues):
     return SimpleNamespace(
-        app=SimpleNamespace(main="proj"),
+        app=SimpleNamespace(main="proj", conf=SimpleNamespace(task_default_queue="celery")),
         task_consumer=SimpleNamespace(queues=[SimpleNamespace(name=q) for q in queues]),
     )
 
@@ -33,3 +33,17 @@ def test_the_suggested_queues_keep_those_the_worker_consumes(celery_executor, ca
     (record,) = [r for r in caplog.records if r.name == "task_ferry"]
     assert record.levelno == logging.WARNING
     assert record.getMessage().endswith("celery -A proj worker -Q celery,default,special")
+
+
+def test_a_worker_started_for_other_queues_is_told_it_takes_no_jobs_without_a_warning(
+    celery_executor, caplog
+):
+    """``-Q emails``: a worker dedicated to the project's other tasks, on purpose."""
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    log_queues_served(consumer("emails"))
+    (record,) = [r for r in caplog.records if r.name == "task_ferry"]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == (
+        "This worker takes no jobs: it consumes the queue(s) emails, and task_ferry sends jobs "
+        "to default, special."
+    )
