@@ -32,6 +32,9 @@ __all__ = ["JobMonitor", "Watch", "get_monitor"]
 
 logger = logging.getLogger("task_ferry")
 
+# Counts on while the machine is suspended (a paused VM), unlike time.monotonic() on Linux.
+BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
 # Seconds without running jobs after which the monitor drops its cancel subscription and sleeps.
 IDLE_CLOSE_AFTER = 30.0
 # Seconds between attempts to reach a store that went away.
@@ -45,6 +48,12 @@ MAX_WAIT = 0.1
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def awake_clock() -> float:
+    """Seconds for the deleted-job check: the stale-job sweep, on another host, goes by wall
+    time, which a suspended machine's ``time.monotonic()`` does not keep up with."""
+    return time.monotonic() if BOOTTIME is None else time.clock_gettime(BOOTTIME)
 
 
 class Watch:
@@ -86,8 +95,8 @@ class Watch:
         #: Whether the store was asked for a cancel request made before the monitor listened.
         self.cancel_checked = False
         self.cancel_token = cancel_token(job)
-        #: When its last heartbeat row was written, or the run started (``time.monotonic()``).
-        self.beaten_at = time.monotonic()
+        #: When its last heartbeat row was written, or the run started (``awake_clock()``).
+        self.beaten_at = awake_clock()
         #: When the monitor found its row deleted; None while it has not.
         self.gone_at: float | None = None
 
@@ -100,7 +109,7 @@ class Watch:
         """Whether the job, whose row is gone, was still ``started`` when it was deleted: the
         stale-job sweep, the one other party that ends a running job (and runs its
         ``on_error``), fails it only once its heartbeat lapsed for ``HEARTBEAT_TIMEOUT``."""
-        gone_at = time.monotonic() if self.gone_at is None else self.gone_at
+        gone_at = awake_clock() if self.gone_at is None else self.gone_at
         return gone_at - self.beaten_at < ferry_settings.HEARTBEAT_TIMEOUT
 
     def stop(self) -> tuple[int, str]:
@@ -242,7 +251,7 @@ class JobMonitor:
             return
         job_ids = [w.job.pk for w in watches if w.heartbeat and w.visible]
         # No later than the beat_at written, which the stale-job sweep goes by.
-        beaten_at = time.monotonic()
+        beaten_at = awake_clock()
         now = timezone.now()
         name = worker_name()
         try:
@@ -270,7 +279,7 @@ class JobMonitor:
             if deleted:
                 job_ids = [job_id for job_id in job_ids if job_id not in deleted]
                 # Found after the query: the rows were deleted before it answered.
-                self._forget_deleted(deleted, time.monotonic())
+                self._forget_deleted(deleted, awake_clock())
                 # The previous beat may have written their heartbeats after the delete (it read
                 # the rows before): nothing else would remove those.
                 forget_heartbeats(deleted)

@@ -620,8 +620,8 @@ def test_a_running_job_whose_row_is_deleted_stops_at_its_first_tick_after_the_ne
     stopped_after = time.monotonic() - deleted_at
     endless.release.set()
     thread.finish()
-    # The next beat within 0.2 s, then the next tick within 0.01 s.
-    assert stopped_after < 2, f"the run went on for {stopped_after:.1f} s after the delete"
+    # The next beat within 0.2 s, then the next tick within 0.01 s (a loaded machine aside).
+    assert stopped_after < WAIT / 2, f"the run went on for {stopped_after:.1f} s after the delete"
     assert endless.progress.cancel_raised
     # Its type may clean up what it left outside the database (a half-written file); nothing
     # else would. No signal: the job's state never changed, it is gone.

@@ -216,7 +216,7 @@ def test_running_job_whose_row_is_deleted_stops_at_its_next_tick(start_worker, u
     deleted_at = time.monotonic()
     # Done with it in a beat and a tick, not in the 100 s its steps take.
     task = task_done({"args_kwargs__args": [job.pk]}, worker)
-    assert time.monotonic() - deleted_at < 5
+    assert time.monotonic() - deleted_at < 20
     assert task.status == "SUCCESSFUL"
     assert hooks(job) == ["on_cancelled"]
     assert not Marker.objects.filter(name="deleted-work").exists()
