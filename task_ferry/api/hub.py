@@ -2,8 +2,9 @@
 
 A stream subscribes to its job's channel here and gets a queue of the raw snapshots published
 on it. However many streams follow however many jobs, the process holds one subscriber
-connection and reads each publication once. When that connection is lost, the hub keeps its
-streams' listeners, tells them, and subscribes their channels again on a new connection.
+connection and reads each publication once. When that connection is lost (an error, or no
+PONG to the PING the hub sends when it is idle), the hub keeps its streams' listeners, tells
+them, and subscribes their channels again on a new connection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ __all__ = ["EventHub", "Link", "get_hub"]
 SUBSCRIBE_TIMEOUT = 5.0
 # Seconds the reader waits for a message before looking again (so it notices a lost link).
 READ_TIMEOUT = 5.0
+# Seconds without a message after which the reader PINGs Redis on its connection, and how long
+# it waits for the PONG before giving the connection up: a link left half-open (a failover, a
+# network cut) delivers nothing and raises nothing. (redis-py's ``health_check_interval`` PINGs
+# a pub/sub connection too, but never minds a PONG that does not come.)
+PING_INTERVAL = 10.0
+PONG_TIMEOUT = 5.0
 # Longest wait for Redis to take a command or answer one, reads of the reader aside.
 SOCKET_TIMEOUT = 2.0
 # First and longest pause between attempts to subscribe lost channels again, in seconds.
@@ -189,10 +196,28 @@ class EventHub:
         return True
 
     async def _read(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        heard_at = loop.time()
+        # When the PING that no message has answered yet was sent.
+        pinged_at: float | None = None
         try:
             while self._pubsub is pubsub:
-                message = await pubsub.get_message(timeout=READ_TIMEOUT)
+                now = loop.time()
+                if pinged_at is not None and now >= pinged_at + PONG_TIMEOUT:
+                    raise redis.TimeoutError(f"Redis did not answer a PING in {PONG_TIMEOUT} s.")
+                if pinged_at is None and now >= heard_at + PING_INTERVAL:
+                    await pubsub.ping()
+                    pinged_at = now = loop.time()
+                wake_at = (
+                    heard_at + PING_INTERVAL if pinged_at is None else pinged_at + PONG_TIMEOUT
+                )
+                message = await pubsub.get_message(timeout=min(READ_TIMEOUT, wake_at - now))
                 if message is None:
+                    continue
+                # Whatever arrives shows the link carries data, the PONG or anything else.
+                heard_at = loop.time()
+                pinged_at = None
+                if message["type"] == "pong":
                     continue
                 channel = message["channel"]
                 channel = channel.decode() if isinstance(channel, bytes) else channel

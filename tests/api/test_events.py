@@ -703,6 +703,98 @@ def test_the_hub_replaces_a_subscriber_connection_that_went_silent(monkeypatch):
     assert received == b"live again"
 
 
+@needs_redis
+def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_gets_the_end(
+    transactional_db, user, hold, settings, monkeypatch
+):
+    """A link left half-open (a failover, a network cut) was noticed only when a new stream
+    subscribed: with none opening, the streams open on it heard nothing more, and waited out
+    ``SSE_MAX_DURATION``. The hub now PINGs its idle connection and gives it up when no PONG
+    comes, as it does on an error."""
+    for name in ("PING_INTERVAL", "PONG_TIMEOUT", "SUBSCRIBE_TIMEOUT"):
+        monkeypatch.setattr(hub_module, name, 1.0)
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 20}
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
+    hubs = []
+
+    def hub_behind_the_proxy(url):
+        # The store writes and publishes to Redis directly, as the job's worker does.
+        if not hubs:
+            hubs.append(EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()))
+        return hubs[0]
+
+    monkeypatch.setattr(events_module, "get_hub", hub_behind_the_proxy)
+    job = start(create(user, steps=2), percentage=50)
+
+    async def scenario():
+        try:
+            client = AsyncClient()
+            await client.aforce_login(user)
+            response = await client.get(url(job))
+            assert response["X-Task-Ferry-Stream"] == "live"
+            head = (await anext(response.streaming_content)).decode()
+            reading = asyncio.create_task(read_until_closed(response, timeout=25))
+            proxy.cut_open_connections()
+            finished = await sync_to_async(transition)(
+                job, JobState.FINISHED, from_states=[JobState.STARTED], progress_percentage=100
+            )
+            began = time.monotonic()
+            return head, finished, await reading, time.monotonic() - began
+        finally:
+            for hub in hubs:
+                await hub.aclose()
+
+    try:
+        head, finished, rest, took = run_async(scenario, timeout=30)
+    finally:
+        proxy.close()
+    assert finished
+    assert parse_events(head)[1][1]["progress_percentage"] == 50
+    events = [(name, data) for name, data in parse_events(rest) if name != "comment"]
+    assert [(name, data["state"]) for name, data in events] == [
+        ("job", "finished"),
+        ("end", "finished"),
+    ]
+    # A PING, its PONG's timeout, a pause and a new subscription; a read on a connection of
+    # the hub's pool that the cut left silent too may wait out SOCKET_TIMEOUT.
+    assert took < 10, took
+
+
+@needs_redis
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_hub_keeps_an_idle_subscriber_connection_that_answers_its_pings(monkeypatch, protocol):
+    """Its PINGs are answered, in either protocol, and the hub keeps its connection."""
+    monkeypatch.setattr(hub_module, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(hub_module, "PONG_TIMEOUT", 0.5)
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    name = f"{django_settings.TASK_FERRY['KEY_PREFIX']}-pinged-{protocol}"
+    direct = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"])
+    channel = f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:pinged"
+
+    async def scenario():
+        query = f"protocol={protocol}&client_name={name}"
+        hub = EventHub(target._replace(query=query).geturl())
+        try:
+            queue = await hub.subscribe(channel)
+            await asyncio.sleep(2)
+            [reader] = [c for c in await sync_to_async(direct.client_list)() if c["name"] == name]
+            await sync_to_async(direct.publish)(channel, b"still here")
+            received = [await asyncio.wait_for(queue.get(), 2)]
+            await hub.unsubscribe(channel, queue)
+            return reader["cmd"], received
+        finally:
+            await hub.aclose()
+
+    try:
+        last_command, received = asyncio.run(scenario())
+    finally:
+        direct.close()
+    assert last_command == "ping"
+    # No ``Link.LOST`` before it: the connection was kept.
+    assert received == [b"still here"]
+
+
 class StalledProxy(HalfOpenProxy):
     """A TCP proxy to Redis that, while ``stalled``, takes connections and answers nothing on
     them (a Redis frozen by a long command or a full disk, a stalled load balancer)."""
