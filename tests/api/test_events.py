@@ -731,10 +731,7 @@ def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_
         try:
             client = AsyncClient()
             await client.aforce_login(user)
-            response = await client.get(url(job))
-            assert response["X-Task-Ferry-Stream"] == "live"
-            head = (await anext(response.streaming_content)).decode()
-            reading = asyncio.create_task(read_until_closed(response, timeout=25))
+            head, reading = await follow(client, job, timeout=25)
             proxy.cut_open_connections()
             finished = await sync_to_async(transition)(
                 job, JobState.FINISHED, from_states=[JobState.STARTED], progress_percentage=100
@@ -875,6 +872,14 @@ def test_streams_without_redis_log_the_outage_once_not_once_per_request(
     assert len(outages) == 2, [r.getMessage() for r in outages]
 
 
+async def follow(client, job, timeout):
+    """Open the job's stream, live; its first events, and a task reading the rest."""
+    response = await client.get(url(job))
+    assert response["X-Task-Ferry-Stream"] == "live"
+    head = (await anext(response.streaming_content)).decode()
+    return head, asyncio.create_task(read_until_closed(response, timeout=timeout))
+
+
 def final_snapshot(job):
     return {**job_snapshot(job), "state": "finished", "progress_percentage": 100}
 
@@ -893,10 +898,7 @@ def test_a_stream_outlives_a_redis_stall_and_ends_with_the_final_state(
     async def scenario():
         client = AsyncClient()
         await client.aforce_login(user)
-        response = await client.get(url(job))
-        assert response["X-Task-Ferry-Stream"] == "live"
-        head = (await anext(response.streaming_content)).decode()
-        reading = asyncio.create_task(read_until_closed(response, timeout=20))
+        head, reading = await follow(client, job, timeout=20)
         other = None
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
@@ -929,10 +931,7 @@ def test_a_stream_outlives_a_redis_restart_and_ends_with_the_final_state(
     async def scenario():
         client = AsyncClient()
         await client.aforce_login(user)
-        response = await client.get(url(job))
-        assert response["X-Task-Ferry-Stream"] == "live"
-        head = (await anext(response.streaming_content)).decode()
-        reading = asyncio.create_task(read_until_closed(response, timeout=20))
+        head, reading = await follow(client, job, timeout=20)
         await sync_to_async(redis_server.stop)()
         await asyncio.sleep(1)
         await sync_to_async(redis_server.start)()
@@ -1023,10 +1022,7 @@ def test_a_job_that_ended_while_redis_was_out_ends_its_stream_once_redis_is_back
     async def scenario():
         client = AsyncClient()
         await client.aforce_login(user)
-        response = await client.get(url(job))
-        assert response["X-Task-Ferry-Stream"] == "live"
-        head = (await anext(response.streaming_content)).decode()
-        reading = asyncio.create_task(read_until_closed(response, timeout=30))
+        head, reading = await follow(client, job, timeout=30)
         if outage == "restart":
             await sync_to_async(redis_server.stop)()
         else:
