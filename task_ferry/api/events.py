@@ -13,9 +13,9 @@ import functools
 import json
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from asgiref.sync import sync_to_async
@@ -46,6 +46,8 @@ from task_ferry.stores.redis import RedisProgressStore
 __all__ = ["job_events"]
 
 logger = logging.getLogger("task_ferry")
+
+T = TypeVar("T")
 
 # Reconnect delay for a live stream that ended (lifetime over, Redis hiccup), in ms.
 LIVE_RETRY_MS = 1000
@@ -134,16 +136,21 @@ def release_connections() -> None:
             conn.close()
 
 
-def row_exists(job_id: int) -> bool:
-    """``job_row_exists()``, True when the database cannot tell: the stream goes on as it
-    would have."""
+def read_row(job_id: int, read: Callable[[int], T], unknown: T) -> T:
+    """``read(job_id)`` on the jobs' database from a stream's thread; ``unknown`` when the
+    database cannot tell (the stream goes on as it would have)."""
     try:
-        return job_row_exists(job_id)
+        return read(job_id)
     except DatabaseError as exc:
         logger.warning("Event stream of job %s: could not read its row: %s", job_id, exc)
-        return True
+        return unknown
     finally:
         release_connections()
+
+
+def row_exists(job_id: int) -> bool:
+    """``job_row_exists()``, True when the database cannot tell."""
+    return read_row(job_id, job_row_exists, True)
 
 
 row_exists_async = sync_to_async(row_exists, thread_sensitive=False, executor=_access_executor)
@@ -151,15 +158,14 @@ row_exists_async = sync_to_async(row_exists, thread_sensitive=False, executor=_a
 
 def row_snapshot(job_id: int) -> dict[str, Any] | None:
     """The job's snapshot built from its row, read where jobs are written; None when the row
-    is gone, and ``{}`` when the database cannot tell (the stream goes on as it would have)."""
-    try:
-        job = Job._base_manager.using(jobs_database()).filter(pk=job_id).first()
-        return None if job is None else job_snapshot(job.specific)
-    except DatabaseError as exc:
-        logger.warning("Event stream of job %s: could not read its row: %s", job_id, exc)
-        return {}
-    finally:
-        release_connections()
+    is gone, and ``{}`` when the database cannot tell."""
+    unknown: dict[str, Any] | None = {}
+    return read_row(job_id, snapshot_from_row, unknown)
+
+
+def snapshot_from_row(job_id: int) -> dict[str, Any] | None:
+    job = Job._base_manager.using(jobs_database()).filter(pk=job_id).first()
+    return None if job is None else job_snapshot(job.specific)
 
 
 row_snapshot_async = sync_to_async(row_snapshot, thread_sensitive=False, executor=_access_executor)

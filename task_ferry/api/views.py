@@ -346,8 +346,7 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
             return snapshot
         # A delete committed since the row was read had the store forget the job before this
         # write, which would show the job for PROGRESS_CACHE_TIMEOUT.
-        if not job_row_exists(job_id):
-            forget_snapshots([job_id])
+        if forget_if_deleted(job_id):
             raise NotFound(str(JobDoesNotExist(pk)))
         check_row_again_on_commit(job_id)
     return snapshot
@@ -365,6 +364,9 @@ def check_row_again_on_commit(job_id: int) -> None:
         )
 
 
-def forget_if_deleted(job_id: int) -> None:
-    if not job_row_exists(job_id):
-        forget_snapshots([job_id])
+def forget_if_deleted(job_id: int) -> bool:
+    """Take the job's snapshot out of the store if its row is gone; whether it was."""
+    if job_row_exists(job_id):
+        return False
+    forget_snapshots([job_id])
+    return True
