@@ -9,6 +9,8 @@ pending to started with a compare-and-set, which only one delivery can win.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Task, shared_task
@@ -38,17 +40,27 @@ DATABASE_RETRY_DELAY = 1
 def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None) -> None:
     """Run one job. Its own exception is re-raised after the job is marked failed, so Celery
     monitoring sees it too."""
-    from django.db import InterfaceError, OperationalError, connections
-
     from task_ferry.handler import JobHandler
 
-    try:
+    with retried_on_lost_connection(self):
+        # A job that had started is not run again by the retry: the compare-and-set decides.
         JobHandler.run_job(job_id, job_type_name=job_type_name)
+
+
+@contextlib.contextmanager
+def retried_on_lost_connection(task: Task[Any, Any]) -> Iterator[None]:
+    """Retry ``task`` on a new connection if the database connection turns out to be dead.
+
+    A connection kept across tasks (``CELERY_DB_REUSE_MAX``) dies with a database restart, and
+    Celery closes it again only after ``2 * CELERY_DB_REUSE_MAX`` tasks: every task of that
+    worker process would fail until then."""
+    from django.db import InterfaceError, OperationalError, connections
+
+    try:
+        yield
     except (InterfaceError, OperationalError) as exc:
-        # A connection kept across tasks (CELERY_DB_REUSE_MAX) may have died with a database
-        # restart: reconnect and try again. A job that had started is not run again.
         connections.close_all()
-        raise self.retry(exc=exc, countdown=DATABASE_RETRY_DELAY) from exc
+        raise task.retry(exc=exc, countdown=DATABASE_RETRY_DELAY) from exc
 
 
 # Workers import this module (autodiscover_tasks) before they start consuming.
@@ -57,15 +69,21 @@ def log_queues_served_at_start(sender: Any, **kwargs: Any) -> None:
     log_queues_served(sender)
 
 
-@shared_task(name=CLEANUP_OLD_JOBS_TASK, ignore_result=True)
-def cleanup_old_jobs() -> int:
+@shared_task(
+    name=CLEANUP_OLD_JOBS_TASK, bind=True, ignore_result=True, max_retries=DATABASE_RETRIES
+)
+def cleanup_old_jobs(self: Task[Any, Any]) -> int:
     from task_ferry.handler import JobHandler
 
-    return JobHandler.cleanup_old_jobs()
+    with retried_on_lost_connection(self):
+        return JobHandler.cleanup_old_jobs()
 
 
-@shared_task(name=SWEEP_STALE_JOBS_TASK, ignore_result=True)
-def sweep_stale_jobs() -> int:
+@shared_task(
+    name=SWEEP_STALE_JOBS_TASK, bind=True, ignore_result=True, max_retries=DATABASE_RETRIES
+)
+def sweep_stale_jobs(self: Task[Any, Any]) -> int:
     from task_ferry.handler import JobHandler
 
-    return JobHandler.sweep_stale_jobs()
+    with retried_on_lost_connection(self):
+        return JobHandler.sweep_stale_jobs()

@@ -84,6 +84,11 @@ class CeleryProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def output(self) -> str:
+        """The end of the log, for a failing test's message."""
+        command = self.process.args[5]  # after "python -m celery -A tests.celery_app"
+        return f"--- celery {command} ({self.log_path}) ---\n{self.log()[-6000:]}"
+
     def wait_for_log(self, text: str, timeout: float = 15) -> None:
         wait_for(lambda: text in self.log(), timeout=timeout)
 
@@ -96,6 +101,16 @@ class CeleryProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+
+
+@dataclass
+class Outputs:
+    """The logs of several processes in one failure message (``wait_for(worker=...)``)."""
+
+    processes: list[CeleryProcess]
+
+    def output(self) -> str:
+        return "\n".join(process.output() for process in self.processes)
 
 
 def start_celery(args: list[str], env: dict[str, str], ready_text: str) -> CeleryProcess:

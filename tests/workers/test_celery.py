@@ -29,7 +29,13 @@ from kombu import Producer
 from task_ferry import signals
 from task_ferry.exceptions import DispatchError
 from task_ferry.executors.base import get_executor
-from task_ferry.executors.celery import RUN_JOB_TASK, CeleryExecutor, beat_schedule
+from task_ferry.executors.celery import (
+    CLEANUP_OLD_JOBS_TASK,
+    RUN_JOB_TASK,
+    SWEEP_STALE_JOBS_TASK,
+    CeleryExecutor,
+    beat_schedule,
+)
 from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat, Job
 from tests.backends import end_sessions, our_session_id
@@ -41,6 +47,7 @@ from tests.workers.celery_fixtures import (
     BROKER_URLS,
     CeleryProcess,
     CeleryWorker,
+    Outputs,
     current_celery_app,
     start_celery,
     start_worker,
@@ -406,12 +413,78 @@ def test_beat_schedule_runs_cleanup_and_sweep_in_a_worker(
     beat = start_celery(
         ["beat", f"--schedule={schedule}", "--loglevel=INFO"], env, ready_text="beat: Starting"
     )
+    both = Outputs([beat, redis_celery_worker.process])
     try:
-        wait_for(lambda: not Job.objects.filter(pk=expired.pk).exists(), timeout=20)
-        failed = wait_for_state(lost.pk, "failed", timeout=20)
+        wait_for(
+            lambda: not Job.objects.filter(pk=expired.pk).exists(),
+            timeout=20,
+            what="the beat's cleanup to delete the expired job",
+            worker=both,
+        )
+        wait_for(
+            lambda: Job.objects.filter(pk=lost.pk, state="failed").exists(),
+            timeout=20,
+            what="the beat's sweep to fail the lost job",
+            worker=both,
+        )
     finally:
         beat.stop()
-    assert "worker lost" in failed.error
+    assert "worker lost" in Job.objects.get(pk=lost.pk).error
+    assert hook_calls(expired.pk, "before_delete") == 1
+    assert hook_calls(lost.pk, "on_error") == 1
+
+
+@pytest.fixture
+def one_process_worker(transactional_db) -> Iterator[CeleryWorker]:
+    """A worker of one process on a queue of its own (Redis broker): every task it gets runs
+    on the same database connection."""
+    queue = unique_queue("one-process")
+    app = Celery("tf-tests-one-process", broker=BROKER_URLS["redis"], set_as_current=False)
+    process = start_worker(BROKER_URLS["redis"], [queue], concurrency=1)
+    worker = CeleryWorker("redis", queue, process, app)
+    try:
+        yield worker
+    finally:
+        process.stop()
+        worker.purge(queue)
+        app.close()
+
+
+@pytest.mark.worker
+def test_beat_tasks_run_after_the_workers_database_connection_was_killed(
+    one_process_worker: CeleryWorker, user, settings
+) -> None:
+    # With CELERY_DB_REUSE_MAX, Celery closes a dead connection only after 2 x that many tasks:
+    # the cleanup and the sweep must reconnect themselves, as run_job does.
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+        "CELERY_QUEUE": one_process_worker.queue,
+    }
+    long_ago = timezone.now() - datetime.timedelta(days=30)
+    with current_celery_app(one_process_worker.app):
+        expired = JobHandler.create_and_start(user, "scripted", steps=1)
+        lost = JobHandler.create_and_start(user, "scripted", steps=1)
+        wait_for_state(expired.pk, "finished")
+        wait_for_state(lost.pk, "finished")
+    Job.objects.filter(pk=expired.pk).update(finished_at=long_ago)
+    Job.objects.filter(pk=lost.pk).update(state="started", started_at=long_ago, finished_at=None)
+    Heartbeat.objects.filter(job_id=lost.pk).delete()
+    assert end_sessions() >= 1  # the worker's connection, as a database restart would
+
+    for task in (CLEANUP_OLD_JOBS_TASK, SWEEP_STALE_JOBS_TASK):
+        one_process_worker.app.send_task(task, queue=one_process_worker.queue)
+
+    wait_for(
+        lambda: not Job.objects.filter(pk=expired.pk).exists(),
+        what="the cleanup to delete the expired job",
+        worker=one_process_worker.process,
+    )
+    wait_for(
+        lambda: Job.objects.filter(pk=lost.pk, state="failed").exists(),
+        what="the sweep to fail the lost job",
+        worker=one_process_worker.process,
+    )
     assert hook_calls(expired.pk, "before_delete") == 1
     assert hook_calls(lost.pk, "on_error") == 1
 
