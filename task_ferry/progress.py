@@ -37,6 +37,7 @@ class Progress:
         "_cancel_raised",
         "_cancelled",
         "_children",
+        "_done",
         "_fold_at",
         "_folded",
         "_label",
@@ -44,13 +45,11 @@ class Progress:
         "_represents",
         "_root",
         "_total",
-        "done",
     )
 
     def __init__(self, total: Amount = 100) -> None:
         self._total: float = _checked_amount("Progress(total=...)", total)
-        #: Steps counted on this node itself (children report through their own counters).
-        self.done: float = 0
+        self._done: float = 0
         self._root: Progress = self
         self._label: str = ""
         self._cancelled = False
@@ -82,12 +81,31 @@ class Progress:
                 raise ValueError(f"state must be a str, got {type(state).__name__}")
             root._label = state
         try:
-            done = self.done + by
+            done = self._done + by
         except OverflowError:
             # An int beyond the largest float, added to a float: past any total.
             done = self._total
         # Clamping here keeps an overshooting stage from counting for more than it represents.
-        self.done = done if done < self._total else self._total
+        self._done = done if done < self._total else self._total
+
+    @property
+    def done(self) -> float:
+        """Steps counted on this node itself (children report through their own counters).
+
+        Assigning it is checked like a total (a bad value raises ``ValueError`` and changes
+        nothing) and clamped to ``total`` as ``increment()`` clamps; a lower count makes the
+        percentage go back, also for a stage folded away as complete.
+        """
+        return self._done
+
+    @done.setter
+    def done(self, done: Amount) -> None:
+        checked = _checked_amount("Progress.done", done)
+        falls = checked < self._done
+        self._done = checked if checked < self._total else self._total
+        if falls and self.fraction() < 1:
+            # Folded away as complete, maybe, and no longer: nor, maybe, the nodes above it.
+            self._count_again()
 
     @property
     def total(self) -> float:
@@ -157,16 +175,16 @@ class Progress:
         # A stack rather than recursion, so that children nest to any depth. Each entry: a node,
         # the steps counted for it so far, and its children still to count.
         folded, children = self._children
-        stack = [(self, self.done + folded, iter(children))]
+        stack = [(self, self._done + folded, iter(children))]
         while True:
             node, value, pending = stack[-1]
             for child in pending:
                 folded, grandchildren = child._children
                 if grandchildren:
                     stack[-1] = (node, value, pending)
-                    stack.append((child, child.done + folded, iter(grandchildren)))
+                    stack.append((child, child._done + folded, iter(grandchildren)))
                     break
-                value += child._represents * _ratio(child.done + folded, child._total)
+                value += child._represents * _ratio(child._done + folded, child._total)
             else:
                 stack.pop()
                 node_fraction = _ratio(value, node._total)
@@ -186,7 +204,7 @@ class Progress:
         A sized iterable (``len()`` works) on a node that has not counted anything yet, and
         has no children (whose worth a new total would rescale), sets the node's total first.
         """
-        if isinstance(iterable, Sized) and self.done == 0 and self._children == (0, []):
+        if isinstance(iterable, Sized) and self._done == 0 and self._children == (0, []):
             self.total = len(iterable)
         increment = self.increment
         for item in iterable:
@@ -206,7 +224,7 @@ class Progress:
             node = parent
 
     def __repr__(self) -> str:
-        return f"<Progress {self.done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"
+        return f"<Progress {self._done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"
 
 
 def _ratio(value: float, total: float) -> float:

@@ -158,6 +158,61 @@ def test_assigning_a_bad_total_is_refused_and_changes_nothing(total):
     assert (stage.total, progress.percentage) == (4, 25)
 
 
+@pytest.mark.parametrize("done", [-1, math.nan, math.inf, "1", None, True])
+def test_assigning_a_bad_done_is_refused_and_changes_nothing(done):
+    progress = Progress()
+    stage = progress.create_child(represents=50, total=4)
+    stage.increment(2)
+    with pytest.raises(ValueError, match=r"^Progress.done must be a finite number >= 0"):
+        stage.done = done
+    assert (stage.done, progress.percentage) == (2, 25)
+
+
+@pytest.mark.parametrize("done", [10**400, Decimal("1e400")], ids=["int", "Decimal"])
+def test_assigning_a_done_beyond_a_float_is_refused_naming_it(done):
+    stage = Progress().create_child(represents=50, total=4)
+    with pytest.raises(ValueError, match=r"^Progress.done must be at most 1.798e\+308"):
+        stage.done = done
+    assert stage.done == 0
+
+
+def test_assigning_done_past_the_total_is_clamped_like_an_overshooting_tick():
+    progress = Progress()
+    stage = progress.create_child(represents=30, total=10)
+    stage.done = 25
+    assert (stage.done, progress.percentage) == (10, 30)
+    stage.done = Decimal("2.5")
+    assert (stage.done, progress.percentage) == (2.5, 7)
+
+
+def test_a_folded_child_whose_done_is_lowered_counts_again(unfolded):
+    """Stages folded away as complete, then set back by assigning ``done``: each percentage is
+    the one the tree gives without folding, also where a grandchild set back makes its folded
+    parent incomplete."""
+    trees = [Progress(), unfolded()]
+    seen: list[list[int]] = [[], []]
+    for root, percentages in zip(trees, seen, strict=True):
+        finished = root.create_child(represents=30, total=10)
+        finished.increment(10)
+        nested = root.create_child(represents=20, total=1)
+        nested_file = nested.create_child(represents=1, total=4)
+        nested_file.increment(4)
+        rest = [root.create_child(represents=1.25, total=1) for _ in range(FOLD_CHILDREN_AT * 4)]
+        percentages.append(root.percentage)
+        finished.done = 5
+        percentages.append(root.percentage)
+        nested_file.done = 1
+        percentages.append(root.percentage)
+        finished.done = 0
+        percentages.append(root.percentage)
+        for stage in [finished, nested_file, *rest]:
+            stage.increment(stage.total)
+            percentages.append(root.percentage)
+    assert seen[0] == seen[1]
+    assert seen[0][:4] == [50, 35, 20, 5]
+    assert seen[0][-1] == 100
+
+
 def test_nested_children():
     progress = Progress()
     stage = progress.create_child(represents=60, total=3)
