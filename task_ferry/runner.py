@@ -200,16 +200,20 @@ class JobRun:
             self._end_cancelled(job, job_type, watch)
             return job
         except JobFenced:
-            logger.warning(
-                "Job %s was ended or deleted elsewhere while it ran; its work was rolled back.",
-                job.pk,
-            )
             with contextlib.suppress(ObjectDoesNotExist):
                 job.refresh_from_db(
                     fields=["state", "error", "human_readable_error", "finished_at"]
                 )
             # Its monitor may have published it live over the other party's end.
-            publish_as_stored(job)
+            if publish_as_stored(job) or not watch.deleted_while_started():
+                logger.warning(
+                    "Job %s was ended or deleted elsewhere while it ran; its work was rolled back.",
+                    job.pk,
+                )
+            else:
+                # Deleted, and it ended before a tick could stop it: as if stopped at one.
+                logger.info("Job %s was deleted while it ran; its work was rolled back.", job.pk)
+                JobHandler._run_on_cancelled(job)
             return job
         except Exception as exc:
             if progress.cancel_raised:
@@ -340,15 +344,22 @@ class JobRun:
             human_readable_error=message_for_users(exc, connection_lost=connection_lost),
             traceback=storable(shorten_traceback("".join(traceback.format_exception(exc)))),
         ):
-            publish_as_stored(job)
+            if not publish_as_stored(job) and watch.deleted_while_started():
+                # Deleted while it ran, then it failed: only its type can clean up what it
+                # left outside the database. No signal: its state never changed, it is gone.
+                self._run_on_error(job, job_type, exc)
             return
         if self._run_changed(job):
             publish_as_stored(job)
         else:
             publish(job)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, job.error, exc_info=exc)
+        self._run_on_error(job, job_type, exc)
+        signals.emit(signals.job_failed, job, exc=exc)
+
+    @staticmethod
+    def _run_on_error(job: Job, job_type: JobType, exc: BaseException) -> None:
         try:
             job_type.on_error(job, exc)
         except Exception:
             logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.emit(signals.job_failed, job, exc=exc)

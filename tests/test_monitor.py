@@ -658,3 +658,49 @@ def test_a_job_swept_then_deleted_while_its_worker_was_frozen_gets_no_second_hoo
     assert endless.hooks == [("on_error", job.pk)]
     assert get_store().read(job.pk) is None
     assert not Heartbeat.objects.filter(job_id=job.pk).exists()
+
+
+class EndingGatedJobType(EndlessGatedJobType):
+    """A gated job that, once released, ends without another tick: it returns, or raises."""
+
+    def __init__(self, fails):
+        super().__init__()
+        self.fails = fails
+
+    def run(self, job, progress):
+        Marker.objects.create(name=f"gated {job.pk}")
+        self.progress = progress
+        self.halfway.set()
+        assert self.release.wait(WAIT)
+        if self.fails:
+            raise ValueError("bad record")
+
+
+@needs_concurrent_writers
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+def test_a_job_deleted_while_it_runs_gets_its_ending_hook_without_another_tick(
+    transactional_db, user, cancelled_signals, caplog, fails
+):
+    """Only a tick after the monitor noticed the delete stopped the run and ran
+    ``on_cancelled``; a run that returned first (its finish found no row) or raised ended
+    with no hook, and the half-written file its type would have removed stayed."""
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    job_type = job_type_registry.register(EndingGatedJobType(fails))
+    try:
+        thread, job = start_halfway(job_type, user)
+        Job.objects.filter(pk=job.pk).delete()
+        job_type.release.set()
+        thread.join(WAIT)
+    finally:
+        job_type.release.set()
+        job_type_registry.unregister(job_type)
+    assert not thread.is_alive()
+    assert job_type.hooks == [("on_error" if fails else "on_cancelled", job.pk)]
+    # The run's own error still reaches its caller (the worker's log); nothing else does.
+    assert repr(thread.error) == ("ValueError('bad record')" if fails else "None")
+    assert cancelled_signals == []
+    if not fails:
+        assert f"Job {job.pk} was deleted while it ran" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not Marker.objects.filter(name=f"gated {job.pk}").exists()
+    assert get_store().read(job.pk) is None
