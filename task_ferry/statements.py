@@ -74,8 +74,9 @@ def compare_and_set(
     """``UPDATE`` the job's row with ``values`` if its state is one of ``from_states``; whether
     it did. The statement ``QuerySet.update()`` sends, built once instead of for every call:
     every job ends through here, so the query building would cost more than the query.
-    ``flush=False``: see ``handler.transition``. Text that a ``utf8mb3`` table on MySQL refuses
-    is narrowed to what it holds, in ``values`` too, so the caller sees what was stored."""
+    ``flush=False``: see ``handler.transition``. Text that the job table's character set on
+    MySQL cannot hold (``latin1``, ``utf8mb3``: see ``fit_to_columns``) is narrowed to what
+    its columns hold, in ``values`` too, so the caller sees what was stored."""
     using = jobs_database()
     connection = connections[using]
     no_flush = not flush and connection.vendor == "postgresql" and not connection.in_atomic_block
@@ -104,11 +105,14 @@ def compare_and_set(
         try:
             cursor.execute(sql, [*params, job_id, *from_states])
         except DatabaseError as exc:
-            narrowed = within_bmp(values) if refused_beyond_bmp(connection, exc) else {}
+            narrowed = (
+                fit_to_columns(cursor, values, fields) if refused_text(connection, exc) else {}
+            )
             if not narrowed:
                 raise
-            # A utf8mb3 table: refused, the job's own end (its error, its label) would leave it
-            # started. MySQL undoes the statement alone, so the transaction goes on.
+            # A table in a narrower character set than the text (latin1, utf8mb3): refused, the
+            # job's own end (its error, its label) would leave it started. MySQL undoes the
+            # statement alone, so the transaction goes on.
             values.update(narrowed)
             params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
             cursor.execute(sql, [*params, job_id, *from_states])
@@ -118,21 +122,70 @@ def compare_and_set(
 # MySQL's "Incorrect <type> value" (1366): for text, characters its character set lacks.
 MYSQL_INCORRECT_STRING_VALUE = 1366
 BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
+# MySQL character sets that hold every character, and those that hold the BMP only.
+WHOLE_UNICODE = frozenset({"utf8mb4", "utf16", "utf16le", "utf32"})
+BMP_ONLY = frozenset({"utf8mb3", "utf8", "ucs2"})
+# For each MySQL character set, a Python codec holding no character it lacks (MySQL's latin1
+# is Windows-1252); test_statements.py checks each against the server. The character sets
+# left out differ from Python's codecs in places, and are taken as ASCII.
+CHARSET_CODECS = {
+    "ascii": "ascii",
+    "latin1": "cp1252",
+    "latin2": "iso8859_2",
+    "latin5": "iso8859_9",
+    "latin7": "iso8859_13",
+    "cp1250": "cp1250",
+    "cp1251": "cp1251",
+    "cp1257": "cp1257",
+    "cp850": "cp850",
+    "cp852": "cp852",
+    "koi8r": "koi8_r",
+    "macroman": "mac_roman",
+    "gbk": "gbk",
+    "gb2312": "gb2312",
+}
 
 
-def refused_beyond_bmp(connection: BaseDatabaseWrapper, exc: DatabaseError) -> bool:
-    """Whether MySQL refused a statement for text its 3-byte ``utf8mb3`` columns cannot hold
-    (emoji and other characters beyond the Basic Multilingual Plane)."""
+def refused_text(connection: BaseDatabaseWrapper, exc: DatabaseError) -> bool:
+    """Whether MySQL refused a statement for a value its column cannot hold, text with
+    characters missing from the column's character set among them."""
     code = exc.args[0] if exc.args else None
     return connection.vendor == "mysql" and code == MYSQL_INCORRECT_STRING_VALUE
 
 
-def within_bmp(values: dict[str, Any]) -> dict[str, str]:
-    """The text among ``values`` that has characters beyond the BMP, each replaced by U+FFFD."""
+def fit_to_charset(text: str, charset: str) -> str:
+    """``text`` with each character MySQL's ``charset`` lacks replaced: by U+FFFD where the
+    character set holds it (``utf8mb3``), else by ``?``."""
+    if charset in WHOLE_UNICODE or text.isascii():
+        return text
+    if charset in BMP_ONLY:
+        return BEYOND_BMP.sub("\ufffd", text)
+    # None of these codecs holds U+FFFD; their "replace" puts "?", as MySQL's conversions do.
+    codec = CHARSET_CODECS.get(charset, "ascii")
+    return text.encode(codec, "replace").decode(codec)
+
+
+def fit_to_columns(
+    cursor: Any, values: dict[str, Any], fields: list[Field[Any, Any]]
+) -> dict[str, str]:
+    """The text among ``values`` that the job table's columns cannot hold whole, narrowed to
+    their character sets (``fit_to_charset``). Their character sets are read from
+    ``information_schema``, once per refused statement: a table converted since would make a
+    remembered one wrong."""
+    cursor.execute(
+        "SELECT column_name, character_set_name FROM information_schema.columns "
+        "WHERE table_schema = DATABASE() AND table_name = %s AND character_set_name IS NOT NULL",
+        [Job._meta.db_table],
+    )
+    charsets = {column.lower(): charset.lower() for column, charset in cursor.fetchall()}
     narrowed = {}
-    for name, value in values.items():
-        if isinstance(value, str) and not value.isascii() and BEYOND_BMP.search(value):
-            narrowed[name] = BEYOND_BMP.sub("\ufffd", value)
+    for field in fields:
+        value = values[field.name]
+        charset = charsets.get((field.column or field.attname).lower())
+        if isinstance(value, str) and charset is not None:
+            fitted = fit_to_charset(value, charset)
+            if fitted != value:
+                narrowed[field.name] = fitted
     return narrowed
 
 

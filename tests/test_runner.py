@@ -1,5 +1,6 @@
 import os
 import threading
+from contextlib import contextmanager
 
 import pytest
 from django.db import connection
@@ -182,10 +183,9 @@ def test_text_no_database_stores_in_an_error_or_a_label_still_ends_the_job(
         assert [str(e) for e in errors] == [f"bad record in {name}"]
 
 
-@pytest.fixture
-def utf8mb3_job_table(transactional_db):
-    """The job table in MySQL's 3-byte utf8, as in databases created before utf8mb4 was the
-    default: it refuses characters beyond the Basic Multilingual Plane, emoji among them."""
+@contextmanager
+def job_table_in(charset):
+    """The job table converted to MySQL's ``charset`` for the block, then back."""
     table = Job._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
@@ -194,13 +194,29 @@ def utf8mb3_job_table(transactional_db):
             [table],
         )
         (collation,) = cursor.fetchone()
-        cursor.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb3")
+        cursor.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET {charset}")
     yield
     with connection.cursor() as cursor:
-        charset = collation.split("_")[0]
         cursor.execute(
-            f"ALTER TABLE {table} CONVERT TO CHARACTER SET {charset} COLLATE {collation}"
+            f"ALTER TABLE {table} CONVERT TO CHARACTER SET {collation.split('_')[0]} "
+            f"COLLATE {collation}"
         )
+
+
+@pytest.fixture
+def utf8mb3_job_table(transactional_db):
+    """The job table in MySQL's 3-byte utf8, as in databases created before utf8mb4 was the
+    default: it refuses characters beyond the Basic Multilingual Plane, emoji among them."""
+    with job_table_in("utf8mb3"):
+        yield
+
+
+@pytest.fixture
+def latin1_job_table(transactional_db):
+    """The job table in MySQL's latin1 (Windows-1252), the default of old servers and
+    databases: it refuses Chinese, Cyrillic, arrows and emoji."""
+    with job_table_in("latin1"):
+        yield
 
 
 @pytest.mark.skipif(connection.vendor != "mysql", reason="MySQL's utf8mb3 tables")
@@ -218,6 +234,25 @@ def test_an_emoji_a_utf8mb3_table_refuses_still_ends_the_job(
         assert [str(e) for e in errors] == ["bad record in \U0001f600.csv"]
     else:
         # The run's own work committed with its finish.
+        assert Marker.objects.filter(name="written").exists()
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="MySQL's latin1 tables")
+@pytest.mark.parametrize("where", ["error", "label"])
+def test_text_a_latin1_table_refuses_still_ends_the_job(latin1_job_table, user, monkeypatch, where):
+    # Windows-1252 holds "€" and "ï"; "?" stands for each character it lacks.
+    name, stored = "€ naïve → 报告 Отчёт \U0001f600.csv", "€ naïve ? ?? ????? ?.csv"
+    job, errors = run_reading(user, monkeypatch, name, where=where)
+    assert job.state == ("failed" if where == "error" else "finished")
+    assert job.progress_state == f"Reading {stored}"
+    snapshot = get_store().read(job.pk)
+    assert (snapshot["state"], snapshot["progress_state"]) == (job.state, job.progress_state)
+    if where == "error":
+        assert job.error == f"ValueError: bad record in {stored}"
+        assert snapshot["error"] == job.error
+        assert stored in job.traceback
+        assert [str(e) for e in errors] == [f"bad record in {name}"]
+    else:
         assert Marker.objects.filter(name="written").exists()
 
 
