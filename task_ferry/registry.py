@@ -31,8 +31,16 @@ if TYPE_CHECKING:
 
 __all__ = ["JobType", "JobTypeRegistry", "job_type_registry"]
 
-# The model of a job type's jobs; a JobType subclass that does not name it gets Any.
-JobModelT = TypeVar("JobModelT", bound=Job)
+# The model of a job type's jobs. Its default, Any, is for type checkers alone, which bundle
+# typing_extensions' stubs (typing.TypeVar takes no default before Python 3.13): a subclass of
+# plain JobType, as the README writes one, is JobType[Any] even to mypy --strict, so its hooks
+# may take the type's own model as before.
+if TYPE_CHECKING:
+    import typing_extensions
+
+    JobModelT = typing_extensions.TypeVar("JobModelT", bound=Job, default=Any)
+else:
+    JobModelT = TypeVar("JobModelT", bound=Job)
 
 
 class JobType(Generic[JobModelT]):
