@@ -61,7 +61,7 @@ class JobTypeNotRegistered(JobTypeDoesNotExist):
             )
         else:
             reason = "it has no `type` name"
-            advice = "Pass a job type with a `type` name and a `model_class`, not a base class."
+            advice = "Pass a JobType subclass with a `type` name and a `model_class`."
         known_text = listed(self.known)
         self.summary = (
             f"{path} is not a registered job type: {reason}. Known job types: {known_text}."

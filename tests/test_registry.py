@@ -70,8 +70,8 @@ class UnregisteredJobType(JobType[LimitedJob]):
         (
             RecordingJobType,
             "tests.testapp.job_types.RecordingJobType is not a registered job type: it has no "
-            "`type` name. Known job types: 'limited', 'scripted'. Pass a job type with a `type` "
-            "name and a `model_class`, not a base class.",
+            "`type` name. Known job types: 'limited', 'scripted'. Pass a JobType subclass with a "
+            "`type` name and a `model_class`.",
         ),
     ],
 )
