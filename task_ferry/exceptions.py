@@ -16,19 +16,58 @@ class TaskFerryImproperlyConfigured(TaskFerryError, ImproperlyConfigured):
     """A ``TASK_FERRY`` setting, executor or job type is set up wrongly."""
 
 
+def listed(names: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in names) or "none are registered"
+
+
 class JobTypeDoesNotExist(TaskFerryError, LookupError):
     """No job type is registered under the requested name."""
 
     def __init__(self, name: str, known: Iterable[str]) -> None:
         self.name = name
         self.known = sorted(known)
-        known_text = ", ".join(repr(k) for k in self.known) or "none are registered"
+        known_text = listed(self.known)
         #: The unknown name and the known ones, without advice on registering: for API clients.
         self.summary = f"No job type named {name!r}. Known job types: {known_text}."
         super().__init__(
             f"{self.summary} Job types are registered from the job_types module of each app in "
             f"INSTALLED_APPS (<app>/job_types.py), imported at startup."
         )
+
+
+class JobTypeNotRegistered(JobTypeDoesNotExist):
+    """A ``JobType`` class given in place of a name is not the class registered under its name."""
+
+    def __init__(
+        self, job_type_class: type, known: Iterable[str], registered_class: type | None
+    ) -> None:
+        name = getattr(job_type_class, "type", "")
+        self.name = name if isinstance(name, str) else ""
+        self.known = sorted(known)
+        path = f"{job_type_class.__module__}.{job_type_class.__qualname__}"
+        if registered_class is not None:
+            registered_path = f"{registered_class.__module__}.{registered_class.__qualname__}"
+            reason = f"its name {self.name!r} is {registered_path}'s"
+            advice = (
+                f"Give {job_type_class.__name__} a `type` of its own (a subclass inherits "
+                f"its parent's), or pass {registered_class.__name__}."
+            )
+        elif self.name:
+            reason = f"nothing is registered under its name {self.name!r}"
+            advice = (
+                f"Define it in the job_types module of an app in INSTALLED_APPS "
+                f"(<app>/job_types.py), imported at startup, or register it with "
+                f"job_type_registry.register({job_type_class.__name__})."
+            )
+        else:
+            reason = "it has no `type` name"
+            advice = "Pass a JobType subclass with a `type` name and a `model_class`."
+        known_text = listed(self.known)
+        self.summary = (
+            f"{path} is not a registered job type: {reason}. Known job types: {known_text}."
+        )
+        # Not the parent's message, which is about a name.
+        super(JobTypeDoesNotExist, self).__init__(f"{self.summary} {advice}")
 
 
 class JobTypeAlreadyRegistered(TaskFerryImproperlyConfigured):

@@ -15,7 +15,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, overload
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
@@ -48,7 +48,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.monitor import forget_heartbeats
-from task_ferry.registry import JobType, job_type_registry
+from task_ferry.registry import JobModelT, JobType, job_type_registry
 from task_ferry.snapshot import (
     cancel_token,
     isoformat,
@@ -356,11 +356,29 @@ def parse_job_id(job_id: Any) -> int:
 class JobHandler:
     """Creates, cancels, looks up and cleans up jobs. All methods are class methods."""
 
+    @overload
     @classmethod
-    def create_and_start(cls, /, user: Any, job_type_name: str, **values: Any) -> Job:
-        """Create a job of the named type for ``user`` (None for a system job) and hand it to
-        the executor. Returns the saved, specific job at once."""
-        job_type = job_type_registry.get(job_type_name)
+    def create_and_start(cls, /, user: Any, job_type_name: str, **values: Any) -> Job: ...
+
+    @overload
+    @classmethod
+    def create_and_start(
+        cls, /, user: Any, job_type_name: type[JobType[JobModelT]], **values: Any
+    ) -> JobModelT: ...
+
+    @classmethod
+    def create_and_start(
+        cls, /, user: Any, job_type_name: str | type[JobType[Any]], **values: Any
+    ) -> Job:
+        """Create a job of the type named ``job_type_name``, or of that registered ``JobType``
+        class, for ``user`` (None for a system job) and hand it to the executor. Returns the
+        saved, specific job at once: given ``ExportJobType``, a ``JobType[ExportJob]``, a type
+        checker knows it is an ``ExportJob``."""
+        job_type = (
+            job_type_registry.get_by_class(job_type_name)
+            if isinstance(job_type_name, type)
+            else job_type_registry.get(job_type_name)
+        )
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
         # No snapshot yet: the row says all there is to say about a pending job, and one nobody
@@ -370,11 +388,30 @@ class JobHandler:
         get_executor().enqueue_job(job)
         return job
 
+    @overload
     @classmethod
     def create_and_start_many(
         cls, user: Any, job_type_name: str, values_list: Iterable[Mapping[str, Any]]
-    ) -> list[Job]:
-        """Create one job of the named type for ``user`` per mapping of values, in one
+    ) -> list[Job]: ...
+
+    @overload
+    @classmethod
+    def create_and_start_many(
+        cls,
+        user: Any,
+        job_type_name: type[JobType[JobModelT]],
+        values_list: Iterable[Mapping[str, Any]],
+    ) -> list[JobModelT]: ...
+
+    @classmethod
+    def create_and_start_many(
+        cls,
+        user: Any,
+        job_type_name: str | type[JobType[Any]],
+        values_list: Iterable[Mapping[str, Any]],
+    ) -> list[Any]:
+        """Create one job of the type named ``job_type_name`` (or of that registered ``JobType``
+        class, as for ``create_and_start``) for ``user`` per mapping of values, in one
         transaction, and hand them all to the executor. All or nothing: bad values for any of
         them raise ``InvalidJobValues`` naming its position, a batch that would pass the type's
         ``max_count`` raises ``MaxJobCountExceeded``, and then no job is created. Returns the
@@ -385,7 +422,11 @@ class JobHandler:
         database fills; then each job is saved on its own, as elsewhere). With an executor
         that runs jobs inline, each job runs once all are saved; the first error among them
         then reaches the caller after the rest have run."""
-        job_type = job_type_registry.get(job_type_name)
+        job_type = (
+            job_type_registry.get_by_class(job_type_name)
+            if isinstance(job_type_name, type)
+            else job_type_registry.get(job_type_name)
+        )
         if isinstance(values_list, Mapping | str | bytes):
             raise InvalidJobValues(
                 f"values_list must be a list of mappings, one per job; got one "
@@ -468,7 +509,7 @@ class JobHandler:
                 f"{type(job_type).__name__}.prepare_values must return a dict, "
                 f"got {type(prepared).__name__}."
             )
-        model = job_type.model_class
+        model: type[Job] = job_type.model_class
         # Only the type's own columns: the base ones belong to the handler, and the link to the
         # Job row (``job_ptr_id``) would let the values choose the job's id.
         own_fields = {name for f in model.own_fields() for name in (f.name, f.attname)}

@@ -1,8 +1,10 @@
-"""Job types: what a job does, and the registry that finds a type by name or by model.
+"""Job types: what a job does, and the registry that finds a type by name, class or model.
 
 A job type is a ``JobType`` subclass with a ``type`` name and a ``model_class``. Types defined in
 an installed app's ``job_types`` module are registered when Django starts; calling
 ``job_type_registry.register()`` yourself (for example in ``AppConfig.ready()``) works too.
+``JobType[ExportJob]`` tells a type checker the type's model, so its hooks take an ``ExportJob``
+and ``JobHandler.create_and_start(user, ExportJobType, ...)`` returns one.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import inspect
 import threading
 from collections.abc import Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from task_ferry.exceptions import (
     JobTypeAlreadyRegistered,
     JobTypeDoesNotExist,
+    JobTypeNotRegistered,
     TaskFerryImproperlyConfigured,
 )
 from task_ferry.models import Job
@@ -28,14 +31,30 @@ if TYPE_CHECKING:
 
 __all__ = ["JobType", "JobTypeRegistry", "job_type_registry"]
 
+# The model of a job type's jobs. Its default, Any, is for type checkers alone, which bundle
+# typing_extensions' stubs (typing.TypeVar takes no default before Python 3.13): a subclass of
+# plain JobType, as the README writes one, is JobType[Any] even to mypy --strict, so its hooks
+# may take the type's own model as before.
+if TYPE_CHECKING:
+    import typing_extensions
 
-class JobType:
-    """Subclass this to define a kind of job. Every hook has a no-op default."""
+    JobModelT = typing_extensions.TypeVar("JobModelT", bound=Job, default=Any)
+else:
+    JobModelT = TypeVar("JobModelT", bound=Job)
+
+
+class JobType(Generic[JobModelT]):
+    """Subclass this to define a kind of job. Every hook has a no-op default.
+
+    Subclass ``JobType[ExportJob]`` to have the type checker hold the hooks' ``job`` to an
+    ``ExportJob``; plain ``JobType`` leaves them untyped.
+    """
 
     #: Unique name the job is started by, e.g. ``"export_table"``.
     type: ClassVar[str] = ""
-    #: The ``Job`` subclass that stores this type's jobs.
-    model_class: ClassVar[builtins.type[Job]]
+    #: The ``Job`` subclass that stores this type's jobs. (Not a ClassVar: a type checker
+    #: allows no type variable in one.)
+    model_class: builtins.type[JobModelT]
     #: Most pending or running jobs of this type one user may have; None means
     #: ``TASK_FERRY["MAX_JOBS_PER_USER_PER_TYPE"]``.
     max_count: ClassVar[int | None] = None
@@ -58,22 +77,22 @@ class JobType:
         """
         return values
 
-    def after_job_creation(self, job: Any, values: dict[str, Any]) -> None:
+    def after_job_creation(self, job: JobModelT, values: dict[str, Any]) -> None:
         """Called right after the job row is saved, before it is dispatched."""
 
-    def run(self, job: Any, progress: Progress) -> None:
+    def run(self, job: JobModelT, progress: Progress) -> None:
         """Do the work. Runs in the executor, inside one database transaction."""
         raise NotImplementedError(f"{type(self).__name__} must implement run(job, progress).")
 
-    def on_error(self, job: Any, exc: BaseException) -> None:
+    def on_error(self, job: JobModelT, exc: BaseException) -> None:
         """Called once after the job was marked failed."""
 
-    def on_cancelled(self, job: Any) -> None:
+    def on_cancelled(self, job: JobModelT) -> None:
         """Called once after the job was marked cancelled, or after its run was stopped because
         its row was deleted while it ran (the row is gone: do not save ``job``). Clean up
         partial output here."""
 
-    def before_delete(self, job: Any) -> None:
+    def before_delete(self, job: JobModelT) -> None:
         """Called before ``cleanup_old_jobs`` deletes this expired job."""
 
     def get_max_count(self) -> int | None:
@@ -99,7 +118,7 @@ def is_concrete_job_type(obj: object) -> bool:
     )
 
 
-def inherited_name(first: JobType, second: JobType) -> str:
+def inherited_name(first: JobType[Any], second: JobType[Any]) -> str:
     """Why two types share a name when one subclasses the other without naming itself."""
     for parent, child in ((type(first), type(second)), (type(second), type(first))):
         if issubclass(child, parent) and "type" not in vars(child):
@@ -112,7 +131,9 @@ class JobTypeRegistry:
         self._by_name: dict[str, JobType] = {}
         self._lock = threading.Lock()
 
-    def register(self, job_type: JobType | type[JobType]) -> JobType:
+    def register(
+        self, job_type: JobType[JobModelT] | type[JobType[JobModelT]]
+    ) -> JobType[JobModelT]:
         """Register a job type (an instance or the class). Registering the same class twice is
         harmless; a different class under a taken name raises ``JobTypeAlreadyRegistered``."""
         if inspect.isclass(job_type) and not issubclass(job_type, JobType):
@@ -149,6 +170,18 @@ class JobTypeRegistry:
             return self._by_name[name]
         except (KeyError, TypeError):
             raise JobTypeDoesNotExist(name, self._by_name) from None
+
+    def get_by_class(self, job_type_class: type[JobType[JobModelT]]) -> JobType[JobModelT]:
+        """The registered instance of this class. A class that is not the one registered under
+        its name (a subclass that inherits it, say) raises ``JobTypeNotRegistered``, a
+        ``JobTypeDoesNotExist``."""
+        name = getattr(job_type_class, "type", None)
+        registered = self._by_name.get(name) if isinstance(name, str) else None
+        if registered is not None and type(registered) is job_type_class:
+            return registered
+        raise JobTypeNotRegistered(
+            job_type_class, self._by_name, None if registered is None else type(registered)
+        )
 
     def get_by_model(self, model: type[Job] | Job) -> JobType:
         model_class = model if inspect.isclass(model) else type(model)

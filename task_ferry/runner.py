@@ -269,7 +269,7 @@ class JobRun:
         router reads from may not have it yet."""
         using = jobs_database()
         if self.job_type_name is not None and self.job_type_name in job_type_registry:
-            model = job_type_registry.get(self.job_type_name).model_class
+            model: type[Job] = job_type_registry.get(self.job_type_name).model_class
             job = model._default_manager.using(using).filter(pk=self.job_id).first()
             if job is not None and job.type == self.job_type_name:
                 return job

@@ -31,6 +31,23 @@ def announced():
     job_type_registry.unregister(job_type)
 
 
+def test_takes_the_job_type_class(db, user, no_dispatch, announced):
+    jobs = JobHandler.create_and_start_many(user, AnnouncedJobType, [{"steps": 1}, {"steps": 2}])
+
+    assert [(type(job), job.type, job.steps) for job in jobs] == [
+        (ScriptedJob, "announced", 1),
+        (ScriptedJob, "announced", 2),
+    ]
+    assert no_dispatch == [job.pk for job in jobs]
+
+
+def test_a_class_not_registered_creates_nothing(db, user, no_dispatch):
+    with pytest.raises(JobTypeDoesNotExist, match="AnnouncedJobType is not a registered job type"):
+        JobHandler.create_and_start_many(user, AnnouncedJobType, [{"steps": 1}])
+    assert not Job.objects.exists()
+    assert no_dispatch == []
+
+
 def test_creates_every_job_in_order_and_dispatches_each_once(db, user, no_dispatch):
     jobs = JobHandler.create_and_start_many(
         user, "scripted", [{"steps": 1}, {"steps": 2, "marker": "b"}, {"steps": 3}]

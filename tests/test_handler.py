@@ -17,7 +17,9 @@ from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.registry import JobType, job_type_registry
+from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
+from tests.testapp.job_types import LimitedJobType
 from tests.testapp.models import (
     AnyJob,
     HookCall,
@@ -35,6 +37,39 @@ def test_create_and_start_returns_the_saved_specific_job(db, user, no_dispatch):
     assert (job.type, job.state, job.user, job.table_id) == ("export_table", "pending", user, 7)
     assert Job.objects.get(pk=job.pk).specific == job
     assert no_dispatch == [job.pk]
+
+
+@pytest.mark.parametrize(
+    "job_type_class, values",
+    [
+        (ExportJobType, {"table_id": 7}),  # JobType, as the README writes it
+        (LimitedJobType, {"label": "x"}),  # JobType[LimitedJob], through a generic base
+    ],
+)
+def test_create_and_start_takes_the_job_type_class(db, user, no_dispatch, job_type_class, values):
+    job = JobHandler.create_and_start(user, job_type_class, **values)
+    assert type(job) is job_type_class.model_class
+    assert job.type == job_type_class.type
+    assert Job.objects.get(pk=job.pk).specific == job
+    assert no_dispatch == [job.pk]
+    # As the README passes the name.
+    again = JobHandler.create_and_start(user=user, job_type_name=job_type_class, **values)
+    assert (type(again), again.type) == (type(job), job.type)
+
+
+def test_create_and_start_with_a_class_not_registered_creates_nothing(db, user, no_dispatch):
+    class CopiedExportJobType(ExportJobType):  # inherits "export_table", registered to its parent
+        pass
+
+    with pytest.raises(JobTypeDoesNotExist) as info:
+        JobHandler.create_and_start(user, CopiedExportJobType, table_id=1)
+    assert str(info.value).startswith(
+        "tests.test_handler.test_create_and_start_with_a_class_not_registered_creates_nothing."
+        "<locals>.CopiedExportJobType is not a registered job type: its name 'export_table' is "
+        "tests.myapp.job_types.ExportJobType's."
+    )
+    assert not Job.objects.exists()
+    assert no_dispatch == []
 
 
 def test_system_jobs_have_no_user(db, no_dispatch):

@@ -6,12 +6,18 @@ from django.db import models
 from task_ferry.exceptions import (
     JobTypeAlreadyRegistered,
     JobTypeDoesNotExist,
+    JobTypeNotRegistered,
     TaskFerryImproperlyConfigured,
 )
 from task_ferry.registry import JobType, JobTypeRegistry, job_type_registry
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
-from tests.testapp.job_types import LimitedJobType, RoutedJobType, ScriptedJobType
+from tests.testapp.job_types import (
+    LimitedJobType,
+    RecordingJobType,
+    RoutedJobType,
+    ScriptedJobType,
+)
 from tests.testapp.models import LimitedJob
 
 
@@ -20,6 +26,65 @@ def test_job_types_modules_are_discovered_at_startup():
     assert isinstance(job_type_registry.get("scripted"), ScriptedJobType)
     assert isinstance(job_type_registry.get("routed"), RoutedJobType)
     assert isinstance(job_type_registry.get("limited"), LimitedJobType)
+
+
+def test_a_type_that_names_its_model_through_a_generic_base_is_discovered():
+    # LimitedJobType(RecordingJobType[LimitedJob]), RecordingJobType(JobType[RecordedJobT]).
+    assert LimitedJobType.__orig_bases__ == (RecordingJobType[LimitedJob],)
+    assert type(job_type_registry.get("limited")) is LimitedJobType
+    assert job_type_registry.get_by_model(LimitedJob).model_class is LimitedJob
+
+
+def test_get_by_class_returns_the_registered_instance():
+    assert job_type_registry.get_by_class(LimitedJobType) is job_type_registry.get("limited")
+    assert job_type_registry.get_by_class(ExportJobType) is job_type_registry.get("export_table")
+
+
+class UnnamedScriptedJobType(ScriptedJobType):
+    """Inherits ScriptedJobType's name, under which its parent is registered."""
+
+
+class UnregisteredJobType(JobType[LimitedJob]):
+    type = "unregistered"
+    model_class = LimitedJob
+
+
+@pytest.mark.parametrize(
+    "job_type_class, message",
+    [
+        (
+            UnnamedScriptedJobType,
+            "tests.test_registry.UnnamedScriptedJobType is not a registered job type: its name "
+            "'scripted' is tests.testapp.job_types.ScriptedJobType's. Known job types: "
+            "'limited', 'scripted'. Give UnnamedScriptedJobType a `type` of its own (a subclass "
+            "inherits its parent's), or pass ScriptedJobType.",
+        ),
+        (
+            UnregisteredJobType,
+            "tests.test_registry.UnregisteredJobType is not a registered job type: nothing is "
+            "registered under its name 'unregistered'. Known job types: 'limited', 'scripted'. "
+            "Define it in the job_types module of an app in INSTALLED_APPS (<app>/job_types.py), "
+            "imported at startup, or register it with "
+            "job_type_registry.register(UnregisteredJobType).",
+        ),
+        (
+            RecordingJobType,
+            "tests.testapp.job_types.RecordingJobType is not a registered job type: it has no "
+            "`type` name. Known job types: 'limited', 'scripted'. Pass a JobType subclass with a "
+            "`type` name and a `model_class`.",
+        ),
+    ],
+)
+def test_get_by_class_of_a_class_not_registered_says_what_to_do(job_type_class, message):
+    registry = JobTypeRegistry()
+    registry.register(ScriptedJobType)
+    registry.register(LimitedJobType)
+    with pytest.raises(JobTypeNotRegistered) as info:
+        registry.get_by_class(job_type_class)
+    assert str(info.value) == message
+    # Caught where an unknown name is.
+    assert isinstance(info.value, JobTypeDoesNotExist)
+    assert info.value.known == ["limited", "scripted"]
 
 
 def test_abstract_intermediate_classes_are_not_registered():

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("mypy", reason="mypy is not installed")
 
 
-def test_user_code_against_the_public_api_type_checks():
+@pytest.mark.parametrize("user_code", ["public_api.py", "job_type_models.py"])
+def test_user_code_against_the_public_api_type_checks(user_code):
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "tests/typing/public_api.py"],
+        [sys.executable, "-m", "mypy", f"tests/typing/{user_code}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -75,7 +75,7 @@ def type_serializer_class(job_type: JobType) -> type[serializers.Serializer[Any]
     """``job_type.serializer_class``, or a ``ModelSerializer`` of its model's own fields."""
     if job_type.serializer_class is not None:
         return job_type.serializer_class
-    model = job_type.model_class
+    model: type[Job] = job_type.model_class
     if model not in _derived:
         meta = type("Meta", (), {"model": model, "fields": own_field_names(model)})
         _derived[model] = type(

@@ -1,13 +1,17 @@
 import time
+from typing import TypeVar
 
 from task_ferry.models import Job
 from task_ferry.registry import JobType
 
 from .models import HookCall, LimitedJob, Marker, ScriptedJob
 
+RecordedJobT = TypeVar("RecordedJobT", bound=Job)
 
-class RecordingJobType(JobType):
-    """Records every ending hook call in HookCall rows."""
+
+class RecordingJobType(JobType[RecordedJobT]):
+    """Records every ending hook call in HookCall rows. Generic, as a user's shared base may be:
+    ScriptedJobType leaves its model unnamed, LimitedJobType names it."""
 
     def on_error(self, job, exc):
         HookCall.objects.create(job_id=job.pk, hook="on_error", detail=str(exc))
@@ -49,7 +53,7 @@ class RoutedJobType(ScriptedJobType):
     queue = "special"
 
 
-class LimitedJobType(RecordingJobType):
+class LimitedJobType(RecordingJobType[LimitedJob]):
     type = "limited"
     model_class = LimitedJob
     max_count = 2
