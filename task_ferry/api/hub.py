@@ -251,6 +251,12 @@ class EventHub:
                 return
             self._pubsub = None
             self.reachable = False
+            # What silenced this connection (a network cut, a failover) silenced the pool's
+            # idle ones too: the snapshot reads after subscribing again would wait out their
+            # timeout on them. Before the lock is let go, so no new subscription takes one;
+            # the connections in use are left to finish their commands (or time out).
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.client.connection_pool.disconnect(inuse_connections=False)
             for channel, listeners in self._queues.items():
                 confirmed = self._confirmed.get(channel)
                 if channel in self._lost or confirmed is None:

@@ -22,7 +22,7 @@ from task_ferry.api import events as events_module
 from task_ferry.api import hub as hub_module
 from task_ferry.api.events import LIVE_RETRY_MS
 from task_ferry.api.hub import EventHub, Link
-from task_ferry.handler import JobHandler, transition
+from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
@@ -753,9 +753,69 @@ def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_
         ("job", "finished"),
         ("end", "finished"),
     ]
-    # A PING, its PONG's timeout, a pause and a new subscription; a read on a connection of
-    # the hub's pool that the cut left silent too may wait out SOCKET_TIMEOUT.
+    # A PING, its PONG's timeout, a pause, a new subscription and a read.
     assert took < 10, took
+
+
+@needs_redis
+def test_a_stream_reads_its_jobs_snapshot_promptly_once_its_hub_recovers_from_a_network_cut(
+    transactional_db, user, hold, settings, monkeypatch
+):
+    """A network cut leaves every connection of the hub's pool silent, not only its subscriber
+    connection: once subscribed again, the stream read its job's snapshot over one of them and
+    waited out ``SOCKET_TIMEOUT`` before it showed the progress made meanwhile (or, with no
+    retry, found nothing and showed the job's row, older). The hub now drops its pool's idle
+    connections with its subscriber connection."""
+    for name in ("PING_INTERVAL", "PONG_TIMEOUT"):
+        monkeypatch.setattr(hub_module, name, 0.5)
+    # So that a read left waiting on a silent connection cannot pass for a prompt one.
+    monkeypatch.setattr(hub_module, "SOCKET_TIMEOUT", 5.0)
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 30}
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
+    hubs = []
+
+    def hub_behind_the_proxy(url):
+        # The worker writes and publishes to Redis directly.
+        if not hubs:
+            hubs.append(EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()))
+        return hubs[0]
+
+    monkeypatch.setattr(events_module, "get_hub", hub_behind_the_proxy)
+    job = start(create(user, steps=2), percentage=50)
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.get(url(job))
+        chunks = response.streaming_content
+        try:
+            # Its first event, read over a connection of the hub's pool, which stays there.
+            head = (await anext(chunks)).decode()
+            proxy.cut_open_connections()
+            cut_at = time.monotonic()
+            # Published while the hub's subscriber connection is silent: only the snapshot
+            # read once subscribed again tells the stream.
+            job.progress_percentage = 80
+            await sync_to_async(publish)(job)
+            while (chunk := (await asyncio.wait_for(anext(chunks), 10)).decode()).startswith(":"):
+                pass
+            return head, chunk, time.monotonic() - cut_at
+        finally:
+            await chunks.aclose()
+            for hub in hubs:
+                await hub.aclose()
+
+    try:
+        head, chunk, took = run_async(scenario, timeout=30)
+    finally:
+        proxy.close()
+    assert parse_events(head)[1][1]["progress_percentage"] == 50
+    [(name, data)] = parse_events(chunk)
+    assert (name, data["state"], data["progress_percentage"]) == ("job", "started", 80)
+    # A PING, its PONG's timeout and a pause before subscribing again (0.25 s at most), then
+    # one read (about 1.2 s in all): not a read that waits out SOCKET_TIMEOUT.
+    assert took < hub_module.SOCKET_TIMEOUT - 1, took
 
 
 @needs_redis
