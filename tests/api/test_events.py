@@ -862,6 +862,91 @@ class StalledProxy(HalfOpenProxy):
         super()._pipe(source, target, -1 if self.stalled else generation)
 
 
+class GatedProxy(HalfOpenProxy):
+    """A TCP proxy to Redis that holds back, in order, what goes to Redis while ``to_redis``
+    is clear, and what comes from it while ``from_redis`` is."""
+
+    def __init__(self, host, port):
+        self.to_redis, self.from_redis = threading.Event(), threading.Event()
+        self.to_redis.set()
+        self.from_redis.set()
+        super().__init__(host, port)
+
+    def _pipe(self, source, target, generation):
+        # An accepted connection's own end has the proxy's port: what it reads goes to Redis.
+        gate = self.to_redis if source.getsockname()[1] == self.port else self.from_redis
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                gate.wait()
+                target.sendall(data)
+
+
+async def until(predicate, what, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+@needs_redis
+def test_a_subscription_after_an_unsubscribe_is_confirmed_by_its_own_answer_not_an_older_one():
+    """A stream that left its channel before Redis confirmed its subscription (its client
+    gone), followed at once by another stream of that job, had the hub send SUBSCRIBE,
+    UNSUBSCRIBE, SUBSCRIBE: the answer to the first confirmed the third, so the new stream
+    read its job's snapshot and counted on publications while Redis had not yet subscribed
+    the channel again, and missed what was published meanwhile."""
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = GatedProxy(target.hostname, target.port or 6379)
+    prefix = f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:again"
+    channel = f"{prefix}-followed"
+
+    async def scenario():
+        hub = EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl())
+        direct = redis.asyncio.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"])
+        try:
+            # The hub's connection is open and read.
+            warm = await hub.subscribe(f"{prefix}-warm")
+            proxy.from_redis.clear()
+            leaving = asyncio.create_task(hub.subscribe(channel))
+            await until(lambda: hub._sent.get(channel) == 1, "the first subscription sent")
+            leaving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            await until(lambda: not hub._pending, "the unsubscribe sent")
+            proxy.to_redis.clear()
+            coming = asyncio.create_task(hub.subscribe(channel))
+            await until(lambda: hub._sent.get(channel) == 2, "the second subscription sent")
+            # The answers to the first subscription and to the unsubscribe reach the hub;
+            # the second subscription has not reached Redis.
+            proxy.from_redis.set()
+            await until(lambda: hub._sent.get(channel) == 1, "the first answer read")
+            done, _ = await asyncio.wait([coming], timeout=0.2)
+            told_subscribed = bool(done)
+            receivers = await direct.publish(channel, b"missed if told subscribed")
+            proxy.to_redis.set()
+            queue = await coming
+            await direct.publish(channel, b"once subscribed")
+            received = []
+            with contextlib.suppress(TimeoutError):
+                received.append(await asyncio.wait_for(queue.get(), 2))
+            await hub.unsubscribe(channel, queue)
+            await hub.unsubscribe(f"{prefix}-warm", warm)
+            return told_subscribed, receivers, received
+        finally:
+            proxy.to_redis.set()
+            proxy.from_redis.set()
+            await hub.aclose()
+            await direct.aclose()
+
+    try:
+        told_subscribed, receivers, received = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    # Redis had no subscriber of the channel then: the stream was not told it had one, and
+    # got what was published once it was.
+    assert (told_subscribed, receivers, received) == (False, 0, [b"once subscribed"])
+
+
 @needs_redis
 def test_streams_subscribing_together_to_a_redis_that_answers_nothing_fail_together():
     """The hub connected while holding its lock, so each stream waited for every one before
