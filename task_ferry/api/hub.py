@@ -64,8 +64,9 @@ class EventHub:
         self._pubsub: PubSub | None = None
         self._queues: dict[str, set[asyncio.Queue[bytes | Link]]] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
-        # Subscriptions sent on the current connection and not confirmed yet, per channel: a
-        # confirmation beyond them is redis-py subscribing again after a reconnection of its own.
+        # Subscriptions sent on the current connection and not answered yet, per channel: only
+        # the answer to the last one confirms, and an answer beyond them is redis-py subscribing
+        # again after a reconnection of its own.
         self._sent: dict[str, int] = {}
         # Channels whose listeners were told ``LOST``, until subscribed again.
         self._lost: set[str] = set()
@@ -224,7 +225,10 @@ class EventHub:
                 if message["type"] == "subscribe":
                     sent = self._sent.pop(channel, 0)
                     if sent > 1:
+                        # Answers an earlier subscription: an unsubscribe sent after it may
+                        # not have reached Redis yet, so only the last one's answer confirms.
                         self._sent[channel] = sent - 1
+                        continue
                     confirmed = self._confirmed.get(channel)
                     if confirmed is not None and not confirmed.done():
                         confirmed.set_result(None)
@@ -251,6 +255,12 @@ class EventHub:
                 return
             self._pubsub = None
             self.reachable = False
+            # What silenced this connection (a network cut, a failover) silenced the pool's
+            # idle ones too: the snapshot reads after subscribing again would wait out their
+            # timeout on them. Before the lock is let go, so no new subscription takes one;
+            # the connections in use are left to finish their commands (or time out).
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.client.connection_pool.disconnect(inuse_connections=False)
             for channel, listeners in self._queues.items():
                 confirmed = self._confirmed.get(channel)
                 if channel in self._lost or confirmed is None:

@@ -22,7 +22,7 @@ from task_ferry.api import events as events_module
 from task_ferry.api import hub as hub_module
 from task_ferry.api.events import LIVE_RETRY_MS
 from task_ferry.api.hub import EventHub, Link
-from task_ferry.handler import JobHandler, transition
+from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
@@ -753,9 +753,69 @@ def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_
         ("job", "finished"),
         ("end", "finished"),
     ]
-    # A PING, its PONG's timeout, a pause and a new subscription; a read on a connection of
-    # the hub's pool that the cut left silent too may wait out SOCKET_TIMEOUT.
+    # A PING, its PONG's timeout, a pause, a new subscription and a read.
     assert took < 10, took
+
+
+@needs_redis
+def test_a_stream_reads_its_jobs_snapshot_promptly_once_its_hub_recovers_from_a_network_cut(
+    transactional_db, user, hold, settings, monkeypatch
+):
+    """A network cut leaves every connection of the hub's pool silent, not only its subscriber
+    connection: once subscribed again, the stream read its job's snapshot over one of them and
+    waited out ``SOCKET_TIMEOUT`` before it showed the progress made meanwhile (or, with no
+    retry, found nothing and showed the job's row, older). The hub now drops its pool's idle
+    connections with its subscriber connection."""
+    for name in ("PING_INTERVAL", "PONG_TIMEOUT"):
+        monkeypatch.setattr(hub_module, name, 0.5)
+    # So that a read left waiting on a silent connection cannot pass for a prompt one.
+    monkeypatch.setattr(hub_module, "SOCKET_TIMEOUT", 5.0)
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 30}
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
+    hubs = []
+
+    def hub_behind_the_proxy(url):
+        # The worker writes and publishes to Redis directly.
+        if not hubs:
+            hubs.append(EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()))
+        return hubs[0]
+
+    monkeypatch.setattr(events_module, "get_hub", hub_behind_the_proxy)
+    job = start(create(user, steps=2), percentage=50)
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        response = await client.get(url(job))
+        chunks = response.streaming_content
+        try:
+            # Its first event, read over a connection of the hub's pool, which stays there.
+            head = (await anext(chunks)).decode()
+            proxy.cut_open_connections()
+            cut_at = time.monotonic()
+            # Published while the hub's subscriber connection is silent: only the snapshot
+            # read once subscribed again tells the stream.
+            job.progress_percentage = 80
+            await sync_to_async(publish)(job)
+            while (chunk := (await asyncio.wait_for(anext(chunks), 10)).decode()).startswith(":"):
+                pass
+            return head, chunk, time.monotonic() - cut_at
+        finally:
+            await chunks.aclose()
+            for hub in hubs:
+                await hub.aclose()
+
+    try:
+        head, chunk, took = run_async(scenario, timeout=30)
+    finally:
+        proxy.close()
+    assert parse_events(head)[1][1]["progress_percentage"] == 50
+    [(name, data)] = parse_events(chunk)
+    assert (name, data["state"], data["progress_percentage"]) == ("job", "started", 80)
+    # A PING, its PONG's timeout and a pause before subscribing again (0.25 s at most), then
+    # one read (about 1.2 s in all): not a read that waits out SOCKET_TIMEOUT.
+    assert took < hub_module.SOCKET_TIMEOUT - 1, took
 
 
 @needs_redis
@@ -800,6 +860,91 @@ class StalledProxy(HalfOpenProxy):
 
     def _pipe(self, source, target, generation):
         super()._pipe(source, target, -1 if self.stalled else generation)
+
+
+class GatedProxy(HalfOpenProxy):
+    """A TCP proxy to Redis that holds back, in order, what goes to Redis while ``to_redis``
+    is clear, and what comes from it while ``from_redis`` is."""
+
+    def __init__(self, host, port):
+        self.to_redis, self.from_redis = threading.Event(), threading.Event()
+        self.to_redis.set()
+        self.from_redis.set()
+        super().__init__(host, port)
+
+    def _pipe(self, source, target, generation):
+        # An accepted connection's own end has the proxy's port: what it reads goes to Redis.
+        gate = self.to_redis if source.getsockname()[1] == self.port else self.from_redis
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                gate.wait()
+                target.sendall(data)
+
+
+async def until(predicate, what, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+@needs_redis
+def test_a_subscription_after_an_unsubscribe_is_confirmed_by_its_own_answer_not_an_older_one():
+    """A stream that left its channel before Redis confirmed its subscription (its client
+    gone), followed at once by another stream of that job, had the hub send SUBSCRIBE,
+    UNSUBSCRIBE, SUBSCRIBE: the answer to the first confirmed the third, so the new stream
+    read its job's snapshot and counted on publications while Redis had not yet subscribed
+    the channel again, and missed what was published meanwhile."""
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = GatedProxy(target.hostname, target.port or 6379)
+    prefix = f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:again"
+    channel = f"{prefix}-followed"
+
+    async def scenario():
+        hub = EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl())
+        direct = redis.asyncio.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"])
+        try:
+            # The hub's connection is open and read.
+            warm = await hub.subscribe(f"{prefix}-warm")
+            proxy.from_redis.clear()
+            leaving = asyncio.create_task(hub.subscribe(channel))
+            await until(lambda: hub._sent.get(channel) == 1, "the first subscription sent")
+            leaving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            await until(lambda: not hub._pending, "the unsubscribe sent")
+            proxy.to_redis.clear()
+            coming = asyncio.create_task(hub.subscribe(channel))
+            await until(lambda: hub._sent.get(channel) == 2, "the second subscription sent")
+            # The answers to the first subscription and to the unsubscribe reach the hub;
+            # the second subscription has not reached Redis.
+            proxy.from_redis.set()
+            await until(lambda: hub._sent.get(channel) == 1, "the first answer read")
+            done, _ = await asyncio.wait([coming], timeout=0.2)
+            told_subscribed = bool(done)
+            receivers = await direct.publish(channel, b"missed if told subscribed")
+            proxy.to_redis.set()
+            queue = await coming
+            await direct.publish(channel, b"once subscribed")
+            received = []
+            with contextlib.suppress(TimeoutError):
+                received.append(await asyncio.wait_for(queue.get(), 2))
+            await hub.unsubscribe(channel, queue)
+            await hub.unsubscribe(f"{prefix}-warm", warm)
+            return told_subscribed, receivers, received
+        finally:
+            proxy.to_redis.set()
+            proxy.from_redis.set()
+            await hub.aclose()
+            await direct.aclose()
+
+    try:
+        told_subscribed, receivers, received = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    # Redis had no subscriber of the channel then: the stream was not told it had one, and
+    # got what was published once it was.
+    assert (told_subscribed, receivers, received) == (False, 0, [b"once subscribed"])
 
 
 @needs_redis
