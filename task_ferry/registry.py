@@ -85,11 +85,12 @@ class JobType(Generic[JobModelT]):
         raise NotImplementedError(f"{type(self).__name__} must implement run(job, progress).")
 
     def on_error(self, job: JobModelT, exc: BaseException) -> None:
-        """Called once after the job was marked failed."""
+        """Called once after the job was marked failed, or after its run raised while its row
+        was deleted (the row is gone: do not save ``job``)."""
 
     def on_cancelled(self, job: JobModelT) -> None:
-        """Called once after the job was marked cancelled, or after its run was stopped because
-        its row was deleted while it ran (the row is gone: do not save ``job``). Clean up
+        """Called once after the job was marked cancelled, or after its run was stopped (or
+        returned) while its row was deleted (the row is gone: do not save ``job``). Clean up
         partial output here."""
 
     def before_delete(self, job: JobModelT) -> None:
