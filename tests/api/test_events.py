@@ -703,9 +703,30 @@ def test_the_hub_replaces_a_subscriber_connection_that_went_silent(monkeypatch):
     assert received == b"live again"
 
 
+@pytest.fixture
+def streams_behind_a_proxy(monkeypatch):
+    """Event streams whose hub reaches Redis through a ``HalfOpenProxy`` the test can cut, while
+    the store writes and publishes to Redis directly, as a job's worker does. Yields the proxy
+    and the hubs made (one, once a stream opens): the test closes them in its event loop."""
+    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
+    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
+    hubs: list[EventHub] = []
+
+    def hub_behind_the_proxy(url):
+        if not hubs:
+            hubs.append(EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()))
+        return hubs[0]
+
+    monkeypatch.setattr(events_module, "get_hub", hub_behind_the_proxy)
+    try:
+        yield proxy, hubs
+    finally:
+        proxy.close()
+
+
 @needs_redis
 def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_gets_the_end(
-    transactional_db, user, hold, settings, monkeypatch
+    transactional_db, user, hold, settings, monkeypatch, streams_behind_a_proxy
 ):
     """A link left half-open (a failover, a network cut) was noticed only when a new stream
     subscribed: with none opening, the streams open on it heard nothing more, and waited out
@@ -714,17 +735,7 @@ def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_
     for name in ("PING_INTERVAL", "PONG_TIMEOUT", "SUBSCRIBE_TIMEOUT"):
         monkeypatch.setattr(hub_module, name, 1.0)
     settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 20}
-    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
-    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
-    hubs = []
-
-    def hub_behind_the_proxy(url):
-        # The store writes and publishes to Redis directly, as the job's worker does.
-        if not hubs:
-            hubs.append(EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()))
-        return hubs[0]
-
-    monkeypatch.setattr(events_module, "get_hub", hub_behind_the_proxy)
+    proxy, hubs = streams_behind_a_proxy
     job = start(create(user, steps=2), percentage=50)
 
     async def scenario():
@@ -742,10 +753,7 @@ def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_
             for hub in hubs:
                 await hub.aclose()
 
-    try:
-        head, finished, rest, took = run_async(scenario, timeout=30)
-    finally:
-        proxy.close()
+    head, finished, rest, took = run_async(scenario, timeout=30)
     assert finished
     assert parse_events(head)[1][1]["progress_percentage"] == 50
     events = [(name, data) for name, data in parse_events(rest) if name != "comment"]
@@ -759,7 +767,7 @@ def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_
 
 @needs_redis
 def test_a_stream_reads_its_jobs_snapshot_promptly_once_its_hub_recovers_from_a_network_cut(
-    transactional_db, user, hold, settings, monkeypatch
+    transactional_db, user, hold, settings, monkeypatch, streams_behind_a_proxy
 ):
     """A network cut leaves every connection of the hub's pool silent, not only its subscriber
     connection: once subscribed again, the stream read its job's snapshot over one of them and
@@ -771,17 +779,7 @@ def test_a_stream_reads_its_jobs_snapshot_promptly_once_its_hub_recovers_from_a_
     # So that a read left waiting on a silent connection cannot pass for a prompt one.
     monkeypatch.setattr(hub_module, "SOCKET_TIMEOUT", 5.0)
     settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_DURATION": 30}
-    target = urllib.parse.urlsplit(django_settings.TASK_FERRY["REDIS_URL"])
-    proxy = HalfOpenProxy(target.hostname, target.port or 6379)
-    hubs = []
-
-    def hub_behind_the_proxy(url):
-        # The worker writes and publishes to Redis directly.
-        if not hubs:
-            hubs.append(EventHub(target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()))
-        return hubs[0]
-
-    monkeypatch.setattr(events_module, "get_hub", hub_behind_the_proxy)
+    proxy, hubs = streams_behind_a_proxy
     job = start(create(user, steps=2), percentage=50)
 
     async def scenario():
@@ -806,10 +804,7 @@ def test_a_stream_reads_its_jobs_snapshot_promptly_once_its_hub_recovers_from_a_
             for hub in hubs:
                 await hub.aclose()
 
-    try:
-        head, chunk, took = run_async(scenario, timeout=30)
-    finally:
-        proxy.close()
+    head, chunk, took = run_async(scenario, timeout=30)
     assert parse_events(head)[1][1]["progress_percentage"] == 50
     [(name, data)] = parse_events(chunk)
     assert (name, data["state"], data["progress_percentage"]) == ("job", "started", 80)
