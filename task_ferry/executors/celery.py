@@ -13,6 +13,7 @@ import datetime
 import inspect
 import logging
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, cast
 
@@ -359,9 +360,22 @@ def log_queues_served(consumer: Any) -> None:
         "with -Q: celery -A %s worker -Q %s",
         ", ".join(consumed) or "(none)",
         ", ".join(job_queues),
-        consumer.app.main or "proj",
+        app_argument(sys.argv, consumer.app.main or "proj"),
         ",".join(queues),
     )
+
+
+def app_argument(argv: list[str], default: str) -> str:
+    """The ``-A``/``--app`` a worker was started with, from its command line ``argv``; else
+    ``default`` (the app's name, which ``-A`` finds in the usual ``<name>/celery.py``)."""
+    for position, argument in enumerate(argv):
+        if argument in ("-A", "--app") and position + 1 < len(argv):
+            return argv[position + 1]
+        if argument.startswith("--app="):
+            return argument.removeprefix("--app=")
+        if argument.startswith("-A") and len(argument) > 2:
+            return argument.removeprefix("-A")
+    return default
 
 
 def consumed_queues(consumer: Any) -> list[str]:

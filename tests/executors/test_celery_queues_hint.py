@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from task_ferry.executors.celery import log_queues_served
+from task_ferry.executors.celery import app_argument, log_queues_served
 
 
 def consumer(*queues):
@@ -47,3 +47,23 @@ def test_a_worker_started_for_other_queues_is_told_it_takes_no_jobs_without_a_wa
         "This worker takes no jobs: it consumes the queue(s) emails, and task_ferry sends jobs "
         "to default, special."
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["celery", "-A", "proj.workers:app", "worker"],
+        ["celery", "--app", "proj.workers:app", "worker"],
+        ["celery", "--app=proj.workers:app", "worker"],
+        ["celery", "-Aproj.workers:app", "worker"],
+    ],
+)
+def test_the_suggested_command_names_the_app_as_the_worker_was_started(argv):
+    """The app's name guessed the ``-A`` of a project whose app lives elsewhere than
+    ``<name>/celery.py`` (the tests' own ``-A tests.celery_app`` was suggested as ``-A tests``,
+    which Celery cannot load)."""
+    assert app_argument(argv, default="proj") == "proj.workers:app"
+
+
+def test_without_a_command_line_app_the_suggestion_names_the_apps_own_name():
+    assert app_argument(["celery", "worker", "-Q", "celery"], default="proj") == "proj"

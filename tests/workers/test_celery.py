@@ -274,7 +274,7 @@ def test_a_worker_consuming_none_of_the_jobs_queues_warns_at_start(
     warning = (
         f"WARNING/MainProcess] This worker consumes the queue(s) celery, and task_ferry sends "
         f"jobs to special, {default}: it will run none of them, and they stay pending until a "
-        f"worker consumes their queue. Start it with -Q: celery -A tests worker -Q "
+        f"worker consumes their queue. Start it with -Q: celery -A tests.celery_app worker -Q "
         f"celery,special,{default}"
     )
     info = (
