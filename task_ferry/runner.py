@@ -204,16 +204,15 @@ class JobRun:
                 job.refresh_from_db(
                     fields=["state", "error", "human_readable_error", "finished_at"]
                 )
-            # Its monitor may have published it live over the other party's end.
-            if publish_as_stored(job) or not watch.deleted_while_started():
+            if self._deleted_while_running(job, watch):
+                # It ended before a tick could stop it: as if stopped at one.
+                logger.info("Job %s was deleted while it ran; its work was rolled back.", job.pk)
+                JobHandler._run_on_cancelled(job)
+            else:
                 logger.warning(
                     "Job %s was ended or deleted elsewhere while it ran; its work was rolled back.",
                     job.pk,
                 )
-            else:
-                # Deleted, and it ended before a tick could stop it: as if stopped at one.
-                logger.info("Job %s was deleted while it ran; its work was rolled back.", job.pk)
-                JobHandler._run_on_cancelled(job)
             return job
         except Exception as exc:
             if progress.cancel_raised:
@@ -313,11 +312,8 @@ class JobRun:
         if moved:
             JobHandler._after_cancelled(job, as_stored=self._run_changed(job))
             return
-        # Ended elsewhere (by the stale-job sweep): the store shows what the row says.
-        row_there = publish_as_stored(job)
-        if not row_there and watch.deleted_while_started():
-            # Deleted while it ran (its owner's account, say): only its type can clean up what
-            # it left outside the database. No signal: its state never changed.
+        # Ended elsewhere (by the stale-job sweep), or deleted.
+        if self._deleted_while_running(job, watch):
             JobHandler._run_on_cancelled(job)
 
     def _end_failed(
@@ -344,9 +340,7 @@ class JobRun:
             human_readable_error=message_for_users(exc, connection_lost=connection_lost),
             traceback=storable(shorten_traceback("".join(traceback.format_exception(exc)))),
         ):
-            if not publish_as_stored(job) and watch.deleted_while_started():
-                # Deleted while it ran, then it failed: only its type can clean up what it
-                # left outside the database. No signal: its state never changed, it is gone.
+            if self._deleted_while_running(job, watch):
                 self._run_on_error(job, job_type, exc)
             return
         if self._run_changed(job):
@@ -356,6 +350,16 @@ class JobRun:
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, job.error, exc_info=exc)
         self._run_on_error(job, job_type, exc)
         signals.emit(signals.job_failed, job, exc=exc)
+
+    @staticmethod
+    def _deleted_while_running(job: Job, watch: Watch) -> bool:
+        """For a run whose end found its job no longer ``started``: publish the job as its row
+        stands (its monitor may have published it live over the other party's end), and say
+        whether the row was deleted while the job ran (its owner's account, say), not after
+        the stale-job sweep had failed it. Only its type can then clean up what the run left
+        outside the database, with the hook its end calls for; no signal, as its state never
+        changed."""
+        return not publish_as_stored(job) and watch.deleted_while_started()
 
     @staticmethod
     def _run_on_error(job: Job, job_type: JobType, exc: BaseException) -> None:

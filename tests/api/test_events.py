@@ -47,6 +47,16 @@ def parse_events(text):
     return events
 
 
+def without_comments(text):
+    """``parse_events(text)`` with the keep-alive comments left out."""
+    return [(name, data) for name, data in parse_events(text) if name != "comment"]
+
+
+def states_shown(text):
+    """The event name and job state of each event of SSE text, comments left out."""
+    return [(name, data["state"]) for name, data in without_comments(text)]
+
+
 def url(job):
     return f"/api/jobs/{job.pk}/events/"
 
@@ -756,11 +766,7 @@ def test_a_stream_whose_subscriber_connection_goes_silent_while_no_stream_opens_
     head, finished, rest, took = run_async(scenario, timeout=30)
     assert finished
     assert parse_events(head)[1][1]["progress_percentage"] == 50
-    events = [(name, data) for name, data in parse_events(rest) if name != "comment"]
-    assert [(name, data["state"]) for name, data in events] == [
-        ("job", "finished"),
-        ("end", "finished"),
-    ]
+    assert states_shown(rest) == [("job", "finished"), ("end", "finished")]
     # A PING, its PONG's timeout, a pause, a new subscription and a read.
     assert took < 10, took
 
@@ -1054,10 +1060,7 @@ def test_a_stream_outlives_a_redis_stall_and_ends_with_the_final_state(
     head, other, rest = run_async(scenario, timeout=30)
     assert parse_events(head)[1][1]["progress_percentage"] == 50
     assert other == ("poll" if opening_meanwhile else None)
-    assert [(name, data["state"]) for name, data in parse_events(rest) if name != "comment"] == [
-        ("job", "finished"),
-        ("end", "finished"),
-    ]
+    assert states_shown(rest) == [("job", "finished"), ("end", "finished")]
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
@@ -1081,10 +1084,7 @@ def test_a_stream_outlives_a_redis_restart_and_ends_with_the_final_state(
 
     head, rest = run_async(scenario, timeout=30)
     assert parse_events(head)[1][1]["progress_percentage"] == 50
-    assert [(name, data["state"]) for name, data in parse_events(rest) if name != "comment"] == [
-        ("job", "finished"),
-        ("end", "finished"),
-    ]
+    assert states_shown(rest) == [("job", "finished"), ("end", "finished")]
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
@@ -1186,10 +1186,6 @@ def test_a_job_that_ended_while_redis_was_out_ends_its_stream_once_redis_is_back
     head, finished, rest, took = run_async(scenario, timeout=40)
     assert finished
     assert parse_events(head)[1][1]["progress_percentage"] == 50
-    events = [(name, data) for name, data in parse_events(rest) if name != "comment"]
-    assert [(name, data["state"]) for name, data in events] == [
-        ("job", "finished"),
-        ("end", "finished"),
-    ]
-    assert events[0][1]["progress_percentage"] == 100
+    assert states_shown(rest) == [("job", "finished"), ("end", "finished")]
+    assert without_comments(rest)[0][1]["progress_percentage"] == 100
     assert took < 15
