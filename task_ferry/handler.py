@@ -374,11 +374,7 @@ class JobHandler:
         class, for ``user`` (None for a system job) and hand it to the executor. Returns the
         saved, specific job at once: given ``ExportJobType``, a ``JobType[ExportJob]``, a type
         checker knows it is an ``ExportJob``."""
-        job_type = (
-            job_type_registry.get_by_class(job_type_name)
-            if isinstance(job_type_name, type)
-            else job_type_registry.get(job_type_name)
-        )
+        job_type = job_type_registry.get_named_or_class(job_type_name)
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
         # No snapshot yet: the row says all there is to say about a pending job, and one nobody
@@ -422,11 +418,7 @@ class JobHandler:
         database fills; then each job is saved on its own, as elsewhere). With an executor
         that runs jobs inline, each job runs once all are saved; the first error among them
         then reaches the caller after the rest have run."""
-        job_type = (
-            job_type_registry.get_by_class(job_type_name)
-            if isinstance(job_type_name, type)
-            else job_type_registry.get(job_type_name)
-        )
+        job_type = job_type_registry.get_named_or_class(job_type_name)
         if isinstance(values_list, Mapping | str | bytes):
             raise InvalidJobValues(
                 f"values_list must be a list of mappings, one per job; got one "

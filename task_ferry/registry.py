@@ -184,6 +184,12 @@ class JobTypeRegistry:
             job_type_class, self._by_name, None if registered is None else type(registered)
         )
 
+    def get_named_or_class(self, job_type: str | type[JobType[Any]]) -> JobType[Any]:
+        """``get()`` for a name, ``get_by_class()`` for a class: what ``JobHandler`` takes."""
+        if isinstance(job_type, type):
+            return self.get_by_class(job_type)
+        return self.get(job_type)
+
     def get_by_model(self, model: type[Job] | Job) -> JobType:
         model_class = model if inspect.isclass(model) else type(model)
         for job_type in self._by_name.values():
