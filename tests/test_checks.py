@@ -263,6 +263,39 @@ def test_e009_cache_alias_not_in_caches(ferry):
     assert "'progress'" in message.msg and "default" in message.hint
 
 
+OUT_OF_PROCESS = "tests.reliability.executors.QueueingExecutor"
+
+
+@pytest.mark.parametrize(
+    ("backend", "kind"),
+    [
+        ("django.core.cache.backends.locmem.LocMemCache", "each process keeps to itself"),
+        ("django.core.cache.backends.dummy.DummyCache", "stores nothing"),
+    ],
+)
+def test_w003_cache_store_that_workers_cannot_share(ferry, settings, backend, kind):
+    settings.CACHES = {"default": {"BACKEND": backend}}
+    ferry(REDIS_URL=None, PROGRESS_STORE=None, EXECUTOR=OUT_OF_PROCESS)
+    message = only("task_ferry.W003")
+    assert message.is_serious() is False
+    assert kind in message.msg and "QueueingExecutor runs jobs in worker processes" in message.msg
+    assert "REDIS_URL" in message.hint and "CACHE_ALIAS" in message.hint
+
+
+def test_w003_not_for_a_shared_cache_or_jobs_run_inline(ferry, settings, tmp_path):
+    ferry(REDIS_URL=None, PROGRESS_STORE=None)
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    assert "task_ferry.W003" not in ids(ferry_messages())  # the ImmediateExecutor
+    ferry(EXECUTOR=OUT_OF_PROCESS)
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(tmp_path),
+        }
+    }
+    assert "task_ferry.W003" not in ids(ferry_messages())
+
+
 @pytest.mark.parametrize("value", [0, True, "2"])
 def test_e007_bad_max_count(monkeypatch, value):
     job_type = job_type_registry.get("limited")

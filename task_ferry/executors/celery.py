@@ -308,10 +308,18 @@ class CeleryExecutor(BaseExecutor):
         app = get_celery_app()
         if app is None:
             return [Error(NO_APP_MESSAGE, hint=NO_APP_HINT, id="task_ferry.E010")]
+        messages: list[CheckMessage] = []
         # Environment variables included: CELERY_BROKER_WRITE_URL, then CELERY_BROKER_URL.
         if not app.conf.broker_write_url:
-            return [CheckWarning(NO_BROKER_MESSAGE, hint=NO_BROKER_HINT, id="task_ferry.W011")]
-        return []
+            messages.append(
+                CheckWarning(NO_BROKER_MESSAGE, hint=NO_BROKER_HINT, id="task_ferry.W011")
+            )
+        if app.conf.task_always_eager:
+            # Jobs are sent by name (send_task), which Celery never runs eagerly.
+            messages.append(
+                CheckWarning(EAGER_IGNORED_MESSAGE, hint=EAGER_IGNORED_HINT, id="task_ferry.W012")
+            )
+        return messages
 
 
 def log_queues_served(consumer: Any) -> None:
@@ -449,6 +457,14 @@ NO_BROKER_HINT = (
     'Set CELERY_BROKER_URL in your settings (e.g. "redis://127.0.0.1:6379/1"; celery.py reads '
     'it with config_from_object("django.conf:settings", namespace="CELERY")), or pass broker= '
     "to Celery()."
+)
+EAGER_IGNORED_MESSAGE = (
+    "The Celery app has task_always_eager set, which does not apply to task_ferry's jobs: the "
+    "CeleryExecutor still sends them to the broker, and they wait there for a worker."
+)
+EAGER_IGNORED_HINT = (
+    'To run jobs inline (tests, development), set TASK_FERRY["EXECUTOR"] to '
+    '"task_ferry.executors.immediate.ImmediateExecutor".'
 )
 NO_APP_HINT = (
     "Create your Celery app in <project>/celery.py and import it in <project>/__init__.py "

@@ -201,6 +201,12 @@ class DjangoTasksExecutor(BaseExecutor):
                 outcome = "The job was not marked failed here (see the log)."
             if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
                 advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
+            elif _is_invalid_task(exc):
+                # The backend is fine; the task it was given is not (its queue, its priority).
+                advice = (
+                    f"Add the job type's queue to TASKS[{alias!r}]['QUEUES'] or change it, or "
+                    f"fix its priority (manage.py check names the problem)"
+                )
             else:
                 advice = (
                     f"Check that the TASKS backend is reachable and set up (for "
@@ -396,6 +402,15 @@ def _configured_queues(alias: str) -> Any:
     """The QUEUES that TASKS gives for ``alias``, as written in the settings."""
     params = (getattr(settings, "TASKS", None) or {}).get(alias)
     return params.get("QUEUES") if isinstance(params, dict) else None
+
+
+def _is_invalid_task(exc: BaseException) -> bool:
+    """Whether ``exc`` is django.tasks' refusal of the task itself (``InvalidTask``, the
+    backport's ``InvalidTaskError``), not a failure of the backend."""
+    assert tasks_api is not None
+    exceptions = importlib.import_module(f"{tasks_api.__name__}.exceptions")
+    invalid = getattr(exceptions, "InvalidTask", None) or exceptions.InvalidTaskError
+    return isinstance(exc, invalid)
 
 
 def _app_installed(name: str) -> bool:

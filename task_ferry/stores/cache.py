@@ -12,7 +12,10 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache
-from django.core.checks import CheckMessage, Error
+from django.core.cache.backends.dummy import DummyCache
+from django.core.cache.backends.locmem import LocMemCache
+from django.core.checks import CheckMessage, Error, Warning
+from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
@@ -92,4 +95,33 @@ class CacheProgressStore(ProgressStore):
                     id="task_ferry.E009",
                 )
             ]
-        return []
+        return self.check_shared_with_workers()
+
+    def check_shared_with_workers(self) -> list[CheckMessage]:
+        """W003: a cache the worker processes cannot share with the web process."""
+        cache = self.cache
+        if isinstance(cache, LocMemCache):
+            kind = "a LocMemCache, which each process keeps to itself"
+        elif isinstance(cache, DummyCache):
+            kind = "a DummyCache, which stores nothing"
+        else:
+            return []
+        path = ferry_settings.EXECUTOR
+        try:
+            executor_class = import_string(path)
+        except Exception:
+            return []  # E001 reports it.
+        if not getattr(executor_class, "runs_out_of_process", False):
+            return []
+        return [
+            Warning(
+                f"The progress store is the cache {self.alias!r}, {kind}, and "
+                f"{executor_class.__name__} runs jobs in worker processes: the API would not "
+                f"see their progress nor when they end (it would answer what it saw first, for "
+                f"up to PROGRESS_CACHE_TIMEOUT), and cancel requests would not reach them.",
+                hint="Set TASK_FERRY['REDIS_URL'] (e.g. \"redis://127.0.0.1:6379/0\"), or point "
+                "TASK_FERRY['CACHE_ALIAS'] at a cache your web and worker processes share "
+                "(database, file, memcached or Redis cache).",
+                id="task_ferry.W003",
+            )
+        ]

@@ -313,8 +313,11 @@ def test_queue_rejected_by_the_backend_fails_the_job(
     transactional_db, user, settings, alias, use_executor, DBTaskResult
 ):
     settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
-    with pytest.raises(DispatchError, match="special"):
+    with pytest.raises(DispatchError, match="special") as raised:
         JobHandler.create_and_start(user, "routed")
+    # The backend is reachable and set up: the advice is about the queue.
+    assert f"Add the job type's queue to TASKS[{alias!r}]['QUEUES']" in str(raised.value)
+    assert "reachable" not in str(raised.value)
     assert Job.objects.get().state == "failed"
     assert not DBTaskResult.objects.exists()
 

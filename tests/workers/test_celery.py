@@ -996,6 +996,17 @@ def test_check_passes_with_the_project_app() -> None:
     app.close()
 
 
+def test_check_warns_that_task_always_eager_does_not_run_jobs_inline() -> None:
+    app = Celery("tf-tests-check", set_as_current=False, broker="redis://127.0.0.1:6379/14")
+    app.conf.task_always_eager = True
+    with current_celery_app(app):
+        [warning] = CeleryExecutor().check()
+    app.close()
+    assert warning.id == "task_ferry.W012"
+    assert "task_always_eager" in warning.msg and "sends them to the broker" in warning.msg
+    assert "ImmediateExecutor" in warning.hint
+
+
 def test_check_warns_of_an_app_without_a_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     # Celery would send every job to amqp://guest@localhost// without saying so.
     monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
