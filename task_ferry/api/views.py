@@ -222,6 +222,13 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         serializer = type_serializer_class(job_type)(
             data=values, context=self.get_serializer_context()
         )
+        # DRF drops a value sent for a read-only field without a word: the client would think
+        # it had set it.
+        read_only = sorted(
+            key for key in values if key in serializer.fields and serializer.fields[key].read_only
+        )
+        if read_only:
+            raise ValidationError({name: ["This field is read-only."] for name in read_only})
         serializer.is_valid(raise_exception=True)
         extras = {key: value for key, value in values.items() if key not in serializer.fields}
         # A name the serializer already fills from another field (its ``source``), or a column

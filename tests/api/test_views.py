@@ -268,6 +268,26 @@ def test_create_refuses_a_column_the_types_serializer_leaves_out(api, user, hold
     assert not Job.objects.exists()
 
 
+def test_create_refuses_a_value_for_a_read_only_field(api, user, hold, monkeypatch):
+    # DRF would drop it, and the client would believe the job had it.
+    class PathShown(serializers.ModelSerializer):
+        class Meta:
+            model = ExportJob
+            fields = ["table_id", "output_path"]
+            read_only_fields = ["output_path"]
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", PathShown)
+    body = {"type": "export_table", "table_id": 1, "output_path": "/tmp/mine.csv"}
+    response = api.post(URL, body, format="json")
+    assert (response.status_code, response.json()) == (
+        400,
+        {"output_path": ["This field is read-only."]},
+    )
+    assert not Job.objects.exists()
+    response = api.post(URL, {"type": "export_table", "table_id": 1}, format="json")
+    assert (response.status_code, response.json()["output_path"]) == (201, "")
+
+
 def test_a_type_that_does_not_opt_in_cannot_be_started_through_the_api(
     api, user, hold, monkeypatch, tmp_path
 ):
