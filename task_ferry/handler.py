@@ -14,7 +14,7 @@ import hashlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 from django.contrib.contenttypes.models import ContentType
@@ -334,6 +334,36 @@ def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(label, str):
         fields["progress_state"] = truncate_state(label)
     return fields
+
+
+def own_row_missing(job: Job, job_type: JobType) -> str | None:
+    """Why ``job`` is not an instance of its type's model, or None if it is: its row in that
+    model's table is missing (``Job.specific`` then gives the plain ``Job``), or the type's
+    model changed since the job was created."""
+    model = job_type.model_class
+    # A proxy's jobs are stored, and loaded by ``specific``, as its concrete model.
+    if isinstance(job, model._meta.concrete_model):
+        return None
+    return (
+        f"Job {job.pk} has no row in {model.__name__}'s table ({model._meta.db_table}), the "
+        f"table of its type {job.type!r}: the row was deleted without the job (by SQL or a "
+        f"migration, say), or {model.__name__} is not the model the job was created with."
+    )
+
+
+def type_with_hooks_for(job: Job, hook: str) -> JobType | None:
+    """The job type whose ``hook`` to call for ``job`` (its specific instance); None, logged,
+    where the hook cannot run: the type was removed from the code, or the job's row of the
+    type's model is missing. The job ends (or is deleted) all the same."""
+    if job.type not in job_type_registry:
+        logger.warning("Job %s: no job type %r to run %s of.", job.pk, job.type, hook)
+        return None
+    job_type = job_type_registry.get(job.type)
+    missing = own_row_missing(job, job_type)
+    if missing is not None:
+        logger.warning("%s Its %s hook is not run.", missing, hook)
+        return None
+    return job_type
 
 
 def parse_job_id(job_id: Any) -> int:
@@ -664,7 +694,9 @@ class JobHandler:
     @staticmethod
     def _run_on_cancelled(job: Job) -> None:
         """Run the job type's ``on_cancelled``; one that raises is logged."""
-        job_type = job_type_registry.get(job.type)
+        job_type = type_with_hooks_for(job, "on_cancelled")
+        if job_type is None:
+            return
         try:
             job_type.on_cancelled(job)
         except Exception:
@@ -733,11 +765,26 @@ class JobHandler:
                             job.pk,
                             job_type,
                         )
-            # Its post_delete receiver forgets their snapshots once the delete commits.
-            collector = Collector(using=router.db_for_write(model))
-            collector.collect(jobs)
-            _, per_model = collector.delete()
-            deleted += per_model.get(Job._meta.label, 0)
+            deleted += _delete_jobs(model, jobs)
+            loaded = {job.pk for job in jobs}
+            if model is not Job and len(loaded) < len(ids):
+                # Jobs whose row of the model is missing, which loading through it cannot find:
+                # left, they would never be deleted. Their before_delete cannot run.
+                orphans = list(
+                    Job._base_manager.filter(
+                        pk__in=[pk for pk in ids if pk not in loaded],
+                        state__in=ENDED_STATES,
+                        finished_at__lt=cutoff,
+                    )
+                )
+                for job in orphans:
+                    logger.warning(
+                        "Job %s: no row in %s's table; deleting the job without its "
+                        "before_delete hook.",
+                        job.pk,
+                        model.__name__,
+                    )
+                deleted += _delete_jobs(Job, orphans)
         return deleted
 
     @classmethod
@@ -870,15 +917,12 @@ class JobHandler:
         # Loaded after the commit, so it carries the failed state.
         specific = job.specific
         publish_final(specific)
-        if job.type in job_type_registry:
-            job_type = job_type_registry.get(job.type)
+        job_type = type_with_hooks_for(specific, "on_error")
+        if job_type is not None:
             try:
                 job_type.on_error(specific, exc)
             except Exception:
                 logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        else:
-            # Its type was removed: the job is failed all the same, without a hook to run.
-            logger.warning("Job %s: no job type %r to run on_error of.", job.pk, job.type)
         signals.emit(signals.job_failed, specific, exc=exc)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, exc)
 
@@ -893,6 +937,17 @@ class JobHandler:
         from task_ferry.runner import JobRun
 
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
+
+
+def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
+    """Delete ``jobs``, loaded through ``model``; how many ``Job`` rows went. Its post_delete
+    receiver forgets their snapshots once the delete commits."""
+    if not jobs:
+        return 0
+    collector = Collector(using=router.db_for_write(model))
+    collector.collect(jobs)
+    _, per_model = collector.delete()
+    return per_model.get(Job._meta.label, 0)
 
 
 @contextlib.contextmanager
