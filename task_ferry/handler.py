@@ -53,6 +53,7 @@ from task_ferry.snapshot import (
     cancel_token,
     isoformat,
     job_snapshot,
+    storable,
     truncate_error,
     truncate_state,
 )
@@ -556,6 +557,9 @@ class JobHandler:
         except OverflowError as exc:
             # Django's IntegerField.to_python() lets int(float("inf")) escape.
             raise InvalidJobValues(f"Invalid job values: {exc}") from exc
+        unstorable = ValidationError(_unstorable_values(job))
+        if unstorable.error_dict:
+            raise InvalidJobValues(_validation_message(unstorable), _validation_errors(unstorable))
         return job, prepared
 
     @classmethod
@@ -948,6 +952,35 @@ def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
     collector.collect(jobs)
     _, per_model = collector.delete()
     return per_model.get(Job._meta.label, 0)
+
+
+def _unstorable_values(job: Job) -> dict[str, list[str]]:
+    """Messages, by field, for the job's own values that ``full_clean()`` lets through and the
+    database would refuse at the insert, with an error naming no field (nor, in a batch, the
+    job): None in a NOT NULL column (``full_clean()`` skips "empty" values of a blank field),
+    a value the field cannot convert ([] for a nullable number), text with a NUL character
+    (PostgreSQL refuses it) or a lone surrogate (no driver encodes it)."""
+    errors: dict[str, list[str]] = {}
+    for field in type(job).own_fields():
+        value = getattr(job, field.attname)
+        if value is None:
+            filled_at_save = getattr(field, "auto_now", False) or getattr(
+                field, "auto_now_add", False
+            )
+            if not field.null and not filled_at_save:
+                errors[field.name] = [str(field.error_messages["null"])]
+            continue
+        try:
+            prepared = field.get_prep_value(value)
+        except (TypeError, ValueError, ValidationError) as exc:
+            errors[field.name] = [str(exc)]
+            continue
+        if isinstance(prepared, str) and storable(prepared) != prepared:
+            errors[field.name] = [
+                "This text has a NUL character or a lone surrogate (from an undecodable file "
+                "name, say), which cannot be stored."
+            ]
+    return errors
 
 
 @contextlib.contextmanager

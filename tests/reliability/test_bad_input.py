@@ -273,3 +273,28 @@ def test_a_deleted_user_gets_a_clear_error(queueing, user):
     with pytest.raises(InvalidJobValues, match="does not exist"):
         JobHandler.create_and_start(stale, "limited")
     assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("job_type", "values"),
+    [
+        ("limited", {"label": None}),
+        ("scripted", {"marker": "a\x00b"}),
+        ("scripted", {"marker": "\udcff.csv"}),
+        ("scripted", {"fail_at": []}),
+    ],
+)
+def test_values_the_database_would_refuse_are_refused_naming_the_field_and_the_job(
+    queueing, user, job_type, values
+):
+    """``full_clean()`` lets these through; the database's refusal named neither the field
+    nor, in a batch, the job."""
+    (field,) = values
+    with pytest.raises(InvalidJobValues, match=f"^Invalid job values. {field}: ") as single:
+        JobHandler.create_and_start(user, job_type, **values)
+    assert list(single.value.errors) == [field]
+    with pytest.raises(InvalidJobValues, match=f"^Job 1: Invalid job values. {field}: ") as many:
+        JobHandler.create_and_start_many(user, job_type, [{}, values])
+    assert list(many.value.errors) == [field]
+    assert not Job.objects.exists()
+    assert queueing.dispatched == []
