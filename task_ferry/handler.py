@@ -369,8 +369,9 @@ def type_with_hooks_for(job: Job, hook: str) -> JobType | None:
 
 def parse_job_id(job_id: Any) -> int:
     """The id as an int; anything that is not a positive integer does not exist. Text must be
-    plain digits: not "+5", " 5", "05" or "0_5", which int() would take."""
-    if isinstance(job_id, bool) or (
+    plain digits: not "+5", " 5", "05" or "0_5", which int() would take. Bytes are not text,
+    and a number must be whole: int() would take b" 5", and cut Decimal("5.5") to 5."""
+    if isinstance(job_id, bool | bytes | bytearray | memoryview) or (
         isinstance(job_id, str)
         and not (job_id.isascii() and job_id.isdigit() and not job_id.startswith("0"))
     ):
@@ -379,7 +380,7 @@ def parse_job_id(job_id: Any) -> int:
         value = int(job_id)
     except (TypeError, ValueError, OverflowError):
         raise JobDoesNotExist(job_id) from None
-    if value <= 0 or value > 2**63 - 1 or (isinstance(job_id, float) and job_id != value):
+    if value <= 0 or value > 2**63 - 1 or (not isinstance(job_id, str) and job_id != value):
         raise JobDoesNotExist(job_id)
     return value
 

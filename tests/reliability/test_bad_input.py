@@ -5,6 +5,8 @@ left consistent: no job row without its type's row, nothing created by a rejecte
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -12,7 +14,7 @@ from django.contrib.auth.models import AnonymousUser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from task_ferry.exceptions import InvalidJobValues, TaskFerryError
+from task_ferry.exceptions import InvalidJobValues, JobDoesNotExist, TaskFerryError
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.progress import Progress
@@ -298,3 +300,23 @@ def test_values_the_database_would_refuse_are_refused_naming_the_field_and_the_j
     assert list(many.value.errors) == [field]
     assert not Job.objects.exists()
     assert queueing.dispatched == []
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda pk: Decimal(pk) + Decimal("0.5"),
+        lambda pk: Fraction(2 * pk + 1, 2),
+        lambda pk: str(pk).encode(),
+        lambda pk: bytearray(f" {pk}".encode()),
+    ],
+    ids=["decimal", "fraction", "bytes", "bytearray"],
+)
+def test_a_fractional_or_bytes_id_of_ones_own_job_is_no_job(queueing, user, spelling):
+    """int() cuts 5.5 to 5 and reads b" 5" as 5: the caller's own job 5, which "5.5" and
+    " 5" spelled as text do not reach."""
+    job = JobHandler.create_and_start(user, "scripted")
+    for call in (JobHandler.get_job, JobHandler.cancel):
+        with pytest.raises(JobDoesNotExist):
+            call(user, spelling(job.pk))
+    assert Job.objects.get(pk=job.pk).state == JobState.PENDING
