@@ -98,6 +98,7 @@ def test_a_job_without_its_row_of_the_types_model_is_shown_and_cancelled(
     assert "has no row in ScriptedJob's table (testapp_scriptedjob)" in caplog.text
 
 
+@pytest.mark.worker
 def test_a_worker_fails_a_job_without_its_row_of_the_types_model_and_runs_the_next(
     queueing, processes, user
 ):
