@@ -770,6 +770,14 @@ class JobHandler:
                             job.pk,
                             job_type,
                         )
+            elif jobs:
+                # Once per batch: a removed type may leave thousands.
+                logger.warning(
+                    "cleanup_old_jobs: no job type %r to run before_delete of; deleting %d of "
+                    "its expired jobs without it.",
+                    type_name,
+                    len(jobs),
+                )
             deleted += _delete_jobs(model, jobs)
             loaded = {job.pk for job in jobs}
             if model is not Job and len(loaded) < len(ids):

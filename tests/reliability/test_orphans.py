@@ -70,6 +70,23 @@ def test_a_pending_job_of_a_removed_type_is_cancelled_without_an_error(
     assert "no job type 'retired' to run on_cancelled" in caplog.text
 
 
+def test_cleanup_says_it_deletes_a_removed_types_jobs_without_before_delete(
+    queueing, user, retired_type, caplog
+):
+    jobs = [JobHandler.create_and_start(user, "retired") for _ in range(3)]
+    for job in jobs:
+        assert transition(job, JobState.CANCELLED, from_states=[JobState.PENDING])
+    long_ago = timezone.now() - datetime.timedelta(days=400)
+    Job.objects.filter(pk__in=[job.pk for job in jobs]).update(finished_at=long_ago)
+    retired_type()
+    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+        assert JobHandler.cleanup_old_jobs() == 3
+    assert caplog.messages == [
+        "cleanup_old_jobs: no job type 'retired' to run before_delete of; deleting 3 of its "
+        "expired jobs without it."
+    ]
+
+
 def test_a_job_without_its_row_of_the_types_model_is_shown_and_cancelled(
     queueing, user, admin_client, cancelled_signals, caplog
 ):
