@@ -575,7 +575,7 @@ class JobHandler:
             cls._check_max_count(user, job_type, max_count, adding=1)
             with _values_refused():
                 job.save(force_insert=True)
-            job_type.after_job_creation(job, prepared)
+            _after_job_creation(job_type, job, prepared)
 
     @classmethod
     def _save_many(
@@ -589,8 +589,11 @@ class JobHandler:
             if not statements.insert_jobs(jobs):
                 for job in jobs:
                     job.save(force_insert=True)
-        for job, prepared in built:
-            job_type.after_job_creation(job, prepared)
+        for position, (job, prepared) in enumerate(built):
+            try:
+                _after_job_creation(job_type, job, prepared)
+            except InvalidJobValues as exc:
+                raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
 
     @classmethod
     def _check_max_count(
@@ -961,6 +964,16 @@ def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
     collector.collect(jobs)
     _, per_model = collector.delete()
     return per_model.get(Job._meta.label, 0)
+
+
+def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
+    """The type's ``after_job_creation``. A ``ValidationError`` from it (checked against the
+    saved row, say) refuses the values as one from ``prepare_values`` does; the row is rolled
+    back with the creation's transaction."""
+    try:
+        job_type.after_job_creation(job, prepared)
+    except ValidationError as exc:
+        raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
 
 
 def _unstorable_values(job: Job) -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ from fractions import Fraction
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ValidationError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,8 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, JobTypeRegistry, job_type_registry
+from tests.api.conftest import client_for
+from tests.testapp.job_types import LimitedJobType
 from tests.testapp.models import LimitedJob, ScriptedJob
 
 pytestmark = pytest.mark.django_db
@@ -320,3 +323,46 @@ def test_a_fractional_or_bytes_id_of_ones_own_job_is_no_job(queueing, user, spel
         with pytest.raises(JobDoesNotExist):
             call(user, spelling(job.pk))
     assert Job.objects.get(pk=job.pk).state == JobState.PENDING
+
+
+class CheckedAfterCreationJobType(LimitedJobType):
+    """Refuses a label another of the user's jobs has, checked once its row is saved."""
+
+    type = "checked_after_creation"
+    max_count = None
+
+    def after_job_creation(self, job, values):
+        others = LimitedJob.objects.filter(user=job.user, label=job.label).exclude(pk=job.pk)
+        if others.exists():
+            raise ValidationError({"label": ["You have a job with this label already."]})
+
+
+@pytest.fixture
+def checked_after_creation():
+    job_type_registry.register(CheckedAfterCreationJobType)
+    yield CheckedAfterCreationJobType.type
+    job_type_registry.unregister(CheckedAfterCreationJobType)
+
+
+def test_a_validation_error_of_after_job_creation_refuses_the_values(
+    queueing, user, checked_after_creation, django_capture_on_commit_callbacks
+):
+    """As one of prepare_values does: the caller got the ValidationError itself, a 500 from
+    the API (no row was left either way)."""
+    with django_capture_on_commit_callbacks(execute=True):
+        first = JobHandler.create_and_start(user, checked_after_creation, label="a")
+        message = "^Invalid job values. label: You have a job with this label already.$"
+        with pytest.raises(InvalidJobValues, match=message) as refused:
+            JobHandler.create_and_start(user, checked_after_creation, label="a")
+        assert refused.value.errors == {"label": ["You have a job with this label already."]}
+        with pytest.raises(InvalidJobValues, match="^Job 1: Invalid job values. label: "):
+            JobHandler.create_and_start_many(
+                user, checked_after_creation, [{"label": "b"}, {"label": "a"}]
+            )
+        response = client_for(user).post(
+            "/api/jobs/", {"type": checked_after_creation, "label": "a"}, format="json"
+        )
+    assert response.status_code == 400
+    assert response.json() == {"label": ["You have a job with this label already."]}
+    assert list(Job.objects.values_list("pk", flat=True)) == [first.pk]
+    assert queueing.dispatched == [first.pk]
