@@ -984,6 +984,9 @@ def _unstorable_values(job: Job) -> dict[str, list[str]]:
     (PostgreSQL refuses it) or a lone surrogate (no driver encodes it)."""
     errors: dict[str, list[str]] = {}
     for field in type(job).own_fields():
+        # The database computes it, and reading it from an unsaved job raises.
+        if getattr(field, "generated", False):
+            continue
         value = getattr(job, field.attname)
         if value is None:
             filled_at_save = getattr(field, "auto_now", False) or getattr(

@@ -12,6 +12,9 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import F
+from django.test.utils import isolate_apps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -323,6 +326,29 @@ def test_a_fractional_or_bytes_id_of_ones_own_job_is_no_job(queueing, user, spel
         with pytest.raises(JobDoesNotExist):
             call(user, spelling(job.pk))
     assert Job.objects.get(pk=job.pk).state == JobState.PENDING
+
+
+@isolate_apps("tests.testapp")
+def test_values_of_a_model_with_a_generated_field_are_checked_without_reading_it(user):
+    """The check above must not read a generated field, which raises on an unsaved job."""
+
+    class ComputedJob(Job):
+        size = models.IntegerField()
+        double = models.GeneratedField(
+            expression=F("size") * 2, output_field=models.IntegerField(), db_persist=True
+        )
+
+        class Meta:
+            app_label = "testapp"
+
+    class ComputedJobType(JobType):
+        type = "computed"
+        model_class = ComputedJob
+
+    job, _prepared = JobHandler._build(user, ComputedJobType(), {"size": 2})
+    assert job.size == 2
+    with pytest.raises(InvalidJobValues, match="^Invalid job values. size: "):
+        JobHandler._build(user, ComputedJobType(), {"size": []})
 
 
 class CheckedAfterCreationJobType(LimitedJobType):
