@@ -712,10 +712,26 @@ class JobHandler:
 
     @staticmethod
     def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
-        """Ended jobs that finished before this moment are expired."""
+        """Ended jobs that finished before this moment are expired. ``older_than`` must be a
+        ``timedelta`` of zero or more: a negative one would expire every ended job."""
         if older_than is None:
             older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
-        return timezone.now() - older_than
+        if not isinstance(older_than, datetime.timedelta):
+            raise TypeError(
+                f"older_than must be a datetime.timedelta, got {type(older_than).__name__} "
+                f"{older_than!r}: timedelta(days=7), say."
+            )
+        if older_than < datetime.timedelta(0):
+            raise ValueError(
+                f"older_than must be zero or more, got {older_than!r}: a negative age would "
+                f"delete every ended job. timedelta(days=7) deletes those older than a week."
+            )
+        try:
+            return timezone.now() - older_than
+        except OverflowError:
+            raise ValueError(
+                f"older_than {older_than!r} reaches back before year 1, where dates end."
+            ) from None
 
     @classmethod
     def cleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
