@@ -27,7 +27,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from task_ferry.exceptions import JobDoesNotExist, JobTypeDoesNotExist, ProgressStoreUnavailable
+from task_ferry.exceptions import JobDoesNotExist, ProgressStoreUnavailable
 from task_ferry.handler import JobHandler, parse_job_id
 from task_ferry.models import Job, JobQuerySet, JobState
 from task_ferry.registry import job_type_registry
@@ -343,9 +343,6 @@ class JobAdmin(JobModelAdmin):
                     request, f"Job {job.pk}: cancel request not delivered: {exc}", messages.ERROR
                 )
                 continue
-            except JobTypeDoesNotExist as exc:
-                # A job whose type was removed from the code: cancelled, but no hook could run.
-                self.message_user(request, f"Job {job.pk}: {exc}", messages.WARNING)
             if specific.state == JobState.CANCELLED:
                 cancelled += 1
             else:

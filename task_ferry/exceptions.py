@@ -119,6 +119,11 @@ class JobLost(TaskFerryError):
     or no worker picked it up in time. Nothing of the run was committed."""
 
 
+class JobRowMissing(TaskFerryError, LookupError):
+    """A worker took a job whose row in its type's own table is missing (deleted without the
+    job, by SQL or a migration): its own fields are gone, so it was failed instead of run."""
+
+
 class DispatchError(TaskFerryError):
     """The executor could not hand the job to its queue. The job was marked failed, unless the
     database could not be reached either: the message says which."""

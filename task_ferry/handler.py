@@ -14,7 +14,7 @@ import hashlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 from django.contrib.contenttypes.models import ContentType
@@ -53,6 +53,7 @@ from task_ferry.snapshot import (
     cancel_token,
     isoformat,
     job_snapshot,
+    storable,
     truncate_error,
     truncate_state,
 )
@@ -336,10 +337,41 @@ def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
     return fields
 
 
+def own_row_missing(job: Job, job_type: JobType) -> str | None:
+    """Why ``job`` is not an instance of its type's model, or None if it is: its row in that
+    model's table is missing (``Job.specific`` then gives the plain ``Job``), or the type's
+    model changed since the job was created."""
+    model = job_type.model_class
+    # A proxy's jobs are stored, and loaded by ``specific``, as its concrete model.
+    if isinstance(job, model._meta.concrete_model):
+        return None
+    return (
+        f"Job {job.pk} has no row in {model.__name__}'s table ({model._meta.db_table}), the "
+        f"table of its type {job.type!r}: the row was deleted without the job (by SQL or a "
+        f"migration, say), or {model.__name__} is not the model the job was created with."
+    )
+
+
+def type_with_hooks_for(job: Job, hook: str) -> JobType | None:
+    """The job type whose ``hook`` to call for ``job`` (its specific instance); None, logged,
+    where the hook cannot run: the type was removed from the code, or the job's row of the
+    type's model is missing. The job ends (or is deleted) all the same."""
+    if job.type not in job_type_registry:
+        logger.warning("Job %s: no job type %r to run %s of.", job.pk, job.type, hook)
+        return None
+    job_type = job_type_registry.get(job.type)
+    missing = own_row_missing(job, job_type)
+    if missing is not None:
+        logger.warning("%s Its %s hook is not run.", missing, hook)
+        return None
+    return job_type
+
+
 def parse_job_id(job_id: Any) -> int:
     """The id as an int; anything that is not a positive integer does not exist. Text must be
-    plain digits: not "+5", " 5", "05" or "0_5", which int() would take."""
-    if isinstance(job_id, bool) or (
+    plain digits: not "+5", " 5", "05" or "0_5", which int() would take. Bytes are not text,
+    and a number must be whole: int() would take b" 5", and cut Decimal("5.5") to 5."""
+    if isinstance(job_id, bool | bytes | bytearray | memoryview) or (
         isinstance(job_id, str)
         and not (job_id.isascii() and job_id.isdigit() and not job_id.startswith("0"))
     ):
@@ -348,7 +380,7 @@ def parse_job_id(job_id: Any) -> int:
         value = int(job_id)
     except (TypeError, ValueError, OverflowError):
         raise JobDoesNotExist(job_id) from None
-    if value <= 0 or value > 2**63 - 1 or (isinstance(job_id, float) and job_id != value):
+    if value <= 0 or value > 2**63 - 1 or (not isinstance(job_id, str) and job_id != value):
         raise JobDoesNotExist(job_id)
     return value
 
@@ -526,6 +558,9 @@ class JobHandler:
         except OverflowError as exc:
             # Django's IntegerField.to_python() lets int(float("inf")) escape.
             raise InvalidJobValues(f"Invalid job values: {exc}") from exc
+        unstorable = ValidationError(_unstorable_values(job))
+        if unstorable.error_dict:
+            raise InvalidJobValues(_validation_message(unstorable), _validation_errors(unstorable))
         return job, prepared
 
     @classmethod
@@ -540,7 +575,7 @@ class JobHandler:
             cls._check_max_count(user, job_type, max_count, adding=1)
             with _values_refused():
                 job.save(force_insert=True)
-            job_type.after_job_creation(job, prepared)
+            _after_job_creation(job_type, job, prepared)
 
     @classmethod
     def _save_many(
@@ -554,8 +589,11 @@ class JobHandler:
             if not statements.insert_jobs(jobs):
                 for job in jobs:
                     job.save(force_insert=True)
-        for job, prepared in built:
-            job_type.after_job_creation(job, prepared)
+        for position, (job, prepared) in enumerate(built):
+            try:
+                _after_job_creation(job_type, job, prepared)
+            except InvalidJobValues as exc:
+                raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
 
     @classmethod
     def _check_max_count(
@@ -664,7 +702,9 @@ class JobHandler:
     @staticmethod
     def _run_on_cancelled(job: Job) -> None:
         """Run the job type's ``on_cancelled``; one that raises is logged."""
-        job_type = job_type_registry.get(job.type)
+        job_type = type_with_hooks_for(job, "on_cancelled")
+        if job_type is None:
+            return
         try:
             job_type.on_cancelled(job)
         except Exception:
@@ -672,10 +712,26 @@ class JobHandler:
 
     @staticmethod
     def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
-        """Ended jobs that finished before this moment are expired."""
+        """Ended jobs that finished before this moment are expired. ``older_than`` must be a
+        ``timedelta`` of zero or more: a negative one would expire every ended job."""
         if older_than is None:
             older_than = datetime.timedelta(days=ferry_settings.JOB_EXPIRY_DAYS)
-        return timezone.now() - older_than
+        if not isinstance(older_than, datetime.timedelta):
+            raise TypeError(
+                f"older_than must be a datetime.timedelta, got {type(older_than).__name__} "
+                f"{older_than!r}: timedelta(days=7), say."
+            )
+        if older_than < datetime.timedelta(0):
+            raise ValueError(
+                f"older_than must be zero or more, got {older_than!r}: a negative age would "
+                f"delete every ended job. timedelta(days=7) deletes those older than a week."
+            )
+        try:
+            return timezone.now() - older_than
+        except OverflowError:
+            raise ValueError(
+                f"older_than {older_than!r} reaches back before year 1, where dates end."
+            ) from None
 
     @classmethod
     def cleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
@@ -733,11 +789,34 @@ class JobHandler:
                             job.pk,
                             job_type,
                         )
-            # Its post_delete receiver forgets their snapshots once the delete commits.
-            collector = Collector(using=router.db_for_write(model))
-            collector.collect(jobs)
-            _, per_model = collector.delete()
-            deleted += per_model.get(Job._meta.label, 0)
+            elif jobs:
+                # Once per batch: a removed type may leave thousands.
+                logger.warning(
+                    "cleanup_old_jobs: no job type %r to run before_delete of; deleting %d of "
+                    "its expired jobs without it.",
+                    type_name,
+                    len(jobs),
+                )
+            deleted += _delete_jobs(model, jobs)
+            loaded = {job.pk for job in jobs}
+            if model is not Job and len(loaded) < len(ids):
+                # Jobs whose row of the model is missing, which loading through it cannot find:
+                # left, they would never be deleted. Their before_delete cannot run.
+                orphans = list(
+                    Job._base_manager.filter(
+                        pk__in=[pk for pk in ids if pk not in loaded],
+                        state__in=ENDED_STATES,
+                        finished_at__lt=cutoff,
+                    )
+                )
+                for job in orphans:
+                    logger.warning(
+                        "Job %s: no row in %s's table; deleting the job without its "
+                        "before_delete hook.",
+                        job.pk,
+                        model.__name__,
+                    )
+                deleted += _delete_jobs(Job, orphans)
         return deleted
 
     @classmethod
@@ -870,15 +949,12 @@ class JobHandler:
         # Loaded after the commit, so it carries the failed state.
         specific = job.specific
         publish_final(specific)
-        if job.type in job_type_registry:
-            job_type = job_type_registry.get(job.type)
+        job_type = type_with_hooks_for(specific, "on_error")
+        if job_type is not None:
             try:
                 job_type.on_error(specific, exc)
             except Exception:
                 logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        else:
-            # Its type was removed: the job is failed all the same, without a hook to run.
-            logger.warning("Job %s: no job type %r to run on_error of.", job.pk, job.type)
         signals.emit(signals.job_failed, specific, exc=exc)
         logger.error("Job %s (%s) failed: %s", job.pk, job.type, exc)
 
@@ -893,6 +969,59 @@ class JobHandler:
         from task_ferry.runner import JobRun
 
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
+
+
+def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
+    """Delete ``jobs``, loaded through ``model``; how many ``Job`` rows went. Its post_delete
+    receiver forgets their snapshots once the delete commits."""
+    if not jobs:
+        return 0
+    collector = Collector(using=router.db_for_write(model))
+    collector.collect(jobs)
+    _, per_model = collector.delete()
+    return per_model.get(Job._meta.label, 0)
+
+
+def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
+    """The type's ``after_job_creation``. A ``ValidationError`` from it (checked against the
+    saved row, say) refuses the values as one from ``prepare_values`` does; the row is rolled
+    back with the creation's transaction."""
+    try:
+        job_type.after_job_creation(job, prepared)
+    except ValidationError as exc:
+        raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
+
+
+def _unstorable_values(job: Job) -> dict[str, list[str]]:
+    """Messages, by field, for the job's own values that ``full_clean()`` lets through and the
+    database would refuse at the insert, with an error naming no field (nor, in a batch, the
+    job): None in a NOT NULL column (``full_clean()`` skips "empty" values of a blank field),
+    a value the field cannot convert ([] for a nullable number), text with a NUL character
+    (PostgreSQL refuses it) or a lone surrogate (no driver encodes it)."""
+    errors: dict[str, list[str]] = {}
+    for field in type(job).own_fields():
+        # The database computes it, and reading it from an unsaved job raises.
+        if getattr(field, "generated", False):
+            continue
+        value = getattr(job, field.attname)
+        if value is None:
+            filled_at_save = getattr(field, "auto_now", False) or getattr(
+                field, "auto_now_add", False
+            )
+            if not field.null and not filled_at_save:
+                errors[field.name] = [str(field.error_messages["null"])]
+            continue
+        try:
+            prepared = field.get_prep_value(value)
+        except (TypeError, ValueError, ValidationError) as exc:
+            errors[field.name] = [str(exc)]
+            continue
+        if isinstance(prepared, str) and storable(prepared) != prepared:
+            errors[field.name] = [
+                "This text has a NUL character or a lone surrogate (from an undecodable file "
+                "name, say), which cannot be stored."
+            ]
+    return errors
 
 
 @contextlib.contextmanager

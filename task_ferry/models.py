@@ -125,14 +125,16 @@ class Job(models.Model):
 
     @cached_property
     def specific(self) -> Job:
-        """This job as an instance of its job type's own model."""
+        """This job as an instance of its job type's own model; the plain ``Job`` if its row
+        in that model's table is missing (deleted by raw SQL or a migration, not with the
+        job): it can still be shown, cancelled, failed and deleted, but not run."""
         model = ContentType.objects.get_for_id(self.content_type_id).model_class()
         if model is None or isinstance(self, model):
             return self
         # From where this row was read: a job just written is not on a lagging replica yet.
         manager = model._default_manager.db_manager(self._state.db)
-        specific: Job = manager.get(pk=self.pk)  # type: ignore[assignment]
-        return specific
+        specific: Job | None = manager.filter(pk=self.pk).first()  # type: ignore[assignment]
+        return self if specific is None else specific
 
     def apply_fields(self, fields: dict[str, Any]) -> None:
         """Copy column values written by an ``UPDATE`` onto this instance."""

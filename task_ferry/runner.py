@@ -22,9 +22,10 @@ from django.core.exceptions import ObjectDoesNotExist
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 
 from task_ferry import signals
-from task_ferry.exceptions import JobCancelled, JobFenced, JobTypeDoesNotExist
+from task_ferry.exceptions import JobCancelled, JobFenced, JobRowMissing, JobTypeDoesNotExist
 from task_ferry.handler import (
     JobHandler,
+    own_row_missing,
     publish,
     publish_as_stored,
     start_and_load,
@@ -162,8 +163,18 @@ class JobRun:
         try:
             job_type = job_type_registry.get(job.type)
         except JobTypeDoesNotExist as exc:
-            self._end_unknown_type(job, exc)
+            self._end_unrunnable(
+                job,
+                f"The worker that took this job has no job type {job.type!r} ({exc}) Run the "
+                f"same code in workers as where jobs are created.",
+                exc,
+            )
             raise
+        missing = own_row_missing(job, job_type)
+        if missing is not None:
+            row_missing = JobRowMissing(f"{missing} Its own fields are gone: start it again.")
+            self._end_unrunnable(job, str(row_missing), row_missing)
+            raise row_missing
         self._own_values = own_values(job)
         progress = Progress()
         # Inside a caller's transaction no other connection sees the job, so there is nobody
@@ -280,13 +291,10 @@ class JobRun:
         return own_values(job) != self._own_values
 
     @staticmethod
-    def _end_unknown_type(job: Job, exc: JobTypeDoesNotExist) -> None:
-        """Fail a job whose type this worker does not have (removed, or not deployed here yet):
-        left started, nothing would run it until the sweep."""
-        error = (
-            f"The worker that took this job has no job type {job.type!r} ({exc}) Run the same "
-            f"code in workers as where jobs are created."
-        )
+    def _end_unrunnable(job: Job, error: str, exc: Exception) -> None:
+        """Fail a job this worker cannot run: its type is not here (removed, or not deployed
+        here yet), or its row of the type's model is missing. Left started, nothing would end
+        it until the sweep. No hook: it would take an instance of the type's model."""
         if transition(
             job,
             JobState.FAILED,

@@ -166,6 +166,19 @@ def test_jobs_filters_by_type(live_jobs, user):
     assert out.splitlines() == [f"#{limited.pk} limited alice pending 0%"]
 
 
+def test_jobs_refuses_a_type_that_neither_exists_nor_has_jobs(db):
+    with pytest.raises(CommandError, match="--type: No job type named 'limitd'. Known job types: "):
+        run("task_ferry_jobs", "--type", "limitd")
+
+
+def test_jobs_filters_by_a_removed_type_that_still_has_jobs(user):
+    job = make_job(user)
+    Job.objects.filter(pk=job.pk).update(type="removed_type")
+    get_store().delete([job.pk])
+    out = run("task_ferry_jobs", "--type", "removed_type")
+    assert out.splitlines() == [f"#{job.pk} removed_type alice pending 0%"]
+
+
 def test_jobs_says_when_nothing_runs(db):
     assert run("task_ferry_jobs") == "No pending or running jobs.\n"
 

@@ -68,6 +68,23 @@ def reliability_types() -> Iterator[None]:
 
 
 @pytest.fixture
+def retired_type() -> Iterator[Callable[[], None]]:
+    """A job type whose jobs outlive it: registered to create them, then removed (by calling
+    the fixture's value), as by a deploy that dropped it (or a worker that does not have it
+    yet)."""
+    from task_ferry.registry import job_type_registry
+    from tests.testapp.job_types import ScriptedJobType
+
+    class RetiredJobType(ScriptedJobType):
+        type = "retired"
+
+    job_type_registry.register(RetiredJobType)
+    yield lambda: job_type_registry.unregister("retired")
+    if "retired" in job_type_registry:
+        job_type_registry.unregister("retired")
+
+
+@pytest.fixture
 def queueing(ferry: Callable[..., dict[str, Any]]) -> type[QueueingExecutor]:
     """Dispatch on commit to a recorder; jobs stay pending until something runs them."""
     ferry(EXECUTOR="tests.reliability.executors.QueueingExecutor")

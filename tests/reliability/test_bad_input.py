@@ -5,18 +5,26 @@ left consistent: no job row without its type's row, nothing created by a rejecte
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import F
+from django.test.utils import isolate_apps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from task_ferry.exceptions import InvalidJobValues, TaskFerryError
+from task_ferry.exceptions import InvalidJobValues, JobDoesNotExist, TaskFerryError
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, JobTypeRegistry, job_type_registry
+from tests.api.conftest import client_for
+from tests.testapp.job_types import LimitedJobType
 from tests.testapp.models import LimitedJob, ScriptedJob
 
 pytestmark = pytest.mark.django_db
@@ -273,3 +281,114 @@ def test_a_deleted_user_gets_a_clear_error(queueing, user):
     with pytest.raises(InvalidJobValues, match="does not exist"):
         JobHandler.create_and_start(stale, "limited")
     assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("job_type", "values"),
+    [
+        ("limited", {"label": None}),
+        ("scripted", {"marker": "a\x00b"}),
+        ("scripted", {"marker": "\udcff.csv"}),
+        ("scripted", {"fail_at": []}),
+    ],
+)
+def test_values_the_database_would_refuse_are_refused_naming_the_field_and_the_job(
+    queueing, user, job_type, values
+):
+    """``full_clean()`` lets these through; the database's refusal named neither the field
+    nor, in a batch, the job."""
+    (field,) = values
+    with pytest.raises(InvalidJobValues, match=f"^Invalid job values. {field}: ") as single:
+        JobHandler.create_and_start(user, job_type, **values)
+    assert list(single.value.errors) == [field]
+    with pytest.raises(InvalidJobValues, match=f"^Job 1: Invalid job values. {field}: ") as many:
+        JobHandler.create_and_start_many(user, job_type, [{}, values])
+    assert list(many.value.errors) == [field]
+    assert not Job.objects.exists()
+    assert queueing.dispatched == []
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda pk: Decimal(pk) + Decimal("0.5"),
+        lambda pk: Fraction(2 * pk + 1, 2),
+        lambda pk: str(pk).encode(),
+        lambda pk: bytearray(f" {pk}".encode()),
+    ],
+    ids=["decimal", "fraction", "bytes", "bytearray"],
+)
+def test_a_fractional_or_bytes_id_of_ones_own_job_is_no_job(queueing, user, spelling):
+    """int() cuts 5.5 to 5 and reads b" 5" as 5: the caller's own job 5, which "5.5" and
+    " 5" spelled as text do not reach."""
+    job = JobHandler.create_and_start(user, "scripted")
+    for call in (JobHandler.get_job, JobHandler.cancel):
+        with pytest.raises(JobDoesNotExist):
+            call(user, spelling(job.pk))
+    assert Job.objects.get(pk=job.pk).state == JobState.PENDING
+
+
+@isolate_apps("tests.testapp")
+def test_values_of_a_model_with_a_generated_field_are_checked_without_reading_it(user):
+    """The check above must not read a generated field, which raises on an unsaved job."""
+
+    class ComputedJob(Job):
+        size = models.IntegerField()
+        double = models.GeneratedField(
+            expression=F("size") * 2, output_field=models.IntegerField(), db_persist=True
+        )
+
+        class Meta:
+            app_label = "testapp"
+
+    class ComputedJobType(JobType):
+        type = "computed"
+        model_class = ComputedJob
+
+    job, _prepared = JobHandler._build(user, ComputedJobType(), {"size": 2})
+    assert job.size == 2
+    with pytest.raises(InvalidJobValues, match="^Invalid job values. size: "):
+        JobHandler._build(user, ComputedJobType(), {"size": []})
+
+
+class CheckedAfterCreationJobType(LimitedJobType):
+    """Refuses a label another of the user's jobs has, checked once its row is saved."""
+
+    type = "checked_after_creation"
+    max_count = None
+
+    def after_job_creation(self, job, values):
+        others = LimitedJob.objects.filter(user=job.user, label=job.label).exclude(pk=job.pk)
+        if others.exists():
+            raise ValidationError({"label": ["You have a job with this label already."]})
+
+
+@pytest.fixture
+def checked_after_creation():
+    job_type_registry.register(CheckedAfterCreationJobType)
+    yield CheckedAfterCreationJobType.type
+    job_type_registry.unregister(CheckedAfterCreationJobType)
+
+
+def test_a_validation_error_of_after_job_creation_refuses_the_values(
+    queueing, user, checked_after_creation, django_capture_on_commit_callbacks
+):
+    """As one of prepare_values does: the caller got the ValidationError itself, a 500 from
+    the API (no row was left either way)."""
+    with django_capture_on_commit_callbacks(execute=True):
+        first = JobHandler.create_and_start(user, checked_after_creation, label="a")
+        message = "^Invalid job values. label: You have a job with this label already.$"
+        with pytest.raises(InvalidJobValues, match=message) as refused:
+            JobHandler.create_and_start(user, checked_after_creation, label="a")
+        assert refused.value.errors == {"label": ["You have a job with this label already."]}
+        with pytest.raises(InvalidJobValues, match="^Job 1: Invalid job values. label: "):
+            JobHandler.create_and_start_many(
+                user, checked_after_creation, [{"label": "b"}, {"label": "a"}]
+            )
+        response = client_for(user).post(
+            "/api/jobs/", {"type": checked_after_creation, "label": "a"}, format="json"
+        )
+    assert response.status_code == 400
+    assert response.json() == {"label": ["You have a job with this label already."]}
+    assert list(Job.objects.values_list("pk", flat=True)) == [first.pk]
+    assert queueing.dispatched == [first.pk]

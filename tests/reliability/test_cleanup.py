@@ -126,6 +126,25 @@ def test_cleanup_leaves_jobs_younger_than_the_expiry_alone(user, before_delete_c
     assert set(before_delete_calls) == set(old)
 
 
+@pytest.mark.parametrize(
+    ("older_than", "error", "message"),
+    [
+        (datetime.timedelta(days=-1), ValueError, "must be zero or more"),
+        (datetime.timedelta.max, ValueError, "reaches back before year 1"),
+        (7, TypeError, "must be a datetime.timedelta, got int 7"),
+    ],
+)
+def test_an_age_below_zero_or_not_a_timedelta_is_refused_and_deletes_nothing(
+    user, before_delete_calls, older_than, error, message
+):
+    """A negative age (a sign slip) deleted every ended job, the one just finished too."""
+    ended = bulk_jobs(5, age=datetime.timedelta(minutes=1))
+    with pytest.raises(error, match=message):
+        JobHandler.cleanup_old_jobs(older_than=older_than)
+    assert set(Job.objects.values_list("pk", flat=True)) == set(ended)
+    assert not before_delete_calls
+
+
 def test_cleanup_removes_heartbeats_and_cancel_requests_left_by_deleted_jobs(user):
     """A worker's beat (or a cancel recorded while the store was down) that read a job just
     before its delete writes its row just after: no foreign-key constraint refuses it, and the

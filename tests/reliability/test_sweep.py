@@ -19,7 +19,6 @@ from task_ferry.exceptions import (
 )
 from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Heartbeat, Job, JobState
-from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import SOCKET_TIMEOUT
 from tests.reliability.helpers import hook_calls, needs_row_locks, start_lost_job, state_of
@@ -169,21 +168,6 @@ def test_a_hook_that_raises_does_not_stop_the_sweep(queueing, user, monkeypatch,
     assert JobHandler.sweep_stale_jobs() == 3
     assert [state_of(j) for j in jobs] == ["failed"] * 3
     assert caplog.text.count("on_error hook") == 3
-
-
-@pytest.fixture
-def retired_type():
-    """A job type whose jobs outlive it: registered to create them, then removed, as by a
-    deploy that dropped it (or a worker that does not have it yet)."""
-    from tests.testapp.job_types import ScriptedJobType
-
-    class RetiredJobType(ScriptedJobType):
-        type = "retired"
-
-    job_type_registry.register(RetiredJobType)
-    yield lambda: job_type_registry.unregister("retired")
-    if "retired" in job_type_registry:
-        job_type_registry.unregister("retired")
 
 
 def test_a_worker_without_the_jobs_type_fails_it_with_a_clear_error(queueing, user, retired_type):

@@ -12,9 +12,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from task_ferry.exceptions import ProgressStoreUnavailable
+from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
 from task_ferry.management.intervals import check_interval
 from task_ferry.models import Job
+from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
 
 # Cursor up to the first line of the previous frame, then clear to the end of the screen.
@@ -91,6 +92,16 @@ def job_lines(jobs: Iterable[Job]) -> list[JobLine]:
     return lines
 
 
+def check_type_name(name: str) -> None:
+    """A ``CommandError`` for a name that is neither a registered type nor that of any job (a
+    type removed from the code still has its jobs): a misspelt ``--type`` would otherwise show
+    "No pending or running jobs." as if that were so."""
+    if name not in job_type_registry and not Job.objects.filter(type=name).exists():
+        raise CommandError(
+            f"--type: {JobTypeDoesNotExist(name, job_type_registry.names()).summary}"
+        )
+
+
 def local_time(now: datetime.datetime) -> datetime.datetime:
     """``now`` in the current time zone; with USE_TZ = False it already is, and naive."""
     return timezone.localtime(now) if timezone.is_aware(now) else now
@@ -122,6 +133,8 @@ class Command(BaseCommand):
         if options["limit"] < 1:
             raise CommandError("--limit must be at least 1.")
         self.job_type: str | None = options["job_type"]
+        if self.job_type is not None:
+            check_type_name(self.job_type)
         self.limit: int = options["limit"]
         self.bars = self.stdout.isatty() and not options["plain"]
         if not options["watch"]:
