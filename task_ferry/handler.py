@@ -664,6 +664,12 @@ class JobHandler:
     @classmethod
     def cancel_job(cls, job: Job) -> Job:
         """Cancel ``job`` without an ownership check (for staff tools and system code)."""
+        if not isinstance(job, Job):
+            raise TypeError(
+                f"cancel_job() takes a Job, not {type(job).__name__} {job!r}. By id: "
+                f"JobHandler.cancel(user, job_id), which checks that the job is the user's, or "
+                f"cancel_job(Job.objects.get(pk=job_id)) to skip that check."
+            )
         if job.state == JobState.PENDING and transition(
             job, JobState.CANCELLED, from_states=[JobState.PENDING]
         ):

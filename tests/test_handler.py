@@ -215,6 +215,14 @@ def test_cannot_cancel_someone_elses_job(db, user, other_user, no_dispatch):
     assert Job.objects.get(pk=job.pk).state == "pending"
 
 
+def test_cancel_job_given_an_id_says_how_to_cancel_by_id(db, user, no_dispatch):
+    job = JobHandler.create_and_start(user, "scripted")
+    with pytest.raises(TypeError, match=r"JobHandler\.cancel\(user, job_id\)"):
+        JobHandler.cancel_job(job.pk)
+    assert Job.objects.get(pk=job.pk).state == "pending"
+    assert JobHandler.cancel_job(job).state == "cancelled"
+
+
 def test_handles_from_get_job_follow_state_changes(db, user, no_dispatch):
     job = JobHandler.create_and_start(user, "scripted")
     looked_up = JobHandler.get_job(user, job.pk)
