@@ -51,9 +51,9 @@ from task_ferry.monitor import forget_heartbeats
 from task_ferry.registry import JobModelT, JobType, job_type_registry
 from task_ferry.snapshot import (
     cancel_token,
-    isoformat,
     job_snapshot,
     storable,
+    stored_snapshot_of,
     truncate_error,
     truncate_state,
 )
@@ -324,8 +324,7 @@ def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
     if (
         not snapshot
         or snapshot.get("state") != JobState.STARTED
-        # Left by an earlier job with the same id (ids can be reused), not this one's.
-        or snapshot.get("created_at") != isoformat(job.created_at)
+        or stored_snapshot_of(job, {job.pk: snapshot}) is None
     ):
         return {}
     percentage, label = snapshot.get("progress_percentage"), snapshot.get("progress_state")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from task_ferry.models import Job
@@ -72,6 +73,17 @@ def cancel_token(job: Job) -> str:
     """Tells a job from an earlier one with the same id (ids can be reused, e.g. on SQLite), so
     a stale cancel request left in the store never stops a new job."""
     return isoformat(job.created_at) or ""
+
+
+def stored_snapshot_of(job: Job, snapshots: Mapping[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """``job``'s snapshot among ``snapshots`` (read from the store); None if there is none, or
+    if the one under its id was left by an earlier job with that id: ids come round again when
+    a database is restored from a backup or a test database is created anew, while the store
+    keeps its keys for ``PROGRESS_CACHE_TIMEOUT``."""
+    snapshot = snapshots.get(job.pk)
+    if snapshot is None or snapshot.get("created_at") != cancel_token(job):
+        return None
+    return snapshot
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:

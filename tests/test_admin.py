@@ -13,6 +13,7 @@ from django.utils import timezone
 from task_ferry.admin import EstimatedCountPaginator
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
+from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.testapp.models import HookCall, ScriptedJob
 
@@ -62,7 +63,7 @@ def test_list_shows_columns_with_progress_bar(admin_client, user):
 def test_list_shows_live_progress_from_the_store(admin_client, user):
     job = make_job(user)
     transition(job, JobState.STARTED, from_states=[JobState.PENDING])
-    snapshot = {"id": job.pk, "state": "started", "progress_percentage": 64}
+    snapshot = {**job_snapshot(job), "state": "started", "progress_percentage": 64}
     get_store().write(job.pk, {**snapshot, "progress_state": "copying"})
     html = admin_client.get(LIST_URL).content.decode()
     assert 'value="64"' in html

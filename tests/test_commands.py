@@ -12,6 +12,7 @@ from task_ferry.handler import JobHandler, transition
 from task_ferry.management.commands import task_ferry_jobs
 from task_ferry.management.commands.task_ferry_cleanup import parse_age
 from task_ferry.models import Job, JobState
+from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.test_admin import make_job
 from tests.testapp.models import HookCall
@@ -136,7 +137,7 @@ def publish_progress(job, percentage, label):
     get_store().write(
         job.pk,
         {
-            "id": job.pk,
+            **job_snapshot(job),
             "state": "started",
             "progress_percentage": percentage,
             "progress_state": label,
@@ -197,7 +198,8 @@ def test_jobs_draws_bars_with_use_tz_off(live_jobs, settings):
     # Projects started before Django 5.0 may still run with naive local times.
     settings.USE_TZ = False
     _, running = live_jobs
-    publish_progress(running, 50, "halfway")
+    # As a worker with these settings publishes it: from the row, a naive created_at.
+    publish_progress(Job.objects.get(pk=running.pk), 50, "halfway")
     out = run("task_ferry_jobs", stdout=TerminalOutput())
     assert "pending or running job(s)" in out.splitlines()[0]
     assert "50%" in next(line for line in out.splitlines() if line.startswith(f"#{running.pk}"))

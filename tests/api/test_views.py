@@ -2,9 +2,11 @@
 
 import contextlib
 import datetime
+import io
 import threading
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework import serializers
@@ -13,6 +15,7 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import CancelRequest, Job
 from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import job_snapshot
+from task_ferry.stores.base import get_store
 from tests.api.conftest import client_for, create, needs_redis, start
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
@@ -136,6 +139,24 @@ def test_list_shows_live_progress_from_the_progress_store(api, user, hold):
         "step 4 of 10",
     )
     assert Job.objects.get(pk=job.pk).progress_percentage == 0
+
+
+def test_an_earlier_jobs_snapshot_under_the_same_id_is_not_shown(api, user, hold):
+    # Ids come round again (a database restored from a backup, a test database created anew)
+    # while the store keeps the earlier job's snapshot.
+    job = create(user, steps=10)
+    earlier = {
+        **job_snapshot(job),
+        "state": "finished",
+        "progress_percentage": 100,
+        "created_at": "2020-01-01T00:00:00Z",
+    }
+    get_store().write(job.pk, earlier)
+    (item,) = api.get(URL).json()["results"]
+    assert (item["state"], item["progress_percentage"]) == ("pending", 0)
+    out = io.StringIO()
+    call_command("task_ferry_jobs", stdout=out)
+    assert out.getvalue().split() == [f"#{job.pk}", "scripted", user.username, "pending", "0%"]
 
 
 # Create
