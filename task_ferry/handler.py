@@ -1009,6 +1009,8 @@ def _unstorable_values(job: Job) -> dict[str, list[str]]:
         if getattr(field, "generated", False):
             continue
         value = getattr(job, field.attname)
+        if hasattr(value, "resolve_expression"):
+            continue  # The database computes it: a db_default, an F() expression.
         if value is None:
             filled_at_save = getattr(field, "auto_now", False) or getattr(
                 field, "auto_now_add", False

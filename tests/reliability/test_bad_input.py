@@ -14,6 +14,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import F
+from django.db.models.expressions import DatabaseDefault
 from django.test.utils import isolate_apps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -349,6 +350,27 @@ def test_values_of_a_model_with_a_generated_field_are_checked_without_reading_it
     assert job.size == 2
     with pytest.raises(InvalidJobValues, match="^Invalid job values. size: "):
         JobHandler._build(user, ComputedJobType(), {"size": []})
+
+
+@isolate_apps("tests.testapp")
+def test_values_left_to_the_database_are_not_checked_as_values(user):
+    """A field's ``db_default`` (or any expression) is the database's to compute: the check
+    above must not take it for a value (it refused every create of such a type)."""
+
+    class DefaultedJob(Job):
+        size = models.IntegerField(db_default=3)
+
+        class Meta:
+            app_label = "testapp"
+
+    class DefaultedJobType(JobType):
+        type = "defaulted"
+        model_class = DefaultedJob
+
+    job, _prepared = JobHandler._build(user, DefaultedJobType(), {})
+    assert isinstance(job.size, DatabaseDefault)
+    with pytest.raises(InvalidJobValues, match="^Invalid job values. size: "):
+        JobHandler._build(user, DefaultedJobType(), {"size": []})
 
 
 class CheckedAfterCreationJobType(LimitedJobType):
