@@ -131,8 +131,10 @@ class Job(models.Model):
         model = ContentType.objects.get_for_id(self.content_type_id).model_class()
         if model is None or isinstance(self, model):
             return self
-        # From where this row was read: a job just written is not on a lagging replica yet.
-        manager = model._default_manager.db_manager(self._state.db)
+        # The base manager, as Django follows a relation: a default manager that filters rows
+        # (soft deletion, say) must not make the job look orphaned. From where this row was
+        # read: a job just written is not on a lagging replica yet.
+        manager = model._base_manager.db_manager(self._state.db)
         specific: Job | None = manager.filter(pk=self.pk).first()  # type: ignore[assignment]
         return self if specific is None else specific
 

@@ -280,7 +280,7 @@ class JobRun:
         using = jobs_database()
         if self.job_type_name is not None and self.job_type_name in job_type_registry:
             model: type[Job] = job_type_registry.get(self.job_type_name).model_class
-            job = model._default_manager.using(using).filter(pk=self.job_id).first()
+            job = model._base_manager.using(using).filter(pk=self.job_id).first()
             if job is not None and job.type == self.job_type_name:
                 return job
         return Job.objects.using(using).get(pk=self.job_id).specific

@@ -9,7 +9,7 @@ import datetime
 import logging
 
 import pytest
-from django.db import connection
+from django.db import connection, models
 from django.urls import reverse
 from django.utils import timezone
 
@@ -113,6 +113,23 @@ def test_a_job_without_its_row_of_the_types_model_is_shown_and_cancelled(
     # Its hook takes a ScriptedJob, which there is none of.
     assert hook_calls(by_api, "on_cancelled") == 0
     assert "has no row in ScriptedJob's table (testapp_scriptedjob)" in caplog.text
+
+
+def test_a_default_manager_that_hides_the_row_does_not_orphan_the_job(queueing, user, monkeypatch):
+    # A type's model may filter its default manager (soft deletion, say); the job's own row
+    # is still there, and the job is still an instance of its type's model.
+    class HidesEveryRow(models.Manager):
+        def get_queryset(self):
+            return super().get_queryset().none()
+
+    hiding = HidesEveryRow()
+    hiding.model, hiding.name = ScriptedJob, "hiding"
+    job = JobHandler.create_and_start(user, "scripted", marker="ran")
+    monkeypatch.setattr(ScriptedJob._meta, "default_manager", hiding)
+    assert not ScriptedJob._default_manager.filter(pk=job.pk).exists()
+    specific = Job.objects.get(pk=job.pk).specific
+    assert isinstance(specific, ScriptedJob)
+    assert specific.marker == "ran"
 
 
 @pytest.mark.worker
