@@ -31,7 +31,7 @@ from task_ferry.exceptions import JobDoesNotExist, ProgressStoreUnavailable
 from task_ferry.handler import JobHandler, parse_job_id
 from task_ferry.models import Job, JobQuerySet, JobState
 from task_ferry.registry import job_type_registry
-from task_ferry.snapshot import stored_snapshot_of
+from task_ferry.snapshot import snapshot_of
 from task_ferry.stores.base import get_store
 
 __all__ = ["AgeListFilter", "EstimatedCountPaginator", "JobAdmin", "TypeListFilter"]
@@ -102,7 +102,7 @@ def attach_snapshots(jobs: Sequence[Job]) -> None:
     except ProgressStoreUnavailable:
         return
     for job in live:
-        snapshot = stored_snapshot_of(job, snapshots)
+        snapshot = snapshot_of(job, snapshots.get(job.pk))
         if snapshot is not None:
             setattr(job, SNAPSHOT_ATTR, snapshot)
 

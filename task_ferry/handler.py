@@ -52,8 +52,8 @@ from task_ferry.registry import JobModelT, JobType, job_type_registry
 from task_ferry.snapshot import (
     cancel_token,
     job_snapshot,
+    snapshot_of,
     storable,
-    stored_snapshot_of,
     truncate_error,
     truncate_state,
 )
@@ -324,7 +324,7 @@ def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
     if (
         not snapshot
         or snapshot.get("state") != JobState.STARTED
-        or stored_snapshot_of(job, {job.pk: snapshot}) is None
+        or snapshot_of(job, snapshot) is None
     ):
         return {}
     percentage, label = snapshot.get("progress_percentage"), snapshot.get("progress_state")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import logging
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from task_ferry.models import Job
@@ -75,15 +74,14 @@ def cancel_token(job: Job) -> str:
     return isoformat(job.created_at) or ""
 
 
-def stored_snapshot_of(job: Job, snapshots: Mapping[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """``job``'s snapshot among ``snapshots`` (read from the store); None if there is none, or
-    if the one under its id was left by an earlier job with that id: ids come round again when
-    a database is restored from a backup or a test database is created anew, while the store
-    keeps its keys for ``PROGRESS_CACHE_TIMEOUT``."""
-    snapshot = snapshots.get(job.pk)
-    if snapshot is None or snapshot.get("created_at") != cancel_token(job):
+def snapshot_of(job: Job, stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``stored`` (read from the store under ``job``'s id) if it is ``job``'s; None if there is
+    none, or if an earlier job with that id left it: ids come round again when a database is
+    restored from a backup or a test database is created anew, while the store keeps its keys
+    for ``PROGRESS_CACHE_TIMEOUT``."""
+    if stored is None or stored.get("created_at") != cancel_token(job):
         return None
-    return snapshot
+    return stored
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:

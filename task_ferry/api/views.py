@@ -41,7 +41,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot, stored_snapshot_of
+from task_ferry.snapshot import job_snapshot, snapshot_of
 from task_ferry.stores.base import get_store
 
 __all__ = ["JobViewSet"]
@@ -200,7 +200,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         results = []
         for job in jobs:
             snapshot = job_snapshot(job)
-            snapshot.update(stored_snapshot_of(job, live) or {})
+            snapshot.update(snapshot_of(job, live.get(job.pk)) or {})
             results.append(public_job(snapshot))
         return self.get_paginated_response(results)
 
@@ -311,7 +311,7 @@ def newest_snapshot(job: Job) -> dict[str, Any]:
     """The store's snapshot of ``job`` if complete (a run may have changed the job since this
     instance was loaded), else the instance's own."""
     try:
-        snapshot = stored_snapshot_of(job, {job.pk: get_store().read(job.pk) or {}})
+        snapshot = snapshot_of(job, get_store().read(job.pk))
     except ProgressStoreUnavailable:
         snapshot = None
     if snapshot is not None and "fields" in snapshot:
@@ -334,9 +334,8 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
         return stored
     job = visible_job(policy, request, job_id, pk)
     snapshot = job_snapshot(job)
-    if stored is not None and stored_snapshot_of(job, {job_id: stored}) is None:
-        # An earlier job's with the same id: not this job's, and never to be kept.
-        stored, store_reachable = None, False
+    if snapshot_of(job, stored) is None:
+        stored = None  # None, or an earlier job's with the same id.
     if job.is_live and stored is not None:
         # Without fields (its type's serializer failed), the stored snapshot still has the
         # progress, which the row does not have until the job ends.

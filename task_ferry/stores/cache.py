@@ -15,7 +15,6 @@ from django.core.cache.backends.base import BaseCache
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.checks import CheckMessage, Error, Warning
-from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import ProgressStoreUnavailable
@@ -106,17 +105,18 @@ class CacheProgressStore(ProgressStore):
             kind = "a DummyCache, which stores nothing"
         else:
             return []
-        path = ferry_settings.EXECUTOR
+        from task_ferry.executors.base import get_executor
+
         try:
-            executor_class = import_string(path)
+            executor = get_executor()
         except Exception:
-            return []  # E001 reports it.
-        if not getattr(executor_class, "runs_out_of_process", False):
+            return []  # E001 reports it (a bad path, a class where a path belongs).
+        if not executor.runs_out_of_process:
             return []
         return [
             Warning(
                 f"The progress store is the cache {self.alias!r}, {kind}, and "
-                f"{executor_class.__name__} runs jobs in worker processes: the API would not "
+                f"{type(executor).__name__} runs jobs in worker processes: the API would not "
                 f"see their progress nor when they end (it would answer what it saw first, for "
                 f"up to PROGRESS_CACHE_TIMEOUT), and cancel requests would not reach them.",
                 hint="Set TASK_FERRY['REDIS_URL'] (e.g. \"redis://127.0.0.1:6379/0\"), or point "

@@ -16,7 +16,7 @@ from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
 from task_ferry.management.intervals import check_interval
 from task_ferry.models import Job
 from task_ferry.registry import job_type_registry
-from task_ferry.snapshot import stored_snapshot_of
+from task_ferry.snapshot import snapshot_of
 from task_ferry.stores.base import get_store
 
 # Cursor up to the first line of the previous frame, then clear to the end of the screen.
@@ -76,7 +76,7 @@ def job_lines(jobs: Iterable[Job]) -> list[JobLine]:
         snapshots = {}
     lines = []
     for job in jobs:
-        snapshot = stored_snapshot_of(job, snapshots) or {}
+        snapshot = snapshot_of(job, snapshots.get(job.pk)) or {}
         # The database row is authoritative once a job has ended.
         state = job.state if job.is_ended else snapshot.get("state", job.state)
         lines.append(
