@@ -3,7 +3,7 @@
     make bench-throughput
     # or, from the repository root:
     python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--producers 1,4]
-        [--synchronous-commit off] [--batch] [--breakdown]
+        [--synchronous-commit off] [--prepare-threshold none] [--batch] [--breakdown]
 
 Starts its own redis-server (broker and progress store, so Redis INFO commandstats count only
 this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each round times:
@@ -375,6 +375,16 @@ def main() -> None:
         ),
     )
     parser.add_argument(
+        "--prepare-threshold",
+        type=prepare_threshold,
+        default=5,
+        help=(
+            "psycopg prepare_threshold in the database OPTIONS of producer and worker, as "
+            "docs/executors.md recommends without a transaction-mode pooler; 'none' turns "
+            "prepared statements off, Django's default (default: 5)"
+        ),
+    )
+    parser.add_argument(
         "--conn-max-age",
         type=int,
         default=600,
@@ -396,6 +406,10 @@ def main() -> None:
         TASK_FERRY_TEST_SYNCHRONOUS_COMMIT=args.synchronous_commit,
         TASK_FERRY_TEST_CONN_MAX_AGE=str(args.conn_max_age),
     )
+    if args.prepare_threshold is None:
+        os.environ.pop("TASK_FERRY_TEST_PREPARE_THRESHOLD", None)
+    else:
+        os.environ["TASK_FERRY_TEST_PREPARE_THRESHOLD"] = str(args.prepare_threshold)
     app.conf.broker_url = os.environ["TASK_FERRY_TEST_BROKER_URL"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     worker = None
@@ -485,6 +499,19 @@ def describe(producers: int) -> str:
     return f"{producers} producer(s)"
 
 
+def prepare_threshold(text: str) -> int | None:
+    """``--prepare-threshold``: "none" -> None (Django's default), "5" -> 5."""
+    if text.lower() == "none":
+        return None
+    try:
+        threshold = int(text)
+    except ValueError:
+        threshold = -1
+    if threshold < 0:
+        raise argparse.ArgumentTypeError(f"expected 'none' or a number >= 0, not {text!r}")
+    return threshold
+
+
 def producer_counts(text: str) -> list[int]:
     """``--producers``: "1,4" -> [1, 4]."""
     try:
@@ -512,6 +539,7 @@ def report(
         f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
         f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
         f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}, "
+        f"prepare_threshold={args.prepare_threshold}, "
         + (f"{producers} producer thread(s)" if producers else "jobs: one create_and_start_many")
     )
     print(f"bare Celery   {bare_rate:8.1f} tasks/s")

@@ -6,7 +6,11 @@
 - ``compare_and_set``: every other state change (``handler.transition``).
 
 The ORM would build each query anew on every call, and take four round trips for each of the
-first two. Here each statement is built once per model and database and kept.
+first two. Here each statement is built once per model and database and kept. Where the
+connection allows prepared statements (PostgreSQL with psycopg 3 and ``prepare_threshold`` set
+in the database's ``OPTIONS``), the three statements of every job also go through a cursor that
+binds on the server (``statement_cursor``), so psycopg prepares them and PostgreSQL stops
+parsing and planning them for each job.
 ``insert_job`` and ``start_and_load`` run on PostgreSQL in autocommit mode only
 (``one_statement_connection``), ``insert_jobs`` on PostgreSQL in a transaction; elsewhere they
 write nothing and say so (False, None), and the caller takes the ORM's way.
@@ -33,6 +37,7 @@ __all__ = [
     "insert_jobs",
     "one_statement_connection",
     "start_and_load",
+    "statement_cursor",
 ]
 
 T = TypeVar("T")
@@ -52,6 +57,41 @@ def cached(key: tuple[Any, ...], build: Callable[[], T]) -> T:
         _statements[key] = build()
     statement: T = _statements[key]
     return statement
+
+
+def statement_cursor(connection: BaseDatabaseWrapper) -> Any:
+    """A cursor for a statement every job runs: Django's, or, where the connection allows
+    prepared statements, one that binds parameters on the server so that psycopg can prepare
+    the statement.
+
+    Django binds parameters on the client unless ``OPTIONS["server_side_binding"]`` is set, and
+    psycopg cannot prepare such a query; Django turns prepared statements off unless
+    ``OPTIONS["prepare_threshold"]`` is set, because a pooler in transaction mode (PgBouncer
+    before 1.21) hands a session's statements to other sessions. So a project that set
+    ``prepare_threshold`` has said prepared statements work on its connections; then these
+    statements are prepared after that many runs even where the rest of Django binds on the
+    client. The cursor is wrapped as Django wraps its own (execute wrappers, Django's database
+    errors). While queries are logged (``DEBUG``, ``CaptureQueriesContext``), Django's own
+    cursor: its log reads a query's text from where a client-bound cursor keeps it."""
+    if (
+        connection.vendor != "postgresql"
+        or connection.queries_logged
+        or connection.settings_dict["OPTIONS"].get("server_side_binding") is True
+    ):
+        return connection.cursor()
+    # What connection.cursor() does before it makes its cursor.
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    raw = connection.connection
+    if getattr(raw, "prepare_threshold", None) is None:
+        return connection.cursor()
+    from django.db.backends.postgresql import base as postgresql
+
+    connection.validate_thread_sharing()
+    # Django's psycopg cursor class that binds on the server (django-stubs does not know it).
+    server_binding: Any = postgresql.ServerBindingCursor
+    with connection.wrap_database_errors:
+        return connection.make_cursor(server_binding(raw))
 
 
 def one_statement_connection(model: type[Job]) -> BaseDatabaseWrapper | None:
@@ -101,7 +141,7 @@ def compare_and_set(
         ("compare_and_set", using, tuple(values), len(from_states), no_flush), build
     )
     params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
-    with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
+    with transaction.mark_for_rollback_on_error(using), statement_cursor(connection) as cursor:
         try:
             cursor.execute(sql, [*params, job_id, *from_states])
         except DatabaseError as exc:
@@ -214,7 +254,7 @@ def start_and_load(job_id: int, type_name: str, model: type[Job]) -> Job | None:
     sql, fields, converters = statement
     now = timezone.now()
     db_now = Job._meta.get_field("updated_at").get_db_prep_value(now, connection)
-    with connection.cursor() as cursor:
+    with statement_cursor(connection) as cursor:
         cursor.execute(sql, [JobState.STARTED, db_now, db_now, job_id, JobState.PENDING, type_name])
         row = cursor.fetchone()
     if row is None:
@@ -295,7 +335,7 @@ def insert_job(job: Job) -> bool:
         return False
     sql, fields = statement
     params = [f.get_db_prep_save(f.pre_save(job, True), connection) for f in fields]
-    with connection.cursor() as cursor:
+    with statement_cursor(connection) as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:

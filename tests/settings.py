@@ -1,6 +1,7 @@
 """Settings of the test project. Pick the database and progress store with environment
 variables: TASK_FERRY_TEST_DB=postgresql|sqlite|mysql (default postgresql) and
-TASK_FERRY_TEST_STORE=redis|cache (default redis)."""
+TASK_FERRY_TEST_STORE=redis|cache (default redis); TASK_FERRY_TEST_PREPARE_THRESHOLD=N turns on
+psycopg's prepared statements on PostgreSQL."""
 
 import os
 import uuid
@@ -71,6 +72,12 @@ if DB_VENDOR == "postgresql":
             "TEST": {"NAME": os.environ.get("TASK_FERRY_TEST_DB_TEST_NAME", "test_task_ferry")},
         }
     }
+    # Prepared statements, as a project allows them (statements.statement_cursor): "0" prepares
+    # every statement of ours the first time it runs.
+    if os.environ.get("TASK_FERRY_TEST_PREPARE_THRESHOLD"):
+        DATABASES["default"]["OPTIONS"] = {
+            "prepare_threshold": int(os.environ["TASK_FERRY_TEST_PREPARE_THRESHOLD"])
+        }
 elif DB_VENDOR == "mysql":
     DATABASES = {
         "default": {

@@ -4,6 +4,7 @@ narrow text to what the job table's character set on MySQL holds."""
 import pytest
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from task_ferry import statements
 from task_ferry.models import Job, JobState
@@ -88,3 +89,78 @@ def test_a_column_in_each_character_set_holds_every_text_narrowed_to_it(db, char
             assert cursor.fetchone()[0] == fitted
         finally:
             cursor.execute("DROP TEMPORARY TABLE narrowed")
+
+
+def prepared_statements_of_this_session():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cursor.fetchall()]
+
+
+@pytest.fixture
+def prepare_threshold(transactional_db):
+    """Set the connection's psycopg ``prepare_threshold``, as a project's
+    ``DATABASES[...]["OPTIONS"]`` does; the connection is closed afterwards, so later tests get
+    one as configured, without this session's prepared statements."""
+    connection.ensure_connection()
+    configured = connection.connection.prepare_threshold
+
+    def set_to(threshold):
+        connection.connection.prepare_threshold = threshold
+
+    yield set_to
+    connection.connection.prepare_threshold = configured
+    connection.close()
+
+
+@postgresql_only
+def test_a_connection_that_allows_prepared_statements_prepares_the_three_of_every_job(
+    prepare_threshold,
+):
+    from task_ferry.handler import JobHandler
+
+    prepare_threshold(0)
+    job = JobHandler.create_and_start(None, "scripted", steps=3)  # run at once: immediate executor
+    job.refresh_from_db()
+    assert job.state == JobState.FINISHED
+    prepared = prepared_statements_of_this_session()
+    insert = [s for s in prepared if s.startswith("WITH new_job AS (INSERT INTO")]
+    updates = [s for s in prepared if s.startswith('UPDATE "task_ferry_job"')]
+    start = [s for s in updates if '"started_at" = $' in s]
+    finish = [s for s in updates if '"finished_at" = $' in s]
+    assert (len(insert), len(start), len(finish), len(prepared)) == (1, 1, 1, 3), prepared
+
+    # Prepared, they go on working: a second job reuses the three statements.
+    second = JobHandler.create_and_start(None, "scripted", steps=2)
+    second.refresh_from_db()
+    assert second.state == JobState.FINISHED
+    assert sorted(prepared_statements_of_this_session()) == sorted(prepared)
+
+
+@postgresql_only
+def test_while_queries_are_logged_the_statements_are_logged_with_their_text(prepare_threshold):
+    """``DEBUG`` and ``CaptureQueriesContext`` read a query's text from the cursor Django
+    made; there the statements keep Django's cursor, unprepared."""
+    from task_ferry.handler import JobHandler
+
+    prepare_threshold(0)
+    with CaptureQueriesContext(connection) as captured:
+        job = JobHandler.create_and_start(None, "scripted", steps=3)
+    logged = [q["sql"] for q in captured.captured_queries]
+    assert any(sql.startswith("WITH new_job AS (INSERT INTO") for sql in logged), logged
+    assert any('"finished_at" = \'' in sql for sql in logged if sql.startswith("UPDATE")), logged
+    job.refresh_from_db()
+    assert job.state == JobState.FINISHED
+
+
+@postgresql_only
+def test_prepared_statements_stay_off_where_django_turned_them_off(prepare_threshold):
+    """Django's default (``prepare_threshold`` None): a pooler in transaction mode may hand a
+    session's prepared statement to another session, so none of ours is prepared."""
+    from task_ferry.handler import JobHandler
+
+    prepare_threshold(None)
+    job = JobHandler.create_and_start(None, "scripted", steps=3)
+    job.refresh_from_db()
+    assert job.state == JobState.FINISHED
+    assert prepared_statements_of_this_session() == []

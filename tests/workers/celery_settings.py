@@ -25,5 +25,6 @@ if os.environ.get("TASK_FERRY_TEST_CONN_MAX_AGE"):
 # The benchmark's --synchronous-commit=off: commits stop waiting for the WAL flush.
 if os.environ.get("TASK_FERRY_TEST_SYNCHRONOUS_COMMIT"):
     DATABASES["default"]["OPTIONS"] = {  # noqa: F405
-        "options": f"-c synchronous_commit={os.environ['TASK_FERRY_TEST_SYNCHRONOUS_COMMIT']}"
+        **DATABASES["default"].get("OPTIONS", {}),  # noqa: F405
+        "options": f"-c synchronous_commit={os.environ['TASK_FERRY_TEST_SYNCHRONOUS_COMMIT']}",
     }
