@@ -86,7 +86,10 @@ test-dj61: .venv-dj61/.installed
 	.venv-dj61/bin/python -c "import django, django.tasks, importlib.util as u; \
 		assert u.find_spec('django_tasks') is None, 'the backport must not be needed on Django 6'; \
 		print('Django', django.__version__)"
-	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-dj61/bin/python -m pytest
+	# With prepared statements (psycopg's prepare_threshold, as docs/executors.md recommends):
+	# the statements of every job go through a cursor that binds on the server.
+	TASK_FERRY_TEST_PREPARE_THRESHOLD=0 TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis \
+		.venv-dj61/bin/python -m pytest
 
 test-core: .venv-core/.installed
 	.venv-core/bin/python -c "from importlib.util import find_spec; \
