@@ -84,6 +84,12 @@ def snapshot_of(job: Job, stored: dict[str, Any] | None) -> dict[str, Any] | Non
     return stored
 
 
+def json_ready_key(value: Any) -> Any:
+    """A user's key as a snapshot holds it: a key that JSON has no type for (a ``UUIDField``
+    primary key's UUID) as text, which the API's owner check compares as text anyway."""
+    return value if value is None or isinstance(value, int | str) else str(value)
+
+
 def job_snapshot(job: Job) -> dict[str, Any]:
     return {
         "id": job.pk,
@@ -97,7 +103,7 @@ def job_snapshot(job: Job) -> dict[str, Any]:
         "updated_at": isoformat(job.updated_at),
         "started_at": isoformat(job.started_at),
         "finished_at": isoformat(job.finished_at),
-        "user_id": job.user_id,
+        "user_id": json_ready_key(job.user_id),
         **_type_fields_entry(job),
     }
 
