@@ -38,8 +38,14 @@ PUBLIC_FIELDS = (
 
 
 def isoformat(value: datetime.datetime | None) -> str | None:
+    """``value`` in ISO 8601, in UTC with a ``Z`` where it is aware: a database that keeps
+    local times (``DATABASES[...]["TIME_ZONE"]``) loads it in that zone, and the text must
+    match the snapshot's, made from the UTC value of the job just created. Naive values
+    (``USE_TZ = False``) as they are."""
     if value is None:
         return None
+    if value.utcoffset():
+        value = value.astimezone(datetime.UTC)
     text = value.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
