@@ -5,6 +5,7 @@ time zone three hours from UTC, and a user model whose primary key is a UUID not
 import datetime
 import io
 import json
+import time
 import uuid
 
 import pytest
@@ -21,6 +22,8 @@ from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.myapp.models import ExportJob
+from tests.test_monitor import gated, needs_concurrent_writers, start_halfway  # noqa: F401
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(
     settings.AUTH_USER_MODEL != "accounts.Account",
@@ -173,6 +176,31 @@ def test_the_sweep_fails_a_job_whose_heartbeat_lapsed_and_keeps_a_beating_one(us
     assert JobHandler.sweep_stale_jobs() == 1
     assert Job.objects.get(pk=lapsed.pk).state == JobState.FAILED
     assert Job.objects.get(pk=beating.pk).state == JobState.STARTED
+
+
+@needs_concurrent_writers
+def test_a_running_jobs_heartbeats_keep_it_from_the_sweep(
+    transactional_db,
+    user,
+    gated,  # noqa: F811 - the fixture
+    settings,
+):
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "HEARTBEAT_INTERVAL": 0.1,
+        "HEARTBEAT_TIMEOUT": 1,
+    }
+    thread, job = start_halfway(gated, user, steps=4)
+    wait_for(lambda: Heartbeat.objects.filter(job_id=job.pk).exists(), what="a heartbeat")
+    # Past HEARTBEAT_TIMEOUT since the job started: only its heartbeats keep it alive.
+    time.sleep(1.5)
+    beat_at = Heartbeat.objects.get(job_id=job.pk).beat_at
+    assert timezone.is_aware(beat_at) == settings.USE_TZ
+    assert abs(timezone.now() - beat_at) < datetime.timedelta(seconds=1)
+    assert JobHandler.sweep_stale_jobs() == 0
+    gated.release.set()
+    thread.finish()
+    assert Job.objects.get(pk=job.pk).state == JobState.FINISHED
 
 
 @pytest.mark.skipif(settings.USE_TZ, reason="aware datetimes do not jump")
