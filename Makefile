@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-mysql \
-	test-example clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput \
+	test-example test-compat clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput \
 	bench-api
 
 $(STAMP): pyproject.toml
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python example/manage.py runexample
 
-test: lint typecheck migrations-check docs test-postgres test-sqlite test-mysql test-example test-matrix
+test: lint typecheck migrations-check docs test-postgres test-sqlite test-mysql test-compat test-example \
+	test-matrix
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -96,6 +97,18 @@ test-core: .venv-core/.installed
 		found = [m for m in '$(OPTIONAL_MODULES)'.split() if find_spec(m)]; \
 		assert not found, f'optional extras installed in .venv-core: {found}'"
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis .venv-core/bin/python -m pytest
+
+# Projects configured unlike tests/settings.py (tests/settings_compat.py): USE_TZ = False in a
+# time zone far from UTC, then USE_TZ = True there; a user model with a UUID key not named id.
+test-compat: $(STAMP)
+	TASK_FERRY_TEST_DB=sqlite $(BIN)/python -m django makemigrations --check --dry-run \
+		--settings=tests.settings_compat
+	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis \
+		$(BIN)/python -m pytest --ds tests.settings_compat tests/compat
+	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis TASK_FERRY_TEST_USE_TZ=1 \
+		$(BIN)/python -m pytest --ds tests.settings_compat tests/compat
+	TASK_FERRY_TEST_DB=sqlite TASK_FERRY_TEST_STORE=cache \
+		$(BIN)/python -m pytest --ds tests.settings_compat tests/compat
 
 # The example project's own tests (its job type, page and download), on in-memory SQLite.
 test-example: $(STAMP)

@@ -366,6 +366,21 @@ def type_with_hooks_for(job: Job, hook: str) -> JobType | None:
     return job_type
 
 
+def moment_ago(age: datetime.timedelta) -> datetime.datetime:
+    """``timezone.now() - age`` as the job tables' datetime columns hold it. With USE_TZ =
+    False they hold naive local times, which jump an hour when daylight saving time starts or
+    ends: subtracted in naive local time, a heartbeat written just before the clocks went
+    forward looks an hour older, and the sweep failed every job running then. So the age is
+    taken off in UTC, and the moment given back in local time."""
+    now = timezone.now()
+    if timezone.is_aware(now):
+        return now - age
+    zone = timezone.get_default_timezone()
+    # In UTC: arithmetic on datetimes of one zone is naive too (it keeps the wall-clock time).
+    utc_now = timezone.make_aware(now, zone).astimezone(datetime.UTC)
+    return timezone.make_naive(utc_now - age, zone)
+
+
 def parse_job_id(job_id: Any) -> int:
     """The id as an int; anything that is not a positive integer does not exist. Text must be
     plain digits: not "+5", " 5", "05" or "0_5", which int() would take. Bytes are not text,
@@ -519,7 +534,7 @@ class JobHandler:
         ``prepare_values`` returned."""
         if user is not None and not getattr(user, "is_authenticated", False):
             raise InvalidJobValues("Jobs need a saved, authenticated user, or user=None.")
-        if user is not None and user.pk is None:
+        if user is not None and unsaved(user):
             raise InvalidJobValues("Save the user before creating jobs for it.")
         try:
             prepared = job_type.prepare_values(dict(values), user)
@@ -732,7 +747,7 @@ class JobHandler:
                 f"delete every ended job. timedelta(days=7) deletes those older than a week."
             )
         try:
-            return timezone.now() - older_than
+            return moment_ago(older_than)
         except OverflowError:
             raise ValueError(
                 f"older_than {older_than!r} reaches back before year 1, where dates end."
@@ -830,9 +845,8 @@ class JobHandler:
         worker took within ``PENDING_TIMEOUT``. Safe to run from several places at once.
 
         Returns how many jobs were failed."""
-        now = timezone.now()
         timeout = ferry_settings.HEARTBEAT_TIMEOUT
-        cutoff = now - datetime.timedelta(seconds=timeout)
+        cutoff = moment_ago(datetime.timedelta(seconds=timeout))
         # A job beats within HEARTBEAT_INTERVAL of its start; one with no beat yet that started
         # before the cutoff died early (short jobs never need to beat).
         lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
@@ -850,7 +864,7 @@ class JobHandler:
         if pending_timeout is not None:
             failed += cls._fail_each(
                 Job.objects.pending().filter(
-                    created_at__lt=now - datetime.timedelta(seconds=pending_timeout)
+                    created_at__lt=moment_ago(datetime.timedelta(seconds=pending_timeout))
                 ),
                 JobState.PENDING,
                 f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
@@ -858,7 +872,7 @@ class JobHandler:
                 store,
             )
         cls._republish_ended(
-            now - datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT), store
+            moment_ago(datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)), store
         )
         return failed
 
@@ -1039,6 +1053,17 @@ def _values_refused() -> Iterator[None]:
         yield
     except (TypeError, ValueError, DataError) as exc:
         raise InvalidJobValues(f"Invalid job values: {exc}") from exc
+
+
+def unsaved(user: Any) -> bool:
+    """Whether ``user`` was never saved. A key the model fills in itself (a ``UUIDField`` with
+    ``default=uuid4``) is set before the save: such a user is unsaved if no row has its key.
+    A user built with the key of a saved one (``User(pk=...)``, to spare a query) is saved."""
+    if user.pk is None:
+        return True
+    if not user._state.adding:
+        return False
+    return not user._meta.model._base_manager.using(jobs_database()).filter(pk=user.pk).exists()
 
 
 def _user_gone(user: Any) -> InvalidJobValues:

@@ -38,8 +38,14 @@ PUBLIC_FIELDS = (
 
 
 def isoformat(value: datetime.datetime | None) -> str | None:
+    """``value`` in ISO 8601, in UTC with a ``Z`` where it is aware: a database that keeps
+    local times (``DATABASES[...]["TIME_ZONE"]``) loads it in that zone, and the text must
+    match the snapshot's, made from the UTC value of the job just created. Naive values
+    (``USE_TZ = False``) as they are."""
     if value is None:
         return None
+    if value.utcoffset():
+        value = value.astimezone(datetime.UTC)
     text = value.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
@@ -84,6 +90,12 @@ def snapshot_of(job: Job, stored: dict[str, Any] | None) -> dict[str, Any] | Non
     return stored
 
 
+def json_ready_key(value: Any) -> Any:
+    """A user's key as a snapshot holds it: a key that JSON has no type for (a ``UUIDField``
+    primary key's UUID) as text, which the API's owner check compares as text anyway."""
+    return value if value is None or isinstance(value, int | str) else str(value)
+
+
 def job_snapshot(job: Job) -> dict[str, Any]:
     return {
         "id": job.pk,
@@ -97,7 +109,7 @@ def job_snapshot(job: Job) -> dict[str, Any]:
         "updated_at": isoformat(job.updated_at),
         "started_at": isoformat(job.started_at),
         "finished_at": isoformat(job.finished_at),
-        "user_id": job.user_id,
+        "user_id": json_ready_key(job.user_id),
         **_type_fields_entry(job),
     }
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from rest_framework import serializers
 
@@ -157,6 +157,29 @@ def test_an_earlier_jobs_snapshot_under_the_same_id_is_not_shown(api, user, hold
     out = io.StringIO()
     call_command("task_ferry_jobs", stdout=out)
     assert out.getvalue().split() == [f"#{job.pk}", "scripted", user.username, "pending", "0%"]
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="PostgreSQL converts time zones itself")
+def test_live_progress_is_listed_where_the_database_keeps_local_times(
+    api, user, hold, monkeypatch, request
+):
+    """DATABASES["default"]["TIME_ZONE"] (a legacy database in local time): rows load as
+    aware datetimes in that zone, the job's snapshot was made in UTC."""
+    default = connections["default"]
+    monkeypatch.setitem(default.settings_dict, "TIME_ZONE", "America/Sao_Paulo")
+
+    def forget_zone():
+        for cached in ("timezone", "timezone_name"):
+            default.__dict__.pop(cached, None)
+
+    forget_zone()
+    request.addfinalizer(forget_zone)
+    job = start(create(user, steps=10), percentage=40, label="Step 4")
+    (item,) = api.get(URL).json()["results"]
+    assert (item["state"], item["progress_percentage"]) == ("started", 40)
+    created_at = Job.objects.get(pk=job.pk).created_at
+    assert created_at.utcoffset() == datetime.timedelta(hours=-3)
+    assert item["created_at"] == created_at.astimezone(datetime.UTC).isoformat()[:-6] + "Z"
 
 
 # Create

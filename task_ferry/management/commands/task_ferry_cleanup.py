@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Count
+from django.utils import timezone
 
 from task_ferry.conf import ferry_settings
 from task_ferry.handler import JobHandler
@@ -65,7 +66,7 @@ class Command(BaseCommand):
         else:
             age = parse_age(older_than)
         cutoff = JobHandler.expiry_cutoff(age)
-        when = f"finished before {cutoff:%Y-%m-%d %H:%M:%S %Z} (older than {describe(age)})"
+        when = f"finished before {stamp(cutoff)} (older than {describe(age)})"
         if not dry_run:
             deleted = JobHandler.cleanup_old_jobs(older_than=age)
             self.stdout.write(f"Deleted {deleted} ended job(s) {when}.")
@@ -84,9 +85,17 @@ class Command(BaseCommand):
             for job_id, type_name, state, finished_at in expired.order_by("pk").values_list(
                 "pk", "type", "state", "finished_at"
             ):
-                # As the header writes the cutoff: with its zone, not in the locale's format.
-                ended = f"{finished_at:%Y-%m-%d %H:%M:%S %Z}".rstrip()
-                self.stdout.write(f"  #{job_id} {type_name} {state} at {ended}")
+                # expired() selects by finished_at: never None here.
+                assert finished_at is not None
+                self.stdout.write(f"  #{job_id} {type_name} {state} at {stamp(finished_at)}")
+
+
+def stamp(moment: datetime.datetime) -> str:
+    """``moment`` with its zone, not in the locale's format. With USE_TZ = False the database
+    holds naive times in TIME_ZONE, so that zone is named."""
+    if timezone.is_naive(moment):
+        moment = timezone.make_aware(moment, timezone.get_default_timezone())
+    return f"{moment:%Y-%m-%d %H:%M:%S %Z}"
 
 
 def describe(age: datetime.timedelta) -> str:
