@@ -296,6 +296,32 @@ def test_w003_not_for_a_shared_cache_or_jobs_run_inline(ferry, settings, tmp_pat
     assert "task_ferry.W003" not in ids(ferry_messages())
 
 
+@pytest.mark.skipif(
+    find_spec("django.tasks") is None and find_spec("django_tasks") is None,
+    reason="neither django.tasks nor django-tasks is installed",
+)
+def test_w003_not_for_django_tasks_run_inside_the_request(ferry, settings):
+    # ImmediateBackend runs each job in the process that starts it, which shares its locmem
+    # with it: W023 says jobs do not reach a worker, and W003 would be a false alarm.
+    ferry(
+        REDIS_URL=None,
+        PROGRESS_STORE=None,
+        EXECUTOR="task_ferry.executors.django_tasks.DjangoTasksExecutor",
+        TASKS_BACKEND="default",
+    )
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    api = "django.tasks" if find_spec("django.tasks") is not None else "django_tasks"
+    immediate = f"{api}.backends.immediate.ImmediateBackend"
+    settings.TASKS = {"default": {"BACKEND": immediate, "QUEUES": []}}
+    assert "task_ferry.W023" in ids(ferry_messages())
+    assert "task_ferry.W003" not in ids(ferry_messages())
+    if find_spec("django_tasks_db") is not None:
+        # A db_worker runs them: its locmem is not the web process's.
+        settings.TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
+        message = only("task_ferry.W003")
+        assert "DjangoTasksExecutor runs jobs in worker processes" in message.msg
+
+
 @pytest.mark.parametrize("value", [0, True, "2"])
 def test_e007_bad_max_count(monkeypatch, value):
     job_type = job_type_registry.get("limited")
