@@ -29,6 +29,7 @@ from task_ferry import signals, statements
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     DispatchError,
+    InvalidJobId,
     InvalidJobValues,
     JobDoesNotExist,
     JobLost,
@@ -970,9 +971,19 @@ class JobHandler:
         """Run a pending job in this process. Executors call this; see ``task_ferry.runner``.
         Passing the job's type name, when the executor has it, saves a query. ``heartbeat=False``
         writes no heartbeat rows (the sweep then judges the job by its ``started_at``); cancel
-        requests reach the job all the same."""
+        requests reach the job all the same.
+
+        Raises ``InvalidJobId``, before any query, for an id no job can have (``"abc"``, from a
+        malformed or forged task message): the database would refuse it with an error naming
+        neither the id nor the message."""
         from task_ferry.runner import JobRun
 
+        try:
+            job_id = parse_job_id(job_id)
+        except JobDoesNotExist:
+            raise InvalidJobId(job_id) from None
+        if not isinstance(job_type_name, str):
+            job_type_name = None  # Only a hint; a forged one must not stop the job.
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
 
 

@@ -95,9 +95,15 @@ def ferry_task(func: Callable[..., Any]) -> Any:
 def run_job(job_id: int) -> None:
     """Run one job. A job's own exception is re-raised after the job is marked failed, so the
     task result shows it failed too."""
+    from task_ferry.exceptions import InvalidJobId
     from task_ferry.handler import JobHandler
 
-    JobHandler.run_job(job_id)
+    try:
+        JobHandler.run_job(job_id)
+    except InvalidJobId as exc:
+        # The task result shows the failure; django.tasks never runs a failed task again.
+        logger.error("Refused a run_job task: %s", exc)
+        raise
 
 
 @ferry_task
