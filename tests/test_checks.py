@@ -1,5 +1,6 @@
 """Every task_ferry system check id, raised by the configuration it describes."""
 
+import importlib
 import re
 import socket
 import sys
@@ -9,6 +10,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.checks import run_checks
 
+import task_ferry.executors
 from task_ferry.api.permissions import IsJobOwner
 from task_ferry.registry import JobType, job_type_registry
 from tests.testapp import job_types as testapp_job_types
@@ -98,9 +100,12 @@ def test_e001_executor_path_that_does_not_import(ferry):
     ],
 )
 def test_missing_extra_is_named(ferry, monkeypatch, path, module, extra, check_ids):
+    # Imported with the package first, so that the tests after this one get it back.
+    executor_module = importlib.import_module(path.rsplit(".", 1)[0])
+    monkeypatch.setattr(task_ferry.executors, path.split(".")[2], executor_module)
     # Hide the installed package, as in a virtualenv without the extra.
     monkeypatch.setitem(sys.modules, module, None)
-    monkeypatch.delitem(sys.modules, path.rsplit(".", 1)[0], raising=False)
+    monkeypatch.delitem(sys.modules, executor_module.__name__)
     ferry(EXECUTOR=path)
     # E001 when the executor module itself needs the package, else the executor's own check.
     (message,) = [m for m in ferry_messages() if m.is_serious()]
