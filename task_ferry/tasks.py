@@ -52,8 +52,8 @@ def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None)
             # A job that had started is not run again by the retry: the compare-and-set decides.
             JobHandler.run_job(job_id, job_type_name=job_type_name)
     except InvalidJobId as exc:
-        # No delivery of this message can succeed: rejected without requeue, it goes to the
-        # queue's dead-letter exchange if it has one, and is never redelivered.
+        # No delivery of this message can succeed: rejected without requeue, it is never
+        # redelivered (on RabbitMQ it goes to the queue's dead-letter exchange, if any).
         logger.error("Rejected a %s message: %s", RUN_JOB_TASK, exc)
         raise Reject(exc, requeue=False) from exc
 
