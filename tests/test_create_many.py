@@ -116,7 +116,7 @@ def test_bad_values_for_one_job_create_none_and_name_its_position(db, user, no_d
 def test_jobs_of_a_batch_with_the_same_unique_values_are_named_without_a_query(
     db, user, no_dispatch, reservation, django_assert_num_queries
 ):
-    # The database's refusal names neither the jobs nor, on SQLite and MySQL, the field.
+    # The database's refusal names no job.
     ContentType.objects.get_for_model(ReservationJob)  # cached from then on, as in a project
     values = [{"code": "a"}, {"code": "b"}, {"code": "a"}, {"code": "a"}]
     with django_assert_num_queries(0), pytest.raises(InvalidJobValues) as raised:
