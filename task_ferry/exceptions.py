@@ -82,6 +82,18 @@ class JobDoesNotExist(TaskFerryError, LookupError):
         super().__init__(f"No job with id {job_id!r} exists for this user.")
 
 
+class InvalidJobId(JobDoesNotExist):
+    """``JobHandler.run_job`` was given something that is not a job id (a positive whole
+    number): the message that asked for the run was malformed or forged. Nothing was run."""
+
+    def __init__(self, job_id: Any) -> None:
+        self.job_id = job_id
+        super(JobDoesNotExist, self).__init__(
+            f"Cannot run job {job_id!r}: a job id is a positive whole number, so no job has "
+            f"it. The message that asked for this run was malformed or forged; nothing was run."
+        )
+
+
 class InvalidJobValues(TaskFerryError, ValueError):
     """The values given to ``create_and_start`` were rejected. No job row was created.
 

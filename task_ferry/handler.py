@@ -29,6 +29,7 @@ from task_ferry import signals, statements
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     DispatchError,
+    InvalidJobId,
     InvalidJobValues,
     JobDoesNotExist,
     JobLost,
@@ -483,10 +484,13 @@ class JobHandler:
                 raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
         if not built:
             return []
+        jobs = [job for job, _prepared in built]
+        clash = _clash_within(jobs)
+        if clash is not None:
+            raise clash
         from task_ferry.executors.base import get_executor
 
         executor = get_executor()
-        jobs = [job for job, _prepared in built]
         try:
             with transaction.atomic(using=jobs_database()):
                 cls._save_many(user, job_type, built)
@@ -984,9 +988,19 @@ class JobHandler:
         """Run a pending job in this process. Executors call this; see ``task_ferry.runner``.
         Passing the job's type name, when the executor has it, saves a query. ``heartbeat=False``
         writes no heartbeat rows (the sweep then judges the job by its ``started_at``); cancel
-        requests reach the job all the same."""
+        requests reach the job all the same.
+
+        Raises ``InvalidJobId``, before any query, for an id no job can have (``"abc"``, from a
+        malformed or forged task message): the database would refuse it with an error naming
+        neither the id nor the message."""
         from task_ferry.runner import JobRun
 
+        try:
+            job_id = parse_job_id(job_id)
+        except JobDoesNotExist:
+            raise InvalidJobId(job_id) from None
+        if not isinstance(job_type_name, str):
+            job_type_name = None  # Only a hint; a forged one must not stop the job.
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
 
 
@@ -1043,6 +1057,59 @@ def _unstorable_values(job: Job) -> dict[str, list[str]]:
                 "name, say), which cannot be stored."
             ]
     return errors
+
+
+@functools.cache
+def _unique_field_sets(model: type[Job]) -> tuple[tuple[tuple[str, ...], bool], ...]:
+    """The sets of the type's own fields whose values the database keeps unique in every row
+    (``unique=True``, ``unique_together``, a ``UniqueConstraint`` on fields without a
+    condition), each with whether NULLs count as equal (``nulls_distinct=False``)."""
+    own = {f.name for f in model.own_fields()}
+    sets: list[tuple[tuple[str, ...], bool]] = [
+        ((f.name,), False) for f in model.own_fields() if f.unique
+    ]
+    for cls in [model, *model._meta.get_parent_list()]:
+        meta = cls._meta
+        sets += [(tuple(names), False) for names in meta.unique_together]
+        sets += [
+            (tuple(c.fields), getattr(c, "nulls_distinct", None) is False)
+            for c in meta.total_unique_constraints
+        ]
+    return tuple(dict.fromkeys(entry for entry in sets if set(entry[0]) <= own))
+
+
+def _clash_within(jobs: Sequence[Job]) -> InvalidJobValues | None:
+    """The error naming the jobs of one batch that have the same values for fields the
+    database keeps unique, which its refusal would not name; None if none do. No query: a
+    clash with a row already stored is still the database's to refuse."""
+    model = type(jobs[0])
+    unique_sets = _unique_field_sets(model)
+    if not unique_sets:
+        return None
+    own = {field.name: field for field in model.own_fields()}
+    for names, nulls_equal in unique_sets:
+        fields = [own[name] for name in names]
+        seen: dict[Any, list[int]] = {}
+        for position, job in enumerate(jobs):
+            values = tuple(getattr(job, field.attname) for field in fields)
+            if any(hasattr(v, "resolve_expression") for v in values):
+                continue  # The database computes it (a db_default).
+            if not nulls_equal and any(v is None for v in values):
+                continue  # NULLs differ from each other.
+            try:
+                seen.setdefault(values, []).append(position)
+            except TypeError:
+                break  # Unhashable (a JSONField's dict): left to the database.
+        clashing = next((positions for positions in seen.values() if len(positions) > 1), None)
+        if clashing is None:
+            continue
+        listed = ", ".join(str(p) for p in clashing[:-1]) + f" and {clashing[-1]}"
+        labels = " and ".join(str(field.verbose_name) for field in fields)
+        together = " together" if len(fields) > 1 else ""
+        message = f"Jobs {listed} have the same {labels}, which must be unique{together}."
+        key = names[0] if len(names) == 1 else "non_field_errors"
+        return InvalidJobValues(message, {key: [message]})
+    return None
 
 
 @contextlib.contextmanager

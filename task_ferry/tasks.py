@@ -10,10 +10,12 @@ pending to started with a compare-and-set, which only one delivery can win.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_ready
 
 from task_ferry.executors.celery import (
@@ -24,6 +26,8 @@ from task_ferry.executors.celery import (
 )
 
 __all__ = ["cleanup_old_jobs", "run_job", "sweep_stale_jobs"]
+
+logger = logging.getLogger("task_ferry")
 
 DATABASE_RETRIES = 3
 DATABASE_RETRY_DELAY = 1
@@ -40,11 +44,18 @@ DATABASE_RETRY_DELAY = 1
 def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None) -> None:
     """Run one job. Its own exception is re-raised after the job is marked failed, so Celery
     monitoring sees it too."""
+    from task_ferry.exceptions import InvalidJobId
     from task_ferry.handler import JobHandler
 
-    with retried_on_lost_connection(self):
-        # A job that had started is not run again by the retry: the compare-and-set decides.
-        JobHandler.run_job(job_id, job_type_name=job_type_name)
+    try:
+        with retried_on_lost_connection(self):
+            # A job that had started is not run again by the retry: the compare-and-set decides.
+            JobHandler.run_job(job_id, job_type_name=job_type_name)
+    except InvalidJobId as exc:
+        # No delivery of this message can succeed: rejected without requeue, it is never
+        # redelivered (on RabbitMQ it goes to the queue's dead-letter exchange, if any).
+        logger.error("Rejected a %s message: %s", RUN_JOB_TASK, exc)
+        raise Reject(exc, requeue=False) from exc
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Every task_ferry system check id, raised by the configuration it describes."""
 
+import importlib
 import re
 import socket
 import sys
@@ -9,6 +10,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.checks import run_checks
 
+import task_ferry.executors
 from task_ferry.api.permissions import IsJobOwner
 from task_ferry.registry import JobType, job_type_registry
 from tests.testapp import job_types as testapp_job_types
@@ -98,9 +100,12 @@ def test_e001_executor_path_that_does_not_import(ferry):
     ],
 )
 def test_missing_extra_is_named(ferry, monkeypatch, path, module, extra, check_ids):
+    # Imported with the package first, so that the tests after this one get it back.
+    executor_module = importlib.import_module(path.rsplit(".", 1)[0])
+    monkeypatch.setattr(task_ferry.executors, path.split(".")[2], executor_module)
     # Hide the installed package, as in a virtualenv without the extra.
     monkeypatch.setitem(sys.modules, module, None)
-    monkeypatch.delitem(sys.modules, path.rsplit(".", 1)[0], raising=False)
+    monkeypatch.delitem(sys.modules, executor_module.__name__)
     ferry(EXECUTOR=path)
     # E001 when the executor module itself needs the package, else the executor's own check.
     (message,) = [m for m in ferry_messages() if m.is_serious()]
@@ -294,6 +299,32 @@ def test_w003_not_for_a_shared_cache_or_jobs_run_inline(ferry, settings, tmp_pat
         }
     }
     assert "task_ferry.W003" not in ids(ferry_messages())
+
+
+@pytest.mark.skipif(
+    find_spec("django.tasks") is None and find_spec("django_tasks") is None,
+    reason="neither django.tasks nor django-tasks is installed",
+)
+def test_w003_not_for_django_tasks_run_inside_the_request(ferry, settings):
+    # ImmediateBackend runs each job in the process that starts it, which shares its locmem
+    # with it: W023 says jobs do not reach a worker, and W003 would be a false alarm.
+    ferry(
+        REDIS_URL=None,
+        PROGRESS_STORE=None,
+        EXECUTOR="task_ferry.executors.django_tasks.DjangoTasksExecutor",
+        TASKS_BACKEND="default",
+    )
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    api = "django.tasks" if find_spec("django.tasks") is not None else "django_tasks"
+    immediate = f"{api}.backends.immediate.ImmediateBackend"
+    settings.TASKS = {"default": {"BACKEND": immediate, "QUEUES": []}}
+    assert "task_ferry.W023" in ids(ferry_messages())
+    assert "task_ferry.W003" not in ids(ferry_messages())
+    if find_spec("django_tasks_db") is not None:
+        # A db_worker runs them: its locmem is not the web process's.
+        settings.TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
+        message = only("task_ferry.W003")
+        assert "DjangoTasksExecutor runs jobs in worker processes" in message.msg
 
 
 @pytest.mark.parametrize("value", [0, True, "2"])

@@ -1,6 +1,7 @@
 """``JobHandler.create_and_start_many``: many jobs of one type in one transaction, all or none."""
 
 import pytest
+from django.contrib.contenttypes.models import ContentType
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
@@ -8,7 +9,7 @@ from task_ferry.exceptions import InvalidJobValues, JobTypeDoesNotExist, MaxJobC
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.registry import JobType, job_type_registry
-from tests.testapp.models import HookCall, ScriptedJob
+from tests.testapp.models import HookCall, ReservationJob, ScriptedJob
 
 
 class AnnouncedJobType(JobType):
@@ -27,6 +28,18 @@ class AnnouncedJobType(JobType):
 @pytest.fixture
 def announced():
     job_type = job_type_registry.register(AnnouncedJobType)
+    yield job_type
+    job_type_registry.unregister(job_type)
+
+
+class ReservationJobType(JobType[ReservationJob]):
+    type = "reservation"
+    model_class = ReservationJob
+
+
+@pytest.fixture
+def reservation():
+    job_type = job_type_registry.register(ReservationJobType)
     yield job_type
     job_type_registry.unregister(job_type)
 
@@ -98,6 +111,46 @@ def test_bad_values_for_one_job_create_none_and_name_its_position(db, user, no_d
         JobHandler.create_and_start_many(user, "nope", [{}])
     assert not Job.objects.exists()
     assert no_dispatch == []
+
+
+def test_jobs_of_a_batch_with_the_same_unique_values_are_named_without_a_query(
+    db, user, no_dispatch, reservation, django_assert_num_queries
+):
+    # The database's refusal names no job.
+    ContentType.objects.get_for_model(ReservationJob)  # cached from then on, as in a project
+    values = [{"code": "a"}, {"code": "b"}, {"code": "a"}, {"code": "a"}]
+    with django_assert_num_queries(0), pytest.raises(InvalidJobValues) as raised:
+        JobHandler.create_and_start_many(user, "reservation", values)
+    message = "Jobs 0, 2 and 3 have the same code, which must be unique."
+    assert (str(raised.value), raised.value.errors) == (message, {"code": [message]})
+
+    # full_clean() checks a UniqueConstraint against the stored rows (a query per job), not
+    # the jobs of the batch against each other.
+    values = [{"code": "a", "room": "r", "day": 1}, {"code": "b", "room": "r", "day": 1}]
+    with pytest.raises(InvalidJobValues) as raised:
+        JobHandler.create_and_start_many(user, "reservation", values)
+    message = "Jobs 0 and 1 have the same room and day, which must be unique together."
+    assert raised.value.errors == {"non_field_errors": [message]}
+    assert not Job.objects.exists() and no_dispatch == []
+
+    # NULLs are not equal to each other in a unique constraint.
+    values = [{"code": "a", "room": "r"}, {"code": "b", "room": "r"}]
+    assert len(JobHandler.create_and_start_many(user, "reservation", values)) == 2
+
+
+def test_a_batch_clashing_with_a_stored_job_is_refused_by_the_database(
+    db, user, no_dispatch, reservation
+):
+    # A unique=True field is left to the database: finding the stored job would cost a query.
+    JobHandler.create_and_start(user, "reservation", code="a")
+    with pytest.raises(InvalidJobValues, match="^The database refused this job's values"):
+        JobHandler.create_and_start_many(user, "reservation", [{"code": "b"}, {"code": "a"}])
+    assert list(ReservationJob.objects.values_list("code", flat=True)) == ["a"]
+    # A UniqueConstraint is checked against the stored rows by full_clean(), job by job.
+    ReservationJob.objects.update(room="r", day=1)
+    values = [{"code": "b"}, {"code": "c", "room": "r", "day": 1}]
+    with pytest.raises(InvalidJobValues, match="^Job 1: .*Room and Day already exists"):
+        JobHandler.create_and_start_many(user, "reservation", values)
 
 
 def test_a_batch_past_max_count_creates_nothing(db, user, no_dispatch):

@@ -518,6 +518,33 @@ def test_a_job_run_with_its_type_name_finishes_with_its_own_fields(
     assert JobHandler.run_job(other.pk, job_type_name="scripted") is None
 
 
+@pytest.mark.parametrize("bad_id", ["abc", "", -3, 0, 2**70, "05", 5.5, None, [1], b"5"])
+def test_running_an_id_no_job_can_have_says_which_before_any_query(
+    db, bad_id, django_assert_num_queries
+):
+    # What a forged or malformed task message hands the worker: the database's own error
+    # ("invalid input syntax for type bigint") named neither the id nor where it came from.
+    from task_ferry.exceptions import InvalidJobId, JobDoesNotExist
+
+    with django_assert_num_queries(0), pytest.raises(InvalidJobId) as raised:
+        JobHandler.run_job(bad_id)
+    assert str(raised.value).startswith(f"Cannot run job {bad_id!r}: a job id is a positive")
+    assert "malformed or forged" in str(raised.value)
+    assert isinstance(raised.value, JobDoesNotExist) and raised.value.job_id == bad_id
+
+
+def test_a_forged_type_name_does_not_stop_the_job_it_comes_with(
+    transactional_db, user, monkeypatch
+):
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    job = JobHandler.create_and_start(user, "scripted", steps=1, marker="forged name")
+    # A digit string is an id as the API takes one; the type name is only a hint.
+    done = JobHandler.run_job(str(job.pk), job_type_name=["scripted"])
+    assert done is not None and done.state == JobState.FINISHED
+
+
 def ticks_only(self, job, progress):
     """A run that sends the database nothing (say, it writes a file)."""
     stage = progress.create_child(represents=100, total=3)

@@ -118,7 +118,10 @@ def list_parameters() -> list[OpenApiParameter]:
         OpenApiParameter(
             "type",
             {"type": "array", "items": {"type": "string", "enum": job_type_registry.names()}},
-            description="Only jobs of these types; repeat or separate with commas.",
+            # The enum is what a client can start and see described; a removed type's name
+            # is only there for the jobs it left.
+            description="Only jobs of these types; repeat or separate with commas. The name "
+            "of a type no longer registered is accepted too while the caller has jobs of it.",
             explode=True,
         ),
     ]

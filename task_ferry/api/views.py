@@ -41,7 +41,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot, snapshot_of
+from task_ferry.snapshot import job_snapshot, snapshot_of, storable
 from task_ferry.stores.base import get_store
 
 __all__ = ["JobViewSet"]
@@ -114,21 +114,54 @@ def specific_from_joined(job: Job, paths: dict[str, str]) -> Job:
     return result
 
 
+def query_values(request: Request, name: str) -> list[str]:
+    """Values of a repeatable, comma-separable query parameter."""
+    values = [v.strip() for raw in request.query_params.getlist(name) for v in raw.split(",")]
+    return [v for v in values if v]
+
+
+def unknown_choices(name: str, unknown: list[str], allowed: Iterable[str]) -> ValidationError:
+    """The 400 for values of query parameter ``name`` that are none of ``allowed``."""
+    return ValidationError(
+        {
+            name: [
+                f"Unknown {name} {', '.join(repr(v) for v in unknown)}. "
+                f"Choose from: {', '.join(sorted(allowed))}."
+            ]
+        }
+    )
+
+
 def parse_choices(request: Request, name: str, allowed: Mapping[str, Any]) -> list[str]:
     """Values of a repeatable, comma-separable query parameter; 400 for an unknown one."""
-    values = [v.strip() for raw in request.query_params.getlist(name) for v in raw.split(",")]
-    values = [v for v in values if v]
+    values = query_values(request, name)
     unknown = [v for v in values if v not in allowed]
     if unknown:
-        raise ValidationError(
-            {
-                name: [
-                    f"Unknown {name} {', '.join(repr(v) for v in unknown)}. "
-                    f"Choose from: {', '.join(sorted(allowed))}."
-                ]
-            }
-        )
+        raise unknown_choices(name, unknown, allowed)
     return values
+
+
+def parse_types(request: Request, queryset: JobQuerySet[Job]) -> list[str]:
+    """The ``type`` filter's names: registered types, and types removed from the code of which
+    ``queryset`` (the caller's jobs) still has jobs, so a client that filtered by a type before
+    it was removed still gets those jobs. 400 for any other name (a typo), listing the
+    registered types. A name that is not registered costs one query; the others none."""
+    names = query_values(request, "type")
+    not_registered = [name for name in names if name not in job_type_registry]
+    # Text no row can hold (a NUL, which PostgreSQL refuses in a query too) is no job's type.
+    storable_names = [name for name in not_registered if storable(name) == name]
+    with_jobs: set[str] = set()
+    if storable_names:
+        with_jobs = set(
+            queryset.filter(type__in=storable_names)
+            .order_by()
+            .values_list("type", flat=True)
+            .distinct()
+        )
+    unknown = [name for name in not_registered if name not in with_jobs]
+    if unknown:
+        raise unknown_choices("type", unknown, job_type_registry.names())
+    return names
 
 
 def creatable(policy: IsJobOwner, request: Request, job_type: JobType) -> bool:
@@ -180,9 +213,10 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
 
     def filter_queryset(self, queryset: Any) -> Any:
         states = parse_choices(self.request, "state", STATE_GROUPS)
+        # Whether a removed type's name is known must not depend on the states asked for.
+        types = parse_types(self.request, queryset)
         if states:
             queryset = queryset.filter(state__in={s for g in states for s in STATE_GROUPS[g]})
-        types = parse_choices(self.request, "type", {n: n for n in job_type_registry.names()})
         if types:
             queryset = queryset.filter(type__in=types)
         return queryset

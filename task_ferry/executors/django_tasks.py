@@ -95,9 +95,15 @@ def ferry_task(func: Callable[..., Any]) -> Any:
 def run_job(job_id: int) -> None:
     """Run one job. A job's own exception is re-raised after the job is marked failed, so the
     task result shows it failed too."""
+    from task_ferry.exceptions import InvalidJobId
     from task_ferry.handler import JobHandler
 
-    JobHandler.run_job(job_id)
+    try:
+        JobHandler.run_job(job_id)
+    except InvalidJobId as exc:
+        # The task result shows the failure; django.tasks never runs a failed task again.
+        logger.error("Refused a run_job task: %s", exc)
+        raise
 
 
 @ferry_task
@@ -129,6 +135,19 @@ class DjangoTasksExecutor(BaseExecutor):
     supports_queues = True
     #: Only where the backend's ``supports_priority`` is true; otherwise priority is dropped.
     supports_priority = True
+
+    @property
+    def runs_out_of_process(self) -> bool:  # type: ignore[override]
+        """False for ``ImmediateBackend``, which runs each task in the process that enqueues
+        it (W023): that process's own cache is then shared with its jobs, so W003 keeps quiet.
+        True for every other backend, and for one that cannot be built (E021 says why)."""
+        if tasks_api is None:
+            return True
+        try:
+            backend = tasks_api.task_backends[ferry_settings.TASKS_BACKEND]
+        except Exception:
+            return True
+        return not isinstance(backend, _builtin_backend("immediate"))
 
     def enqueue(self, job_id: int) -> None:
         if tasks_api is None:
@@ -303,10 +322,7 @@ class DjangoTasksExecutor(BaseExecutor):
     def _check_backend(self, alias: str, backend: Any) -> list[CheckMessage]:
         assert tasks_api is not None and tasks_base is not None
         messages: list[CheckMessage] = []
-        backends = importlib.import_module(f"{tasks_api.__name__}.backends")
-        immediate = importlib.import_module(f"{backends.__name__}.immediate").ImmediateBackend
-        dummy = importlib.import_module(f"{backends.__name__}.dummy").DummyBackend
-        if isinstance(backend, immediate):
+        if isinstance(backend, _builtin_backend("immediate")):
             messages.append(
                 CheckWarning(
                     f"The django.tasks backend {alias!r} is ImmediateBackend: jobs run inside "
@@ -316,7 +332,7 @@ class DjangoTasksExecutor(BaseExecutor):
                     id="task_ferry.W023",
                 )
             )
-        elif isinstance(backend, dummy):
+        elif isinstance(backend, _builtin_backend("dummy")):
             messages.append(
                 CheckWarning(
                     f"The django.tasks backend {alias!r} is DummyBackend: it stores tasks and "
@@ -390,6 +406,15 @@ class DjangoTasksExecutor(BaseExecutor):
                     )
                 )
         return messages
+
+
+def _builtin_backend(name: str) -> type[Any]:
+    """django.tasks' ``ImmediateBackend`` (``"immediate"``) or ``DummyBackend`` (``"dummy"``),
+    from whichever of django.tasks and the backport is installed."""
+    assert tasks_api is not None
+    module = importlib.import_module(f"{tasks_api.__name__}.backends.{name}")
+    backend: type[Any] = getattr(module, f"{name.capitalize()}Backend")
+    return backend
 
 
 def _configured_backend(alias: str) -> str | None:

@@ -76,6 +76,7 @@ def test_job_responses_and_create_requests_are_one_of_the_types(schema):
         "routed",
         "scripted",
     ]
+    assert "no longer registered is accepted" in filters["type"]["description"]
     assert {"limit", "offset", "state"} <= set(filters)
 
 

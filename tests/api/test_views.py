@@ -95,6 +95,41 @@ def test_list_rejects_bad_query_parameters_by_name(api, user, query, name):
     assert list(response.json()) == [name]
 
 
+def test_list_filters_by_a_removed_type_while_the_caller_has_jobs_of_it(api, user, hold):
+    # A client that filtered by a type before it was removed from the code gets its jobs.
+    kept = create(user, steps=1)
+    removed = create(user, steps=1)
+    JobHandler.cancel(user, removed.pk)
+    Job.objects.filter(pk=removed.pk).update(type="removed_type")
+
+    response = api.get(URL, {"type": "removed_type"})
+    assert response.status_code == 200
+    [item] = response.json()["results"]
+    assert (item["id"], item["type"], item["state"]) == (removed.pk, "removed_type", "cancelled")
+    assert "steps" not in item  # no type, no type's own fields
+    assert set(ids(api.get(URL, {"type": "removed_type,scripted"}))) == {kept.pk, removed.pk}
+    # Known whatever the states asked for: none of them live.
+    assert ids(api.get(URL, {"type": "removed_type", "state": "live"})) == []
+
+
+def test_list_type_filter_still_refuses_a_name_none_of_the_callers_jobs_has(
+    api, user, other_user, hold
+):
+    create(user, steps=1)
+    others = create(other_user, steps=1)
+    Job.objects.filter(pk=others.pk).update(type="removed_type")
+    # A typo, or a removed type only someone else has jobs of (which must not show), or text
+    # no row can hold (PostgreSQL refuses a NUL in a query too).
+    for name in ("scirpted", "removed_type", "a\x00b"):
+        response = api.get(URL, {"type": f"scripted,{name}"})
+        assert response.status_code == 400
+        assert response.json() == {
+            "type": [
+                f"Unknown type {name!r}. Choose from: export_table, limited, routed, scripted."
+            ]
+        }
+
+
 def test_list_paginates_with_limit_and_offset(api, user, hold):
     jobs = [create(user, steps=1) for _ in range(5)]
     newest_first = [job.pk for job in reversed(jobs)]

@@ -432,3 +432,19 @@ def test_dispatch_waits_for_the_commit_of_the_database_jobs_are_routed_to(
         JobHandler.create_and_start_many(user, "scripted", [{"steps": 1}, {"steps": 2}])
         raise RuntimeError("roll back")
     assert DBTaskResult.objects.count() == 1
+
+
+@requires_tasks
+def test_a_task_for_an_id_no_job_can_have_fails_once_and_says_why(
+    transactional_db, settings, alias, backends, caplog
+):
+    # A forged or malformed task: its result fails, naming the id, and it is not run again.
+    settings.TASKS = {alias: {"BACKEND": backends["immediate"], "QUEUES": []}}
+    with caplog.at_level("ERROR", logger="task_ferry"):
+        result = django_tasks.run_job.using(backend=alias).enqueue("abc")
+    assert result.status == "FAILED"
+    [error] = result.errors
+    assert error.exception_class_path == "task_ferry.exceptions.InvalidJobId"
+    assert "Cannot run job 'abc'" in error.traceback
+    [record] = [r for r in caplog.records if r.name == "task_ferry"]
+    assert record.getMessage().startswith("Refused a run_job task: Cannot run job 'abc'")

@@ -24,6 +24,17 @@ class LimitedJob(Job):
     label = models.CharField(max_length=100, blank=True)
 
 
+class ReservationJob(Job):
+    """Own fields the database keeps unique: a code, and a room per day."""
+
+    code = models.CharField(max_length=20, unique=True)
+    room = models.CharField(max_length=20, blank=True)
+    day = models.IntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["room", "day"], name="testapp_room_day")]
+
+
 class Marker(models.Model):
     """Written by jobs inside their transaction; survives only if the job committed."""
 

@@ -348,6 +348,23 @@ def test_redelivered_job_never_runs_twice_at_once(
 
 
 @pytest.mark.worker
+def test_a_message_for_an_id_no_job_can_have_is_rejected_once_and_the_worker_goes_on(
+    celery_executor: CeleryWorker, user
+) -> None:
+    # A forged or malformed message: the database would refuse "abc" with an error naming
+    # neither the id nor the message.
+    celery_executor.app.send_task(RUN_JOB_TASK, args=("abc",), queue=celery_executor.queue)
+    rejected = f"Rejected a {RUN_JOB_TASK} message: Cannot run job 'abc'"
+    celery_executor.process.wait_for_log(rejected)
+
+    job = JobHandler.create_and_start(user, "scripted", steps=2, marker="after-forged")
+    assert wait_for_state(job.pk, "finished", "failed").state == "finished"
+    log = celery_executor.process.log()
+    assert log.count(rejected) == 1  # not redelivered, not retried
+    assert "DataError" not in log
+
+
+@pytest.mark.worker
 def test_job_of_a_killed_worker_process_is_redelivered_but_never_run_twice(
     redis_celery_worker: CeleryWorker, celery_executor: CeleryWorker, user, settings
 ) -> None:
