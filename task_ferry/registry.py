@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -37,6 +37,7 @@ __all__ = ["JobType", "JobTypeRegistry", "job_type_registry"]
 # may take the type's own model as before.
 if TYPE_CHECKING:
     import typing_extensions
+    from django.db.models import QuerySet
 
     JobModelT = typing_extensions.TypeVar("JobModelT", bound=Job, default=Any)
 else:
@@ -253,6 +254,22 @@ class JobTypeRegistry:
                 f"{type(job_type).__qualname__}.model_class must be a subclass of "
                 f"task_ferry.models.Job, got {model_class!r}."
             )
+
+    def unknown_names(self, names: Iterable[str], jobs: QuerySet[Job]) -> list[str]:
+        """Those of ``names`` that are neither registered nor the type of any of ``jobs``. A
+        type removed from the code keeps its jobs, which are still found by its name; a
+        misspelt name is unknown. One query, for names that are not registered only; text no
+        row can hold (a NUL, which PostgreSQL refuses in a query too) is unknown without one."""
+        from task_ferry.snapshot import storable
+
+        not_registered = [name for name in names if name not in self]
+        queried = [name for name in not_registered if storable(name) == name]
+        with_jobs: set[str] = set()
+        if queried:
+            with_jobs = set(
+                jobs.filter(type__in=queried).order_by().values_list("type", flat=True).distinct()
+            )
+        return [name for name in not_registered if name not in with_jobs]
 
 
 job_type_registry = JobTypeRegistry()

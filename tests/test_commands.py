@@ -172,6 +172,12 @@ def test_jobs_refuses_a_type_that_neither_exists_nor_has_jobs(db):
         run("task_ferry_jobs", "--type", "limitd")
 
 
+def test_jobs_refuses_a_type_name_no_row_can_hold(db):
+    # PostgreSQL refuses a NUL in a query: the name is unknown without asking it.
+    with pytest.raises(CommandError, match="--type: No job type named 'limit\\\\x00ed'"):
+        run("task_ferry_jobs", "--type", "limit\x00ed")
+
+
 def test_jobs_filters_by_a_removed_type_that_still_has_jobs(user):
     job = make_job(user)
     Job.objects.filter(pk=job.pk).update(type="removed_type")

@@ -41,7 +41,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot, snapshot_of, storable
+from task_ferry.snapshot import job_snapshot, snapshot_of
 from task_ferry.stores.base import get_store
 
 __all__ = ["JobViewSet"]
@@ -142,23 +142,12 @@ def parse_choices(request: Request, name: str, allowed: Mapping[str, Any]) -> li
 
 
 def parse_types(request: Request, queryset: JobQuerySet[Job]) -> list[str]:
-    """The ``type`` filter's names: registered types, and types removed from the code of which
-    ``queryset`` (the caller's jobs) still has jobs, so a client that filtered by a type before
-    it was removed still gets those jobs. 400 for any other name (a typo), listing the
-    registered types. A name that is not registered costs one query; the others none."""
+    """The ``type`` filter's names: registered types, and removed types of which ``queryset``
+    (the caller's jobs) still has jobs, so a client that filtered by a type before it was
+    removed still gets those jobs. 400 for any other name (a typo), listing the registered
+    types."""
     names = query_values(request, "type")
-    not_registered = [name for name in names if name not in job_type_registry]
-    # Text no row can hold (a NUL, which PostgreSQL refuses in a query too) is no job's type.
-    storable_names = [name for name in not_registered if storable(name) == name]
-    with_jobs: set[str] = set()
-    if storable_names:
-        with_jobs = set(
-            queryset.filter(type__in=storable_names)
-            .order_by()
-            .values_list("type", flat=True)
-            .distinct()
-        )
-    unknown = [name for name in not_registered if name not in with_jobs]
+    unknown = job_type_registry.unknown_names(names, queryset)
     if unknown:
         raise unknown_choices("type", unknown, job_type_registry.names())
     return names

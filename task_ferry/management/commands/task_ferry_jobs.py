@@ -97,7 +97,7 @@ def check_type_name(name: str) -> None:
     """A ``CommandError`` for a name that is neither a registered type nor that of any job (a
     type removed from the code still has its jobs): a misspelt ``--type`` would otherwise show
     "No pending or running jobs." as if that were so."""
-    if name not in job_type_registry and not Job.objects.filter(type=name).exists():
+    if job_type_registry.unknown_names([name], Job.objects.all()):
         raise CommandError(
             f"--type: {JobTypeDoesNotExist(name, job_type_registry.names()).summary}"
         )
