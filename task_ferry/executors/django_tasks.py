@@ -12,7 +12,7 @@ import dataclasses
 import datetime
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from types import ModuleType
 from typing import Any
@@ -286,6 +286,16 @@ class DjangoTasksExecutor(BaseExecutor):
                 )
             ]
         alias = ferry_settings.TASKS_BACKEND
+        tasks = getattr(settings, "TASKS", {})
+        if not isinstance(tasks, Mapping):
+            return [
+                Error(
+                    f"No usable django.tasks backend {alias!r} for DjangoTasksExecutor: TASKS "
+                    f"must be a dict of backends by alias, not a {type(tasks).__name__}.",
+                    hint=f'Define TASKS = {{"{alias}": {{"BACKEND": "{DATABASE_BACKEND}"}}}}.',
+                    id="task_ferry.E021",
+                )
+            ]
         if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
             return [
                 Error(
@@ -417,16 +427,23 @@ def _builtin_backend(name: str) -> type[Any]:
     return backend
 
 
+def _configured(alias: str, key: str) -> Any:
+    """What ``TASKS[alias][key]`` is, as written in the settings; None where it is missing or
+    ``TASKS`` is not laid out as a dict of dicts (``check`` reports that)."""
+    tasks = getattr(settings, "TASKS", None)
+    params = tasks.get(alias) if isinstance(tasks, Mapping) else None
+    return params.get(key) if isinstance(params, Mapping) else None
+
+
 def _configured_backend(alias: str) -> str | None:
     """The BACKEND path that TASKS names for ``alias``, as written in the settings."""
-    params = (getattr(settings, "TASKS", None) or {}).get(alias)
-    return params.get("BACKEND") if isinstance(params, dict) else None
+    backend: str | None = _configured(alias, "BACKEND")
+    return backend
 
 
 def _configured_queues(alias: str) -> Any:
     """The QUEUES that TASKS gives for ``alias``, as written in the settings."""
-    params = (getattr(settings, "TASKS", None) or {}).get(alias)
-    return params.get("QUEUES") if isinstance(params, dict) else None
+    return _configured(alias, "QUEUES")
 
 
 def _is_invalid_task(exc: BaseException) -> bool:

@@ -85,6 +85,15 @@ def test_missing_alias_is_no_usable_backend(settings, alias):
 
 
 @requires_tasks
+def test_tasks_written_as_a_list_is_named_not_a_crash(settings, alias):
+    settings.TASKS = [{"BACKEND": DATABASE_BACKEND}]
+    [error] = DjangoTasksExecutor().check()
+    assert error.id == "task_ferry.E021"
+    assert "TASKS must be a dict of backends by alias, not a list" in error.msg
+    assert f'TASKS = {{"{alias}": {{"BACKEND": "{DATABASE_BACKEND}"}}}}' in error.hint
+
+
+@requires_tasks
 def test_backend_that_does_not_import_is_no_usable_backend(settings, alias):
     settings.TASKS = {alias: {"BACKEND": "myproject.tasks.NoSuchBackend"}}
     [error] = DjangoTasksExecutor().check()
@@ -413,6 +422,16 @@ def test_obsolete_backend_path_at_dispatch_says_what_to_use(
 ):
     settings.TASKS = {alias: {"BACKEND": "django_tasks.backends.database.DatabaseBackend"}}
     with pytest.raises(DispatchError, match=f'Use "BACKEND": "{DATABASE_BACKEND}"'):
+        JobHandler.create_and_start(user, "scripted")
+    assert Job.objects.get().state == "failed"
+
+
+@requires_tasks
+def test_tasks_written_as_a_list_fails_the_job_at_dispatch_with_the_advice(
+    transactional_db, user, settings, use_executor
+):
+    settings.TASKS = [{"BACKEND": DATABASE_BACKEND}]
+    with pytest.raises(DispatchError, match="Check that the TASKS backend is reachable"):
         JobHandler.create_and_start(user, "scripted")
     assert Job.objects.get().state == "failed"
 
