@@ -3,7 +3,8 @@
     make bench-throughput
     # or, from the repository root:
     python -m bench.throughput [--jobs 300] [--ticks 5] [--rounds 2] [--producers 1,4]
-        [--synchronous-commit off] [--prepare-threshold none] [--batch] [--breakdown]
+        [--synchronous-commit off [--synchronous-commit-in producer|worker]]
+        [--prepare-threshold none] [--batch] [--breakdown]
 
 Starts its own redis-server (broker and progress store, so Redis INFO commandstats count only
 this benchmark) and a ``celery worker --pool=prefork --concurrency=2``. Each round times:
@@ -348,6 +349,11 @@ class Bench:
         }
 
 
+def synchronous_commit_of(side: str, args: argparse.Namespace) -> str:
+    """The synchronous_commit of the producer's or the worker's connections."""
+    return args.synchronous_commit if args.synchronous_commit_in in ("both", side) else "on"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=300)
@@ -364,6 +370,15 @@ def main() -> None:
         choices=["on", "off"],
         default="on",
         help="PostgreSQL synchronous_commit of the benchmark's connections (default: on)",
+    )
+    parser.add_argument(
+        "--synchronous-commit-in",
+        choices=["both", "producer", "worker"],
+        default="both",
+        help=(
+            "whose connections --synchronous-commit applies to; the others keep on, to see "
+            "which side's disk flushes cost what (default: both)"
+        ),
     )
     parser.add_argument(
         "--producers",
@@ -403,7 +418,7 @@ def main() -> None:
         TASK_FERRY_TEST_STORE="redis",
         TASK_FERRY_TEST_DB="postgresql",
         TASK_FERRY_BENCH_COUNTS_DIR=counts_dir,
-        TASK_FERRY_TEST_SYNCHRONOUS_COMMIT=args.synchronous_commit,
+        TASK_FERRY_TEST_SYNCHRONOUS_COMMIT=synchronous_commit_of("producer", args),
         TASK_FERRY_TEST_CONN_MAX_AGE=str(args.conn_max_age),
     )
     if args.prepare_threshold is None:
@@ -411,7 +426,11 @@ def main() -> None:
     else:
         os.environ["TASK_FERRY_TEST_PREPARE_THRESHOLD"] = str(args.prepare_threshold)
     app.conf.broker_url = os.environ["TASK_FERRY_TEST_BROKER_URL"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        TASK_FERRY_TEST_SYNCHRONOUS_COMMIT=synchronous_commit_of("worker", args),
+    )
     worker = None
     try:
         import django
@@ -538,7 +557,8 @@ def report(
     print(
         f"N={args.jobs} jobs of {args.ticks} ticks, celery worker --pool=prefork "
         f"--concurrency=2, Redis broker, {args.rounds} round(s), medians, "
-        f"synchronous_commit={args.synchronous_commit}, CONN_MAX_AGE={args.conn_max_age}, "
+        f"synchronous_commit={synchronous_commit_of('producer', args)} (producer) / "
+        f"{synchronous_commit_of('worker', args)} (worker), CONN_MAX_AGE={args.conn_max_age}, "
         f"prepare_threshold={args.prepare_threshold}, "
         + (f"{producers} producer thread(s)" if producers else "jobs: one create_and_start_many")
     )
