@@ -47,13 +47,19 @@ class ProgressStore(ABC):
     def cancel_key(self, job_id: int) -> str:
         return f"{self.key_prefix}:cancel:{job_id}"
 
+    @property
+    def channel_prefix(self) -> str:
+        """What the names of the store's channels start with: its key prefix, and whatever
+        else a store needs to keep its channels apart from other stores' on the same server."""
+        return self.key_prefix
+
     def events_channel(self, job_id: int) -> str:
-        return f"{self.key_prefix}:events:{job_id}"
+        return f"{self.channel_prefix}:events:{job_id}"
 
     @property
     def cancel_channel(self) -> str:
         """Where push stores announce cancel requests (the message is the job id)."""
-        return f"{self.key_prefix}:cancel"
+        return f"{self.channel_prefix}:cancel"
 
     @abstractmethod
     def write(self, job_id: int, snapshot: dict[str, Any]) -> None:

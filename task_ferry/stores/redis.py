@@ -38,6 +38,15 @@ class RedisProgressStore(ProgressStore):
             socket_timeout=SOCKET_TIMEOUT,
             health_check_interval=30,
         )
+        # Redis keeps keys per database but has one set of channels for the whole server:
+        # without its database number, a project on /1 would hear cancel requests and events
+        # of a project on /2 with the same KEY_PREFIX (the default, say) for its own job ids.
+        database = self.client.connection_pool.connection_kwargs.get("db") or 0
+        self._channel_prefix = f"{key_prefix}:db{database}"
+
+    @property
+    def channel_prefix(self) -> str:
+        return self._channel_prefix
 
     @contextlib.contextmanager
     def _failing(self, doing: str) -> Iterator[None]:

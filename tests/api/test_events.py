@@ -332,7 +332,7 @@ def test_uvicorn_streams_every_published_change_of_a_running_job(transactional_d
     with uvicorn_server(DJANGO_SETTINGS_MODULE="tests.settings_live") as base:
         # Everything the worker publishes, as Redis delivers it, to compare with.
         channel = redis.Redis.from_url(django_settings.TASK_FERRY["REDIS_URL"]).pubsub()
-        channel.subscribe(f"{django_settings.TASK_FERRY['KEY_PREFIX']}:events:{job.pk}")
+        channel.subscribe(get_store().events_channel(job.pk))
         received = []
         http = httpx.Client(base_url=base, cookies={"sessionid": cookie}, timeout=20)
         with http, http.stream("GET", url(job)) as response:

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from task_ferry.stores.base import get_store
-from task_ferry.stores.redis import DELETE_BATCH_SIZE
+from task_ferry.stores.redis import DELETE_BATCH_SIZE, RedisProgressStore
 from tests.test_store_outage import redis_server  # noqa: F401 - a fixture of our own Redis
 
 pytestmark = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def test_deleting_many_jobs_forgets_and_announces_each_in_commands_of_bounded_si
         store.request_cancel(job_id, "token")
     # A listener of every job's stream, as the event streams of a process are.
     streams = client.pubsub()
-    streams.psubscribe(f"{store.key_prefix}:events:*")
+    streams.psubscribe(store.events_channel(0).removesuffix("0") + "*")
     assert streams.get_message(timeout=5)["type"] == "psubscribe"
     client.config_set("slowlog-log-slower-than", 0)
     client.config_set("slowlog-max-len", 10 * len(job_ids))
@@ -117,3 +117,41 @@ def test_a_delete_cut_short_by_redis_going_away_counts_the_jobs_it_did_not_forge
     (warning,) = [r.getMessage() for r in caplog.records if "not forgotten" in r.getMessage()]
     not_forgotten = len(job_ids) - DELETE_BATCH_SIZE
     assert f"snapshots of {not_forgotten} of {len(job_ids)} deleted jobs not forgotten" in warning
+
+
+def published_to(pubsub, timeout):
+    """The data of the messages ``pubsub`` receives within ``timeout`` seconds."""
+    received, deadline = [], time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(timeout=left)
+        if message is not None and message["type"] == "message":
+            received.append(message["data"])
+    return received
+
+
+def test_projects_on_two_databases_of_one_redis_hear_only_their_own_jobs(
+    redis_server,  # noqa: F811
+):
+    """Redis has one set of channels for all its databases: two projects told apart by the
+    database number alone (the same default KEY_PREFIX) cancelled each other's jobs of the same
+    id, and an event stream got the other project's snapshots."""
+    server = redis_server.url.rsplit("/", 1)[0]
+    ours = RedisProgressStore(timeout=60, key_prefix="task_ferry", url=f"{server}/1")
+    theirs = RedisProgressStore(timeout=60, key_prefix="task_ferry", url=f"{server}/2")
+    listener = ours.cancel_listener()
+    events = ours.client.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(ours.events_channel(16))
+    try:
+        theirs.request_cancel(16)
+        theirs.write(16, {"id": 16, "state": "started"})
+        assert listener.wait(0.5) == []
+        assert published_to(events, 0.2) == []
+
+        ours.request_cancel(16)
+        ours.write(16, {"id": 16, "state": "started"})
+        assert listener.wait(2) == [16]
+        [snapshot] = published_to(events, 0.5)
+        assert json.loads(snapshot) == {"id": 16, "state": "started"}
+    finally:
+        listener.close()
+        events.close()
