@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import import_module
+from importlib.util import find_spec
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -147,6 +148,55 @@ def check_permission_class() -> list[CheckMessage]:
             )
         ]
     return []
+
+
+# Where django-tasks kept its database backend before it moved to django-tasks-db.
+OBSOLETE_DATABASE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
+DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
+
+
+def obsolete_tasks_backend_error(alias: str) -> Error:
+    """E022: ``TASKS[alias]`` names the database backend where django-tasks used to keep it."""
+    return Error(
+        f"TASKS[{alias!r}]['BACKEND'] is {OBSOLETE_DATABASE_BACKEND!r}, which no longer "
+        f"exists: the database backend moved to the django-tasks-db package.",
+        hint=f'Use "BACKEND": "{DATABASE_BACKEND}", add "django_tasks_db" to INSTALLED_APPS, '
+        f"run migrate, and run workers with manage.py db_worker.",
+        id="task_ferry.E022",
+    )
+
+
+def refuse_obsolete_tasks_backend() -> None:
+    """Raise E022 as ``TaskFerryImproperlyConfigured`` at startup where ``TASKS`` names the
+    obsolete database backend, it does not import, and the system check of ``django.tasks``
+    (Django 6's own, or the backport's when "django_tasks" is in INSTALLED_APPS) would stop
+    ``check``, ``migrate`` and ``runserver`` on it first: its ``InvalidTaskBackend`` says only
+    that the module is missing, and E022 would never be shown. Elsewhere E022 is reported as
+    a check."""
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    from task_ferry.exceptions import TaskFerryImproperlyConfigured
+
+    tasks = getattr(settings, "TASKS", None)
+    if not isinstance(tasks, Mapping):
+        return
+    aliases = [
+        alias
+        for alias, params in tasks.items()
+        if isinstance(params, Mapping) and params.get("BACKEND") == OBSOLETE_DATABASE_BACKEND
+    ]
+    if not aliases:
+        return
+    if find_spec("django.tasks") is None and not apps.is_installed("django_tasks"):
+        return
+    try:
+        import_string(OBSOLETE_DATABASE_BACKEND)
+    except ImportError:
+        error = obsolete_tasks_backend_error(aliases[0])
+        raise TaskFerryImproperlyConfigured(
+            f"({error.id}) {error.msg}\n\tHINT: {error.hint}"
+        ) from None
 
 
 # Modules an executor needs, and the extra that installs them.

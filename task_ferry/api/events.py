@@ -360,8 +360,9 @@ async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
         stream = await open_live_stream(store, snapshot["id"], snapshot)
         if stream is not None:
             return event_stream_response(stream, "live")
-    retry = POLL_RETRY_MS if not is_final(snapshot) else LIVE_RETRY_MS
-    return event_stream_response(retry_field(retry) + job_event(snapshot), "poll")
+    # One answer, not a stream (the polling fallback, or a job that has ended already): its
+    # retry field and its header both say poll.
+    return event_stream_response(retry_field(POLL_RETRY_MS) + job_event(snapshot), "poll")
 
 
 # Django refuses ATOMIC_REQUESTS for an async view, and the stream must hold no transaction

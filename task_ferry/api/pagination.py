@@ -4,6 +4,10 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 
+# The largest offset taken: past any list there is, and within what every database takes as
+# an OFFSET (a signed 64-bit number). Too large to tell a client as a range.
+MAX_OFFSET = 2**62
+
 
 class JobPagination(LimitOffsetPagination):
     """DRF's limit/offset page, but a bad ``limit`` or ``offset`` is a 400, not ignored."""
@@ -12,22 +16,38 @@ class JobPagination(LimitOffsetPagination):
     max_limit = 200
 
     def get_limit(self, request: Request) -> int:
-        return self._whole_number(request, self.limit_query_param, self.default_limit, 1)
+        name = self.limit_query_param
+        value = self._whole_number(request, name)
+        if value is None:
+            return self.default_limit
+        if not 1 <= value <= self.max_limit:
+            raise refused(request, name, f"Must be a whole number from 1 to {self.max_limit}")
+        return value
 
     def get_offset(self, request: Request) -> int:
-        return self._whole_number(request, self.offset_query_param, 0, 0)
+        name = self.offset_query_param
+        value = self._whole_number(request, name)
+        if value is None:
+            return 0
+        if value < 0:
+            raise refused(request, name, "Must be a whole number, 0 or more")
+        if value > MAX_OFFSET:
+            raise refused(request, name, "Too large: no list has that many jobs to skip")
+        return value
 
-    def _whole_number(self, request: Request, name: str, default: int, minimum: int) -> int:
+    @staticmethod
+    def _whole_number(request: Request, name: str) -> int | None:
+        """The parameter as a number (-1 for what is not a whole number); None when it is not
+        given."""
         raw = request.query_params.get(name)
         if raw is None or raw == "":
-            return default
-        maximum = self.max_limit if name == self.limit_query_param else 2**62
+            return None
         try:
-            value = int(raw)
+            return int(raw)
         except ValueError:
-            value = minimum - 1
-        if not minimum <= value <= maximum:
-            raise ValidationError(
-                {name: [f"Must be a whole number from {minimum} to {maximum}, got {raw!r}."]}
-            )
-        return value
+            # More digits than int() converts: a number all the same, and a large one.
+            return MAX_OFFSET + 1 if raw.isascii() and raw.isdigit() else -1
+
+
+def refused(request: Request, name: str, message: str) -> ValidationError:
+    return ValidationError({name: [f"{message}, got {request.query_params.get(name)!r}."]})

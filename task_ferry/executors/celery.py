@@ -397,10 +397,17 @@ def consumed_queues(consumer: Any) -> list[str]:
 
 def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` of a send's error, with the error that caused it (a failed kombu
-    batch says only that delivery is uncertain; its cause says why)."""
+    batch says only that delivery is uncertain; its cause says why). A cause whose message the
+    error repeats (kombu re-raising redis-py's ``ConnectionError`` as ``OperationalError``)
+    is left out."""
     text = f"{type(exc).__name__}: {exc}"
     cause = exc.__cause__
-    return text if cause is None else f"{text} ({type(cause).__name__}: {cause})"
+    if cause is None:
+        return text
+    cause_message = str(cause).strip()
+    if cause_message and cause_message in text:
+        return text
+    return f"{text} ({type(cause).__name__}: {cause})"
 
 
 def publish_batch(producer: Producer, count: int) -> contextlib.AbstractContextManager[Any]:

@@ -22,6 +22,11 @@ from django.core.checks import CheckMessage, Error
 from django.core.checks import Warning as CheckWarning
 from django.db import transaction
 
+from task_ferry.checks import (
+    DATABASE_BACKEND,
+    OBSOLETE_DATABASE_BACKEND,
+    obsolete_tasks_backend_error,
+)
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     DispatchError,
@@ -41,9 +46,6 @@ __all__ = [
     "tasks_api",
 ]
 
-# Where django-tasks kept its database backend before it moved to django-tasks-db.
-OBSOLETE_DATABASE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
-DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
 # What a user sees on a job that never reached a worker.
 UNDISPATCHED_MESSAGE = "This job could not be queued, so it never started. Try again later."
 
@@ -297,15 +299,7 @@ class DjangoTasksExecutor(BaseExecutor):
                 )
             ]
         if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
-            return [
-                Error(
-                    f"TASKS[{alias!r}]['BACKEND'] is {OBSOLETE_DATABASE_BACKEND!r}, which no "
-                    f"longer exists: the database backend moved to the django-tasks-db package.",
-                    hint=f'Use "BACKEND": "{DATABASE_BACKEND}", add "django_tasks_db" to '
-                    f"INSTALLED_APPS, run migrate, and run workers with manage.py db_worker.",
-                    id="task_ferry.E022",
-                )
-            ]
+            return [obsolete_tasks_backend_error(alias)]
         try:
             backend = tasks_api.task_backends[alias]
         except Exception as exc:

@@ -20,7 +20,7 @@ from django.test import AsyncClient, Client
 
 from task_ferry.api import events as events_module
 from task_ferry.api import hub as hub_module
-from task_ferry.api.events import LIVE_RETRY_MS
+from task_ferry.api.events import LIVE_RETRY_MS, POLL_RETRY_MS
 from task_ferry.api.hub import EventHub, Link
 from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Job, JobState
@@ -83,10 +83,31 @@ def test_the_stream_of_an_ended_job_sends_its_final_state_and_end(user):
     client = Client()
     client.force_login(user)
     job = create(user, steps=2)
-    events = parse_events(client.get(url(job)).content.decode())
+    response = client.get(url(job))
+    events = parse_events(response.content.decode())
     assert [name for name, _ in events] == ["retry", "job", "end"]
     assert events[1][1]["state"] == "finished"
     assert events[2][1] == {"state": "finished"}
+    # A single snapshot: the header and the retry field both say so (docs/api.md).
+    assert response["X-Task-Ferry-Stream"] == "poll"
+    assert events[0] == ("retry", POLL_RETRY_MS)
+
+
+@needs_redis
+def test_under_asgi_the_stream_of_an_ended_job_is_one_answer_marked_poll(transactional_db, user):
+    job = create(user, steps=2)
+
+    async def scenario():
+        client = AsyncClient()
+        await client.aforce_login(user)
+        return await client.get(url(job))
+
+    response = run_async(scenario)
+    assert response["X-Task-Ferry-Stream"] == "poll"
+    assert not response.streaming
+    events = parse_events(response.content.decode())
+    assert events[0] == ("retry", POLL_RETRY_MS)
+    assert [name for name, _ in events[1:]] == ["job", "end"]
 
 
 def run_async(scenario, timeout=15):

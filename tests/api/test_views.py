@@ -95,6 +95,38 @@ def test_list_rejects_bad_query_parameters_by_name(api, user, query, name):
     assert list(response.json()) == [name]
 
 
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"offset": "-1"}, "Must be a whole number, 0 or more, got '-1'."),
+        ({"offset": "1.5"}, "Must be a whole number, 0 or more, got '1.5'."),
+        (
+            {"offset": str(2**62 + 1)},
+            f"Too large: no list has that many jobs to skip, got '{2**62 + 1}'.",
+        ),
+        ({"offset": "9" * 5000}, None),
+        ({"limit": "0"}, "Must be a whole number from 1 to 200, got '0'."),
+        ({"limit": "abc"}, "Must be a whole number from 1 to 200, got 'abc'."),
+    ],
+)
+def test_list_says_what_a_page_parameter_may_be(api, user, query, message):
+    # Not "from 0 to 4611686018427387904": the bound beyond any list is no use to a client.
+    [(name, [text])] = api.get(URL, query).json().items()
+    assert name in query
+    if message is None:
+        assert text.startswith("Too large: no list has that many jobs to skip")
+    else:
+        assert text == message
+    assert str(2**62) not in text
+
+
+def test_list_takes_the_largest_offset(api, user, hold):
+    create(user, steps=1)
+    response = api.get(URL, {"offset": str(2**62)})
+    assert response.status_code == 200
+    assert response.json()["results"] == []
+
+
 def test_list_filters_by_a_removed_type_while_the_caller_has_jobs_of_it(api, user, hold):
     # A client that filtered by a type before it was removed from the code gets its jobs.
     kept = create(user, steps=1)

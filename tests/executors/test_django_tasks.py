@@ -1,12 +1,18 @@
 """DjangoTasksExecutor without a worker: system checks, dispatch on commit, queue and priority,
 and what happens when the backend cannot take the task."""
 
+import os
+import subprocess
 import sys
+import types
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 from django.core.checks import run_checks
 from django.db import connection, transaction
 
+from task_ferry.checks import refuse_obsolete_tasks_backend
 from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
 from task_ferry.executors import django_tasks
 from task_ferry.executors.base import get_executor
@@ -73,6 +79,113 @@ def test_obsolete_database_backend_path_has_a_hint(settings, alias):
     assert error.id == "task_ferry.E022"
     assert DATABASE_BACKEND in error.hint
     assert "INSTALLED_APPS" in error.hint and "db_worker" in error.hint
+
+
+OBSOLETE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
+HAS_BUILTIN_TASKS = find_spec("django.tasks") is not None
+
+
+@requires_tasks
+@pytest.mark.skipif(find_spec("django_tasks_db") is None, reason="django-tasks-db is not installed")
+@pytest.mark.parametrize(
+    "with_backport_app",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                find_spec("django_tasks") is None,
+                reason="the django-tasks backport is not installed",
+            ),
+        ),
+    ],
+)
+def test_manage_py_check_names_the_fix_of_the_obsolete_database_backend(
+    tmp_path, with_backport_app
+):
+    # A project that followed an older guide: the database backend where django-tasks kept
+    # it. django.tasks' own check (Django 6's, or the backport's as an installed app) raised
+    # InvalidTaskBackend on it before E022 could be shown: "No module named 'django_tasks'"
+    # at the end of a traceback.
+    installed = ["django.contrib.contenttypes", "django.contrib.auth", "rest_framework"]
+    installed += ["task_ferry", *(["django_tasks"] if with_backport_app else []), "django_tasks_db"]
+    project_settings = {
+        "SECRET_KEY": "tests-only",
+        "USE_TZ": True,
+        "INSTALLED_APPS": installed,
+        "DATABASES": {
+            "default": {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": str(tmp_path / "db.sqlite3"),
+            }
+        },
+        "TASKS": {"default": {"BACKEND": OBSOLETE_BACKEND}},
+        "TASK_FERRY": {"EXECUTOR": EXECUTOR, "TASKS_BACKEND": "default", "REDIS_URL": None},
+    }
+    (tmp_path / "obsolete_project.py").write_text(
+        "".join(f"{name} = {value!r}\n" for name, value in project_settings.items())
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "obsolete_project",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[2])]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "InvalidTaskBackend" not in output
+    assert "(task_ferry.E022) TASKS['default']['BACKEND']" in output
+    assert f'Use "BACKEND": "{DATABASE_BACKEND}"' in output
+    if HAS_BUILTIN_TASKS or with_backport_app:
+        # Stopped at startup, before any check could run.
+        assert "TaskFerryImproperlyConfigured: (task_ferry.E022)" in output
+    else:
+        # Django 5.2 without the backport's app: nothing stops the checks, E022 is one of them.
+        assert "TaskFerryImproperlyConfigured" not in output
+        assert "System check identified" in output
+
+
+@requires_tasks
+def test_startup_refuses_the_obsolete_database_backend_where_it_does_not_import(settings):
+    settings.TASKS = {
+        "default": {"BACKEND": DATABASE_BACKEND},
+        "old": {"BACKEND": OBSOLETE_BACKEND},
+    }
+    if not HAS_BUILTIN_TASKS:
+        assert "django_tasks" in settings.INSTALLED_APPS  # the backport's check is registered
+    with pytest.raises(TaskFerryImproperlyConfigured) as raised:
+        refuse_obsolete_tasks_backend()
+    assert str(raised.value).startswith("(task_ferry.E022) TASKS['old']['BACKEND'] is ")
+    assert f'HINT: Use "BACKEND": "{DATABASE_BACKEND}"' in str(raised.value)
+
+
+@requires_tasks
+def test_startup_takes_the_old_path_where_it_still_imports(settings, monkeypatch):
+    # An old django-tasks that still has it: it works, so there is nothing to refuse.
+    module = types.ModuleType("django_tasks.backends.database")
+    module.DatabaseBackend = object
+    monkeypatch.setitem(sys.modules, "django_tasks.backends.database", module)
+    settings.TASKS = {"default": {"BACKEND": OBSOLETE_BACKEND}}
+    refuse_obsolete_tasks_backend()
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [
+        {"default": {"BACKEND": DATABASE_BACKEND}},
+        [{"BACKEND": OBSOLETE_BACKEND}],  # E021's to report
+        {"default": OBSOLETE_BACKEND},
+    ],
+)
+def test_startup_leaves_other_tasks_settings_to_the_checks(settings, tasks):
+    settings.TASKS = tasks
+    refuse_obsolete_tasks_backend()
 
 
 @requires_tasks

@@ -35,6 +35,7 @@ from task_ferry.executors.celery import (
     SWEEP_STALE_JOBS_TASK,
     CeleryExecutor,
     beat_schedule,
+    describe_error,
 )
 from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat, Job
@@ -969,6 +970,53 @@ def test_broker_on_wrong_port_fails_every_job_of_the_transaction(
     # The callers' handles follow the database.
     assert (first.state, second.state) == ("failed", "failed")
     assert [state_of(first.pk), state_of(second.pk)] == ["failed", "failed"]
+
+
+def test_broker_on_wrong_port_names_the_connection_error_once(
+    transactional_db, settings, user
+) -> None:
+    # kombu re-raises redis-py's ConnectionError as an OperationalError with the same text:
+    # the job's error said it twice, once as the cause.
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+    }
+    port = free_port()
+    app = Celery("tf-tests-wrong-port-once", broker=f"redis://127.0.0.1:{port}/0")
+    with current_celery_app(app), pytest.raises(DispatchError) as raised:
+        JobHandler.create_and_start(user, "scripted", steps=1)
+    app.close()
+
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert f"connecting to 127.0.0.1:{port}" in job.error
+    for text in (job.error, str(raised.value)):
+        assert text.count(f"127.0.0.1:{port}.") == 1, text
+        assert text.count("Connection refused") == 1, text
+
+
+class CauseOfDispatchError(Exception):
+    pass
+
+
+def test_describe_error_keeps_a_cause_that_says_more() -> None:
+    try:
+        try:
+            raise CauseOfDispatchError("Error 111 connecting to 127.0.0.1:6390.")
+        except CauseOfDispatchError as cause:
+            raise RuntimeError("Delivery of the batch is uncertain") from cause
+    except RuntimeError as exc:
+        assert describe_error(exc) == (
+            "RuntimeError: Delivery of the batch is uncertain "
+            "(CauseOfDispatchError: Error 111 connecting to 127.0.0.1:6390.)"
+        )
+    try:
+        try:
+            raise CauseOfDispatchError("Error 111 connecting to 127.0.0.1:6390.")
+        except CauseOfDispatchError as cause:
+            raise RuntimeError("Error 111 connecting to 127.0.0.1:6390.") from cause
+    except RuntimeError as exc:
+        assert describe_error(exc) == "RuntimeError: Error 111 connecting to 127.0.0.1:6390."
 
 
 def test_broker_down_fails_every_job_of_a_batch(transactional_db, settings, user) -> None:
