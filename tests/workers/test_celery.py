@@ -999,24 +999,24 @@ class CauseOfDispatchError(Exception):
     pass
 
 
+def raised_from_refusal(message: str) -> RuntimeError:
+    """A ``RuntimeError(message)`` raised from a refused connection, as kombu raises."""
+    try:
+        try:
+            raise CauseOfDispatchError("Error 111 connecting to 127.0.0.1:6390.")
+        except CauseOfDispatchError as cause:
+            raise RuntimeError(message) from cause
+    except RuntimeError as exc:
+        return exc
+
+
 def test_describe_error_keeps_a_cause_that_says_more() -> None:
-    try:
-        try:
-            raise CauseOfDispatchError("Error 111 connecting to 127.0.0.1:6390.")
-        except CauseOfDispatchError as cause:
-            raise RuntimeError("Delivery of the batch is uncertain") from cause
-    except RuntimeError as exc:
-        assert describe_error(exc) == (
-            "RuntimeError: Delivery of the batch is uncertain "
-            "(CauseOfDispatchError: Error 111 connecting to 127.0.0.1:6390.)"
-        )
-    try:
-        try:
-            raise CauseOfDispatchError("Error 111 connecting to 127.0.0.1:6390.")
-        except CauseOfDispatchError as cause:
-            raise RuntimeError("Error 111 connecting to 127.0.0.1:6390.") from cause
-    except RuntimeError as exc:
-        assert describe_error(exc) == "RuntimeError: Error 111 connecting to 127.0.0.1:6390."
+    assert describe_error(raised_from_refusal("Delivery of the batch is uncertain")) == (
+        "RuntimeError: Delivery of the batch is uncertain "
+        "(CauseOfDispatchError: Error 111 connecting to 127.0.0.1:6390.)"
+    )
+    repeated = raised_from_refusal("Error 111 connecting to 127.0.0.1:6390.")
+    assert describe_error(repeated) == "RuntimeError: Error 111 connecting to 127.0.0.1:6390."
 
 
 def test_broker_down_fails_every_job_of_a_batch(transactional_db, settings, user) -> None:
