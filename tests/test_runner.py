@@ -1,3 +1,4 @@
+import logging
 import os
 import threading
 from contextlib import contextmanager
@@ -455,6 +456,29 @@ def test_a_job_runs_at_most_once(db, user, monkeypatch):
     assert JobHandler.run_job(job.pk) is not None
     assert JobHandler.run_job(job.pk) is None  # a redelivery finds it no longer pending
     assert Marker.objects.filter(name="once").count() == 1
+
+
+@pytest.mark.parametrize("job_type_name", [None, "scripted"], ids=["django.tasks", "celery"])
+def test_a_job_cancelled_while_pending_and_then_delivered_is_skipped_with_one_info_line(
+    db, user, monkeypatch, caplog, django_assert_num_queries, job_type_name
+):
+    # Cancelling a queued job is normal, so INFO rather than a WARNING for each job of a
+    # cancelled fan-out; docs/executors.md#logs says how a worker shows it.
+    from task_ferry.executors.immediate import ImmediateExecutor
+
+    monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    job = JobHandler.create_and_start(user, "scripted", marker="cancelled while queued")
+    JobHandler.cancel(user, job.pk)
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    caplog.clear()
+    # The claim's compare-and-set alone: saying why the job is skipped costs no query.
+    with django_assert_num_queries(1):
+        assert JobHandler.run_job(job.pk, job_type_name=job_type_name) is None
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("task_ferry", "INFO", f"Job {job.pk} is not pending; not running it.")
+    ]
+    assert Job.objects.get(pk=job.pk).state == JobState.CANCELLED
+    assert not Marker.objects.exists()
 
 
 def test_the_end_of_a_run_is_published_with_its_last_progress(
