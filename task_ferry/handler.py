@@ -233,37 +233,72 @@ def forget_snapshots(job_ids: Collection[int]) -> None:
         )
 
 
-@contextlib.contextmanager
-def only_one(name: str) -> Iterator[bool]:
-    """Whether this process holds the database-wide lock ``name`` until the block ends: an
-    advisory lock on PostgreSQL, ``GET_LOCK()`` on MySQL and MariaDB; always True on SQLite,
-    which has one writer anyway. Released when the block ends, or with the connection."""
-    connection = transaction.get_connection(jobs_database())
-    if connection.vendor == "postgresql":
-        take = "SELECT pg_try_advisory_lock(hashtext(%s))"
-        release = "SELECT pg_advisory_unlock(hashtext(%s))"
-    elif connection.vendor == "mysql":
-        take, release = "SELECT GET_LOCK(%s, 0)", "SELECT RELEASE_LOCK(%s)"
+class RunLock:
+    """The database-wide lock that lets one maintenance run at a time (``cleanup_old_jobs``)
+    work through its batches: ``with run_lock(name) as lock:`` around the run, and
+    ``with lock.batch() as alone:`` around each batch, which it may do if ``alone``.
+
+    On PostgreSQL each batch is a transaction that takes a transaction-level advisory lock.
+    A session-level one would be taken and released by two statements, which a pooler in
+    transaction mode (PgBouncer's usual setting in front of Django) may send to two server
+    connections: the release would then miss, and the lock stay with a pooled connection that
+    lets later runs through, or turns them away, at random. So a run that starts between two
+    batches of another takes over, and the other stops at its next batch; each batch is still
+    loaded, handed to the hooks and deleted by one run only. On MySQL and MariaDB, which have no
+    transaction-level lock, ``GET_LOCK()`` held for the whole run; on SQLite, with one writer
+    anyway, no lock."""
+
+    def __init__(self, name: str, using: str) -> None:
+        self.name = name
+        self.using = using
+        self.connection = transaction.get_connection(using)
+        #: The run's GET_LOCK() on MySQL and MariaDB: None until asked for, then whether held.
+        self.held: bool | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[bool]:
+        if self.connection.vendor != "postgresql":
+            yield self._held_for_the_run()
+            return
+        with transaction.atomic(using=self.using), self.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", [self.name])
+            yield bool(cursor.fetchone()[0])
+
+    def _held_for_the_run(self) -> bool:
+        if self.held is None:
+            if self.connection.vendor == "mysql":
+                with self.connection.cursor() as cursor:
+                    cursor.execute("SELECT GET_LOCK(%s, 0)", [self._mysql_name()])
+                    self.held = bool(cursor.fetchone()[0])
+            else:
+                self.held = True
+        return self.held
+
+    def release(self) -> None:
+        """Release the run's GET_LOCK(), if it took one; a broken connection took it along."""
+        if self.held and self.connection.vendor == "mysql":
+            with contextlib.suppress(DatabaseError), self.connection.cursor() as cursor:
+                cursor.execute("SELECT RELEASE_LOCK(%s)", [self._mysql_name()])
+        self.held = None
+
+    def _mysql_name(self) -> str:
         # Its locks are server-wide: one per database.
         length = (
             MARIADB_LOCK_NAME_LENGTH
-            if connection.display_name == "MariaDB"
+            if self.connection.display_name == "MariaDB"
             else MYSQL_LOCK_NAME_LENGTH
         )
-        name = mysql_lock_name(name, connection.settings_dict["NAME"], length)
-    else:
-        yield True
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(take, [name])
-        taken = bool(cursor.fetchone()[0])
+        return mysql_lock_name(self.name, self.connection.settings_dict["NAME"], length)
+
+
+@contextlib.contextmanager
+def run_lock(name: str) -> Iterator[RunLock]:
+    """The ``RunLock`` named ``name`` on the jobs' database, released when the block ends."""
+    lock = RunLock(name, jobs_database())
     try:
-        yield taken
+        yield lock
     finally:
-        if taken:
-            # A connection that broke meanwhile took the lock with it.
-            with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
-                cursor.execute(release, [name])
+        lock.release()
 
 
 # The longest GET_LOCK() names MySQL 8 and MariaDB take.
@@ -764,22 +799,31 @@ class JobHandler:
         cutoff = cls.expiry_cutoff(older_than)
         deleted = 0
         last_id = 0
-        with only_one("task_ferry.cleanup_old_jobs") as alone:
-            if not alone:
-                # Both would call before_delete for the same jobs (cron and beat, say).
-                logger.warning("cleanup_old_jobs: another cleanup is running; this one stops.")
-                return 0
+        with run_lock("task_ferry.cleanup_old_jobs") as lock:
             while True:
-                batch = list(
-                    Job.objects.expired(cutoff)
-                    .filter(pk__gt=last_id)
-                    .order_by("pk")
-                    .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
-                )
-                if not batch:
-                    break
-                last_id = batch[-1][0]
-                deleted += cls._delete_batch(batch, cutoff)
+                with lock.batch() as alone:
+                    if not alone:
+                        # Both would call before_delete for the same jobs (cron and beat, say).
+                        if last_id == 0:
+                            logger.warning(
+                                "cleanup_old_jobs: another cleanup is running; this one stops."
+                            )
+                            return 0
+                        logger.info(
+                            "cleanup_old_jobs: another cleanup took over after %d jobs.", deleted
+                        )
+                        return deleted
+                    batch = list(
+                        Job.objects.using(lock.using)
+                        .expired(cutoff)
+                        .filter(pk__gt=last_id)
+                        .order_by("pk")
+                        .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
+                    )
+                    if not batch:
+                        break
+                    last_id = batch[-1][0]
+                    deleted += cls._delete_batch(batch, cutoff)
             # Rows a worker wrote for a job in the moment it was deleted (no foreign-key
             # constraint stops them): nothing else would remove them.
             job_gone = ~Exists(Job.objects.filter(pk=OuterRef("job_id")))
@@ -796,17 +840,29 @@ class JobHandler:
         for (type_name, content_type_id), ids in by_model.items():
             model = ContentType.objects.get_for_id(content_type_id).model_class() or Job
             # Loaded through the job's own model, so deleting them needs no query per parent row;
-            # the filter re-checks that each job is still expired.
+            # the filter re-checks that each job is still expired. Read where jobs are written
+            # (in the batch's transaction, on PostgreSQL): a replica may still show jobs another
+            # cleanup has deleted, whose before_delete would then run twice.
             jobs = list(
-                model._base_manager.filter(
+                model._base_manager.using(jobs_database()).filter(
                     pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
                 )
             )
             if type_name in job_type_registry:
                 job_type = job_type_registry.get(type_name)
-                for job in jobs:
+                # Inside the batch's transaction (PostgreSQL), each hook in a savepoint of its
+                # own, so that a query of one that fails cannot abort the batch; none for a type
+                # without the hook.
+                has_hook = type(job_type).before_delete is not JobType.before_delete
+                in_batch = transaction.get_connection(jobs_database()).in_atomic_block
+                for job in jobs if has_hook else ():
                     try:
-                        job_type.before_delete(job)
+                        with (
+                            transaction.atomic(using=jobs_database())
+                            if in_batch
+                            else contextlib.nullcontext()
+                        ):
+                            job_type.before_delete(job)
                     except Exception:
                         logger.exception(
                             "Job %s: before_delete hook of %r raised; deleting anyway",
@@ -827,7 +883,7 @@ class JobHandler:
                 # Jobs whose row of the model is missing, which loading through it cannot find:
                 # left, they would never be deleted. Their before_delete cannot run.
                 orphans = list(
-                    Job._base_manager.filter(
+                    Job._base_manager.using(jobs_database()).filter(
                         pk__in=[pk for pk in ids if pk not in loaded],
                         state__in=ENDED_STATES,
                         finished_at__lt=cutoff,

@@ -88,9 +88,13 @@ def test_cleanup_at_scale(user, before_delete_calls, caplog):
     for state, ids in kept.items():
         assert Job.objects.filter(pk__in=ids).count() == len(ids), state
     assert get_store().read(expired[0]) is None
-    # Batched: a handful of queries per batch and type, never one per job.
+    # Batched: a handful of queries per batch and type, never one per job; only the savepoint
+    # each hook runs in (here, in the test's transaction) is per job.
     batches = EXPIRED // CLEANUP_BATCH_SIZE + 1
-    assert len(queries) < batches * len(TYPES) * 8
+    savepoints = [q["sql"] for q in queries if "SAVEPOINT" in q["sql"]]
+    # One per hook, and on PostgreSQL one per batch (its transaction, here nested in the test's).
+    assert EXPIRED <= sum(sql.startswith("SAVEPOINT") for sql in savepoints) <= EXPIRED + batches
+    assert len(queries) - len(savepoints) < batches * len(TYPES) * 8
 
 
 @pytest.mark.django_db(transaction=True)
@@ -232,3 +236,84 @@ def test_mariadb_cleanup_waits_for_one_of_an_earlier_release_whatever_the_databa
         assert JobHandler.cleanup_old_jobs() == 0
     finally:
         earlier_release.close()
+
+
+def advisory_locks_held(settings_dict: dict) -> int:
+    """Advisory locks held in the test database, asked of the server directly."""
+    import psycopg
+
+    with psycopg.connect(
+        host=settings_dict["HOST"] or "127.0.0.1",
+        port=settings_dict["PORT"] or 5432,
+        user=settings_dict["USER"] or "postgres",
+        dbname=settings_dict["NAME"],
+        autocommit=True,
+    ) as direct:
+        row = direct.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_behind_pgbouncer_in_transaction_mode_a_cleanup_leaves_no_lock_behind(
+    user, pgbouncer, monkeypatch
+):
+    # Another client of the pooler, busy while the cleanup runs, takes the server connection
+    # the cleanup's statements ran on until then. A session-level lock taken there would be
+    # released on another server connection, which does not hold it: it would stay taken, and
+    # let later cleanups through or turn them away depending on where they land.
+    import psycopg
+
+    direct = dict(connection.settings_dict)
+    other_client_done = threading.Event()
+
+    def other_client():
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=pgbouncer.port,
+            user=direct["USER"] or "postgres",
+            dbname=direct["NAME"],
+            autocommit=True,
+        ) as pooled:
+            pooled.execute("SELECT pg_sleep(0.5)")
+        other_client_done.set()
+
+    def before_delete(self, job):
+        if not other_client_done.is_set() and not getattr(before_delete, "started", False):
+            before_delete.started = True
+            threading.Thread(target=other_client).start()
+            time.sleep(0.2)  # until it has its server connection
+
+    for job_type in job_type_registry.all():
+        monkeypatch.setattr(type(job_type), "before_delete", before_delete)
+    expired = bulk_jobs(20)
+    assert JobHandler.cleanup_old_jobs() == len(expired)
+    assert other_client_done.wait(10)
+    direct.update(PORT=pgbouncer.server_port)
+    assert advisory_locks_held(direct) == 0
+    # The next cleanup runs, whichever server connection it lands on.
+    more = bulk_jobs(5)
+    assert JobHandler.cleanup_old_jobs() == len(more)
+    assert not Job.objects.filter(pk__in=expired + more).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_before_delete_whose_query_fails_does_not_stop_the_others(user, monkeypatch, caplog):
+    # On PostgreSQL the hooks run in the batch's transaction, each in a savepoint: without it,
+    # the failed query would abort the transaction, and with it the batch's delete.
+    def before_delete(self, job):
+        if job.pk % 3 == 0:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT * FROM task_ferry_no_such_table")
+        Job.objects.filter(pk=job.pk).update(progress_state="cleaned up")
+
+    for job_type in job_type_registry.all():
+        monkeypatch.setattr(type(job_type), "before_delete", before_delete)
+    expired = bulk_jobs(30)
+    with caplog.at_level(logging.ERROR):
+        assert JobHandler.cleanup_old_jobs() == len(expired)
+    assert not Job.objects.filter(pk__in=expired).exists()
+    assert caplog.text.count("before_delete hook") == sum(pk % 3 == 0 for pk in expired)
