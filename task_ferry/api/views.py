@@ -41,7 +41,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot, snapshot_of
+from task_ferry.snapshot import LONE_SURROGATE, job_snapshot, snapshot_of
 from task_ferry.stores.base import get_store
 
 __all__ = ["JobViewSet"]
@@ -236,6 +236,18 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         if not isinstance(data, Mapping):
             raise ValidationError(
                 {"non_field_errors": ['Send a JSON object: {"type": ..., ...values}.']}
+            )
+        # An error naming such a key could not be rendered as UTF-8: the client would get a 500.
+        unencodable = [key for key in data if LONE_SURROGATE.search(str(key))]
+        if unencodable:
+            raise ValidationError(
+                {
+                    "non_field_errors": [
+                        f"Field name {key!r} has a lone surrogate, which is not text. "
+                        "Send field names as valid Unicode."
+                        for key in unencodable
+                    ]
+                }
             )
         job_type = self._job_type(data.get("type"))
         values = {key: data[key] for key in data if key != "type"}

@@ -339,6 +339,18 @@ def test_create_needs_a_json_object_with_a_type(api, user):
     assert response.json() == {"type": ["This field is required."]}
 
 
+def test_create_refuses_a_field_name_with_a_lone_surrogate_with_a_400(api, user):
+    # JSON lets a key hold one ("\ud800"); naming it in an error as given made the response
+    # impossible to encode, a 500.
+    for body in ('{"type": "scripted", "\\ud800": 1}', '{"\\udfff x": 1, "type": "nope"}'):
+        response = api.post(URL, body, content_type="application/json")
+        assert response.status_code == 400, body
+        message = response.json()["non_field_errors"][0]
+        assert "lone surrogate" in message
+        assert "valid Unicode" in message
+    assert not Job.objects.exists()
+
+
 def test_create_of_an_unknown_type_lists_the_known_types(api, user):
     response = api.post(URL, {"type": "exprot_table"}, format="json")
     assert response.status_code == 400
