@@ -378,6 +378,38 @@ def test_create_uses_the_types_serializer_class_then_prepare_values(api, user, m
     assert "output_path" not in response.json()
 
 
+class TablesExportSerializer(serializers.Serializer):
+    table_id = serializers.IntegerField()
+    also = serializers.ListField(child=serializers.IntegerField(), write_only=True)
+    formats = serializers.MultipleChoiceField(choices=["csv", "xlsx"], write_only=True)
+
+
+@pytest.mark.parametrize("form", ["multipart", "urlencoded", "json"])
+def test_create_reads_every_value_of_a_list_field_in_a_form(api, user, hold, monkeypatch, form):
+    # The schema offers form and multipart bodies; a repeated key was read as its last value,
+    # a string, and refused: "Expected a list of items but got type "str"."
+    monkeypatch.setattr(ExportJobType, "serializer_class", TablesExportSerializer)
+    received = []
+
+    def prepare_values(self, values, user):
+        received.append({"also": values.pop("also"), "formats": sorted(values.pop("formats"))})
+        return values
+
+    monkeypatch.setattr(ExportJobType, "prepare_values", prepare_values)
+    body = {"type": "export_table", "table_id": 4, "also": [5, 6], "formats": ["csv", "xlsx"]}
+    if form == "urlencoded":
+        response = api.post(
+            URL,
+            "type=export_table&table_id=4&also=5&also=6&formats=csv&formats=xlsx",
+            content_type="application/x-www-form-urlencoded",
+        )
+    else:
+        response = api.post(URL, body, format=form)
+    assert response.status_code == 201, response.json()
+    assert received == [{"also": [5, 6], "formats": ["csv", "xlsx"]}]
+    assert ExportJob.objects.get().table_id == 4
+
+
 def test_create_refuses_a_column_the_types_serializer_leaves_out(api, user, hold, monkeypatch):
     class TableOnly(serializers.ModelSerializer):
         class Meta:
