@@ -133,6 +133,15 @@ UNAUTHENTICATED = {
     401: OpenApiResponse(ERROR, description="Not authenticated (token or basic auth)."),
     403: OpenApiResponse(ERROR, description="Not authenticated (session auth)."),
 }
+# Session authentication refuses a POST without the CSRF token with 403 as well.
+UNAUTHENTICATED_OR_NO_CSRF = {
+    **UNAUTHENTICATED,
+    403: OpenApiResponse(
+        ERROR,
+        description="Not authenticated (session auth), or a session-authenticated POST "
+        "without the CSRF token (by default the csrftoken cookie's value, as X-CSRFToken).",
+    ),
+}
 NOT_FOUND = {404: OpenApiResponse(ERROR, description="No such job visible to the caller.")}
 
 
@@ -223,18 +232,13 @@ class JobAutoSchema(AutoSchema):
             return {
                 201: job,
                 400: FIELD_ERRORS,
-                **UNAUTHENTICATED,
+                **UNAUTHENTICATED_OR_NO_CSRF,
                 429: OpenApiResponse(TOO_MANY, description="The type's max_count is reached."),
             }
         if action == "retrieve":
             return {200: job, **UNAUTHENTICATED, **NOT_FOUND}
         if action == "cancel":
-            return {
-                200: job,
-                **UNAUTHENTICATED,
-                **NOT_FOUND,
-                503: OpenApiResponse(ERROR, description="The progress store is unreachable."),
-            }
+            return {200: job, **UNAUTHENTICATED_OR_NO_CSRF, **NOT_FOUND}
         return super().get_response_serializers()
 
 

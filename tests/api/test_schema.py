@@ -257,3 +257,22 @@ def test_a_create_body_takes_no_other_keys_unless_the_type_has_its_own_prepare_v
 def test_the_create_request_body_is_required(schema):
     # A POST without one is answered 400 ("type": "This field is required.").
     assert schema["paths"]["/api/jobs/"]["post"]["requestBody"]["required"] is True
+
+
+def test_the_cancel_operation_lists_the_answers_it_gives(schema):
+    # A cancel while the progress store is down is recorded in the database and answered 200:
+    # the 503 the schema listed for it was never sent.
+    responses = schema["paths"]["/api/jobs/{id}/cancel/"]["post"]["responses"]
+    assert set(responses) == {"200", "401", "403", "404"}
+
+
+def test_the_post_operations_say_their_403_may_be_a_missing_csrf_token(schema, session_api):
+    # Session authentication answers such a POST 403, which the schema called "Not
+    # authenticated" alone.
+    session_api.handler.enforce_csrf_checks = True
+    response = session_api.post("/api/jobs/", {"type": "scripted"}, format="json")
+    assert response.status_code == 403
+    assert "CSRF" in response.json()["detail"]
+    for path in ("/api/jobs/", "/api/jobs/{id}/cancel/"):
+        assert "CSRF token" in schema["paths"][path]["post"]["responses"]["403"]["description"]
+    assert "CSRF" not in schema["paths"]["/api/jobs/"]["get"]["responses"]["403"]["description"]
