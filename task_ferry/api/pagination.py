@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
@@ -34,6 +36,17 @@ class JobPagination(LimitOffsetPagination):
         if value > MAX_OFFSET:
             raise refused(request, name, "Too large: no list has that many jobs to skip")
         return value
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        # The ranges a request must keep to, so that clients (and fuzzers) know them.
+        bounds = {
+            self.limit_query_param: {"minimum": 1, "maximum": self.max_limit},
+            self.offset_query_param: {"minimum": 0, "maximum": MAX_OFFSET},
+        }
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"] = {**parameter["schema"], **bounds.get(parameter["name"], {})}
+        return parameters
 
     @staticmethod
     def _whole_number(request: Request, name: str) -> int | None:

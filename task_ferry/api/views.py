@@ -10,12 +10,15 @@ from typing import Any
 
 from django.db import transaction
 from django.dispatch import receiver
+from django.utils.datastructures import MultiValueDict
 from django.utils.functional import cached_property
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.fields import Field, ListField, MultipleChoiceField
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.permissions import BasePermission
+from rest_framework.relations import ManyRelatedField
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -41,7 +44,7 @@ from task_ferry.models import (
     jobs_database,
 )
 from task_ferry.registry import JobType, job_type_registry
-from task_ferry.snapshot import job_snapshot, snapshot_of
+from task_ferry.snapshot import LONE_SURROGATE, job_snapshot, snapshot_of
 from task_ferry.stores.base import get_store
 
 __all__ = ["JobViewSet"]
@@ -51,6 +54,8 @@ STATE_GROUPS: dict[str, tuple[str, ...]] = {
     "ended": tuple(str(s) for s in ENDED_STATES),
     **{str(s): (str(s),) for s in JobState},
 }
+# Fields that read every value of a repeated form key, as DRF's own ``get_value`` does.
+LIST_FIELDS = (ListField, MultipleChoiceField, ManyRelatedField)
 # Parameter names of create_and_start itself, which job values cannot use.
 RESERVED_VALUE_NAMES = frozenset({"cls", "user", "job_type_name"})
 
@@ -153,6 +158,17 @@ def parse_types(request: Request, queryset: JobQuerySet[Job]) -> list[str]:
     return names
 
 
+def form_values(data: MultiValueDict[str, Any], fields: Mapping[str, Field]) -> dict[str, Any]:
+    """The values of a form or multipart body (``type`` left out): a key's last value, as a
+    plain dict keeps the serializer's defaults for what the form leaves out, but every value
+    of a key whose field takes a list (``tags=a&tags=b``), as DRF reads a form."""
+    return {
+        key: data.getlist(key) if isinstance(fields.get(key), LIST_FIELDS) else data[key]
+        for key in data
+        if key != "type"
+    }
+
+
 def creatable(policy: IsJobOwner, request: Request, job_type: JobType) -> bool:
     """Whether the caller may start ``job_type`` through the API: the type opts in with
     ``api_create``, and the permission class's ``can_create`` agrees."""
@@ -237,14 +253,29 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
             raise ValidationError(
                 {"non_field_errors": ['Send a JSON object: {"type": ..., ...values}.']}
             )
+        # An error naming such a key could not be rendered as UTF-8: the client would get a 500.
+        unencodable = [key for key in data if LONE_SURROGATE.search(str(key))]
+        if unencodable:
+            raise ValidationError(
+                {
+                    "non_field_errors": [
+                        f"Field name {key!r} has a lone surrogate, which is not text. "
+                        "Send field names as valid Unicode."
+                        for key in unencodable
+                    ]
+                }
+            )
         job_type = self._job_type(data.get("type"))
-        values = {key: data[key] for key in data if key != "type"}
+        serializer_class = type_serializer_class(job_type)
+        context = self.get_serializer_context()
+        if isinstance(data, MultiValueDict):
+            values = form_values(data, serializer_class(context=context).fields)
+        else:
+            values = {key: data[key] for key in data if key != "type"}
         reserved = sorted(RESERVED_VALUE_NAMES & set(values))
         if reserved:
             raise ValidationError({name: ["Unknown field."] for name in reserved})
-        serializer = type_serializer_class(job_type)(
-            data=values, context=self.get_serializer_context()
-        )
+        serializer = serializer_class(data=values, context=context)
         # DRF drops a value sent for a read-only field without a word: the client would think
         # it had set it.
         read_only = sorted(

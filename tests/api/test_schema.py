@@ -234,3 +234,45 @@ def test_with_no_type_open_to_the_api_the_schema_has_no_create(api, monkeypatch)
     schema = api.get(SCHEMA_URL).json()
     assert set(schema["paths"]["/api/jobs/"]) == {"get"}
     assert "JobCreate" not in schema["components"]["schemas"]
+
+
+def test_the_page_parameters_carry_the_ranges_the_list_takes(schema):
+    # Without them a client could send limit=0 or offset=-1 by the schema, and get a 400.
+    parameters = {p["name"]: p for p in schema["paths"]["/api/jobs/"]["get"]["parameters"]}
+    assert parameters["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 200}
+    assert parameters["offset"]["schema"] == {"type": "integer", "minimum": 0, "maximum": 2**62}
+
+
+def test_a_create_body_takes_no_other_keys_unless_the_type_has_its_own_prepare_values(schema):
+    # Other keys go to prepare_values, which must return model fields: JobType's own returns
+    # them untouched, so they are refused with "Unknown field.", as the schema now says.
+    components = schema["components"]["schemas"]
+    for name in ("ScriptedJobCreate", "RoutedJobCreate", "LimitedJobCreate"):
+        assert components[name]["additionalProperties"] is False, name
+    # ExportJobType has a prepare_values, which may turn other inputs into its fields.
+    assert "additionalProperties" not in components["ExportTableJobCreate"]
+    assert "additionalProperties" not in components["ScriptedJob"]
+
+
+def test_the_create_request_body_is_required(schema):
+    # A POST without one is answered 400 ("type": "This field is required.").
+    assert schema["paths"]["/api/jobs/"]["post"]["requestBody"]["required"] is True
+
+
+def test_the_cancel_operation_lists_the_answers_it_gives(schema):
+    # A cancel while the progress store is down is recorded in the database and answered 200:
+    # the 503 the schema listed for it was never sent.
+    responses = schema["paths"]["/api/jobs/{id}/cancel/"]["post"]["responses"]
+    assert set(responses) == {"200", "401", "403", "404"}
+
+
+def test_the_post_operations_say_their_403_may_be_a_missing_csrf_token(schema, session_api):
+    # Session authentication answers such a POST 403, which the schema called "Not
+    # authenticated" alone.
+    session_api.handler.enforce_csrf_checks = True
+    response = session_api.post("/api/jobs/", {"type": "scripted"}, format="json")
+    assert response.status_code == 403
+    assert "CSRF" in response.json()["detail"]
+    for path in ("/api/jobs/", "/api/jobs/{id}/cancel/"):
+        assert "CSRF token" in schema["paths"][path]["post"]["responses"]["403"]["description"]
+    assert "CSRF" not in schema["paths"]["/api/jobs/"]["get"]["responses"]["403"]["description"]

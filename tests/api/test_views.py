@@ -339,6 +339,18 @@ def test_create_needs_a_json_object_with_a_type(api, user):
     assert response.json() == {"type": ["This field is required."]}
 
 
+def test_create_refuses_a_field_name_with_a_lone_surrogate_with_a_400(api, user):
+    # JSON lets a key hold one ("\ud800"); naming it in an error as given made the response
+    # impossible to encode, a 500.
+    for body in ('{"type": "scripted", "\\ud800": 1}', '{"\\udfff x": 1, "type": "nope"}'):
+        response = api.post(URL, body, content_type="application/json")
+        assert response.status_code == 400, body
+        message = response.json()["non_field_errors"][0]
+        assert "lone surrogate" in message
+        assert "valid Unicode" in message
+    assert not Job.objects.exists()
+
+
 def test_create_of_an_unknown_type_lists_the_known_types(api, user):
     response = api.post(URL, {"type": "exprot_table"}, format="json")
     assert response.status_code == 400
@@ -364,6 +376,38 @@ def test_create_uses_the_types_serializer_class_then_prepare_values(api, user, m
     # The serializer chooses the type's fields in responses too.
     assert response.json()["table_id"] == 2
     assert "output_path" not in response.json()
+
+
+class TablesExportSerializer(serializers.Serializer):
+    table_id = serializers.IntegerField()
+    also = serializers.ListField(child=serializers.IntegerField(), write_only=True)
+    formats = serializers.MultipleChoiceField(choices=["csv", "xlsx"], write_only=True)
+
+
+@pytest.mark.parametrize("form", ["multipart", "urlencoded", "json"])
+def test_create_reads_every_value_of_a_list_field_in_a_form(api, user, hold, monkeypatch, form):
+    # The schema offers form and multipart bodies; a repeated key was read as its last value,
+    # a string, and refused: "Expected a list of items but got type "str"."
+    monkeypatch.setattr(ExportJobType, "serializer_class", TablesExportSerializer)
+    received = []
+
+    def prepare_values(self, values, user):
+        received.append({"also": values.pop("also"), "formats": sorted(values.pop("formats"))})
+        return values
+
+    monkeypatch.setattr(ExportJobType, "prepare_values", prepare_values)
+    body = {"type": "export_table", "table_id": 4, "also": [5, 6], "formats": ["csv", "xlsx"]}
+    if form == "urlencoded":
+        response = api.post(
+            URL,
+            "type=export_table&table_id=4&also=5&also=6&formats=csv&formats=xlsx",
+            content_type="application/x-www-form-urlencoded",
+        )
+    else:
+        response = api.post(URL, body, format=form)
+    assert response.status_code == 201, response.json()
+    assert received == [{"also": [5, 6], "formats": ["csv", "xlsx"]}]
+    assert ExportJob.objects.get().table_id == 4
 
 
 def test_create_refuses_a_column_the_types_serializer_leaves_out(api, user, hold, monkeypatch):
