@@ -21,7 +21,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, DataError, IntegrityError, router, transaction
 from django.db.models import Exists, Model, OuterRef, Q
-from django.db.models.deletion import Collector
+from django.db.models.deletion import PROTECT, RESTRICT, Collector, ProtectedError, RestrictedError
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
@@ -596,6 +596,9 @@ class JobHandler:
                 f"{job_type.type!r} jobs have no field(s) {', '.join(unknown)}.",
                 {name: ["Unknown field."] for name in unknown},
             )
+        unlinkable = ValidationError(_unlinkable_values(model, prepared))
+        if unlinkable.error_dict:
+            raise InvalidJobValues(_validation_message(unlinkable), _validation_errors(unlinkable))
         job = model(
             user=user,
             type=job_type.type,
@@ -848,6 +851,7 @@ class JobHandler:
                     pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
                 )
             )
+            jobs = _deletable(model, jobs)
             if type_name in job_type_registry:
                 job_type = job_type_registry.get(type_name)
                 # Inside the batch's transaction (PostgreSQL), each hook in a savepoint of its
@@ -1066,9 +1070,55 @@ def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
     if not jobs:
         return 0
     collector = Collector(using=router.db_for_write(model))
-    collector.collect(jobs)
+    try:
+        collector.collect(jobs)
+    except (ProtectedError, RestrictedError):
+        # Protected since _deletable() looked (by a before_delete hook, say).
+        jobs = _deletable(model, jobs, known_protected=True)
+        if not jobs:
+            return 0
+        collector = Collector(using=router.db_for_write(model))
+        collector.collect(jobs)
     _, per_model = collector.delete()
     return per_model.get(Job._meta.label, 0)
+
+
+def _deletable(
+    model: type[Model], jobs: Sequence[Model], *, known_protected: bool = False
+) -> list[Model]:
+    """Those of ``jobs`` that no row keeps from being deleted. A foreign key to a job, or to its
+    model, with ``on_delete=PROTECT`` or ``RESTRICT`` keeps the job: it is logged and left, so
+    that it stops neither the rest of the clean-up nor later ones, and its ``before_delete``
+    is not called. Costs nothing where no such foreign key exists."""
+    if not jobs or not (known_protected or _may_be_protected(model)):
+        return list(jobs)
+    using = router.db_for_write(model)
+    if not known_protected:
+        try:
+            Collector(using=using).collect(jobs)
+            return list(jobs)
+        except (ProtectedError, RestrictedError):
+            pass
+    deletable = []
+    for job in jobs:
+        try:
+            Collector(using=using).collect([job])
+        except (ProtectedError, RestrictedError) as exc:
+            logger.warning("cleanup_old_jobs: job %s is kept: %s", job.pk, exc.args[0])
+        else:
+            deletable.append(job)
+    return deletable
+
+
+@functools.cache
+def _may_be_protected(model: type[Model]) -> bool:
+    """Whether a foreign key with ``on_delete=PROTECT`` or ``RESTRICT`` points at ``model`` or
+    one of its parents (``Job``)."""
+    return any(
+        getattr(field, "on_delete", None) in (PROTECT, RESTRICT)
+        for field in model._meta.get_fields(include_hidden=True)
+        if field.auto_created and not field.concrete and (field.one_to_many or field.one_to_one)
+    )
 
 
 def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
@@ -1079,6 +1129,29 @@ def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -
         job_type.after_job_creation(job, prepared)
     except ValidationError as exc:
         raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
+
+
+def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, list[str]]:
+    """Messages, by field, for the objects given to the type's own foreign keys that cannot be
+    linked to: an instance of another model (Django's own error would name no field) or an
+    unsaved one (a nullable key would be stored empty on PostgreSQL; Django's save() refuses
+    it elsewhere, naming no field)."""
+    errors: dict[str, list[str]] = {}
+    for field in model.own_fields():
+        value = prepared.get(field.name)
+        if not field.is_relation or value is None or field.name == field.attname:
+            continue
+        related = field.related_model
+        if not isinstance(related, type) or not isinstance(value, related):
+            errors[field.name] = [
+                f"Must be a {getattr(related, '__name__', related)} instance (or its key as "
+                f"{field.attname}), got {type(value).__name__} {value!r}."
+            ]
+        elif value.pk is None:
+            errors[field.name] = [
+                f"This {related.__name__} is not saved yet: save it before creating the job."
+            ]
+    return errors
 
 
 def _unstorable_values(job: Job) -> dict[str, list[str]]:
