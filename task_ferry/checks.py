@@ -320,6 +320,19 @@ def check_job_types(
                     id="task_ferry.E007",
                 )
             )
+        queue = job_type.queue
+        if queue is not None and not isinstance(queue, str):
+            # Its jobs failed to dispatch, with advice to check the broker.
+            messages.append(
+                Error(
+                    f"{type(job_type).__qualname__}.queue must be a queue's name (a str) or "
+                    f"None, got {queue!r}.",
+                    hint='Name the queue, e.g. queue = "exports", or use None for the '
+                    "executor's default queue.",
+                    obj=type(job_type),
+                    id="task_ferry.E034",
+                )
+            )
     messages.extend(check_registered_types(job_type_registry))
     messages.extend(check_job_types_modules(job_type_registry))
     if uses_max_count():

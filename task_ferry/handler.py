@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import json
 import logging
 import threading
 import weakref
@@ -20,7 +21,7 @@ from typing import Any, overload
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, DataError, IntegrityError, router, transaction
-from django.db.models import Exists, Model, OuterRef, Q
+from django.db.models import Exists, JSONField, Model, OuterRef, Q
 from django.db.models.deletion import PROTECT, RESTRICT, Collector, ProtectedError, RestrictedError
 from django.db.models.signals import post_delete
 from django.utils import timezone
@@ -1159,7 +1160,8 @@ def _unstorable_values(job: Job) -> dict[str, list[str]]:
     database would refuse at the insert, with an error naming no field (nor, in a batch, the
     job): None in a NOT NULL column (``full_clean()`` skips "empty" values of a blank field),
     a value the field cannot convert ([] for a nullable number), text with a NUL character
-    (PostgreSQL refuses it) or a lone surrogate (no driver encodes it)."""
+    (PostgreSQL refuses it) or a lone surrogate (no driver encodes it), a NaN or an infinity in
+    a ``JSONField``."""
     errors: dict[str, list[str]] = {}
     for field in type(job).own_fields():
         # The database computes it, and reading it from an unsaved job raises.
@@ -1185,7 +1187,24 @@ def _unstorable_values(job: Job) -> dict[str, list[str]]:
                 "This text has a NUL character or a lone surrogate (from an undecodable file "
                 "name, say), which cannot be stored."
             ]
+        elif isinstance(field, JSONField) and not json_compliant(prepared, field):
+            errors[field.name] = [
+                "NaN and infinite numbers cannot be stored as JSON: use None or a string."
+            ]
     return errors
+
+
+def json_compliant(value: Any, field: JSONField) -> bool:
+    """Whether ``value`` holds no NaN or infinity, which Python's json writes and every
+    database's JSON refuses. Only numbers are looked at: ``full_clean()`` has checked that the
+    field's encoder takes the value."""
+    try:
+        json.dumps(value, cls=field.encoder, allow_nan=False)
+    except ValueError:
+        return False
+    except TypeError:
+        return True  # Not JSON at all: the database's to refuse, as before.
+    return True
 
 
 @functools.cache

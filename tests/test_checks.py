@@ -334,6 +334,19 @@ def test_e007_bad_max_count(monkeypatch, value):
     assert only("task_ferry.E007").obj is type(job_type)
 
 
+@pytest.mark.parametrize("value", [5, ["exports"], b"exports"])
+def test_e034_queue_that_is_not_a_name(monkeypatch, value):
+    # The Celery executor failed each job's dispatch ("'int' object has no attribute
+    # 'startswith'"), advising to check the broker.
+    job_type = job_type_registry.get("limited")
+    monkeypatch.setattr(type(job_type), "queue", value)
+    message = only("task_ferry.E034")
+    assert message.obj is type(job_type)
+    assert message.msg == (
+        f"LimitedJobType.queue must be a queue's name (a str) or None, got {value!r}."
+    )
+
+
 def test_w001_redis_unreachable(ferry):
     ferry(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", PROGRESS_STORE=None)
     message = only("task_ferry.W001")

@@ -158,6 +158,20 @@ def test_an_object_of_another_model_for_a_foreign_key_is_refused_naming_the_fiel
     assert not Job.objects.exists()
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_number_json_cannot_hold_is_refused_naming_the_field(
+    transactional_db, user, no_dispatch, linked, number
+):
+    # Python's json writes NaN and Infinity, which every database's JSON refuses: PostgreSQL
+    # with its SQL statement quoted, SQLite with "CHECK constraint failed", naming no field.
+    with pytest.raises(InvalidJobValues) as info:
+        JobHandler.create_and_start(user, "linked", details={"ratio": number})
+    assert info.value.errors == {
+        "details": ["NaN and infinite numbers cannot be stored as JSON: use None or a string."]
+    }
+    assert not Job.objects.exists()
+
+
 def test_invalid_values_error_is_a_value_error_with_field_errors(db, user, no_dispatch):
     with pytest.raises(ValueError) as info:
         JobHandler.create_and_start(user, "export_table", table_id="many")

@@ -55,6 +55,7 @@ class LinkedJob(Job):
     marker = models.ForeignKey(
         Marker, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    details = models.JSONField(null=True, blank=True)
 
 
 class Receipt(models.Model):
