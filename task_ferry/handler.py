@@ -591,7 +591,8 @@ class JobHandler:
         # Only the type's own columns: the base ones belong to the handler, and the link to the
         # Job row (``job_ptr_id``) would let the values choose the job's id.
         own_fields = {name for f in model.own_fields() for name in (f.name, f.attname)}
-        unknown = sorted(k for k in prepared if k not in own_fields)
+        many_to_many = _own_many_to_many(model)
+        unknown = sorted(k for k in prepared if k not in own_fields and k not in many_to_many)
         if unknown:
             raise InvalidJobValues(
                 f"{job_type.type!r} jobs have no field(s) {', '.join(unknown)}.",
@@ -600,11 +601,12 @@ class JobHandler:
         unlinkable = ValidationError(_unlinkable_values(model, prepared))
         if unlinkable.error_dict:
             raise InvalidJobValues(_validation_message(unlinkable), _validation_errors(unlinkable))
+        columns = {k: v for k, v in prepared.items() if k not in many_to_many}
         job = model(
             user=user,
             type=job_type.type,
             content_type=ContentType.objects.get_for_model(model),
-            **prepared,
+            **columns,
         )
         try:
             job.full_clean(
@@ -623,7 +625,12 @@ class JobHandler:
     @classmethod
     def _save(cls, user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
         max_count = job_type.get_max_count() if user is not None else None
-        if max_count is None and type(job_type).after_job_creation is JobType.after_job_creation:
+        links = _links(job, prepared)
+        if (
+            max_count is None
+            and not links
+            and type(job_type).after_job_creation is JobType.after_job_creation
+        ):
             # Nothing else to do in the transaction: both rows in one statement, if we can.
             with _values_refused():
                 if statements.insert_job(job):
@@ -632,6 +639,7 @@ class JobHandler:
             cls._check_max_count(user, job_type, max_count, adding=1)
             with _values_refused():
                 job.save(force_insert=True)
+            _set_links(job, links)
             _after_job_creation(job_type, job, prepared)
 
     @classmethod
@@ -648,6 +656,7 @@ class JobHandler:
                     job.save(force_insert=True)
         for position, (job, prepared) in enumerate(built):
             try:
+                _set_links(job, _links(job, prepared))
                 _after_job_creation(job_type, job, prepared)
             except InvalidJobValues as exc:
                 raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
@@ -1130,6 +1139,34 @@ def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -
         job_type.after_job_creation(job, prepared)
     except ValidationError as exc:
         raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
+
+
+@functools.cache
+def _own_many_to_many(model: type[Job]) -> frozenset[str]:
+    """The names of the many-to-many fields a job type's model adds to ``Job``."""
+    return frozenset(f.name for f in model._meta.many_to_many if f.model is not Job)
+
+
+def _links(job: Job, prepared: dict[str, Any]) -> dict[str, Any]:
+    """The values given to the job's many-to-many fields: rows to link once it is saved."""
+    many_to_many = _own_many_to_many(type(job))
+    if not many_to_many:
+        return {}
+    return {name: value for name, value in prepared.items() if name in many_to_many}
+
+
+def _set_links(job: Job, links: dict[str, Any]) -> None:
+    """Link the saved job to the rows (or keys) given for its many-to-many fields, as
+    ``ModelForm.save()`` does after saving the row. Keys of rows that do not exist are the
+    database's to refuse, when the creation commits."""
+    for name, value in links.items():
+        try:
+            getattr(job, name).set(value)
+        except (TypeError, ValueError) as exc:
+            # Not a list of rows or keys, rows of another model, unsaved rows.
+            raise InvalidJobValues(
+                f"Invalid job values. {name}: {exc}", {name: [str(exc)]}
+            ) from exc
 
 
 def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, list[str]]:

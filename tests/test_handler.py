@@ -158,6 +158,50 @@ def test_an_object_of_another_model_for_a_foreign_key_is_refused_naming_the_fiel
     assert not Job.objects.exists()
 
 
+def test_a_many_to_many_field_takes_rows_or_keys_linked_once_the_job_is_saved(
+    transactional_db, user, no_dispatch, linked, monkeypatch
+):
+    first, second = Marker.objects.create(name="first"), Marker.objects.create(name="second")
+    # It said "'linked' jobs have no field(s) markers.", though they have.
+    job = JobHandler.create_and_start(user, "linked", markers=[first, second])
+    assert set(LinkedJob.objects.get(pk=job.pk).markers.all()) == {first, second}
+
+    linked_when_created = []
+    monkeypatch.setattr(
+        LinkedJobType,
+        "after_job_creation",
+        lambda self, job, values: linked_when_created.append(set(job.markers.all())),
+    )
+    JobHandler.create_and_start(user, "linked", markers=[second.pk])
+    assert linked_when_created == [{second}]
+    jobs = JobHandler.create_and_start_many(
+        user, "linked", [{"markers": [first.pk, second]}, {"markers": []}, {}]
+    )
+    assert [set(LinkedJob.objects.get(pk=j.pk).markers.all()) for j in jobs] == [
+        {first, second},
+        set(),
+        set(),
+    ]
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
+def test_values_a_many_to_many_field_cannot_take_are_refused_naming_it(
+    transactional_db, user, no_dispatch, linked, many
+):
+    for value, message in [
+        (5, "'int' object is not iterable"),
+        ([user], f"Field 'id' expected a number but got {user!r}."),
+    ]:
+        with pytest.raises(InvalidJobValues) as info:
+            if many:
+                JobHandler.create_and_start_many(user, "linked", [{}, {"markers": value}])
+            else:
+                JobHandler.create_and_start(user, "linked", markers=value)
+        assert info.value.errors == {"markers": [message]}
+        assert str(info.value).startswith("Job 1: " if many else "Invalid job values. markers")
+    assert not Job.objects.exists()
+
+
 @pytest.mark.parametrize("number", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a_number_json_cannot_hold_is_refused_naming_the_field(
     transactional_db, user, no_dispatch, linked, number

@@ -56,6 +56,7 @@ class LinkedJob(Job):
         Marker, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     details = models.JSONField(null=True, blank=True)
+    markers = models.ManyToManyField(Marker, blank=True, related_name="+")
 
 
 class Receipt(models.Model):
