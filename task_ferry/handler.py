@@ -1180,10 +1180,13 @@ def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, 
         if not field.is_relation or value is None or field.name == field.attname:
             continue
         related = field.related_model
-        if not isinstance(related, type) or not isinstance(value, related):
+        if not isinstance(related, type):
+            continue  # Not resolved to a model: Django's own error then.
+        # As Django's descriptor checks: a key to a proxy takes its concrete model's rows.
+        if not isinstance(value, related._meta.concrete_model or related):
             errors[field.name] = [
-                f"Must be a {getattr(related, '__name__', related)} instance (or its key as "
-                f"{field.attname}), got {type(value).__name__} {value!r}."
+                f"Must be a {related.__name__} instance (or its key as {field.attname}), got "
+                f"{type(value).__name__} {value!r}."
             ]
         elif value.pk is None:
             errors[field.name] = [

@@ -146,6 +146,13 @@ def test_an_unsaved_object_for_a_foreign_key_is_refused_naming_the_field(
     assert LinkedJob.objects.get(pk=create(marker=marker).pk).marker == marker
 
 
+def test_a_foreign_key_to_a_proxy_takes_a_row_of_its_concrete_model(db, user, no_dispatch, linked):
+    scripted = JobHandler.create_and_start(user, "scripted")
+    assert type(scripted) is ScriptedJob
+    job = JobHandler.create_and_start(user, "linked", follows=scripted)
+    assert LinkedJob.objects.get(pk=job.pk).follows_id == scripted.pk
+
+
 def test_an_object_of_another_model_for_a_foreign_key_is_refused_naming_the_field(
     db, user, no_dispatch, linked
 ):

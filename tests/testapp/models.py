@@ -57,6 +57,10 @@ class LinkedJob(Job):
     )
     details = models.JSONField(null=True, blank=True)
     markers = models.ManyToManyField(Marker, blank=True, related_name="+")
+    # A key to a proxy: it takes rows of the proxy's concrete model too.
+    follows = models.ForeignKey(
+        "ScriptedJobProxy", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
 
 class Receipt(models.Model):
