@@ -304,6 +304,8 @@ def check_store(
 def check_job_types(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
+    from rest_framework.serializers import BaseSerializer
+
     from task_ferry.registry import job_type_registry
 
     messages: list[CheckMessage] = []
@@ -318,6 +320,34 @@ def check_job_types(
                     hint="Use None to fall back to TASK_FERRY['MAX_JOBS_PER_USER_PER_TYPE'].",
                     obj=type(job_type),
                     id="task_ferry.E007",
+                )
+            )
+        queue = job_type.queue
+        if queue is not None and not isinstance(queue, str):
+            # Its jobs failed to dispatch, with advice to check the broker.
+            messages.append(
+                Error(
+                    f"{type(job_type).__qualname__}.queue must be a queue's name (a str) or "
+                    f"None, got {queue!r}.",
+                    hint='Name the queue, e.g. queue = "exports", or use None for the '
+                    "executor's default queue.",
+                    obj=type(job_type),
+                    id="task_ferry.E034",
+                )
+            )
+        serializer_class = job_type.serializer_class
+        if serializer_class is not None and not (
+            inspect.isclass(serializer_class) and issubclass(serializer_class, BaseSerializer)
+        ):
+            # Reads fall back to no fields of the type (logged); creating through the API fails.
+            messages.append(
+                Error(
+                    f"{type(job_type).__qualname__}.serializer_class must be a DRF serializer "
+                    f"class or None, got {serializer_class!r}.",
+                    hint="Subclass rest_framework.serializers.ModelSerializer (or Serializer), "
+                    "or use None to derive one from model_class.",
+                    obj=type(job_type),
+                    id="task_ferry.E035",
                 )
             )
     messages.extend(check_registered_types(job_type_registry))

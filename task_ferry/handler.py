@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import json
 import logging
 import threading
 import weakref
@@ -20,8 +21,8 @@ from typing import Any, overload
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, DataError, IntegrityError, router, transaction
-from django.db.models import Exists, Model, OuterRef, Q
-from django.db.models.deletion import Collector
+from django.db.models import Exists, JSONField, Model, OuterRef, Q
+from django.db.models.deletion import PROTECT, RESTRICT, Collector, ProtectedError, RestrictedError
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
@@ -590,17 +591,22 @@ class JobHandler:
         # Only the type's own columns: the base ones belong to the handler, and the link to the
         # Job row (``job_ptr_id``) would let the values choose the job's id.
         own_fields = {name for f in model.own_fields() for name in (f.name, f.attname)}
-        unknown = sorted(k for k in prepared if k not in own_fields)
+        many_to_many = _own_many_to_many(model)
+        unknown = sorted(k for k in prepared if k not in own_fields and k not in many_to_many)
         if unknown:
             raise InvalidJobValues(
                 f"{job_type.type!r} jobs have no field(s) {', '.join(unknown)}.",
                 {name: ["Unknown field."] for name in unknown},
             )
+        unlinkable = ValidationError(_unlinkable_values(model, prepared))
+        if unlinkable.error_dict:
+            raise InvalidJobValues(_validation_message(unlinkable), _validation_errors(unlinkable))
+        columns = {k: v for k, v in prepared.items() if k not in many_to_many}
         job = model(
             user=user,
             type=job_type.type,
             content_type=ContentType.objects.get_for_model(model),
-            **prepared,
+            **columns,
         )
         try:
             job.full_clean(
@@ -619,7 +625,12 @@ class JobHandler:
     @classmethod
     def _save(cls, user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
         max_count = job_type.get_max_count() if user is not None else None
-        if max_count is None and type(job_type).after_job_creation is JobType.after_job_creation:
+        links = _links(job, prepared)
+        if (
+            max_count is None
+            and not links
+            and type(job_type).after_job_creation is JobType.after_job_creation
+        ):
             # Nothing else to do in the transaction: both rows in one statement, if we can.
             with _values_refused():
                 if statements.insert_job(job):
@@ -628,6 +639,7 @@ class JobHandler:
             cls._check_max_count(user, job_type, max_count, adding=1)
             with _values_refused():
                 job.save(force_insert=True)
+            _set_links(job, links)
             _after_job_creation(job_type, job, prepared)
 
     @classmethod
@@ -644,6 +656,7 @@ class JobHandler:
                     job.save(force_insert=True)
         for position, (job, prepared) in enumerate(built):
             try:
+                _set_links(job, _links(job, prepared))
                 _after_job_creation(job_type, job, prepared)
             except InvalidJobValues as exc:
                 raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
@@ -848,6 +861,7 @@ class JobHandler:
                     pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
                 )
             )
+            jobs = _deletable(model, jobs)
             if type_name in job_type_registry:
                 job_type = job_type_registry.get(type_name)
                 # Inside the batch's transaction (PostgreSQL), each hook in a savepoint of its
@@ -1066,9 +1080,55 @@ def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
     if not jobs:
         return 0
     collector = Collector(using=router.db_for_write(model))
-    collector.collect(jobs)
+    try:
+        collector.collect(jobs)
+    except (ProtectedError, RestrictedError):
+        # Protected since _deletable() looked (by a before_delete hook, say).
+        jobs = _deletable(model, jobs, known_protected=True)
+        if not jobs:
+            return 0
+        collector = Collector(using=router.db_for_write(model))
+        collector.collect(jobs)
     _, per_model = collector.delete()
     return per_model.get(Job._meta.label, 0)
+
+
+def _deletable(
+    model: type[Model], jobs: Sequence[Model], *, known_protected: bool = False
+) -> list[Model]:
+    """Those of ``jobs`` that no row keeps from being deleted. A foreign key to a job, or to its
+    model, with ``on_delete=PROTECT`` or ``RESTRICT`` keeps the job: it is logged and left, so
+    that it stops neither the rest of the clean-up nor later ones, and its ``before_delete``
+    is not called. Costs nothing where no such foreign key exists."""
+    if not jobs or not (known_protected or _may_be_protected(model)):
+        return list(jobs)
+    using = router.db_for_write(model)
+    if not known_protected:
+        try:
+            Collector(using=using).collect(jobs)
+            return list(jobs)
+        except (ProtectedError, RestrictedError):
+            pass
+    deletable = []
+    for job in jobs:
+        try:
+            Collector(using=using).collect([job])
+        except (ProtectedError, RestrictedError) as exc:
+            logger.warning("cleanup_old_jobs: job %s is kept: %s", job.pk, exc.args[0])
+        else:
+            deletable.append(job)
+    return deletable
+
+
+@functools.cache
+def _may_be_protected(model: type[Model]) -> bool:
+    """Whether a foreign key with ``on_delete=PROTECT`` or ``RESTRICT`` points at ``model`` or
+    one of its parents (``Job``)."""
+    return any(
+        getattr(field, "on_delete", None) in (PROTECT, RESTRICT)
+        for field in model._meta.get_fields(include_hidden=True)
+        if field.auto_created and not field.concrete and (field.one_to_many or field.one_to_one)
+    )
 
 
 def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
@@ -1081,12 +1141,67 @@ def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -
         raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
 
 
+@functools.cache
+def _own_many_to_many(model: type[Job]) -> frozenset[str]:
+    """The names of the many-to-many fields a job type's model adds to ``Job``."""
+    return frozenset(f.name for f in model._meta.many_to_many if f.model is not Job)
+
+
+def _links(job: Job, prepared: dict[str, Any]) -> dict[str, Any]:
+    """The values given to the job's many-to-many fields: rows to link once it is saved."""
+    many_to_many = _own_many_to_many(type(job))
+    if not many_to_many:
+        return {}
+    return {name: value for name, value in prepared.items() if name in many_to_many}
+
+
+def _set_links(job: Job, links: dict[str, Any]) -> None:
+    """Link the saved job to the rows (or keys) given for its many-to-many fields, as
+    ``ModelForm.save()`` does after saving the row. Keys of rows that do not exist are the
+    database's to refuse, when the creation commits."""
+    for name, value in links.items():
+        try:
+            getattr(job, name).set(value)
+        except (TypeError, ValueError) as exc:
+            # Not a list of rows or keys, rows of another model, unsaved rows.
+            raise InvalidJobValues(
+                f"Invalid job values. {name}: {exc}", {name: [str(exc)]}
+            ) from exc
+
+
+def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, list[str]]:
+    """Messages, by field, for the objects given to the type's own foreign keys that cannot be
+    linked to: an instance of another model (Django's own error would name no field) or an
+    unsaved one (a nullable key would be stored empty on PostgreSQL; Django's save() refuses
+    it elsewhere, naming no field)."""
+    errors: dict[str, list[str]] = {}
+    for field in model.own_fields():
+        value = prepared.get(field.name)
+        if not field.is_relation or value is None or field.name == field.attname:
+            continue
+        related = field.related_model
+        if not isinstance(related, type):
+            continue  # Not resolved to a model: Django's own error then.
+        # As Django's descriptor checks: a key to a proxy takes its concrete model's rows.
+        if not isinstance(value, related._meta.concrete_model or related):
+            errors[field.name] = [
+                f"Must be a {related.__name__} instance (or its key as {field.attname}), got "
+                f"{type(value).__name__} {value!r}."
+            ]
+        elif value.pk is None:
+            errors[field.name] = [
+                f"This {related.__name__} is not saved yet: save it before creating the job."
+            ]
+    return errors
+
+
 def _unstorable_values(job: Job) -> dict[str, list[str]]:
     """Messages, by field, for the job's own values that ``full_clean()`` lets through and the
     database would refuse at the insert, with an error naming no field (nor, in a batch, the
     job): None in a NOT NULL column (``full_clean()`` skips "empty" values of a blank field),
     a value the field cannot convert ([] for a nullable number), text with a NUL character
-    (PostgreSQL refuses it) or a lone surrogate (no driver encodes it)."""
+    (PostgreSQL refuses it) or a lone surrogate (no driver encodes it), a NaN or an infinity in
+    a ``JSONField``."""
     errors: dict[str, list[str]] = {}
     for field in type(job).own_fields():
         # The database computes it, and reading it from an unsaved job raises.
@@ -1112,7 +1227,24 @@ def _unstorable_values(job: Job) -> dict[str, list[str]]:
                 "This text has a NUL character or a lone surrogate (from an undecodable file "
                 "name, say), which cannot be stored."
             ]
+        elif isinstance(field, JSONField) and not json_compliant(prepared, field):
+            errors[field.name] = [
+                "NaN and infinite numbers cannot be stored as JSON: use None or a string."
+            ]
     return errors
+
+
+def json_compliant(value: Any, field: JSONField) -> bool:
+    """Whether ``value`` holds no NaN or infinity, which Python's json writes and every
+    database's JSON refuses. Only numbers are looked at: ``full_clean()`` has checked that the
+    field's encoder takes the value."""
+    try:
+        json.dumps(value, cls=field.encoder, allow_nan=False)
+    except ValueError:
+        return False
+    except TypeError:
+        return True  # Not JSON at all: the database's to refuse, as before.
+    return True
 
 
 @functools.cache

@@ -78,7 +78,12 @@ class Progress:
             by = _checked_amount("increment(by=...)", by, clamp_huge=True)
         if state is not None:
             if state.__class__ is not str and not isinstance(state, str):
-                raise ValueError(f"state must be a str, got {type(state).__name__}")
+                kind = type(state)
+                # The module says what it is: a lazy translation was "got __proxy__".
+                raise ValueError(
+                    f"state must be a str, got {kind.__module__}.{kind.__qualname__}; pass "
+                    f"str() of it"
+                )
             root._label = state
         try:
             done = self._done + by

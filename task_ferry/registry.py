@@ -120,12 +120,72 @@ def is_concrete_job_type(obj: object) -> bool:
     )
 
 
+# The hooks task_ferry calls, each as a plain function.
+HOOKS = (
+    "prepare_values",
+    "after_job_creation",
+    "run",
+    "on_error",
+    "on_cancelled",
+    "before_delete",
+)
+
+
+def never_run_kind(function: object) -> str | None:
+    """What ``function`` is if calling it runs none of its body (it returns a coroutine or a
+    generator), as a message names it; None for a plain function."""
+    if inspect.iscoroutinefunction(function):
+        return "an `async def`"
+    if inspect.isasyncgenfunction(function):
+        return "an async generator (an `async def` with `yield`)"
+    if inspect.isgeneratorfunction(function):
+        return "a generator (it has a `yield`)"
+    return None
+
+
 def inherited_name(first: JobType[Any], second: JobType[Any]) -> str:
     """Why two types share a name when one subclasses the other without naming itself."""
     for parent, child in ((type(first), type(second)), (type(second), type(first))):
         if issubclass(child, parent) and "type" not in vars(child):
             return f": {child.__qualname__} inherits {parent.__qualname__}'s unless it sets its own"
     return ""
+
+
+def duplicate_message(existing: JobType[Any], new: JobType[Any]) -> str:
+    """Why ``new`` cannot be registered under the name ``existing`` holds, and what to do."""
+    first, second = type(existing), type(new)
+    named = f"Job type name {new.type!r} is claimed by both"
+    if (
+        first.__qualname__ == second.__qualname__
+        and "<locals>" not in first.__qualname__
+        and module_names_match(first.__module__, second.__module__)
+    ):
+        if first.__module__ == second.__module__:
+            how = (
+                f"module {first.__module__} was executed twice (reloaded, say), or defines "
+                f"two classes of that name"
+            )
+        else:
+            how = (
+                f"one module was imported under two names, {first.__module__} and "
+                f"{second.__module__} (a directory and its parent both on sys.path, say)"
+            )
+        return (
+            f"{named} {first.__module__}.{first.__qualname__} and another class of that name: "
+            f"{how}. Import and define it once; changing its `type` will not help."
+        )
+    return (
+        f"{named} {first.__module__}.{first.__qualname__} and "
+        f"{second.__module__}.{second.__qualname__}. Give one of them a different "
+        f"`type`{inherited_name(existing, new)}."
+    )
+
+
+def module_names_match(first: str, second: str) -> bool:
+    """Whether two module names can be one file imported twice: equal, or one a dotted tail
+    of the other (``myapp.job_types`` and ``project.myapp.job_types``)."""
+    shorter, longer = sorted((first, second), key=len)
+    return longer == shorter or longer.endswith(f".{shorter}")
 
 
 class JobTypeRegistry:
@@ -149,12 +209,7 @@ class JobTypeRegistry:
             if existing is not None:
                 if type(existing) is type(instance):
                     return existing
-                raise JobTypeAlreadyRegistered(
-                    f"Job type name {instance.type!r} is claimed by both "
-                    f"{type(existing).__module__}.{type(existing).__qualname__} and "
-                    f"{type(instance).__module__}.{type(instance).__qualname__}. "
-                    f"Give one of them a different `type`{inherited_name(existing, instance)}."
-                )
+                raise JobTypeAlreadyRegistered(duplicate_message(existing, instance))
             self._by_name[instance.type] = instance
         return instance
 
@@ -254,6 +309,20 @@ class JobTypeRegistry:
                 f"{type(job_type).__qualname__}.model_class must be a subclass of "
                 f"task_ferry.models.Job, got {model_class!r}."
             )
+        if model_class._meta.abstract:
+            raise TaskFerryImproperlyConfigured(
+                f"{type(job_type).__qualname__}.model_class is {model_class.__qualname__}, an "
+                f"abstract model: it has no table to store jobs in. Point model_class at a "
+                f"concrete subclass of it."
+            )
+        for hook in HOOKS:
+            kind = never_run_kind(getattr(job_type, hook))
+            if kind is not None:
+                raise TaskFerryImproperlyConfigured(
+                    f"{type(job_type).__qualname__}.{hook} is {kind}: task_ferry calls its "
+                    f"hooks as plain functions, so its body would never run. Make it a plain "
+                    f"`def` (call async code in it with asgiref's async_to_sync)."
+                )
 
     def unknown_names(self, names: Iterable[str], jobs: QuerySet[Job]) -> list[str]:
         """Those of ``names`` that are neither registered nor the type of any of ``jobs``. A

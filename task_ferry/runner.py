@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import logging
 import traceback
 from typing import Any
@@ -140,6 +141,21 @@ def own_values(job: Job) -> tuple[Any, ...]:
     )
 
 
+def refuse_unrun_body(job_type: JobType, returned: object) -> None:
+    """Raise ``TypeError`` if ``run()`` gave back a coroutine or a generator: its body never ran
+    (an ``async def`` behind a decorator that hides it from registration, say), and the job
+    must not be marked finished."""
+    if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
+        returned.close()
+    elif not inspect.isasyncgen(returned) and not inspect.isawaitable(returned):
+        return
+    raise TypeError(
+        f"{type(job_type).__qualname__}.run returned {type(returned).__name__} {returned!r} "
+        f"instead of running: task_ferry calls run() as a plain function. Make it a plain "
+        f"`def` (call async code in it with asgiref's async_to_sync)."
+    )
+
+
 class JobRun:
     def __init__(
         self, job_id: int, *, heartbeat: bool = True, job_type_name: str | None = None
@@ -195,7 +211,10 @@ class JobRun:
                 for alias in databases:
                     run_transaction.enter_context(transaction.atomic(using=alias))
                     opened[alias] = connections[alias].connection
-                job_type.run(job, progress)
+                # Typed None, but a subclass's run() may be an async def in disguise.
+                returned = job_type.run(job, progress)  # type: ignore[func-returns-value]
+                if returned is not None:
+                    refuse_unrun_body(job_type, returned)
                 if progress.cancel_raised:
                     # It caught JobCancelled (an ``except Exception`` around a loop's body, say).
                     raise JobCancelled(f"Job {job.pk} returned after it was cancelled.")

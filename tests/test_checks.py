@@ -14,7 +14,7 @@ import task_ferry.executors
 from task_ferry.api.permissions import IsJobOwner
 from task_ferry.registry import JobType, job_type_registry
 from tests.testapp import job_types as testapp_job_types
-from tests.testapp.models import ScriptedJob
+from tests.testapp.models import LimitedJob, ScriptedJob
 
 
 def plain_checks():
@@ -332,6 +332,31 @@ def test_e007_bad_max_count(monkeypatch, value):
     job_type = job_type_registry.get("limited")
     monkeypatch.setattr(type(job_type), "max_count", value)
     assert only("task_ferry.E007").obj is type(job_type)
+
+
+@pytest.mark.parametrize("value", [5, ["exports"], b"exports"])
+def test_e034_queue_that_is_not_a_name(monkeypatch, value):
+    # The Celery executor failed each job's dispatch ("'int' object has no attribute
+    # 'startswith'"), advising to check the broker.
+    job_type = job_type_registry.get("limited")
+    monkeypatch.setattr(type(job_type), "queue", value)
+    message = only("task_ferry.E034")
+    assert message.obj is type(job_type)
+    assert message.msg == (
+        f"LimitedJobType.queue must be a queue's name (a str) or None, got {value!r}."
+    )
+
+
+@pytest.mark.parametrize("value", ["myapp.serializers.ExportSerializer", LimitedJob, 5])
+def test_e035_serializer_class_that_is_not_a_serializer(monkeypatch, value):
+    # POST /api/jobs/ of the type raised "'str' object is not callable", a 500.
+    job_type = job_type_registry.get("limited")
+    monkeypatch.setattr(type(job_type), "serializer_class", value)
+    message = only("task_ferry.E035")
+    assert message.obj is type(job_type)
+    assert message.msg == (
+        f"LimitedJobType.serializer_class must be a DRF serializer class or None, got {value!r}."
+    )
 
 
 def test_w001_redis_unreachable(ferry):

@@ -295,6 +295,21 @@ def test_set_state_none_clears_the_label(cleared):
     assert progress.state == "Finalising"
 
 
+def test_a_label_that_is_not_a_str_is_refused_saying_what_it_is():
+    from django.utils.translation import gettext_lazy
+
+    progress = Progress()
+    # It said "got __proxy__".
+    with pytest.raises(ValueError) as info:
+        progress.increment(state=gettext_lazy("Exporting"))
+    assert str(info.value) == (
+        "state must be a str, got django.utils.functional.lazy.<locals>.__proxy__; pass str() of it"
+    )
+    assert progress.state == ""
+    progress.increment(state=str(gettext_lazy("Exporting")))
+    assert progress.state == "Exporting"
+
+
 def test_fractional_steps_reach_100():
     progress = Progress()
     child = progress.create_child(represents=100, total=1)

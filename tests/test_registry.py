@@ -1,3 +1,5 @@
+import importlib
+import sys
 import types
 
 import pytest
@@ -9,6 +11,7 @@ from task_ferry.exceptions import (
     JobTypeNotRegistered,
     TaskFerryImproperlyConfigured,
 )
+from task_ferry.models import Job
 from task_ferry.registry import JobType, JobTypeRegistry, job_type_registry
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
@@ -19,6 +22,16 @@ from tests.testapp.job_types import (
     ScriptedJobType,
 )
 from tests.testapp.models import LimitedJob
+
+
+class AbstractReportJob(Job):
+    """A base for job models: abstract, so it has no table."""
+
+    title = models.CharField(max_length=100)
+
+    class Meta:
+        abstract = True
+        app_label = "testapp"
 
 
 def test_job_types_modules_are_discovered_at_startup():
@@ -173,6 +186,93 @@ def test_invalid_job_types_are_rejected(attrs, message):
     bad = type("Bad", (JobType,), attrs)
     with pytest.raises(TaskFerryImproperlyConfigured, match=message):
         JobTypeRegistry().register(bad())
+
+
+def test_an_abstract_model_is_refused_at_registration():
+    bad = type("ReportJobType", (JobType,), {"type": "report", "model_class": AbstractReportJob})
+    # It was registered, and creating a job raised Django's "Abstract models cannot be
+    # instantiated." deep inside JobHandler.
+    with pytest.raises(TaskFerryImproperlyConfigured, match="AbstractReportJob, an abstract model"):
+        JobTypeRegistry().register(bad)
+
+
+async def async_hook(self, *args):
+    pass
+
+
+def generator_hook(self, *args):
+    yield
+
+
+async def async_generator_hook(self, *args):
+    yield
+
+
+@pytest.mark.parametrize(
+    "hook",
+    ["prepare_values", "after_job_creation", "run", "on_error", "on_cancelled", "before_delete"],
+)
+@pytest.mark.parametrize(
+    "function, kind",
+    [
+        (async_hook, "an `async def`"),
+        (generator_hook, "a generator"),
+        (async_generator_hook, "an async generator"),
+    ],
+)
+def test_a_hook_whose_body_would_never_run_is_refused_at_registration(hook, function, kind):
+    # Called as a plain function, it returns a coroutine or a generator: an async run() left the
+    # job "finished" with none of its work done, an async on_error() never ran.
+    bad = type("AsyncJobType", (JobType,), {"type": "x", "model_class": LimitedJob, hook: function})
+    with pytest.raises(TaskFerryImproperlyConfigured) as info:
+        JobTypeRegistry().register(bad)
+    assert str(info.value).startswith(f"AsyncJobType.{hook} is {kind}")
+    assert "Make it a plain `def`" in str(info.value)
+
+
+@pytest.fixture
+def job_types_file(tmp_path, monkeypatch):
+    """A ``job_types`` module importable as ``twiceapp.job_types`` and, as when a project's
+    directory and its parent are both on sys.path, as ``job_types``."""
+    package = tmp_path / "twiceapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "job_types.py").write_text(
+        "from task_ferry.registry import JobType\n"
+        "from tests.testapp.models import LimitedJob\n\n\n"
+        "class TwiceJobType(JobType):\n"
+        "    type = 'twice'\n"
+        "    model_class = LimitedJob\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(package))
+    yield
+    for name in ("twiceapp", "twiceapp.job_types", "job_types"):
+        sys.modules.pop(name, None)
+
+
+def test_a_module_imported_under_two_names_is_named_as_the_cause(job_types_file):
+    registry = JobTypeRegistry()
+    registry.register_module(importlib.import_module("twiceapp.job_types"))
+    with pytest.raises(JobTypeAlreadyRegistered) as info:
+        registry.register_module(importlib.import_module("job_types"))
+    # It said "Give one of them a different `type`", of one class.
+    assert str(info.value) == (
+        "Job type name 'twice' is claimed by both twiceapp.job_types.TwiceJobType and another "
+        "class of that name: one module was imported under two names, twiceapp.job_types and "
+        "job_types (a directory and its parent both on sys.path, say). Import and define it "
+        "once; changing its `type` will not help."
+    )
+
+
+def test_a_module_executed_twice_is_named_as_the_cause(job_types_file):
+    registry = JobTypeRegistry()
+    module = importlib.import_module("twiceapp.job_types")
+    registry.register_module(module)
+    with pytest.raises(
+        JobTypeAlreadyRegistered, match="module twiceapp.job_types was executed twice"
+    ):
+        registry.register_module(importlib.reload(module))
 
 
 def test_register_module_takes_only_classes_defined_there():

@@ -348,6 +348,33 @@ def test_a_run_that_catches_its_cancel_and_returns_still_ends_cancelled(
     assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
 
 
+@pytest.mark.parametrize("kind", ["coroutine", "generator"])
+def test_a_run_whose_body_never_runs_fails_instead_of_finishing(db, user, monkeypatch, kind):
+    # An async def, or a generator, behind a decorator: registration sees a plain function.
+    async def export(job, progress):
+        Marker.objects.create(name="exported")
+
+    def export_rows(job, progress):
+        Marker.objects.create(name="exported")
+        yield
+
+    body = export if kind == "coroutine" else export_rows
+
+    def run(self, job, progress):
+        return body(job, progress)
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    # It was marked finished, at 100 %, with nothing done.
+    with pytest.raises(TypeError, match=f"ScriptedJobType.run returned {kind} "):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert job.error.startswith(f"TypeError: ScriptedJobType.run returned {kind} ")
+    assert "Make it a plain `def`" in job.error
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]
+
+
 def test_a_run_that_wraps_its_cancel_in_an_error_of_its_own_ends_cancelled(
     transactional_db, user, monkeypatch
 ):

@@ -49,6 +49,26 @@ class HookCall(models.Model):
     detail = models.TextField(blank=True)
 
 
+class LinkedJob(Job):
+    """A job with a foreign key of its own, and rows that keep it from being deleted."""
+
+    marker = models.ForeignKey(
+        Marker, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    details = models.JSONField(null=True, blank=True)
+    markers = models.ManyToManyField(Marker, blank=True, related_name="+")
+    # A key to a proxy: it takes rows of the proxy's concrete model too.
+    follows = models.ForeignKey(
+        "ScriptedJobProxy", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+
+class Receipt(models.Model):
+    """Keeps the job it records: it cannot be deleted while the receipt exists."""
+
+    job = models.ForeignKey(LinkedJob, on_delete=models.PROTECT, related_name="+")
+
+
 class AnyJob(Job):
     """A proxy of the base model, as a project adds for a manager or an admin of its own."""
 
