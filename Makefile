@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: example test lint typecheck migrations-check docs test-postgres test-sqlite test-mysql \
+.PHONY: example test lint typecheck migrations-check docs test-postgres test-pgbouncer test-sqlite test-mysql \
 	test-example test-compat clean test-matrix test-dj60 test-dj61 test-core bench-fastpath bench-throughput \
 	bench-api
 
@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python example/manage.py runexample
 
-test: lint typecheck migrations-check docs test-postgres test-sqlite test-mysql test-compat test-example \
-	test-matrix
+test: lint typecheck migrations-check docs test-postgres test-pgbouncer test-sqlite test-mysql \
+	test-compat test-example test-matrix
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -38,6 +38,11 @@ docs: $(STAMP)
 # PostgreSQL and Redis on 127.0.0.1, real worker processes included.
 test-postgres: $(STAMP)
 	TASK_FERRY_TEST_DB=postgresql TASK_FERRY_TEST_STORE=redis $(BIN)/python -m pytest
+
+# The same behind a PgBouncer of its own in transaction mode (Debian's pgbouncer), as many
+# deployments run; the browser test is left out (it checks the page, not the connection).
+test-pgbouncer: $(STAMP)
+	TASK_FERRY_TEST_STORE=redis $(BIN)/python -m tests.pgbouncer --ignore=tests/browser
 
 # SQLite and Django's cache as the progress store; tests that need a worker are skipped.
 test-sqlite: $(STAMP)

@@ -68,7 +68,7 @@ if DB_VENDOR == "postgresql":
             "NAME": os.environ.get("TASK_FERRY_TEST_DB_NAME", "task_ferry"),
             "USER": "postgres",
             "HOST": "127.0.0.1",
-            "PORT": "5432",
+            "PORT": os.environ.get("TASK_FERRY_TEST_DB_PORT", "5432"),
             "TEST": {"NAME": os.environ.get("TASK_FERRY_TEST_DB_TEST_NAME", "test_task_ferry")},
         }
     }

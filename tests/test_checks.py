@@ -571,6 +571,7 @@ def database_messages(connection):
     return [m for m in run_checks(databases=[connection.alias]) if m.id == "task_ferry.W002"]
 
 
+@pytest.mark.direct_connection  # startup options, which a pooler drops
 def test_w002_asks_the_database_the_level_its_sessions_get(connection_options):
     """Set outside ``isolation_level``, REPEATABLE READ is found when the checks may query the
     database (migrate, check --database), as Django's own database checks do."""

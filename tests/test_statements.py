@@ -153,6 +153,7 @@ def test_while_queries_are_logged_the_statements_are_logged_with_their_text(prep
     assert job.state == JobState.FINISHED
 
 
+@pytest.mark.direct_connection  # this session's prepared statements
 @postgresql_only
 def test_prepared_statements_stay_off_where_django_turned_them_off(prepare_threshold):
     """Django's default (``prepare_threshold`` None): a pooler in transaction mode may hand a

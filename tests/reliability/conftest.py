@@ -19,6 +19,7 @@ import pytest
 import redis
 from django.db import connection
 
+from tests.pgbouncer import PGBOUNCER, PgBouncer
 from tests.reliability.executors import QueueingExecutor
 from tests.waiting import wait_for
 
@@ -227,54 +228,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-class PgBouncer:
-    """A PgBouncer of our own on a spare port, in transaction mode, in front of the test
-    database's server: the pooler many Django deployments put before PostgreSQL."""
-
-    def __init__(self, port: int, directory: Path) -> None:
-        self.port = port
-        self.directory = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-        #: The PostgreSQL server's port, behind it.
-        self.server_port = 0
-
-    def start(self, host: str, server_port: int, user: str) -> None:
-        self.server_port = server_port
-        config = self.directory / "pgbouncer.ini"
-        users = self.directory / "users.txt"
-        users.write_text(f'"{user}" ""\n')
-        config.write_text(
-            "[databases]\n"
-            f"* = host={host} port={server_port}\n"
-            "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
-            f"auth_type = trust\nauth_file = {users}\n"
-            "pool_mode = transaction\ndefault_pool_size = 4\n"
-            "ignore_startup_parameters = extra_float_digits,options\n"
-        )
-        command = [PGBOUNCER, str(config)]
-        if os.geteuid() == 0:
-            # PgBouncer refuses to run as root; the user it switches to must read its files.
-            command[1:1] = ["-u", "postgres"]
-            for path in (self.directory, config, users):
-                path.chmod(0o755 if path.is_dir() else 0o644)
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._listening, timeout=10)
-
-    def _listening(self) -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-PGBOUNCER = next((p for p in ("pgbouncer", "/usr/sbin/pgbouncer") if shutil.which(p)), "pgbouncer")
 
 
 @pytest.fixture

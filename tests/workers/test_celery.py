@@ -575,6 +575,7 @@ def test_broker_down_fails_the_job_and_raises(own_redis_broker, user) -> None:
     assert state_of(reachable.pk) == "pending"
 
 
+@pytest.mark.direct_connection  # ends its server session
 @pytest.mark.worker
 def test_broker_and_database_both_lost_raise_the_brokers_error(own_redis_broker, user) -> None:
     # A host losing its network loses both: the error to fix first is still the broker's.
@@ -601,6 +602,7 @@ def test_broker_and_database_both_lost_raise_the_brokers_error(own_redis_broker,
     assert ScriptedJob.objects.get().state == "pending"
 
 
+@pytest.mark.direct_connection  # ends its server session
 @pytest.mark.worker
 def test_broker_and_database_both_lost_in_a_batch_say_its_jobs_stay_pending(
     own_redis_broker, user
