@@ -109,15 +109,19 @@ def main(pytest_args: list[str]) -> int:
         TASK_FERRY_TEST_DB_NAME=os.environ.get("TASK_FERRY_TEST_DB_NAME", "task_ferry_pgbouncer"),
         TASK_FERRY_TEST_DB_TEST_NAME=test_database,
     )
+    # The test project's replica alias has a test database of its own (tests/settings.py).
+    test_databases = [test_database, f"{test_database}_replica"]
     try:
-        drop_database(test_database)  # left by a run that was killed
-        # --reuse-db: pytest-django would drop the database through the pooler, which still
-        # holds connections to it.
+        for name in test_databases:
+            drop_database(name)  # left by a run that was killed
+        # --reuse-db: pytest-django would drop the databases through the pooler, which still
+        # holds connections to them.
         command = [sys.executable, "-m", "pytest", "--reuse-db", "-m", "not direct_connection"]
         return subprocess.call([*command, *pytest_args], env=env)
     finally:
         bouncer.stop()
-        drop_database(test_database)
+        for name in test_databases:
+            drop_database(name)
 
 
 if __name__ == "__main__":
