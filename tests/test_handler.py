@@ -118,11 +118,19 @@ class LinkedJobType(RecordingJobType[LinkedJob]):
         progress.increment(100)
 
 
-@pytest.fixture
-def linked():
-    job_type = job_type_registry.register(LinkedJobType)
-    yield job_type
-    job_type_registry.unregister(job_type)
+def registered_for_the_test(job_type_class):
+    """A fixture that registers ``job_type_class`` for the test and unregisters it after."""
+
+    @pytest.fixture
+    def job_type():
+        registered = job_type_registry.register(job_type_class)
+        yield registered
+        job_type_registry.unregister(registered)
+
+    return job_type
+
+
+linked = registered_for_the_test(LinkedJobType)
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
@@ -451,11 +459,7 @@ class FieldlessJobType(JobType):
         progress.increment(100)
 
 
-@pytest.fixture
-def fieldless():
-    job_type = job_type_registry.register(FieldlessJobType)
-    yield job_type
-    job_type_registry.unregister(job_type)
+fieldless = registered_for_the_test(FieldlessJobType)
 
 
 def test_deletes_through_proxies_forget_each_job_once(
