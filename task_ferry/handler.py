@@ -261,9 +261,11 @@ class RunLock:
         if self.connection.vendor != "postgresql":
             yield self._held_for_the_run()
             return
-        with transaction.atomic(using=self.using), self.connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", [self.name])
-            yield bool(cursor.fetchone()[0])
+        with transaction.atomic(using=self.using):
+            with self.connection.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", [self.name])
+                alone = bool(cursor.fetchone()[0])
+            yield alone
 
     def _held_for_the_run(self) -> bool:
         if self.held is None:
