@@ -113,6 +113,16 @@ def check_permission_class() -> list[CheckMessage]:
     from task_ferry.api.permissions import IsJobOwner
 
     path = ferry_settings.API_PERMISSION_CLASS
+    if not isinstance(path, str):
+        return [
+            Error(
+                f"TASK_FERRY['API_PERMISSION_CLASS'] must be a dotted path (a string), "
+                f"got {path!r}.",
+                hint='For example "task_ferry.api.permissions.IsJobOwnerOrStaff", or remove it '
+                "to use IsJobOwner.",
+                id="task_ferry.E008",
+            )
+        ]
     try:
         permission_class = import_string(path)
     except (ImportError, TypeError, ValueError) as exc:
@@ -266,6 +276,17 @@ def check_store(
 
     from task_ferry.stores.base import ProgressStore, default_store_path, get_store
 
+    configured = ferry_settings.PROGRESS_STORE
+    if configured and not isinstance(configured, str):
+        return [
+            Error(
+                f"TASK_FERRY['PROGRESS_STORE'] must be a dotted path (a string), "
+                f"got {configured!r}.",
+                hint='For example "task_ferry.stores.redis.RedisProgressStore", or remove it '
+                "to let REDIS_URL choose.",
+                id="task_ferry.E006",
+            )
+        ]
     path = default_store_path()
     try:
         store_class = import_string(path)

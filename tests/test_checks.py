@@ -246,6 +246,27 @@ def test_e008_api_permission_class_that_does_not_import(ferry):
     assert "myproject.permissions.Nope" in only("task_ferry.E008").msg
 
 
+@pytest.mark.parametrize("value", [IsJobOwner, None])
+def test_e008_api_permission_class_that_is_not_a_dotted_path(ferry, value):
+    # The class itself where its path belongs: the check crashed with an AttributeError.
+    ferry(API_PERMISSION_CLASS=value)
+    message = only("task_ferry.E008")
+    assert message.msg == (
+        f"TASK_FERRY['API_PERMISSION_CLASS'] must be a dotted path (a string), got {value!r}."
+    )
+
+
+def test_e006_progress_store_given_as_a_class(ferry):
+    from task_ferry.stores.cache import CacheProgressStore
+
+    ferry(PROGRESS_STORE=CacheProgressStore)
+    message = only("task_ferry.E006")
+    assert message.msg == (
+        "TASK_FERRY['PROGRESS_STORE'] must be a dotted path (a string), got "
+        f"{CacheProgressStore!r}."
+    )
+
+
 class HidesEveryJob(IsJobOwner):
     def has_object_permission(self, request, view, obj):
         return False
@@ -376,6 +397,25 @@ def test_w001_redis_that_refuses_the_database_number(ferry):
     assert "refuses the connection" in message.msg
     assert "Start Redis" not in message.hint
     assert "database number" in message.hint
+
+
+@pytest.mark.skipif(
+    django_settings.TASK_FERRY.get("REDIS_URL") is None, reason="needs the test Redis"
+)
+def test_w001_redis_that_refuses_the_password(ferry):
+    # A user the test Redis does not know: it answers, and refuses the credentials.
+    ferry(REDIS_URL="redis://nosuchuser:s3cret@127.0.0.1:6379/9", PROGRESS_STORE=None)
+    message = only("task_ferry.W001")
+    assert "refuses the connection" in message.msg
+    assert "password" in message.hint
+
+
+def test_w001_does_not_show_the_redis_password(ferry):
+    port = free_port()
+    ferry(REDIS_URL=f"redis://deploy:s3cret@127.0.0.1:{port}/0", PROGRESS_STORE=None)
+    message = only("task_ferry.W001")
+    assert "s3cret" not in message.msg
+    assert f"redis://deploy:***@127.0.0.1:{port}/0" in message.msg
 
 
 def registered_type(type_name):
