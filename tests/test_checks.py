@@ -246,6 +246,19 @@ def test_e008_api_permission_class_that_does_not_import(ferry):
     assert "myproject.permissions.Nope" in only("task_ferry.E008").msg
 
 
+@pytest.mark.skipif(find_spec("celery") is None, reason="celery is not installed")
+@pytest.mark.parametrize("value", [None, "", 5])
+def test_e013_celery_queue_that_is_not_a_queues_name(ferry, value):
+    # str() of it went on as the queue's name: None sent every job to a queue "None", which no
+    # worker consumes, and the jobs waited until PENDING_TIMEOUT failed them.
+    ferry(EXECUTOR="task_ferry.executors.celery.CeleryExecutor", CELERY_QUEUE=value)
+    message = only("task_ferry.E013")
+    assert message.msg == (
+        f"TASK_FERRY['CELERY_QUEUE'] must be the name of a Celery queue (a non-empty str), "
+        f"got {value!r}."
+    )
+
+
 @pytest.mark.parametrize("value", [IsJobOwner, None])
 def test_e008_api_permission_class_that_is_not_a_dotted_path(ferry, value):
     # The class itself where its path belongs: the check crashed with an AttributeError.
