@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -29,11 +30,12 @@ def check_settings(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
-    unknown = sorted(set(ferry_settings.user_settings) - set(DEFAULTS))
+    # By repr: a key may be no str at all, and a trailing space must show.
+    unknown = sorted(set(ferry_settings.user_settings) - set(DEFAULTS), key=repr)
     if unknown:
         messages.append(
             Error(
-                f"TASK_FERRY has unknown key(s): {', '.join(unknown)}.",
+                f"TASK_FERRY has unknown key(s): {', '.join(map(describe_unknown_key, unknown))}.",
                 hint=f"Valid keys are: {', '.join(sorted(DEFAULTS))}.",
                 id="task_ferry.E002",
             )
@@ -80,6 +82,15 @@ def check_settings(
         )
     messages.extend(check_permission_class())
     return messages
+
+
+def describe_unknown_key(key: object) -> str:
+    """``'EXECUTER' (did you mean 'EXECUTOR'?)``, or the key's repr alone."""
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key.strip().upper(), DEFAULTS, n=1, cutoff=0.8)
+        if close:
+            return f"{key!r} (did you mean {close[0]!r}?)"
+    return repr(key)
 
 
 # Numeric settings: name, smallest and largest value, and int for whole numbers only.

@@ -171,6 +171,23 @@ def test_e002_unknown_setting(ferry):
     assert "JOB_EXPIRY_DAYS" in message.hint
 
 
+def test_e002_names_each_unknown_key_and_the_setting_it_is_close_to(ferry):
+    ferry(EXECUTER="x", REDIS_URl="redis://127.0.0.1:6379/0", **{"CACHE_ALIAS ": "default"})
+    message = only("task_ferry.E002")
+    assert message.msg == (
+        "TASK_FERRY has unknown key(s): 'CACHE_ALIAS ' (did you mean 'CACHE_ALIAS'?), "
+        "'EXECUTER' (did you mean 'EXECUTOR'?), 'REDIS_URl' (did you mean 'REDIS_URL'?)."
+    )
+
+
+@pytest.mark.parametrize("key", [1, ("EXECUTOR",), None])
+def test_e002_unknown_key_that_is_not_a_str(settings, key):
+    # Joining the names failed with a TypeError: check, runserver and migrate stopped on it.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, key: "x"}
+    message = only("task_ferry.E002")
+    assert message.msg == f"TASK_FERRY has unknown key(s): {key!r}."
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
