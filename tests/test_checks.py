@@ -319,6 +319,23 @@ def test_e009_cache_alias_not_in_caches(ferry):
     assert "'progress'" in message.msg and "default" in message.hint
 
 
+@pytest.mark.parametrize("prefix", ["my app", "x" * 240])
+def test_w004_key_prefix_that_memcached_refuses(ferry, prefix):
+    # Memcached refuses every write of such a key (the progress and cancel requests were
+    # lost, logged one by one); the other caches warn at each.
+    ferry(REDIS_URL=None, PROGRESS_STORE=None, KEY_PREFIX=prefix)
+    message = only("task_ferry.W004")
+    assert message.msg.startswith(
+        f"TASK_FERRY['KEY_PREFIX'] = {prefix!r} makes keys that memcached "
+    )
+    assert "KEY_PREFIX" in message.hint
+
+
+def test_w004_not_for_the_redis_store(ferry):
+    ferry(REDIS_URL="redis://127.0.0.1:6379/9", PROGRESS_STORE=None, KEY_PREFIX="my app")
+    assert "task_ferry.W004" not in ids(ferry_messages())
+
+
 OUT_OF_PROCESS = "tests.reliability.executors.QueueingExecutor"
 
 
