@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import display_for_field
-from django.contrib.admin.views.main import ChangeList
+from django.contrib.admin.views.main import SEARCH_VAR, ChangeList
 from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist
 from django.core.paginator import Paginator
@@ -83,6 +84,15 @@ def planner_row_estimate(queryset: QuerySet[Any]) -> int | None:
 
 class JobChangeList(ChangeList):
     def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
+        if any(
+            "\x00" in value
+            for name, values in request.GET.lists()
+            if name != SEARCH_VAR
+            for value in values
+        ):
+            # PostgreSQL refuses a NUL in a query, and the page's count would fail with a
+            # server error: refused like any other bad filter, back to the list with "?e=1".
+            raise IncorrectLookupParameters("A filter value contains a NUL character.")
         # Tracebacks can be long, and the list never shows them.
         return super().get_queryset(request, exclude_parameters).defer("traceback", "error")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -29,11 +30,12 @@ def check_settings(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
-    unknown = sorted(set(ferry_settings.user_settings) - set(DEFAULTS))
+    # By repr: a key may be no str at all, and a trailing space must show.
+    unknown = sorted(set(ferry_settings.user_settings) - set(DEFAULTS), key=repr)
     if unknown:
         messages.append(
             Error(
-                f"TASK_FERRY has unknown key(s): {', '.join(unknown)}.",
+                f"TASK_FERRY has unknown key(s): {', '.join(map(describe_unknown_key, unknown))}.",
                 hint=f"Valid keys are: {', '.join(sorted(DEFAULTS))}.",
                 id="task_ferry.E002",
             )
@@ -82,6 +84,15 @@ def check_settings(
     return messages
 
 
+def describe_unknown_key(key: object) -> str:
+    """``'EXECUTER' (did you mean 'EXECUTOR'?)``, or the key's repr alone."""
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key.strip().upper(), DEFAULTS, n=1, cutoff=0.8)
+        if close:
+            return f"{key!r} (did you mean {close[0]!r}?)"
+    return repr(key)
+
+
 # Numeric settings: name, smallest and largest value, and int for whole numbers only.
 NUMBERS: tuple[tuple[str, float, float, type], ...] = (
     # Redis takes whole seconds for a key's lifetime.
@@ -113,6 +124,16 @@ def check_permission_class() -> list[CheckMessage]:
     from task_ferry.api.permissions import IsJobOwner
 
     path = ferry_settings.API_PERMISSION_CLASS
+    if not isinstance(path, str):
+        return [
+            Error(
+                f"TASK_FERRY['API_PERMISSION_CLASS'] must be a dotted path (a string), "
+                f"got {path!r}.",
+                hint='For example "task_ferry.api.permissions.IsJobOwnerOrStaff", or remove it '
+                "to use IsJobOwner.",
+                id="task_ferry.E008",
+            )
+        ]
     try:
         permission_class = import_string(path)
     except (ImportError, TypeError, ValueError) as exc:
@@ -266,6 +287,17 @@ def check_store(
 
     from task_ferry.stores.base import ProgressStore, default_store_path, get_store
 
+    configured = ferry_settings.PROGRESS_STORE
+    if configured and not isinstance(configured, str):
+        return [
+            Error(
+                f"TASK_FERRY['PROGRESS_STORE'] must be a dotted path (a string), "
+                f"got {configured!r}.",
+                hint='For example "task_ferry.stores.redis.RedisProgressStore", or remove it '
+                "to let REDIS_URL choose.",
+                id="task_ferry.E006",
+            )
+        ]
     path = default_store_path()
     try:
         store_class = import_string(path)

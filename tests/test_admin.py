@@ -258,3 +258,12 @@ def test_cancel_action_on_a_job_whose_type_was_removed(admin_client, user):
     assert messages == ["Cancelled 1 pending job(s)."]
     orphan.refresh_from_db()
     assert orphan.state == JobState.CANCELLED
+
+
+@pytest.mark.parametrize("params", [{"type": "scripted\x00"}, {"state": "pending\x00"}])
+def test_filter_values_no_row_can_hold_are_refused(admin_client, user, params):
+    # PostgreSQL refuses a NUL in a query: the page failed with a server error.
+    make_job(user)
+    response = admin_client.get(LIST_URL, params)
+    assert response.status_code == 302
+    assert response["Location"] == f"{LIST_URL}?e=1"

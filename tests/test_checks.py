@@ -171,6 +171,23 @@ def test_e002_unknown_setting(ferry):
     assert "JOB_EXPIRY_DAYS" in message.hint
 
 
+def test_e002_names_each_unknown_key_and_the_setting_it_is_close_to(ferry):
+    ferry(EXECUTER="x", REDIS_URl="redis://127.0.0.1:6379/0", **{"CACHE_ALIAS ": "default"})
+    message = only("task_ferry.E002")
+    assert message.msg == (
+        "TASK_FERRY has unknown key(s): 'CACHE_ALIAS ' (did you mean 'CACHE_ALIAS'?), "
+        "'EXECUTER' (did you mean 'EXECUTOR'?), 'REDIS_URl' (did you mean 'REDIS_URL'?)."
+    )
+
+
+@pytest.mark.parametrize("key", [1, ("EXECUTOR",), None])
+def test_e002_unknown_key_that_is_not_a_str(settings, key):
+    # Joining the names failed with a TypeError: check, runserver and migrate stopped on it.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, key: "x"}
+    message = only("task_ferry.E002")
+    assert message.msg == f"TASK_FERRY has unknown key(s): {key!r}."
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -246,6 +263,40 @@ def test_e008_api_permission_class_that_does_not_import(ferry):
     assert "myproject.permissions.Nope" in only("task_ferry.E008").msg
 
 
+@pytest.mark.skipif(find_spec("celery") is None, reason="celery is not installed")
+@pytest.mark.parametrize("value", [None, "", 5])
+def test_e013_celery_queue_that_is_not_a_queues_name(ferry, value):
+    # str() of it went on as the queue's name: None sent every job to a queue "None", which no
+    # worker consumes, and the jobs waited until PENDING_TIMEOUT failed them.
+    ferry(EXECUTOR="task_ferry.executors.celery.CeleryExecutor", CELERY_QUEUE=value)
+    message = only("task_ferry.E013")
+    assert message.msg == (
+        f"TASK_FERRY['CELERY_QUEUE'] must be the name of a Celery queue (a non-empty str), "
+        f"got {value!r}."
+    )
+
+
+@pytest.mark.parametrize("value", [IsJobOwner, None])
+def test_e008_api_permission_class_that_is_not_a_dotted_path(ferry, value):
+    # The class itself where its path belongs: the check crashed with an AttributeError.
+    ferry(API_PERMISSION_CLASS=value)
+    message = only("task_ferry.E008")
+    assert message.msg == (
+        f"TASK_FERRY['API_PERMISSION_CLASS'] must be a dotted path (a string), got {value!r}."
+    )
+
+
+def test_e006_progress_store_given_as_a_class(ferry):
+    from task_ferry.stores.cache import CacheProgressStore
+
+    ferry(PROGRESS_STORE=CacheProgressStore)
+    message = only("task_ferry.E006")
+    assert message.msg == (
+        "TASK_FERRY['PROGRESS_STORE'] must be a dotted path (a string), got "
+        f"{CacheProgressStore!r}."
+    )
+
+
 class HidesEveryJob(IsJobOwner):
     def has_object_permission(self, request, view, obj):
         return False
@@ -266,6 +317,23 @@ def test_e009_cache_alias_not_in_caches(ferry):
     ferry(REDIS_URL=None, PROGRESS_STORE=None, CACHE_ALIAS="progress")
     message = only("task_ferry.E009")
     assert "'progress'" in message.msg and "default" in message.hint
+
+
+@pytest.mark.parametrize("prefix", ["my app", "x" * 240])
+def test_w004_key_prefix_that_memcached_refuses(ferry, prefix):
+    # Memcached refuses every write of such a key (the progress and cancel requests were
+    # lost, logged one by one); the other caches warn at each.
+    ferry(REDIS_URL=None, PROGRESS_STORE=None, KEY_PREFIX=prefix)
+    message = only("task_ferry.W004")
+    assert message.msg.startswith(
+        f"TASK_FERRY['KEY_PREFIX'] = {prefix!r} makes keys that memcached "
+    )
+    assert "KEY_PREFIX" in message.hint
+
+
+def test_w004_not_for_the_redis_store(ferry):
+    ferry(REDIS_URL="redis://127.0.0.1:6379/9", PROGRESS_STORE=None, KEY_PREFIX="my app")
+    assert "task_ferry.W004" not in ids(ferry_messages())
 
 
 OUT_OF_PROCESS = "tests.reliability.executors.QueueingExecutor"
@@ -376,6 +444,25 @@ def test_w001_redis_that_refuses_the_database_number(ferry):
     assert "refuses the connection" in message.msg
     assert "Start Redis" not in message.hint
     assert "database number" in message.hint
+
+
+@pytest.mark.skipif(
+    django_settings.TASK_FERRY.get("REDIS_URL") is None, reason="needs the test Redis"
+)
+def test_w001_redis_that_refuses_the_password(ferry):
+    # A user the test Redis does not know: it answers, and refuses the credentials.
+    ferry(REDIS_URL="redis://nosuchuser:s3cret@127.0.0.1:6379/9", PROGRESS_STORE=None)
+    message = only("task_ferry.W001")
+    assert "refuses the connection" in message.msg
+    assert "password" in message.hint
+
+
+def test_w001_does_not_show_the_redis_password(ferry):
+    port = free_port()
+    ferry(REDIS_URL=f"redis://deploy:s3cret@127.0.0.1:{port}/0", PROGRESS_STORE=None)
+    message = only("task_ferry.W001")
+    assert "s3cret" not in message.msg
+    assert f"redis://deploy:***@127.0.0.1:{port}/0" in message.msg
 
 
 def registered_type(type_name):

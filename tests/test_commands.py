@@ -178,6 +178,13 @@ def test_jobs_refuses_a_type_name_no_row_can_hold(db):
         run("task_ferry_jobs", "--type", "limit\x00ed")
 
 
+@pytest.mark.parametrize("limit", ["0", "10001", "99999999999999999999"])
+def test_jobs_refuses_a_limit_out_of_range(db, limit):
+    # A limit past the database's integers failed with a traceback of its DataError.
+    with pytest.raises(CommandError, match="^--limit must be from 1 to 10000, got "):
+        run("task_ferry_jobs", "--limit", limit)
+
+
 def test_jobs_filters_by_a_removed_type_that_still_has_jobs(user):
     job = make_job(user)
     Job.objects.filter(pk=job.pk).update(type="removed_type")

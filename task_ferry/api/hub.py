@@ -22,6 +22,8 @@ import redis
 import redis.asyncio
 from redis.asyncio.client import PubSub
 
+from task_ferry.stores.redis import redacted_url
+
 logger = logging.getLogger("task_ferry")
 
 __all__ = ["EventHub", "Link", "get_hub"]
@@ -98,7 +100,9 @@ class EventHub:
             if self._failed_attempts != failed_attempts:
                 # Redis failed the attempt this one waited for (it may take seconds to time
                 # out): fail now rather than each stream in turn. The next stream tries again.
-                raise redis.ConnectionError(f"Redis at {self.url} did not take a subscription.")
+                raise redis.ConnectionError(
+                    f"Redis at {redacted_url(self.url)} did not take a subscription."
+                )
             self._queues.setdefault(channel, set()).add(queue)
             try:
                 # The channels lost with a connection too, while at it.

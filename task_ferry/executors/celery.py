@@ -305,10 +305,22 @@ class CeleryExecutor(BaseExecutor):
                     id="task_ferry.E010",
                 )
             ]
+        messages: list[CheckMessage] = []
+        queue = ferry_settings.CELERY_QUEUE
+        if not (isinstance(queue, str) and queue):
+            # Jobs would go to a queue named str(queue), "None" say, that no worker consumes.
+            messages.append(
+                Error(
+                    f"TASK_FERRY['CELERY_QUEUE'] must be the name of a Celery queue (a non-empty "
+                    f"str), got {queue!r}.",
+                    hint="Name the queue your workers consume (celery worker -Q), or remove it "
+                    'to use "default".',
+                    id="task_ferry.E013",
+                )
+            )
         app = get_celery_app()
         if app is None:
-            return [Error(NO_APP_MESSAGE, hint=NO_APP_HINT, id="task_ferry.E010")]
-        messages: list[CheckMessage] = []
+            return [*messages, Error(NO_APP_MESSAGE, hint=NO_APP_HINT, id="task_ferry.E010")]
         # Environment variables included: CELERY_BROKER_WRITE_URL, then CELERY_BROKER_URL.
         if not app.conf.broker_write_url:
             messages.append(

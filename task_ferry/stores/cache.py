@@ -11,7 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import caches
-from django.core.cache.backends.base import BaseCache
+from django.core.cache.backends.base import BaseCache, memcache_key_warnings
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.checks import CheckMessage, Error, Warning
@@ -94,7 +94,24 @@ class CacheProgressStore(ProgressStore):
                     id="task_ferry.E009",
                 )
             ]
-        return self.check_shared_with_workers()
+        return [*self.check_key_prefix(), *self.check_shared_with_workers()]
+
+    def check_key_prefix(self) -> list[CheckMessage]:
+        """W004: keys memcached refuses (whitespace, control characters, over 250 characters)."""
+        # The longest key the store writes, as the cache makes it (its own prefix and version).
+        longest = self.cache.make_key(self.cancel_key(2**63 - 1))
+        if next(memcache_key_warnings(longest), None) is None:
+            return []
+        return [
+            Warning(
+                f"TASK_FERRY['KEY_PREFIX'] = {self.key_prefix!r} makes keys that memcached refuses "
+                f"(with whitespace or control characters, or longer than 250 characters), "
+                f"such as {longest!r}: on memcached every progress write and cancel request "
+                f"would fail, and other caches warn at each.",
+                hint="Use a short KEY_PREFIX of letters, digits, '-', '_' or ':'.",
+                id="task_ferry.W004",
+            )
+        ]
 
     def check_shared_with_workers(self) -> list[CheckMessage]:
         """W003: a cache the worker processes cannot share with the web process."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,6 +20,17 @@ from task_ferry.stores.base import CancelListener, ProgressStore, delete_in_batc
 SOCKET_TIMEOUT = 2.0
 # Jobs per DEL (two keys each) and per round trip of deletion notices in ``delete()``.
 DELETE_BATCH_SIZE = 500
+
+
+# The password of a URL's user information, and of its query (redis-py takes it from both).
+URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/?#@]*):[^/?#]*@", re.IGNORECASE)
+QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: messages name the Redis they
+    failed on, and the admin, the commands and the logs show them."""
+    return QUERY_PASSWORD.sub(r"\1***", URL_PASSWORD.sub(r"\1:***@", url))
 
 
 def deletion_notice(job_id: int) -> str:
@@ -38,6 +50,8 @@ class RedisProgressStore(ProgressStore):
             socket_timeout=SOCKET_TIMEOUT,
             health_check_interval=30,
         )
+        #: The URL as messages and logs show it: without its password.
+        self.shown_url = redacted_url(self.url)
         # Redis keeps keys per database but has one set of channels for the whole server:
         # without its database number, a project on /1 would hear cancel requests and events
         # of a project on /2 with the same KEY_PREFIX (the default, say) for its own job ids.
@@ -55,7 +69,9 @@ class RedisProgressStore(ProgressStore):
         try:
             yield
         except redis.RedisError as exc:
-            raise ProgressStoreUnavailable(f"Could not {doing} Redis at {self.url}: {exc}") from exc
+            raise ProgressStoreUnavailable(
+                f"Could not {doing} Redis at {self.shown_url}: {exc}"
+            ) from exc
 
     def write(self, job_id: int, snapshot: dict[str, Any]) -> None:
         self.write_many({job_id: snapshot})
@@ -138,12 +154,12 @@ class RedisProgressStore(ProgressStore):
     def check(self) -> list[CheckMessage]:
         try:
             self.client.ping()
-        except redis.ResponseError as exc:
+        except (redis.ResponseError, redis.AuthenticationError) as exc:
             # Redis answered: it runs, but refuses this URL (a database number past its
-            # `databases`, a wrong password).
+            # `databases`, a wrong user or password; redis-py counts the latter a ConnectionError).
             return [
                 Warning(
-                    f"The progress store's Redis at {self.url} refuses the connection: {exc}",
+                    f"The progress store's Redis at {self.shown_url} refuses the connection: {exc}",
                     hint="Fix TASK_FERRY['REDIS_URL'] (its database number, user or password). "
                     "Until then, progress is only visible once a job ends.",
                     id="task_ferry.W001",
@@ -152,7 +168,7 @@ class RedisProgressStore(ProgressStore):
         except redis.RedisError as exc:
             return [
                 Warning(
-                    f"The progress store's Redis at {self.url} is unreachable: {exc}",
+                    f"The progress store's Redis at {self.shown_url} is unreachable: {exc}",
                     hint="Start Redis or fix TASK_FERRY['REDIS_URL']. Until then, progress is "
                     "only visible once a job ends.",
                     id="task_ferry.W001",
@@ -174,7 +190,7 @@ class RedisCancelListener(CancelListener):
         except redis.RedisError as exc:
             self.close()
             raise ProgressStoreUnavailable(
-                f"Could not subscribe to cancel requests in Redis at {store.url}: {exc}"
+                f"Could not subscribe to cancel requests in Redis at {store.shown_url}: {exc}"
             ) from exc
 
     def wait(self, timeout: float) -> list[int]:

@@ -4,13 +4,15 @@ configuration are the test's alone)."""
 import json
 import re
 import shutil
+import socket
 import time
 
 import pytest
 import redis
 
+from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.stores.base import get_store
-from task_ferry.stores.redis import DELETE_BATCH_SIZE, RedisProgressStore
+from task_ferry.stores.redis import DELETE_BATCH_SIZE, RedisProgressStore, redacted_url
 from tests.test_store_outage import redis_server  # noqa: F401 - a fixture of our own Redis
 
 pytestmark = pytest.mark.skipif(
@@ -155,3 +157,35 @@ def test_projects_on_two_databases_of_one_redis_hear_only_their_own_jobs(
     finally:
         listener.close()
         events.close()
+
+
+def test_errors_name_the_redis_without_its_password():
+    """The URL goes into ProgressStoreUnavailable, which the admin shows its users and the
+    commands print; its password must not."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = RedisProgressStore(
+        timeout=60, key_prefix="tf", url=f"redis://deploy:s3cret@127.0.0.1:{port}/0"
+    )
+    with pytest.raises(ProgressStoreUnavailable) as caught:
+        store.read(1)
+    assert "s3cret" not in str(caught.value)
+    assert f"Redis at redis://deploy:***@127.0.0.1:{port}/0:" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("rediss://deploy:s3c:ret@redis.example:6380", "rediss://deploy:***@redis.example:6380"),
+        ("redis://deploy@127.0.0.1/0", "redis://deploy@127.0.0.1/0"),
+        (
+            "unix:///run/redis.sock?db=2&password=s3cret",
+            "unix:///run/redis.sock?db=2&password=***",
+        ),
+    ],
+)
+def test_redacted_url(url, shown):
+    assert redacted_url(url) == shown

@@ -19,6 +19,9 @@ from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import snapshot_of
 from task_ferry.stores.base import get_store
 
+# More lines than a terminal or a log wants; a limit past the database's integers would fail.
+MAX_LIMIT = 10_000
+
 # Cursor up to the first line of the previous frame, then clear to the end of the screen.
 REDRAW = "\x1b[{lines}F\x1b[J"
 
@@ -126,13 +129,18 @@ class Command(BaseCommand):
             help="With --watch, stop once no job is pending or running.",
         )
         parser.add_argument("--type", dest="job_type", help="Only jobs of this type.")
-        parser.add_argument("--limit", type=int, default=50, help="Most jobs shown (oldest first).")
+        parser.add_argument(
+            "--limit",
+            type=int,
+            default=50,
+            help=f"Most jobs shown (oldest first), at most {MAX_LIMIT}.",
+        )
         parser.add_argument("--plain", action="store_true", help="Plain lines even on a terminal.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         check_interval(options["interval"])
-        if options["limit"] < 1:
-            raise CommandError("--limit must be at least 1.")
+        if not 1 <= options["limit"] <= MAX_LIMIT:
+            raise CommandError(f"--limit must be from 1 to {MAX_LIMIT}, got {options['limit']}.")
         self.job_type: str | None = options["job_type"]
         if self.job_type is not None:
             check_type_name(self.job_type)
