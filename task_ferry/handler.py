@@ -863,6 +863,8 @@ class JobHandler:
                     pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
                 )
             )
+            # Before _deletable() leaves out the protected ones, which have their model's row.
+            loaded = {job.pk for job in jobs}
             jobs = _deletable(model, jobs)
             if type_name in job_type_registry:
                 job_type = job_type_registry.get(type_name)
@@ -894,7 +896,6 @@ class JobHandler:
                     len(jobs),
                 )
             deleted += _delete_jobs(model, jobs)
-            loaded = {job.pk for job in jobs}
             if model is not Job and len(loaded) < len(ids):
                 # Jobs whose row of the model is missing, which loading through it cannot find:
                 # left, they would never be deleted. Their before_delete cannot run.
@@ -1159,16 +1160,49 @@ def _links(job: Job, prepared: dict[str, Any]) -> dict[str, Any]:
 
 def _set_links(job: Job, links: dict[str, Any]) -> None:
     """Link the saved job to the rows (or keys) given for its many-to-many fields, as
-    ``ModelForm.save()`` does after saving the row. Keys of rows that do not exist are the
-    database's to refuse, when the creation commits."""
+    ``ModelForm.save()`` does after saving the row. Keys no row has are refused here, on every
+    database: MySQL and MariaDB would drop their links without a word (Django inserts them with
+    ``INSERT IGNORE``), the others refuse them at the commit, naming no field."""
     for name, value in links.items():
         try:
-            getattr(job, name).set(value)
+            if isinstance(value, str | bytes | Mapping):
+                # Iterated, "12" would link the rows with keys 1 and 2.
+                raise TypeError(
+                    f"Must be a list of rows or keys, got {type(value).__name__} {value!r}."
+                )
+            items = list(value)
+            getattr(job, name).set(items)
         except (TypeError, ValueError) as exc:
             # Not a list of rows or keys, rows of another model, unsaved rows.
             raise InvalidJobValues(
                 f"Invalid job values. {name}: {exc}", {name: [str(exc)]}
             ) from exc
+        missing = _missing_rows(job, name, items)
+        if missing:
+            raise InvalidJobValues(f"Invalid job values. {name}: {missing[0]}", {name: missing})
+
+
+def _missing_rows(job: Job, name: str, items: list[Any]) -> list[str]:
+    """Messages for the keys among ``items`` that no row of the many-to-many field ``name``'s
+    model has; one query, none for an empty list."""
+    field = next(f for f in type(job)._meta.many_to_many if f.name == name)
+    target = field.target_field
+    wanted = {
+        getattr(item, target.attname) if isinstance(item, Model) else target.get_prep_value(item)
+        for item in items
+    }
+    if not wanted:
+        return []
+    related = target.model
+    found = set(
+        related._base_manager.using(job._state.db)
+        .filter(**{f"{target.attname}__in": wanted})
+        .values_list(target.attname, flat=True)
+    )
+    return [
+        f"No {related.__name__} has {target.name} {key!r}."
+        for key in sorted(wanted - found, key=repr)
+    ]
 
 
 def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, list[str]]:

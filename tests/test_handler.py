@@ -217,6 +217,36 @@ def test_values_a_many_to_many_field_cannot_take_are_refused_naming_it(
     assert not Job.objects.exists()
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
+def test_keys_no_row_has_for_a_many_to_many_field_are_refused_naming_it_on_every_database(
+    transactional_db, user, no_dispatch, linked, many
+):
+    marker = Marker.objects.create(name="there")
+    missing = marker.pk + 1000
+    # MySQL and MariaDB linked the job to none of them without a word (Django adds links with
+    # INSERT IGNORE); PostgreSQL and SQLite refused them at the commit, naming no field.
+    with pytest.raises(InvalidJobValues) as info:
+        if many:
+            JobHandler.create_and_start_many(user, "linked", [{"markers": [marker, missing]}])
+        else:
+            JobHandler.create_and_start(user, "linked", markers=[marker, str(missing)])
+    assert info.value.errors == {"markers": [f"No Marker has id {missing}."]}
+    assert not Job.objects.exists()
+
+
+def test_a_string_for_a_many_to_many_field_is_refused_not_read_as_keys(
+    db, user, no_dispatch, linked
+):
+    first, second = Marker.objects.create(name="first"), Marker.objects.create(name="second")
+    # Iterated character by character, "12" linked the job to the rows with keys 1 and 2.
+    with pytest.raises(InvalidJobValues) as info:
+        JobHandler.create_and_start(user, "linked", markers=f"{first.pk}{second.pk}")
+    assert info.value.errors == {
+        "markers": [f"Must be a list of rows or keys, got str '{first.pk}{second.pk}'."]
+    }
+    assert not Job.objects.exists()
+
+
 @pytest.mark.parametrize("number", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a_number_json_cannot_hold_is_refused_naming_the_field(
     transactional_db, user, no_dispatch, linked, number
@@ -420,6 +450,10 @@ def test_cleanup_keeps_a_job_a_protecting_foreign_key_points_at_and_deletes_the_
         )
         == 2
     )
+    # A kept job has its LinkedJob row: it was also taken for one without it, logged as
+    # "no row in LinkedJob's table; deleting the job without its before_delete hook" and
+    # tried again through Job, whose refusal then named 'LinkedJob.job_ptr' as the reason.
+    assert not [m for m in caplog.messages if "no row in" in m or "LinkedJob.job_ptr" in m]
 
 
 def test_cleanup_asks_the_store_to_forget_each_deleted_job_once(
