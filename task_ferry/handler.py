@@ -22,7 +22,14 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, DataError, IntegrityError, router, transaction
 from django.db.models import Exists, JSONField, Model, OuterRef, Q
-from django.db.models.deletion import PROTECT, RESTRICT, Collector, ProtectedError, RestrictedError
+from django.db.models.deletion import (
+    CASCADE,
+    PROTECT,
+    RESTRICT,
+    Collector,
+    ProtectedError,
+    RestrictedError,
+)
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
@@ -1125,13 +1132,33 @@ def _deletable(
 
 @functools.cache
 def _may_be_protected(model: type[Model]) -> bool:
-    """Whether a foreign key with ``on_delete=PROTECT`` or ``RESTRICT`` points at ``model`` or
-    one of its parents (``Job``)."""
-    return any(
-        getattr(field, "on_delete", None) in (PROTECT, RESTRICT)
-        for field in model._meta.get_fields(include_hidden=True)
-        if field.auto_created and not field.concrete and (field.one_to_many or field.one_to_one)
-    )
+    """Whether a foreign key with ``on_delete=PROTECT`` or ``RESTRICT`` points at ``model``, one
+    of its parents (``Job``), or a model whose rows deleting ``model``'s cascades to."""
+    return _protection_reaches(model, frozenset())
+
+
+def _protection_reaches(model: type[Model], seen: frozenset[type[Model]]) -> bool:
+    for relation in model._meta.get_fields(include_hidden=True):
+        if not (
+            relation.auto_created
+            and not relation.concrete
+            and (relation.one_to_many or relation.one_to_one)
+        ):
+            continue
+        on_delete = getattr(relation, "on_delete", None)
+        if on_delete in (PROTECT, RESTRICT):
+            return True
+        related = relation.related_model
+        # A child model's rows (parent links) belong to jobs of other types.
+        if (
+            on_delete is CASCADE
+            and not getattr(relation, "parent_link", False)
+            and isinstance(related, type)
+            and related not in seen
+            and _protection_reaches(related, seen | {model})
+        ):
+            return True
+    return False
 
 
 def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:

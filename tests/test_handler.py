@@ -23,6 +23,8 @@ from tests.myapp.models import ExportJob
 from tests.testapp.job_types import LimitedJobType, RecordingJobType
 from tests.testapp.models import (
     AnyJob,
+    Attachment,
+    AttachmentReceipt,
     HookCall,
     LimitedJob,
     LinkedJob,
@@ -454,6 +456,32 @@ def test_cleanup_keeps_a_job_a_protecting_foreign_key_points_at_and_deletes_the_
     # "no row in LinkedJob's table; deleting the job without its before_delete hook" and
     # tried again through Job, whose refusal then named 'LinkedJob.job_ptr' as the reason.
     assert not [m for m in caplog.messages if "no row in" in m or "LinkedJob.job_ptr" in m]
+
+
+def test_cleanup_calls_no_before_delete_for_a_job_protected_through_a_cascade(db, user, caplog):
+    kept, deleted = (JobHandler.create_and_start(user, "limited") for _ in range(2))
+    # The job's attachment is deleted with it, but a receipt keeps the attachment.
+    AttachmentReceipt.objects.create(attachment=Attachment.objects.create(job=kept))
+    _age(kept, 30)
+    _age(deleted, 30)
+
+    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+        assert JobHandler.cleanup_old_jobs() == 1
+        assert JobHandler.cleanup_old_jobs() == 0
+
+    assert list(Job.objects.values_list("pk", flat=True)) == [kept.pk]
+    # Only a foreign key to the job's own model was looked for: the kept job's before_delete
+    # ran at each clean-up, which kept the job all the same.
+    calls = HookCall.objects.filter(hook="before_delete").values_list("job_id", flat=True)
+    assert list(calls) == [deleted.pk]
+    assert (
+        caplog.messages.count(
+            f"cleanup_old_jobs: job {kept.pk} is kept: Cannot delete some instances of model "
+            f"'LimitedJob' because they are referenced through protected foreign keys: "
+            f"'Attachment.job'."
+        )
+        == 2
+    )
 
 
 def test_cleanup_asks_the_store_to_forget_each_deleted_job_once(

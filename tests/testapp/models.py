@@ -69,6 +69,18 @@ class Receipt(models.Model):
     job = models.ForeignKey(LinkedJob, on_delete=models.PROTECT, related_name="+")
 
 
+class Attachment(models.Model):
+    """Deleted with its job."""
+
+    job = models.ForeignKey(LimitedJob, on_delete=models.CASCADE, related_name="+")
+
+
+class AttachmentReceipt(models.Model):
+    """Keeps its attachment, and so the attachment's job, from being deleted."""
+
+    attachment = models.ForeignKey(Attachment, on_delete=models.PROTECT, related_name="+")
+
+
 class AnyJob(Job):
     """A proxy of the base model, as a project adds for a manager or an admin of its own."""
 
