@@ -1187,9 +1187,10 @@ def _links(job: Job, prepared: dict[str, Any]) -> dict[str, Any]:
 
 def _set_links(job: Job, links: dict[str, Any]) -> None:
     """Link the saved job to the rows (or keys) given for its many-to-many fields, as
-    ``ModelForm.save()`` does after saving the row. Keys no row has are refused here, on every
+    ``ModelForm.save()`` does after saving the row. Keys no row has are refused first, on every
     database: MySQL and MariaDB would drop their links without a word (Django inserts them with
-    ``INSERT IGNORE``), the others refuse them at the commit, naming no field."""
+    ``INSERT IGNORE``) or, through a model of the project's, refuse them naming no field, as the
+    others do at the commit."""
     for name, value in links.items():
         try:
             if isinstance(value, str | bytes | Mapping):
@@ -1198,29 +1199,33 @@ def _set_links(job: Job, links: dict[str, Any]) -> None:
                     f"Must be a list of rows or keys, got {type(value).__name__} {value!r}."
                 )
             items = list(value)
-            getattr(job, name).set(items)
+            missing = _missing_rows(job, name, items)
+            if not missing:
+                getattr(job, name).set(items)
         except (TypeError, ValueError) as exc:
             # Not a list of rows or keys, rows of another model, unsaved rows.
             raise InvalidJobValues(
                 f"Invalid job values. {name}: {exc}", {name: [str(exc)]}
             ) from exc
-        missing = _missing_rows(job, name, items)
         if missing:
             raise InvalidJobValues(f"Invalid job values. {name}: {missing[0]}", {name: missing})
 
 
 def _missing_rows(job: Job, name: str, items: list[Any]) -> list[str]:
     """Messages for the keys among ``items`` that no row of the many-to-many field ``name``'s
-    model has; one query, none for an empty list."""
+    model has; one query, none for an empty list. Objects that are not saved rows of that model
+    are left to ``set()`` to refuse."""
     field = next(f for f in type(job)._meta.many_to_many if f.name == name)
     target = field.target_field
-    wanted = {
-        getattr(item, target.attname) if isinstance(item, Model) else target.get_prep_value(item)
-        for item in items
-    }
+    related = target.model
+    wanted = set()
+    for item in items:
+        if not isinstance(item, Model):
+            wanted.add(target.get_prep_value(item))
+        elif isinstance(item, related) and getattr(item, target.attname) is not None:
+            wanted.add(getattr(item, target.attname))
     if not wanted:
         return []
-    related = target.model
     found = set(
         related._base_manager.using(job._state.db)
         .filter(**{f"{target.attname}__in": wanted})

@@ -220,20 +220,24 @@ def test_values_a_many_to_many_field_cannot_take_are_refused_naming_it(
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
+@pytest.mark.parametrize("field", ["markers", "tags"])
 def test_keys_no_row_has_for_a_many_to_many_field_are_refused_naming_it_on_every_database(
-    transactional_db, user, no_dispatch, linked, many
+    transactional_db, user, no_dispatch, linked, many, field
 ):
     marker = Marker.objects.create(name="there")
     missing = marker.pk + 1000
     # MySQL and MariaDB linked the job to none of them without a word (Django adds links with
-    # INSERT IGNORE); PostgreSQL and SQLite refused them at the commit, naming no field.
+    # INSERT IGNORE), or through Tagging refused them naming no field, as PostgreSQL and
+    # SQLite did at the commit.
     with pytest.raises(InvalidJobValues) as info:
         if many:
-            JobHandler.create_and_start_many(user, "linked", [{"markers": [marker, missing]}])
+            JobHandler.create_and_start_many(user, "linked", [{field: [marker, missing]}])
         else:
-            JobHandler.create_and_start(user, "linked", markers=[marker, str(missing)])
-    assert info.value.errors == {"markers": [f"No Marker has id {missing}."]}
+            JobHandler.create_and_start(user, "linked", **{field: [marker, str(missing)]})
+    assert info.value.errors == {field: [f"No Marker has id {missing}."]}
     assert not Job.objects.exists()
+    job = JobHandler.create_and_start(user, "linked", **{field: [marker]})
+    assert list(getattr(LinkedJob.objects.get(pk=job.pk), field).all()) == [marker]
 
 
 def test_a_string_for_a_many_to_many_field_is_refused_not_read_as_keys(

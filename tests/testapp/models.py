@@ -57,10 +57,19 @@ class LinkedJob(Job):
     )
     details = models.JSONField(null=True, blank=True)
     markers = models.ManyToManyField(Marker, blank=True, related_name="+")
+    # Links through a model of the project's: Django adds them with a plain INSERT.
+    tags = models.ManyToManyField(Marker, blank=True, through="Tagging", related_name="+")
     # A key to a proxy: it takes rows of the proxy's concrete model too.
     follows = models.ForeignKey(
         "ScriptedJobProxy", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+
+
+class Tagging(models.Model):
+    """The link of a job to one of its tags."""
+
+    job = models.ForeignKey(LinkedJob, on_delete=models.CASCADE, related_name="+")
+    marker = models.ForeignKey(Marker, on_delete=models.CASCADE, related_name="+")
 
 
 class Receipt(models.Model):
