@@ -22,7 +22,14 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, DataError, IntegrityError, router, transaction
 from django.db.models import Exists, JSONField, Model, OuterRef, Q
-from django.db.models.deletion import PROTECT, RESTRICT, Collector, ProtectedError, RestrictedError
+from django.db.models.deletion import (
+    CASCADE,
+    PROTECT,
+    RESTRICT,
+    Collector,
+    ProtectedError,
+    RestrictedError,
+)
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
@@ -863,6 +870,8 @@ class JobHandler:
                     pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
                 )
             )
+            # Before _deletable() leaves out the protected ones, which have their model's row.
+            loaded = {job.pk for job in jobs}
             jobs = _deletable(model, jobs)
             if type_name in job_type_registry:
                 job_type = job_type_registry.get(type_name)
@@ -894,7 +903,6 @@ class JobHandler:
                     len(jobs),
                 )
             deleted += _delete_jobs(model, jobs)
-            loaded = {job.pk for job in jobs}
             if model is not Job and len(loaded) < len(ids):
                 # Jobs whose row of the model is missing, which loading through it cannot find:
                 # left, they would never be deleted. Their before_delete cannot run.
@@ -1124,13 +1132,33 @@ def _deletable(
 
 @functools.cache
 def _may_be_protected(model: type[Model]) -> bool:
-    """Whether a foreign key with ``on_delete=PROTECT`` or ``RESTRICT`` points at ``model`` or
-    one of its parents (``Job``)."""
-    return any(
-        getattr(field, "on_delete", None) in (PROTECT, RESTRICT)
-        for field in model._meta.get_fields(include_hidden=True)
-        if field.auto_created and not field.concrete and (field.one_to_many or field.one_to_one)
-    )
+    """Whether a foreign key with ``on_delete=PROTECT`` or ``RESTRICT`` points at ``model``, one
+    of its parents (``Job``), or a model whose rows deleting ``model``'s cascades to."""
+    return _protection_reaches(model, frozenset())
+
+
+def _protection_reaches(model: type[Model], seen: frozenset[type[Model]]) -> bool:
+    for relation in model._meta.get_fields(include_hidden=True):
+        if not (
+            relation.auto_created
+            and not relation.concrete
+            and (relation.one_to_many or relation.one_to_one)
+        ):
+            continue
+        on_delete = getattr(relation, "on_delete", None)
+        if on_delete in (PROTECT, RESTRICT):
+            return True
+        related = relation.related_model
+        # A child model's rows (parent links) belong to jobs of other types.
+        if (
+            on_delete is CASCADE
+            and not getattr(relation, "parent_link", False)
+            and isinstance(related, type)
+            and related not in seen
+            and _protection_reaches(related, seen | {model})
+        ):
+            return True
+    return False
 
 
 def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
@@ -1159,16 +1187,54 @@ def _links(job: Job, prepared: dict[str, Any]) -> dict[str, Any]:
 
 def _set_links(job: Job, links: dict[str, Any]) -> None:
     """Link the saved job to the rows (or keys) given for its many-to-many fields, as
-    ``ModelForm.save()`` does after saving the row. Keys of rows that do not exist are the
-    database's to refuse, when the creation commits."""
+    ``ModelForm.save()`` does after saving the row. Keys no row has are refused first, on every
+    database: MySQL and MariaDB would drop their links without a word (Django inserts them with
+    ``INSERT IGNORE``) or, through a model of the project's, refuse them naming no field, as the
+    others do at the commit."""
     for name, value in links.items():
         try:
-            getattr(job, name).set(value)
+            if isinstance(value, str | bytes | Mapping):
+                # Iterated, "12" would link the rows with keys 1 and 2.
+                raise TypeError(
+                    f"Must be a list of rows or keys, got {type(value).__name__} {value!r}."
+                )
+            items = list(value)
+            missing = _missing_rows(job, name, items)
+            if not missing:
+                getattr(job, name).set(items)
         except (TypeError, ValueError) as exc:
             # Not a list of rows or keys, rows of another model, unsaved rows.
             raise InvalidJobValues(
                 f"Invalid job values. {name}: {exc}", {name: [str(exc)]}
             ) from exc
+        if missing:
+            raise InvalidJobValues(f"Invalid job values. {name}: {missing[0]}", {name: missing})
+
+
+def _missing_rows(job: Job, name: str, items: list[Any]) -> list[str]:
+    """Messages for the keys among ``items`` that no row of the many-to-many field ``name``'s
+    model has; one query, none for an empty list. Objects that are not saved rows of that model
+    are left to ``set()`` to refuse."""
+    field = next(f for f in type(job)._meta.many_to_many if f.name == name)
+    target = field.target_field
+    related = target.model
+    wanted = set()
+    for item in items:
+        if not isinstance(item, Model):
+            wanted.add(target.get_prep_value(item))
+        elif isinstance(item, related) and getattr(item, target.attname) is not None:
+            wanted.add(getattr(item, target.attname))
+    if not wanted:
+        return []
+    found = set(
+        related._base_manager.using(job._state.db)
+        .filter(**{f"{target.attname}__in": wanted})
+        .values_list(target.attname, flat=True)
+    )
+    return [
+        f"No {related.__name__} has {target.name} {key!r}."
+        for key in sorted(wanted - found, key=repr)
+    ]
 
 
 def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, list[str]]:

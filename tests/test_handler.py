@@ -23,6 +23,8 @@ from tests.myapp.models import ExportJob
 from tests.testapp.job_types import LimitedJobType, RecordingJobType
 from tests.testapp.models import (
     AnyJob,
+    Attachment,
+    AttachmentReceipt,
     HookCall,
     LimitedJob,
     LinkedJob,
@@ -214,6 +216,40 @@ def test_values_a_many_to_many_field_cannot_take_are_refused_naming_it(
                 JobHandler.create_and_start(user, "linked", markers=value)
         assert info.value.errors == {"markers": [message]}
         assert str(info.value).startswith("Job 1: " if many else "Invalid job values. markers")
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
+@pytest.mark.parametrize("field", ["markers", "tags"])
+def test_keys_no_row_has_for_a_many_to_many_field_are_refused_naming_it_on_every_database(
+    transactional_db, user, no_dispatch, linked, many, field
+):
+    marker = Marker.objects.create(name="there")
+    missing = marker.pk + 1000
+    # MySQL and MariaDB linked the job to none of them without a word (Django adds links with
+    # INSERT IGNORE), or through Tagging refused them naming no field, as PostgreSQL and
+    # SQLite did at the commit.
+    with pytest.raises(InvalidJobValues) as info:
+        if many:
+            JobHandler.create_and_start_many(user, "linked", [{field: [marker, missing]}])
+        else:
+            JobHandler.create_and_start(user, "linked", **{field: [marker, str(missing)]})
+    assert info.value.errors == {field: [f"No Marker has id {missing}."]}
+    assert not Job.objects.exists()
+    job = JobHandler.create_and_start(user, "linked", **{field: [marker]})
+    assert list(getattr(LinkedJob.objects.get(pk=job.pk), field).all()) == [marker]
+
+
+def test_a_string_for_a_many_to_many_field_is_refused_not_read_as_keys(
+    db, user, no_dispatch, linked
+):
+    first, second = Marker.objects.create(name="first"), Marker.objects.create(name="second")
+    # Iterated character by character, "12" linked the job to the rows with keys 1 and 2.
+    with pytest.raises(InvalidJobValues) as info:
+        JobHandler.create_and_start(user, "linked", markers=f"{first.pk}{second.pk}")
+    assert info.value.errors == {
+        "markers": [f"Must be a list of rows or keys, got str '{first.pk}{second.pk}'."]
+    }
     assert not Job.objects.exists()
 
 
@@ -417,6 +453,36 @@ def test_cleanup_keeps_a_job_a_protecting_foreign_key_points_at_and_deletes_the_
         caplog.messages.count(
             f"cleanup_old_jobs: job {kept.pk} is kept: Cannot delete some instances of model "
             f"'LinkedJob' because they are referenced through protected foreign keys: 'Receipt.job'."
+        )
+        == 2
+    )
+    # A kept job has its LinkedJob row: it was also taken for one without it, logged as
+    # "no row in LinkedJob's table; deleting the job without its before_delete hook" and
+    # tried again through Job, whose refusal then named 'LinkedJob.job_ptr' as the reason.
+    assert not [m for m in caplog.messages if "no row in" in m or "LinkedJob.job_ptr" in m]
+
+
+def test_cleanup_calls_no_before_delete_for_a_job_protected_through_a_cascade(db, user, caplog):
+    kept, deleted = (JobHandler.create_and_start(user, "limited") for _ in range(2))
+    # The job's attachment is deleted with it, but a receipt keeps the attachment.
+    AttachmentReceipt.objects.create(attachment=Attachment.objects.create(job=kept))
+    _age(kept, 30)
+    _age(deleted, 30)
+
+    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+        assert JobHandler.cleanup_old_jobs() == 1
+        assert JobHandler.cleanup_old_jobs() == 0
+
+    assert list(Job.objects.values_list("pk", flat=True)) == [kept.pk]
+    # Only a foreign key to the job's own model was looked for: the kept job's before_delete
+    # ran at each clean-up, which kept the job all the same.
+    calls = HookCall.objects.filter(hook="before_delete").values_list("job_id", flat=True)
+    assert list(calls) == [deleted.pk]
+    assert (
+        caplog.messages.count(
+            f"cleanup_old_jobs: job {kept.pk} is kept: Cannot delete some instances of model "
+            f"'LimitedJob' because they are referenced through protected foreign keys: "
+            f"'Attachment.job'."
         )
         == 2
     )

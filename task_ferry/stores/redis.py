@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
+from urllib.parse import unquote_plus
 
 import redis
 from django.core.checks import CheckMessage, Warning
@@ -22,15 +23,24 @@ SOCKET_TIMEOUT = 2.0
 DELETE_BATCH_SIZE = 500
 
 
-# The password of a URL's user information, and of its query (redis-py takes it from both).
-URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/?#@]*):[^/?#]*@", re.IGNORECASE)
-QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+# The password of a URL's user information: after the first ":" of what comes before the last
+# "@" of its authority, as redis-py (urllib) reads it; the user name may hold an "@" itself.
+URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/?#]*):[^/?#]*@", re.IGNORECASE)
+# A query parameter, whose name redis-py decodes (``pass%77ord`` is ``password``).
+QUERY_PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 
 
 def redacted_url(url: str) -> str:
     """``url`` with its password, if any, replaced by ``***``: messages name the Redis they
-    failed on, and the admin, the commands and the logs show them."""
-    return QUERY_PASSWORD.sub(r"\1***", URL_PASSWORD.sub(r"\1:***@", url))
+    failed on, and the admin, the commands and the logs show them. redis-py takes a password
+    from the user information and from the query."""
+
+    def redacted_parameter(match: re.Match[str]) -> str:
+        if unquote_plus(match[2]) != "password":
+            return match[0]
+        return f"{match[1]}{match[2]}=***"
+
+    return QUERY_PARAMETER.sub(redacted_parameter, URL_PASSWORD.sub(r"\1:***@", url))
 
 
 def deletion_notice(job_id: int) -> str:

@@ -185,7 +185,18 @@ def test_errors_name_the_redis_without_its_password():
             "unix:///run/redis.sock?db=2&password=s3cret",
             "unix:///run/redis.sock?db=2&password=***",
         ),
+        # redis-py reads the user name up to the first ":" before the last "@": the password
+        # of a user name with an "@", and one whose parameter name is percent-encoded, showed.
+        ("redis://app@prod:s3cret@127.0.0.1/0", "redis://app@prod:***@127.0.0.1/0"),
+        ("redis://deploy:s3c@ret@127.0.0.1/0", "redis://deploy:***@127.0.0.1/0"),
+        ("redis://127.0.0.1/0?pass%77ord=s3cret", "redis://127.0.0.1/0?pass%77ord=***"),
+        ("unix://:s3cret@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
+        ("redis://app@prod@127.0.0.1:6379/0", "redis://app@prod@127.0.0.1:6379/0"),
     ],
 )
 def test_redacted_url(url, shown):
     assert redacted_url(url) == shown
+    # Each password the test hides is one redis-py would send.
+    if "s3cret" in url or "s3c@ret" in url:
+        password = redis.connection.parse_url(url)["password"]
+        assert password in url and password not in shown

@@ -57,16 +57,37 @@ class LinkedJob(Job):
     )
     details = models.JSONField(null=True, blank=True)
     markers = models.ManyToManyField(Marker, blank=True, related_name="+")
+    # Links through a model of the project's: Django adds them with a plain INSERT.
+    tags = models.ManyToManyField(Marker, blank=True, through="Tagging", related_name="+")
     # A key to a proxy: it takes rows of the proxy's concrete model too.
     follows = models.ForeignKey(
         "ScriptedJobProxy", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
 
+class Tagging(models.Model):
+    """The link of a job to one of its tags."""
+
+    job = models.ForeignKey(LinkedJob, on_delete=models.CASCADE, related_name="+")
+    marker = models.ForeignKey(Marker, on_delete=models.CASCADE, related_name="+")
+
+
 class Receipt(models.Model):
     """Keeps the job it records: it cannot be deleted while the receipt exists."""
 
     job = models.ForeignKey(LinkedJob, on_delete=models.PROTECT, related_name="+")
+
+
+class Attachment(models.Model):
+    """Deleted with its job."""
+
+    job = models.ForeignKey(LimitedJob, on_delete=models.CASCADE, related_name="+")
+
+
+class AttachmentReceipt(models.Model):
+    """Keeps its attachment, and so the attachment's job, from being deleted."""
+
+    attachment = models.ForeignKey(Attachment, on_delete=models.PROTECT, related_name="+")
 
 
 class AnyJob(Job):
