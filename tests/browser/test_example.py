@@ -549,3 +549,42 @@ def test_bars_leave_connections_for_other_requests(example_server: ExampleServer
         "() => document.querySelectorAll('task-ferry-progress').forEach((e) => e.remove())"
     )
     assert page.errors == []
+
+
+def test_bar_rewrites_its_live_regions_only_when_they_change(
+    example_server: ExampleServer, page
+) -> None:
+    """The state badge (aria-live) and the alert are written when their text changes, not at
+    every progress update, so a screen reader has nothing to announce again."""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    page.route(
+        re.compile(r"/api/jobs/\d+/cancel/"),
+        lambda route: route.fulfill(status=403, json={"detail": "CSRF Failed."}),
+    )
+    job_id = mount_polling_bar(page, seconds=3, poll_interval=200)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "started", timeout=15_000)
+    bar.get_by_role("button", name=f"Cancel Job {job_id}").click()
+    expect(bar.locator(".tf-progress__error")).to_have_text("Could not cancel: CSRF Failed.")
+    page.evaluate(
+        """(id) => {
+            const bar = document.querySelector(`task-ferry-progress[job-id="${id}"]`);
+            window.writes = {state: 0, alert: 0, updates: 0};
+            const count = (name) => new MutationObserver((records) => {
+                window.writes[name] += records.length;
+            });
+            count("state").observe(bar.querySelector(".tf-progress__state"), {childList: true});
+            count("alert").observe(bar.querySelector("[role=alert]"), {childList: true});
+            bar.addEventListener("task-ferry:update", () => { window.writes.updates += 1; });
+        }""",
+        job_id,
+    )
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    writes = page.evaluate("() => window.writes")
+    assert writes["updates"] >= 5, writes
+    # "started" becomes "finished": one write. The alert is left as it was.
+    assert writes["state"] == 1, writes
+    assert writes["alert"] == 0, writes
+    assert page.errors == []

@@ -357,6 +357,11 @@
     return node;
   }
 
+  /** Write text only when it differs: rewriting a live region's text can announce it again. */
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
   const HTMLElementBase = typeof HTMLElement === "undefined" ? class {} : HTMLElement;
 
   /**
@@ -536,20 +541,20 @@
         percentage + "%" + (job.progress_state ? ", " + job.progress_state : "") + ", " + job.state,
       );
       this._track.setAttribute("aria-busy", ended ? "false" : "true");
-      this._percentage.textContent = percentage + "%";
-      this._label.textContent = job.progress_state || "";
-      this._state.textContent = formatState(job);
+      setText(this._percentage, percentage + "%");
+      setText(this._label, job.progress_state || "");
+      setText(this._state, formatState(job));
       this._state.dataset.state = job.state;
       this._button.hidden = ended;
       this._button.disabled = this._cancelling;
-      this._button.textContent = this._cancelling ? "Cancelling…" : "Cancel";
+      setText(this._button, this._cancelling ? "Cancelling…" : "Cancel");
       if (ended && job.state === "failed") {
         this._showError(job.human_readable_error || job.error || "The job failed.");
       }
     }
 
     _showError(message) {
-      this._error.textContent = message || "";
+      setText(this._error, message || "");
       this._error.hidden = !message;
     }
   }
