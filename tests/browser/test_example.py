@@ -584,7 +584,8 @@ def test_bar_rewrites_its_live_regions_only_when_they_change(
     expect(bar).to_have_attribute("state", "finished", timeout=30_000)
     writes = page.evaluate("() => window.writes")
     assert writes["updates"] >= 5, writes
-    # "started" becomes "finished": one write. The alert is left as it was.
+    # "started" becomes "finished": one write. The alert is cleared once, at the job's end.
     assert writes["state"] == 1, writes
-    assert writes["alert"] == 0, writes
+    assert writes["alert"] == 1, writes
+    expect(bar.locator(".tf-progress__error")).to_be_hidden()
     assert page.errors == []

@@ -122,10 +122,8 @@
     }
     if (data === null || typeof data !== "object") {
       // A login page after a redirect, or an `api` that points at a page: retrying cannot help.
-      throw new TaskFerryError("The server did not answer with JSON (HTTP " + response.status + ").", {
-        status: response.status,
-        data: data,
-      });
+      const message = "The server did not answer with JSON (HTTP " + response.status + ").";
+      throw new TaskFerryError(message, { status: response.status, data: data });
     }
     return data;
   }
@@ -486,6 +484,8 @@
     _receive(job) {
       const ended = this.job && isTerminal(this.job.state);
       if (ended) return;
+      // A failed cancel is old news once the job has ended.
+      if (isTerminal(job.state)) this._cancelError = null;
       this._showError(this._cancelError);
       this._render(job);
       this._emit("task-ferry:update", job);
