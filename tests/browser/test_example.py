@@ -386,3 +386,206 @@ def test_a_second_interrupt_during_shutdown_still_stops_the_worker(
     while example_server.group_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not example_server.group_alive(), example_server.log.read_text()
+
+
+def mount_polling_bar(page, seconds: float, poll_interval: int = 300) -> str:
+    """Start an export from page JavaScript and mount a bar that polls (no event stream)."""
+    return page.evaluate(
+        """async ([seconds, pollInterval]) => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds});
+            TaskFerry.mountProgress(document.body, job.id, {job, sse: false, pollInterval});
+            return String(job.id);
+        }""",
+        [seconds, poll_interval],
+    )
+
+
+def test_bar_keeps_a_failed_cancel_in_view(example_server: ExampleServer, page) -> None:
+    """The next progress update does not wipe "Could not cancel" before anyone can read it."""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    page.route(
+        re.compile(r"/api/jobs/\d+/cancel/"),
+        lambda route: route.fulfill(
+            status=403, json={"detail": "CSRF Failed: CSRF token missing."}
+        ),
+    )
+    job_id = mount_polling_bar(page, seconds=30)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    bar.get_by_role("button", name=f"Cancel Job {job_id}").click()
+    error = bar.locator(".tf-progress__error")
+    expect(error).to_have_text("Could not cancel: CSRF Failed: CSRF token missing.")
+    polls = example_server.requests_to(f"/api/jobs/{job_id}/")
+    page.wait_for_timeout(1_500)
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") > polls
+    expect(error).to_have_text("Could not cancel: CSRF Failed: CSRF token missing.")
+    expect(bar.get_by_role("button", name=f"Cancel Job {job_id}")).to_be_enabled()
+    assert page.errors == []
+
+
+def test_bar_stops_on_a_page_that_is_not_json(example_server: ExampleServer, page) -> None:
+    """A 200 HTML page (a login page after a redirect, a wrong `api`) is an error, not silence."""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    page.route(
+        re.compile(r"/api/jobs/\d+/$"),
+        lambda route: route.fulfill(
+            status=200, content_type="text/html", body="<!doctype html><title>Log in</title>"
+        ),
+    )
+    page.evaluate(
+        """() => document.addEventListener("task-ferry:error", (event) => {
+            window.ferryErrors = (window.ferryErrors || []).concat([event.detail.message]);
+        })"""
+    )
+    job_id = mount_polling_bar(page, seconds=5)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar.locator(".tf-progress__error")).to_have_text(
+        "The server did not answer with JSON (HTTP 200)."
+    )
+    assert page.evaluate("() => window.ferryErrors") == [
+        "The server did not answer with JSON (HTTP 200)."
+    ]
+    requests = example_server.requests_to(f"/api/jobs/{job_id}/")
+    page.wait_for_timeout(1_000)
+    # Routed requests never reach the server; the bar made no more of them either.
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") == requests == 0
+    assert page.errors == []
+
+
+def test_bar_removed_while_cancelling_stops_following(example_server: ExampleServer, page) -> None:
+    """A cancel answer that arrives after the bar left the page starts no polling."""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    held: list[object] = []
+    page.route(re.compile(r"/api/jobs/\d+/cancel/"), lambda route: held.append(route))
+    job_id = mount_polling_bar(page, seconds=30)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "started", timeout=15_000)
+    bar.get_by_role("button", name=f"Cancel Job {job_id}").click()
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the cancel request never left the page"
+    page.evaluate(
+        "(id) => document.querySelector(`task-ferry-progress[job-id='${id}']`).remove()", job_id
+    )
+    # The server's answer for a running job (which then keeps running: it never got the request).
+    running = page.request.get(urljoin(example_server.url, f"/api/jobs/{job_id}/")).json()
+    assert running["state"] == "started"
+    polls = example_server.requests_to(f"/api/jobs/{job_id}/")
+    held[0].fulfill(json=running)
+    page.wait_for_timeout(2_000)
+    assert example_server.requests_to(f"/api/jobs/{job_id}/") == polls
+    assert page.errors == []
+
+
+def test_bar_follows_the_job_it_is_given_next(example_server: ExampleServer, page) -> None:
+    """Setting another `job-id` on a bar whose job ended follows the new job, named after it."""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    first = mount_polling_bar(page, seconds=1)
+    bar = page.locator(f'task-ferry-progress[job-id="{first}"]')
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    second = page.evaluate(
+        """async (first) => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 3});
+            const bar = document.querySelector(`task-ferry-progress[job-id="${first}"]`);
+            bar.setAttribute("job-id", String(job.id));
+            return String(job.id);
+        }""",
+        first,
+    )
+    bar = page.locator(f'task-ferry-progress[job-id="{second}"]')
+    expect(bar).not_to_have_attribute("state", "finished")
+    expect(bar.get_by_role("progressbar", name=f"Job {second}")).to_be_visible()
+    expect(bar.get_by_role("button", name=f"Cancel Job {second}")).to_be_visible()
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    assert example_server.requests_to(f"/api/jobs/{second}/") >= 2
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("example_server", ["asgi"], indirect=True)
+def test_bars_leave_connections_for_other_requests(example_server: ExampleServer, page) -> None:
+    """Seven bars of live jobs on HTTP/1.1 (six connections per host) keep the page usable:
+    only four hold an event stream, the others poll, and cancelling one goes through. (Five
+    jobs, the example's limit per user; two of them have a second bar.)"""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    job_ids = page.evaluate(
+        """async () => {
+            const jobs = [];
+            for (let i = 0; i < 5; i++) {
+                jobs.push(await TaskFerry.startJob("example_export", {rows: 500, seconds: 60}));
+            }
+            jobs.push(jobs[0], jobs[1]);
+            for (const job of jobs) TaskFerry.mountProgress(document.body, job.id, {job});
+            return jobs.map((job) => String(job.id));
+        }"""
+    )
+    bars = page.locator("task-ferry-progress")
+    expect(bars).to_have_count(7)
+    page.wait_for_timeout(2_000)
+    distinct = sorted(set(job_ids), key=int)
+
+    def streams() -> int:
+        return sum(example_server.requests_to(f"/api/jobs/{i}/events/") for i in distinct)
+
+    assert streams() == 4
+    assert example_server.requests_to(f"/api/jobs/{distinct[4]}/") >= 1
+    last = bars.nth(6)
+    last.get_by_role("button", name=f"Cancel Job {job_ids[6]}").click()
+    expect(last).to_have_attribute("state", "cancelled", timeout=15_000)
+    expect(bars.nth(1)).to_have_attribute("state", "cancelled", timeout=15_000)
+    # The cancelled job's stream closed; one of the polling bars may have taken its place.
+    page.wait_for_timeout(2_000)
+    assert streams() <= 5
+    page.evaluate(
+        "() => document.querySelectorAll('task-ferry-progress').forEach((e) => e.remove())"
+    )
+    assert page.errors == []
+
+
+def test_bar_rewrites_its_live_regions_only_when_they_change(
+    example_server: ExampleServer, page
+) -> None:
+    """The state badge (aria-live) and the alert are written when their text changes, not at
+    every progress update, so a screen reader has nothing to announce again."""
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.wait_for_function("() => window.TaskFerry !== undefined")
+    page.route(
+        re.compile(r"/api/jobs/\d+/cancel/"),
+        lambda route: route.fulfill(status=403, json={"detail": "CSRF Failed."}),
+    )
+    job_id = mount_polling_bar(page, seconds=3, poll_interval=200)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "started", timeout=15_000)
+    bar.get_by_role("button", name=f"Cancel Job {job_id}").click()
+    expect(bar.locator(".tf-progress__error")).to_have_text("Could not cancel: CSRF Failed.")
+    page.evaluate(
+        """(id) => {
+            const bar = document.querySelector(`task-ferry-progress[job-id="${id}"]`);
+            window.writes = {state: 0, alert: 0, updates: 0};
+            const count = (name) => new MutationObserver((records) => {
+                window.writes[name] += records.length;
+            });
+            count("state").observe(bar.querySelector(".tf-progress__state"), {childList: true});
+            count("alert").observe(bar.querySelector("[role=alert]"), {childList: true});
+            bar.addEventListener("task-ferry:update", () => { window.writes.updates += 1; });
+        }""",
+        job_id,
+    )
+    expect(bar).to_have_attribute("state", "finished", timeout=30_000)
+    writes = page.evaluate("() => window.writes")
+    assert writes["updates"] >= 5, writes
+    # "started" becomes "finished": one write. The alert is cleared once, at the job's end.
+    assert writes["state"] == 1, writes
+    assert writes["alert"] == 1, writes
+    expect(bar.locator(".tf-progress__error")).to_be_hidden()
+    assert page.errors == []

@@ -20,6 +20,8 @@
     backoffMax: 30000,
     // Failed stream reconnections in a row before we settle for polling.
     maxStreamRetries: 5,
+    // Event streams open at once on the page; HTTP/1.1 allows six connections per host.
+    maxStreams: 4,
     credentials: "same-origin",
     csrfCookieName: "csrftoken",
     csrfHeaderName: "X-CSRFToken",
@@ -39,6 +41,9 @@
       this.retryable = retryable;
     }
   }
+
+  // Event streams this page holds open, across all followers.
+  let openStreams = 0;
 
   function isTerminal(state) {
     return TERMINAL_STATES.includes(state);
@@ -114,6 +119,11 @@
       });
       error.retryAfter = retryAfterMs(response);
       throw error;
+    }
+    if (data === null || typeof data !== "object") {
+      // A login page after a redirect, or an `api` that points at a page: retrying cannot help.
+      const message = "The server did not answer with JSON (HTTP " + response.status + ").";
+      throw new TaskFerryError(message, { status: response.status, data: data });
     }
     return data;
   }
@@ -192,9 +202,15 @@
     stop() {
       this.stopped = true;
       clearTimeout(this._timer);
-      if (this._source) this._source.close();
+      this._closeStream();
       if (this._controller) this._controller.abort();
+    }
+
+    _closeStream() {
+      if (!this._source) return;
+      this._source.close();
       this._source = null;
+      openStreams -= 1;
     }
 
     _schedule(callback, delay) {
@@ -222,10 +238,16 @@
     }
 
     _openStream() {
+      if (openStreams >= this.options.maxStreams) {
+        // Other jobs hold the streams we allow: poll, and try again after the poll interval.
+        this._poll();
+        return;
+      }
       const source = new EventSource(jobUrl(this.options.base, this.jobId, "events/"), {
         withCredentials: this.options.credentials === "include",
       });
       this._source = source;
+      openStreams += 1;
       // Events since the last error: a stream that delivered and then closed is normal
       // (bounded lifetime, or the server's poll-through-SSE fallback under WSGI).
       let delivered = false;
@@ -242,18 +264,22 @@
         this._update(job);
       });
       source.addEventListener("end", () => {
-        source.close();
-        if (this.stopped) return;
+        if (this.stopped || this._source !== source) {
+          source.close();
+          return;
+        }
         // The final `job` event normally came first; if not, fetch the final job.
-        this._source = null;
+        this._closeStream();
         this._poll();
       });
       source.addEventListener("reconnect", () => {
         // The server lost Redis for longer than it waits: poll now to bridge the gap, then
         // reopen the stream after a backoff (answered by polling until Redis is back).
-        source.close();
-        if (this.stopped || this._source !== source) return;
-        this._source = null;
+        if (this.stopped || this._source !== source) {
+          source.close();
+          return;
+        }
+        this._closeStream();
         this._streamFailures += 1;
         this._poll();
       });
@@ -264,8 +290,7 @@
           delivered = false;
           return;
         }
-        source.close();
-        this._source = null;
+        this._closeStream();
         // Never a single event: the server has no stream for us (404, proxy, old server).
         if (!this._streamed) this.mode = "poll";
         this._streamFailures += 1;
@@ -306,9 +331,12 @@
       if (this.mode === "sse") {
         // A stream that broke is reopened after a backoff; the poll just bridged the gap.
         const failures = this._streamFailures;
-        const delay = failures
-          ? backoffDelay(failures, this.options.backoffBase, this.options.backoffMax)
-          : 0;
+        let delay = 0;
+        if (failures) {
+          delay = backoffDelay(failures, this.options.backoffBase, this.options.backoffMax);
+        } else if (openStreams >= this.options.maxStreams) {
+          delay = this.options.pollInterval;
+        }
         this._schedule(this._openStream, delay);
       } else {
         this._schedule(this._poll, this.options.pollInterval);
@@ -325,6 +353,11 @@
     if (className) node.className = className;
     for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, value);
     return node;
+  }
+
+  /** Write text only when it differs: rewriting a live region's text can announce it again. */
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
   }
 
   const HTMLElementBase = typeof HTMLElement === "undefined" ? class {} : HTMLElement;
@@ -347,6 +380,9 @@
       this._follower = null;
       this._built = false;
       this._cancelling = false;
+      this._cancelError = null;
+      // The `state` attribute as this element last wrote it, to tell it from a starting point.
+      this._writtenState = null;
     }
 
     get jobId() {
@@ -359,6 +395,7 @@
 
     connectedCallback() {
       if (!this._built) this._build();
+      this._applyLabel();
       if (!this.job) {
         const state = this.getAttribute("state") || "pending";
         this._render({
@@ -376,27 +413,41 @@
     }
 
     attributeChangedCallback(name, oldValue, newValue) {
-      if (oldValue === newValue || !this.isConnected || !this._built) return;
+      if (oldValue === newValue || !this._built) return;
+      // The previous job's state is no starting point for another job.
+      if (name === "job-id" && this.getAttribute("state") === this._writtenState) {
+        this.removeAttribute("state");
+      }
       this.job = null;
+      this._cancelling = false;
+      this._cancelError = null;
+      this._showError(null);
       this._unfollow();
-      this.connectedCallback();
+      if (this.isConnected) this.connectedCallback();
     }
 
     /** Ask the server to cancel this job. Resolves to the job as the server answered. */
     async cancel() {
       if (this._cancelling || !this.job || isTerminal(this.job.state)) return this.job;
+      const jobId = this.jobId;
       this._cancelling = true;
+      this._cancelError = null;
       this._render(this.job);
       try {
-        const job = await cancelJob(this.jobId, { base: this.base });
+        const job = await cancelJob(jobId, { base: this.base });
+        // The element was given another job meanwhile: this answer is not about it.
+        if (this.jobId !== jobId) return job;
         this._showError(null);
         // A running job's answer comes from the database, with stale numbers: keep ours.
         if (isTerminal(job.state)) this._receive(job);
-        else if (!this._follower) this._follow();
+        else if (!this._follower && this.isConnected) this._follow();
         return job;
       } catch (error) {
+        if (this.jobId !== jobId) throw error;
         this._cancelling = false;
-        this._showError("Could not cancel: " + error.message);
+        // Kept until the next cancel, so the next progress update does not wipe it at once.
+        this._cancelError = "Could not cancel: " + error.message;
+        this._showError(this._cancelError);
         this._render(this.job);
         throw error;
       }
@@ -433,7 +484,9 @@
     _receive(job) {
       const ended = this.job && isTerminal(this.job.state);
       if (ended) return;
-      this._showError(null);
+      // A failed cancel is old news once the job has ended.
+      if (isTerminal(job.state)) this._cancelError = null;
+      this._showError(this._cancelError);
       this._render(job);
       this._emit("task-ferry:update", job);
       if (isTerminal(job.state)) {
@@ -449,12 +502,10 @@
     _build() {
       this._built = true;
       this.classList.add("tf-progress");
-      const label = this.getAttribute("label") || "Job " + this.jobId;
       this._track = el("div", "tf-progress__track", {
         role: "progressbar",
         "aria-valuemin": "0",
         "aria-valuemax": "100",
-        "aria-label": label,
       });
       this._fill = el("div", "tf-progress__fill");
       this._track.append(this._fill);
@@ -462,10 +513,7 @@
       this._percentage = el("span", "tf-progress__percentage");
       this._label = el("span", "tf-progress__label");
       this._state = el("span", "tf-progress__state", { "aria-live": "polite" });
-      this._button = el("button", "tf-progress__cancel", {
-        type: "button",
-        "aria-label": "Cancel " + label,
-      });
+      this._button = el("button", "tf-progress__cancel", { type: "button" });
       this._button.addEventListener("click", () => this.cancel().catch(() => {}));
       meta.append(this._percentage, this._label, this._state);
       if (!this.hasAttribute("no-cancel")) meta.append(this._button);
@@ -474,10 +522,17 @@
       this.replaceChildren(this._track, meta, this._error);
     }
 
+    _applyLabel() {
+      const label = this.getAttribute("label") || "Job " + this.jobId;
+      this._track.setAttribute("aria-label", label);
+      this._button.setAttribute("aria-label", "Cancel " + label);
+    }
+
     _render(job) {
       this.job = job;
       const percentage = Math.max(0, Math.min(100, Math.round(job.progress_percentage || 0)));
       const ended = isTerminal(job.state);
+      this._writtenState = job.state;
       this.setAttribute("state", job.state);
       this._fill.style.width = percentage + "%";
       this._track.setAttribute("aria-valuenow", String(percentage));
@@ -486,20 +541,20 @@
         percentage + "%" + (job.progress_state ? ", " + job.progress_state : "") + ", " + job.state,
       );
       this._track.setAttribute("aria-busy", ended ? "false" : "true");
-      this._percentage.textContent = percentage + "%";
-      this._label.textContent = job.progress_state || "";
-      this._state.textContent = formatState(job);
+      setText(this._percentage, percentage + "%");
+      setText(this._label, job.progress_state || "");
+      setText(this._state, formatState(job));
       this._state.dataset.state = job.state;
       this._button.hidden = ended;
       this._button.disabled = this._cancelling;
-      this._button.textContent = this._cancelling ? "Cancelling…" : "Cancel";
+      setText(this._button, this._cancelling ? "Cancelling…" : "Cancel");
       if (ended && job.state === "failed") {
         this._showError(job.human_readable_error || job.error || "The job failed.");
       }
     }
 
     _showError(message) {
-      this._error.textContent = message || "";
+      setText(this._error, message || "");
       this._error.hidden = !message;
     }
   }
