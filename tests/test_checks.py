@@ -395,21 +395,26 @@ def test_w003_not_for_django_tasks_run_inside_the_request(ferry, settings):
         assert "DjangoTasksExecutor runs jobs in worker processes" in message.msg
 
 
+def only_for_limited_type_with(monkeypatch, attribute, value, check_id):
+    """The one message ``check_id`` gives once the "limited" type's ``attribute`` is ``value``;
+    it names the type."""
+    job_type = job_type_registry.get("limited")
+    monkeypatch.setattr(type(job_type), attribute, value)
+    message = only(check_id)
+    assert message.obj is type(job_type)
+    return message
+
+
 @pytest.mark.parametrize("value", [0, True, "2"])
 def test_e007_bad_max_count(monkeypatch, value):
-    job_type = job_type_registry.get("limited")
-    monkeypatch.setattr(type(job_type), "max_count", value)
-    assert only("task_ferry.E007").obj is type(job_type)
+    only_for_limited_type_with(monkeypatch, "max_count", value, "task_ferry.E007")
 
 
 @pytest.mark.parametrize("value", [5, ["exports"], b"exports"])
 def test_e034_queue_that_is_not_a_name(monkeypatch, value):
     # The Celery executor failed each job's dispatch ("'int' object has no attribute
     # 'startswith'"), advising to check the broker.
-    job_type = job_type_registry.get("limited")
-    monkeypatch.setattr(type(job_type), "queue", value)
-    message = only("task_ferry.E034")
-    assert message.obj is type(job_type)
+    message = only_for_limited_type_with(monkeypatch, "queue", value, "task_ferry.E034")
     assert message.msg == (
         f"LimitedJobType.queue must be a queue's name (a str) or None, got {value!r}."
     )
@@ -418,10 +423,7 @@ def test_e034_queue_that_is_not_a_name(monkeypatch, value):
 @pytest.mark.parametrize("value", ["myapp.serializers.ExportSerializer", LimitedJob, 5])
 def test_e035_serializer_class_that_is_not_a_serializer(monkeypatch, value):
     # POST /api/jobs/ of the type raised "'str' object is not callable", a 500.
-    job_type = job_type_registry.get("limited")
-    monkeypatch.setattr(type(job_type), "serializer_class", value)
-    message = only("task_ferry.E035")
-    assert message.obj is type(job_type)
+    message = only_for_limited_type_with(monkeypatch, "serializer_class", value, "task_ferry.E035")
     assert message.msg == (
         f"LimitedJobType.serializer_class must be a DRF serializer class or None, got {value!r}."
     )

@@ -419,6 +419,25 @@ def test_cleanup_deletes_only_ended_jobs_past_expiry(db, user, no_dispatch):
     )
 
 
+def clean_up_twice_keeping(kept, deleted, caplog, model, protecting_key):
+    """Expire both jobs and clean up twice: the first deletes ``deleted`` alone, the second
+    nothing, each saying once that ``kept`` is kept. Returns the ids of the jobs whose
+    before_delete ran."""
+    _age(kept, 30)
+    _age(deleted, 30)
+    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+        assert JobHandler.cleanup_old_jobs() == 1
+        assert JobHandler.cleanup_old_jobs() == 0
+    assert list(Job.objects.values_list("pk", flat=True)) == [kept.pk]
+    kept_message = (
+        f"cleanup_old_jobs: job {kept.pk} is kept: Cannot delete some instances of model "
+        f"{model} because they are referenced through protected foreign keys: {protecting_key}."
+    )
+    assert caplog.messages.count(kept_message) == 2
+    calls = HookCall.objects.filter(hook="before_delete").values_list("job_id", flat=True)
+    return sorted(calls)
+
+
 @pytest.mark.parametrize("protected_by", ["a receipt", "its before_delete"])
 def test_cleanup_keeps_a_job_a_protecting_foreign_key_points_at_and_deletes_the_rest(
     db, user, linked, monkeypatch, caplog, protected_by
@@ -435,27 +454,11 @@ def test_cleanup_keeps_a_job_a_protecting_foreign_key_points_at_and_deletes_the_
                 Receipt.objects.create(job=job)
 
         monkeypatch.setattr(LinkedJobType, "before_delete", keep_receipt)
-    _age(kept, 30)
-    _age(deleted, 30)
 
     # Django's ProtectedError stopped every clean-up at the job's batch, after calling the
     # before_delete of each job in it, again at each clean-up.
-    with caplog.at_level(logging.WARNING, logger="task_ferry"):
-        assert JobHandler.cleanup_old_jobs() == 1
-        assert JobHandler.cleanup_old_jobs() == 0
-
-    assert list(Job.objects.values_list("pk", flat=True)) == [kept.pk]
-    calls = HookCall.objects.filter(hook="before_delete").values_list("job_id", flat=True)
-    assert sorted(calls) == sorted(
-        [deleted.pk] + ([kept.pk] if protected_by != "a receipt" else [])
-    )
-    assert (
-        caplog.messages.count(
-            f"cleanup_old_jobs: job {kept.pk} is kept: Cannot delete some instances of model "
-            f"'LinkedJob' because they are referenced through protected foreign keys: 'Receipt.job'."
-        )
-        == 2
-    )
+    hooked = clean_up_twice_keeping(kept, deleted, caplog, "'LinkedJob'", "'Receipt.job'")
+    assert hooked == sorted([deleted.pk] + ([kept.pk] if protected_by != "a receipt" else []))
     # A kept job has its LinkedJob row: it was also taken for one without it, logged as
     # "no row in LinkedJob's table; deleting the job without its before_delete hook" and
     # tried again through Job, whose refusal then named 'LinkedJob.job_ptr' as the reason.
@@ -466,26 +469,10 @@ def test_cleanup_calls_no_before_delete_for_a_job_protected_through_a_cascade(db
     kept, deleted = (JobHandler.create_and_start(user, "limited") for _ in range(2))
     # The job's attachment is deleted with it, but a receipt keeps the attachment.
     AttachmentReceipt.objects.create(attachment=Attachment.objects.create(job=kept))
-    _age(kept, 30)
-    _age(deleted, 30)
-
-    with caplog.at_level(logging.WARNING, logger="task_ferry"):
-        assert JobHandler.cleanup_old_jobs() == 1
-        assert JobHandler.cleanup_old_jobs() == 0
-
-    assert list(Job.objects.values_list("pk", flat=True)) == [kept.pk]
     # Only a foreign key to the job's own model was looked for: the kept job's before_delete
     # ran at each clean-up, which kept the job all the same.
-    calls = HookCall.objects.filter(hook="before_delete").values_list("job_id", flat=True)
-    assert list(calls) == [deleted.pk]
-    assert (
-        caplog.messages.count(
-            f"cleanup_old_jobs: job {kept.pk} is kept: Cannot delete some instances of model "
-            f"'LimitedJob' because they are referenced through protected foreign keys: "
-            f"'Attachment.job'."
-        )
-        == 2
-    )
+    hooked = clean_up_twice_keeping(kept, deleted, caplog, "'LimitedJob'", "'Attachment.job'")
+    assert hooked == [deleted.pk]
 
 
 def test_cleanup_asks_the_store_to_forget_each_deleted_job_once(

@@ -318,10 +318,15 @@ def mount_bar(page, seconds: float) -> str:
     return job_id
 
 
-def test_bar_uses_the_stream_fallbacks(example_server: ExampleServer, page) -> None:
-    expect = playwright_api.expect
+def open_example_page(page, example_server: ExampleServer) -> None:
+    """The example's page, once ferry.js has loaded."""
     page.goto(example_server.url)
     page.wait_for_function("() => window.TaskFerry !== undefined")
+
+
+def test_bar_uses_the_stream_fallbacks(example_server: ExampleServer, page) -> None:
+    expect = playwright_api.expect
+    open_example_page(page, example_server)
 
     # Under WSGI the events endpoint answers one event per request, and the browser
     # reconnects: the bar follows the job through the stream alone.
@@ -350,8 +355,7 @@ def test_bar_polls_and_reopens_its_stream_when_told_to_reconnect(
     """A stream that ends with ``reconnect`` (its server lost Redis for longer than it waits):
     the bar polls the job at once, then opens a new stream."""
     expect = playwright_api.expect
-    page.goto(example_server.url)
-    page.wait_for_function("() => window.TaskFerry !== undefined")
+    open_example_page(page, example_server)
     told: list[str] = []
 
     def lost_redis(route) -> None:
@@ -403,8 +407,7 @@ def mount_polling_bar(page, seconds: float, poll_interval: int = 300) -> str:
 def test_bar_keeps_a_failed_cancel_in_view(example_server: ExampleServer, page) -> None:
     """The next progress update does not wipe "Could not cancel" before anyone can read it."""
     expect = playwright_api.expect
-    page.goto(example_server.url)
-    page.wait_for_function("() => window.TaskFerry !== undefined")
+    open_example_page(page, example_server)
     page.route(
         re.compile(r"/api/jobs/\d+/cancel/"),
         lambda route: route.fulfill(
@@ -427,8 +430,7 @@ def test_bar_keeps_a_failed_cancel_in_view(example_server: ExampleServer, page) 
 def test_bar_stops_on_a_page_that_is_not_json(example_server: ExampleServer, page) -> None:
     """A 200 HTML page (a login page after a redirect, a wrong `api`) is an error, not silence."""
     expect = playwright_api.expect
-    page.goto(example_server.url)
-    page.wait_for_function("() => window.TaskFerry !== undefined")
+    open_example_page(page, example_server)
     page.route(
         re.compile(r"/api/jobs/\d+/$"),
         lambda route: route.fulfill(
@@ -458,8 +460,7 @@ def test_bar_stops_on_a_page_that_is_not_json(example_server: ExampleServer, pag
 def test_bar_removed_while_cancelling_stops_following(example_server: ExampleServer, page) -> None:
     """A cancel answer that arrives after the bar left the page starts no polling."""
     expect = playwright_api.expect
-    page.goto(example_server.url)
-    page.wait_for_function("() => window.TaskFerry !== undefined")
+    open_example_page(page, example_server)
     held: list[object] = []
     page.route(re.compile(r"/api/jobs/\d+/cancel/"), lambda route: held.append(route))
     job_id = mount_polling_bar(page, seconds=30)
@@ -486,8 +487,7 @@ def test_bar_removed_while_cancelling_stops_following(example_server: ExampleSer
 def test_bar_follows_the_job_it_is_given_next(example_server: ExampleServer, page) -> None:
     """Setting another `job-id` on a bar whose job ended follows the new job, named after it."""
     expect = playwright_api.expect
-    page.goto(example_server.url)
-    page.wait_for_function("() => window.TaskFerry !== undefined")
+    open_example_page(page, example_server)
     first = mount_polling_bar(page, seconds=1)
     bar = page.locator(f'task-ferry-progress[job-id="{first}"]')
     expect(bar).to_have_attribute("state", "finished", timeout=30_000)
@@ -515,8 +515,7 @@ def test_bars_leave_connections_for_other_requests(example_server: ExampleServer
     only four hold an event stream, the others poll, and cancelling one goes through. (Five
     jobs, the example's limit per user; two of them have a second bar.)"""
     expect = playwright_api.expect
-    page.goto(example_server.url)
-    page.wait_for_function("() => window.TaskFerry !== undefined")
+    open_example_page(page, example_server)
     job_ids = page.evaluate(
         """async () => {
             const jobs = [];
@@ -557,8 +556,7 @@ def test_bar_rewrites_its_live_regions_only_when_they_change(
     """The state badge (aria-live) and the alert are written when their text changes, not at
     every progress update, so a screen reader has nothing to announce again."""
     expect = playwright_api.expect
-    page.goto(example_server.url)
-    page.wait_for_function("() => window.TaskFerry !== undefined")
+    open_example_page(page, example_server)
     page.route(
         re.compile(r"/api/jobs/\d+/cancel/"),
         lambda route: route.fulfill(status=403, json={"detail": "CSRF Failed."}),
