@@ -67,7 +67,7 @@ from task_ferry.snapshot import (
     truncate_state,
 )
 from task_ferry.stores.base import get_store
-from task_ferry.transactions import call_on_commit, pending_call
+from task_ferry.transactions import call_on_commit, lock_for_writing, pending_call
 
 logger = logging.getLogger("task_ferry")
 
@@ -679,6 +679,7 @@ class JobHandler:
         concurrent creates cannot both squeeze in."""
         if max_count is None:
             return
+        lock_for_writing(jobs_database())
         if not cls._lock_user(user):
             raise _user_gone(user)
         # Counted where the lock is held: a replica would miss the jobs of this transaction.
@@ -1028,6 +1029,7 @@ class JobHandler:
             published = store.read_many(batch) if from_state == JobState.STARTED else {}
             for pk in batch:
                 with transaction.atomic(using=jobs_database()):
+                    lock_for_writing(jobs_database())
                     # A row locked by a live transaction (a frozen worker's) is retried next
                     # sweep rather than blocking this one.
                     job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()

@@ -1,4 +1,5 @@
-"""What the current transaction will do on commit.
+"""The transactions task_ferry takes part in: what they will do on commit, and on SQLite the
+write lock taken before they read.
 
 Django keeps a transaction's on-commit callbacks in ``connection.run_on_commit``, as (savepoint
 ids, callback, robust) per callback, and drops the callbacks of a savepoint rolled back. Code
@@ -18,6 +19,10 @@ from typing import Any
 
 from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+
+# SQLite transaction modes (Django's OPTIONS["transaction_mode"]) that take the write lock at
+# BEGIN already.
+LOCKING_TRANSACTION_MODES = frozenset(["IMMEDIATE", "EXCLUSIVE"])
 
 MEMO_ATTRIBUTE = "_task_ferry_pending_calls"
 
@@ -77,3 +82,30 @@ def _memo(connection: BaseDatabaseWrapper) -> dict[Key, functools.partial[Any] |
         memo = (connection.run_on_commit, {})
         setattr(connection, MEMO_ATTRIBUTE, memo)
     return memo[1]
+
+
+def lock_for_writing(using: str) -> None:
+    """On SQLite, take the database's write lock now, before the open transaction reads.
+
+    SQLite begins a transaction deferred: it reads from a snapshot and asks for the write lock
+    at its first write. If another connection (a worker) committed in between, that write fails
+    at once with "database is locked": the busy timeout does not apply, as waiting cannot make
+    the snapshot current. task_ferry's transactions that read before they write (the
+    ``max_count`` check, the sweep) call this first, so that they wait for the lock instead, as
+    ``OPTIONS["transaction_mode"] = "IMMEDIATE"`` would make every transaction do. Elsewhere,
+    outside a transaction, or with that option set, it does nothing.
+    """
+    connection = transaction.get_connection(using)
+    if (
+        connection.vendor != "sqlite"
+        or not connection.in_atomic_block
+        or getattr(connection, "transaction_mode", None) in LOCKING_TRANSACTION_MODES
+    ):
+        return
+    from task_ferry.models import Job
+
+    table = connection.ops.quote_name(Job._meta.db_table)
+    column = connection.ops.quote_name(Job._meta.pk.column)
+    with connection.cursor() as cursor:
+        # A write statement takes the lock even when it changes no row.
+        cursor.execute(f"UPDATE {table} SET {column} = {column} WHERE 0")

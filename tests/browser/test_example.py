@@ -140,6 +140,9 @@ def example_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[E
     finally:
         if process.poll() is None:
             server.stop()
+        # Shown by pytest only if the test fails: the server's tracebacks behind a 500.
+        print(f"--- {log.name} (last 200 lines) ---")
+        print("\n".join(log.read_text(errors="replace").splitlines()[-200:]))
         if server.group_alive():
             os.killpg(process.pid, signal.SIGKILL)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
