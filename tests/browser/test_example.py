@@ -590,3 +590,81 @@ def test_bar_rewrites_its_live_regions_only_when_they_change(
     assert writes["alert"] == 1, writes
     expect(bar.locator(".tf-progress__error")).to_be_hidden()
     assert page.errors == []
+
+
+def test_following_catches_up_when_the_browser_is_back_online(
+    example_server: ExampleServer, page
+) -> None:
+    """A follower waiting out its backoff after a network error polls as soon as the browser
+    is back online, not at the end of the wait."""
+    open_example_page(page, example_server)
+    offline = {"on": True}
+    attempts: list[float] = []
+
+    def network(route) -> None:
+        attempts.append(time.monotonic())
+        if offline["on"]:
+            route.abort("internetdisconnected")
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/api/jobs/\d+/$"), network)
+    page.evaluate(
+        """async () => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 1});
+            window.retries = [];
+            window.followed = TaskFerry.followJob(job.id, {
+                sse: false,
+                backoffBase: 16000,
+                onRetry: (retry) => window.retries.push(retry.delay),
+            });
+        }"""
+    )
+    page.wait_for_function("() => window.retries.length === 1")
+    page.context.set_offline(True)
+    offline["on"] = False
+    back = time.monotonic()
+    page.context.set_offline(False)
+
+    assert page.evaluate("async () => (await window.followed.done).state") == "finished"
+    waited = page.evaluate("() => window.retries[0]")
+    # The wait was 8 to 16 s; the next attempt came with the network.
+    assert waited >= 8000
+    assert attempts[1] - back < 2, attempts
+    assert page.errors == []
+
+
+def test_following_catches_up_when_the_page_is_shown_again(
+    example_server: ExampleServer, page
+) -> None:
+    """Browsers run a hidden tab's timers about once a minute: a follower whose next poll is
+    due later polls as soon as the page is shown, and not while it is hidden."""
+    open_example_page(page, example_server)
+    page.evaluate(
+        """async () => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 1});
+            window.updates = [];
+            window.followed = TaskFerry.followJob(job.id, {
+                sse: false,
+                pollInterval: 120000,
+                onUpdate: (job) => window.updates.push(job.state),
+            });
+            window.show = (state) => {
+                Object.defineProperty(document, "visibilityState", {
+                    value: state, configurable: true,
+                });
+                document.dispatchEvent(new Event("visibilitychange"));
+            };
+        }"""
+    )
+    page.wait_for_function("() => window.updates.length === 1")
+    # Long enough for the one-second job to finish; hidden, the page does not ask.
+    page.wait_for_timeout(2_500)
+    page.evaluate("() => window.show('hidden')")
+    page.wait_for_timeout(500)
+    assert page.evaluate("() => window.updates.length") == 1
+
+    page.evaluate("() => window.show('visible')")
+    page.wait_for_function("() => window.updates.length === 2", timeout=2_000)
+    assert page.evaluate("async () => (await window.followed.done).state") == "finished"
+    assert page.errors == []

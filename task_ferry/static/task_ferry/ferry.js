@@ -184,6 +184,10 @@
       this._streamFailures = 0;
       this._streamed = false;
       this._timer = null;
+      // What the timer will call, and whether the server asked for the wait (Retry-After).
+      this._waiting = null;
+      this._serverWait = false;
+      this._onWake = (event) => this._wake(event);
       this._source = null;
       this._controller = null;
       this.done = new Promise((resolve, reject) => {
@@ -195,12 +199,14 @@
     }
 
     start() {
+      this._listen(true);
       if (this.mode === "sse") this._openStream();
       else this._poll();
     }
 
     stop() {
       this.stopped = true;
+      this._listen(false);
       clearTimeout(this._timer);
       this._closeStream();
       if (this._controller) this._controller.abort();
@@ -213,11 +219,33 @@
       openStreams -= 1;
     }
 
-    _schedule(callback, delay) {
+    _schedule(callback, delay, serverWait = false) {
       clearTimeout(this._timer);
+      this._waiting = callback;
+      this._serverWait = serverWait;
       this._timer = setTimeout(() => {
+        this._waiting = null;
         if (!this.stopped) callback.call(this);
       }, delay);
+    }
+
+    _listen(on) {
+      if (typeof window === "undefined" || typeof document === "undefined") return;
+      const method = on ? "addEventListener" : "removeEventListener";
+      document[method]("visibilitychange", this._onWake);
+      window[method]("online", this._onWake);
+    }
+
+    /**
+     * Browsers run the timers of a hidden tab about once a minute, and a backoff after a
+     * network outage may still have seconds to go when the network is back: when the page is
+     * shown again or the browser is back online, what was waiting runs now. Not a wait the
+     * server asked for.
+     */
+    _wake(event) {
+      if (this.stopped || !this._waiting || this._serverWait) return;
+      if (event.type === "visibilitychange" && document.visibilityState !== "visible") return;
+      this._schedule(this._waiting, 0);
     }
 
     _update(job) {
@@ -315,14 +343,16 @@
           return;
         }
         this._failures += 1;
-        const delay = Math.max(
-          error.retryAfter || 0,
-          backoffDelay(this._failures, this.options.backoffBase, this.options.backoffMax),
+        const backoff = backoffDelay(
+          this._failures,
+          this.options.backoffBase,
+          this.options.backoffMax,
         );
+        const delay = Math.max(error.retryAfter || 0, backoff);
         if (this.options.onRetry) {
           this.options.onRetry({ attempt: this._failures, delay: delay, error: error });
         }
-        this._schedule(this._poll, delay);
+        this._schedule(this._poll, delay, delay > backoff);
         return;
       }
       this._failures = 0;
