@@ -97,6 +97,9 @@ def _component(job_type: JobType, direction: str) -> type[serializers.Serializer
             bases = (JobSerializer,)
             name = f"{camel(job_type.type)}JobSerializer"
         attrs["__module__"] = __name__
+        # Spectacular finds the key type of a read-only related field (a many-to-many through a
+        # model of the project's, say) through the model its serializer names, which it needs.
+        attrs["Meta"] = type("Meta", (), {"model": job_type.model_class})
         _component_serializers[key] = type(name, bases, attrs)
     return _component_serializers[key]
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 import datetime
 import json
 import re
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
+from django.db import models
+from django.db.models import prefetch_related_objects
 from django.utils import timezone
 from rest_framework import serializers
 from rest_framework.utils import encoders
@@ -22,6 +26,7 @@ from task_ferry.snapshot import PUBLIC_FIELDS, isoformat
 
 __all__ = [
     "JobSerializer",
+    "prefetch_type_fields",
     "public_job",
     "type_fields",
     "type_serializer_class",
@@ -63,9 +68,16 @@ class JobSerializer(serializers.Serializer[Any]):
     )
 
 
+def own_many_to_many(model: type[Job]) -> list[models.ManyToManyField[Any, Any]]:
+    """The many-to-many fields the job type's model adds to ``Job``."""
+    return [f for f in model._meta.many_to_many if f.model is not Job]
+
+
 def own_field_names(model: type[Job]) -> list[str]:
-    """Fields the job type's model adds to ``Job``, parent links left out."""
-    return [f.name for f in model.own_fields()]
+    """Fields the job type's model adds to ``Job``, its many-to-many ones included, in the
+    order the model declares them (as a ``ModelForm`` lists them); parent links left out."""
+    fields = [*model.own_fields(), *own_many_to_many(model)]
+    return [f.name for f in sorted(fields, key=lambda f: f.creation_counter)]
 
 
 _derived: dict[type[Job], type[serializers.ModelSerializer[Any]]] = {}
@@ -87,6 +99,48 @@ def type_serializer_class(job_type: JobType) -> type[serializers.Serializer[Any]
 _representers: dict[type[serializers.Serializer[Any]], serializers.Serializer[Any]] = {}
 
 
+def representer_of(job_type: JobType) -> serializers.Serializer[Any]:
+    """The instance of the type's serializer that renders its jobs' fields."""
+    serializer_class = type_serializer_class(job_type)
+    # One serializer instance per class: building its fields is the expensive part.
+    representer = _representers.get(serializer_class)
+    if representer is None:
+        representer = _representers.setdefault(serializer_class, serializer_class())
+    return representer
+
+
+def shown_many_to_many(job_type: JobType) -> list[str]:
+    """The many-to-many fields of the type's model that its serializer reads to render a job."""
+    names = [f.name for f in own_many_to_many(job_type.model_class)]
+    shown = {
+        field.source_attrs[0]
+        for field in representer_of(job_type).fields.values()
+        if not field.write_only and field.source_attrs
+    }
+    return [name for name in names if name in shown]
+
+
+def prefetch_type_fields(jobs: Iterable[Job]) -> None:
+    """Read the rows linked to ``jobs`` through the many-to-many fields their types'
+    serializers show, one query per field and type, so that ``type_fields`` of each job makes
+    none (it would make one per job and field)."""
+    by_type: dict[JobType, list[Job]] = defaultdict(list)
+    for job in jobs:
+        try:
+            job_type = job_type_registry.get(job.type)
+        except LookupError:
+            continue
+        if isinstance(job, job_type.model_class):
+            by_type[job_type].append(job)
+    for job_type, of_type in by_type.items():
+        try:
+            names = shown_many_to_many(job_type)
+        except Exception:
+            continue  # A broken serializer: ``type_fields`` logs it for each job.
+        if names:
+            prefetch_related_objects(of_type, *names)
+
+
 def type_fields(job: Job) -> dict[str, Any] | None:
     """The job type's own fields of ``job``, JSON-ready; None when ``job`` is not an instance of
     its type's model (a plain ``Job`` row) or its type is not registered."""
@@ -96,12 +150,7 @@ def type_fields(job: Job) -> dict[str, Any] | None:
         return None
     if not isinstance(job, job_type.model_class):
         return None
-    serializer_class = type_serializer_class(job_type)
-    # One serializer instance per class: building its fields is the expensive part.
-    representer = _representers.get(serializer_class)
-    if representer is None:
-        representer = _representers.setdefault(serializer_class, serializer_class())
-    data = representer.to_representation(job)
+    data = representer_of(job_type).to_representation(job)
     fields = {key: value for key, value in data.items() if key not in PUBLIC_FIELDS}
     if any(value.__class__ not in JSON_SCALARS for value in fields.values()):
         # What DRF's renderer encodes but ``json`` does not (a ``Decimal`` left uncoerced, a

@@ -15,7 +15,7 @@ from django.utils.functional import cached_property
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
-from rest_framework.fields import Field, ListField, MultipleChoiceField
+from rest_framework.fields import Field, JSONField, ListField, MultipleChoiceField
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.permissions import BasePermission
 from rest_framework.relations import ManyRelatedField
@@ -26,7 +26,12 @@ from rest_framework.response import Response
 from task_ferry import signals
 from task_ferry.api.pagination import JobPagination
 from task_ferry.api.permissions import IsJobOwner, get_permission_class
-from task_ferry.api.serializers import JobSerializer, public_job, type_serializer_class
+from task_ferry.api.serializers import (
+    JobSerializer,
+    prefetch_type_fields,
+    public_job,
+    type_serializer_class,
+)
 from task_ferry.exceptions import (
     InvalidJobValues,
     JobDoesNotExist,
@@ -99,9 +104,11 @@ def job_paths() -> dict[str, str]:
 
 
 def columns(job_type: JobType) -> set[str]:
-    """Names (and attnames) of every column of the type's model, ``Job``'s included."""
-    return {
-        name for f in job_type.model_class._meta.concrete_fields for name in (f.name, f.attname)
+    """Names (and attnames) of every column of the type's model, ``Job``'s included, and of its
+    many-to-many fields: the values only its serializer may set."""
+    meta = job_type.model_class._meta
+    return {name for f in meta.concrete_fields for name in (f.name, f.attname)} | {
+        f.name for f in meta.many_to_many
     }
 
 
@@ -158,15 +165,29 @@ def parse_types(request: Request, queryset: JobQuerySet[Job]) -> list[str]:
     return names
 
 
+class FormJSON(str):
+    """A form's text for a ``JSONField``, marked as DRF marks the form values it reads itself,
+    so that its ``JSONField`` parses it as JSON."""
+
+    is_json_string = True
+
+
+def form_value(data: MultiValueDict[str, Any], key: str, field: Field | None) -> Any:
+    if isinstance(field, LIST_FIELDS):
+        return data.getlist(key)
+    value = data[key]
+    if isinstance(field, JSONField) and isinstance(value, str):
+        return FormJSON(value)
+    return value
+
+
 def form_values(data: MultiValueDict[str, Any], fields: Mapping[str, Field]) -> dict[str, Any]:
-    """The values of a form or multipart body (``type`` left out): a key's last value, as a
-    plain dict keeps the serializer's defaults for what the form leaves out, but every value
-    of a key whose field takes a list (``tags=a&tags=b``), as DRF reads a form."""
-    return {
-        key: data.getlist(key) if isinstance(fields.get(key), LIST_FIELDS) else data[key]
-        for key in data
-        if key != "type"
-    }
+    """The values of a form or multipart body (``type`` left out), read as DRF reads a form:
+    every value of a key whose field takes a list (``tags=a&tags=b``), the text of a
+    ``JSONField`` parsed as JSON (a form has no other way to send an object), else a key's
+    last value. A plain dict, not the form itself, keeps the serializer's defaults for what
+    the form leaves out (DRF takes a missing boolean in a form for false)."""
+    return {key: form_value(data, key, fields.get(key)) for key in data if key != "type"}
 
 
 def creatable(policy: IsJobOwner, request: Request, job_type: JobType) -> bool:
@@ -231,6 +252,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         queryset = self.filter_queryset(self.get_queryset()).select_related(*paths.values())
         page = self.paginate_queryset(queryset)
         jobs = [specific_from_joined(job, paths) for job in page or []]
+        prefetch_type_fields(jobs)
         live_ids = [job.pk for job in jobs if job.is_live]
         try:
             live = get_store().read_many(live_ids) if live_ids else {}
@@ -286,7 +308,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         serializer.is_valid(raise_exception=True)
         extras = {key: value for key, value in values.items() if key not in serializer.fields}
         # A name the serializer already fills from another field (its ``source``), or a column
-        # it leaves out: only the serializer's fields set columns.
+        # (or many-to-many field) it leaves out: only the serializer's fields set them.
         clashing = sorted(extras.keys() & (serializer.validated_data.keys() | columns(job_type)))
         if clashing:
             raise ValidationError({name: ["Unknown field."] for name in clashing})

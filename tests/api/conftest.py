@@ -10,6 +10,7 @@ from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import JobState
 from task_ferry.stores.base import get_store
+from tests.test_handler import LinkedJobType, registered_for_the_test
 from tests.test_store_outage import redis_server  # noqa: F401 - a fixture of our own Redis
 
 needs_redis = pytest.mark.skipif(
@@ -24,6 +25,16 @@ def export_table_by_api(monkeypatch):
     from tests.myapp.job_types import ExportJobType
 
     monkeypatch.setattr(ExportJobType, "api_create", True)
+
+
+class LinkedByApiJobType(LinkedJobType):
+    """The handler tests' type with many-to-many fields (``markers``, and ``tags`` through a
+    model of the project's), opted in to creation through the API."""
+
+    api_create = True
+
+
+linked_by_api = registered_for_the_test(LinkedByApiJobType)
 
 
 @pytest.fixture

@@ -40,6 +40,17 @@ def test_schema_has_one_component_per_job_type_with_its_fields(schema):
     assert "id" not in components["ExportTableJobCreate"]["properties"]
 
 
+def test_a_types_many_to_many_fields_are_described_as_lists_of_keys(api, linked_by_api):
+    # They were left out; a read-only one (through a model of the project's) failed the schema.
+    components = api.get(SCHEMA_URL).json()["components"]["schemas"]
+    keys = {"type": "array", "items": {"type": "integer"}}
+    shown = components["LinkedJob"]["properties"]
+    assert (shown["markers"], shown["tags"]) == (keys, {**keys, "readOnly": True})
+    taken = components["LinkedJobCreate"]["properties"]
+    assert taken["markers"] == keys
+    assert "tags" not in taken
+
+
 def test_the_event_stream_is_described_like_the_detail_it_mirrors(schema):
     detail = schema["paths"]["/api/jobs/{id}/"]["get"]
     events = schema["paths"]["/api/jobs/{id}/events/"]["get"]

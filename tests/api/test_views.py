@@ -4,6 +4,7 @@ import contextlib
 import datetime
 import io
 import threading
+from urllib.parse import quote
 
 import pytest
 from django.core.management import call_command
@@ -16,10 +17,10 @@ from task_ferry.models import CancelRequest, Job
 from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
-from tests.api.conftest import client_for, create, needs_redis, start
+from tests.api.conftest import LinkedByApiJobType, client_for, create, needs_redis, start
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
-from tests.testapp.models import ScriptedJob
+from tests.testapp.models import LinkedJob, Marker, ScriptedJob
 
 URL = "/api/jobs/"
 
@@ -490,6 +491,181 @@ def test_create_answers_a_job_that_failed_inline_as_failed(api, user):
     body = response.json()
     assert body["state"] == "failed"
     assert body["human_readable_error"] == "Something went wrong while running this job."
+
+
+# Many-to-many fields, and JSON in a form
+
+
+def marker_pks(*names):
+    return [Marker.objects.create(name=name).pk for name in names]
+
+
+def post_form(api, body, form):
+    """``body`` as JSON, multipart, or urlencoded with a list's values as a repeated key."""
+    if form != "urlencoded":
+        return api.post(URL, body, format=form)
+    pairs = [
+        (key, item)
+        for key, value in body.items()
+        for item in (value if isinstance(value, list) else [value])
+    ]
+    return api.post(
+        URL,
+        "&".join(f"{key}={quote(str(item))}" for key, item in pairs),
+        content_type="application/x-www-form-urlencoded",
+    )
+
+
+def linked_pks(job_id, field):
+    return sorted(getattr(LinkedJob.objects.get(pk=job_id), field).values_list("pk", flat=True))
+
+
+@pytest.mark.parametrize("form", ["json", "multipart", "urlencoded"])
+def test_create_takes_a_many_to_many_field_as_a_list_of_keys_shown_as_such(
+    api, user, linked_by_api, form
+):
+    first, second = marker_pks("first", "second")
+    # JSON's list reached the job past the type's serializer, and no response showed it; a
+    # form's repeated key was read as its last value, a string, and refused.
+    response = post_form(api, {"type": "linked", "markers": [first, second]}, form)
+    assert response.status_code == 201, response.json()
+    job_id = response.json()["id"]
+    assert linked_pks(job_id, "markers") == [first, second]
+    assert sorted(response.json()["markers"]) == [first, second]
+    # Answered from the final snapshot the run stored.
+    assert sorted(api.get(f"{URL}{job_id}/").json()["markers"]) == [first, second]
+    (listed,) = api.get(URL).json()["results"]
+    assert sorted(listed["markers"]) == [first, second]
+    response = post_form(api, {"type": "linked"}, form)
+    assert (response.status_code, response.json()["markers"]) == (201, [])
+
+
+def test_create_refuses_many_to_many_keys_of_no_row_naming_the_field(
+    api, user, hold, linked_by_api
+):
+    (first,) = marker_pks("first")
+    for markers, message in [
+        ([first, first + 1000], f'Invalid pk "{first + 1000}" - object does not exist.'),
+        ([2**70], f'Invalid pk "{2**70}" - object does not exist.'),
+        (["x"], "Incorrect type. Expected pk value, received str."),
+        ([None], 'Invalid pk "None" - object does not exist.'),
+        (first, 'Expected a list of items but got type "int".'),
+        (str(first), 'Expected a list of items but got type "str".'),
+    ]:
+        response = api.post(URL, {"type": "linked", "markers": markers}, format="json")
+        assert (response.status_code, response.json()) == (400, {"markers": [message]})
+    response = post_form(api, {"type": "linked", "markers": [first, first + 1000]}, "urlencoded")
+    assert response.json() == {"markers": [f'Invalid pk "{first + 1000}" - object does not exist.']}
+    assert not Job.objects.exists()
+
+
+def test_a_many_to_many_field_through_a_model_of_the_projects_is_shown_read_only(
+    api, user, hold, linked_by_api, monkeypatch
+):
+    (tag,) = marker_pks("tag")
+    # As DRF's ModelSerializer does: the link may need values of its own. It was linked, and
+    # shown nowhere.
+    response = api.post(URL, {"type": "linked", "tags": [tag]}, format="json")
+    assert (response.status_code, response.json()) == (400, {"tags": ["This field is read-only."]})
+    job = create(user, "linked", tags=[tag])
+    assert api.get(f"{URL}{job.pk}/").json()["tags"] == [tag]
+
+    class TagsWritable(serializers.ModelSerializer):
+        tags = serializers.PrimaryKeyRelatedField(many=True, queryset=Marker.objects.all())
+
+        class Meta:
+            model = LinkedJob
+            fields = ["markers", "tags"]
+
+    monkeypatch.setattr(LinkedByApiJobType, "serializer_class", TagsWritable)
+    response = api.post(URL, {"type": "linked", "tags": [tag]}, format="json")
+    assert (response.status_code, response.json()["tags"]) == (201, [tag])
+    assert linked_pks(response.json()["id"], "tags") == [tag]
+
+
+class OwnMarkersField(serializers.PrimaryKeyRelatedField):
+    """docs/api.md's field that offers the caller's rows only (here: markers named after them)."""
+
+    def get_queryset(self):
+        return Marker.objects.filter(name=self.context["request"].user.username)
+
+
+def test_a_types_serializer_may_offer_only_the_callers_rows(
+    api, user, other_user, hold, linked_by_api, monkeypatch
+):
+    class OwnMarkersSerializer(serializers.ModelSerializer):
+        markers = OwnMarkersField(many=True)
+
+        class Meta:
+            model = LinkedJob
+            fields = ["markers"]
+
+    mine, theirs = marker_pks(user.username, other_user.username)
+    # The default field takes anyone's rows.
+    response = api.post(URL, {"type": "linked", "markers": [theirs]}, format="json")
+    assert (response.status_code, response.json()["markers"]) == (201, [theirs])
+    monkeypatch.setattr(LinkedByApiJobType, "serializer_class", OwnMarkersSerializer)
+    response = api.post(URL, {"type": "linked", "markers": [mine, theirs]}, format="json")
+    assert response.json() == {"markers": [f'Invalid pk "{theirs}" - object does not exist.']}
+    response = api.post(URL, {"type": "linked", "markers": [mine]}, format="json")
+    assert (response.status_code, response.json()["markers"]) == (201, [mine])
+    assert api.get(URL).json()["results"][0]["markers"] == [mine]
+
+
+def test_create_refuses_a_many_to_many_field_the_types_serializer_leaves_out(
+    api, user, hold, linked_by_api, monkeypatch
+):
+    class DetailsOnly(serializers.ModelSerializer):
+        class Meta:
+            model = LinkedJob
+            fields = ["details"]
+
+    monkeypatch.setattr(LinkedByApiJobType, "serializer_class", DetailsOnly)
+    (marker,) = marker_pks("marker")
+    # It went past the serializer to the job, which linked it.
+    response = api.post(URL, {"type": "linked", "markers": [marker]}, format="json")
+    assert (response.status_code, response.json()) == (400, {"markers": ["Unknown field."]})
+    assert not Job.objects.exists()
+
+
+def test_a_page_of_jobs_with_many_to_many_fields_costs_no_query_per_job(
+    api, user, hold, linked_by_api, django_assert_num_queries
+):
+    markers = marker_pks("a", "b", "c")
+    for i in range(20):
+        create(user, "linked", markers=markers[: i % 4], tags=markers[i % 3 : i % 3 + 1])
+    create(user, "export_table", table_id=1)
+    create(user, steps=1)
+    # The count, the page, and each many-to-many field's links for the whole page.
+    for limit in (50, 3):
+        with django_assert_num_queries(4):
+            response = api.get(URL, {"limit": limit, "offset": 1})
+    with django_assert_num_queries(4):
+        results = api.get(URL, {"limit": 50}).json()["results"]
+    linked = [job for job in results if job["type"] == "linked"]
+    assert len(linked) == 20
+    assert [sorted(job["markers"]) for job in linked] == [
+        linked_pks(job["id"], "markers") for job in linked
+    ]
+    assert [job["tags"] for job in linked] == [linked_pks(job["id"], "tags") for job in linked]
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("form", ["multipart", "urlencoded", "json"])
+def test_a_json_field_takes_json_text_from_a_form(api, user, hold, linked_by_api, form):
+    # A form has no JSON values: its text for a JSONField was stored as a JSON string, as if
+    # a JSON body had sent that string.
+    response = post_form(api, {"type": "linked", "details": '{"rows": [1, 2]}'}, form)
+    assert response.status_code == 201, response.json()
+    expected = '{"rows": [1, 2]}' if form == "json" else {"rows": [1, 2]}
+    assert response.json()["details"] == expected
+    assert LinkedJob.objects.get(pk=response.json()["id"]).details == expected
+    if form != "json":
+        response = post_form(api, {"type": "linked", "details": "{rows"}, form)
+        assert (response.status_code, response.json()) == (
+            400,
+            {"details": ["Value must be valid JSON."]},
+        )
 
 
 # Detail
