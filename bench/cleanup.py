@@ -6,7 +6,8 @@ expired jobs of several types, with live and recent jobs that must survive.
 Runs on the test settings' database server (TASK_FERRY_TEST_DB, default PostgreSQL) in a
 database of its own, ``bench_<NAME>``, created and dropped here. The cleanup runs in a fresh
 child process so its peak RSS is the cleanup's own. BENCH_TRACEMALLOC=1 also reports the peak
-of Python allocations during the cleanup (slower).
+of Python allocations during the cleanup (slower). ``--hook-ms 20`` makes each hook take that
+long, as one removing files from S3 does, and reports the cleanup's transactions (PostgreSQL).
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ def naive_cleanup() -> int:
         deleted += per_model.get(Job._meta.label, 0)
 
 
-def measure(naive: bool) -> None:
+def measure(naive: bool, hook_seconds: float) -> None:
     """The child process: run the cleanup once and print figures as JSON."""
+    from django.db import connection
     from django.db.models import Max
 
     from task_ferry.handler import JobHandler
@@ -120,10 +122,20 @@ def measure(naive: bool) -> None:
     # One byte per job id, so the bench's own bookkeeping stays small next to the cleanup.
     calls = bytearray((Job.objects.aggregate(top=Max("pk"))["top"] or 0) + 1)
     limited_calls = [0]
+    # Per transaction the hooks ran in, how long it had been open when the last of them returned.
+    transactions: dict[int, float] = {}
 
     def counting_before_delete(self: object, job: object) -> None:
         pk = job.pk  # type: ignore[attr-defined]
         calls[pk] = min(calls[pk] + 1, 255)
+        if hook_seconds:
+            time.sleep(hook_seconds)
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT txid_current(), EXTRACT(EPOCH FROM clock_timestamp() - now())"
+                )
+                txid, open_for = cursor.fetchone()
+            transactions[txid] = max(transactions.get(txid, 0.0), float(open_for))
         if type(self).type != "limited":
             return
         limited_calls[0] += 1
@@ -163,12 +175,14 @@ def measure(naive: bool) -> None:
                 "jobs_hooked": len(calls) - calls.count(0),
                 "max_calls_per_job": max(calls, default=0),
                 "hook_errors_logged": errors[0],
+                "transactions": len(transactions),
+                "longest_transaction": max(transactions.values(), default=None),
             }
         )
     )
 
 
-def run_once(jobs: int, database: str, label: str, naive: bool) -> float:
+def run_once(jobs: int, database: str, label: str, naive: bool, hook_ms: float) -> float:
     """Populate, clean up in a child process, check the result; returns jobs per second."""
     from django.db import connection
 
@@ -177,7 +191,8 @@ def run_once(jobs: int, database: str, label: str, naive: bool) -> float:
     Job.objects.all().delete()
     ids = populate(jobs)
     connection.close()
-    command = [sys.executable, __file__, "--measure", database, *(["--naive"] if naive else [])]
+    command = [sys.executable, __file__, "--measure", database, "--hook-ms", str(hook_ms)]
+    command += ["--naive"] if naive else []
     child = subprocess.run(command, capture_output=True, text=True, check=True)
     figures = json.loads(child.stdout.strip().splitlines()[-1])
     remaining = set(Job.objects.values_list("pk", flat=True))
@@ -198,6 +213,11 @@ def run_once(jobs: int, database: str, label: str, naive: bool) -> float:
         f"(max {figures['max_calls_per_job']} per job); {figures['hook_errors_logged']} "
         f"raising hooks logged"
     )
+    if figures["longest_transaction"] is not None:
+        print(
+            f"  hooks ran in {figures['transactions']} transactions, the longest open "
+            f"{figures['longest_transaction']:.1f}s"
+        )
     print(
         f"  expired left: {len(remaining & set(ids['expired']))}; live or recent jobs kept: "
         f"{len(remaining & set(ids['survivors']))} of {len(ids['survivors'])}"
@@ -213,12 +233,18 @@ def main() -> None:
         action="store_true",
         help="Also time the previous implementation on an identical data set.",
     )
+    parser.add_argument(
+        "--hook-ms",
+        type=float,
+        default=0,
+        help="Milliseconds each before_delete takes (default 0); reports the transactions.",
+    )
     parser.add_argument("--measure", metavar="DATABASE", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         setup_django(args.measure)
-        measure(args.naive)
+        measure(args.naive, args.hook_ms / 1000)
         return
 
     setup_django(None)
@@ -231,7 +257,7 @@ def main() -> None:
         rates = {}
         for naive in [False, True] if args.compare else [False]:
             label = "previous implementation" if naive else "cleanup_old_jobs()"
-            rates[naive] = run_once(args.jobs, database, label, naive)
+            rates[naive] = run_once(args.jobs, database, label, naive, args.hook_ms)
         if args.compare:
             print(f"speed-up over the previous implementation: {rates[False] / rates[True]:.1f}x")
     finally:

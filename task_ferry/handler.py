@@ -8,12 +8,14 @@ exactly one ended state and its ending hook runs once, whoever races for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import hashlib
 import json
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
@@ -74,6 +76,8 @@ logger = logging.getLogger("task_ferry")
 __all__ = ["JobHandler"]
 
 CLEANUP_BATCH_SIZE = 500
+# How long a cleanup batch's transaction (PostgreSQL) goes on calling before_delete hooks.
+CLEANUP_TRANSACTION_SECONDS = 5.0
 ERROR_FIELDS = frozenset({"error", "human_readable_error"})
 
 
@@ -260,12 +264,14 @@ class RunLock:
         self.name = name
         self.using = using
         self.connection = transaction.get_connection(using)
+        #: Whether each batch is a transaction (else each of its statements commits alone).
+        self.batches_are_transactions = self.connection.vendor == "postgresql"
         #: The run's GET_LOCK() on MySQL and MariaDB: None until asked for, then whether held.
         self.held: bool | None = None
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[bool]:
-        if self.connection.vendor != "postgresql":
+        if not self.batches_are_transactions:
             yield self._held_for_the_run()
             return
         with transaction.atomic(using=self.using):
@@ -824,6 +830,13 @@ class JobHandler:
         last_id = 0
         with run_lock("task_ferry.cleanup_old_jobs") as lock:
             while True:
+                # Counted from before the transaction begins, so that no hook but its first
+                # starts later into it than CLEANUP_TRANSACTION_SECONDS (see _call_before_delete).
+                deadline = (
+                    time.monotonic() + CLEANUP_TRANSACTION_SECONDS
+                    if lock.batches_are_transactions
+                    else None
+                )
                 with lock.batch() as alone:
                     if not alone:
                         # Both would call before_delete for the same jobs (cron and beat, say).
@@ -845,8 +858,8 @@ class JobHandler:
                     )
                     if not batch:
                         break
-                    last_id = batch[-1][0]
-                    deleted += cls._delete_batch(batch, cutoff)
+                    batch_deleted, last_id = cls._delete_batch(batch, cutoff, deadline)
+                    deleted += batch_deleted
             # Rows a worker wrote for a job in the moment it was deleted (no foreign-key
             # constraint stops them): nothing else would remove them.
             job_gone = ~Exists(Job.objects.filter(pk=OuterRef("job_id")))
@@ -855,11 +868,17 @@ class JobHandler:
         return deleted
 
     @staticmethod
-    def _delete_batch(batch: list[tuple[int, str, int]], cutoff: datetime.datetime) -> int:
+    def _delete_batch(
+        batch: list[tuple[int, str, int]], cutoff: datetime.datetime, deadline: float | None
+    ) -> tuple[int, int]:
+        """Call the ``before_delete`` hooks of ``batch``'s jobs and delete them. Returns how many
+        jobs were deleted and the id of the last job handled: past ``deadline`` (a
+        ``time.monotonic()``), the jobs after the last one hooked are left to the next batch."""
         by_model: dict[tuple[str, int], list[int]] = {}
         for pk, type_name, content_type_id in batch:
             by_model.setdefault((type_name, content_type_id), []).append(pk)
-        deleted = 0
+        groups: list[ExpiredOfType] = []
+        hooked: list[tuple[int, Model, JobType[Any]]] = []
         for (type_name, content_type_id), ids in by_model.items():
             model = ContentType.objects.get_for_id(content_type_id).model_class() or Job
             # Loaded through the job's own model, so deleting them needs no query per parent row;
@@ -871,47 +890,49 @@ class JobHandler:
                     pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
                 )
             )
+            kept: list[tuple[int, str]] = []
             # Before _deletable() leaves out the protected ones, which have their model's row.
             loaded = {job.pk for job in jobs}
-            jobs = _deletable(model, jobs)
-            if type_name in job_type_registry:
-                job_type = job_type_registry.get(type_name)
-                # Inside the batch's transaction (PostgreSQL), each hook in a savepoint of its
-                # own, so that a query of one that fails cannot abort the batch; none for a type
-                # without the hook.
-                has_hook = type(job_type).before_delete is not JobType.before_delete
-                in_batch = transaction.get_connection(jobs_database()).in_atomic_block
-                for job in jobs if has_hook else ():
-                    try:
-                        with (
-                            transaction.atomic(using=jobs_database())
-                            if in_batch
-                            else contextlib.nullcontext()
-                        ):
-                            job_type.before_delete(job)
-                    except Exception:
-                        logger.exception(
-                            "Job %s: before_delete hook of %r raised; deleting anyway",
-                            job.pk,
-                            job_type,
-                        )
-            elif jobs:
+            jobs = _deletable(model, jobs, kept=kept)
+            job_type = job_type_registry.get(type_name) if type_name in job_type_registry else None
+            # A type without the hook costs no savepoint and no look at the clock.
+            if job_type is not None and type(job_type).before_delete is not JobType.before_delete:
+                hooked.extend((job.pk, job, job_type) for job in jobs)
+            groups.append(
+                ExpiredOfType(
+                    type_name=type_name,
+                    model=model,
+                    registered=job_type is not None,
+                    ids=ids,
+                    loaded=loaded,
+                    jobs=jobs,
+                    kept=kept,
+                )
+            )
+        cut_after = _call_before_delete(hooked, deadline)
+        last_id = batch[-1][0] if cut_after is None else cut_after
+        deleted = 0
+        for group in groups:
+            for pk, reason in group.kept:
+                if pk <= last_id:
+                    logger.warning("cleanup_old_jobs: job %s is kept: %s", pk, reason)
+            jobs = [job for job in group.jobs if job.pk <= last_id]
+            if not group.registered and jobs:
                 # Once per batch: a removed type may leave thousands.
                 logger.warning(
                     "cleanup_old_jobs: no job type %r to run before_delete of; deleting %d of "
                     "its expired jobs without it.",
-                    type_name,
+                    group.type_name,
                     len(jobs),
                 )
-            deleted += _delete_jobs(model, jobs)
-            if model is not Job and len(loaded) < len(ids):
+            deleted += _delete_jobs(group.model, jobs)
+            missing = [pk for pk in group.ids if pk <= last_id and pk not in group.loaded]
+            if group.model is not Job and missing:
                 # Jobs whose row of the model is missing, which loading through it cannot find:
                 # left, they would never be deleted. Their before_delete cannot run.
                 orphans = list(
                     Job._base_manager.using(jobs_database()).filter(
-                        pk__in=[pk for pk in ids if pk not in loaded],
-                        state__in=ENDED_STATES,
-                        finished_at__lt=cutoff,
+                        pk__in=missing, state__in=ENDED_STATES, finished_at__lt=cutoff
                     )
                 )
                 for job in orphans:
@@ -919,10 +940,10 @@ class JobHandler:
                         "Job %s: no row in %s's table; deleting the job without its "
                         "before_delete hook.",
                         job.pk,
-                        model.__name__,
+                        group.model.__name__,
                     )
                 deleted += _delete_jobs(Job, orphans)
-        return deleted
+        return deleted, last_id
 
     @classmethod
     def sweep_stale_jobs(cls) -> int:
@@ -1086,6 +1107,61 @@ class JobHandler:
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExpiredOfType:
+    """The jobs of one type in a cleanup batch."""
+
+    type_name: str
+    #: The type's own model, through which its jobs are loaded and deleted.
+    model: type[Model]
+    #: Whether the type is in the registry (its jobs are deleted without a hook if not).
+    registered: bool
+    #: The batch's ids of the type's jobs.
+    ids: list[int]
+    #: The ids of those loaded through ``model``: the others have no row of it.
+    loaded: set[int]
+    #: Those loaded that no protecting foreign key keeps.
+    jobs: list[Model]
+    #: The ids of those kept, with the reason, to be logged.
+    kept: list[tuple[int, str]]
+
+
+def _call_before_delete(
+    hooked: list[tuple[int, Model, JobType[Any]]], deadline: float | None
+) -> int | None:
+    """Call each job's ``before_delete``, in id order, each in a savepoint of its own inside the
+    batch's transaction (PostgreSQL): a query of one that fails cannot abort the batch. Once a
+    hook returns past ``deadline``, the others are not called: returns the id of the last job
+    hooked then, else None.
+
+    Hooks are often slow (files removed from S3: 50 to 500 ms each), and a transaction open for
+    500 of them (minutes) holds the batch's row locks and a pooled connection, and holds back
+    PostgreSQL's xmin horizon, so vacuum cleans no dead row anywhere in the database
+    meanwhile. Past the deadline the batch deletes the jobs hooked so far and commits, and the
+    next batch starts after the last of them: a transaction lasts about the deadline and one
+    hook more, and calls at least one hook, so the cleanup goes on however slow hooks are. The
+    hooks stay inside the transaction, and a job's hook and delete in the same one, because
+    the advisory lock that keeps two cleanups off the same jobs lasts as long as it (a
+    session-level lock goes astray behind a pooler in transaction mode, see ``RunLock``) and
+    because what a hook writes is meant to commit with the delete. Hooks in id order make the
+    jobs handled a prefix of the batch, so "after the last of them" misses none."""
+    in_batch = transaction.get_connection(jobs_database()).in_atomic_block
+    hooked.sort(key=lambda entry: entry[0])
+    for index, (pk, job, job_type) in enumerate(hooked):
+        try:
+            with (
+                transaction.atomic(using=jobs_database()) if in_batch else contextlib.nullcontext()
+            ):
+                job_type.before_delete(job)
+        except Exception:
+            logger.exception(
+                "Job %s: before_delete hook of %r raised; deleting anyway", job.pk, job_type
+            )
+        if deadline is not None and index + 1 < len(hooked) and time.monotonic() >= deadline:
+            return pk
+    return None
+
+
 def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
     """Delete ``jobs``, loaded through ``model``; how many ``Job`` rows went. Its post_delete
     receiver forgets their snapshots once the delete commits."""
@@ -1106,12 +1182,17 @@ def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
 
 
 def _deletable(
-    model: type[Model], jobs: Sequence[Model], *, known_protected: bool = False
+    model: type[Model],
+    jobs: Sequence[Model],
+    *,
+    known_protected: bool = False,
+    kept: list[tuple[int, str]] | None = None,
 ) -> list[Model]:
     """Those of ``jobs`` that no row keeps from being deleted. A foreign key to a job, or to its
-    model, with ``on_delete=PROTECT`` or ``RESTRICT`` keeps the job: it is logged and left, so
-    that it stops neither the rest of the clean-up nor later ones, and its ``before_delete``
-    is not called. Costs nothing where no such foreign key exists."""
+    model, with ``on_delete=PROTECT`` or ``RESTRICT`` keeps the job: it is logged (or, with
+    ``kept``, added to it with the reason, for the caller to log) and left, so that it stops
+    neither the rest of the clean-up nor later ones, and its ``before_delete`` is not called.
+    Costs nothing where no such foreign key exists."""
     if not jobs or not (known_protected or _may_be_protected(model)):
         return list(jobs)
     using = router.db_for_write(model)
@@ -1126,7 +1207,10 @@ def _deletable(
         try:
             Collector(using=using).collect([job])
         except (ProtectedError, RestrictedError) as exc:
-            logger.warning("cleanup_old_jobs: job %s is kept: %s", job.pk, exc.args[0])
+            if kept is None:
+                logger.warning("cleanup_old_jobs: job %s is kept: %s", job.pk, exc.args[0])
+            else:
+                kept.append((job.pk, exc.args[0]))
         else:
             deletable.append(job)
     return deletable

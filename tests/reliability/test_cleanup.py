@@ -13,9 +13,11 @@ from collections import Counter
 
 import pytest
 from django.db import connection, connections
+from django.db.models.signals import post_delete
 from django.test import TestCase
 from django.test.utils import CaptureQueriesContext
 
+from task_ferry import handler
 from task_ferry.handler import (
     CLEANUP_BATCH_SIZE,
     MYSQL_LOCK_NAME_LENGTH,
@@ -27,6 +29,7 @@ from task_ferry.models import CancelRequest, Heartbeat, Job, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
 from tests.reliability.bulk import TYPES, bulk_jobs
+from tests.testapp.models import Attachment, AttachmentReceipt
 
 pytestmark = pytest.mark.django_db
 
@@ -317,3 +320,95 @@ def test_a_before_delete_whose_query_fails_does_not_stop_the_others(user, monkey
         assert JobHandler.cleanup_old_jobs() == len(expired)
     assert not Job.objects.filter(pk__in=expired).exists()
     assert caplog.text.count("before_delete hook") == sum(pk % 3 == 0 for pk in expired)
+
+
+BUDGET = 0.2
+HOOK_SECONDS = 0.03
+
+
+@pytest.fixture
+def slow_hooks(monkeypatch):
+    """The "limited" type's before_delete takes HOOK_SECONDS; cleanups get a transaction budget
+    of BUDGET seconds. Records, per hooked job, the transaction of each call of its hook and how
+    many seconds into it the call began, and per deleted job the transactions it was deleted
+    in."""
+    hooks: dict[int, list[tuple[int, float]]] = {}
+    deletes: dict[int, set[int]] = {}
+
+    def transaction_and_seconds_into_it() -> tuple[int, float]:
+        with connection.cursor() as cursor:
+            # now() is when the transaction began; txid_current() is the top-level one's.
+            cursor.execute("SELECT txid_current(), EXTRACT(EPOCH FROM clock_timestamp() - now())")
+            txid, into = cursor.fetchone()
+        return int(txid), float(into)
+
+    def before_delete(self, job):
+        hooks.setdefault(job.pk, []).append(transaction_and_seconds_into_it())
+        time.sleep(HOOK_SECONDS)
+
+    def deleted(sender, instance, **kwargs):
+        if isinstance(instance, Job):
+            deletes.setdefault(instance.pk, set()).add(transaction_and_seconds_into_it()[0])
+
+    # Not raising: the budget is new, and the test must fail on the code without it by its
+    # transactions, not by this.
+    monkeypatch.setattr(handler, "CLEANUP_TRANSACTION_SECONDS", BUDGET, raising=False)
+    monkeypatch.setattr(type(job_type_registry.get("limited")), "before_delete", before_delete)
+    post_delete.connect(deleted, weak=False, dispatch_uid="slow_hooks")
+    try:
+        yield hooks, deletes
+    finally:
+        post_delete.disconnect(dispatch_uid="slow_hooks")
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a batch is a transaction there")
+@pytest.mark.django_db(transaction=True)
+def test_slow_hooks_are_spread_over_transactions_none_open_much_past_the_budget(user, slow_hooks):
+    # One batch of 500 was one transaction, open for 500 hooks (minutes with hooks that remove
+    # files from S3), holding back vacuum in the whole database meanwhile.
+    hooks, deletes = slow_hooks
+    expired = bulk_jobs(120)  # 30 of them "limited", the others of types without the hook
+    limited = set(Job.objects.filter(pk__in=expired, type="limited").values_list("pk", flat=True))
+
+    assert JobHandler.cleanup_old_jobs() == len(expired)
+
+    assert not Job.objects.filter(pk__in=expired).exists()
+    assert {pk: len(calls) for pk, calls in hooks.items()} == {pk: 1 for pk in limited}
+    # Each job deleted once (its base row and its own, in one transaction), its hook in it.
+    assert {pk: len(transactions) for pk, transactions in deletes.items()} == {
+        pk: 1 for pk in expired
+    }
+    assert all({hooks[pk][0][0]} == deletes[pk] for pk in limited)
+    by_transaction: dict[int, list[float]] = {}
+    for (txid, into), *_ in hooks.values():
+        by_transaction.setdefault(txid, []).append(into)
+    # At most BUDGET / HOOK_SECONDS + 1 hooks in each.
+    assert len(by_transaction) >= len(limited) * HOOK_SECONDS / (BUDGET + HOOK_SECONDS)
+    # No hook starts past the budget but a transaction's first (loading the batch may have
+    # taken it); a margin for the moments between the cleanup's look at the clock and the
+    # hook's. Before, the last hook began 0.9 s into the one transaction.
+    for starts in by_transaction.values():
+        assert all(start < BUDGET * 1.5 for start in sorted(starts)[1:]), starts
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a batch is a transaction there")
+@pytest.mark.django_db(transaction=True)
+def test_a_job_kept_in_a_batch_cut_short_by_slow_hooks_is_logged_once(user, slow_hooks, caplog):
+    hooks, _ = slow_hooks
+    expired = bulk_jobs(30, types=("limited",))
+    kept = expired[20]
+    # Its attachment is deleted with it, but a receipt keeps the attachment.
+    AttachmentReceipt.objects.create(attachment=Attachment.objects.create(job_id=kept))
+
+    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+        assert JobHandler.cleanup_old_jobs() == len(expired) - 1
+
+    assert list(Job.objects.filter(pk__in=expired).values_list("pk", flat=True)) == [kept]
+    assert sorted(hooks) == sorted(set(expired) - {kept})
+    assert len({calls[0][0] for calls in hooks.values()}) > 1
+    # Each batch cut short after the job had found it kept, and would say so again.
+    assert [m for m in caplog.messages if "is kept" in m] == [
+        f"cleanup_old_jobs: job {kept} is kept: Cannot delete some instances of model "
+        "'LimitedJob' because they are referenced through protected foreign keys: "
+        "'Attachment.job'."
+    ]
