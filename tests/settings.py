@@ -67,6 +67,9 @@ if DB_VENDOR == "postgresql":
             "ENGINE": "django.db.backends.postgresql",
             "NAME": os.environ.get("TASK_FERRY_TEST_DB_NAME", "task_ferry"),
             "USER": "postgres",
+            # The server trusts local connections; the commands' outage tests set one to check
+            # that no message shows it.
+            "PASSWORD": os.environ.get("TASK_FERRY_TEST_DB_PASSWORD", ""),
             "HOST": "127.0.0.1",
             "PORT": os.environ.get("TASK_FERRY_TEST_DB_PORT", "5432"),
             "TEST": {"NAME": os.environ.get("TASK_FERRY_TEST_DB_TEST_NAME", "test_task_ferry")},

@@ -6,12 +6,13 @@ import datetime
 import re
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db.models import Count
 from django.utils import timezone
 
 from task_ferry.conf import ferry_settings
 from task_ferry.handler import JobHandler
+from task_ferry.management.databases import OutageReportingCommand
 from task_ferry.models import Job
 
 AGE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -40,7 +41,7 @@ def parse_age(text: str) -> datetime.timedelta:
     return age
 
 
-class Command(BaseCommand):
+class Command(OutageReportingCommand):
     help = (
         "Delete ended jobs (finished, failed or cancelled) that finished longer ago than "
         "--older-than, default TASK_FERRY['JOB_EXPIRY_DAYS'] days. Each job type's "

@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from time import sleep
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
 from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
+from task_ferry.management.databases import OutageReportingCommand
 from task_ferry.management.intervals import check_interval
 from task_ferry.models import Job
 from task_ferry.registry import job_type_registry
@@ -70,13 +71,9 @@ class JobLine:
         return line if len(line) < width else line[: width - 2] + "…"
 
 
-def job_lines(jobs: Iterable[Job]) -> list[JobLine]:
-    """Lines for ``jobs``, with progress from the progress store where it has a snapshot."""
-    jobs = list(jobs)
-    try:
-        snapshots = get_store().read_many(job.pk for job in jobs)
-    except ProgressStoreUnavailable:
-        snapshots = {}
+def job_lines(jobs: Iterable[Job], snapshots: dict[int, dict[str, Any]]) -> list[JobLine]:
+    """Lines for ``jobs``, with progress from ``snapshots`` (the progress store's) where there is
+    one, from the database otherwise."""
     lines = []
     for job in jobs:
         snapshot = snapshot_of(job, snapshots.get(job.pk)) or {}
@@ -111,7 +108,7 @@ def local_time(now: datetime.datetime) -> datetime.datetime:
     return timezone.localtime(now) if timezone.is_aware(now) else now
 
 
-class Command(BaseCommand):
+class Command(OutageReportingCommand):
     help = (
         "Show pending and running jobs with their progress. Progress comes from the progress "
         "store, or from the database when the store has none. With --watch, a terminal shows "
@@ -146,6 +143,8 @@ class Command(BaseCommand):
             check_type_name(self.job_type)
         self.limit: int = options["limit"]
         self.bars = self.stdout.isatty() and not options["plain"]
+        #: Why the progress store could not be read last time; None while it can.
+        self.store_error: str | None = None
         if not options["watch"]:
             self.print_frame(self.fetch())
             return
@@ -158,7 +157,29 @@ class Command(BaseCommand):
         jobs = Job.objects.live().select_related("user").order_by("pk")
         if self.job_type:
             jobs = jobs.filter(type=self.job_type)
-        return job_lines(jobs[: self.limit])
+        return self.lines(jobs[: self.limit])
+
+    def lines(self, jobs: Iterable[Job]) -> list[JobLine]:
+        jobs = list(jobs)
+        return job_lines(jobs, self.read_snapshots([job.pk for job in jobs]))
+
+    def read_snapshots(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The store's snapshots of these jobs; none while it cannot be reached, which is said
+        once per outage (on a terminal, in the header of every frame)."""
+        try:
+            snapshots = get_store().read_many(job_ids)
+        except ProgressStoreUnavailable as exc:
+            if self.store_error is None and not self.bars:
+                self.stderr.write(
+                    f"Progress store unavailable, showing progress as the database has it "
+                    f"(a running job's is updated when it ends): {exc}"
+                )
+            self.store_error = str(exc)
+            return {}
+        if self.store_error is not None and not self.bars:
+            self.stderr.write("Progress store reachable again.")
+        self.store_error = None
+        return snapshots
 
     def print_frame(self, lines: list[JobLine]) -> int:
         """Write every line once; returns how many terminal lines were written."""
@@ -171,7 +192,11 @@ class Command(BaseCommand):
                 self.stdout.write(line.plain(now))
             return len(lines)
         width = shutil.get_terminal_size().columns
-        self.stdout.write(f"{len(lines)} pending or running job(s), {local_time(now):%H:%M:%S}")
+        header = f"{len(lines)} pending or running job(s), {local_time(now):%H:%M:%S}"
+        if self.store_error is not None:
+            header += " (progress store unreachable: progress from the database)"
+        # One terminal line, as each bar: the redraw counts them.
+        self.stdout.write(header if len(header) < width else header[: width - 2] + "…")
         for line in lines:
             self.stdout.write(line.bar(now, width))
         return len(lines) + 1
@@ -201,5 +226,5 @@ class Command(BaseCommand):
         gone = set(shown) - {line.id for line in lines}
         if gone:
             ended = Job.objects.filter(pk__in=gone).select_related("user").order_by("pk")
-            for line in job_lines(ended):
+            for line in self.lines(ended):
                 self.stdout.write(line.plain(now))

@@ -9,17 +9,18 @@ import logging
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 from django.db import close_old_connections
 
 from task_ferry.conf import ferry_settings
 from task_ferry.handler import JobHandler
+from task_ferry.management.databases import OutageReportingCommand, outage_message
 from task_ferry.management.intervals import check_interval
 
 logger = logging.getLogger("task_ferry")
 
 
-class Command(BaseCommand):
+class Command(OutageReportingCommand):
     help = (
         "Fail started jobs whose heartbeat is older than TASK_FERRY['HEARTBEAT_TIMEOUT'] "
         "(worker lost) and pending jobs older than TASK_FERRY['PENDING_TIMEOUT']."
@@ -47,21 +48,27 @@ class Command(BaseCommand):
         try:
             while True:
                 started = time.monotonic()
-                # A long-lived sweeper must survive database restarts between sweeps.
-                close_old_connections()
                 try:
+                    # A long-lived sweeper must survive database restarts between sweeps.
+                    close_old_connections()
                     self._sweep_once()
                 except Exception as exc:
                     # Keep the sweeper alive through a database outage or a bug in a hook;
                     # retry next round. Logged, so error trackers hear of it; a project that
                     # gives the logger no handler gets it on stderr from Python, once.
-                    logger.error(
-                        "Sweep failed, retrying in %gs: %s: %s",
-                        interval,
-                        type(exc).__name__,
-                        exc,
-                        exc_info=True,
-                    )
+                    outage = outage_message(exc)
+                    if outage is not None:
+                        # One line: a refused connection's traceback, round after round, would
+                        # bury the message and say nothing more.
+                        logger.error("Sweep failed, retrying in %gs: %s", interval, outage)
+                    else:
+                        logger.error(
+                            "Sweep failed, retrying in %gs: %s: %s",
+                            interval,
+                            type(exc).__name__,
+                            exc,
+                            exc_info=True,
+                        )
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
             pass
