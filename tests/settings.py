@@ -87,8 +87,9 @@ elif DB_VENDOR == "mysql":
             "ENGINE": "django.db.backends.mysql",
             "NAME": os.environ.get("TASK_FERRY_TEST_DB_NAME", "task_ferry"),
             "USER": "root",
+            "PASSWORD": os.environ.get("TASK_FERRY_TEST_DB_PASSWORD", ""),
             "HOST": "127.0.0.1",
-            "PORT": "3306",
+            "PORT": os.environ.get("TASK_FERRY_TEST_DB_PORT", "3306"),
             "OPTIONS": {"charset": "utf8mb4"},
             "TEST": {
                 "NAME": os.environ.get("TASK_FERRY_TEST_DB_TEST_NAME", "test_task_ferry"),

@@ -103,6 +103,15 @@ def failed_connection(
     return found, connecting
 
 
+def engine_name(connection: BaseDatabaseWrapper) -> str:
+    """ "PostgreSQL", say, without a query: MySQL's ``display_name`` asks the server whether it
+    is MariaDB, which is what just failed."""
+    name = getattr(type(connection), "display_name", None)
+    if isinstance(name, str):
+        return name
+    return "MySQL or MariaDB" if connection.vendor == "mysql" else connection.vendor
+
+
 def described(connection: BaseDatabaseWrapper) -> str:
     settings = connection.settings_dict
     name = settings.get("NAME")
@@ -110,7 +119,7 @@ def described(connection: BaseDatabaseWrapper) -> str:
         return f"SQLite, file {str(name)!r}"
     host = settings.get("HOST") or "localhost"
     port = settings.get("PORT") or "default port"
-    parts = [connection.display_name, f"{host}:{port}", f"database {str(name)!r}"]
+    parts = [engine_name(connection), f"{host}:{port}", f"database {str(name)!r}"]
     if settings.get("USER"):
         parts.append(f"user {str(settings['USER'])!r}")
     return ", ".join(parts)
