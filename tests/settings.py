@@ -107,6 +107,13 @@ else:
         }
     }
 
+# The commands' outage tests give up on a server that takes no connections.
+if os.environ.get("TASK_FERRY_TEST_DB_CONNECT_TIMEOUT") and DB_VENDOR != "sqlite":
+    DATABASES["default"]["OPTIONS"] = {
+        **DATABASES["default"].get("OPTIONS", {}),
+        "connect_timeout": int(os.environ["TASK_FERRY_TEST_DB_CONNECT_TIMEOUT"]),
+    }
+
 # A second alias for the same database, for tests whose router writes jobs elsewhere than
 # "default" (a connection of its own, so its transactions are its own).
 DATABASES["jobs"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}

@@ -101,6 +101,46 @@ def test_an_unreachable_database_is_one_line_on_stderr_and_exit_status_1(command
         assert "/nonexistent-directory/task-ferry.sqlite3" in lines[0]
 
 
+@pytest.fixture
+def frozen_server():
+    """A server that takes connections and never answers: a frozen server, or a network that
+    drops its packets. Its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+
+    def take() -> None:
+        while True:
+            try:
+                taken.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=take, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for sock in taken:
+        sock.close()
+
+
+def test_a_frozen_database_server_is_given_up_on_after_the_connect_timeout(frozen_server):
+    if connection.vendor == "sqlite":
+        pytest.skip("SQLite has no server")
+    started = time.monotonic()
+    result = manage(
+        "task_ferry_cleanup",
+        TASK_FERRY_TEST_DB_PORT=str(frozen_server),
+        TASK_FERRY_TEST_DB_CONNECT_TIMEOUT="2",
+    )
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "CommandError: Could not connect to the database DATABASES['default'] ("
+    )
+    assert f"127.0.0.1:{frozen_server}," in lines[0]
+
+
 @pytest.mark.django_db
 def test_a_refused_password_is_one_line_that_does_not_show_it():
     if connection.vendor != "mysql":
@@ -295,28 +335,11 @@ def unreachable_redis_settings() -> dict[str, str]:
 
 
 @pytest.fixture
-def frozen_redis():
-    """A "Redis" that takes connections and never answers: a frozen server, or a network that
-    drops its packets."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    taken: list[socket.socket] = []
-
-    def take() -> None:
-        while True:
-            try:
-                taken.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=take, daemon=True).start()
-    port = listener.getsockname()[1]
-    yield {
+def frozen_redis(frozen_server):
+    return {
         "TASK_FERRY_TEST_STORE": "redis",
-        "TASK_FERRY_TEST_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
+        "TASK_FERRY_TEST_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:{frozen_server}/0",
     }
-    listener.close()
-    for sock in taken:
-        sock.close()
 
 
 def assert_redis_password_hidden(result: subprocess.CompletedProcess[str]) -> None:

@@ -77,7 +77,11 @@ def outage_message(exc: BaseException) -> str | None:
 
 def lost(connection: BaseDatabaseWrapper) -> bool:
     """Whether the connection no longer works (the server went away after it was opened)."""
-    return connection.connection is None or not connection.is_usable()
+    try:
+        return connection.connection is None or not connection.is_usable()
+    except Exception:
+        # Never raise from here: the sweeper's loop calls this to log a failed round.
+        return True
 
 
 def failed_connection(
