@@ -8,6 +8,7 @@ exactly one ended state and its ending hook runs once, whoever races for it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import functools
@@ -230,10 +231,33 @@ def job_row_exists(job_id: int) -> bool:
     return Job._base_manager.using(jobs_database()).filter(pk=job_id).exists()
 
 
+class CleanupRound:
+    """How the deletes of one ``cleanup_old_jobs`` run reach the store. After the first call
+    that fails, the run calls it no more: against a store that hangs, each batch would wait
+    out the socket timeout again (a batch of 500 jobs every 2 s). The snapshots left expire
+    after ``PROGRESS_CACHE_TIMEOUT``."""
+
+    def __init__(self) -> None:
+        self.unavailable = False
+        #: Deleted jobs whose snapshots the run did not ask the store to forget.
+        self.skipped = 0
+
+
+_cleanup_round: contextvars.ContextVar[CleanupRound | None] = contextvars.ContextVar(
+    "task_ferry_cleanup_round", default=None
+)
+
+
 def forget_snapshots(job_ids: Collection[int]) -> None:
+    cleanup = _cleanup_round.get()
+    if cleanup is not None and cleanup.unavailable:
+        cleanup.skipped += len(job_ids)
+        return
     try:
         get_store().delete(job_ids)
     except ProgressStoreUnavailable as exc:
+        if cleanup is not None:
+            cleanup.unavailable = True
         # A store that deletes in batches forgot those before the one that failed.
         not_forgotten = exc.job_ids if isinstance(exc, SnapshotsNotForgotten) else job_ids
         # They expire on their own. Counts: a bulk delete can be of many thousands.
@@ -826,6 +850,21 @@ class JobHandler:
         """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` in batches, calling each type's
         ``before_delete`` once per job. Returns how many jobs were deleted."""
         cutoff = cls.expiry_cutoff(older_than)
+        cleanup = CleanupRound()
+        token = _cleanup_round.set(cleanup)
+        try:
+            return cls._cleanup_in_batches(cutoff)
+        finally:
+            _cleanup_round.reset(token)
+            if cleanup.skipped:
+                logger.warning(
+                    "cleanup_old_jobs: the progress store was not called again after it failed; "
+                    "snapshots of %d more deleted jobs not forgotten (they expire on their own).",
+                    cleanup.skipped,
+                )
+
+    @classmethod
+    def _cleanup_in_batches(cls, cutoff: datetime.datetime) -> int:
         deleted = 0
         last_id = 0
         with run_lock("task_ferry.cleanup_old_jobs") as lock:

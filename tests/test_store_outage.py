@@ -9,6 +9,7 @@ import pytest
 from django.db import connection
 
 from task_ferry.handler import JobHandler
+from task_ferry.models import Job
 from task_ferry.snapshot import cancel_token
 from task_ferry.stores.base import get_store
 from tests.test_monitor import GatedJobType, start_halfway, wait_until
@@ -158,7 +159,6 @@ def test_deleting_many_jobs_while_redis_is_down_commits_and_logs_a_short_warning
     """The ``post_delete`` receiver cannot reach the store: the delete commits all the same
     (the snapshots expire on their own), and its warning no longer lists every deleted id,
     one log line of megabytes for a bulk delete of 100,000 jobs."""
-    from task_ferry.models import Job
 
     jobs = JobHandler.create_and_start_many(user, "scripted", [{}] * 1000)
     redis_server.stop()
@@ -168,3 +168,21 @@ def test_deleting_many_jobs_while_redis_is_down_commits_and_logs_a_short_warning
     warnings = [r.getMessage() for r in caplog.records if "not forgotten" in r.getMessage()]
     assert len(warnings) == 1
     assert "of 1000 deleted jobs" in warnings[0] and len(warnings[0]) < 300, warnings[0]
+
+
+def test_a_cleanup_stops_calling_the_store_after_it_failed_and_says_so_once(
+    transactional_db, user, redis_server, caplog
+):
+    """Each batch of deleted jobs would call the store again: against a Redis that hangs, a
+    2-second socket timeout per 500 jobs. The run calls it once, and counts the rest."""
+    from tests.reliability.bulk import bulk_jobs
+
+    bulk_jobs(1200, user=user, types=("scripted",))
+    redis_server.stop()
+    with caplog.at_level("WARNING", logger="task_ferry"):
+        assert JobHandler.cleanup_old_jobs() == 1200
+    assert not Job.objects.exists()
+    warnings = [r.getMessage() for r in caplog.records if "not forgotten" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "snapshots of 500 of 500 deleted jobs not forgotten" in warnings[0]
+    assert "snapshots of 700 more deleted jobs not forgotten" in warnings[1]
