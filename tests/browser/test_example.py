@@ -553,6 +553,35 @@ def test_bars_leave_connections_for_other_requests(example_server: ExampleServer
     assert page.errors == []
 
 
+def test_a_page_sets_how_many_streams_its_bars_open(example_server: ExampleServer, page) -> None:
+    """``max-streams`` on the element (``maxStreams`` of mountProgress): a page behind HTTP/2,
+    or one that wants its connections for itself, chooses the budget its bars share."""
+    open_example_page(page, example_server)
+    job_ids = page.evaluate(
+        """async () => {
+            const jobs = [];
+            for (let i = 0; i < 3; i++) {
+                jobs.push(await TaskFerry.startJob("example_export", {rows: 500, seconds: 60}));
+            }
+            for (const job of jobs) {
+                TaskFerry.mountProgress(document.body, job.id, {job, maxStreams: 1});
+            }
+            return jobs.map((job) => String(job.id));
+        }"""
+    )
+    bars = page.locator("task-ferry-progress")
+    playwright_api.expect(bars.first).to_have_attribute("max-streams", "1")
+    page.wait_for_timeout(2_000)
+    streamed = [i for i in job_ids if example_server.requests_to(f"/api/jobs/{i}/events/")]
+    polled = [i for i in job_ids if example_server.requests_to(f"/api/jobs/{i}/")]
+    assert len(streamed) == 1
+    assert sorted(polled) == sorted(set(job_ids) - set(streamed))
+    page.evaluate(
+        "() => document.querySelectorAll('task-ferry-progress').forEach((e) => e.remove())"
+    )
+    assert page.errors == []
+
+
 def test_bar_rewrites_its_live_regions_only_when_they_change(
     example_server: ExampleServer, page
 ) -> None:

@@ -396,7 +396,7 @@
    * <task-ferry-progress job-id="17" api="/api/jobs/"> renders an accessible progress bar
    * for one job and follows it until it ends. Optional attributes: state, percentage and
    * progress-state (a server-rendered starting point; an ended state makes no request),
-   * no-cancel, no-sse, poll-interval (ms), label. Fires task-ferry:update, task-ferry:end
+   * no-cancel, no-sse, poll-interval (ms), max-streams, label. Fires task-ferry:update, task-ferry:end
    * and task-ferry:error (detail: the job, or the error).
    */
   class ProgressElement extends HTMLElementBase {
@@ -485,10 +485,14 @@
 
     _options() {
       const interval = Number(this.getAttribute("poll-interval"));
+      // An empty or unreadable attribute keeps the default; 0 is a number the page chose.
+      const maxStreams = this.getAttribute("max-streams");
+      const streams = maxStreams === null || maxStreams.trim() === "" ? NaN : Number(maxStreams);
       return {
         base: this.base,
         sse: !this.hasAttribute("no-sse"),
         pollInterval: interval > 0 ? interval : DEFAULTS.pollInterval,
+        maxStreams: streams >= 0 ? streams : DEFAULTS.maxStreams,
         onUpdate: (job) => this._receive(job),
         onError: (error) => {
           this._follower = null;
@@ -602,6 +606,7 @@
     if (opts.sse === false) element.setAttribute("no-sse", "");
     if (opts.cancel === false) element.setAttribute("no-cancel", "");
     if (opts.pollInterval) element.setAttribute("poll-interval", String(opts.pollInterval));
+    if (opts.maxStreams !== undefined) element.setAttribute("max-streams", String(opts.maxStreams));
     if (opts.label) element.setAttribute("label", opts.label);
     if (opts.job) {
       element.setAttribute("state", opts.job.state);
