@@ -338,8 +338,9 @@ def log_queues_served(consumer: Any) -> None:
     """At a worker's start (``worker_ready``, whose sender is its consumer), say which of the
     queues jobs go to it does not consume: a WARNING when it was started without ``-Q`` (it
     consumes Celery's default queue alone, and jobs would wait unseen), INFO otherwise (workers
-    dedicated to some queues are a legitimate setup). Django's checks cannot see a worker's
-    ``-Q``."""
+    dedicated to some queues are a legitimate setup). The queues of task_ferry's beat entries
+    (``beat_schedule()``) count too: with none of their workers, the stale-job sweep and the
+    cleanup never run. Django's checks cannot see a worker's ``-Q``."""
     from task_ferry.executors.base import get_executor
     from task_ferry.registry import job_type_registry
 
@@ -347,14 +348,19 @@ def log_queues_served(consumer: Any) -> None:
     if not isinstance(executor, CeleryExecutor):
         return
     job_queues = sorted({executor.queue_for(job_type.type) for job_type in job_type_registry})
+    maintenance = [q for q in maintenance_queues(consumer.app) if q not in job_queues]
     consumed = consumed_queues(consumer)
-    served = [queue for queue in job_queues if queue in consumed]
-    unserved = [queue for queue in job_queues if queue not in consumed]
+    needed = [*job_queues, *maintenance]
+    served = [queue for queue in needed if queue in consumed]
+    unserved = [queue for queue in needed if queue not in consumed]
     if not unserved:
         return
+    sent_to = f"task_ferry sends jobs to {', '.join(job_queues)}" + (
+        f" and its maintenance tasks to {', '.join(maintenance)}" if maintenance else ""
+    )
     if served:
         logger.info(
-            "This worker takes the jobs sent to the queue(s) %s; those sent to %s need a worker "
+            "This worker takes the tasks sent to the queue(s) %s; those sent to %s need a worker "
             "started with -Q %s.",
             ", ".join(served),
             ", ".join(unserved),
@@ -364,25 +370,40 @@ def log_queues_served(consumer: Any) -> None:
     if consumed != [consumer.app.conf.task_default_queue]:
         # Started with -Q for other queues: a worker dedicated to the project's other tasks.
         logger.info(
-            "This worker takes no jobs: it consumes the queue(s) %s, and task_ferry sends jobs "
-            "to %s.",
+            "This worker takes no jobs: it consumes the queue(s) %s, and %s.",
             ", ".join(consumed) or "(none)",
-            ", ".join(job_queues),
+            sent_to,
         )
         return
     # Started without -Q, surely by mistake. The queue it consumes kept: Celery's default may
     # hold the project's other tasks, which a worker started with only the jobs' queues would
     # no longer run.
-    queues = [*consumed, *job_queues]
+    queues = [*consumed, *needed]
     logger.warning(
-        "This worker consumes the queue(s) %s, and task_ferry sends jobs to %s: it will run "
-        "none of them, and they stay pending until a worker consumes their queue. Start it "
-        "with -Q: celery -A %s worker -Q %s",
+        "This worker consumes the queue(s) %s, and %s: it will run none of them, and they stay "
+        "pending until a worker consumes their queue. Start it with -Q: celery -A %s worker -Q "
+        "%s",
         ", ".join(consumed) or "(none)",
-        ", ".join(job_queues),
+        sent_to,
         app_argument(sys.argv, consumer.app.main or "proj"),
         ",".join(queues),
     )
+
+
+def maintenance_queues(app: Any) -> list[str]:
+    """The queues the app's beat entries send task_ferry's cleanup and sweep to, by their
+    ``options`` (what ``beat_schedule()`` sets), in entry order."""
+    schedule = getattr(app.conf, "beat_schedule", None) or {}
+    queues: list[str] = []
+    for entry in schedule.values():
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("task") not in (CLEANUP_OLD_JOBS_TASK, SWEEP_STALE_JOBS_TASK):
+            continue
+        queue = (entry.get("options") or {}).get("queue")
+        if isinstance(queue, str) and queue not in queues:
+            queues.append(queue)
+    return queues
 
 
 def app_argument(argv: list[str], default: str) -> str:

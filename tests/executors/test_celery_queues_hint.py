@@ -6,14 +6,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from task_ferry.executors.celery import app_argument, log_queues_served
+from task_ferry.executors.celery import app_argument, beat_schedule, log_queues_served
 
 
-def consumer(*queues):
+def consumer(*queues, beat=None):
+    conf = SimpleNamespace(task_default_queue="celery", beat_schedule=beat or {})
     return SimpleNamespace(
-        app=SimpleNamespace(main="proj", conf=SimpleNamespace(task_default_queue="celery")),
+        app=SimpleNamespace(main="proj", conf=conf),
         task_consumer=SimpleNamespace(queues=[SimpleNamespace(name=q) for q in queues]),
     )
+
+
+def hint(caplog):
+    (record,) = [r for r in caplog.records if r.name == "task_ferry"]
+    return record.levelno, record.getMessage()
 
 
 @pytest.fixture
@@ -47,6 +53,36 @@ def test_a_worker_started_for_other_queues_is_told_it_takes_no_jobs_without_a_wa
         "This worker takes no jobs: it consumes the queue(s) emails, and task_ferry sends jobs "
         "to default, special."
     )
+
+
+def test_the_suggested_queues_include_those_of_the_maintenance_tasks(celery_executor, caplog):
+    """Beat entries on a queue of their own: without a worker for it, the stale-job sweep and
+    the cleanup never run, and nothing else says so."""
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    log_queues_served(consumer("celery", beat=beat_schedule(queue="maintenance")))
+    level, message = hint(caplog)
+    assert level == logging.WARNING
+    assert "task_ferry sends jobs to default, special and its maintenance tasks to maintenance" in (
+        message
+    )
+    assert message.endswith("celery -A proj worker -Q celery,default,special,maintenance")
+
+
+def test_a_worker_for_every_job_queue_is_told_of_the_maintenance_queue(celery_executor, caplog):
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    beat = {"mine": {"task": "proj.report"}, **beat_schedule(queue="maintenance")}
+    log_queues_served(consumer("default", "special", beat=beat))
+    assert hint(caplog) == (
+        logging.INFO,
+        "This worker takes the tasks sent to the queue(s) default, special; those sent to "
+        "maintenance need a worker started with -Q maintenance.",
+    )
+
+
+def test_maintenance_tasks_on_a_job_queue_need_no_word_of_their_own(celery_executor, caplog):
+    caplog.set_level(logging.INFO, logger="task_ferry")
+    log_queues_served(consumer("default", "special", beat=beat_schedule()))
+    assert [r for r in caplog.records if r.name == "task_ferry"] == []
 
 
 @pytest.mark.parametrize(

@@ -279,7 +279,7 @@ def test_a_worker_consuming_none_of_the_jobs_queues_warns_at_start(
         f"celery,special,{default}"
     )
     info = (
-        f"INFO/MainProcess] This worker takes the jobs sent to the queue(s) {default}; those "
+        f"INFO/MainProcess] This worker takes the tasks sent to the queue(s) {default}; those "
         f"sent to special need a worker started with -Q special."
     )
     assert (warning in log) is warned, log
