@@ -2,7 +2,8 @@
 
 Views, the admin, management commands and executors call ``JobHandler``; none of them writes
 job rows on its own. State changes are compare-and-set ``UPDATE``s, so each job reaches
-exactly one ended state and its ending hook runs once, whoever races for it.
+exactly one ended state and its ending hook runs once, whoever races for it. Checking a new
+job's values and saving it is ``task_ferry.creation``'s part; ``task_ferry.runner`` runs one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -22,9 +22,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from typing import Any, overload
 
 from django.contrib.contenttypes.models import ContentType
-from django.core.exceptions import ValidationError
-from django.db import DatabaseError, DataError, IntegrityError, router, transaction
-from django.db.models import Exists, JSONField, Model, OuterRef, Q
+from django.db import DatabaseError, IntegrityError, router, transaction
+from django.db.models import Exists, Model, OuterRef, Q
 from django.db.models.deletion import (
     CASCADE,
     PROTECT,
@@ -36,7 +35,7 @@ from django.db.models.deletion import (
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
-from task_ferry import signals, statements
+from task_ferry import creation, signals, statements
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
     DispatchError,
@@ -44,7 +43,6 @@ from task_ferry.exceptions import (
     InvalidJobValues,
     JobDoesNotExist,
     JobLost,
-    MaxJobCountExceeded,
     ProgressStoreUnavailable,
     SnapshotsNotForgotten,
     TaskFerryError,
@@ -65,7 +63,6 @@ from task_ferry.snapshot import (
     cancel_token,
     job_snapshot,
     snapshot_of,
-    storable,
     truncate_error,
     truncate_state,
 )
@@ -554,13 +551,13 @@ class JobHandler:
                     f"got {type(values).__name__}."
                 )
             try:
-                built.append(cls._build(user, job_type, dict(values)))
+                built.append(creation.build(user, job_type, dict(values)))
             except InvalidJobValues as exc:
                 raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
         if not built:
             return []
         jobs = [job for job, _prepared in built]
-        clash = _clash_within(jobs)
+        clash = creation.clash_within(jobs)
         if clash is not None:
             raise clash
         from task_ferry.executors.base import get_executor
@@ -568,7 +565,7 @@ class JobHandler:
         executor = get_executor()
         try:
             with transaction.atomic(using=jobs_database()):
-                cls._save_many(user, job_type, built)
+                creation.save_many(user, job_type, built)
                 # As for create_and_start() calls in one atomic() block: the signals now, the
                 # dispatch once the block commits; a failed dispatch fails the unsent rest.
                 for job in jobs:
@@ -577,7 +574,7 @@ class JobHandler:
                 if executor.dispatches_on_commit:
                     executor.enqueue_jobs(jobs)
         except IntegrityError as exc:
-            raise cls._refused(user, exc) from exc
+            raise creation.refused(user, exc) from exc
         if not executor.dispatches_on_commit:
             cls._run_each(executor, jobs)
         return jobs
@@ -597,152 +594,13 @@ class JobHandler:
 
     @classmethod
     def _create(cls, user: Any, job_type: JobType, values: dict[str, Any]) -> Job:
-        job, prepared = cls._build(user, job_type, values)
+        job, prepared = creation.build(user, job_type, values)
         try:
-            cls._save(user, job_type, job, prepared)
+            creation.save(user, job_type, job, prepared)
         except IntegrityError as exc:
             # A user deleted meanwhile, or a unique constraint of the type's own fields.
-            raise cls._refused(user, exc) from exc
+            raise creation.refused(user, exc) from exc
         return live_handles.track(job)
-
-    @classmethod
-    def _build(
-        cls, user: Any, job_type: JobType, values: dict[str, Any]
-    ) -> tuple[Job, dict[str, Any]]:
-        """A new, validated, unsaved job of ``job_type`` from ``values``, and the values its
-        ``prepare_values`` returned."""
-        if user is not None and not getattr(user, "is_authenticated", False):
-            raise InvalidJobValues("Jobs need a saved, authenticated user, or user=None.")
-        if user is not None and unsaved(user):
-            raise InvalidJobValues("Save the user before creating jobs for it.")
-        try:
-            prepared = job_type.prepare_values(dict(values), user)
-        except ValidationError as exc:
-            raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InvalidJobValues(str(exc) or type(exc).__name__) from exc
-        if not isinstance(prepared, dict):
-            raise InvalidJobValues(
-                f"{type(job_type).__name__}.prepare_values must return a dict, "
-                f"got {type(prepared).__name__}."
-            )
-        model: type[Job] = job_type.model_class
-        # Only the type's own columns: the base ones belong to the handler, and the link to the
-        # Job row (``job_ptr_id``) would let the values choose the job's id.
-        own_fields = {name for f in model.own_fields() for name in (f.name, f.attname)}
-        many_to_many = _own_many_to_many(model)
-        unknown = sorted(k for k in prepared if k not in own_fields and k not in many_to_many)
-        if unknown:
-            raise InvalidJobValues(
-                f"{job_type.type!r} jobs have no field(s) {', '.join(unknown)}.",
-                {name: ["Unknown field."] for name in unknown},
-            )
-        unlinkable = ValidationError(_unlinkable_values(model, prepared))
-        if unlinkable.error_dict:
-            raise InvalidJobValues(_validation_message(unlinkable), _validation_errors(unlinkable))
-        columns = {k: v for k, v in prepared.items() if k not in many_to_many}
-        job = model(
-            user=user,
-            type=job_type.type,
-            content_type=ContentType.objects.get_for_model(model),
-            **columns,
-        )
-        try:
-            job.full_clean(
-                exclude=[f.name for f in Job._meta.concrete_fields], validate_unique=False
-            )
-        except ValidationError as exc:
-            raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
-        except OverflowError as exc:
-            # Django's IntegerField.to_python() lets int(float("inf")) escape.
-            raise InvalidJobValues(f"Invalid job values: {exc}") from exc
-        unstorable = ValidationError(_unstorable_values(job))
-        if unstorable.error_dict:
-            raise InvalidJobValues(_validation_message(unstorable), _validation_errors(unstorable))
-        return job, prepared
-
-    @classmethod
-    def _save(cls, user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
-        max_count = job_type.get_max_count() if user is not None else None
-        links = _links(job, prepared)
-        if (
-            max_count is None
-            and not links
-            and type(job_type).after_job_creation is JobType.after_job_creation
-        ):
-            # Nothing else to do in the transaction: both rows in one statement, if we can.
-            with _values_refused():
-                if statements.insert_job(job):
-                    return
-        with transaction.atomic(using=jobs_database()):
-            cls._check_max_count(user, job_type, max_count, adding=1)
-            with _values_refused():
-                job.save(force_insert=True)
-            _set_links(job, links)
-            _after_job_creation(job_type, job, prepared)
-
-    @classmethod
-    def _save_many(
-        cls, user: Any, job_type: JobType, built: list[tuple[Job, dict[str, Any]]]
-    ) -> None:
-        """Save the jobs of ``create_and_start_many``, inside its transaction."""
-        max_count = job_type.get_max_count() if user is not None else None
-        cls._check_max_count(user, job_type, max_count, adding=len(built))
-        jobs = [job for job, _prepared in built]
-        with _values_refused():
-            if not statements.insert_jobs(jobs):
-                for job in jobs:
-                    job.save(force_insert=True)
-        for position, (job, prepared) in enumerate(built):
-            try:
-                _set_links(job, _links(job, prepared))
-                _after_job_creation(job_type, job, prepared)
-            except InvalidJobValues as exc:
-                raise InvalidJobValues(f"Job {position}: {exc}", exc.errors) from exc
-
-    @classmethod
-    def _check_max_count(
-        cls, user: Any, job_type: JobType, max_count: int | None, *, adding: int
-    ) -> None:
-        """Raise ``MaxJobCountExceeded`` unless ``adding`` more live jobs of the type keep the
-        user within ``max_count``. Locks the user's row until the transaction ends, so
-        concurrent creates cannot both squeeze in."""
-        if max_count is None:
-            return
-        lock_for_writing(jobs_database())
-        if not cls._lock_user(user):
-            raise _user_gone(user)
-        # Counted where the lock is held: a replica would miss the jobs of this transaction.
-        jobs = Job.objects.using(jobs_database())
-        live = jobs.live().filter(user_id=user.pk, type=job_type.type).count()
-        if live + adding > max_count:
-            raise MaxJobCountExceeded(job_type.type, max_count)
-
-    @staticmethod
-    def _refused(user: Any, exc: IntegrityError) -> InvalidJobValues:
-        """The clear error for a job the database refused to store."""
-        connection = transaction.get_connection(jobs_database())
-        # Inside a caller's broken transaction nothing more can be asked.
-        if user is not None and not connection.needs_rollback:
-            users = user._meta.model._default_manager
-            if not users.filter(pk=user.pk).exists():
-                return _user_gone(user)
-        return InvalidJobValues(f"The database refused this job's values: {exc}")
-
-    @staticmethod
-    def _lock_user(user: Any) -> bool:
-        """Serialise job creation per user, so concurrent creates respect ``max_count``.
-        False if the user's row is gone."""
-        # _meta, not type(): request.user is a SimpleLazyObject under session auth. Through
-        # the connection that inserts the job: its foreign key puts users in the same database.
-        locked = (
-            user._meta.model._default_manager.using(jobs_database())
-            .select_for_update()
-            .filter(pk=user.pk)
-            .values_list("pk", flat=True)
-            .first()
-        )
-        return locked is not None
 
     @classmethod
     def get_job(cls, user: Any, job_id: Any) -> Job:
@@ -1284,249 +1142,3 @@ def _protection_reaches(model: type[Model], seen: frozenset[type[Model]]) -> boo
         ):
             return True
     return False
-
-
-def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:
-    """The type's ``after_job_creation``. A ``ValidationError`` from it (checked against the
-    saved row, say) refuses the values as one from ``prepare_values`` does; the row is rolled
-    back with the creation's transaction."""
-    try:
-        job_type.after_job_creation(job, prepared)
-    except ValidationError as exc:
-        raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
-
-
-@functools.cache
-def _own_many_to_many(model: type[Job]) -> frozenset[str]:
-    """The names of the many-to-many fields a job type's model adds to ``Job``."""
-    return frozenset(f.name for f in model._meta.many_to_many if f.model is not Job)
-
-
-def _links(job: Job, prepared: dict[str, Any]) -> dict[str, Any]:
-    """The values given to the job's many-to-many fields: rows to link once it is saved."""
-    many_to_many = _own_many_to_many(type(job))
-    if not many_to_many:
-        return {}
-    return {name: value for name, value in prepared.items() if name in many_to_many}
-
-
-def _set_links(job: Job, links: dict[str, Any]) -> None:
-    """Link the saved job to the rows (or keys) given for its many-to-many fields, as
-    ``ModelForm.save()`` does after saving the row. Keys no row has are refused first, on every
-    database: MySQL and MariaDB would drop their links without a word (Django inserts them with
-    ``INSERT IGNORE``) or, through a model of the project's, refuse them naming no field, as the
-    others do at the commit."""
-    for name, value in links.items():
-        try:
-            if isinstance(value, str | bytes | Mapping):
-                # Iterated, "12" would link the rows with keys 1 and 2.
-                raise TypeError(
-                    f"Must be a list of rows or keys, got {type(value).__name__} {value!r}."
-                )
-            items = list(value)
-            missing = _missing_rows(job, name, items)
-            if not missing:
-                getattr(job, name).set(items)
-        except (TypeError, ValueError) as exc:
-            # Not a list of rows or keys, rows of another model, unsaved rows.
-            raise InvalidJobValues(
-                f"Invalid job values. {name}: {exc}", {name: [str(exc)]}
-            ) from exc
-        if missing:
-            raise InvalidJobValues(f"Invalid job values. {name}: {missing[0]}", {name: missing})
-
-
-def _missing_rows(job: Job, name: str, items: list[Any]) -> list[str]:
-    """Messages for the keys among ``items`` that no row of the many-to-many field ``name``'s
-    model has; one query, none for an empty list. Objects that are not saved rows of that model
-    are left to ``set()`` to refuse."""
-    field = next(f for f in type(job)._meta.many_to_many if f.name == name)
-    target = field.target_field
-    related = target.model
-    wanted = set()
-    for item in items:
-        if not isinstance(item, Model):
-            wanted.add(target.get_prep_value(item))
-        elif isinstance(item, related) and getattr(item, target.attname) is not None:
-            wanted.add(getattr(item, target.attname))
-    if not wanted:
-        return []
-    found = set(
-        related._base_manager.using(job._state.db)
-        .filter(**{f"{target.attname}__in": wanted})
-        .values_list(target.attname, flat=True)
-    )
-    return [
-        f"No {related.__name__} has {target.name} {key!r}."
-        for key in sorted(wanted - found, key=repr)
-    ]
-
-
-def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, list[str]]:
-    """Messages, by field, for the objects given to the type's own foreign keys that cannot be
-    linked to: an instance of another model (Django's own error would name no field) or an
-    unsaved one (a nullable key would be stored empty on PostgreSQL; Django's save() refuses
-    it elsewhere, naming no field)."""
-    errors: dict[str, list[str]] = {}
-    for field in model.own_fields():
-        value = prepared.get(field.name)
-        if not field.is_relation or value is None or field.name == field.attname:
-            continue
-        related = field.related_model
-        if not isinstance(related, type):
-            continue  # Not resolved to a model: Django's own error then.
-        # As Django's descriptor checks: a key to a proxy takes its concrete model's rows.
-        if not isinstance(value, related._meta.concrete_model or related):
-            errors[field.name] = [
-                f"Must be a {related.__name__} instance (or its key as {field.attname}), got "
-                f"{type(value).__name__} {value!r}."
-            ]
-        elif value.pk is None:
-            errors[field.name] = [
-                f"This {related.__name__} is not saved yet: save it before creating the job."
-            ]
-    return errors
-
-
-def _unstorable_values(job: Job) -> dict[str, list[str]]:
-    """Messages, by field, for the job's own values that ``full_clean()`` lets through and the
-    database would refuse at the insert, with an error naming no field (nor, in a batch, the
-    job): None in a NOT NULL column (``full_clean()`` skips "empty" values of a blank field),
-    a value the field cannot convert ([] for a nullable number), text with a NUL character
-    (PostgreSQL refuses it) or a lone surrogate (no driver encodes it), a NaN or an infinity in
-    a ``JSONField``."""
-    errors: dict[str, list[str]] = {}
-    for field in type(job).own_fields():
-        # The database computes it, and reading it from an unsaved job raises.
-        if getattr(field, "generated", False):
-            continue
-        value = getattr(job, field.attname)
-        if hasattr(value, "resolve_expression"):
-            continue  # The database computes it: a db_default, an F() expression.
-        if value is None:
-            filled_at_save = getattr(field, "auto_now", False) or getattr(
-                field, "auto_now_add", False
-            )
-            if not field.null and not filled_at_save:
-                errors[field.name] = [str(field.error_messages["null"])]
-            continue
-        try:
-            prepared = field.get_prep_value(value)
-        except (TypeError, ValueError, ValidationError) as exc:
-            errors[field.name] = [str(exc)]
-            continue
-        if isinstance(prepared, str) and storable(prepared) != prepared:
-            errors[field.name] = [
-                "This text has a NUL character or a lone surrogate (from an undecodable file "
-                "name, say), which cannot be stored."
-            ]
-        elif isinstance(field, JSONField) and not json_compliant(prepared, field):
-            errors[field.name] = [
-                "NaN and infinite numbers cannot be stored as JSON: use None or a string."
-            ]
-    return errors
-
-
-def json_compliant(value: Any, field: JSONField) -> bool:
-    """Whether ``value`` holds no NaN or infinity, which Python's json writes and every
-    database's JSON refuses. Only numbers are looked at: ``full_clean()`` has checked that the
-    field's encoder takes the value."""
-    try:
-        json.dumps(value, cls=field.encoder, allow_nan=False)
-    except ValueError:
-        return False
-    except TypeError:
-        return True  # Not JSON at all: the database's to refuse, as before.
-    return True
-
-
-@functools.cache
-def _unique_field_sets(model: type[Job]) -> tuple[tuple[tuple[str, ...], bool], ...]:
-    """The sets of the type's own fields whose values the database keeps unique in every row
-    (``unique=True``, ``unique_together``, a ``UniqueConstraint`` on fields without a
-    condition), each with whether NULLs count as equal (``nulls_distinct=False``)."""
-    own = {f.name for f in model.own_fields()}
-    sets: list[tuple[tuple[str, ...], bool]] = [
-        ((f.name,), False) for f in model.own_fields() if f.unique
-    ]
-    for cls in [model, *model._meta.get_parent_list()]:
-        meta = cls._meta
-        sets += [(tuple(names), False) for names in meta.unique_together]
-        sets += [
-            (tuple(c.fields), getattr(c, "nulls_distinct", None) is False)
-            for c in meta.total_unique_constraints
-        ]
-    return tuple(dict.fromkeys(entry for entry in sets if set(entry[0]) <= own))
-
-
-def _clash_within(jobs: Sequence[Job]) -> InvalidJobValues | None:
-    """The error naming the jobs of one batch that have the same values for fields the
-    database keeps unique, which its refusal would not name; None if none do. No query: a
-    clash with a row already stored is still the database's to refuse."""
-    model = type(jobs[0])
-    unique_sets = _unique_field_sets(model)
-    if not unique_sets:
-        return None
-    own = {field.name: field for field in model.own_fields()}
-    for names, nulls_equal in unique_sets:
-        fields = [own[name] for name in names]
-        seen: dict[Any, list[int]] = {}
-        for position, job in enumerate(jobs):
-            values = tuple(getattr(job, field.attname) for field in fields)
-            if any(hasattr(v, "resolve_expression") for v in values):
-                continue  # The database computes it (a db_default).
-            if not nulls_equal and any(v is None for v in values):
-                continue  # NULLs differ from each other.
-            try:
-                seen.setdefault(values, []).append(position)
-            except TypeError:
-                break  # Unhashable (a JSONField's dict): left to the database.
-        clashing = next((positions for positions in seen.values() if len(positions) > 1), None)
-        if clashing is None:
-            continue
-        listed = ", ".join(str(p) for p in clashing[:-1]) + f" and {clashing[-1]}"
-        labels = " and ".join(str(field.verbose_name) for field in fields)
-        together = " together" if len(fields) > 1 else ""
-        message = f"Jobs {listed} have the same {labels}, which must be unique{together}."
-        key = names[0] if len(names) == 1 else "non_field_errors"
-        return InvalidJobValues(message, {key: [message]})
-    return None
-
-
-@contextlib.contextmanager
-def _values_refused() -> Iterator[None]:
-    """Values ``full_clean()`` lets through as "empty" ([] for a nullable number, say) and the
-    database driver refuses become ``InvalidJobValues``."""
-    try:
-        yield
-    except (TypeError, ValueError, DataError) as exc:
-        raise InvalidJobValues(f"Invalid job values: {exc}") from exc
-
-
-def unsaved(user: Any) -> bool:
-    """Whether ``user`` was never saved. A key the model fills in itself (a ``UUIDField`` with
-    ``default=uuid4``) is set before the save: such a user is unsaved if no row has its key.
-    A user built with the key of a saved one (``User(pk=...)``, to spare a query) is saved."""
-    if user.pk is None:
-        return True
-    if not user._state.adding:
-        return False
-    return not user._meta.model._base_manager.using(jobs_database()).filter(pk=user.pk).exists()
-
-
-def _user_gone(user: Any) -> InvalidJobValues:
-    return InvalidJobValues(f"User {user.pk} does not exist (any more).")
-
-
-def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:
-    if hasattr(exc, "error_dict"):
-        return {
-            field: [str(m) for e in errs for m in e.messages]
-            for field, errs in exc.error_dict.items()
-        }
-    return {"non_field_errors": [str(m) for m in exc.messages]}
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = [f"{field}: {' '.join(msgs)}" for field, msgs in _validation_errors(exc).items()]
-    return "Invalid job values. " + "; ".join(parts)

@@ -19,6 +19,7 @@ from django.test.utils import isolate_apps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from task_ferry import creation
 from task_ferry.exceptions import InvalidJobValues, JobDoesNotExist, TaskFerryError
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
@@ -346,10 +347,10 @@ def test_values_of_a_model_with_a_generated_field_are_checked_without_reading_it
         type = "computed"
         model_class = ComputedJob
 
-    job, _prepared = JobHandler._build(user, ComputedJobType(), {"size": 2})
+    job, _prepared = creation.build(user, ComputedJobType(), {"size": 2})
     assert job.size == 2
     with pytest.raises(InvalidJobValues, match="^Invalid job values. size: "):
-        JobHandler._build(user, ComputedJobType(), {"size": []})
+        creation.build(user, ComputedJobType(), {"size": []})
 
 
 @isolate_apps("tests.testapp")
@@ -367,10 +368,10 @@ def test_values_left_to_the_database_are_not_checked_as_values(user):
         type = "defaulted"
         model_class = DefaultedJob
 
-    job, _prepared = JobHandler._build(user, DefaultedJobType(), {})
+    job, _prepared = creation.build(user, DefaultedJobType(), {})
     assert isinstance(job.size, DatabaseDefault)
     with pytest.raises(InvalidJobValues, match="^Invalid job values. size: "):
-        JobHandler._build(user, DefaultedJobType(), {"size": []})
+        creation.build(user, DefaultedJobType(), {"size": []})
 
 
 class CheckedAfterCreationJobType(LimitedJobType):
