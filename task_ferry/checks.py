@@ -118,6 +118,16 @@ def is_number(value: object, kind: type) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
+def not_a_dotted_path(name: str, value: object, *, example: str, without_it: str, id: str) -> Error:
+    """E006 and E008: a setting that names a class by its dotted path holds something else
+    (the class itself, say)."""
+    return Error(
+        f"TASK_FERRY[{name!r}] must be a dotted path (a string), got {value!r}.",
+        hint=f'For example "{example}", or remove it to {without_it}.',
+        id=id,
+    )
+
+
 def check_permission_class() -> list[CheckMessage]:
     from django.utils.module_loading import import_string
 
@@ -126,11 +136,11 @@ def check_permission_class() -> list[CheckMessage]:
     path = ferry_settings.API_PERMISSION_CLASS
     if not isinstance(path, str):
         return [
-            Error(
-                f"TASK_FERRY['API_PERMISSION_CLASS'] must be a dotted path (a string), "
-                f"got {path!r}.",
-                hint='For example "task_ferry.api.permissions.IsJobOwnerOrStaff", or remove it '
-                "to use IsJobOwner.",
+            not_a_dotted_path(
+                "API_PERMISSION_CLASS",
+                path,
+                example="task_ferry.api.permissions.IsJobOwnerOrStaff",
+                without_it="use IsJobOwner",
                 id="task_ferry.E008",
             )
         ]
@@ -288,13 +298,14 @@ def check_store(
     from task_ferry.stores.base import ProgressStore, default_store_path, get_store
 
     configured = ferry_settings.PROGRESS_STORE
+    # Unlike API_PERMISSION_CLASS's, an empty value is the default: REDIS_URL chooses.
     if configured and not isinstance(configured, str):
         return [
-            Error(
-                f"TASK_FERRY['PROGRESS_STORE'] must be a dotted path (a string), "
-                f"got {configured!r}.",
-                hint='For example "task_ferry.stores.redis.RedisProgressStore", or remove it '
-                "to let REDIS_URL choose.",
+            not_a_dotted_path(
+                "PROGRESS_STORE",
+                configured,
+                example="task_ferry.stores.redis.RedisProgressStore",
+                without_it="let REDIS_URL choose",
                 id="task_ferry.E006",
             )
         ]
