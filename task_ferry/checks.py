@@ -80,6 +80,8 @@ def check_settings(
                 id="task_ferry.E005",
             )
         )
+    if not refused & {"PROGRESS_CACHE_TIMEOUT", "PUBLISH_INTERVAL"}:
+        messages.extend(check_snapshot_lifetime())
     messages.extend(check_permission_class())
     return messages
 
@@ -116,6 +118,34 @@ def is_number(value: object, kind: type) -> bool:
     if kind is int:
         return isinstance(value, int)
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def check_snapshot_lifetime() -> list[CheckMessage]:
+    """W005 where a running job's snapshot expires between two publications."""
+    # The monitor writes a running job's snapshot at the first PUBLISH_INTERVAL after its
+    # numbers change or after it turns half a PROGRESS_CACHE_TIMEOUT old (monitor._publish).
+    # An interval over half the timeout thus rewrites it at every interval; a shorter one, at
+    # the first interval past half the timeout, less than a timeout after the last write. Only
+    # an interval of a whole timeout or more lets the snapshot expire before the next write.
+    timeout = ferry_settings.PROGRESS_CACHE_TIMEOUT
+    interval = ferry_settings.PUBLISH_INTERVAL
+    if interval < timeout:
+        return []
+    # Twice the interval and two seconds: each snapshot is rewritten at least a second before
+    # it expires, on stores that count expiry in whole seconds too (memcached, a database cache).
+    suggested = math.ceil(2 * interval) + 2
+    return [
+        CheckWarning(
+            f"TASK_FERRY['PROGRESS_CACHE_TIMEOUT'] ({timeout} s) is not longer than "
+            f"PUBLISH_INTERVAL ({interval:g} s): a running job's snapshot expires before the "
+            f"monitor publishes it again, and polls in between answer from the job's row, "
+            f"without its progress.",
+            hint=f"Set PROGRESS_CACHE_TIMEOUT to {suggested} or more (twice PUBLISH_INTERVAL "
+            f"and two seconds), or lower PUBLISH_INTERVAL (the default is "
+            f"{DEFAULTS['PUBLISH_INTERVAL']}).",
+            id="task_ferry.W005",
+        )
+    ]
 
 
 def not_a_dotted_path(name: str, value: object, *, example: str, without_it: str, id: str) -> Error:
