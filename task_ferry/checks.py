@@ -80,6 +80,8 @@ def check_settings(
                 id="task_ferry.E005",
             )
         )
+    if not refused & {"PROGRESS_CACHE_TIMEOUT", "PUBLISH_INTERVAL"}:
+        messages.extend(check_snapshot_lifetime())
     messages.extend(check_permission_class())
     return messages
 
@@ -118,6 +120,44 @@ def is_number(value: object, kind: type) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
+def check_snapshot_lifetime() -> list[CheckMessage]:
+    """W005 where a running job's snapshot expires between two publications."""
+    # The monitor writes a running job's snapshot at the first PUBLISH_INTERVAL after its
+    # numbers change or after it turns half a PROGRESS_CACHE_TIMEOUT old (monitor._publish).
+    # An interval over half the timeout thus rewrites it at every interval; a shorter one, at
+    # the first interval past half the timeout, less than a timeout after the last write. Only
+    # an interval of a whole timeout or more lets the snapshot expire before the next write.
+    timeout = ferry_settings.PROGRESS_CACHE_TIMEOUT
+    interval = ferry_settings.PUBLISH_INTERVAL
+    if interval < timeout:
+        return []
+    # Twice the interval and two seconds: each snapshot is rewritten at least a second before
+    # it expires, on stores that count expiry in whole seconds too (memcached, a database cache).
+    suggested = math.ceil(2 * interval) + 2
+    return [
+        CheckWarning(
+            f"TASK_FERRY['PROGRESS_CACHE_TIMEOUT'] ({timeout} s) is not longer than "
+            f"PUBLISH_INTERVAL ({interval:g} s): a running job's snapshot expires before the "
+            f"monitor publishes it again, and polls in between answer from the job's row, "
+            f"without its progress.",
+            hint=f"Set PROGRESS_CACHE_TIMEOUT to {suggested} or more (twice PUBLISH_INTERVAL "
+            f"and two seconds), or lower PUBLISH_INTERVAL (the default is "
+            f"{DEFAULTS['PUBLISH_INTERVAL']}).",
+            id="task_ferry.W005",
+        )
+    ]
+
+
+def not_a_dotted_path(name: str, value: object, *, example: str, without_it: str, id: str) -> Error:
+    """E006 and E008: a setting that names a class by its dotted path holds something else
+    (the class itself, say)."""
+    return Error(
+        f"TASK_FERRY[{name!r}] must be a dotted path (a string), got {value!r}.",
+        hint=f'For example "{example}", or remove it to {without_it}.',
+        id=id,
+    )
+
+
 def check_permission_class() -> list[CheckMessage]:
     from django.utils.module_loading import import_string
 
@@ -126,11 +166,11 @@ def check_permission_class() -> list[CheckMessage]:
     path = ferry_settings.API_PERMISSION_CLASS
     if not isinstance(path, str):
         return [
-            Error(
-                f"TASK_FERRY['API_PERMISSION_CLASS'] must be a dotted path (a string), "
-                f"got {path!r}.",
-                hint='For example "task_ferry.api.permissions.IsJobOwnerOrStaff", or remove it '
-                "to use IsJobOwner.",
+            not_a_dotted_path(
+                "API_PERMISSION_CLASS",
+                path,
+                example="task_ferry.api.permissions.IsJobOwnerOrStaff",
+                without_it="use IsJobOwner",
                 id="task_ferry.E008",
             )
         ]
@@ -288,13 +328,14 @@ def check_store(
     from task_ferry.stores.base import ProgressStore, default_store_path, get_store
 
     configured = ferry_settings.PROGRESS_STORE
+    # Unlike API_PERMISSION_CLASS's, an empty value is the default: REDIS_URL chooses.
     if configured and not isinstance(configured, str):
         return [
-            Error(
-                f"TASK_FERRY['PROGRESS_STORE'] must be a dotted path (a string), "
-                f"got {configured!r}.",
-                hint='For example "task_ferry.stores.redis.RedisProgressStore", or remove it '
-                "to let REDIS_URL choose.",
+            not_a_dotted_path(
+                "PROGRESS_STORE",
+                configured,
+                example="task_ferry.stores.redis.RedisProgressStore",
+                without_it="let REDIS_URL choose",
                 id="task_ferry.E006",
             )
         ]

@@ -228,42 +228,80 @@ def job_row_exists(job_id: int) -> bool:
     return Job._base_manager.using(jobs_database()).filter(pk=job_id).exists()
 
 
-class CleanupRound:
-    """How the deletes of one ``cleanup_old_jobs`` run reach the store. After the first call
-    that fails, the run calls it no more: against a store that hangs, each batch would wait
-    out the socket timeout again (a batch of 500 jobs every 2 s). The snapshots left expire
-    after ``PROGRESS_CACHE_TIMEOUT``."""
+class StoreRound:
+    """The progress store as one maintenance run calls it: a ``cleanup_old_jobs`` run, or a
+    round of the stale-job sweep. After the first call that fails, the run calls it no more:
+    against a store that hangs, each call would wait out the socket timeout again (the cleanup,
+    once per batch of 500 deleted jobs; the sweep, with the jobs still to fail waiting). What
+    it skips is counted. Snapshots left unforgotten expire after ``PROGRESS_CACHE_TIMEOUT``;
+    final snapshots left unwritten are rewritten by a later sweep round (``_republish_ended``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lost_warning: str | None = None) -> None:
+        #: Logged with the store's error when its first call fails; a failed ``forget`` also
+        #: says how many snapshots it left, whatever this is.
+        self.lost_warning = lost_warning
         self.unavailable = False
-        #: Deleted jobs whose snapshots the run did not ask the store to forget.
+        #: Snapshots the run did not read, write or forget because the store had failed.
         self.skipped = 0
 
+    def read_many(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The snapshots the store holds of these jobs, in one read; empty if it cannot be
+        reached."""
+        if self._skip(len(job_ids)):
+            return {}
+        try:
+            return get_store().read_many(job_ids)
+        except ProgressStoreUnavailable as exc:
+            self._lost(exc)
+            return {}
 
-_cleanup_round: contextvars.ContextVar[CleanupRound | None] = contextvars.ContextVar(
+    def publish(self, job: Job) -> None:
+        if self._skip(1):
+            return
+        try:
+            get_store().write(job.pk, job_snapshot(job))
+        except ProgressStoreUnavailable as exc:
+            self._lost(exc)
+
+    def forget(self, job_ids: Collection[int]) -> None:
+        if self._skip(len(job_ids)):
+            return
+        try:
+            get_store().delete(job_ids)
+        except ProgressStoreUnavailable as exc:
+            self._lost(exc)
+            # A store that deletes in batches forgot those before the one that failed.
+            not_forgotten = exc.job_ids if isinstance(exc, SnapshotsNotForgotten) else job_ids
+            # They expire on their own. Counts: a bulk delete can be of many thousands.
+            logger.warning(
+                "Progress store unavailable, snapshots of %d of %d deleted jobs not forgotten: %s",
+                len(not_forgotten),
+                len(job_ids),
+                exc,
+            )
+
+    def _skip(self, count: int) -> bool:
+        if self.unavailable:
+            self.skipped += count
+        return self.unavailable
+
+    def _lost(self, exc: ProgressStoreUnavailable) -> None:
+        self.unavailable = True
+        if self.lost_warning is not None:
+            logger.warning(self.lost_warning, exc)
+
+
+# The round of the cleanup running in this context, for the post_delete receiver's calls.
+_cleanup_round: contextvars.ContextVar[StoreRound | None] = contextvars.ContextVar(
     "task_ferry_cleanup_round", default=None
 )
 
 
 def forget_snapshots(job_ids: Collection[int]) -> None:
+    """Have the store forget these jobs' snapshots; an unreachable store only logs. During a
+    ``cleanup_old_jobs`` run, through its round."""
     cleanup = _cleanup_round.get()
-    if cleanup is not None and cleanup.unavailable:
-        cleanup.skipped += len(job_ids)
-        return
-    try:
-        get_store().delete(job_ids)
-    except ProgressStoreUnavailable as exc:
-        if cleanup is not None:
-            cleanup.unavailable = True
-        # A store that deletes in batches forgot those before the one that failed.
-        not_forgotten = exc.job_ids if isinstance(exc, SnapshotsNotForgotten) else job_ids
-        # They expire on their own. Counts: a bulk delete can be of many thousands.
-        logger.warning(
-            "Progress store unavailable, snapshots of %d of %d deleted jobs not forgotten: %s",
-            len(not_forgotten),
-            len(job_ids),
-            exc,
-        )
+    (StoreRound() if cleanup is None else cleanup).forget(job_ids)
 
 
 class RunLock:
@@ -351,43 +389,6 @@ def mysql_lock_name(name: str, database: str, length: int = MYSQL_LOCK_NAME_LENG
         return full
     digest = hashlib.sha256(database.encode()).hexdigest()
     return f"{name}:{digest}"[:length]
-
-
-class SweepRoundStore:
-    """The progress store as one round of the stale-job sweep calls it. After the first call
-    that fails, the round calls it no more: against a store that hangs, each call would wait
-    out the socket timeout again, and the jobs still to fail would wait with it. The final
-    snapshots left unwritten are rewritten by a later round (``_republish_ended``)."""
-
-    def __init__(self) -> None:
-        self.unavailable = False
-
-    def read_many(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
-        """The snapshots the store holds of these jobs, in one read; empty if it cannot be
-        reached."""
-        if self.unavailable:
-            return {}
-        try:
-            return get_store().read_many(job_ids)
-        except ProgressStoreUnavailable as exc:
-            self._lost(exc)
-            return {}
-
-    def publish(self, job: Job) -> None:
-        if self.unavailable:
-            return
-        try:
-            get_store().write(job.pk, job_snapshot(job))
-        except ProgressStoreUnavailable as exc:
-            self._lost(exc)
-
-    def _lost(self, exc: ProgressStoreUnavailable) -> None:
-        self.unavailable = True
-        logger.warning(
-            "Sweep: progress store unavailable, no more snapshots read or published this "
-            "round; a later round publishes those of the jobs it fails: %s",
-            exc,
-        )
 
 
 def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
@@ -708,7 +709,7 @@ class JobHandler:
         """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` in batches, calling each type's
         ``before_delete`` once per job. Returns how many jobs were deleted."""
         cutoff = cls.expiry_cutoff(older_than)
-        cleanup = CleanupRound()
+        cleanup = StoreRound()
         token = _cleanup_round.set(cleanup)
         try:
             return cls._cleanup_in_batches(cutoff)
@@ -855,7 +856,10 @@ class JobHandler:
         lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
             ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
         )
-        store = SweepRoundStore()
+        store = StoreRound(
+            lost_warning="Sweep: progress store unavailable, no more snapshots read or published "
+            "this round; a later round publishes those of the jobs it fails: %s"
+        )
         failed = cls._fail_each(
             Job.objects.running().filter(lapsed),
             JobState.STARTED,
@@ -909,7 +913,7 @@ class JobHandler:
         return True
 
     @staticmethod
-    def _republish_ended(since: datetime.datetime, store: SweepRoundStore) -> None:
+    def _republish_ended(since: datetime.datetime, store: StoreRound) -> None:
         """Rewrite snapshots that still show a job as live after it ended: its final publish
         failed while the store was unreachable (or the sweep round that failed it had found the
         store so), and pollers would wait until the key expired."""
@@ -936,7 +940,7 @@ class JobHandler:
         candidates: JobQuerySet[Job],
         from_state: JobState,
         message: str,
-        store: SweepRoundStore,
+        store: StoreRound,
     ) -> int:
         failed = 0
         ids = list(candidates.order_by("pk").values_list("pk", flat=True))

@@ -235,6 +235,43 @@ def test_e005_heartbeat_timeout_not_above_interval(ferry):
     assert "HEARTBEAT_TIMEOUT" in only("task_ferry.E005").msg
 
 
+@pytest.mark.parametrize(("timeout", "interval"), [(1, 1), (1, 2.5), (60, 60), (3600, 3600)])
+def test_w005_publish_interval_not_shorter_than_the_snapshots_lifetime(ferry, timeout, interval):
+    # Every gap between two publications of a running job is at least the interval: its
+    # snapshot has expired by the next one (test_monitor.py shows it on a running job).
+    ferry(PROGRESS_CACHE_TIMEOUT=timeout, PUBLISH_INTERVAL=interval)
+    message = only("task_ferry.W005")
+    assert message.msg == (
+        f"TASK_FERRY['PROGRESS_CACHE_TIMEOUT'] ({timeout} s) is not longer than "
+        f"PUBLISH_INTERVAL ({interval:g} s): a running job's snapshot expires before the monitor "
+        f"publishes it again, and polls in between answer from the job's row, without its "
+        f"progress."
+    )
+    suggested = int(re.search(r"to (\d+) or more", message.hint)[1])
+    ferry(PROGRESS_CACHE_TIMEOUT=suggested)
+    assert "task_ferry.W005" not in ids(ferry_messages())
+
+
+@pytest.mark.parametrize(
+    ("timeout", "interval"),
+    # Over half the timeout, the monitor rewrites the snapshot at every publication; at half
+    # or less, at the first past half its lifetime, still before it expires.
+    [(1, 0.999), (1, 0.5), (1, 0.45), (60, 59), (60, 30), (3600, 0.05)],
+)
+def test_w005_not_while_each_publication_comes_before_the_snapshot_expires(
+    ferry, timeout, interval
+):
+    ferry(PROGRESS_CACHE_TIMEOUT=timeout, PUBLISH_INTERVAL=interval)
+    assert "task_ferry.W005" not in ids(ferry_messages())
+
+
+def test_w005_not_while_either_setting_is_refused(ferry):
+    ferry(PROGRESS_CACHE_TIMEOUT=1.5, PUBLISH_INTERVAL=10)
+    assert "task_ferry.W005" not in ids(ferry_messages())
+    ferry(PROGRESS_CACHE_TIMEOUT=10, PUBLISH_INTERVAL="20")
+    assert "task_ferry.W005" not in ids(ferry_messages())
+
+
 def test_e006_progress_store_that_does_not_import(ferry):
     ferry(PROGRESS_STORE="myproject.stores.Nope")
     assert "myproject.stores.Nope" in only("task_ferry.E006").msg

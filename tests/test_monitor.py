@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from django.core.checks import run_checks
 from django.db import connection
 
 from task_ferry import signals
@@ -248,6 +249,33 @@ def test_a_job_whose_progress_stays_put_keeps_its_snapshot_past_the_store_timeou
         assert api.get(f"/api/jobs/{job.pk}/").json()["progress_percentage"] == 50
     gated.release.set()
     thread.finish()
+
+
+@needs_concurrent_writers
+@pytest.mark.parametrize(("interval", "kept"), [(0.7, True), (1.2, False)])
+def test_a_snapshot_expires_between_publications_exactly_where_w005_says_so(
+    transactional_db, user, gated, settings, interval, kept
+):
+    """An interval over half of PROGRESS_CACHE_TIMEOUT has the monitor publish an unchanged
+    snapshot again at every interval, past half its lifetime: it is kept. One of the whole
+    timeout or more lets it expire before the next publication."""
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "PROGRESS_CACHE_TIMEOUT": 1,
+        "PUBLISH_INTERVAL": interval,
+    }
+    thread, job = start_halfway(gated, user, steps=20)
+    wait_until(lambda: (get_store().read(job.pk) or {}).get("progress_percentage") == 50, "50%")
+    missing = False
+    deadline = time.monotonic() + 3
+    while not missing and time.monotonic() < deadline:
+        missing = get_store().read(job.pk) is None
+        time.sleep(0.02)
+    gated.release.set()
+    thread.finish()
+    assert missing is not kept
+    warned = "task_ferry.W005" in [message.id for message in run_checks(databases=[])]
+    assert warned is not kept
 
 
 @needs_concurrent_writers
