@@ -178,6 +178,14 @@ def publish(job: Job) -> None:
         )
 
 
+def after_commit(callback: Callable[[], None]) -> None:
+    """Call ``callback`` once the transaction open where jobs are written commits (at once in
+    autocommit mode), and never if it rolls back: the store, a hook or a receiver must not
+    announce a state change that a rollback undoes. Robust, so that a callback of ours that
+    raises is logged and never stops the caller's own callbacks (an executor's dispatch)."""
+    transaction.on_commit(callback, using=jobs_database(), robust=True)
+
+
 def publish_as_stored(job: Job) -> bool:
     """``publish()`` the job as its row stands: a run that failed or was stopped may have
     changed the instance with writes that were rolled back. A job whose row was deleted
@@ -621,8 +629,9 @@ class JobHandler:
     @classmethod
     def cancel(cls, user: Any, job_id: Any) -> Job:
         """Cancel the user's job. A pending job is cancelled at once and its ``on_cancelled``
-        runs here; a running job is asked to stop and stops at its next progress tick.
-        Cancelling an ended job changes nothing."""
+        runs here (inside a transaction: when it commits, not at all if it rolls back); a
+        running job is asked to stop and stops at its next progress tick. Cancelling an ended
+        job changes nothing."""
         job = cls.get_job(user, job_id)
         return cls.cancel_job(job)
 
@@ -638,7 +647,9 @@ class JobHandler:
         if job.state == JobState.PENDING and transition(
             job, JobState.CANCELLED, from_states=[JobState.PENDING]
         ):
-            cls._after_cancelled(job)
+            # Inside the caller's transaction (ATOMIC_REQUESTS, say) the move is not committed
+            # yet: a rollback leaves the job pending, and a worker will run it.
+            after_commit(functools.partial(cls._after_cancelled, job))
             return job
         if job.state in (JobState.PENDING, JobState.STARTED):
             from task_ferry.monitor import get_monitor
@@ -646,6 +657,8 @@ class JobHandler:
             # A job running in this process stops at its very next tick.
             get_monitor().cancel_local(job.pk)
             # Never touch the row of a running job: its transaction may hold the row lock.
+            # Sent at once, even inside the caller's transaction: the request writes no row
+            # that a rollback could undo, and the job's run commits its own end.
             try:
                 get_store().request_cancel(job.pk, token=cancel_token(job))
             except ProgressStoreUnavailable as exc:

@@ -16,9 +16,12 @@ import math
 import numbers
 import sys
 from collections.abc import Iterable, Iterator, Sized
-from typing import TypeAlias, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from task_ferry.exceptions import JobCancelled
+
+if TYPE_CHECKING:
+    from django.utils.functional import Promise
 
 __all__ = ["Progress"]
 
@@ -64,8 +67,9 @@ class Progress:
         # Counted in the parent's folded number instead of among its children.
         self._folded = False
 
-    def increment(self, by: Amount = 1, state: str | None = None) -> None:
-        """Advance by ``by`` steps of this node, optionally with a new state label.
+    def increment(self, by: Amount = 1, state: str | Promise | None = None) -> None:
+        """Advance by ``by`` steps of this node, optionally with a new state label: a ``str``,
+        or a lazy translation, made a ``str`` here in the language active at this tick.
 
         Raises ``JobCancelled`` once the job was asked to stop.
         """
@@ -77,13 +81,8 @@ class Progress:
             # A step beyond the largest float is past any total: clamped below, like an int's.
             by = _checked_amount("increment(by=...)", by, clamp_huge=True)
         if state is not None:
-            if state.__class__ is not str and not isinstance(state, str):
-                kind = type(state)
-                # The module says what it is: a lazy translation was "got __proxy__".
-                raise ValueError(
-                    f"state must be a str, got {kind.__module__}.{kind.__qualname__}; pass "
-                    f"str() of it"
-                )
+            if state.__class__ is not str:
+                state = _label(state)
             root._label = state
         try:
             done = self._done + by
@@ -126,7 +125,7 @@ class Progress:
             # Folded away as complete, maybe, and no longer: nor, maybe, the nodes above it.
             self._count_again()
 
-    def set_state(self, state: str | None) -> None:
+    def set_state(self, state: str | Promise | None) -> None:
         """Change the label without advancing; ``None`` clears it, as ``""`` does."""
         self.increment(0, state="" if state is None else state)
 
@@ -203,7 +202,7 @@ class Progress:
         """Whole percent done, 0 to 100."""
         return min(100, int(self.fraction() * 100 + 1e-9))
 
-    def track(self, iterable: Iterable[T], state: str | None = None) -> Iterator[T]:
+    def track(self, iterable: Iterable[T], state: str | Promise | None = None) -> Iterator[T]:
         """Yield from ``iterable``, incrementing by one after each item.
 
         A sized iterable (``len()`` works) on a node that has not counted anything yet, and
@@ -230,6 +229,23 @@ class Progress:
 
     def __repr__(self) -> str:
         return f"<Progress {self._done:g}/{self.total:g} ({self.percentage}%) {self.state!r}>"
+
+
+def _label(state: object) -> str:
+    """``state`` as a label: a ``str`` (a subclass too), or ``str()`` of a lazy translation,
+    in the language active now; anything else is a ``ValueError`` that names its class."""
+    if isinstance(state, str):
+        return state
+    # Imported here: Progress needs no Django unless a lazy label is given.
+    from django.utils.functional import Promise
+
+    if isinstance(state, Promise):
+        return str(state)
+    kind = type(state)
+    raise ValueError(
+        f"state must be a str or a lazy translation, got {kind.__module__}.{kind.__qualname__};"
+        f" pass str() of it"
+    )
 
 
 def _ratio(value: float, total: float) -> float:

@@ -144,17 +144,20 @@ def test_search_follows_the_user_models_username_and_email_fields(
     assert listed_ids(admin_client.get(LIST_URL, {"q": other_user.username})) == []
 
 
-def test_cancel_action_goes_through_the_handler(admin_client, user):
+def test_cancel_action_goes_through_the_handler(
+    admin_client, user, django_capture_on_commit_callbacks
+):
     pending = make_job(user)
     running = make_job(user)
     transition(running, JobState.STARTED, from_states=[JobState.PENDING])
     finished = make_job(user, state=JobState.FINISHED)
 
-    response = admin_client.post(
-        LIST_URL,
-        {"action": "cancel_jobs", "_selected_action": [pending.pk, running.pk, finished.pk]},
-        follow=True,
-    )
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            LIST_URL,
+            {"action": "cancel_jobs", "_selected_action": [pending.pk, running.pk, finished.pk]},
+            follow=True,
+        )
     assert response.status_code == 200
     (message,) = [str(m) for m in response.context["messages"]]
     assert "Cancelled 1 pending job(s)" in message

@@ -5,9 +5,10 @@ import logging
 import pytest
 from django.contrib.auth.models import AnonymousUser
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
+from task_ferry import signals
 from task_ferry.exceptions import (
     InvalidJobValues,
     JobDoesNotExist,
@@ -15,9 +16,10 @@ from task_ferry.exceptions import (
     MaxJobCountExceeded,
 )
 from task_ferry.executors.immediate import ImmediateExecutor
-from task_ferry.handler import JobHandler
+from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
 from task_ferry.registry import JobType, job_type_registry
+from task_ferry.stores.base import get_store
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
 from tests.testapp.job_types import LimitedJobType, RecordingJobType
@@ -343,14 +345,96 @@ def test_get_jobs_for_user_newest_first(db, user, other_user, no_dispatch):
     ]
 
 
-def test_cancel_pending_job_runs_on_cancelled_once(db, user, no_dispatch):
+def test_cancel_pending_job_runs_on_cancelled_once(
+    db, user, no_dispatch, django_capture_on_commit_callbacks
+):
     job = JobHandler.create_and_start(user, "scripted")
-    JobHandler.cancel(user, job.pk)
-    JobHandler.cancel(user, job.pk)
+    # Under `db` nothing commits: the hook runs when the (test's) transaction would.
+    with django_capture_on_commit_callbacks(execute=True):
+        JobHandler.cancel(user, job.pk)
+        JobHandler.cancel(user, job.pk)
     job.refresh_from_db()
     assert job.state == JobState.CANCELLED
     assert job.finished_at is not None
     assert HookCall.objects.filter(job_id=job.pk, hook="on_cancelled").count() == 1
+
+
+class RolledBack(Exception):
+    pass
+
+
+@pytest.fixture
+def cancelled_signals():
+    sent = []
+
+    def receiver(sender, job, **kwargs):
+        sent.append((job.pk, job.state))
+
+    signals.job_cancelled.connect(receiver)
+    yield sent
+    signals.job_cancelled.disconnect(receiver)
+
+
+def test_a_pending_job_cancelled_in_a_transaction_that_rolls_back_is_announced_nowhere(
+    transactional_db, user, no_dispatch, cancelled_signals
+):
+    # A view under ATOMIC_REQUESTS that fails after the cancel, say. The store said
+    # "cancelled", the hook and the signal had run, and the row was pending: a worker ran it.
+    job = JobHandler.create_and_start(user, "scripted", marker="ran")
+    store = get_store()
+    with pytest.raises(RolledBack), transaction.atomic():
+        JobHandler.cancel(user, job.pk)
+        raise RolledBack
+    assert Job.objects.get(pk=job.pk).state == "pending"
+    assert store.read(job.pk) is None
+    assert not HookCall.objects.exists()
+    assert cancelled_signals == []
+    # The job is still there to run, and runs.
+    assert JobHandler.run_job(job.pk) is not None
+    assert Marker.objects.filter(name="ran").exists()
+    assert store.read(job.pk)["state"] == "finished"
+
+
+def test_a_pending_job_cancelled_in_a_transaction_is_announced_when_it_commits(
+    transactional_db, user, no_dispatch, cancelled_signals
+):
+    job = JobHandler.create_and_start(user, "scripted")
+    store = get_store()
+    with transaction.atomic():
+        assert JobHandler.cancel(user, job.pk).state == "cancelled"
+        assert store.read(job.pk) is None
+        assert not HookCall.objects.exists()
+        assert cancelled_signals == []
+    assert store.read(job.pk)["state"] == "cancelled"
+    assert list(HookCall.objects.values_list("job_id", "hook")) == [(job.pk, "on_cancelled")]
+    assert cancelled_signals == [(job.pk, "cancelled")]
+
+
+def test_a_pending_job_cancelled_in_a_savepoint_rolled_back_is_announced_nowhere(
+    transactional_db, user, no_dispatch, cancelled_signals
+):
+    job = JobHandler.create_and_start(user, "scripted")
+    with transaction.atomic(), pytest.raises(RolledBack), transaction.atomic():
+        JobHandler.cancel(user, job.pk)
+        raise RolledBack
+    assert Job.objects.get(pk=job.pk).state == "pending"
+    assert get_store().read(job.pk) is None
+    assert not HookCall.objects.exists()
+    assert cancelled_signals == []
+
+
+def test_a_request_to_stop_a_running_job_goes_at_once_even_if_the_transaction_rolls_back(
+    transactional_db, user, no_dispatch
+):
+    # No row is written for it: the job's own run records its end, in its own transaction.
+    job = JobHandler.create_and_start(user, "scripted")
+    assert transition(job, JobState.STARTED, from_states=[JobState.PENDING])
+    with pytest.raises(RolledBack), transaction.atomic():
+        JobHandler.cancel(user, job.pk)
+        assert get_store().is_cancel_requested(job.pk)
+        raise RolledBack
+    assert get_store().is_cancel_requested(job.pk)
+    assert Job.objects.get(pk=job.pk).state == "started"
 
 
 def test_a_cancelled_job_is_never_run(db, user, no_dispatch):

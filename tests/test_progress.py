@@ -4,6 +4,8 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
+from django.utils.text import format_lazy
+from django.utils.translation import gettext_lazy, override
 
 from task_ferry import progress as progress_module
 from task_ferry.exceptions import JobCancelled
@@ -295,19 +297,64 @@ def test_set_state_none_clears_the_label(cleared):
     assert progress.state == "Finalising"
 
 
-def test_a_label_that_is_not_a_str_is_refused_saying_what_it_is():
-    from django.utils.translation import gettext_lazy
+# A message of Django's own catalogue: the test project has no locale of its own.
+REQUIRED = gettext_lazy("This field is required.")
 
+
+@pytest.mark.parametrize(
+    "label_with",
+    [
+        lambda progress, label: progress.increment(state=label),
+        lambda progress, label: progress.set_state(label),
+        lambda progress, label: list(progress.track(["row"], state=label)),
+    ],
+    ids=["increment", "set_state", "track"],
+)
+def test_a_lazy_translation_is_a_label_in_the_language_of_the_tick(label_with):
     progress = Progress()
-    # It said "got __proxy__".
+    with override("de"):
+        label_with(progress, REQUIRED)
+    # A plain str, made at the tick: the monitor's thread, which reads it, has a language of
+    # its own.
+    assert type(progress.state) is str
+    assert progress.state == "Dieses Feld ist zwingend erforderlich."
+    with override("fr"):
+        label_with(progress, REQUIRED)
+    assert progress.state == "Ce champ est obligatoire."
+
+
+def test_a_label_made_by_format_lazy_is_taken_too():
+    progress = Progress()
+    with override("fr"):
+        progress.increment(state=format_lazy("{}: {}", "Row 7", REQUIRED))
+    assert progress.state == "Row 7: Ce champ est obligatoire."
+
+
+class Label(str):
+    pass
+
+
+def test_a_str_subclass_is_a_label_as_it_is():
+    progress = Progress()
+    label = Label("Exporting")
+    progress.increment(state=label)
+    assert progress.state is label
+
+
+@pytest.mark.parametrize(
+    "label, kind",
+    [(b"Exporting", "builtins.bytes"), (7, "builtins.int"), (["a"], "builtins.list")],
+)
+def test_a_label_neither_a_str_nor_a_lazy_translation_is_refused_saying_what_it_is(label, kind):
+    progress = Progress()
+    progress.increment(5, state="before")
     with pytest.raises(ValueError) as info:
-        progress.increment(state=gettext_lazy("Exporting"))
+        progress.increment(state=label)
     assert str(info.value) == (
-        "state must be a str, got django.utils.functional.lazy.<locals>.__proxy__; pass str() of it"
+        f"state must be a str or a lazy translation, got {kind}; pass str() of it"
     )
-    assert progress.state == ""
-    progress.increment(state=str(gettext_lazy("Exporting")))
-    assert progress.state == "Exporting"
+    # Nothing changed.
+    assert (progress.percentage, progress.state) == (5, "before")
 
 
 def test_fractional_steps_reach_100():

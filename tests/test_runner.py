@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 from django.db import connection
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, override
 
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
@@ -26,6 +26,31 @@ def test_finished_job_commits_its_work_and_reaches_100(db, user):
     assert Marker.objects.filter(name="kept").exists()
     # The caller's handle followed the run.
     assert job.state == "finished"
+
+
+# Defined at import, as a project's labels are; a message of Django's own catalogue.
+REQUIRED = gettext_lazy("This field is required.")
+
+
+def test_a_lazy_label_is_stored_and_published_in_the_language_the_run_ticked_in(
+    transactional_db, user, monkeypatch
+):
+    def run(self, job, progress):
+        # As a job for a user who reads German would: the monitor's thread has its own language.
+        with override("de"):
+            progress.increment(60, state=REQUIRED)
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    assert job.state == "finished"
+    row = Job.objects.get(pk=job.pk)
+    assert row.progress_state == "Dieses Feld ist zwingend erforderlich."
+    snapshot = get_store().read(job.pk)
+    assert snapshot is not None
+    assert (snapshot["state"], snapshot["progress_state"]) == (
+        "finished",
+        "Dieses Feld ist zwingend erforderlich.",
+    )
 
 
 def test_failing_job_is_marked_failed_and_the_error_reaches_the_caller(transactional_db, user):

@@ -70,11 +70,14 @@ def test_failed_job_sends_failed_once_with_the_exception(db, user, received):
     assert str(extra["exc"]) == "scripted failure at step 1"
 
 
-def test_pending_job_cancelled_sends_cancelled_once(db, user, received, monkeypatch):
+def test_pending_job_cancelled_sends_cancelled_once(
+    db, user, received, monkeypatch, django_capture_on_commit_callbacks
+):
     monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
     job = JobHandler.create_and_start(user, "scripted")
-    JobHandler.cancel(user, job.pk)
-    JobHandler.cancel(user, job.pk)  # a second cancel changes nothing
+    with django_capture_on_commit_callbacks(execute=True):
+        JobHandler.cancel(user, job.pk)
+        JobHandler.cancel(user, job.pk)  # a second cancel changes nothing
     assert counts(received) == {"job_created": 1, "job_cancelled": 1}
     ((sender, cancelled, _),) = received["job_cancelled"]
     assert sender is ScriptedJob
@@ -168,11 +171,14 @@ def test_raising_on_error_hook_is_logged(db, user, caplog, raising_hooks, receiv
 
 
 def test_raising_on_cancelled_hook_is_logged(
-    db, user, caplog, raising_hooks, received, monkeypatch
+    db, user, caplog, raising_hooks, received, monkeypatch, django_capture_on_commit_callbacks
 ):
     monkeypatch.setattr(ImmediateExecutor, "enqueue", lambda self, job_id: None)
     job = JobHandler.create_and_start(user, "scripted")
-    with caplog.at_level(logging.ERROR, logger="task_ferry"):
+    with (
+        caplog.at_level(logging.ERROR, logger="task_ferry"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
         JobHandler.cancel(user, job.pk)
     assert_logged_exception(hook_error_records(caplog, "on_cancelled"))
     assert job.state == JobState.CANCELLED

@@ -54,11 +54,20 @@ def cancelled_signals():
 
 @pytest.mark.parametrize("through", ["handler", "api"])
 def test_a_pending_job_of_a_removed_type_is_cancelled_without_an_error(
-    queueing, user, retired_type, cancelled_signals, caplog, through
+    queueing,
+    user,
+    retired_type,
+    cancelled_signals,
+    caplog,
+    through,
+    django_capture_on_commit_callbacks,
 ):
     job = JobHandler.create_and_start(user, "retired")
     retired_type()
-    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+    with (
+        caplog.at_level(logging.WARNING, logger="task_ferry"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
         if through == "handler":
             assert JobHandler.cancel(user, job.pk).state == JobState.CANCELLED
         else:
@@ -88,7 +97,7 @@ def test_cleanup_says_it_deletes_a_removed_types_jobs_without_before_delete(
 
 
 def test_a_job_without_its_row_of_the_types_model_is_shown_and_cancelled(
-    queueing, user, admin_client, cancelled_signals, caplog
+    queueing, user, admin_client, cancelled_signals, caplog, django_capture_on_commit_callbacks
 ):
     api = client_for(user)
     by_api, by_admin = (JobHandler.create_and_start(user, "scripted") for _ in range(2))
@@ -99,7 +108,10 @@ def test_a_job_without_its_row_of_the_types_model_is_shown_and_cancelled(
     detail = api.get(f"{URL}{by_api.pk}/")
     assert detail.status_code == 200
     assert detail.json()["state"] == "pending"
-    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+    with (
+        caplog.at_level(logging.WARNING, logger="task_ferry"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
         cancelled = api.post(f"{URL}{by_api.pk}/cancel/")
         admin = admin_client.post(
             reverse("admin:task_ferry_job_changelist"),

@@ -239,6 +239,29 @@ def test_pending_job_cancelled_before_the_worker_takes_it_never_runs(start_worke
     assert hooks(job) == ["on_cancelled"]
 
 
+class RolledBack(Exception):
+    pass
+
+
+def test_a_pending_job_whose_cancel_was_rolled_back_runs_and_shows_as_it_does(
+    start_worker, user, api
+):
+    # A view under ATOMIC_REQUESTS that failed after the cancel: the store said "cancelled"
+    # and on_cancelled had run, while the worker went on to run the job.
+    job = JobHandler.create_and_start(user, "scripted", steps=3, marker="ran")
+    with pytest.raises(RolledBack), transaction.atomic():
+        JobHandler.cancel(user, job.pk)
+        raise RolledBack
+    assert api.get(f"/api/jobs/{job.pk}/").json()["state"] == "pending"
+
+    worker = start_worker()
+    row = wait_until_ended(job, worker)
+    assert row.state == "finished"
+    assert Marker.objects.filter(name="ran").exists()
+    assert api.get(f"/api/jobs/{job.pk}/").json()["state"] == "finished"
+    assert hooks(job) == []
+
+
 def test_progress_is_visible_through_the_api_while_the_job_runs(start_worker, user, api):
     worker = start_worker()
     job = JobHandler.create_and_start(user, "scripted", steps=25, tick_delay=0.08)
