@@ -61,6 +61,26 @@ class ClosedCreateExtension(OpenApiSerializerExtension):
         return schema
 
 
+class JobResponseSerializer(JobSerializer):
+    """Base of a type's job object in responses: every key it describes is always sent (the
+    type's fields as its serializer renders them), so all are required, those with a model
+    default too."""
+
+
+class JobResponseExtension(OpenApiSerializerExtension):
+    """Describes a ``JobResponseSerializer`` with every property required."""
+
+    target_class = JobResponseSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema: AutoSchema, direction: Any) -> dict[str, Any]:
+        schema: dict[str, Any] = auto_schema._map_serializer(
+            self.target, direction, bypass_extensions=True
+        )
+        schema["required"] = sorted(schema.get("properties", {}))
+        return schema
+
+
 def takes_extra_values(job_type: JobType) -> bool:
     """Whether ``POST /`` may accept keys the type's serializer does not know: only its own
     ``prepare_values`` can turn them into model fields."""
@@ -94,7 +114,7 @@ def _component(job_type: JobType, direction: str) -> type[serializers.Serializer
             name = f"{camel(job_type.type)}JobCreateSerializer"
         else:
             attrs["type"] = discriminator_class(read_only=True, help_text="The job type's name.")
-            bases = (JobSerializer,)
+            bases = (JobResponseSerializer,)
             name = f"{camel(job_type.type)}JobSerializer"
         attrs["__module__"] = __name__
         # Spectacular finds the key type of a read-only related field (a many-to-many through a
@@ -146,6 +166,18 @@ UNAUTHENTICATED_OR_NO_CSRF = {
     ),
 }
 NOT_FOUND = {404: OpenApiResponse(ERROR, description="No such job visible to the caller.")}
+# DRF's content negotiation and parsers answer these before the view runs (in JSON).
+NOT_ACCEPTABLE = {
+    406: OpenApiResponse(
+        ERROR, description="The Accept header names no media type the API renders."
+    )
+}
+UNSUPPORTED_MEDIA_TYPE = {
+    415: OpenApiResponse(
+        ERROR,
+        description="The body's Content-Type is none the API parses.",
+    )
+}
 
 
 def list_parameters() -> list[OpenApiParameter]:
@@ -230,18 +262,22 @@ class JobAutoSchema(AutoSchema):
                 200: _polymorphic("Job", "response", many=True),
                 400: FIELD_ERRORS,
                 **UNAUTHENTICATED,
+                **NOT_ACCEPTABLE,
             }
         if action == "create":
             return {
                 201: job,
                 400: FIELD_ERRORS,
                 **UNAUTHENTICATED_OR_NO_CSRF,
+                **NOT_ACCEPTABLE,
+                **UNSUPPORTED_MEDIA_TYPE,
                 429: OpenApiResponse(TOO_MANY, description="The type's max_count is reached."),
             }
+        # Cancel reads no body, so no Content-Type is refused there.
         if action == "retrieve":
-            return {200: job, **UNAUTHENTICATED, **NOT_FOUND}
+            return {200: job, **UNAUTHENTICATED, **NOT_FOUND, **NOT_ACCEPTABLE}
         if action == "cancel":
-            return {200: job, **UNAUTHENTICATED_OR_NO_CSRF, **NOT_FOUND}
+            return {200: job, **UNAUTHENTICATED_OR_NO_CSRF, **NOT_FOUND, **NOT_ACCEPTABLE}
         return super().get_response_serializers()
 
 
@@ -318,6 +354,8 @@ def add_events_operation(paths: dict[str, Any]) -> None:
     events["operationId"] = detail["operationId"].removesuffix("_retrieve") + "_events_retrieve"
     events["summary"] = "A job's changes as Server-Sent Events"
     events["description"] = EVENTS_DESCRIPTION
+    # A plain Django view: it streams whatever the Accept header says.
+    events["responses"].pop("406", None)
     events["responses"]["200"] = {
         "description": "The event stream (`text/event-stream`).",
         "content": {"text/event-stream": {"schema": {"type": "string"}, "example": EVENTS_EXAMPLE}},

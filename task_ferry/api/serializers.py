@@ -14,10 +14,12 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import models
+from django.db import connections, models
 from django.db.models import prefetch_related_objects
 from django.utils import timezone
 from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
+from rest_framework.relations import MANY_RELATION_KWARGS
 from rest_framework.utils import encoders
 
 from task_ferry.models import Job, JobState
@@ -26,6 +28,8 @@ from task_ferry.snapshot import PUBLIC_FIELDS, isoformat
 
 __all__ = [
     "JobSerializer",
+    "RelatedKeyField",
+    "RelatedKeysField",
     "prefetch_type_fields",
     "public_job",
     "type_fields",
@@ -40,6 +44,11 @@ TRACEBACK_MARKER = "Traceback (most recent call last)"
 ERROR_MAX_LENGTH = 500
 # Values that ``json`` writes as they are; the type's fields need converting otherwise.
 JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+# An integer key as a form sends it (and as DRF took it in JSON too): ASCII digits only, since
+# Python's ``int`` also reads "1_000" and other scripts' digits.
+DIGITS = re.compile(r"\s*([+-]?[0-9]+)\s*")
+# Longer digit strings are no key of any row; ``int`` would refuse some of them.
+MAX_KEY_DIGITS = 30
 
 
 class JobSerializer(serializers.Serializer[Any]):
@@ -68,6 +77,135 @@ class JobSerializer(serializers.Serializer[Any]):
     )
 
 
+def key_field(model: type[models.Model]) -> models.Field[Any, Any]:
+    """The column that holds ``model``'s primary key values: a parent link's target, followed."""
+    field: Any = model._meta.pk
+    while field.remote_field is not None:
+        field = field.target_field
+    result: models.Field[Any, Any] = field
+    return result
+
+
+def shown_value(data: Any) -> str:
+    """A scalar as JSON writes it, for an error message (ASCII, and cut short)."""
+    text = json.dumps(data)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+class RelatedKeyField(serializers.PrimaryKeyRelatedField):
+    """DRF's ``PrimaryKeyRelatedField``, refusing what Django would coerce into a key: a float
+    (``1.5`` found row 1), a bool, a string of anything but digits for an integer key. With
+    ``many=True`` it is a ``RelatedKeysField``, which reads the whole list in one query."""
+
+    default_error_messages = {
+        "null_key": "The list may not contain null: send only keys of rows.",
+        "incorrect_key": "Incorrect type. Expected {expected}, received {data_type}{value}.",
+    }
+
+    @classmethod
+    def many_init(cls, *args: Any, **kwargs: Any) -> RelatedKeysField:
+        list_kwargs = {key: value for key, value in kwargs.items() if key in MANY_RELATION_KWARGS}
+        return RelatedKeysField(child_relation=cls(*args, **kwargs), **list_kwargs)
+
+    def has_integer_keys(self) -> bool:
+        queryset = self.get_queryset()
+        return queryset is not None and isinstance(key_field(queryset.model), models.IntegerField)
+
+    def to_key(self, data: Any, integer_keys: bool) -> Any:
+        """The key ``data`` stands for, or a ``ValidationError`` saying what is wrong with it."""
+        if data is None:
+            self.fail("null_key")
+        if integer_keys:
+            if isinstance(data, int) and not isinstance(data, bool):
+                return data
+            match = DIGITS.fullmatch(data) if isinstance(data, str) else None
+            if match:
+                digits = match[1]
+                return int(digits) if len(digits.lstrip("+-")) <= MAX_KEY_DIGITS else digits
+            self.fail_incorrect_key(data, "an integer key")
+        if isinstance(data, (bool, float, list, dict)):
+            self.fail_incorrect_key(data, "a key of the related rows")
+        return data
+
+    def fail_incorrect_key(self, data: Any, expected: str) -> None:
+        scalar = isinstance(data, (bool, int, float, str))
+        self.fail(
+            "incorrect_key",
+            expected=expected,
+            data_type=type(data).__name__,
+            value=f" {shown_value(data)}" if scalar else "",
+        )
+
+    def to_internal_value(self, data: Any) -> Any:
+        if self.pk_field is not None:
+            if data is None:
+                self.fail("null_key")
+            return super().to_internal_value(data)
+        integer_keys = self.has_integer_keys()
+        key = self.to_key(data, integer_keys)
+        if integer_keys and isinstance(key, str):
+            self.fail("does_not_exist", pk_value=data)
+        return super().to_internal_value(key)
+
+
+class RelatedKeysField(serializers.ManyRelatedField):
+    """A list of related rows by their keys: with a ``RelatedKeyField`` child of integer keys,
+    one query for the whole list, with the errors the child gives item by item (the first bad
+    item, in the list's order)."""
+
+    def to_internal_value(self, data: Any) -> list[Any]:
+        child = self.child_relation
+        bulk = (
+            isinstance(child, RelatedKeyField)
+            # A subclass that reads one key its own way is asked for each.
+            and type(child).to_internal_value is RelatedKeyField.to_internal_value
+            and child.pk_field is None
+            and child.has_integer_keys()
+        )
+        if not bulk or isinstance(data, str) or not hasattr(data, "__iter__"):
+            return list(super().to_internal_value(data))
+        assert isinstance(child, RelatedKeyField)
+        items = list(data)
+        if not self.allow_empty and not items:
+            self.fail("empty")
+        keys: list[Any] = []
+        refused: ValidationError | None = None
+        for item in items:
+            try:
+                keys.append(child.to_key(item, integer_keys=True))
+            except ValidationError as exc:
+                refused = exc
+                break
+        queryset = child.get_queryset()
+        assert queryset is not None  # has_integer_keys() said so
+        lowest, highest = integer_range(queryset)
+        # A key out of the column's range is no row's (SQLite would raise on it).
+        wanted = {k for k in keys if isinstance(k, int) and lowest <= k <= highest}
+        rows = queryset.in_bulk(list(wanted)) if wanted else {}
+        # ``keys`` stops at a refused item: only the keys before it are checked.
+        for key, item in zip(keys, items, strict=False):
+            if key not in rows:
+                child.fail("does_not_exist", pk_value=item)
+        if refused is not None:
+            raise refused
+        return [rows[key] for key in keys]
+
+
+def integer_range(queryset: models.QuerySet[Any]) -> tuple[int, int]:
+    """The values the primary key column of ``queryset``'s model holds, on its database."""
+    field = key_field(queryset.model)
+    try:
+        lowest, highest = connections[queryset.db].ops.integer_field_range(
+            field.get_internal_type()
+        )
+    except KeyError:
+        lowest, highest = None, None
+    return (
+        -(2**63) if lowest is None else lowest,
+        2**63 - 1 if highest is None else highest,
+    )
+
+
 def own_many_to_many(model: type[Job]) -> list[models.ManyToManyField[Any, Any]]:
     """The many-to-many fields the job type's model adds to ``Job``."""
     return [f for f in model._meta.many_to_many if f.model is not Job]
@@ -91,7 +229,9 @@ def type_serializer_class(job_type: JobType) -> type[serializers.Serializer[Any]
     if model not in _derived:
         meta = type("Meta", (), {"model": model, "fields": own_field_names(model)})
         _derived[model] = type(
-            f"{model.__name__}FieldsSerializer", (serializers.ModelSerializer,), {"Meta": meta}
+            f"{model.__name__}FieldsSerializer",
+            (serializers.ModelSerializer,),
+            {"Meta": meta, "serializer_related_field": RelatedKeyField},
         )
     return _derived[model]
 

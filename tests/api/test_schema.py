@@ -77,7 +77,7 @@ def test_job_responses_and_create_requests_are_one_of_the_types(schema):
     create = schema["paths"]["/api/jobs/"]["post"]
     body = create["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/JobCreate"}
-    assert set(create["responses"]) == {"201", "400", "401", "403", "429"}
+    assert set(create["responses"]) == {"201", "400", "401", "403", "406", "415", "429"}
     detail = schema["paths"]["/api/jobs/{id}/"]["get"]["responses"]["200"]
     assert detail["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Job"}
     filters = {p["name"]: p for p in schema["paths"]["/api/jobs/"]["get"]["parameters"]}
@@ -274,7 +274,7 @@ def test_the_cancel_operation_lists_the_answers_it_gives(schema):
     # A cancel while the progress store is down is recorded in the database and answered 200:
     # the 503 the schema listed for it was never sent.
     responses = schema["paths"]["/api/jobs/{id}/cancel/"]["post"]["responses"]
-    assert set(responses) == {"200", "401", "403", "404"}
+    assert set(responses) == {"200", "401", "403", "404", "406"}
 
 
 def test_the_post_operations_say_their_403_may_be_a_missing_csrf_token(schema, session_api):
@@ -287,3 +287,50 @@ def test_the_post_operations_say_their_403_may_be_a_missing_csrf_token(schema, s
     for path in ("/api/jobs/", "/api/jobs/{id}/cancel/"):
         assert "CSRF token" in schema["paths"][path]["post"]["responses"]["403"]["description"]
     assert "CSRF" not in schema["paths"]["/api/jobs/"]["get"]["responses"]["403"]["description"]
+
+
+def test_the_operations_list_the_406_and_415_they_answer(schema, api, user, hold):
+    job = create(user, steps=1)
+    paths = schema["paths"]
+    refusals = {
+        ("get", "/api/jobs/"): api.get("/api/jobs/", HTTP_ACCEPT="text/csv"),
+        ("post", "/api/jobs/"): api.post(
+            "/api/jobs/", {"type": "scripted"}, format="json", HTTP_ACCEPT="text/csv"
+        ),
+        ("get", "/api/jobs/{id}/"): api.get(f"/api/jobs/{job.pk}/", HTTP_ACCEPT="text/csv"),
+        ("post", "/api/jobs/{id}/cancel/"): api.post(
+            f"/api/jobs/{job.pk}/cancel/", HTTP_ACCEPT="text/csv"
+        ),
+    }
+    # They were sent, and the schema listed neither.
+    for (method, path), response in refusals.items():
+        assert response.status_code == 406, (method, path)
+        assert "Accept" in response.json()["detail"]
+        assert "406" in paths[path][method]["responses"], (method, path)
+    response = api.post("/api/jobs/", "type=scripted", content_type="text/plain")
+    assert response.status_code == 415
+    assert "415" in paths["/api/jobs/"]["post"]["responses"]
+    # Cancel reads no body, and the event stream (a plain Django view) no Accept header.
+    response = api.post(f"/api/jobs/{job.pk}/cancel/", "x", content_type="text/plain")
+    assert response.status_code == 200
+    assert "415" not in paths["/api/jobs/{id}/cancel/"]["post"]["responses"]
+    response = api.get(f"/api/jobs/{job.pk}/events/", HTTP_ACCEPT="text/csv")
+    assert response.status_code == 200
+    assert "406" not in paths["/api/jobs/{id}/events/"]["get"]["responses"]
+
+
+def test_a_job_objects_keys_are_all_required_as_every_response_has_them(api, user, linked_by_api):
+    components = api.get(SCHEMA_URL).json()["components"]["schemas"]
+    # Fields with a model default (output_path, the many-to-many markers) were optional.
+    assert {"output_path", "table_id"} <= set(components["ExportTableJob"]["required"])
+    jobs = {
+        "ExportTableJob": create(user, "export_table", table_id=3),
+        "ScriptedJob": create(user, steps=1),
+        "LinkedJob": create(user, "linked"),
+    }
+    for name, job in jobs.items():
+        component = components[name]
+        assert sorted(component["required"]) == sorted(component["properties"]), name
+        assert set(api.get(f"/api/jobs/{job.pk}/").json()) == set(component["properties"]), name
+    # A create body still requires only what the serializer does.
+    assert components["ExportTableJobCreate"]["required"] == ["table_id", "type"]

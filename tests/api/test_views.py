@@ -12,6 +12,7 @@ from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from rest_framework import serializers
 
+from task_ferry.api.serializers import RelatedKeyField
 from task_ferry.handler import JobHandler
 from task_ferry.models import CancelRequest, Job
 from task_ferry.registry import job_type_registry
@@ -547,8 +548,7 @@ def test_create_refuses_many_to_many_keys_of_no_row_naming_the_field(
     for markers, message in [
         ([first, first + 1000], f'Invalid pk "{first + 1000}" - object does not exist.'),
         ([2**70], f'Invalid pk "{2**70}" - object does not exist.'),
-        (["x"], "Incorrect type. Expected pk value, received str."),
-        ([None], 'Invalid pk "None" - object does not exist.'),
+        (["9" * 50], f'Invalid pk "{"9" * 50}" - object does not exist.'),
         (first, 'Expected a list of items but got type "int".'),
         (str(first), 'Expected a list of items but got type "str".'),
     ]:
@@ -557,6 +557,91 @@ def test_create_refuses_many_to_many_keys_of_no_row_naming_the_field(
     response = post_form(api, {"type": "linked", "markers": [first, first + 1000]}, "urlencoded")
     assert response.json() == {"markers": [f'Invalid pk "{first + 1000}" - object does not exist.']}
     assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "markers, message",
+    [
+        # Django's int() made each of these a key: 1.0 and 1.5 linked row 1.
+        ([1.0], "Incorrect type. Expected an integer key, received float 1.0."),
+        ([1.5], "Incorrect type. Expected an integer key, received float 1.5."),
+        ([True], "Incorrect type. Expected an integer key, received bool true."),
+        (["1_0"], 'Incorrect type. Expected an integer key, received str "1_0".'),
+        (["1.0"], 'Incorrect type. Expected an integer key, received str "1.0".'),
+        (["x"], 'Incorrect type. Expected an integer key, received str "x".'),
+        ([[1]], "Incorrect type. Expected an integer key, received list."),
+        # It was 'Invalid pk "None" - object does not exist.'
+        ([None], "The list may not contain null: send only keys of rows."),
+    ],
+)
+def test_create_refuses_many_to_many_items_that_are_no_integer_key_saying_why(
+    api, user, hold, linked_by_api, markers, message
+):
+    # A row of each key Django would have made of them, the first one before them.
+    first, *_ = marker_pks(*"abcdefghij")
+    response = api.post(URL, {"type": "linked", "markers": [first, *markers]}, format="json")
+    assert (response.status_code, response.json()) == (400, {"markers": [message]})
+    assert not Job.objects.exists()
+
+
+def test_create_refuses_a_foreign_key_that_is_no_integer_key(api, user, hold, linked_by_api):
+    (first,) = marker_pks("first")
+    response = api.post(URL, {"type": "linked", "marker": float(first)}, format="json")
+    assert (response.status_code, response.json()) == (
+        400,
+        {"marker": [f"Incorrect type. Expected an integer key, received float {first}.0."]},
+    )
+    response = api.post(URL, {"type": "linked", "marker": str(first)}, format="json")
+    assert (response.status_code, response.json()["marker"]) == (201, first)
+
+
+@pytest.mark.parametrize("form", ["json", "multipart", "urlencoded"])
+def test_create_takes_many_to_many_keys_as_strings_of_digits(api, user, hold, linked_by_api, form):
+    first, second = marker_pks("first", "second")
+    body = {"type": "linked", "markers": [str(first), f" {second} "]}
+    response = post_form(api, body, form)
+    assert response.status_code == 201, response.json()
+    assert linked_pks(response.json()["id"], "markers") == [first, second]
+
+
+def marker_reads(queries):
+    """The queries that read markers by their keys."""
+    table = Marker._meta.db_table
+    plain = [q["sql"].replace('"', "").replace("`", "") for q in queries]
+    return [sql for sql in plain if f"FROM {table} WHERE {table}.id" in sql]
+
+
+def test_create_reads_a_many_to_many_list_in_one_query(api, user, hold, linked_by_api):
+    keys = marker_pks(*"abcdefgh")
+
+    def post(markers):
+        with CaptureQueriesContext(connection) as queries:
+            response = api.post(URL, {"type": "linked", "markers": markers}, format="json")
+        return response, marker_reads(queries)
+
+    # The serializer's read of the rows, and the handler's check that they exist before it
+    # links them (on MySQL a link to no row is dropped without a word). The serializer read
+    # each key on its own: nine queries here.
+    response, reads = post(keys)
+    assert response.status_code == 201, response.json()
+    assert linked_pks(response.json()["id"], "markers") == keys
+    assert len(reads) == 2, reads
+    response, reads = post([*keys, keys[0]])
+    assert response.status_code == 201, response.json()
+    assert len(reads) == 2, reads
+    # The first missing key in the list's order, as when each was read on its own.
+    response, reads = post([*keys, keys[-1] + 7, keys[-1] + 5])
+    assert response.json() == {"markers": [f'Invalid pk "{keys[-1] + 7}" - object does not exist.']}
+    assert len(reads) == 1
+    response, reads = post([keys[-1] + 5, 1.5])
+    assert response.json() == {"markers": [f'Invalid pk "{keys[-1] + 5}" - object does not exist.']}
+    response, reads = post([keys[0], 1.5, keys[-1] + 5])
+    assert response.json() == {
+        "markers": ["Incorrect type. Expected an integer key, received float 1.5."]
+    }
+    response, reads = post([2**70, -(2**70)])
+    assert response.json() == {"markers": [f'Invalid pk "{2**70}" - object does not exist.']}
+    assert reads == []
 
 
 def test_a_many_to_many_field_through_a_model_of_the_projects_is_shown_read_only(
@@ -583,7 +668,7 @@ def test_a_many_to_many_field_through_a_model_of_the_projects_is_shown_read_only
     assert linked_pks(response.json()["id"], "tags") == [tag]
 
 
-class OwnMarkersField(serializers.PrimaryKeyRelatedField):
+class OwnMarkersField(RelatedKeyField):
     """docs/api.md's field that offers the caller's rows only (here: markers named after them)."""
 
     def get_queryset(self):
@@ -607,6 +692,10 @@ def test_a_types_serializer_may_offer_only_the_callers_rows(
     monkeypatch.setattr(LinkedByApiJobType, "serializer_class", OwnMarkersSerializer)
     response = api.post(URL, {"type": "linked", "markers": [mine, theirs]}, format="json")
     assert response.json() == {"markers": [f'Invalid pk "{theirs}" - object does not exist.']}
+    response = api.post(URL, {"type": "linked", "markers": [mine, 1.0]}, format="json")
+    assert response.json() == {
+        "markers": ["Incorrect type. Expected an integer key, received float 1.0."]
+    }
     response = api.post(URL, {"type": "linked", "markers": [mine]}, format="json")
     assert (response.status_code, response.json()["markers"]) == (201, [mine])
     assert api.get(URL).json()["results"][0]["markers"] == [mine]
