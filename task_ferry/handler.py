@@ -2,36 +2,25 @@
 
 Views, the admin, management commands and executors call ``JobHandler``; none of them writes
 job rows on its own. State changes are compare-and-set ``UPDATE``s, so each job reaches
-exactly one ended state and its ending hook runs once, whoever races for it. Checking a new
-job's values and saving it is ``task_ferry.creation``'s part; ``task_ferry.runner`` runs one.
+exactly one ended state and its ending hook runs once, whoever races for it. Its larger
+parts have modules of their own, which it calls: ``task_ferry.creation`` checks a new job's
+values and saves it, ``task_ferry.runner`` runs one, ``task_ferry.cleanup`` deletes old jobs
+and ``task_ferry.sweep`` fails those whose worker is gone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import dataclasses
 import datetime
 import functools
-import hashlib
 import logging
 import threading
-import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, overload
 
-from django.contrib.contenttypes.models import ContentType
-from django.db import DatabaseError, IntegrityError, router, transaction
-from django.db.models import Exists, Model, OuterRef, Q
-from django.db.models.deletion import (
-    CASCADE,
-    PROTECT,
-    RESTRICT,
-    Collector,
-    ProtectedError,
-    RestrictedError,
-)
+from django.db import IntegrityError, transaction
+from django.db.models import Model
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
@@ -42,16 +31,13 @@ from task_ferry.exceptions import (
     InvalidJobId,
     InvalidJobValues,
     JobDoesNotExist,
-    JobLost,
     ProgressStoreUnavailable,
     SnapshotsNotForgotten,
     TaskFerryError,
 )
 from task_ferry.models import (
     ENDED_STATES,
-    LIVE_STATES,
     CancelRequest,
-    Heartbeat,
     Job,
     JobQuerySet,
     JobState,
@@ -62,20 +48,15 @@ from task_ferry.registry import JobModelT, JobType, job_type_registry
 from task_ferry.snapshot import (
     cancel_token,
     job_snapshot,
-    snapshot_of,
     truncate_error,
-    truncate_state,
 )
 from task_ferry.stores.base import get_store
-from task_ferry.transactions import call_on_commit, lock_for_writing, pending_call
+from task_ferry.transactions import call_on_commit, pending_call
 
 logger = logging.getLogger("task_ferry")
 
 __all__ = ["JobHandler"]
 
-CLEANUP_BATCH_SIZE = 500
-# How long a cleanup batch's transaction (PostgreSQL) goes on calling before_delete hooks.
-CLEANUP_TRANSACTION_SECONDS = 5.0
 ERROR_FIELDS = frozenset({"error", "human_readable_error"})
 
 
@@ -300,7 +281,7 @@ class StoreRound:
 
 
 # The round of the cleanup running in this context, for the post_delete receiver's calls.
-_cleanup_round: contextvars.ContextVar[StoreRound | None] = contextvars.ContextVar(
+cleanup_round: contextvars.ContextVar[StoreRound | None] = contextvars.ContextVar(
     "task_ferry_cleanup_round", default=None
 )
 
@@ -308,114 +289,8 @@ _cleanup_round: contextvars.ContextVar[StoreRound | None] = contextvars.ContextV
 def forget_snapshots(job_ids: Collection[int]) -> None:
     """Have the store forget these jobs' snapshots; an unreachable store only logs. During a
     ``cleanup_old_jobs`` run, through its round."""
-    cleanup = _cleanup_round.get()
+    cleanup = cleanup_round.get()
     (StoreRound() if cleanup is None else cleanup).forget(job_ids)
-
-
-class RunLock:
-    """The database-wide lock that lets one maintenance run at a time (``cleanup_old_jobs``)
-    work through its batches: ``with run_lock(name) as lock:`` around the run, and
-    ``with lock.batch() as alone:`` around each batch, which it may do if ``alone``.
-
-    On PostgreSQL each batch is a transaction that takes a transaction-level advisory lock.
-    A session-level one would be taken and released by two statements, which a pooler in
-    transaction mode (PgBouncer's usual setting in front of Django) may send to two server
-    connections: the release would then miss, and the lock stay with a pooled connection that
-    lets later runs through, or turns them away, at random. So a run that starts between two
-    batches of another takes over, and the other stops at its next batch; each batch is still
-    loaded, handed to the hooks and deleted by one run only. On MySQL and MariaDB, which have no
-    transaction-level lock, ``GET_LOCK()`` held for the whole run; on SQLite, with one writer
-    anyway, no lock."""
-
-    def __init__(self, name: str, using: str) -> None:
-        self.name = name
-        self.using = using
-        self.connection = transaction.get_connection(using)
-        #: Whether each batch is a transaction (else each of its statements commits alone).
-        self.batches_are_transactions = self.connection.vendor == "postgresql"
-        #: The run's GET_LOCK() on MySQL and MariaDB: None until asked for, then whether held.
-        self.held: bool | None = None
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[bool]:
-        if not self.batches_are_transactions:
-            yield self._held_for_the_run()
-            return
-        with transaction.atomic(using=self.using):
-            with self.connection.cursor() as cursor:
-                cursor.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", [self.name])
-                alone = bool(cursor.fetchone()[0])
-            yield alone
-
-    def _held_for_the_run(self) -> bool:
-        if self.held is None:
-            if self.connection.vendor == "mysql":
-                with self.connection.cursor() as cursor:
-                    cursor.execute("SELECT GET_LOCK(%s, 0)", [self._mysql_name()])
-                    self.held = bool(cursor.fetchone()[0])
-            else:
-                self.held = True
-        return self.held
-
-    def release(self) -> None:
-        """Release the run's GET_LOCK(), if it took one; a broken connection took it along."""
-        if self.held and self.connection.vendor == "mysql":
-            with contextlib.suppress(DatabaseError), self.connection.cursor() as cursor:
-                cursor.execute("SELECT RELEASE_LOCK(%s)", [self._mysql_name()])
-        self.held = None
-
-    def _mysql_name(self) -> str:
-        # Its locks are server-wide: one per database.
-        length = (
-            MARIADB_LOCK_NAME_LENGTH
-            if self.connection.display_name == "MariaDB"
-            else MYSQL_LOCK_NAME_LENGTH
-        )
-        return mysql_lock_name(self.name, self.connection.settings_dict["NAME"], length)
-
-
-@contextlib.contextmanager
-def run_lock(name: str) -> Iterator[RunLock]:
-    """The ``RunLock`` named ``name`` on the jobs' database, released when the block ends."""
-    lock = RunLock(name, jobs_database())
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
-# The longest GET_LOCK() names MySQL 8 and MariaDB take.
-MYSQL_LOCK_NAME_LENGTH = 64
-MARIADB_LOCK_NAME_LENGTH = 192
-
-
-def mysql_lock_name(name: str, database: str, length: int = MYSQL_LOCK_NAME_LENGTH) -> str:
-    """``name:database``, or, where that is longer than ``length``, ``name:`` and as much of a
-    digest of the database's name as fits."""
-    full = f"{name}:{database}"
-    if len(full) <= length:
-        return full
-    digest = hashlib.sha256(database.encode()).hexdigest()
-    return f"{name}:{digest}"[:length]
-
-
-def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
-    """The progress a running job last published (``snapshot``, read from the store), as the
-    fields of its row (the row keeps what the job had when it started until it ends); empty if
-    the snapshot is not this job's live one."""
-    if (
-        not snapshot
-        or snapshot.get("state") != JobState.STARTED
-        or snapshot_of(job, snapshot) is None
-    ):
-        return {}
-    percentage, label = snapshot.get("progress_percentage"), snapshot.get("progress_state")
-    fields: dict[str, Any] = {}
-    if isinstance(percentage, int) and not isinstance(percentage, bool) and 0 <= percentage <= 100:
-        fields["progress_percentage"] = percentage
-    if isinstance(label, str):
-        fields["progress_state"] = truncate_state(label)
-    return fields
 
 
 def own_row_missing(job: Job, job_type: JobType) -> str | None:
@@ -719,182 +594,21 @@ class JobHandler:
 
     @classmethod
     def cleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
-        """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` in batches, calling each type's
-        ``before_delete`` once per job. Returns how many jobs were deleted."""
-        cutoff = cls.expiry_cutoff(older_than)
-        cleanup = StoreRound()
-        token = _cleanup_round.set(cleanup)
-        try:
-            return cls._cleanup_in_batches(cutoff)
-        finally:
-            _cleanup_round.reset(token)
-            if cleanup.skipped:
-                logger.warning(
-                    "cleanup_old_jobs: the progress store was not called again after it failed; "
-                    "snapshots of %d more deleted jobs not forgotten (they expire on their own).",
-                    cleanup.skipped,
-                )
+        """Delete ended jobs older than ``JOB_EXPIRY_DAYS`` (or ``older_than``) in batches,
+        calling each type's ``before_delete`` once per job; see ``task_ferry.cleanup``. Returns
+        how many jobs were deleted."""
+        from task_ferry.cleanup import delete_expired
 
-    @classmethod
-    def _cleanup_in_batches(cls, cutoff: datetime.datetime) -> int:
-        deleted = 0
-        last_id = 0
-        with run_lock("task_ferry.cleanup_old_jobs") as lock:
-            while True:
-                # Counted from before the transaction begins, so that no hook but its first
-                # starts later into it than CLEANUP_TRANSACTION_SECONDS (see _call_before_delete).
-                deadline = (
-                    time.monotonic() + CLEANUP_TRANSACTION_SECONDS
-                    if lock.batches_are_transactions
-                    else None
-                )
-                with lock.batch() as alone:
-                    if not alone:
-                        # Both would call before_delete for the same jobs (cron and beat, say).
-                        if last_id == 0:
-                            logger.warning(
-                                "cleanup_old_jobs: another cleanup is running; this one stops."
-                            )
-                            return 0
-                        logger.info(
-                            "cleanup_old_jobs: another cleanup took over after %d jobs.", deleted
-                        )
-                        return deleted
-                    batch = list(
-                        Job.objects.using(lock.using)
-                        .expired(cutoff)
-                        .filter(pk__gt=last_id)
-                        .order_by("pk")
-                        .values_list("pk", "type", "content_type_id")[:CLEANUP_BATCH_SIZE]
-                    )
-                    if not batch:
-                        break
-                    batch_deleted, last_id = cls._delete_batch(batch, cutoff, deadline)
-                    deleted += batch_deleted
-            # Rows a worker wrote for a job in the moment it was deleted (no foreign-key
-            # constraint stops them): nothing else would remove them.
-            job_gone = ~Exists(Job.objects.filter(pk=OuterRef("job_id")))
-            Heartbeat.objects.filter(job_gone).delete()
-            CancelRequest.objects.filter(job_gone).delete()
-        return deleted
+        return delete_expired(cls.expiry_cutoff(older_than))
 
     @staticmethod
-    def _delete_batch(
-        batch: list[tuple[int, str, int]], cutoff: datetime.datetime, deadline: float | None
-    ) -> tuple[int, int]:
-        """Call the ``before_delete`` hooks of ``batch``'s jobs and delete them. Returns how many
-        jobs were deleted and the id of the last job handled: past ``deadline`` (a
-        ``time.monotonic()``), the jobs after the last one hooked are left to the next batch."""
-        by_model: dict[tuple[str, int], list[int]] = {}
-        for pk, type_name, content_type_id in batch:
-            by_model.setdefault((type_name, content_type_id), []).append(pk)
-        groups: list[ExpiredOfType] = []
-        hooked: list[tuple[int, Model, JobType[Any]]] = []
-        for (type_name, content_type_id), ids in by_model.items():
-            model = ContentType.objects.get_for_id(content_type_id).model_class() or Job
-            # Loaded through the job's own model, so deleting them needs no query per parent row;
-            # the filter re-checks that each job is still expired. Read where jobs are written
-            # (in the batch's transaction, on PostgreSQL): a replica may still show jobs another
-            # cleanup has deleted, whose before_delete would then run twice.
-            jobs = list(
-                model._base_manager.using(jobs_database()).filter(
-                    pk__in=ids, state__in=ENDED_STATES, finished_at__lt=cutoff
-                )
-            )
-            kept: list[tuple[int, str]] = []
-            # Before _deletable() leaves out the protected ones, which have their model's row.
-            loaded = {job.pk for job in jobs}
-            jobs = _deletable(model, jobs, kept=kept)
-            job_type = job_type_registry.get(type_name) if type_name in job_type_registry else None
-            # A type without the hook costs no savepoint and no look at the clock.
-            if job_type is not None and type(job_type).before_delete is not JobType.before_delete:
-                hooked.extend((job.pk, job, job_type) for job in jobs)
-            groups.append(
-                ExpiredOfType(
-                    type_name=type_name,
-                    model=model,
-                    registered=job_type is not None,
-                    ids=ids,
-                    loaded=loaded,
-                    jobs=jobs,
-                    kept=kept,
-                )
-            )
-        cut_after = _call_before_delete(hooked, deadline)
-        last_id = batch[-1][0] if cut_after is None else cut_after
-        deleted = 0
-        for group in groups:
-            for pk, reason in group.kept:
-                if pk <= last_id:
-                    logger.warning("cleanup_old_jobs: job %s is kept: %s", pk, reason)
-            jobs = [job for job in group.jobs if job.pk <= last_id]
-            if not group.registered and jobs:
-                # Once per batch: a removed type may leave thousands.
-                logger.warning(
-                    "cleanup_old_jobs: no job type %r to run before_delete of; deleting %d of "
-                    "its expired jobs without it.",
-                    group.type_name,
-                    len(jobs),
-                )
-            deleted += _delete_jobs(group.model, jobs)
-            missing = [pk for pk in group.ids if pk <= last_id and pk not in group.loaded]
-            if group.model is not Job and missing:
-                # Jobs whose row of the model is missing, which loading through it cannot find:
-                # left, they would never be deleted. Their before_delete cannot run.
-                orphans = list(
-                    Job._base_manager.using(jobs_database()).filter(
-                        pk__in=missing, state__in=ENDED_STATES, finished_at__lt=cutoff
-                    )
-                )
-                for job in orphans:
-                    logger.warning(
-                        "Job %s: no row in %s's table; deleting the job without its "
-                        "before_delete hook.",
-                        job.pk,
-                        group.model.__name__,
-                    )
-                deleted += _delete_jobs(Job, orphans)
-        return deleted, last_id
-
-    @classmethod
-    def sweep_stale_jobs(cls) -> int:
+    def sweep_stale_jobs() -> int:
         """Fail started jobs whose heartbeat lapsed (their worker is gone) and pending jobs no
-        worker took within ``PENDING_TIMEOUT``. Safe to run from several places at once.
+        worker took within ``PENDING_TIMEOUT``; see ``task_ferry.sweep``. Safe to run from
+        several places at once. Returns how many jobs were failed."""
+        from task_ferry.sweep import sweep_stale_jobs
 
-        Returns how many jobs were failed."""
-        timeout = ferry_settings.HEARTBEAT_TIMEOUT
-        cutoff = moment_ago(datetime.timedelta(seconds=timeout))
-        # A job beats within HEARTBEAT_INTERVAL of its start; one with no beat yet that started
-        # before the cutoff died early (short jobs never need to beat).
-        lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
-            ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
-        )
-        store = StoreRound(
-            lost_warning="Sweep: progress store unavailable, no more snapshots read or published "
-            "this round; a later round publishes those of the jobs it fails: %s"
-        )
-        failed = cls._fail_each(
-            Job.objects.running().filter(lapsed),
-            JobState.STARTED,
-            f"The worker running this job stopped responding for over {timeout:g} seconds "
-            f"(worker lost). Start the job again.",
-            store,
-        )
-        pending_timeout = ferry_settings.PENDING_TIMEOUT
-        if pending_timeout is not None:
-            failed += cls._fail_each(
-                Job.objects.pending().filter(
-                    created_at__lt=moment_ago(datetime.timedelta(seconds=pending_timeout))
-                ),
-                JobState.PENDING,
-                f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
-                f"workers are running and consume this job's queue, then start it again.",
-                store,
-            )
-        cls._republish_ended(
-            moment_ago(datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)), store
-        )
-        return failed
+        return sweep_stale_jobs()
 
     @classmethod
     def fail_undispatched(
@@ -924,62 +638,6 @@ class JobHandler:
         # As stored: the executor's error may be longer than a row keeps, or have a NUL.
         cls._after_lost(job, DispatchError(job.error))
         return True
-
-    @staticmethod
-    def _republish_ended(since: datetime.datetime, store: StoreRound) -> None:
-        """Rewrite snapshots that still show a job as live after it ended: its final publish
-        failed while the store was unreachable (or the sweep round that failed it had found the
-        store so), and pollers would wait until the key expired."""
-        ended = Job.objects.ended().filter(finished_at__gte=since).order_by("pk")
-        last_id = 0
-        while not store.unavailable:
-            ids = list(
-                ended.filter(pk__gt=last_id).values_list("pk", flat=True)[:CLEANUP_BATCH_SIZE]
-            )
-            if not ids:
-                return
-            last_id = ids[-1]
-            snapshots = store.read_many(ids)
-            stale = [
-                pk for pk, snapshot in snapshots.items() if snapshot.get("state") in LIVE_STATES
-            ]
-            for job in Job.objects.filter(pk__in=stale):
-                logger.info("Job %s: republishing its final state to the progress store.", job.pk)
-                store.publish(job)
-
-    @classmethod
-    def _fail_each(
-        cls,
-        candidates: JobQuerySet[Job],
-        from_state: JobState,
-        message: str,
-        store: StoreRound,
-    ) -> int:
-        failed = 0
-        ids = list(candidates.order_by("pk").values_list("pk", flat=True))
-        for start in range(0, len(ids), CLEANUP_BATCH_SIZE):
-            batch = ids[start : start + CLEANUP_BATCH_SIZE]
-            # Read before any row is locked: a store that hangs would hold each lock for its
-            # timeout. Matched to each job by created_at once its row is locked.
-            published = store.read_many(batch) if from_state == JobState.STARTED else {}
-            for pk in batch:
-                with transaction.atomic(using=jobs_database()):
-                    lock_for_writing(jobs_database())
-                    # A row locked by a live transaction (a frozen worker's) is retried next
-                    # sweep rather than blocking this one.
-                    job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
-                    if job is None or not transition(
-                        job,
-                        JobState.FAILED,
-                        from_states=[from_state],
-                        error=message,
-                        human_readable_error=message,
-                        **last_progress(job, published.get(pk)),
-                    ):
-                        continue
-                cls._after_lost(job, JobLost(message), publish_final=store.publish)
-                failed += 1
-        return failed
 
     @staticmethod
     def _after_lost(
@@ -1019,143 +677,3 @@ class JobHandler:
         if not isinstance(job_type_name, str):
             job_type_name = None  # Only a hint; a forged one must not stop the job.
         return JobRun(job_id, heartbeat=heartbeat, job_type_name=job_type_name).execute()
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ExpiredOfType:
-    """The jobs of one type in a cleanup batch."""
-
-    type_name: str
-    #: The type's own model, through which its jobs are loaded and deleted.
-    model: type[Model]
-    #: Whether the type is in the registry (its jobs are deleted without a hook if not).
-    registered: bool
-    #: The batch's ids of the type's jobs.
-    ids: list[int]
-    #: The ids of those loaded through ``model``: the others have no row of it.
-    loaded: set[int]
-    #: Those loaded that no protecting foreign key keeps.
-    jobs: list[Model]
-    #: The ids of those kept, with the reason, to be logged.
-    kept: list[tuple[int, str]]
-
-
-def _call_before_delete(
-    hooked: list[tuple[int, Model, JobType[Any]]], deadline: float | None
-) -> int | None:
-    """Call each job's ``before_delete``, in id order, each in a savepoint of its own inside the
-    batch's transaction (PostgreSQL): a query of one that fails cannot abort the batch. Once a
-    hook returns past ``deadline``, the others are not called: returns the id of the last job
-    hooked then, else None.
-
-    Hooks are often slow (files removed from S3: 50 to 500 ms each), and a transaction open for
-    500 of them (minutes) holds the batch's row locks and a pooled connection, and holds back
-    PostgreSQL's xmin horizon, so vacuum cleans no dead row anywhere in the database
-    meanwhile. Past the deadline the batch deletes the jobs hooked so far and commits, and the
-    next batch starts after the last of them: a transaction lasts about the deadline and one
-    hook more, and calls at least one hook, so the cleanup goes on however slow hooks are. The
-    hooks stay inside the transaction, and a job's hook and delete in the same one, because
-    the advisory lock that keeps two cleanups off the same jobs lasts as long as it (a
-    session-level lock goes astray behind a pooler in transaction mode, see ``RunLock``) and
-    because what a hook writes is meant to commit with the delete. Hooks in id order make the
-    jobs handled a prefix of the batch, so "after the last of them" misses none."""
-    in_batch = transaction.get_connection(jobs_database()).in_atomic_block
-    hooked.sort(key=lambda entry: entry[0])
-    for index, (pk, job, job_type) in enumerate(hooked):
-        try:
-            with (
-                transaction.atomic(using=jobs_database()) if in_batch else contextlib.nullcontext()
-            ):
-                job_type.before_delete(job)
-        except Exception:
-            logger.exception(
-                "Job %s: before_delete hook of %r raised; deleting anyway", job.pk, job_type
-            )
-        if deadline is not None and index + 1 < len(hooked) and time.monotonic() >= deadline:
-            return pk
-    return None
-
-
-def _delete_jobs(model: type[Model], jobs: Sequence[Model]) -> int:
-    """Delete ``jobs``, loaded through ``model``; how many ``Job`` rows went. Its post_delete
-    receiver forgets their snapshots once the delete commits."""
-    if not jobs:
-        return 0
-    collector = Collector(using=router.db_for_write(model))
-    try:
-        collector.collect(jobs)
-    except (ProtectedError, RestrictedError):
-        # Protected since _deletable() looked (by a before_delete hook, say).
-        jobs = _deletable(model, jobs, known_protected=True)
-        if not jobs:
-            return 0
-        collector = Collector(using=router.db_for_write(model))
-        collector.collect(jobs)
-    _, per_model = collector.delete()
-    return per_model.get(Job._meta.label, 0)
-
-
-def _deletable(
-    model: type[Model],
-    jobs: Sequence[Model],
-    *,
-    known_protected: bool = False,
-    kept: list[tuple[int, str]] | None = None,
-) -> list[Model]:
-    """Those of ``jobs`` that no row keeps from being deleted. A foreign key to a job, or to its
-    model, with ``on_delete=PROTECT`` or ``RESTRICT`` keeps the job: it is logged (or, with
-    ``kept``, added to it with the reason, for the caller to log) and left, so that it stops
-    neither the rest of the clean-up nor later ones, and its ``before_delete`` is not called.
-    Costs nothing where no such foreign key exists."""
-    if not jobs or not (known_protected or _may_be_protected(model)):
-        return list(jobs)
-    using = router.db_for_write(model)
-    if not known_protected:
-        try:
-            Collector(using=using).collect(jobs)
-            return list(jobs)
-        except (ProtectedError, RestrictedError):
-            pass
-    deletable = []
-    for job in jobs:
-        try:
-            Collector(using=using).collect([job])
-        except (ProtectedError, RestrictedError) as exc:
-            if kept is None:
-                logger.warning("cleanup_old_jobs: job %s is kept: %s", job.pk, exc.args[0])
-            else:
-                kept.append((job.pk, exc.args[0]))
-        else:
-            deletable.append(job)
-    return deletable
-
-
-@functools.cache
-def _may_be_protected(model: type[Model]) -> bool:
-    """Whether a foreign key with ``on_delete=PROTECT`` or ``RESTRICT`` points at ``model``, one
-    of its parents (``Job``), or a model whose rows deleting ``model``'s cascades to."""
-    return _protection_reaches(model, frozenset())
-
-
-def _protection_reaches(model: type[Model], seen: frozenset[type[Model]]) -> bool:
-    for relation in model._meta.get_fields(include_hidden=True):
-        if not (
-            relation.auto_created
-            and not relation.concrete
-            and (relation.one_to_many or relation.one_to_one)
-        ):
-            continue
-        on_delete = getattr(relation, "on_delete", None)
-        if on_delete in (PROTECT, RESTRICT):
-            return True
-        related = relation.related_model
-        # A child model's rows (parent links) belong to jobs of other types.
-        if (
-            on_delete is CASCADE
-            and not getattr(relation, "parent_link", False)
-            and isinstance(related, type)
-            and related not in seen
-            and _protection_reaches(related, seen | {model})
-        ):
-            return True
-    return False

@@ -17,14 +17,9 @@ from django.db.models.signals import post_delete
 from django.test import TestCase
 from django.test.utils import CaptureQueriesContext
 
-from task_ferry import handler
-from task_ferry.handler import (
-    CLEANUP_BATCH_SIZE,
-    MYSQL_LOCK_NAME_LENGTH,
-    JobHandler,
-    mysql_lock_name,
-    publish,
-)
+from task_ferry import cleanup
+from task_ferry.cleanup import CLEANUP_BATCH_SIZE, MYSQL_LOCK_NAME_LENGTH, mysql_lock_name
+from task_ferry.handler import JobHandler, publish
 from task_ferry.models import CancelRequest, Heartbeat, Job, JobState
 from task_ferry.registry import job_type_registry
 from task_ferry.stores.base import get_store
@@ -350,9 +345,7 @@ def slow_hooks(monkeypatch):
         if isinstance(instance, Job):
             deletes.setdefault(instance.pk, set()).add(transaction_and_seconds_into_it()[0])
 
-    # Not raising: the budget is new, and the test must fail on the code without it by its
-    # transactions, not by this.
-    monkeypatch.setattr(handler, "CLEANUP_TRANSACTION_SECONDS", BUDGET, raising=False)
+    monkeypatch.setattr(cleanup, "CLEANUP_TRANSACTION_SECONDS", BUDGET)
     monkeypatch.setattr(type(job_type_registry.get("limited")), "before_delete", before_delete)
     post_delete.connect(deleted, weak=False, dispatch_uid="slow_hooks")
     try:

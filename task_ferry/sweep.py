@@ -1,0 +1,138 @@
+"""The stale-job sweep (``JobHandler.sweep_stale_jobs()``): started jobs whose worker
+stopped beating, and pending jobs no worker took within ``PENDING_TIMEOUT``, failed with their
+``on_error`` hooks run; final snapshots that a store outage kept from being written, written
+again. Safe to run from several places at once: every state change is a compare-and-set.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
+
+from task_ferry.conf import ferry_settings
+from task_ferry.exceptions import JobLost
+from task_ferry.handler import JobHandler, StoreRound, moment_ago, transition
+from task_ferry.models import LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState, jobs_database
+from task_ferry.snapshot import snapshot_of, truncate_state
+from task_ferry.transactions import lock_for_writing
+
+__all__ = ["sweep_stale_jobs"]
+
+logger = logging.getLogger("task_ferry")
+
+# Jobs failed, and snapshots read, per batch.
+SWEEP_BATCH_SIZE = 500
+
+
+def sweep_stale_jobs() -> int:
+    """Fail started jobs whose heartbeat lapsed (their worker is gone) and pending jobs no
+    worker took within ``PENDING_TIMEOUT``. Safe to run from several places at once.
+
+    Returns how many jobs were failed."""
+    timeout = ferry_settings.HEARTBEAT_TIMEOUT
+    cutoff = moment_ago(datetime.timedelta(seconds=timeout))
+    # A job beats within HEARTBEAT_INTERVAL of its start; one with no beat yet that started
+    # before the cutoff died early (short jobs never need to beat).
+    lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
+        ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
+    )
+    store = StoreRound(
+        lost_warning="Sweep: progress store unavailable, no more snapshots read or published "
+        "this round; a later round publishes those of the jobs it fails: %s"
+    )
+    failed = _fail_each(
+        Job.objects.running().filter(lapsed),
+        JobState.STARTED,
+        f"The worker running this job stopped responding for over {timeout:g} seconds "
+        f"(worker lost). Start the job again.",
+        store,
+    )
+    pending_timeout = ferry_settings.PENDING_TIMEOUT
+    if pending_timeout is not None:
+        failed += _fail_each(
+            Job.objects.pending().filter(
+                created_at__lt=moment_ago(datetime.timedelta(seconds=pending_timeout))
+            ),
+            JobState.PENDING,
+            f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
+            f"workers are running and consume this job's queue, then start it again.",
+            store,
+        )
+    _republish_ended(
+        moment_ago(datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)), store
+    )
+    return failed
+
+
+def _republish_ended(since: datetime.datetime, store: StoreRound) -> None:
+    """Rewrite snapshots that still show a job as live after it ended: its final publish
+    failed while the store was unreachable (or the sweep round that failed it had found the
+    store so), and pollers would wait until the key expired."""
+    ended = Job.objects.ended().filter(finished_at__gte=since).order_by("pk")
+    last_id = 0
+    while not store.unavailable:
+        ids = list(ended.filter(pk__gt=last_id).values_list("pk", flat=True)[:SWEEP_BATCH_SIZE])
+        if not ids:
+            return
+        last_id = ids[-1]
+        snapshots = store.read_many(ids)
+        stale = [pk for pk, snapshot in snapshots.items() if snapshot.get("state") in LIVE_STATES]
+        for job in Job.objects.filter(pk__in=stale):
+            logger.info("Job %s: republishing its final state to the progress store.", job.pk)
+            store.publish(job)
+
+
+def _fail_each(
+    candidates: JobQuerySet[Job],
+    from_state: JobState,
+    message: str,
+    store: StoreRound,
+) -> int:
+    failed = 0
+    ids = list(candidates.order_by("pk").values_list("pk", flat=True))
+    for start in range(0, len(ids), SWEEP_BATCH_SIZE):
+        batch = ids[start : start + SWEEP_BATCH_SIZE]
+        # Read before any row is locked: a store that hangs would hold each lock for its
+        # timeout. Matched to each job by created_at once its row is locked.
+        published = store.read_many(batch) if from_state == JobState.STARTED else {}
+        for pk in batch:
+            with transaction.atomic(using=jobs_database()):
+                lock_for_writing(jobs_database())
+                # A row locked by a live transaction (a frozen worker's) is retried next
+                # sweep rather than blocking this one.
+                job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
+                if job is None or not transition(
+                    job,
+                    JobState.FAILED,
+                    from_states=[from_state],
+                    error=message,
+                    human_readable_error=message,
+                    **last_progress(job, published.get(pk)),
+                ):
+                    continue
+            JobHandler._after_lost(job, JobLost(message), publish_final=store.publish)
+            failed += 1
+    return failed
+
+
+def last_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
+    """The progress a running job last published (``snapshot``, read from the store), as the
+    fields of its row (the row keeps what the job had when it started until it ends); empty if
+    the snapshot is not this job's live one."""
+    if (
+        not snapshot
+        or snapshot.get("state") != JobState.STARTED
+        or snapshot_of(job, snapshot) is None
+    ):
+        return {}
+    percentage, label = snapshot.get("progress_percentage"), snapshot.get("progress_state")
+    fields: dict[str, Any] = {}
+    if isinstance(percentage, int) and not isinstance(percentage, bool) and 0 <= percentage <= 100:
+        fields["progress_percentage"] = percentage
+    if isinstance(label, str):
+        fields["progress_state"] = truncate_state(label)
+    return fields
