@@ -6,7 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from task_ferry.executors.celery import app_argument, beat_schedule, log_queues_served
+from task_ferry.executors.celery import (
+    CLEANUP_OLD_JOBS_TASK,
+    SWEEP_STALE_JOBS_TASK,
+    app_argument,
+    log_queues_served,
+)
 
 
 def consumer(*queues, beat=None):
@@ -15,6 +20,14 @@ def consumer(*queues, beat=None):
         app=SimpleNamespace(main="proj", conf=conf),
         task_consumer=SimpleNamespace(queues=[SimpleNamespace(name=q) for q in queues]),
     )
+
+
+def maintenance_on(queue):
+    """Beat entries as ``beat_schedule(queue=queue)`` makes them (which needs Celery)."""
+    return {
+        task: {"task": task, "schedule": 60, "options": {"queue": queue}}
+        for task in (CLEANUP_OLD_JOBS_TASK, SWEEP_STALE_JOBS_TASK)
+    }
 
 
 def hint(caplog):
@@ -59,7 +72,7 @@ def test_the_suggested_queues_include_those_of_the_maintenance_tasks(celery_exec
     """Beat entries on a queue of their own: without a worker for it, the stale-job sweep and
     the cleanup never run, and nothing else says so."""
     caplog.set_level(logging.INFO, logger="task_ferry")
-    log_queues_served(consumer("celery", beat=beat_schedule(queue="maintenance")))
+    log_queues_served(consumer("celery", beat=maintenance_on("maintenance")))
     level, message = hint(caplog)
     assert level == logging.WARNING
     assert "task_ferry sends jobs to default, special and its maintenance tasks to maintenance" in (
@@ -70,7 +83,7 @@ def test_the_suggested_queues_include_those_of_the_maintenance_tasks(celery_exec
 
 def test_a_worker_for_every_job_queue_is_told_of_the_maintenance_queue(celery_executor, caplog):
     caplog.set_level(logging.INFO, logger="task_ferry")
-    beat = {"mine": {"task": "proj.report"}, **beat_schedule(queue="maintenance")}
+    beat = {"mine": {"task": "proj.report"}, **maintenance_on("maintenance")}
     log_queues_served(consumer("default", "special", beat=beat))
     assert hint(caplog) == (
         logging.INFO,
@@ -81,7 +94,7 @@ def test_a_worker_for_every_job_queue_is_told_of_the_maintenance_queue(celery_ex
 
 def test_maintenance_tasks_on_a_job_queue_need_no_word_of_their_own(celery_executor, caplog):
     caplog.set_level(logging.INFO, logger="task_ferry")
-    log_queues_served(consumer("default", "special", beat=beat_schedule()))
+    log_queues_served(consumer("default", "special", beat=maintenance_on("default")))
     assert [r for r in caplog.records if r.name == "task_ferry"] == []
 
 
