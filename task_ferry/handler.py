@@ -51,7 +51,7 @@ from task_ferry.snapshot import (
     truncate_error,
 )
 from task_ferry.stores.base import get_store
-from task_ferry.transactions import call_on_commit, pending_call
+from task_ferry.transactions import after_commit, call_on_commit, pending_call
 
 logger = logging.getLogger("task_ferry")
 
@@ -157,14 +157,6 @@ def publish(job: Job) -> None:
         logger.warning(
             "Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc
         )
-
-
-def after_commit(callback: Callable[[], None]) -> None:
-    """Call ``callback`` once the transaction open where jobs are written commits (at once in
-    autocommit mode), and never if it rolls back: the store, a hook or a receiver must not
-    announce a state change that a rollback undoes. Robust, so that a callback of ours that
-    raises is logged and never stops the caller's own callbacks (an executor's dispatch)."""
-    transaction.on_commit(callback, using=jobs_database(), robust=True)
 
 
 def publish_as_stored(job: Job) -> bool:
@@ -321,6 +313,46 @@ def type_with_hooks_for(job: Job, hook: str) -> JobType | None:
         logger.warning("%s Its %s hook is not run.", missing, hook)
         return None
     return job_type
+
+
+def announce_cancelled(job: Job, *, as_stored: bool = False) -> None:
+    """Publish a job just cancelled (``as_stored``: from its row, which its run's changes to the
+    instance did not reach), run its ``on_cancelled`` and send ``job_cancelled``."""
+    if as_stored:
+        publish_as_stored(job)
+    else:
+        publish(job)
+    run_on_cancelled(job)
+    signals.emit(signals.job_cancelled, job)
+
+
+def run_on_cancelled(job: Job) -> None:
+    """Run the job type's ``on_cancelled``; one that raises is logged."""
+    job_type = type_with_hooks_for(job, "on_cancelled")
+    if job_type is None:
+        return
+    try:
+        job_type.on_cancelled(job)
+    except Exception:
+        logger.exception("Job %s: on_cancelled hook of %r raised", job.pk, job_type)
+
+
+def announce_lost(
+    job: Job, exc: TaskFerryError, *, publish_final: Callable[[Job], None] = publish
+) -> None:
+    """Publish a job just failed from outside its run (by the sweep, or a failed dispatch), run
+    its ``on_error`` and send ``job_failed``."""
+    # Loaded after the commit, so it carries the failed state.
+    specific = job.specific
+    publish_final(specific)
+    job_type = type_with_hooks_for(specific, "on_error")
+    if job_type is not None:
+        try:
+            job_type.on_error(specific, exc)
+        except Exception:
+            logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
+    signals.emit(signals.job_failed, specific, exc=exc)
+    logger.error("Job %s (%s) failed: %s", job.pk, job.type, exc)
 
 
 def moment_ago(age: datetime.timedelta) -> datetime.datetime:
@@ -524,7 +556,7 @@ class JobHandler:
         ):
             # Inside the caller's transaction (ATOMIC_REQUESTS, say) the move is not committed
             # yet: a rollback leaves the job pending, and a worker will run it.
-            after_commit(functools.partial(cls._after_cancelled, job))
+            after_commit(functools.partial(announce_cancelled, job), jobs_database())
             return job
         if job.state in (JobState.PENDING, JobState.STARTED):
             from task_ferry.monitor import get_monitor
@@ -546,28 +578,6 @@ class JobHandler:
                     exc,
                 )
         return job
-
-    @staticmethod
-    def _after_cancelled(job: Job, *, as_stored: bool = False) -> None:
-        """Publish the cancelled job (``as_stored``: from its row, which its run's changes to the
-        instance did not reach), then run its hook."""
-        if as_stored:
-            publish_as_stored(job)
-        else:
-            publish(job)
-        JobHandler._run_on_cancelled(job)
-        signals.emit(signals.job_cancelled, job)
-
-    @staticmethod
-    def _run_on_cancelled(job: Job) -> None:
-        """Run the job type's ``on_cancelled``; one that raises is logged."""
-        job_type = type_with_hooks_for(job, "on_cancelled")
-        if job_type is None:
-            return
-        try:
-            job_type.on_cancelled(job)
-        except Exception:
-            logger.exception("Job %s: on_cancelled hook of %r raised", job.pk, job_type)
 
     @staticmethod
     def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
@@ -636,25 +646,8 @@ class JobHandler:
         ):
             return False
         # As stored: the executor's error may be longer than a row keeps, or have a NUL.
-        cls._after_lost(job, DispatchError(job.error))
+        announce_lost(job, DispatchError(job.error))
         return True
-
-    @staticmethod
-    def _after_lost(
-        job: Job, exc: TaskFerryError, *, publish_final: Callable[[Job], None] = publish
-    ) -> None:
-        """Publish and run the hooks of a job just failed from outside its run."""
-        # Loaded after the commit, so it carries the failed state.
-        specific = job.specific
-        publish_final(specific)
-        job_type = type_with_hooks_for(specific, "on_error")
-        if job_type is not None:
-            try:
-                job_type.on_error(specific, exc)
-            except Exception:
-                logger.exception("Job %s: on_error hook of %r raised", job.pk, job_type)
-        signals.emit(signals.job_failed, specific, exc=exc)
-        logger.error("Job %s (%s) failed: %s", job.pk, job.type, exc)
 
     @staticmethod
     def run_job(

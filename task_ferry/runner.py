@@ -25,10 +25,11 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from task_ferry import signals
 from task_ferry.exceptions import JobCancelled, JobFenced, JobRowMissing, JobTypeDoesNotExist
 from task_ferry.handler import (
-    JobHandler,
+    announce_cancelled,
     own_row_missing,
     publish,
     publish_as_stored,
+    run_on_cancelled,
     start_and_load,
     transition,
 )
@@ -237,7 +238,7 @@ class JobRun:
             if self._deleted_while_running(job, watch):
                 # It ended before a tick could stop it: as if stopped at one.
                 logger.info("Job %s was deleted while it ran; its work was rolled back.", job.pk)
-                JobHandler._run_on_cancelled(job)
+                run_on_cancelled(job)
             else:
                 logger.warning(
                     "Job %s was ended or deleted elsewhere while it ran; its work was rolled back.",
@@ -337,11 +338,11 @@ class JobRun:
             progress_state=label,
         )
         if moved:
-            JobHandler._after_cancelled(job, as_stored=self._run_changed(job))
+            announce_cancelled(job, as_stored=self._run_changed(job))
             return
         # Ended elsewhere (by the stale-job sweep), or deleted.
         if self._deleted_while_running(job, watch):
-            JobHandler._run_on_cancelled(job)
+            run_on_cancelled(job)
 
     def _end_failed(
         self,

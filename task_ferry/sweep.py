@@ -15,7 +15,7 @@ from django.db.models import Exists, OuterRef, Q
 
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobLost
-from task_ferry.handler import JobHandler, StoreRound, moment_ago, transition
+from task_ferry.handler import StoreRound, announce_lost, moment_ago, transition
 from task_ferry.models import LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState, jobs_database
 from task_ferry.snapshot import snapshot_of, truncate_state
 from task_ferry.transactions import lock_for_writing
@@ -114,7 +114,7 @@ def _fail_each(
                     **last_progress(job, published.get(pk)),
                 ):
                     continue
-            JobHandler._after_lost(job, JobLost(message), publish_final=store.publish)
+            announce_lost(job, JobLost(message), publish_final=store.publish)
             failed += 1
     return failed
 

@@ -15,6 +15,7 @@ would otherwise scan past all of them, once per job.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from django.db import transaction
@@ -56,6 +57,14 @@ def pending_call(
             break
     memo[key] = found
     return found
+
+
+def after_commit(callback: Callable[[], None], using: str) -> None:
+    """Call ``callback`` once the transaction open on ``using`` commits (at once in autocommit
+    mode), and never if it rolls back: the store, a hook or a receiver must not announce a
+    state change that a rollback undoes. Robust, so that a callback of ours that raises is
+    logged and never stops the caller's own callbacks (an executor's dispatch)."""
+    transaction.on_commit(callback, using=using, robust=True)
 
 
 def call_on_commit(

@@ -47,18 +47,30 @@ class ClosedCreateSerializer(serializers.Serializer[Any]):
     serializer does not know is refused with 400 "Unknown field.", so the body is closed."""
 
 
-class ClosedCreateExtension(OpenApiSerializerExtension):
-    """Describes a ``ClosedCreateSerializer`` with ``additionalProperties: false``."""
+class AmendingExtension(OpenApiSerializerExtension):
+    """Describes its serializers (and their subclasses) as drf-spectacular would, then lets
+    ``amend`` change the result. Has no ``target_class`` of its own, so it matches nothing."""
 
-    target_class = ClosedCreateSerializer
     match_subclasses = True
 
     def map_serializer(self, auto_schema: AutoSchema, direction: Any) -> dict[str, Any]:
         schema: dict[str, Any] = auto_schema._map_serializer(
             self.target, direction, bypass_extensions=True
         )
-        schema["additionalProperties"] = False
+        self.amend(schema)
         return schema
+
+    def amend(self, schema: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class ClosedCreateExtension(AmendingExtension):
+    """Describes a ``ClosedCreateSerializer`` with ``additionalProperties: false``."""
+
+    target_class = ClosedCreateSerializer
+
+    def amend(self, schema: dict[str, Any]) -> None:
+        schema["additionalProperties"] = False
 
 
 class JobResponseSerializer(JobSerializer):
@@ -67,18 +79,13 @@ class JobResponseSerializer(JobSerializer):
     default too."""
 
 
-class JobResponseExtension(OpenApiSerializerExtension):
+class JobResponseExtension(AmendingExtension):
     """Describes a ``JobResponseSerializer`` with every property required."""
 
     target_class = JobResponseSerializer
-    match_subclasses = True
 
-    def map_serializer(self, auto_schema: AutoSchema, direction: Any) -> dict[str, Any]:
-        schema: dict[str, Any] = auto_schema._map_serializer(
-            self.target, direction, bypass_extensions=True
-        )
+    def amend(self, schema: dict[str, Any]) -> None:
         schema["required"] = sorted(schema.get("properties", {}))
-        return schema
 
 
 def takes_extra_values(job_type: JobType) -> bool:
