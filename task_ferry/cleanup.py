@@ -1,7 +1,8 @@
 """The cleanup of old jobs (``JobHandler.cleanup_old_jobs()``): the ended jobs past
 ``JOB_EXPIRY_DAYS`` deleted in batches, each job's ``before_delete`` hook called once, one run
-at a time across processes and hosts (``RunLock``), a job that a protecting foreign key keeps
-left and logged rather than stopping the run.
+at a time across processes and hosts (``RunLock``; on SQLite, across the processes that share
+its database file), a job that a protecting foreign key keeps left and logged rather than
+stopping the run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import datetime
 import functools
 import hashlib
 import logging
+import os
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,6 +35,13 @@ from django.db.models.deletion import (
 from task_ferry.handler import StoreRound, cleanup_round
 from task_ferry.models import ENDED_STATES, CancelRequest, Heartbeat, Job, jobs_database
 from task_ferry.registry import JobType, job_type_registry
+
+try:
+    import fcntl
+except ImportError:  # Windows: SQLite's cleanups run without a lock there.
+    HAS_FCNTL = False
+else:
+    HAS_FCNTL = True
 
 __all__ = ["CLEANUP_BATCH_SIZE", "RunLock", "delete_expired", "run_lock"]
 
@@ -191,8 +202,20 @@ class RunLock:
     lets later runs through, or turns them away, at random. So a run that starts between two
     batches of another takes over, and the other stops at its next batch; each batch is still
     loaded, handed to the hooks and deleted by one run only. On MySQL and MariaDB, which have no
-    transaction-level lock, ``GET_LOCK()`` held for the whole run; on SQLite, with one writer
-    anyway, no lock."""
+    transaction-level lock, ``GET_LOCK()`` held for the whole run.
+
+    SQLite has one writer at a time, but its statements commit one by one here, so two runs
+    (cron's and Celery beat's, in processes of their own) both loaded the same batch and
+    called its hooks. Its lock is held for the whole run too: ``flock()`` on a file next to the
+    database's, named after it and the lock (``db.sqlite3-task_ferry.cleanup_old_jobs.lock``),
+    not on the database's own file: closing a descriptor of that would drop the locks SQLite
+    holds on it in the process. The file is empty and holds no lock once its process is gone,
+    so one left behind is harmless; it stays, as removing it would let a run lock a file
+    another has just replaced. Where the file cannot be opened (in a directory SQLite could not
+    write its journal to either) or locked, the run goes on without a lock, as before, with a
+    warning; on a platform without ``fcntl`` (Windows), without a lock and without a warning.
+    An in-memory database (the tests') is seen by one process only: a lock in the process is
+    enough."""
 
     def __init__(self, name: str, using: str) -> None:
         self.name = name
@@ -200,8 +223,13 @@ class RunLock:
         self.connection = transaction.get_connection(using)
         #: Whether each batch is a transaction (else each of its statements commits alone).
         self.batches_are_transactions = self.connection.vendor == "postgresql"
-        #: The run's GET_LOCK() on MySQL and MariaDB: None until asked for, then whether held.
+        #: The run's lock where it is held for the run (not PostgreSQL's): None until asked
+        #: for, then whether held.
         self.held: bool | None = None
+        #: On SQLite, the descriptor of the lock file the run holds flock() on, or the lock of
+        #: an in-memory database it holds.
+        self._lock_file: int | None = None
+        self._memory_lock: threading.Lock | None = None
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[bool]:
@@ -220,15 +248,63 @@ class RunLock:
                 with self.connection.cursor() as cursor:
                     cursor.execute("SELECT GET_LOCK(%s, 0)", [self._mysql_name()])
                     self.held = bool(cursor.fetchone()[0])
+            elif self.connection.vendor == "sqlite":
+                self.held = self._lock_sqlite()
             else:
                 self.held = True
         return self.held
 
+    def _lock_sqlite(self) -> bool:
+        database = self.connection.settings_dict["NAME"]
+        if sqlite_in_memory(database):
+            lock = _memory_lock(f"{self.name}:{database}")
+            if not lock.acquire(blocking=False):
+                return False
+            self._memory_lock = lock
+            return True
+        if not HAS_FCNTL:
+            return True
+        # A database that cannot be opened fails as it did, not with a lock file's warning
+        # before.
+        self.connection.ensure_connection()
+        path = sqlite_lock_path(self.name, database)
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:
+                # Created by another user (cron's, say): flock() needs it open, not writable.
+                fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            logger.warning("%s: cannot open %s (%s); running without a lock.", self.name, path, exc)
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            logger.warning("%s: cannot lock %s (%s); running without a lock.", self.name, path, exc)
+            return True
+        self._lock_file = fd
+        return True
+
     def release(self) -> None:
-        """Release the run's GET_LOCK(), if it took one; a broken connection took it along."""
+        """Release the run's lock, if it took one; a broken connection took a GET_LOCK() along,
+        and a process's end its flock()."""
         if self.held and self.connection.vendor == "mysql":
             with contextlib.suppress(DatabaseError), self.connection.cursor() as cursor:
                 cursor.execute("SELECT RELEASE_LOCK(%s)", [self._mysql_name()])
+        if self._lock_file is not None:
+            fd, self._lock_file = self._lock_file, None
+            try:
+                # Released even where a process forked by a hook still has the file open.
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        if self._memory_lock is not None:
+            lock, self._memory_lock = self._memory_lock, None
+            lock.release()
         self.held = None
 
     def _mysql_name(self) -> str:
@@ -239,6 +315,30 @@ class RunLock:
             else MYSQL_LOCK_NAME_LENGTH
         )
         return mysql_lock_name(self.name, self.connection.settings_dict["NAME"], length)
+
+
+def sqlite_in_memory(database: str | os.PathLike[str]) -> bool:
+    """Whether the SQLite database named ``database`` is in memory, as Django tells."""
+    return isinstance(database, str) and (database == ":memory:" or "mode=memory" in database)
+
+
+def sqlite_lock_path(name: str, database: str | os.PathLike[str]) -> str:
+    """The lock file of the lock ``name`` on the SQLite database file ``database`` (a path, or a
+    ``file:`` URI, which Django's backend accepts): beside it, named after its real path, so
+    that every name of one file (relative, through a symbolic link) gets the same lock."""
+    path = os.fspath(database)
+    if path.startswith("file:"):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+    return f"{os.path.realpath(path)}-{name}.lock"
+
+
+_memory_locks: dict[str, threading.Lock] = {}
+_memory_locks_guard = threading.Lock()
+
+
+def _memory_lock(key: str) -> threading.Lock:
+    with _memory_locks_guard:
+        return _memory_locks.setdefault(key, threading.Lock())
 
 
 @contextlib.contextmanager

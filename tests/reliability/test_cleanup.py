@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
+import os
 import threading
 import time
 import tracemalloc
@@ -199,6 +200,44 @@ def test_two_cleanups_at_once_call_before_delete_once_per_job(user, monkeypatch)
     # The lock was released: the next cleanup runs.
     more = bulk_jobs(10)
     assert JobHandler.cleanup_old_jobs() == len(more)
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's lock, held for the run")
+def test_on_sqlite_a_cleanup_stops_while_another_holds_the_lock(user, before_delete_calls, caplog):
+    # The other cleanup in a process of its own: test_sqlite_locking.py. Here, in this one: on
+    # the tests' database in memory, or on a file with TASK_FERRY_TEST_SQLITE.
+    expired = bulk_jobs(5)
+    with cleanup.run_lock("task_ferry.cleanup_old_jobs") as other, other.batch() as alone:
+        assert alone
+        with caplog.at_level(logging.WARNING):
+            assert JobHandler.cleanup_old_jobs() == 0
+    assert "another cleanup is running; this one stops" in caplog.text
+    assert not before_delete_calls
+    assert Job.objects.filter(pk__in=expired).count() == len(expired)
+    # Released with the other's end.
+    assert JobHandler.cleanup_old_jobs() == len(expired)
+    assert before_delete_calls == Counter({pk: 1 for pk in expired})
+
+
+def test_the_sqlite_cleanup_lock_file_is_one_per_database_file_whatever_its_name(
+    tmp_path, monkeypatch
+):
+    name = "task_ferry.cleanup_old_jobs"
+    database = tmp_path / "data" / "db.sqlite3"
+    database.parent.mkdir()
+    (tmp_path / "link").symlink_to(database.parent)
+    monkeypatch.chdir(tmp_path)
+    expected = f"{os.path.realpath(database)}-{name}.lock"
+    for spelling in (
+        database,
+        str(database),
+        "data/db.sqlite3",
+        "link/db.sqlite3",
+        f"file:{database}?mode=rw",
+        "file:data/db%2Esqlite3",
+    ):
+        assert cleanup.sqlite_lock_path(name, spelling) == expected, spelling
+    assert cleanup.sqlite_lock_path(name, tmp_path / "other.sqlite3") != expected
 
 
 def test_the_cleanup_lock_name_fits_mysql_8_whatever_the_database_name():
