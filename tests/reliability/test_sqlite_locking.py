@@ -35,16 +35,10 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def race(tmp_path: Path, scenario: str) -> dict[str, Any]:
-    env = sqlite_env(tmp_path)
+def run_module(module: str, *args: str, env: dict[str, str]) -> Any:
+    """Run ``python -m module args`` to its end; the JSON of the last line it printed."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.reliability.sqlite_race",
-            env["TASK_FERRY_TEST_SQLITE"],
-            scenario,
-        ],
+        [sys.executable, "-m", module, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -52,6 +46,13 @@ def race(tmp_path: Path, scenario: str) -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def race(tmp_path: Path, scenario: str) -> dict[str, Any]:
+    env = sqlite_env(tmp_path)
+    return run_module(
+        "tests.reliability.sqlite_race", env["TASK_FERRY_TEST_SQLITE"], scenario, env=env
+    )
 
 
 @pytest.mark.parametrize(("scenario", "states"), [("create", ["pending"]), ("sweep", ["failed"])])
@@ -109,15 +110,7 @@ def finish(process: subprocess.Popen) -> tuple[dict[str, Any], str]:
 
 
 def setup_jobs(env: dict[str, str], count: int) -> list[int]:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.reliability.sqlite_cleanup", "setup", str(count)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    return run_module("tests.reliability.sqlite_cleanup", "setup", str(count), env=env)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no fcntl, no lock: see the next test")
