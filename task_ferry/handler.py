@@ -409,14 +409,16 @@ class JobHandler:
         class, for ``user`` (None for a system job) and hand it to the executor. Returns the
         saved, specific job at once: given ``ExportJobType``, a ``JobType[ExportJob]``, a type
         checker knows it is an ``ExportJob``."""
+        from task_ferry.executors.base import get_executor
+
         job_type = job_type_registry.get_named_or_class(job_type_name)
+        # Before the row: an EXECUTOR that cannot be loaded must not leave a job pending for good.
+        executor = get_executor()
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
         # No snapshot yet: the row says all there is to say about a pending job, and one nobody
         # polls before it starts needs none. The first poll stores one (``write_if_absent``).
-        from task_ferry.executors.base import get_executor
-
-        get_executor().enqueue_job(job)
+        executor.enqueue_job(job)
         return job
 
     @overload
@@ -522,6 +524,12 @@ class JobHandler:
     def get_job(cls, user: Any, job_id: Any) -> Job:
         """The user's job as its specific model. ``JobDoesNotExist`` for a malformed id or a
         job of someone else; ``user=None`` looks up system jobs."""
+        if isinstance(job_id, Job):
+            raise TypeError(
+                f"job_id takes the job's id (job.pk), not a Job: got {job_id!r}. Pass "
+                f"job.pk, or cancel_job(job) to cancel a job you already hold without the "
+                f"ownership check."
+            )
         pk = parse_job_id(job_id)
         job = Job.objects.for_user(user).filter(pk=pk).first()
         if job is None:

@@ -14,6 +14,7 @@ from task_ferry.exceptions import (
     JobDoesNotExist,
     JobTypeDoesNotExist,
     MaxJobCountExceeded,
+    TaskFerryImproperlyConfigured,
 )
 from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler, transition
@@ -465,6 +466,25 @@ def test_cancel_job_given_an_id_says_how_to_cancel_by_id(db, user, no_dispatch):
         JobHandler.cancel_job(job.pk)
     assert Job.objects.get(pk=job.pk).state == "pending"
     assert JobHandler.cancel_job(job).state == "cancelled"
+
+
+def test_cancel_given_a_job_instead_of_its_id_says_to_pass_the_id(db, user, no_dispatch):
+    job = JobHandler.create_and_start(user, "scripted")
+    with pytest.raises(TypeError, match=r"job_id takes the job's id \(job\.pk\), not a Job"):
+        JobHandler.cancel(user, job)
+    with pytest.raises(TypeError, match=r"cancel_job\(job\)"):
+        JobHandler.cancel(user, job)
+    with pytest.raises(TypeError, match=r"job's id"):
+        JobHandler.get_job(user, job)
+    assert Job.objects.get(pk=job.pk).state == "pending"
+    assert JobHandler.cancel(user, job.pk).state == "cancelled"
+
+
+def test_create_and_start_with_an_executor_that_cannot_be_loaded_writes_no_job(db, user, settings):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "EXECUTOR": "task_ferry.executors.Celery"}
+    with pytest.raises(TaskFerryImproperlyConfigured, match="cannot be imported"):
+        JobHandler.create_and_start(user, "scripted")
+    assert not Job.objects.exists()
 
 
 def test_handles_from_get_job_follow_state_changes(db, user, no_dispatch):
