@@ -379,7 +379,7 @@ def check_job_types(
 ) -> list[CheckMessage]:
     from rest_framework.serializers import BaseSerializer
 
-    from task_ferry.registry import job_type_registry
+    from task_ferry.registry import JobType, job_type_registry
 
     messages: list[CheckMessage] = []
     for job_type in job_type_registry.all():
@@ -421,6 +421,17 @@ def check_job_types(
                     "or use None to derive one from model_class.",
                     obj=type(job_type),
                     id="task_ferry.E035",
+                )
+            )
+        if type(job_type).run is JobType.run:
+            # Registered without a word; every job of the type then failed at its start.
+            messages.append(
+                Error(
+                    f"{type(job_type).__qualname__} does not define run(job, progress), so "
+                    f"every job of type {job_type.type!r} would fail with NotImplementedError.",
+                    hint="Define run(self, job, progress) on the class: it does the job's work.",
+                    obj=type(job_type),
+                    id="task_ferry.E036",
                 )
             )
     messages.extend(check_registered_types(job_type_registry))

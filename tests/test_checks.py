@@ -466,6 +466,23 @@ def test_e035_serializer_class_that_is_not_a_serializer(monkeypatch, value):
     )
 
 
+def test_e036_job_type_without_run(monkeypatch):
+    # Registration took it; every job of the type then failed with NotImplementedError.
+    job_type = job_type_registry.get("limited")
+    monkeypatch.delattr(type(job_type), "run")
+    message = only("task_ferry.E036")
+    assert message.obj is type(job_type)
+    assert message.msg == (
+        "LimitedJobType does not define run(job, progress), so every job of type 'limited' "
+        "would fail with NotImplementedError."
+    )
+    assert message.hint == ("Define run(self, job, progress) on the class: it does the job's work.")
+
+
+def test_every_job_type_of_the_test_project_defines_run():
+    assert [m for m in plain_checks() if m.id == "task_ferry.E036"] == []
+
+
 def test_w001_redis_unreachable(ferry):
     ferry(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", PROGRESS_STORE=None)
     message = only("task_ferry.W001")
@@ -506,7 +523,11 @@ def test_w001_does_not_show_the_redis_password(ferry):
 
 def registered_type(type_name):
     """A valid job type registered the ordinary way."""
-    cls = type(f"Type_{type_name}", (JobType,), {"type": type_name, "model_class": ScriptedJob})
+    cls = type(
+        f"Type_{type_name}",
+        (JobType,),
+        {"type": type_name, "model_class": ScriptedJob, "run": lambda self, job, progress: None},
+    )
     return type(job_type_registry.register(cls))
 
 
