@@ -214,26 +214,42 @@ def check_permission_class() -> list[CheckMessage]:
 # Where django-tasks kept its database backend before it moved to django-tasks-db.
 OBSOLETE_DATABASE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
 DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
+# Database backend paths that do not exist, and why: the old one, and the one a Django 6
+# project guesses from the old one (Django took the tasks API in without that backend).
+MISPLACED_DATABASE_BACKENDS = {
+    OBSOLETE_DATABASE_BACKEND: "which no longer exists: the database backend moved to the "
+    "django-tasks-db package",
+    "django.tasks.backends.database.DatabaseBackend": "which does not exist: Django's "
+    "django.tasks has no database backend (only ImmediateBackend and DummyBackend); it is in "
+    "the django-tasks-db package",
+}
 
 
-def obsolete_tasks_backend_error(alias: str) -> Error:
-    """E022: ``TASKS[alias]`` names the database backend where django-tasks used to keep it."""
+def obsolete_tasks_backend_error(alias: str, path: str = OBSOLETE_DATABASE_BACKEND) -> Error:
+    """E022: ``TASKS[alias]`` names a database backend at ``path``, one of
+    ``MISPLACED_DATABASE_BACKENDS``."""
     return Error(
-        f"TASKS[{alias!r}]['BACKEND'] is {OBSOLETE_DATABASE_BACKEND!r}, which no longer "
-        f"exists: the database backend moved to the django-tasks-db package.",
+        f"TASKS[{alias!r}]['BACKEND'] is {path!r}, {MISPLACED_DATABASE_BACKENDS[path]}.",
         hint=f'Use "BACKEND": "{DATABASE_BACKEND}", add "django_tasks_db" to INSTALLED_APPS, '
         f"run migrate, and run workers with manage.py db_worker.",
         id="task_ferry.E022",
     )
 
 
+def misplaced_database_backend(backend: object) -> str | None:
+    """``backend`` if it is one of ``MISPLACED_DATABASE_BACKENDS``, else None."""
+    if isinstance(backend, str) and backend in MISPLACED_DATABASE_BACKENDS:
+        return backend
+    return None
+
+
 def refuse_obsolete_tasks_backend() -> None:
-    """Raise E022 as ``TaskFerryImproperlyConfigured`` at startup where ``TASKS`` names the
-    obsolete database backend, it does not import, and the system check of ``django.tasks``
-    (Django 6's own, or the backport's when "django_tasks" is in INSTALLED_APPS) would stop
-    ``check``, ``migrate`` and ``runserver`` on it first: its ``InvalidTaskBackend`` says only
-    that the module is missing, and E022 would never be shown. Elsewhere E022 is reported as
-    a check."""
+    """Raise E022 as ``TaskFerryImproperlyConfigured`` at startup where ``TASKS`` names a
+    database backend path of ``MISPLACED_DATABASE_BACKENDS``, it does not import, and the
+    system check of ``django.tasks`` (Django 6's own, or the backport's when "django_tasks" is
+    in INSTALLED_APPS) would stop ``check``, ``migrate`` and ``runserver`` on it first: its
+    ``InvalidTaskBackend`` says only that the module is missing, and E022 would never be
+    shown. Elsewhere E022 is reported as a check."""
     from django.conf import settings
     from django.utils.module_loading import import_string
 
@@ -242,22 +258,24 @@ def refuse_obsolete_tasks_backend() -> None:
     tasks = getattr(settings, "TASKS", None)
     if not isinstance(tasks, Mapping):
         return
-    aliases = [
-        alias
+    misplaced = [
+        (alias, path)
         for alias, params in tasks.items()
-        if isinstance(params, Mapping) and params.get("BACKEND") == OBSOLETE_DATABASE_BACKEND
+        if isinstance(params, Mapping)
+        and (path := misplaced_database_backend(params.get("BACKEND"))) is not None
     ]
-    if not aliases:
+    if not misplaced:
         return
     if find_spec("django.tasks") is None and not apps.is_installed("django_tasks"):
         return
-    try:
-        import_string(OBSOLETE_DATABASE_BACKEND)
-    except ImportError:
-        error = obsolete_tasks_backend_error(aliases[0])
-        raise TaskFerryImproperlyConfigured(
-            f"({error.id}) {error.msg}\n\tHINT: {error.hint}"
-        ) from None
+    for alias, path in misplaced:
+        try:
+            import_string(path)
+        except ImportError:
+            error = obsolete_tasks_backend_error(alias, path)
+            raise TaskFerryImproperlyConfigured(
+                f"({error.id}) {error.msg}\n\tHINT: {error.hint}"
+            ) from None
 
 
 # Modules an executor needs, and the extra that installs them.

@@ -24,7 +24,7 @@ from django.db import transaction
 
 from task_ferry.checks import (
     DATABASE_BACKEND,
-    OBSOLETE_DATABASE_BACKEND,
+    misplaced_database_backend,
     obsolete_tasks_backend_error,
 )
 from task_ferry.conf import ferry_settings
@@ -220,7 +220,7 @@ class DjangoTasksExecutor(BaseExecutor):
                 outcome = "The job was marked failed."
             else:
                 outcome = "The job was not marked failed here (see the log)."
-            if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
+            if misplaced_database_backend(_configured_backend(alias)) is not None:
                 advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
             elif _is_invalid_task(exc):
                 # The backend is fine; the task it was given is not (its queue, its priority).
@@ -298,8 +298,9 @@ class DjangoTasksExecutor(BaseExecutor):
                     id="task_ferry.E021",
                 )
             ]
-        if _configured_backend(alias) == OBSOLETE_DATABASE_BACKEND:
-            return [obsolete_tasks_backend_error(alias)]
+        misplaced = misplaced_database_backend(_configured_backend(alias))
+        if misplaced is not None:
+            return [obsolete_tasks_backend_error(alias, misplaced)]
         try:
             backend = tasks_api.task_backends[alias]
         except Exception as exc:

@@ -72,21 +72,37 @@ def use_executor(settings):
     settings.TASK_FERRY = {**settings.TASK_FERRY, "EXECUTOR": EXECUTOR}
 
 
+OBSOLETE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
+# The path a Django 6 project guesses from the old one: django.tasks has no database backend.
+GUESSED_BACKEND = "django.tasks.backends.database.DatabaseBackend"
+MISPLACED_BACKENDS = pytest.mark.parametrize("misplaced", [OBSOLETE_BACKEND, GUESSED_BACKEND])
+
+
 @requires_tasks
-def test_obsolete_database_backend_path_has_a_hint(settings, alias):
-    settings.TASKS = {alias: {"BACKEND": "django_tasks.backends.database.DatabaseBackend"}}
+@MISPLACED_BACKENDS
+def test_misplaced_database_backend_path_has_a_hint(settings, alias, misplaced):
+    settings.TASKS = {alias: {"BACKEND": misplaced}}
     [error] = DjangoTasksExecutor().check()
     assert error.id == "task_ferry.E022"
+    assert repr(misplaced) in error.msg
     assert DATABASE_BACKEND in error.hint
     assert "INSTALLED_APPS" in error.hint and "db_worker" in error.hint
 
 
-OBSOLETE_BACKEND = "django_tasks.backends.database.DatabaseBackend"
+@requires_tasks
+def test_guessed_database_backend_path_says_django_has_none(settings, alias):
+    settings.TASKS = {alias: {"BACKEND": GUESSED_BACKEND}}
+    [error] = DjangoTasksExecutor().check()
+    assert "django.tasks has no database backend" in error.msg
+    assert "django-tasks-db package" in error.msg
+
+
 HAS_BUILTIN_TASKS = find_spec("django.tasks") is not None
 
 
 @requires_tasks
 @pytest.mark.skipif(find_spec("django_tasks_db") is None, reason="django-tasks-db is not installed")
+@MISPLACED_BACKENDS
 @pytest.mark.parametrize(
     "with_backport_app",
     [
@@ -100,8 +116,8 @@ HAS_BUILTIN_TASKS = find_spec("django.tasks") is not None
         ),
     ],
 )
-def test_manage_py_check_names_the_fix_of_the_obsolete_database_backend(
-    tmp_path, with_backport_app
+def test_manage_py_check_names_the_fix_of_a_misplaced_database_backend(
+    tmp_path, with_backport_app, misplaced
 ):
     # A project that followed an older guide: the database backend where django-tasks kept
     # it. django.tasks' own check (Django 6's, or the backport's as an installed app) raised
@@ -119,7 +135,7 @@ def test_manage_py_check_names_the_fix_of_the_obsolete_database_backend(
                 "NAME": str(tmp_path / "db.sqlite3"),
             }
         },
-        "TASKS": {"default": {"BACKEND": OBSOLETE_BACKEND}},
+        "TASKS": {"default": {"BACKEND": misplaced}},
         "TASK_FERRY": {"EXECUTOR": EXECUTOR, "TASKS_BACKEND": "default", "REDIS_URL": None},
     }
     (tmp_path / "obsolete_project.py").write_text(
@@ -140,7 +156,7 @@ def test_manage_py_check_names_the_fix_of_the_obsolete_database_backend(
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "InvalidTaskBackend" not in output
-    assert "(task_ferry.E022) TASKS['default']['BACKEND']" in output
+    assert f"(task_ferry.E022) TASKS['default']['BACKEND'] is {misplaced!r}" in output
     assert f'Use "BACKEND": "{DATABASE_BACKEND}"' in output
     if HAS_BUILTIN_TASKS or with_backport_app:
         # Stopped at startup, before any check could run.
@@ -152,10 +168,11 @@ def test_manage_py_check_names_the_fix_of_the_obsolete_database_backend(
 
 
 @requires_tasks
-def test_startup_refuses_the_obsolete_database_backend_where_it_does_not_import(settings):
+@MISPLACED_BACKENDS
+def test_startup_refuses_a_misplaced_database_backend_where_it_does_not_import(settings, misplaced):
     settings.TASKS = {
         "default": {"BACKEND": DATABASE_BACKEND},
-        "old": {"BACKEND": OBSOLETE_BACKEND},
+        "old": {"BACKEND": misplaced},
     }
     if not HAS_BUILTIN_TASKS:
         assert "django_tasks" in settings.INSTALLED_APPS  # the backport's check is registered
