@@ -15,6 +15,25 @@ if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 
 
+def refuse_without_app() -> None:
+    """Raise ``TaskFerryImproperlyConfigured`` with the fix where the job models are imported
+    (by a project's job model, or the API's URLconf) and "task_ferry" is not installed. Django's
+    own ``RuntimeError`` names the model class and the rule, not the app to add."""
+    from django.apps import apps
+
+    from task_ferry.exceptions import TaskFerryImproperlyConfigured
+
+    if apps.apps_ready and not apps.is_installed("task_ferry"):
+        raise TaskFerryImproperlyConfigured(
+            'task_ferry.models was imported, but "task_ferry" is not in INSTALLED_APPS. '
+            'Add "task_ferry" to INSTALLED_APPS (with "rest_framework" for the API) and run '
+            "migrate."
+        )
+
+
+refuse_without_app()
+
+
 class JobState(models.TextChoices):
     PENDING = "pending", "Pending"
     STARTED = "started", "Started"
