@@ -391,6 +391,52 @@ def check_store(
     return store.check()
 
 
+@register(Tags.database)
+def check_cache_table(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """W006: the cache store's cache is a ``DatabaseCache`` whose table was never created.
+    Every snapshot and cancel request would fail, logged in the worker, and ``check`` said
+    nothing. A database check, so ``migrate`` (and ``check --database``) reports it."""
+    from django.conf import settings
+    from django.core.cache.backends.db import DatabaseCache
+    from django.db import connections, router
+
+    from task_ferry.stores.base import get_store
+    from task_ferry.stores.cache import CacheProgressStore
+
+    try:
+        store = get_store()
+    except Exception:
+        return []  # E006 reports it.
+    if not isinstance(store, CacheProgressStore) or store.alias not in settings.CACHES:
+        return []  # E009 reports a missing alias.
+    cache = store.cache
+    if not isinstance(cache, DatabaseCache):
+        return []
+    alias = router.db_for_write(cache.cache_model_class)
+    if not databases or alias not in databases:
+        return []
+    table = cache.cache_model_class._meta.db_table
+    try:
+        tables = connections[alias].introspection.table_names()
+    except DatabaseError:
+        return []  # An unreachable database is Django's to report.
+    if table in tables:
+        return []
+    return [
+        CheckWarning(
+            f"The progress store is the cache {store.alias!r}, a DatabaseCache whose table "
+            f"{table!r} does not exist in DATABASES[{alias!r}]: every progress write "
+            f"and cancel request would fail, and pollers see a job only once it ends.",
+            hint="Run python manage.py createcachetable.",
+            id="task_ferry.W006",
+        )
+    ]
+
+
 @register()
 def check_job_types(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any

@@ -406,6 +406,51 @@ def test_w003_not_for_a_shared_cache_or_jobs_run_inline(ferry, settings, tmp_pat
     assert "task_ferry.W003" not in ids(ferry_messages())
 
 
+DATABASE_CACHE = "django.core.cache.backends.db.DatabaseCache"
+
+
+def cache_table_messages():
+    from django.db import connection
+
+    return [m for m in run_checks(databases=[connection.alias]) if m.id == "task_ferry.W006"]
+
+
+def test_w006_database_cache_without_its_table(ferry, settings, db):
+    # The cache W003's hint suggests, before createcachetable: every snapshot failed in the
+    # worker, and check said nothing.
+    settings.CACHES = {
+        **settings.CACHES,
+        "progress": {"BACKEND": DATABASE_CACHE, "LOCATION": "tf_progress_cache"},
+    }
+    ferry(REDIS_URL=None, PROGRESS_STORE=None, CACHE_ALIAS="progress")
+    (message,) = cache_table_messages()
+    assert message.is_serious() is False
+    assert "'progress'" in message.msg and "'tf_progress_cache' does not exist" in message.msg
+    assert message.hint == "Run python manage.py createcachetable."
+    assert "task_ferry.W006" not in ids(ferry_messages())  # a plain check opens no database
+
+
+def test_w006_not_once_the_table_exists(ferry, settings, db):
+    from django.core.management import call_command
+
+    settings.CACHES = {
+        **settings.CACHES,
+        "progress": {"BACKEND": DATABASE_CACHE, "LOCATION": "tf_progress_cache"},
+    }
+    ferry(REDIS_URL=None, PROGRESS_STORE=None, CACHE_ALIAS="progress")
+    call_command("createcachetable", "tf_progress_cache", verbosity=0)
+    assert cache_table_messages() == []
+
+
+def test_w006_not_for_other_stores(ferry, settings, db):
+    settings.CACHES = {
+        **settings.CACHES,
+        "progress": {"BACKEND": DATABASE_CACHE, "LOCATION": "tf_progress_cache"},
+    }
+    ferry(CACHE_ALIAS="progress", REDIS_URL="redis://127.0.0.1:6379/0", PROGRESS_STORE=None)
+    assert cache_table_messages() == []
+
+
 @pytest.mark.skipif(
     find_spec("django.tasks") is None and find_spec("django_tasks") is None,
     reason="neither django.tasks nor django-tasks is installed",
