@@ -48,6 +48,11 @@ __all__ = [
 
 # What a user sees on a job that never reached a worker.
 UNDISPATCHED_MESSAGE = "This job could not be queued, so it never started. Try again later."
+# For a refusal that trying again cannot change: the type's queue or priority, the backend path.
+MISCONFIGURED_MESSAGE = (
+    "This job could not be queued because of a problem in this site's setup, so it never "
+    "started. Trying again will not help until the site's administrators fix it."
+)
 
 
 def _load_tasks_api() -> tuple[ModuleType, ModuleType] | tuple[None, None]:
@@ -216,10 +221,7 @@ class DjangoTasksExecutor(BaseExecutor):
                 f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "
                 f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             )
-            if self._fail_undispatched(job_id, message):
-                outcome = "The job was marked failed."
-            else:
-                outcome = "The job was not marked failed here (see the log)."
+            human_readable_error = MISCONFIGURED_MESSAGE
             if misplaced_database_backend(_configured_backend(alias)) is not None:
                 advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
             elif _is_invalid_task(exc):
@@ -229,17 +231,25 @@ class DjangoTasksExecutor(BaseExecutor):
                     f"fix its priority (manage.py check names the problem)"
                 )
             else:
+                human_readable_error = UNDISPATCHED_MESSAGE
                 advice = (
                     f"Check that the TASKS backend is reachable and set up (for "
                     f"{DATABASE_BACKEND}: its database and migrations)"
                 )
+            if self._fail_undispatched(job_id, message, human_readable_error=human_readable_error):
+                outcome = "The job was marked failed."
+            else:
+                outcome = "The job was not marked failed here (see the log)."
             raise DispatchError(
                 f"{message}. {outcome} {advice}, then start the job again."
             ) from exc
 
     @staticmethod
     def _fail_undispatched(
-        job_id: int, message: str, created_at: datetime.datetime | None = None
+        job_id: int,
+        message: str,
+        created_at: datetime.datetime | None = None,
+        human_readable_error: str = UNDISPATCHED_MESSAGE,
     ) -> bool:
         """Mark the job failed; False if it was not (it left pending, was rolled back, or the
         database is down too and the stale-job sweep will fail it). ``created_at``, when
@@ -255,7 +265,7 @@ class DjangoTasksExecutor(BaseExecutor):
                 job_id,
                 created_at=created_at,
                 error=message,
-                human_readable_error=UNDISPATCHED_MESSAGE,
+                human_readable_error=human_readable_error,
             )
         except Exception:
             logger.exception("Job %s: could not mark the undispatched job failed", job_id)

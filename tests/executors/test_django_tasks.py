@@ -457,7 +457,11 @@ def test_queue_rejected_by_the_backend_fails_the_job(
     # The backend is reachable and set up: the advice is about the queue.
     assert f"Add the job type's queue to TASKS[{alias!r}]['QUEUES']" in str(raised.value)
     assert "reachable" not in str(raised.value)
-    assert Job.objects.get().state == "failed"
+    job = Job.objects.get()
+    assert job.state == "failed"
+    # The user is not told to try again: the same type is refused until the setup changes.
+    assert job.human_readable_error == django_tasks.MISCONFIGURED_MESSAGE
+    assert "Try again later" not in job.human_readable_error
     assert not DBTaskResult.objects.exists()
 
 
@@ -468,7 +472,12 @@ def test_a_batch_the_backend_refuses_fails_every_job_of_it(
     settings.TASKS = {alias: {"BACKEND": DATABASE_BACKEND, "QUEUES": ["default"]}}
     with pytest.raises(DispatchError, match=r"The 2 job\(s\) after it in the same transaction"):
         JobHandler.create_and_start_many(user, "routed", [{}, {}, {}])
-    assert list(Job.objects.values_list("state", flat=True)) == ["failed"] * 3
+    assert list(Job.objects.order_by("pk").values_list("state", "human_readable_error")) == [
+        ("failed", django_tasks.MISCONFIGURED_MESSAGE),
+        # Never offered to the backend: nothing says their own setup is wrong.
+        ("failed", django_tasks.UNDISPATCHED_MESSAGE),
+        ("failed", django_tasks.UNDISPATCHED_MESSAGE),
+    ]
     assert not DBTaskResult.objects.exists()
 
 
