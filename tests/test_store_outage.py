@@ -82,6 +82,19 @@ def test_ticks_never_raise_and_the_db_keeps_the_outcome_while_redis_is_down(db, 
     )
 
 
+def test_a_job_ending_while_redis_is_down_logs_what_polls_see_and_what_repairs_it(
+    db, user, redis_server, caplog
+):
+    redis_server.stop()
+    with caplog.at_level("WARNING", logger="task_ferry"):
+        job = JobHandler.create_and_start(user, "scripted", steps=3)
+    [line] = [m for m in caplog.messages if m.startswith(f"Job {job.pk}: progress store")]
+    assert "its end not published" in line
+    assert f"127.0.0.1:{redis_server.port}" in line  # the store's own error
+    assert "Polls answer from the job's row meanwhile" in line
+    assert "the first stale-job sweep after the store is back writes its end" in line
+
+
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
 def test_publishing_and_cancel_requests_resume_when_redis_returns(
     transactional_db, user, redis_server
