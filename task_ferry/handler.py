@@ -154,8 +154,13 @@ def publish(job: Job) -> None:
     try:
         get_store().write(job.pk, job_snapshot(job))
     except ProgressStoreUnavailable as exc:
+        # Only ended jobs are published here (the monitor publishes running ones).
         logger.warning(
-            "Job %s: progress store unavailable, snapshot not published: %s", job.pk, exc
+            "Job %s: progress store unavailable, its end not published. Polls answer from the "
+            "job's row meanwhile; where the store kept a live snapshot of the job, the first "
+            "stale-job sweep after the store is back writes its end. %s",
+            job.pk,
+            exc,
         )
 
 

@@ -217,12 +217,21 @@ class JobMonitor:
         # Once per outage: a warning per interval would flood the logs.
         if not self._store_down:
             self._store_down = True
-            logger.warning("task_ferry monitor: progress store unavailable: %s", exc)
+            logger.warning(
+                "task_ferry monitor: progress store unavailable. Running jobs carry on: their "
+                "progress shows once each ends or the store is back, and cancel requests reach "
+                "them through the database at each heartbeat. Check that the store is running "
+                "and reachable from this worker. %s",
+                exc,
+            )
 
     def _report_store_up(self) -> None:
         if self._store_down:
             self._store_down = False
-            logger.warning("task_ferry monitor: progress store reachable again")
+            logger.warning(
+                "task_ferry monitor: progress store reachable again; publishing progress and "
+                "taking cancel requests from it again."
+            )
 
     def _forget_deleted(self, job_ids: set[int], found_at: float) -> None:
         """Stop the running jobs whose rows were deleted at their next tick, as if cancelled:

@@ -50,12 +50,35 @@ def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None)
     try:
         with retried_on_lost_connection(self):
             # A job that had started is not run again by the retry: the compare-and-set decides.
-            JobHandler.run_job(job_id, job_type_name=job_type_name)
+            ran = JobHandler.run_job(job_id, job_type_name=job_type_name)
+            if ran is None and (self.request.delivery_info or {}).get("redelivered"):
+                warn_if_redelivered_while_started(job_id)
     except InvalidJobId as exc:
         # No delivery of this message can succeed: rejected without requeue, it is never
         # redelivered (on RabbitMQ it goes to the queue's dead-letter exchange, if any).
         logger.error("Rejected a %s message: %s", RUN_JOB_TASK, exc)
         raise Reject(exc, requeue=False) from exc
+
+
+def warn_if_redelivered_while_started(job_id: int) -> None:
+    """Say so when a redelivered message finds its job started: most often the worker that
+    took it first was killed mid-run (a deploy's stop timeout, the OOM killer), which
+    Celery's own log line does not tie to the job. One query, on redeliveries only."""
+    from task_ferry.conf import ferry_settings
+    from task_ferry.models import Job, JobState, jobs_database
+
+    state = Job.objects.using(jobs_database()).filter(pk=job_id).values_list("state", flat=True)
+    if state.first() != JobState.STARTED:
+        return
+    logger.warning(
+        "Job %s was delivered again while started: the worker that took it first died or lost "
+        "its broker connection mid-run (or the run outlasted the broker's visibility timeout "
+        "or consumer_timeout). Not running it twice. If that worker is gone, the stale-job "
+        "sweep fails the job %gs after its last heartbeat (HEARTBEAT_TIMEOUT); check that "
+        "celery beat or task_ferry_sweep runs.",
+        job_id,
+        ferry_settings.HEARTBEAT_TIMEOUT,
+    )
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from django.utils import timezone
 from task_ferry.handler import JobHandler, transition
 from task_ferry.management.commands import task_ferry_jobs
 from task_ferry.management.commands.task_ferry_cleanup import parse_age
-from task_ferry.models import Job, JobState
+from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.test_admin import make_job
@@ -157,6 +157,25 @@ def test_jobs_plain_lines_from_store_and_database(live_jobs):
     assert lines[1].startswith(f"#{running.pk} scripted (system) started 42% copying rows (")
     assert f"#{finished.pk}" not in out
     assert "\x1b[" not in out
+
+
+def test_jobs_flags_a_started_job_whose_worker_stopped_beating(live_jobs, settings):
+    """After a deploy or an OOM kill, the job a dead worker ran still shows as started until
+    the sweep fails it: the listing says which ones have gone quiet."""
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_INTERVAL": 10}
+    _, quiet = live_jobs
+    beating = make_job(None)
+    transition(beating, JobState.STARTED, from_states=[JobState.PENDING])
+    just_started = make_job(None)
+    transition(just_started, JobState.STARTED, from_states=[JobState.PENDING])
+    now = timezone.now()
+    Heartbeat.objects.create(job=quiet, worker="w1", beat_at=now - datetime.timedelta(seconds=75))
+    Heartbeat.objects.create(job=beating, worker="w2", beat_at=now - datetime.timedelta(seconds=5))
+
+    lines = {int(line.split()[0][1:]): line for line in run("task_ferry_jobs").splitlines()}
+    assert re.search(r"\[no heartbeat for 1:1[5-9]\]$", lines[quiet.pk]), lines[quiet.pk]
+    assert "heartbeat" not in lines[beating.pk]
+    assert "heartbeat" not in lines[just_started.pk]  # no beat yet, started a moment ago
 
 
 def test_jobs_filters_by_type(live_jobs, user):

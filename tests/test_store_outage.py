@@ -82,6 +82,19 @@ def test_ticks_never_raise_and_the_db_keeps_the_outcome_while_redis_is_down(db, 
     )
 
 
+def test_a_job_ending_while_redis_is_down_logs_what_polls_see_and_what_repairs_it(
+    db, user, redis_server, caplog
+):
+    redis_server.stop()
+    with caplog.at_level("WARNING", logger="task_ferry"):
+        job = JobHandler.create_and_start(user, "scripted", steps=3)
+    [line] = [m for m in caplog.messages if m.startswith(f"Job {job.pk}: progress store")]
+    assert "its end not published" in line
+    assert f"127.0.0.1:{redis_server.port}" in line  # the store's own error
+    assert "Polls answer from the job's row meanwhile" in line
+    assert "the first stale-job sweep after the store is back writes its end" in line
+
+
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
 def test_publishing_and_cancel_requests_resume_when_redis_returns(
     transactional_db, user, redis_server
@@ -151,6 +164,50 @@ def test_a_redis_restart_between_two_publications_does_not_lose_a_running_jobs_p
     finally:
         gated.release.set()
         job_type_registry.unregister(gated)
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite allows one writer at a time")
+def test_the_worker_log_says_what_a_redis_outage_means_for_running_jobs_and_when_it_ends(
+    transactional_db, user, redis_server, caplog
+):
+    """The one line a worker logs for an outage is what an operator sees at 3 a.m.: it says
+    that jobs carry on, where cancel requests go meanwhile, and what to check."""
+    from task_ferry.registry import job_type_registry
+
+    gated = job_type_registry.register(GatedJobType())
+    try:
+        with caplog.at_level("WARNING", logger="task_ferry"):
+            thread, job = start_halfway(gated, user, steps=20)
+            store = get_store()
+            wait_until(
+                lambda: dict(store.client.pubsub_numsub(store.cancel_channel)).get(
+                    store.cancel_channel.encode()
+                ),
+                "the monitor listens for cancel requests",
+            )
+            redis_server.stop()
+            wait_until(
+                lambda: any("monitor: progress store unavailable" in m for m in caplog.messages),
+                "the monitor reports the outage",
+            )
+            redis_server.start()
+            wait_until(
+                lambda: any("monitor: progress store reachable" in m for m in caplog.messages),
+                "the monitor reports the store back",
+            )
+            gated.release.set()
+            thread.finish()
+    finally:
+        gated.release.set()
+        job_type_registry.unregister(gated)
+    assert ScriptedJob.objects.get(pk=job.pk).state == "finished"  # it carried on, as said
+    [down] = [m for m in caplog.messages if "monitor: progress store unavailable" in m]
+    assert f"127.0.0.1:{redis_server.port}" in down  # the store's error, at the end
+    assert "Running jobs carry on" in down
+    assert "cancel requests reach them through the database at each heartbeat" in down
+    assert "Check that the store is running and reachable from this worker." in down
+    [back] = [m for m in caplog.messages if "monitor: progress store reachable" in m]
+    assert "publishing progress and taking cancel requests from it again" in back
 
 
 def test_deleting_many_jobs_while_redis_is_down_commits_and_logs_a_short_warning(

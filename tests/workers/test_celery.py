@@ -382,8 +382,14 @@ def test_job_of_a_killed_worker_process_is_redelivered_but_never_run_twice(
     for pid in children:
         os.kill(int(pid), signal.SIGKILL)
 
-    # reject_on_worker_lost requeues the message; its redelivery finds the job started.
+    # reject_on_worker_lost requeues the message; its redelivery finds the job started, and
+    # the worker's log says which job lost its worker and what ends it.
     celery_executor.process.wait_for_log(f"Job {job.pk} is not pending; not running it.")
+    warning = f"Job {job.pk} was delivered again while started: the worker that took it first"
+    celery_executor.process.wait_for_log(warning)
+    [line] = [line for line in celery_executor.process.log().splitlines() if warning in line]
+    assert "WARNING/" in line
+    assert "the stale-job sweep fails the job" in line and "HEARTBEAT_TIMEOUT" in line
     assert state_of(job.pk) == "started"
     assert not Marker.objects.filter(name="killed-run").exists()
 

@@ -10,12 +10,14 @@ from time import sleep
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
+from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
 from task_ferry.management.databases import OutageReportingCommand
 from task_ferry.management.intervals import check_interval
-from task_ferry.models import Job
+from task_ferry.models import Heartbeat, Job
 from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import snapshot_of
 from task_ferry.stores.base import get_store
@@ -38,6 +40,8 @@ class JobLine:
     percentage: int
     label: str
     started_at: datetime.datetime | None
+    #: The job's last heartbeat; None before its first, and for jobs not running.
+    last_beat_at: datetime.datetime | None = None
 
     @property
     def change_key(self) -> tuple[str, int, str]:
@@ -46,10 +50,18 @@ class JobLine:
     def running_for(self, now: datetime.datetime) -> str:
         if self.started_at is None:
             return ""
-        seconds = max(0, int((now - self.started_at).total_seconds()))
-        minutes, seconds = divmod(seconds, 60)
-        hours, minutes = divmod(minutes, 60)
-        return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+        return duration(now - self.started_at)
+
+    def silence(self, now: datetime.datetime) -> str:
+        """``no heartbeat for 1:05`` for a started job whose worker missed two heartbeats (it
+        may be gone: the sweep fails it after HEARTBEAT_TIMEOUT); empty otherwise."""
+        last_sign = self.last_beat_at or self.started_at
+        if self.state != "started" or last_sign is None:
+            return ""
+        silent = now - last_sign
+        if silent.total_seconds() <= 2 * ferry_settings.HEARTBEAT_INTERVAL:
+            return ""
+        return f"no heartbeat for {duration(silent)}"
 
     def plain(self, now: datetime.datetime) -> str:
         parts = [f"#{self.id}", self.type, self.owner, self.state, f"{self.percentage}%"]
@@ -57,6 +69,8 @@ class JobLine:
             parts.append(self.label)
         if self.started_at is not None and self.state == "started":
             parts.append(f"({self.running_for(now)})")
+        if silence := self.silence(now):
+            parts.append(f"[{silence}]")
         return " ".join(parts)
 
     def bar(self, now: datetime.datetime, width: int) -> str:
@@ -66,6 +80,8 @@ class JobLine:
         bar_width = max(10, min(30, width - len(head) - len(tail) - 24))
         filled = round(bar_width * self.percentage / 100)
         line = f"{head} [{'#' * filled}{'.' * (bar_width - filled)}]{tail}"
+        if silence := self.silence(now):
+            line = f"{line}  [{silence}]"
         if self.label:
             line = f"{line}  {self.label}"
         return line if len(line) < width else line[: width - 2] + "…"
@@ -88,9 +104,17 @@ def job_lines(jobs: Iterable[Job], snapshots: dict[int, dict[str, Any]]) -> list
                 percentage=int(snapshot.get("progress_percentage", job.progress_percentage)),
                 label=str(snapshot.get("progress_state", job.progress_state) or ""),
                 started_at=job.started_at,
+                last_beat_at=getattr(job, "last_beat_at", None),
             )
         )
     return lines
+
+
+def duration(delta: datetime.timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def check_type_name(name: str) -> None:
@@ -154,7 +178,13 @@ class Command(OutageReportingCommand):
             self.stdout.write("")
 
     def fetch(self) -> list[JobLine]:
-        jobs = Job.objects.live().select_related("user").order_by("pk")
+        last_beat = Heartbeat.objects.filter(job_id=OuterRef("pk")).values("beat_at")[:1]
+        jobs = (
+            Job.objects.live()
+            .select_related("user")
+            .annotate(last_beat_at=Subquery(last_beat))
+            .order_by("pk")
+        )
         if self.job_type:
             jobs = jobs.filter(type=self.job_type)
         return self.lines(jobs[: self.limit])
