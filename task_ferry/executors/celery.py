@@ -378,15 +378,24 @@ def log_queues_served(consumer: Any) -> None:
     # Started without -Q, surely by mistake. The queue it consumes kept: Celery's default may
     # hold the project's other tasks, which a worker started with only the jobs' queues would
     # no longer run.
-    queues = [*consumed, *needed]
+    # The maintenance tasks get a worker of their own: behind long jobs, the sweep runs late.
+    app_name = app_argument(sys.argv, consumer.app.main or "proj")
+    queues = [*consumed, *job_queues]
+    own_worker = (
+        f"; and give {','.join(maintenance)} a worker of its own: celery -A {app_name} worker "
+        f"-Q {','.join(maintenance)} --concurrency 1"
+        if maintenance
+        else ""
+    )
     logger.warning(
         "This worker consumes the queue(s) %s, and %s: it will run none of them, and they stay "
         "pending until a worker consumes their queue. Start it with -Q: celery -A %s worker -Q "
-        "%s",
+        "%s%s",
         ", ".join(consumed) or "(none)",
         sent_to,
-        app_argument(sys.argv, consumer.app.main or "proj"),
+        app_name,
         ",".join(queues),
+        own_worker,
     )
 
 
