@@ -334,8 +334,12 @@ EVENTS_EXAMPLE = (
     'event: end\ndata: {"state":"finished"}\n\n'
 )
 
-# The id ``JobAutoSchema`` gives the detail operation, which the event stream mirrors.
-DETAIL_OPERATION_ID = "jobs_retrieve"
+# The id ``JobAutoSchema`` gives the detail operation, which the event stream mirrors, and the
+# stream's own; as they are, and as spectacular's ``CAMELIZE_NAMES`` writes them.
+EVENTS_OPERATION_IDS = {
+    "jobs_retrieve": "jobs_events_retrieve",
+    "jobsRetrieve": "jobsEventsRetrieve",
+}
 
 
 def events_postprocessing_hook(
@@ -355,10 +359,10 @@ def add_events_operation(paths: dict[str, Any]) -> None:
     spectacular's ``SCHEMA_PATH_PREFIX_TRIM`` shortened."""
     for path, item in list(paths.items()):
         detail = item.get("get")
-        if detail is None or detail.get("operationId") != DETAIL_OPERATION_ID:
+        if detail is None or detail.get("operationId") not in EVENTS_OPERATION_IDS:
             continue
         events = copy.deepcopy(detail)
-        events["operationId"] = "jobs_events_retrieve"
+        events["operationId"] = EVENTS_OPERATION_IDS[detail["operationId"]]
         events["summary"] = "A job's changes as Server-Sent Events"
         events["description"] = EVENTS_DESCRIPTION
         # A plain Django view: it streams whatever the Accept header says.

@@ -372,3 +372,12 @@ def test_the_hook_describes_the_stream_of_an_api_under_a_prefix_with_a_version_a
 def test_the_apis_own_schema_inside_a_namespace_describes_the_stream(api):
     paths = api.get("/api/v2/jobs/schema/?format=json").json()["paths"]
     assert "/api/v2/jobs/{id}/events/" in paths
+
+
+def test_the_hook_describes_the_stream_with_camelized_names(db):
+    # Found by the detail's operation id, which CAMELIZE_NAMES writes jobsRetrieve.
+    from drf_spectacular.settings import patched_settings
+
+    with patched_settings({"CAMELIZE_NAMES": True}):
+        paths = project_schema()["paths"]
+    assert paths["/api/jobs/{id}/events/"]["get"]["operationId"] == "jobsEventsRetrieve"
