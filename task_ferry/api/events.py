@@ -99,7 +99,7 @@ class JobEventsAccess(APIView):
     def get_permissions(self) -> list[Any]:
         return [get_permission_class()()]
 
-    def get(self, request: Request, pk: str) -> Response:
+    def get(self, request: Request, pk: str, **kwargs: Any) -> Response:
         policy: IsJobOwner = self.get_permissions()[0]
         try:
             job_id = parse_job_id(pk)
@@ -113,9 +113,12 @@ class JobEventsAccess(APIView):
 _access_view = JobEventsAccess.as_view()
 
 
-def check_access(request: HttpRequest, pk: str) -> tuple[HttpResponseBase | None, Any]:
+def check_access(
+    request: HttpRequest, pk: str, **kwargs: Any
+) -> tuple[HttpResponseBase | None, Any]:
     try:
-        response = _access_view(request, pk=pk)
+        # The URL's other arguments (a ``version`` in the API's prefix) are DRF's to read.
+        response = _access_view(request, pk=pk, **kwargs)
     finally:
         if isinstance(request, ASGIRequest):
             # The stream needs no database: do not hold a connection for its lifetime.
@@ -340,14 +343,15 @@ class EveryDatabase(frozenset[str]):
         return True
 
 
-async def job_events(request: HttpRequest, pk: str) -> HttpResponseBase:
-    """``GET /<id>/events/``. See docs/api.md for the event format."""
+async def job_events(request: HttpRequest, pk: str, **kwargs: Any) -> HttpResponseBase:
+    """``GET /<id>/events/``. See docs/api.md for the event format. ``kwargs`` are the other
+    arguments of the URL the API is mounted under (``api/<version>/jobs/``)."""
     if isinstance(request, ASGIRequest):
         # A few threads, so a burst of new streams opens a few database connections at most.
         check = sync_to_async(check_access, thread_sensitive=False, executor=_access_executor)
     else:
         check = sync_to_async(check_access)
-    error, snapshot = await check(request, pk)
+    error, snapshot = await check(request, pk, **kwargs)
     if error is not None:
         return error
     store = get_store()

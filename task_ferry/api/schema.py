@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from django.urls import NoReverseMatch, reverse
 from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiViewExtension
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.openapi import AutoSchema
@@ -335,6 +334,13 @@ EVENTS_EXAMPLE = (
     'event: end\ndata: {"state":"finished"}\n\n'
 )
 
+# The id ``JobAutoSchema`` gives the detail operation, which the event stream mirrors, and the
+# stream's own; as they are, and as spectacular's ``CAMELIZE_NAMES`` writes them.
+EVENTS_OPERATION_IDS = {
+    "jobs_retrieve": "jobs_events_retrieve",
+    "jobsRetrieve": "jobsEventsRetrieve",
+}
+
 
 def events_postprocessing_hook(
     result: dict[str, Any], generator: Any, request: Any, public: bool
@@ -346,28 +352,28 @@ def events_postprocessing_hook(
 
 
 def add_events_operation(paths: dict[str, Any]) -> None:
-    """Describe ``GET <id>/events/``, a plain Django view spectacular cannot see, next to the
-    detail operation it mirrors (same parameters, security and error responses). The paths are
-    found through the URLconf, so the API may be mounted anywhere."""
-    try:
-        events_url = reverse("task_ferry:job-events", kwargs={"pk": "0"})
-    except NoReverseMatch:
-        return  # the job API is not in this URLconf
-    prefix = events_url.removesuffix("0/events/")
-    detail = paths.get(f"{prefix}{{id}}/", {}).get("get")
-    if detail is None:
-        return
-    events = copy.deepcopy(detail)
-    events["operationId"] = detail["operationId"].removesuffix("_retrieve") + "_events_retrieve"
-    events["summary"] = "A job's changes as Server-Sent Events"
-    events["description"] = EVENTS_DESCRIPTION
-    # A plain Django view: it streams whatever the Accept header says.
-    events["responses"].pop("406", None)
-    events["responses"]["200"] = {
-        "description": "The event stream (`text/event-stream`).",
-        "content": {"text/event-stream": {"schema": {"type": "string"}, "example": EVENTS_EXAMPLE}},
-    }
-    paths[f"{prefix}{{id}}/events/"] = {"get": events}
+    """Describe ``GET <id>/events/``, a plain Django view spectacular cannot see, next to each
+    detail operation it mirrors (same parameters, security and error responses). The detail
+    operations are found by their id, not through the URLconf: the API may be mounted inside a
+    namespace of the project's, under a prefix with a ``version`` argument, or at a path that
+    spectacular's ``SCHEMA_PATH_PREFIX_TRIM`` shortened."""
+    for path, item in list(paths.items()):
+        detail = item.get("get")
+        if detail is None or detail.get("operationId") not in EVENTS_OPERATION_IDS:
+            continue
+        events = copy.deepcopy(detail)
+        events["operationId"] = EVENTS_OPERATION_IDS[detail["operationId"]]
+        events["summary"] = "A job's changes as Server-Sent Events"
+        events["description"] = EVENTS_DESCRIPTION
+        # A plain Django view: it streams whatever the Accept header says.
+        events["responses"].pop("406", None)
+        events["responses"]["200"] = {
+            "description": "The event stream (`text/event-stream`).",
+            "content": {
+                "text/event-stream": {"schema": {"type": "string"}, "example": EVENTS_EXAMPLE}
+            },
+        }
+        paths[f"{path}events/"] = {"get": events}
 
 
 class JobSchemaView(SpectacularAPIView):

@@ -217,7 +217,9 @@ class JSONFirstNegotiation(DefaultContentNegotiation):
 
 
 class JobViewSet(viewsets.GenericViewSet[Job]):
-    """The caller's jobs: list, create, detail (live from the progress store) and cancel."""
+    """The caller's jobs: list, create, detail (live from the progress store) and cancel.
+    Each action takes the other arguments of the URL it is mounted under (a ``version``) and
+    leaves them to DRF."""
 
     serializer_class = JobSerializer
     pagination_class = JobPagination
@@ -247,7 +249,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
             queryset = queryset.filter(type__in=types)
         return queryset
 
-    def list(self, request: Request) -> Response:
+    def list(self, request: Request, **kwargs: Any) -> Response:
         paths = job_paths()
         queryset = self.filter_queryset(self.get_queryset()).select_related(*paths.values())
         page = self.paginate_queryset(queryset)
@@ -265,11 +267,11 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
             results.append(public_job(snapshot))
         return self.get_paginated_response(results)
 
-    def retrieve(self, request: Request, pk: str | None = None) -> Response:
+    def retrieve(self, request: Request, pk: str | None = None, **kwargs: Any) -> Response:
         snapshot = visible_snapshot(self.policy, request, self._parse_id(pk), pk)
         return Response(public_job(snapshot))
 
-    def create(self, request: Request) -> Response:
+    def create(self, request: Request, **kwargs: Any) -> Response:
         data = request.data
         if not isinstance(data, Mapping):
             raise ValidationError(
@@ -338,7 +340,7 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         return Response(public_job(newest_snapshot(job)), status=status.HTTP_201_CREATED)
 
     @action(detail=True, methods=["post"])
-    def cancel(self, request: Request, pk: str | None = None) -> Response:
+    def cancel(self, request: Request, pk: str | None = None, **kwargs: Any) -> Response:
         job = self._get_job(self._parse_id(pk), pk)
         if not self.policy.can_cancel(request, job):
             raise NotFound(str(JobDoesNotExist(pk)))

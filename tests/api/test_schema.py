@@ -334,3 +334,50 @@ def test_a_job_objects_keys_are_all_required_as_every_response_has_them(api, use
         assert set(api.get(f"/api/jobs/{job.pk}/").json()) == set(component["properties"]), name
     # A create body still requires only what the serializer does.
     assert components["ExportTableJobCreate"]["required"] == ["table_id", "type"]
+
+
+def project_schema():
+    """The project-wide schema spectacular generates, with the job API's hook."""
+    from drf_spectacular.generators import SchemaGenerator
+
+    from task_ferry.api.schema import events_postprocessing_hook
+
+    class ProjectSchemaGenerator(SchemaGenerator):
+        def _get_paths_and_endpoints(self):
+            # The job API's own schema view takes DRF's DEFAULT_SCHEMA_CLASS, which the test
+            # project leaves as DRF's, not spectacular's as a project using spectacular sets it.
+            endpoints = super()._get_paths_and_endpoints()
+            return [e for e in endpoints if not e[0].endswith("/schema/")]
+
+    schema = ProjectSchemaGenerator().get_schema(request=None, public=True)
+    return events_postprocessing_hook(schema, generator=None, request=None, public=True)
+
+
+@pytest.mark.urls("tests.api.urls_nested")
+def test_the_hook_describes_the_stream_of_an_api_inside_a_namespace_of_the_projects(db):
+    # It looked the stream up as task_ferry:job-events, which is api:task_ferry:job-events
+    # here, and left it out without a word.
+    paths = project_schema()["paths"]
+    assert "/api/v2/jobs/{id}/events/" in paths
+
+
+@pytest.mark.urls("tests.api.urls_versioned")
+def test_the_hook_describes_the_stream_of_an_api_under_a_prefix_with_a_version_argument(db):
+    paths = project_schema()["paths"]
+    events = paths["/api/{version}/jobs/{id}/events/"]["get"]
+    assert events["parameters"] == paths["/api/{version}/jobs/{id}/"]["get"]["parameters"]
+
+
+@pytest.mark.urls("tests.api.urls_nested")
+def test_the_apis_own_schema_inside_a_namespace_describes_the_stream(api):
+    paths = api.get("/api/v2/jobs/schema/?format=json").json()["paths"]
+    assert "/api/v2/jobs/{id}/events/" in paths
+
+
+def test_the_hook_describes_the_stream_with_camelized_names(db):
+    # Found by the detail's operation id, which CAMELIZE_NAMES writes jobsRetrieve.
+    from drf_spectacular.settings import patched_settings
+
+    with patched_settings({"CAMELIZE_NAMES": True}):
+        paths = project_schema()["paths"]
+    assert paths["/api/jobs/{id}/events/"]["get"]["operationId"] == "jobsEventsRetrieve"

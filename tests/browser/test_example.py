@@ -430,6 +430,49 @@ def test_bar_keeps_a_failed_cancel_in_view(example_server: ExampleServer, page) 
     assert page.errors == []
 
 
+@pytest.mark.parametrize("mounted_by", ["mountProgress", "attributes"])
+def test_bar_cancels_with_the_csrf_cookie_and_header_a_project_renamed(
+    example_server: ExampleServer, page, mounted_by: str
+) -> None:
+    """A project with its own CSRF_COOKIE_NAME and CSRF_HEADER_NAME names them to the bar. Its
+    Cancel sent the default cookie's token in X-CSRFToken, which that project refuses."""
+    open_example_page(page, example_server)
+    page.context.add_cookies(
+        [{"name": "shop_csrftoken", "value": "shop-token", "url": example_server.url}]
+    )
+    sent: list[dict[str, str]] = []
+
+    def refuse(route) -> None:
+        sent.append(route.request.headers)
+        route.fulfill(status=403, json={"detail": "CSRF Failed: CSRF token missing."})
+
+    cancels = re.compile(r"/api/jobs/\d+/cancel/")
+    page.route(cancels, refuse)
+    job_id = page.evaluate(
+        """async (mountedBy) => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 30});
+            const names = {csrfCookieName: "shop_csrftoken", csrfHeaderName: "X-Shop-CSRF"};
+            if (mountedBy === "mountProgress") {
+                TaskFerry.mountProgress(document.body, job.id, {job, sse: false, ...names});
+            } else {
+                document.body.insertAdjacentHTML("beforeend", `<task-ferry-progress
+                    job-id="${job.id}" no-sse csrf-cookie-name="shop_csrftoken"
+                    csrf-header-name="X-Shop-CSRF"></task-ferry-progress>`);
+            }
+            return String(job.id);
+        }""",
+        mounted_by,
+    )
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    bar.get_by_role("button", name=f"Cancel Job {job_id}").click()
+    playwright_api.expect(bar.locator(".tf-progress__error")).to_contain_text("Could not cancel")
+    assert [headers.get("x-shop-csrf") for headers in sent] == ["shop-token"]
+    assert "x-csrftoken" not in sent[0]
+    page.unroute(cancels)
+    page.evaluate("(id) => TaskFerry.cancelJob(id)", job_id)
+    assert page.errors == []
+
+
 def test_bar_stops_on_a_page_that_is_not_json(example_server: ExampleServer, page) -> None:
     """A 200 HTML page (a login page after a redirect, a wrong `api`) is an error, not silence."""
     expect = playwright_api.expect

@@ -464,7 +464,8 @@
       this._cancelError = null;
       this._render(this.job);
       try {
-        const job = await cancelJob(jobId, { base: this.base });
+        const { base, csrfCookieName, csrfHeaderName } = this._options();
+        const job = await cancelJob(jobId, { base, csrfCookieName, csrfHeaderName });
         // The element was given another job meanwhile: this answer is not about it.
         if (this.jobId !== jobId) return job;
         this._showError(null);
@@ -493,6 +494,9 @@
         sse: !this.hasAttribute("no-sse"),
         pollInterval: interval > 0 ? interval : DEFAULTS.pollInterval,
         maxStreams: streams >= 0 ? streams : DEFAULTS.maxStreams,
+        // A project's own CSRF_COOKIE_NAME and CSRF_HEADER_NAME, which the page cannot guess.
+        csrfCookieName: this.getAttribute("csrf-cookie-name") || DEFAULTS.csrfCookieName,
+        csrfHeaderName: this.getAttribute("csrf-header-name") || DEFAULTS.csrfHeaderName,
         onUpdate: (job) => this._receive(job),
         onError: (error) => {
           this._follower = null;
@@ -608,6 +612,8 @@
     if (opts.pollInterval) element.setAttribute("poll-interval", String(opts.pollInterval));
     if (opts.maxStreams !== undefined) element.setAttribute("max-streams", String(opts.maxStreams));
     if (opts.label) element.setAttribute("label", opts.label);
+    if (opts.csrfCookieName) element.setAttribute("csrf-cookie-name", opts.csrfCookieName);
+    if (opts.csrfHeaderName) element.setAttribute("csrf-header-name", opts.csrfHeaderName);
     if (opts.job) {
       element.setAttribute("state", opts.job.state);
       element.setAttribute("percentage", String(opts.job.progress_percentage || 0));
