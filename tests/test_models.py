@@ -1,13 +1,8 @@
 """The job models in a project that forgot to install task_ferry."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPOSITORY = Path(__file__).parents[1]
+from tests.projects import manage_py_check
 
 
 def run_check(tmp_path, root_urlconf):
@@ -30,27 +25,12 @@ def run_check(tmp_path, root_urlconf):
         },
         "ROOT_URLCONF": root_urlconf or "without_ferry_urls",
     }
-    (tmp_path / "without_ferry.py").write_text(
-        "".join(f"{name} = {value!r}\n" for name, value in project_settings.items())
-    )
     (tmp_path / "without_ferry_urls.py").write_text("urlpatterns = []\n")
     (tmp_path / "api_urls.py").write_text(
         "from django.urls import include, path\n\n"
         'urlpatterns = [path("api/jobs/", include("task_ferry.api.urls"))]\n'
     )
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "without_ferry",
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPOSITORY)]),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "django", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return result.returncode, result.stdout + result.stderr
+    return manage_py_check(tmp_path, project_settings)
 
 
 @pytest.mark.parametrize(

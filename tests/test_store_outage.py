@@ -70,6 +70,18 @@ def redis_server(tmp_path, settings):
     server.stop()
 
 
+def wait_until_the_monitor_listens():
+    """Until the worker's monitor is subscribed to cancel requests, so it hears Redis go: a
+    test before may have left it waiting a second to subscribe again."""
+    store = get_store()
+    wait_until(
+        lambda: dict(store.client.pubsub_numsub(store.cancel_channel)).get(
+            store.cancel_channel.encode()
+        ),
+        "the monitor listens for cancel requests",
+    )
+
+
 def test_ticks_never_raise_and_the_db_keeps_the_outcome_while_redis_is_down(db, user, redis_server):
     redis_server.stop()
     job = JobHandler.create_and_start(user, "scripted", steps=500, marker="kept")
@@ -142,13 +154,7 @@ def test_a_redis_restart_between_two_publications_does_not_lose_a_running_jobs_p
         # Subscribed to cancel requests, so the monitor hears Redis go: a test before this one
         # may have left it waiting a second to subscribe again, during which the restart went
         # unnoticed.
-        store = get_store()
-        wait_until(
-            lambda: dict(store.client.pubsub_numsub(store.cancel_channel)).get(
-                store.cancel_channel.encode()
-            ),
-            "the monitor listens for cancel requests",
-        )
+        wait_until_the_monitor_listens()
         redis_server.stop()
         redis_server.start()
         # The monitor resubscribes within a second of Redis returning.
@@ -178,13 +184,7 @@ def test_the_worker_log_says_what_a_redis_outage_means_for_running_jobs_and_when
     try:
         with caplog.at_level("WARNING", logger="task_ferry"):
             thread, job = start_halfway(gated, user, steps=20)
-            store = get_store()
-            wait_until(
-                lambda: dict(store.client.pubsub_numsub(store.cancel_channel)).get(
-                    store.cancel_channel.encode()
-                ),
-                "the monitor listens for cancel requests",
-            )
+            wait_until_the_monitor_listens()
             redis_server.stop()
             wait_until(
                 lambda: any("monitor: progress store unavailable" in m for m in caplog.messages),

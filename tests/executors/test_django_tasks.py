@@ -1,12 +1,9 @@
 """DjangoTasksExecutor without a worker: system checks, dispatch on commit, queue and priority,
 and what happens when the backend cannot take the task."""
 
-import os
-import subprocess
 import sys
 import types
 from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 from django.core.checks import run_checks
@@ -20,6 +17,7 @@ from task_ferry.executors.django_tasks import DjangoTasksExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
+from tests.projects import manage_py_check
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, ScriptedJob
 
@@ -138,23 +136,8 @@ def test_manage_py_check_names_the_fix_of_a_misplaced_database_backend(
         "TASKS": {"default": {"BACKEND": misplaced}},
         "TASK_FERRY": {"EXECUTOR": EXECUTOR, "TASKS_BACKEND": "default", "REDIS_URL": None},
     }
-    (tmp_path / "obsolete_project.py").write_text(
-        "".join(f"{name} = {value!r}\n" for name, value in project_settings.items())
-    )
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "obsolete_project",
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[2])]),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "django", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    returncode, output = manage_py_check(tmp_path, project_settings)
+    assert returncode != 0
     assert "InvalidTaskBackend" not in output
     assert f"(task_ferry.E022) TASKS['default']['BACKEND'] is {misplaced!r}" in output
     assert f'Use "BACKEND": "{DATABASE_BACKEND}"' in output
