@@ -13,11 +13,11 @@ class TaskFerryConfig(AppConfig):
             checks,  # noqa: F401 - registers the system checks
             conf,  # noqa: F401 - connects the setting_changed receiver
         )
-        from task_ferry.checks import refuse_obsolete_tasks_backend
+        from task_ferry.checks import refuse_misplaced_tasks_backend
         from task_ferry.handler import forget_deletes_of, forget_deletes_of_new_model
         from task_ferry.registry import job_type_registry
 
-        refuse_obsolete_tasks_backend()
+        refuse_misplaced_tasks_backend()
 
         # Job and each proxy of it, one by one: a receiver of every model's deletes would cost
         # every other model its fast deletes (Django loads the rows of a model with receivers).

@@ -225,7 +225,7 @@ MISPLACED_DATABASE_BACKENDS = {
 }
 
 
-def obsolete_tasks_backend_error(alias: str, path: str = OBSOLETE_DATABASE_BACKEND) -> Error:
+def misplaced_tasks_backend_error(alias: str, path: str = OBSOLETE_DATABASE_BACKEND) -> Error:
     """E022: ``TASKS[alias]`` names a database backend at ``path``, one of
     ``MISPLACED_DATABASE_BACKENDS``."""
     return Error(
@@ -243,7 +243,7 @@ def misplaced_database_backend(backend: object) -> str | None:
     return None
 
 
-def refuse_obsolete_tasks_backend() -> None:
+def refuse_misplaced_tasks_backend() -> None:
     """Raise E022 as ``TaskFerryImproperlyConfigured`` at startup where ``TASKS`` names a
     database backend path of ``MISPLACED_DATABASE_BACKENDS``, it does not import, and the
     system check of ``django.tasks`` (Django 6's own, or the backport's when "django_tasks" is
@@ -272,7 +272,7 @@ def refuse_obsolete_tasks_backend() -> None:
         try:
             import_string(path)
         except ImportError:
-            error = obsolete_tasks_backend_error(alias, path)
+            error = misplaced_tasks_backend_error(alias, path)
             raise TaskFerryImproperlyConfigured(
                 f"({error.id}) {error.msg}\n\tHINT: {error.hint}"
             ) from None

@@ -25,7 +25,7 @@ from django.db import transaction
 from task_ferry.checks import (
     DATABASE_BACKEND,
     misplaced_database_backend,
-    obsolete_tasks_backend_error,
+    misplaced_tasks_backend_error,
 )
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import (
@@ -310,7 +310,7 @@ class DjangoTasksExecutor(BaseExecutor):
             ]
         misplaced = misplaced_database_backend(_configured_backend(alias))
         if misplaced is not None:
-            return [obsolete_tasks_backend_error(alias, misplaced)]
+            return [misplaced_tasks_backend_error(alias, misplaced)]
         try:
             backend = tasks_api.task_backends[alias]
         except Exception as exc:

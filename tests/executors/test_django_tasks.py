@@ -9,7 +9,7 @@ import pytest
 from django.core.checks import run_checks
 from django.db import connection, transaction
 
-from task_ferry.checks import refuse_obsolete_tasks_backend
+from task_ferry.checks import refuse_misplaced_tasks_backend
 from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
 from task_ferry.executors import django_tasks
 from task_ferry.executors.base import get_executor
@@ -160,7 +160,7 @@ def test_startup_refuses_a_misplaced_database_backend_where_it_does_not_import(s
     if not HAS_BUILTIN_TASKS:
         assert "django_tasks" in settings.INSTALLED_APPS  # the backport's check is registered
     with pytest.raises(TaskFerryImproperlyConfigured) as raised:
-        refuse_obsolete_tasks_backend()
+        refuse_misplaced_tasks_backend()
     assert str(raised.value).startswith("(task_ferry.E022) TASKS['old']['BACKEND'] is ")
     assert f'HINT: Use "BACKEND": "{DATABASE_BACKEND}"' in str(raised.value)
 
@@ -172,7 +172,7 @@ def test_startup_takes_the_old_path_where_it_still_imports(settings, monkeypatch
     module.DatabaseBackend = object
     monkeypatch.setitem(sys.modules, "django_tasks.backends.database", module)
     settings.TASKS = {"default": {"BACKEND": OBSOLETE_BACKEND}}
-    refuse_obsolete_tasks_backend()
+    refuse_misplaced_tasks_backend()
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def test_startup_takes_the_old_path_where_it_still_imports(settings, monkeypatch
 )
 def test_startup_leaves_other_tasks_settings_to_the_checks(settings, tasks):
     settings.TASKS = tasks
-    refuse_obsolete_tasks_backend()
+    refuse_misplaced_tasks_backend()
 
 
 @requires_tasks
