@@ -390,6 +390,11 @@ def test_job_of_a_killed_worker_process_is_redelivered_but_never_run_twice(
     [line] = [line for line in celery_executor.process.log().splitlines() if warning in line]
     assert "WARNING/" in line
     assert "the stale-job sweep fails the job" in line and "HEARTBEAT_TIMEOUT" in line
+    # Celery's own lines about the task (received, then again on redelivery) name the job.
+    received = re.findall(
+        rf"run_job\[job-{job.pk}-[^\]]+\] received", celery_executor.process.log()
+    )
+    assert len(received) == 2, celery_executor.process.log()
     assert state_of(job.pk) == "started"
     assert not Marker.objects.filter(name="killed-run").exists()
 
@@ -877,6 +882,9 @@ def test_after_its_first_send_a_thread_builds_nothing_per_message(
     for job in jobs:
         headers = shown[saferepr((job.pk, "scripted"))]
         assert (headers["task"], headers["kwargsrepr"]) == (RUN_JOB_TASK, saferepr({}))
+        # ... and a task id that names the job, unique as Celery's own.
+        assert re.fullmatch(rf"job-{job.pk}-[0-9a-f-]{{36}}", headers["id"])
+    assert len({m["headers"]["id"] for m in messages}) == 6
 
 
 @pytest.mark.worker
