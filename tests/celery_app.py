@@ -22,6 +22,15 @@ app.conf.broker_connection_retry_on_startup = True
 app.conf.CELERY_DB_REUSE_MAX = 100
 app.autodiscover_tasks()
 
+# TASK_FERRY_TEST_VISIBILITY_TIMEOUT (seconds): the Redis broker hands an unacked message out
+# again that long after its delivery, checked every second.
+if os.environ.get("TASK_FERRY_TEST_VISIBILITY_TIMEOUT"):
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["TASK_FERRY_TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+
 if os.environ.get("TASK_FERRY_TEST_BEAT_EVERY"):
     every = float(os.environ["TASK_FERRY_TEST_BEAT_EVERY"])
     app.conf.beat_schedule = beat_schedule(

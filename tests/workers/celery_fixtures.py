@@ -130,7 +130,9 @@ def start_celery(args: list[str], env: dict[str, str], ready_text: str) -> Celer
     return celery
 
 
-def start_worker(broker_url: str, queues: list[str], concurrency: int = 2) -> CeleryProcess:
+def start_worker(
+    broker_url: str, queues: list[str], concurrency: int = 2, **extra_env: str
+) -> CeleryProcess:
     args = [
         "worker",
         "--pool=prefork",
@@ -142,7 +144,7 @@ def start_worker(broker_url: str, queues: list[str], concurrency: int = 2) -> Ce
         "--without-mingle",
         "--without-heartbeat",
     ]
-    return start_celery(args, worker_env(broker_url), ready_text=" ready.")
+    return start_celery(args, worker_env(broker_url, **extra_env), ready_text=" ready.")
 
 
 @dataclass

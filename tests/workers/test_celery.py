@@ -349,6 +349,37 @@ def test_redelivered_job_never_runs_twice_at_once(
 
 
 @pytest.mark.worker
+def test_a_job_outlasting_the_visibility_timeout_is_delivered_again_but_runs_once(
+    transactional_db, user, settings
+) -> None:
+    # The Redis broker hands the unacked message of a running job (acks_late) to a worker
+    # again once its visibility timeout passes, here after a second instead of an hour.
+    queue = unique_queue("visibility")
+    app = Celery("tf-tests-visibility", broker=BROKER_URLS["redis"], set_as_current=False)
+    process = start_worker(BROKER_URLS["redis"], [queue], TASK_FERRY_TEST_VISIBILITY_TIMEOUT="1")
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.celery.CeleryExecutor",
+        "CELERY_QUEUE": queue,
+    }
+    try:
+        with current_celery_app(app):
+            job = JobHandler.create_and_start(
+                user, "scripted", steps=60, tick_delay=0.1, marker="outlasted"
+            )
+        process.wait_for_log(f"Job {job.pk} was delivered again while started")
+        assert state_of(job.pk) == "started"
+        assert wait_for_state(job.pk, "finished", "failed", timeout=30).state == "finished"
+        assert Marker.objects.filter(name="outlasted").count() == 1
+        received = re.findall(rf"run_job\[job-{job.pk}-[^\]]+\] received", process.log())
+        assert len(received) >= 2, process.log()
+    finally:
+        process.stop()
+        CeleryWorker("redis", queue, process, app).purge(queue)
+        app.close()
+
+
+@pytest.mark.worker
 def test_a_message_for_an_id_no_job_can_have_is_rejected_once_and_the_worker_goes_on(
     celery_executor: CeleryWorker, user
 ) -> None:
