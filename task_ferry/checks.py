@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import inspect
 import math
@@ -16,12 +17,15 @@ from django.core.checks import CheckMessage, Error, Tags, register
 from django.core.checks import Warning as CheckWarning
 from django.db import DatabaseError
 from django.urls import URLResolver, get_resolver
+from django.utils import timezone
 
 from task_ferry.conf import DEFAULTS, ferry_settings
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models.expressions import Combinable
 
+    from task_ferry.models import Job, JobQuerySet
     from task_ferry.registry import JobType, JobTypeRegistry
 
 
@@ -435,6 +439,119 @@ def check_cache_table(
             id="task_ferry.W006",
         )
     ]
+
+
+# How far past HEARTBEAT_TIMEOUT (or PENDING_TIMEOUT) a job the sweep fails may stay unfailed
+# before that says no sweep runs. The sweep fails such a job at its next round: within a minute
+# on the documented schedules (cron, beat's 60 s, --interval 60). Ten minutes leave room for
+# any schedule up to that and for rounds lost to a database restart or a deploy.
+SWEEP_GRACE = datetime.timedelta(minutes=10)
+
+
+@register(Tags.database)
+def check_sweep_runs(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """W007: jobs the stale-job sweep should have failed long ago are still started or
+    pending, so nothing runs it. A database check: it counts jobs, so ``check --database``
+    (and ``migrate``) reports it, a plain ``check`` does not."""
+    from django.db import router
+
+    from task_ferry.models import Job
+
+    if not databases or router.db_for_read(Job) not in databases:
+        return []
+    try:
+        warning = unswept_jobs_warning()
+    except DatabaseError:
+        return []  # An unreachable database, or tables not migrated yet: Django's to report.
+    return [] if warning is None else [warning]
+
+
+def unswept_jobs_warning() -> CheckMessage | None:
+    """W007's warning where started jobs have had no heartbeat for over HEARTBEAT_TIMEOUT plus
+    SWEEP_GRACE, or pending jobs have waited over PENDING_TIMEOUT plus SWEEP_GRACE; None
+    otherwise. ``task_ferry_jobs`` says it too, after its listing."""
+    from django.db import router, transaction
+    from django.db.models import F, OuterRef, Subquery
+    from django.db.models.functions import Coalesce
+
+    from task_ferry.models import Heartbeat, Job
+    from task_ferry.sweep import lost_jobs, unclaimed_jobs
+
+    if not (valid_number("HEARTBEAT_TIMEOUT") and valid_number("PENDING_TIMEOUT")):
+        return None  # E003 reports it.
+    grace = f"{SWEEP_GRACE.total_seconds() / 60:g} minutes"
+    timeout = ferry_settings.HEARTBEAT_TIMEOUT
+    pending_timeout = ferry_settings.PENDING_TIMEOUT
+    last_beat = Heartbeat.objects.filter(job_id=OuterRef("pk")).values("beat_at")[:1]
+    # The jobs, when each went quiet, and what they are.
+    kinds: list[tuple[JobQuerySet[Job], Combinable, str]] = [
+        (
+            lost_jobs(datetime.timedelta(seconds=timeout) + SWEEP_GRACE),
+            Coalesce(Subquery(last_beat), F("started_at")),
+            f"started job(s) with no heartbeat for over HEARTBEAT_TIMEOUT ({timeout:g} s) "
+            f"plus {grace} (the longest: job #{{pk}}, for {{age}})",
+        )
+    ]
+    if pending_timeout is not None:
+        kinds.append(
+            (
+                unclaimed_jobs(datetime.timedelta(seconds=pending_timeout) + SWEEP_GRACE),
+                F("created_at"),
+                f"pending job(s) waiting for over PENDING_TIMEOUT ({pending_timeout:g} s) "
+                f"plus {grace} (the oldest: job #{{pk}}, for {{age}})",
+            )
+        )
+    parts = []
+    # A savepoint: a query that fails (tables not migrated yet) leaves a caller's transaction
+    # usable.
+    with transaction.atomic(using=router.db_for_read(Job)):
+        for jobs, since, what in kinds:
+            count = jobs.count()
+            oldest = jobs.annotate(since=since).order_by("since", "pk").values_list("pk", "since")
+            # None where a sweep took them all between the two queries.
+            first = oldest.first() if count else None
+            if first is not None:
+                parts.append(f"{count} {what.format(pk=first[0], age=describe_age(first[1]))}")
+    if not parts:
+        return None
+    return CheckWarning(
+        f"{' and '.join(parts)}: the stale-job sweep, which fails such jobs, is evidently not "
+        f"running. Until it runs they stay as they are, and their users watch progress that "
+        f"never moves.",
+        hint="Run the sweep every minute: python manage.py task_ferry_sweep --interval 60 as a "
+        "process of its own, or Celery beat with task_ferry.executors.celery.beat_schedule() in "
+        "its schedule and a worker for the queue beat sends the sweep to (celery -A <project> "
+        "worker -Q maintenance --concurrency 1); with django.tasks, enqueue "
+        "task_ferry.executors.django_tasks.sweep_stale_jobs. See docs/reliability.md.",
+        id="task_ferry.W007",
+    )
+
+
+def valid_number(name: str) -> bool:
+    """Whether the numeric setting ``name`` passes E003."""
+    value = getattr(ferry_settings, name)
+    if value is None and name in MAY_BE_NONE:
+        return True
+    (minimum, maximum, kind) = next(
+        (low, high, kind) for setting, low, high, kind in NUMBERS if setting == name
+    )
+    return is_number(value, kind) and minimum <= value <= maximum
+
+
+def describe_age(moment: datetime.datetime) -> str:
+    """How long ago ``moment`` (a job table's datetime) was: ``1:15:02``, ``2 days, 3:04:05``."""
+    now = timezone.now()
+    if timezone.is_naive(moment):
+        # USE_TZ = False: naive local times, an hour apart across a change of daylight saving
+        # time; compared in UTC, as moment_ago() does.
+        zone = timezone.get_default_timezone()
+        moment = timezone.make_aware(moment, zone).astimezone(datetime.UTC)
+        now = timezone.make_aware(now, zone).astimezone(datetime.UTC)
+    return str(datetime.timedelta(seconds=max(0, int((now - moment).total_seconds()))))
 
 
 @register()

@@ -20,7 +20,7 @@ from task_ferry.models import LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState
 from task_ferry.snapshot import snapshot_of, truncate_state
 from task_ferry.transactions import lock_for_writing
 
-__all__ = ["sweep_stale_jobs"]
+__all__ = ["lost_jobs", "sweep_stale_jobs", "unclaimed_jobs"]
 
 logger = logging.getLogger("task_ferry")
 
@@ -34,18 +34,12 @@ def sweep_stale_jobs() -> int:
 
     Returns how many jobs were failed."""
     timeout = ferry_settings.HEARTBEAT_TIMEOUT
-    cutoff = moment_ago(datetime.timedelta(seconds=timeout))
-    # A job beats within HEARTBEAT_INTERVAL of its start; one with no beat yet that started
-    # before the cutoff died early (short jobs never need to beat).
-    lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
-        ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
-    )
     store = StoreRound(
         lost_warning="Sweep: progress store unavailable, no more snapshots read or published "
         "this round; a later round publishes those of the jobs it fails: %s"
     )
     failed = _fail_each(
-        Job.objects.running().filter(lapsed),
+        lost_jobs(datetime.timedelta(seconds=timeout)),
         JobState.STARTED,
         f"The worker running this job stopped responding for over {timeout:g} seconds "
         f"(worker lost). Start the job again.",
@@ -54,9 +48,7 @@ def sweep_stale_jobs() -> int:
     pending_timeout = ferry_settings.PENDING_TIMEOUT
     if pending_timeout is not None:
         failed += _fail_each(
-            Job.objects.pending().filter(
-                created_at__lt=moment_ago(datetime.timedelta(seconds=pending_timeout))
-            ),
+            unclaimed_jobs(datetime.timedelta(seconds=pending_timeout)),
             JobState.PENDING,
             f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
             f"workers are running and consume this job's queue, then start it again.",
@@ -66,6 +58,23 @@ def sweep_stale_jobs() -> int:
         moment_ago(datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)), store
     )
     return failed
+
+
+def lost_jobs(silent_for: datetime.timedelta) -> JobQuerySet[Job]:
+    """Started jobs whose last heartbeat is older than ``silent_for``, or which never beat and
+    started before that: their worker is gone."""
+    cutoff = moment_ago(silent_for)
+    # A job beats within HEARTBEAT_INTERVAL of its start; one with no beat yet that started
+    # before the cutoff died early (short jobs never need to beat).
+    lapsed = Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"), beat_at__lt=cutoff)) | (
+        ~Exists(Heartbeat.objects.filter(job_id=OuterRef("pk"))) & Q(started_at__lt=cutoff)
+    )
+    return Job.objects.running().filter(lapsed)
+
+
+def unclaimed_jobs(waiting_for: datetime.timedelta) -> JobQuerySet[Job]:
+    """Pending jobs created more than ``waiting_for`` ago: no worker took them."""
+    return Job.objects.pending().filter(created_at__lt=moment_ago(waiting_for))
 
 
 def _republish_ended(since: datetime.datetime, store: StoreRound) -> None:

@@ -4,6 +4,7 @@ import importlib
 import re
 import socket
 import sys
+from datetime import timedelta
 from importlib.util import find_spec
 
 import pytest
@@ -449,6 +450,150 @@ def test_w006_not_for_other_stores(ferry, settings, db):
     }
     ferry(CACHE_ALIAS="progress", REDIS_URL="redis://127.0.0.1:6379/0", PROGRESS_STORE=None)
     assert cache_table_messages() == []
+
+
+def sweep_messages():
+    from django.db import connection
+
+    return [m for m in run_checks(databases=[connection.alias]) if m.id == "task_ferry.W007"]
+
+
+def started_job(*, started_ago, beat_ago=None):
+    """A started job, with a heartbeat ``beat_ago`` (a timedelta) old, or none yet."""
+    from django.utils import timezone
+
+    from task_ferry.models import Heartbeat, Job, JobState
+    from tests.test_admin import make_job
+
+    now = timezone.now()
+    job = make_job(None)
+    Job.objects.filter(pk=job.pk).update(
+        state=JobState.STARTED, created_at=now - started_ago, started_at=now - started_ago
+    )
+    if beat_ago is not None:
+        Heartbeat.objects.create(job_id=job.pk, worker="w:1", beat_at=now - beat_ago)
+    return job
+
+
+def pending_job(*, created_ago):
+    from django.utils import timezone
+
+    from task_ferry.models import Job
+    from tests.test_admin import make_job
+
+    job = make_job(None)
+    Job.objects.filter(pk=job.pk).update(created_at=timezone.now() - created_ago)
+    return job
+
+
+def test_w007_not_while_the_sweep_may_yet_fail_them(ferry, db):
+    # A healthy system: jobs that beat, jobs just past a timeout that the next sweep round
+    # fails (within a minute on the documented schedules), pending jobs within PENDING_TIMEOUT.
+    ferry(HEARTBEAT_TIMEOUT=60, PENDING_TIMEOUT=3600)
+    started_job(started_ago=timedelta(hours=5), beat_ago=timedelta(seconds=5))
+    started_job(started_ago=timedelta(hours=5), beat_ago=timedelta(minutes=9))
+    started_job(started_ago=timedelta(seconds=3))  # not beaten yet
+    started_job(started_ago=timedelta(minutes=9))  # died before its first beat, not long ago
+    pending_job(created_ago=timedelta(minutes=59))
+    pending_job(created_ago=timedelta(minutes=65))
+    assert sweep_messages() == []
+
+
+def test_w007_a_started_job_silent_well_past_heartbeat_timeout(ferry, db):
+    """A worker died 20 minutes ago and its job still shows started: nothing runs the sweep
+    (no beat, or no worker on its queue), and nothing said so."""
+    ferry(HEARTBEAT_TIMEOUT=60)
+    started_job(started_ago=timedelta(hours=2), beat_ago=timedelta(minutes=12))
+    longest = started_job(started_ago=timedelta(hours=2), beat_ago=timedelta(minutes=20))
+    started_job(started_ago=timedelta(hours=2), beat_ago=timedelta(seconds=5))
+    (message,) = sweep_messages()
+    assert message.is_serious() is False
+    assert re.fullmatch(
+        rf"2 started job\(s\) with no heartbeat for over HEARTBEAT_TIMEOUT \(60 s\) plus 10 "
+        rf"minutes \(the longest: job #{longest.pk}, for 0:20:0\d\): the stale-job sweep, which "
+        rf"fails such jobs, is evidently not running\. Until it runs they stay as they are, and "
+        rf"their users watch progress that never moves\.",
+        message.msg,
+    ), message.msg
+    assert "python manage.py task_ferry_sweep --interval 60" in message.hint
+    assert "task_ferry.executors.celery.beat_schedule()" in message.hint
+    assert "worker -Q maintenance" in message.hint
+    # A plain check (runserver) counts no jobs.
+    assert "task_ferry.W007" not in ids(ferry_messages())
+
+
+def test_w007_a_started_job_that_never_beat(ferry, db):
+    ferry(HEARTBEAT_TIMEOUT=60)
+    job = started_job(started_ago=timedelta(minutes=15))
+    (message,) = sweep_messages()
+    assert "1 started job(s) with no heartbeat" in message.msg
+    assert f"job #{job.pk}, for 0:15:0" in message.msg
+
+
+def test_w007_a_pending_job_well_past_pending_timeout(ferry, db):
+    ferry(PENDING_TIMEOUT=86400)
+    pending_job(created_ago=timedelta(days=1, minutes=5))  # the sweep's next round fails it
+    oldest = pending_job(created_ago=timedelta(days=3, minutes=2))
+    pending_job(created_ago=timedelta(days=2))
+    (message,) = sweep_messages()
+    assert message.msg.startswith(
+        f"2 pending job(s) waiting for over PENDING_TIMEOUT (86400 s) plus 10 minutes (the "
+        f"oldest: job #{oldest.pk}, for 3 days, 0:02:0"
+    ), message.msg
+    assert "the stale-job sweep, which fails such jobs, is evidently not running" in message.msg
+
+
+def test_w007_names_both_kinds_in_one_warning(ferry, db):
+    ferry(HEARTBEAT_TIMEOUT=60, PENDING_TIMEOUT=3600)
+    started_job(started_ago=timedelta(hours=1), beat_ago=timedelta(hours=1))
+    pending_job(created_ago=timedelta(hours=2))
+    (message,) = sweep_messages()
+    assert message.msg.startswith("1 started job(s) with no heartbeat for over ")
+    assert ") and 1 pending job(s) waiting for over PENDING_TIMEOUT (3600 s) " in message.msg
+
+
+def test_w007_not_for_pending_jobs_without_pending_timeout(ferry, db):
+    ferry(PENDING_TIMEOUT=None)
+    pending_job(created_ago=timedelta(days=30))
+    assert sweep_messages() == []
+
+
+def test_w007_with_use_tz_off(ferry, settings, db):
+    # Naive local times in the job tables: the age is still the time since the last beat.
+    settings.USE_TZ = False
+    ferry(HEARTBEAT_TIMEOUT=60)
+    job = started_job(started_ago=timedelta(hours=1), beat_ago=timedelta(minutes=30))
+    (message,) = sweep_messages()
+    assert f"job #{job.pk}, for 0:30:0" in message.msg
+
+
+def test_w007_not_while_heartbeat_timeout_fails_e003(ferry, db):
+    ferry(HEARTBEAT_TIMEOUT="60")
+    started_job(started_ago=timedelta(hours=1), beat_ago=timedelta(hours=1))
+    assert sweep_messages() == []
+    assert "task_ferry.E003" in ids(ferry_messages())
+
+
+def test_w007_is_a_database_check_that_makes_no_query_without_a_database():
+    # No test database: a query would fail. Django 6.1 gives untagged checks every alias on a
+    # plain `check`; a database check gets them from `check --database` and `migrate` only.
+    from django.core.checks import Tags
+
+    from task_ferry.checks import check_sweep_runs
+
+    assert Tags.database in check_sweep_runs.tags
+    assert check_sweep_runs(databases=None) == []
+    assert check_sweep_runs(databases=[]) == []
+    assert "task_ferry.W007" not in ids(ferry_messages())
+
+
+def test_w007_only_for_the_database_jobs_are_read_from(ferry, db):
+    from task_ferry.checks import check_sweep_runs
+
+    ferry(HEARTBEAT_TIMEOUT=60)
+    started_job(started_ago=timedelta(hours=1), beat_ago=timedelta(hours=1))
+    assert check_sweep_runs(databases=["analytics"]) == []
+    assert ids(check_sweep_runs(databases=["analytics", "default"])) == ["task_ferry.W007"]
 
 
 @pytest.mark.skipif(

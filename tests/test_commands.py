@@ -15,6 +15,7 @@ from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.test_admin import make_job
+from tests.test_checks import started_job, sweep_messages
 from tests.testapp.models import HookCall
 
 
@@ -312,3 +313,80 @@ def test_sweep_run_once_says_when_there_was_nothing_to_fail(db):
 def test_sweep_rejects_bad_interval(db, interval):
     with pytest.raises(CommandError, match="--interval"):
         call_command("task_ferry_sweep", "--interval", interval)
+
+
+THIRTY_MINUTES = datetime.timedelta(minutes=30)
+
+
+def without_ages(text):
+    return re.sub(r"\d+:\d\d:\d\d", "h:mm:ss", text)
+
+
+def test_jobs_says_after_its_listing_that_the_sweep_is_not_running(settings, db):
+    """A job lost half an hour ago still shows started: the listing says why it stays so."""
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 60}
+    lost = started_job(started_ago=datetime.timedelta(hours=1), beat_ago=THIRTY_MINUTES)
+    get_store().delete([lost.pk])
+
+    lines = run("task_ferry_jobs").splitlines()
+
+    assert len(lines) == 2
+    assert lines[0].startswith(f"#{lost.pk} scripted (system) started 0% (")
+    (message,) = sweep_messages()
+    assert without_ages(lines[1]) == without_ages(f"task_ferry.W007: {message.msg} {message.hint}")
+
+
+def test_jobs_says_nothing_of_the_sweep_while_it_may_yet_fail_the_jobs(settings, db):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 60}
+    # Lapsed, but the sweep's next round (a minute away at most) fails it.
+    lapsed = started_job(
+        started_ago=datetime.timedelta(hours=1), beat_ago=datetime.timedelta(minutes=2)
+    )
+    get_store().delete([lapsed.pk])
+    out = run("task_ferry_jobs")
+    assert "W007" not in out and len(out.splitlines()) == 1
+
+
+def test_watch_says_the_sweep_is_not_running_once_when_not_a_terminal(settings, db, monkeypatch):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 60}
+    lost = started_job(started_ago=datetime.timedelta(hours=1), beat_ago=THIRTY_MINUTES)
+    get_store().delete([lost.pk])
+    script_sleeps(
+        monkeypatch,
+        lambda: None,  # still lost: not said again
+        lambda: transition(lost, JobState.FAILED, from_states=[JobState.STARTED]),
+    )
+    out = run("task_ferry_jobs", "--watch", "--until-idle", "--interval", "0.01")
+    lines = out.splitlines()
+    assert [line.startswith("task_ferry.W007: 1 started job(s)") for line in lines] == [
+        False,
+        True,
+        False,
+    ]
+    assert lines[2] == f"#{lost.pk} scripted (system) failed 0%"
+
+
+def test_watch_bars_wrap_the_sweep_warning_and_redraw_over_it(settings, db, monkeypatch):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 60}
+    lost = started_job(started_ago=datetime.timedelta(hours=1), beat_ago=THIRTY_MINUTES)
+    get_store().delete([lost.pk])
+    script_sleeps(
+        monkeypatch,
+        lambda: transition(lost, JobState.FAILED, from_states=[JobState.STARTED]),
+    )
+    out = run(
+        "task_ferry_jobs",
+        "--watch",
+        "--until-idle",
+        "--interval",
+        "0.01",
+        stdout=TerminalOutput(),
+    )
+    first, moved_up, last = re.split(r"\x1b\[(\d+)F\x1b\[J", out)
+    lines = first.splitlines()
+    assert "task_ferry.W007: 1 started job(s)" in lines[2]
+    assert "--interval 60" in " ".join(lines[2:])
+    # Each within the terminal's 100 columns, so the redraw moves up over all of them.
+    assert all(len(line) < 100 for line in lines)
+    assert int(moved_up) == len(lines) > 3
+    assert last == "No pending or running jobs.\n"

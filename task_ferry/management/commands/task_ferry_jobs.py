@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import shutil
+import textwrap
 from collections.abc import Iterable
 from time import sleep
 from typing import Any
@@ -13,6 +14,7 @@ from django.core.management.base import CommandError, CommandParser
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
+from task_ferry.checks import unswept_jobs_warning
 from task_ferry.conf import ferry_settings
 from task_ferry.exceptions import JobTypeDoesNotExist, ProgressStoreUnavailable
 from task_ferry.management.databases import OutageReportingCommand
@@ -127,6 +129,13 @@ def check_type_name(name: str) -> None:
         )
 
 
+def sweep_warning() -> str | None:
+    """W007 as one line where jobs the stale-job sweep should have failed long ago are still
+    live (nothing runs the sweep); None otherwise. Not per ``--type``: the sweep is one for all."""
+    warning = unswept_jobs_warning()
+    return None if warning is None else f"{warning.id}: {warning.msg} {warning.hint}"
+
+
 def local_time(now: datetime.datetime) -> datetime.datetime:
     """``now`` in the current time zone; with USE_TZ = False it already is, and naive."""
     return timezone.localtime(now) if timezone.is_aware(now) else now
@@ -170,7 +179,7 @@ class Command(OutageReportingCommand):
         #: Why the progress store could not be read last time; None while it can.
         self.store_error: str | None = None
         if not options["watch"]:
-            self.print_frame(self.fetch())
+            self.print_frame(self.fetch(), sweep_warning())
             return
         try:
             self.watch(options["interval"], options["until_idle"])
@@ -211,8 +220,23 @@ class Command(OutageReportingCommand):
         self.store_error = None
         return snapshots
 
-    def print_frame(self, lines: list[JobLine]) -> int:
-        """Write every line once; returns how many terminal lines were written."""
+    def print_frame(self, lines: list[JobLine], warning: str | None = None) -> int:
+        """Write every line once, then ``warning``; returns how many terminal lines were
+        written."""
+        written = self.print_jobs(lines)
+        if warning is None:
+            return written
+        if not self.bars:
+            self.stdout.write(self.style.WARNING(warning))
+            return written + 1
+        # Wrapped here, not by the terminal: the redraw counts the lines.
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        wrapped = textwrap.wrap(warning, width, break_on_hyphens=False)
+        for part in wrapped:
+            self.stdout.write(self.style.WARNING(part))
+        return written + len(wrapped)
+
+    def print_jobs(self, lines: list[JobLine]) -> int:
         now = timezone.now()
         if not lines:
             self.stdout.write("No pending or running jobs.")
@@ -234,14 +258,20 @@ class Command(OutageReportingCommand):
     def watch(self, interval: float, until_idle: bool) -> None:
         shown: dict[int, JobLine] = {}
         drawn = 0
+        warned = False
         while True:
             lines = self.fetch()
+            warning = sweep_warning()
             if self.bars:
                 if drawn:
                     self.stdout.write(REDRAW.format(lines=drawn), ending="")
-                drawn = self.print_frame(lines)
+                drawn = self.print_frame(lines, warning)
             else:
                 self.print_changes(shown, lines)
+                # Once until it clears: its ages change at every round.
+                if warning is not None and not warned:
+                    self.stdout.write(self.style.WARNING(warning))
+                warned = warning is not None
             shown = {line.id: line for line in lines}
             if until_idle and not lines:
                 return
