@@ -10,9 +10,10 @@ the database's own errors name no field, and some values it would store without 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
@@ -37,28 +38,32 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
         raise InvalidJobValues("Jobs need a saved, authenticated user, or user=None.")
     if user is not None and unsaved(user):
         raise InvalidJobValues("Save the user before creating jobs for it.")
+    model: type[Job] = job_type.model_class
+    # prepare_values may take values that are no field (an upload it turns into a path), so
+    # names are checked in what it returns. Its own error cannot tell a misspelt name.
     try:
         prepared = job_type.prepare_values(dict(values), user)
     except ValidationError as exc:
-        raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
-    except (ValueError, TypeError, KeyError) as exc:
-        raise InvalidJobValues(str(exc) or type(exc).__name__) from exc
+        message = _misspelt(job_type, _validation_message(exc), values)
+        raise InvalidJobValues(message, _validation_errors(exc)) from exc
+    except KeyError as exc:
+        raise InvalidJobValues(
+            _misspelt(job_type, _key_error_message(job_type, exc, values), values)
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise InvalidJobValues(_misspelt(job_type, str(exc) or type(exc).__name__, values)) from exc
     if not isinstance(prepared, dict):
         raise InvalidJobValues(
             f"{type(job_type).__name__}.prepare_values must return a dict, "
             f"got {type(prepared).__name__}."
         )
-    model: type[Job] = job_type.model_class
+    many_to_many = _own_many_to_many(model)
     # Only the type's own columns: the base ones belong to the handler, and the link to the
     # Job row (``job_ptr_id``) would let the values choose the job's id.
-    own_fields = {name for f in model.own_fields() for name in (f.name, f.attname)}
-    many_to_many = _own_many_to_many(model)
-    unknown = sorted(k for k in prepared if k not in own_fields and k not in many_to_many)
+    accepted = _accepted_names(model)
+    unknown = [k for k in prepared if k not in accepted]
     if unknown:
-        raise InvalidJobValues(
-            f"{job_type.type!r} jobs have no field(s) {', '.join(unknown)}.",
-            {name: ["Unknown field."] for name in unknown},
-        )
+        raise _unknown_fields(job_type, unknown, values)
     unlinkable = ValidationError(_unlinkable_values(model, prepared))
     if unlinkable.error_dict:
         raise InvalidJobValues(_validation_message(unlinkable), _validation_errors(unlinkable))
@@ -175,6 +180,98 @@ def _after_job_creation(job_type: JobType, job: Job, prepared: dict[str, Any]) -
 def _own_many_to_many(model: type[Job]) -> frozenset[str]:
     """The names of the many-to-many fields a job type's model adds to ``Job``."""
     return frozenset(f.name for f in model._meta.many_to_many if f.model is not Job)
+
+
+@functools.cache
+def _accepted_names(model: type[Job]) -> frozenset[str]:
+    """The names a job type's model takes values under: its own fields (a foreign key by its
+    name and its attname) and its many-to-many fields."""
+    own = {name for f in model.own_fields() for name in (f.name, f.attname)}
+    return frozenset(own | _own_many_to_many(model))
+
+
+def _field_names(model: type[Job]) -> list[str]:
+    """The type's own fields as a caller would list them: in declaration order, foreign keys
+    by name, many-to-many fields last."""
+    return [f.name for f in model.own_fields()] + sorted(_own_many_to_many(model))
+
+
+# How alike a name must be to a field's to be offered as its spelling (difflib's ratio). A
+# misspelling surely unknown gets the looser one; a name prepare_values may have taken on
+# purpose, the stricter.
+CLOSE_TO_UNKNOWN = 0.6
+CLOSE_TO_TAKEN = 0.75
+
+
+def _closest_field(
+    model: type[Job], name: str, cutoff: float, given: Collection[Any] = ()
+) -> str | None:
+    """The own field whose name ``name`` most likely misspells, among those not ``given``."""
+    candidates = [field for field in _field_names(model) if field not in given]
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
+def _unknown_fields(
+    job_type: JobType, unknown: list[Any], values: Mapping[Any, Any]
+) -> InvalidJobValues:
+    """The error for names that are no field of the type's model: each named, with the field
+    it most likely misspells among those not in ``values`` (as given, before
+    ``prepare_values``), and the fields there are."""
+    model: type[Job] = job_type.model_class
+    base_fields = {f.name for f in Job._meta.concrete_fields} | {"id", "pk"}
+    described: list[str] = []
+    errors: dict[str, list[str]] = {}
+    for name in unknown:
+        if isinstance(name, str) and name in base_fields:
+            described.append(f"{name!r} (a field of every job, which task_ferry sets)")
+            errors[name] = ["Unknown field."]
+            continue
+        closest = (
+            _closest_field(model, name, CLOSE_TO_UNKNOWN, given=values.keys())
+            if isinstance(name, str)
+            else None
+        )
+        if closest is None:
+            described.append(repr(name))
+            errors[str(name)] = ["Unknown field."]
+        else:
+            described.append(f"{name!r} (did you mean {closest!r}?)")
+            errors[name] = [f"Unknown field. Did you mean {closest!r}?"]
+    fields = ", ".join(_field_names(model)) or "none of their own"
+    return InvalidJobValues(
+        f"{job_type.type!r} jobs have no field(s) {', '.join(described)}. Their fields: {fields}.",
+        errors,
+    )
+
+
+def _misspelt(job_type: JobType, message: str, values: Mapping[Any, Any]) -> str:
+    """``message``, an error of ``prepare_values``, followed by the names given that are no
+    field of the type's model and look like one that was not given: the type's own message
+    ("table_id is required") cannot point out a misspelling. Other names, which it may take on
+    purpose, are left out."""
+    model: type[Job] = job_type.model_class
+    accepted = _accepted_names(model)
+    hints = []
+    for name in values:
+        if not isinstance(name, str) or name in accepted:
+            continue
+        closest = _closest_field(model, name, CLOSE_TO_TAKEN, given=values.keys())
+        if closest is not None:
+            hints.append(
+                f"{name!r} is not a field of {job_type.type!r} jobs: did you mean {closest!r}?"
+            )
+    return f"{message.rstrip('.')}. {' '.join(hints)}" if hints else message
+
+
+def _key_error_message(job_type: JobType, exc: KeyError, values: Mapping[Any, Any]) -> str:
+    """The message for a ``KeyError`` from ``prepare_values``, whose own text is the bare key
+    (``'table_id'``): most likely a value it needs that was not given."""
+    hook = f"{type(job_type).__name__}.prepare_values"
+    key = exc.args[0] if len(exc.args) == 1 else None
+    if isinstance(key, str) and key not in values:
+        return f"No value for {key!r} was given ({hook} raised KeyError)."
+    return f"{hook} raised KeyError: {exc}."
 
 
 def _links(job: Job, prepared: dict[str, Any]) -> dict[str, Any]:

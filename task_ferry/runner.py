@@ -327,15 +327,17 @@ class JobRun:
             signals.emit(signals.job_failed, job, exc=exc)
 
     def _end_cancelled(self, job: Job, job_type: JobType, watch: Watch) -> None:
-        percentage, label = watch.stop()
+        percentage, _label = watch.stop()
         reconnect_if_broken()
+        # How far it got stays; its last label ("step 3 of 10") would read as work still going
+        # on beside "cancelled". A failed job keeps its label: where it failed.
         moved = transition(
             job,
             JobState.CANCELLED,
             from_states=[JobState.STARTED],
             flush=False,
             progress_percentage=percentage,
-            progress_state=label,
+            progress_state="",
         )
         if moved:
             announce_cancelled(job, as_stored=self._run_changed(job))

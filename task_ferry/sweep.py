@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.db import transaction
@@ -38,11 +39,14 @@ def sweep_stale_jobs() -> int:
         lost_warning="Sweep: progress store unavailable, no more snapshots read or published "
         "this round; a later round publishes those of the jobs it fails: %s"
     )
+    worker_lost = (
+        f"The worker running this job stopped responding for over {timeout:g} seconds "
+        f"(worker lost). Start the job again."
+    )
     failed = _fail_each(
         lost_jobs(datetime.timedelta(seconds=timeout)),
         JobState.STARTED,
-        f"The worker running this job stopped responding for over {timeout:g} seconds "
-        f"(worker lost). Start the job again.",
+        lambda job: (worker_lost, worker_lost),
         store,
     )
     pending_timeout = ferry_settings.PENDING_TIMEOUT
@@ -50,8 +54,7 @@ def sweep_stale_jobs() -> int:
         failed += _fail_each(
             unclaimed_jobs(datetime.timedelta(seconds=pending_timeout)),
             JobState.PENDING,
-            f"No worker picked up this job within {pending_timeout:g} seconds. Check that "
-            f"workers are running and consume this job's queue, then start it again.",
+            NeverPickedUp(pending_timeout).errors,
             store,
         )
     _republish_ended(
@@ -95,10 +98,52 @@ def _republish_ended(since: datetime.datetime, store: StoreRound) -> None:
             store.publish(job)
 
 
+class NeverPickedUp:
+    """The errors of a pending job that no worker took within ``PENDING_TIMEOUT``. The
+    operators' names the queue its type's jobs wait in, and how a worker takes it: a worker
+    started on other queues is the usual cause. Users get no commands. Built once per type and
+    sweep, from the registry and the settings: no query."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.for_users = (
+            f"No worker picked up this job within {timeout:g} seconds, so it never started. "
+            f"Try again later."
+        )
+        self._by_type: dict[str, tuple[str, str]] = {}
+
+    def errors(self, job: Job) -> tuple[str, str]:
+        """``error`` and ``human_readable_error`` for ``job``."""
+        if job.type not in self._by_type:
+            self._by_type[job.type] = (self._for_operators(job.type), self.for_users)
+        return self._by_type[job.type]
+
+    def _for_operators(self, type_name: str) -> str:
+        from task_ferry.executors.base import get_executor
+
+        try:
+            queue = get_executor().waiting_queue(type_name)
+        except Exception:
+            # A type no longer registered, an executor that cannot be loaded: the job still fails.
+            logger.debug("Sweep: no queue to name for job type %r", type_name, exc_info=True)
+            queue = None
+        if queue is None:
+            return (
+                f"No worker picked up this job within {self.timeout:g} seconds. Check that "
+                f"workers are running and consume this job's queue, then start it again."
+            )
+        command = f" ({queue.worker_command})" if queue.worker_command else ""
+        return (
+            f"No worker picked up this job within {self.timeout:g} seconds from {queue.name}. "
+            f"Check that workers are running and consume that queue{command}, then start it "
+            f"again."
+        )
+
+
 def _fail_each(
     candidates: JobQuerySet[Job],
     from_state: JobState,
-    message: str,
+    errors: Callable[[Job], tuple[str, str]],
     store: StoreRound,
 ) -> int:
     failed = 0
@@ -114,16 +159,19 @@ def _fail_each(
                 # A row locked by a live transaction (a frozen worker's) is retried next
                 # sweep rather than blocking this one.
                 job = candidates.select_for_update(skip_locked=True).filter(pk=pk).first()
-                if job is None or not transition(
+                if job is None:
+                    continue
+                error, for_users = errors(job)
+                if not transition(
                     job,
                     JobState.FAILED,
                     from_states=[from_state],
-                    error=message,
-                    human_readable_error=message,
+                    error=error,
+                    human_readable_error=for_users,
                     **last_progress(job, published.get(pk)),
                 ):
                     continue
-            announce_lost(job, JobLost(message), publish_final=store.publish)
+            announce_lost(job, JobLost(error), publish_final=store.publish)
             failed += 1
     return failed
 

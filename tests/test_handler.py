@@ -138,6 +138,77 @@ def registered_for_the_test(job_type_class):
 linked = registered_for_the_test(LinkedJobType)
 
 
+def test_a_misspelt_name_is_refused_naming_it_the_fields_and_the_closest(db, user, no_dispatch):
+    # The README's type returns the values it was given; scripted keeps JobType's default.
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "export_table", table_id=1, outptu_path="/tmp/x")
+    assert str(refused.value) == (
+        "'export_table' jobs have no field(s) 'outptu_path' (did you mean 'output_path'?). "
+        "Their fields: table_id, output_path."
+    )
+    assert refused.value.errors == {"outptu_path": ["Unknown field. Did you mean 'output_path'?"]}
+
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "scripted", stpes=3, colour="red")
+    assert str(refused.value).startswith(
+        "'scripted' jobs have no field(s) 'stpes' (did you mean 'steps'?), 'colour'. "
+        "Their fields: steps, tick_delay, fail_at,"
+    )
+    assert refused.value.errors["colour"] == ["Unknown field."]
+    assert not Job.objects.exists()
+
+
+def test_a_misspelt_name_is_pointed_out_beside_the_error_prepare_values_raised(
+    db, user, no_dispatch, monkeypatch
+):
+    # The README's prepare_values reports the field it missed, not the name given for it.
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "export_table", tabel_id=1)
+    assert str(refused.value) == (
+        "table_id is required. 'tabel_id' is not a field of 'export_table' jobs: did you mean "
+        "'table_id'?"
+    )
+    # One that reads the value it needs raises a KeyError whose text is the bare key.
+    monkeypatch.setattr(
+        ExportJobType, "prepare_values", lambda self, values, user: {"table_id": values["table_id"]}
+    )
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "export_table", tabel_id=1)
+    assert str(refused.value) == (
+        "No value for 'table_id' was given (ExportJobType.prepare_values raised KeyError). "
+        "'tabel_id' is not a field of 'export_table' jobs: did you mean 'table_id'?"
+    )
+    assert not Job.objects.exists()
+
+
+class WordsJobType(RecordingJobType[LimitedJob]):
+    """Takes ``words``, which is no field: prepare_values makes the label of them."""
+
+    type = "words"
+    model_class = LimitedJob
+
+    def prepare_values(self, values, user):
+        words = values.pop("words")
+        if not words:
+            raise ValueError("Give at least one word.")
+        return {**values, "label": " ".join(words)}
+
+
+words = registered_for_the_test(WordsJobType)
+
+
+def test_prepare_values_may_take_names_that_are_no_field(db, user, no_dispatch, words):
+    job = JobHandler.create_and_start(user, "words", words=["two", "words"])
+    assert LimitedJob.objects.get(pk=job.pk).label == "two words"
+    # Its own error is left as it is: the name it takes looks like no field.
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "words", words=[])
+    assert str(refused.value) == "Give at least one word."
+    # What it leaves in the values is checked after it.
+    with pytest.raises(InvalidJobValues, match=r"no field\(s\) 'lable' \(did you mean 'label'\?\)"):
+        JobHandler.create_and_start(user, "words", words=["a"], lable="b")
+
+
 @pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
 def test_an_unsaved_object_for_a_foreign_key_is_refused_naming_the_field(
     transactional_db, user, no_dispatch, linked, many

@@ -368,7 +368,7 @@ def test_a_run_that_catches_its_cancel_and_returns_still_ends_cancelled(
     monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
     JobHandler.create_and_start(user, "scripted")
     job = ScriptedJob.objects.get()
-    assert (job.state, job.progress_percentage, job.progress_state) == ("cancelled", 30, "Row 2")
+    assert (job.state, job.progress_percentage, job.progress_state) == ("cancelled", 30, "")
     assert not Marker.objects.exists()
     assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
 
@@ -420,6 +420,36 @@ def test_a_run_that_wraps_its_cancel_in_an_error_of_its_own_ends_cancelled(
     assert job.state == "cancelled"
     assert not Marker.objects.exists()
     assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
+
+
+@pytest.mark.parametrize("end", ["cancelled", "failed"])
+def test_a_cancelled_job_keeps_how_far_it_got_without_its_last_label_a_failed_one_keeps_both(
+    db, user, api, monkeypatch, end
+):
+    def run(self, job, progress):
+        for step in range(10):
+            if step == 3:
+                if end == "cancelled":
+                    progress.request_cancel()
+                else:
+                    raise RuntimeError("row 3 is broken")
+            progress.increment(10, state=f"step {step + 1} of 10")
+
+    monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
+    if end == "failed":
+        with pytest.raises(RuntimeError):
+            JobHandler.create_and_start(user, "scripted")
+    else:
+        JobHandler.create_and_start(user, "scripted")
+    # A label beside "cancelled" would read as work still going on; beside "failed" it says
+    # where the job failed.
+    label = "" if end == "cancelled" else "step 3 of 10"
+    row = ScriptedJob.objects.get()
+    assert (row.state, row.progress_percentage, row.progress_state) == (end, 30, label)
+    snapshot = get_store().read(row.pk)
+    assert (snapshot["progress_percentage"], snapshot["progress_state"]) == (30, label)
+    body = api.get(f"/api/jobs/{row.pk}/").json()
+    assert (body["state"], body["progress_percentage"], body["progress_state"]) == (end, 30, label)
 
 
 def test_a_cancel_request_after_the_last_tick_lets_the_job_finish(

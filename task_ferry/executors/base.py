@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 from abc import ABC, abstractmethod
@@ -17,6 +18,16 @@ from task_ferry.transactions import call_on_commit, pending_call
 
 if TYPE_CHECKING:
     from task_ferry.models import Job
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WaitingQueue:
+    """Where a dispatched job waits for a worker, as an operator looks for it."""
+
+    #: The queue, as the executor names it: ``"the Celery queue 'exports'"``.
+    name: str
+    #: A command that starts a worker taking jobs from it; empty when there is none to give.
+    worker_command: str = ""
 
 
 class BaseExecutor(ABC):
@@ -71,6 +82,12 @@ class BaseExecutor(ABC):
         in their order. Executors that can send several messages at once override this."""
         for job in jobs:
             self.enqueue_job(job)
+
+    def waiting_queue(self, type_name: str) -> WaitingQueue | None:
+        """Where jobs of the type named ``type_name`` wait for a worker, for the error of a job
+        none took (the stale-job sweep's); None for executors without queues. May raise (a
+        type no longer registered): the caller then names no queue."""
+        return None
 
     def check(self) -> list[CheckMessage]:
         """System-check messages about this executor's configuration."""

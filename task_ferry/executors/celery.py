@@ -26,6 +26,7 @@ from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
 from task_ferry.executors.base import (
     BaseExecutor,
     Outbox,
+    WaitingQueue,
     describe_ids,
     describe_later,
     dispatch_on_commit,
@@ -140,6 +141,14 @@ class CeleryExecutor(BaseExecutor):
 
         queue: str | None = job_type_registry.get(type_name).queue
         return queue or str(ferry_settings.CELERY_QUEUE)
+
+    def waiting_queue(self, type_name: str) -> WaitingQueue:
+        queue = self.queue_for(type_name)
+        app = get_celery_app()
+        worker = f"celery -A {app.main} worker" if app is not None and app.main else "celery worker"
+        return WaitingQueue(
+            name=f"the Celery queue {queue!r}", worker_command=f"{worker} -Q {queue}"
+        )
 
     def _dispatch_on_commit(
         self, messages: list[Message], created_at: dict[int, datetime.datetime]

@@ -32,7 +32,13 @@ from task_ferry.exceptions import (
     DispatchError,
     TaskFerryImproperlyConfigured,
 )
-from task_ferry.executors.base import BaseExecutor, Outbox, describe_later, dispatch_on_commit
+from task_ferry.executors.base import (
+    BaseExecutor,
+    Outbox,
+    WaitingQueue,
+    describe_later,
+    dispatch_on_commit,
+)
 from task_ferry.models import Job, jobs_database
 from task_ferry.registry import JobType, job_type_registry
 
@@ -285,6 +291,20 @@ class DjangoTasksExecutor(BaseExecutor):
             backend=alias,
             queue_name=job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME,
             priority=priority,
+        )
+
+    def waiting_queue(self, type_name: str) -> WaitingQueue:
+        default_queue = "default" if tasks_base is None else tasks_base.DEFAULT_TASK_QUEUE_NAME
+        queue = job_type_registry.get(type_name).queue or default_queue
+        alias = ferry_settings.TASKS_BACKEND
+        name = f"the django.tasks queue {queue!r} of TASKS[{alias!r}]"
+        if _configured_backend(alias) != DATABASE_BACKEND:
+            return WaitingQueue(name=name)  # Its workers are the backend's own.
+        default_alias = "default" if tasks_base is None else tasks_base.DEFAULT_TASK_BACKEND_ALIAS
+        backend_option = "" if alias == default_alias else f" --backend {alias}"
+        return WaitingQueue(
+            name=name,
+            worker_command=f"manage.py db_worker{backend_option} --queue-name {queue}",
         )
 
     def check(self) -> list[CheckMessage]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import threading
@@ -10,6 +11,7 @@ import time
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError, connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from task_ferry.exceptions import (
@@ -145,6 +147,102 @@ def test_pending_job_older_than_pending_timeout_is_failed(queueing, ferry, user)
     assert state_of(recent) == "pending"
     # The slot is free again: one live job left of max_count=2.
     JobHandler.create_and_start(user, "limited")
+
+
+def created_an_hour_ago(*jobs):
+    hour_ago = timezone.now() - datetime.timedelta(hours=1)
+    Job.objects.filter(pk__in=[job.pk for job in jobs]).update(created_at=hour_ago)
+
+
+@pytest.mark.parametrize(
+    ("executor", "default_worker", "routed_worker"),
+    [
+        (
+            "task_ferry.executors.celery.CeleryExecutor",
+            "the Celery queue 'jobs'. Check that workers are running and consume that queue "
+            "(celery -A myproject worker -Q jobs)",
+            "the Celery queue 'special'. Check that workers are running and consume that "
+            "queue (celery -A myproject worker -Q special)",
+        ),
+        (
+            "task_ferry.executors.django_tasks.DjangoTasksExecutor",
+            "the django.tasks queue 'default' of TASKS['{alias}']. Check that workers are "
+            "running and consume that queue (manage.py db_worker --backend {alias} "
+            "--queue-name default)",
+            "the django.tasks queue 'special' of TASKS['{alias}']. Check that workers are "
+            "running and consume that queue (manage.py db_worker --backend {alias} "
+            "--queue-name special)",
+        ),
+    ],
+)
+def test_a_pending_job_no_worker_took_is_failed_naming_its_queue_to_operators_only(
+    queueing, ferry, user, executor, default_worker, routed_worker
+):
+    if "django_tasks" in executor:
+        pytest.importorskip("django_tasks_db")
+        project_app = contextlib.nullcontext()
+    else:
+        celery = pytest.importorskip("celery")
+        from tests.workers.celery_fixtures import current_celery_app
+
+        project_app = current_celery_app(celery.Celery("myproject", set_as_current=False))
+    ferry(PENDING_TIMEOUT=600)
+    default = JobHandler.create_and_start(user, "scripted")
+    routed = JobHandler.create_and_start(user, "routed")
+    created_an_hour_ago(default, routed)
+    # The sweep runs where the workers' executor is configured.
+    alias = ferry(EXECUTOR=executor, CELERY_QUEUE="jobs")["TASKS_BACKEND"]
+
+    with project_app:
+        assert JobHandler.sweep_stale_jobs() == 2
+
+    for job, worker in ((default, default_worker), (routed, routed_worker)):
+        failed = Job.objects.get(pk=job.pk)
+        assert failed.error == (
+            f"No worker picked up this job within 600 seconds from {worker.format(alias=alias)}, "
+            f"then start it again."
+        )
+        assert failed.human_readable_error == (
+            "No worker picked up this job within 600 seconds, so it never started. Try again later."
+        )
+        assert hook_calls(failed, "on_error") == 1
+
+
+def test_naming_the_queue_costs_the_sweep_no_query(queueing, ferry, user):
+    pytest.importorskip("celery")
+    ferry(PENDING_TIMEOUT=600)
+
+    def queries_of_a_sweep(executor):
+        ferry(EXECUTOR="tests.reliability.executors.QueueingExecutor")
+        jobs = [JobHandler.create_and_start(user, "scripted") for _ in range(3)]
+        created_an_hour_ago(*jobs)
+        ferry(EXECUTOR=executor)
+        with CaptureQueriesContext(connection) as queries:
+            assert JobHandler.sweep_stale_jobs() == 3
+        return len(queries)
+
+    assert queries_of_a_sweep("task_ferry.executors.celery.CeleryExecutor") == queries_of_a_sweep(
+        "tests.reliability.executors.QueueingExecutor"
+    )
+    # No Celery app in this process: the command names none.
+    assert "(celery worker -Q default)" in Job.objects.order_by("pk").first().error
+
+
+def test_a_pending_job_of_a_removed_type_is_failed_without_a_queue_named(
+    queueing, ferry, user, retired_type
+):
+    pytest.importorskip("celery")
+    ferry(PENDING_TIMEOUT=600)
+    job = JobHandler.create_and_start(user, "retired")
+    created_an_hour_ago(job)
+    retired_type()
+    ferry(EXECUTOR="task_ferry.executors.celery.CeleryExecutor")
+
+    assert JobHandler.sweep_stale_jobs() == 1
+    assert Job.objects.get(pk=job.pk).error == (
+        "No worker picked up this job within 600 seconds. Check that workers are running and "
+        "consume this job's queue, then start it again."
+    )
 
 
 def test_pending_timeout_none_never_fails_pending_jobs(queueing, ferry, user):
