@@ -282,22 +282,6 @@ def refuse_misplaced_tasks_backend() -> None:
             ) from None
 
 
-# Modules an executor needs, and the extra that installs them.
-EXTRA_FOR_MODULE = {
-    "celery": "celery",
-    "kombu": "celery",
-    "django_tasks": "django-tasks",
-    "django_tasks_db": "django-tasks",
-}
-
-
-def missing_extra(exc: ImportError) -> str | None:
-    """The django-task-ferry extra whose package failed to import in ``exc``, if any (a
-    misspelt class in an executor module is a typo, not a missing extra)."""
-    missing = (exc.name or "").split(".")[0]
-    return EXTRA_FOR_MODULE.get(missing)
-
-
 @register()
 def check_executor(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
@@ -305,6 +289,7 @@ def check_executor(
     from django.utils.module_loading import import_string
 
     from task_ferry.executors.base import check_executor as run_check
+    from task_ferry.executors.base import describe_import_error
 
     path = ferry_settings.EXECUTOR
     if not isinstance(path, str):
@@ -318,26 +303,8 @@ def check_executor(
     try:
         import_string(path)
     except ImportError as exc:
-        extra = missing_extra(exc)
-        if extra is not None:
-            return [
-                Error(
-                    f"TASK_FERRY['EXECUTOR'] = {path!r} needs the {extra!r} extra, which is not "
-                    f"installed: {exc}.",
-                    hint=f'pip install "django-task-ferry[{extra}]"',
-                    id="task_ferry.E001",
-                )
-            ]
-        return [
-            Error(
-                f"TASK_FERRY['EXECUTOR'] = {path!r} cannot be imported: {exc}.",
-                hint="Fix the dotted path. The executors are "
-                "task_ferry.executors.immediate.ImmediateExecutor, "
-                "task_ferry.executors.celery.CeleryExecutor and "
-                "task_ferry.executors.django_tasks.DjangoTasksExecutor.",
-                id="task_ferry.E001",
-            )
-        ]
+        message, hint = describe_import_error(path, exc)
+        return [Error(message, hint=hint, id="task_ferry.E001")]
     return run_check()
 
 

@@ -115,7 +115,7 @@ def test_missing_extra_is_named(ferry, monkeypatch, path, module, extra, check_i
 
 
 def test_e001_message_names_the_extra():
-    from task_ferry.checks import missing_extra
+    from task_ferry.executors.base import missing_extra
 
     celery_missing = ModuleNotFoundError("No module named 'celery'", name="celery")
     assert missing_extra(celery_missing) == "celery"
