@@ -748,7 +748,7 @@ def check_registered_types(registry: JobTypeRegistry) -> list[CheckMessage]:
 def check_job_types_modules(registry: JobTypeRegistry) -> list[CheckMessage]:
     """``JobType`` classes with a name, in installed apps' ``job_types`` modules, that were
     never registered."""
-    from task_ferry.registry import JobType
+    from task_ferry.registry import JobType, defined_in
 
     messages: list[CheckMessage] = []
     for module in job_types_modules():
@@ -757,7 +757,7 @@ def check_job_types_modules(registry: JobTypeRegistry) -> list[CheckMessage]:
                 inspect.isclass(obj)
                 and issubclass(obj, JobType)
                 and obj is not JobType
-                and obj.__module__ == module.__name__
+                and defined_in(obj, module)
                 and obj.type
             ):
                 continue
