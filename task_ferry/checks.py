@@ -19,7 +19,7 @@ from django.db import DatabaseError
 from django.urls import URLResolver, get_resolver
 from django.utils import timezone
 
-from task_ferry.conf import DEFAULTS, ferry_settings
+from task_ferry.conf import DEFAULTS, SETTINGS_NAME, ferry_settings
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -42,6 +42,17 @@ def check_settings(
                 f"TASK_FERRY has unknown key(s): {', '.join(map(describe_unknown_key, unknown))}.",
                 hint=f"Valid keys are: {', '.join(sorted(DEFAULTS))}.",
                 id="task_ferry.E002",
+            )
+        )
+    misspelt = misspelt_settings_name()
+    if misspelt is not None:
+        messages.append(
+            CheckWarning(
+                f"There is no TASK_FERRY setting, but there is {misspelt}: task_ferry reads "
+                f"only TASK_FERRY, so it runs with its defaults (the ImmediateExecutor, which "
+                f"runs each job inside the request that starts it).",
+                hint=f"Rename {misspelt} to TASK_FERRY.",
+                id="task_ferry.W008",
             )
         )
     refused = set()
@@ -88,6 +99,18 @@ def check_settings(
         messages.extend(check_snapshot_lifetime())
     messages.extend(check_permission_class())
     return messages
+
+
+def misspelt_settings_name() -> str | None:
+    """A setting named nearly ``TASK_FERRY`` (``TASK_FERY``, ``TASKFERRY``), when there is no
+    ``TASK_FERRY``: its keys would be ignored without a word."""
+    from django.conf import settings
+
+    if getattr(settings, SETTINGS_NAME, None) is not None:
+        return None
+    names = [name for name in dir(settings) if name.isupper() and name != SETTINGS_NAME]
+    close = difflib.get_close_matches(SETTINGS_NAME, names, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def describe_unknown_key(key: object) -> str:
