@@ -19,7 +19,7 @@ from django.db import DatabaseError
 from django.urls import URLResolver, get_resolver
 from django.utils import timezone
 
-from task_ferry.conf import DEFAULTS, ferry_settings
+from task_ferry.conf import DEFAULTS, SETTINGS_NAME, ferry_settings
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -42,6 +42,17 @@ def check_settings(
                 f"TASK_FERRY has unknown key(s): {', '.join(map(describe_unknown_key, unknown))}.",
                 hint=f"Valid keys are: {', '.join(sorted(DEFAULTS))}.",
                 id="task_ferry.E002",
+            )
+        )
+    misspelt = misspelt_settings_name()
+    if misspelt is not None:
+        messages.append(
+            CheckWarning(
+                f"There is no TASK_FERRY setting, but there is {misspelt}: task_ferry reads "
+                f"only TASK_FERRY, so it runs with its defaults (the ImmediateExecutor, which "
+                f"runs each job inside the request that starts it).",
+                hint=f"Rename {misspelt} to TASK_FERRY.",
+                id="task_ferry.W008",
             )
         )
     refused = set()
@@ -88,6 +99,18 @@ def check_settings(
         messages.extend(check_snapshot_lifetime())
     messages.extend(check_permission_class())
     return messages
+
+
+def misspelt_settings_name() -> str | None:
+    """A setting named nearly ``TASK_FERRY`` (``TASK_FERY``, ``TASKFERRY``), when there is no
+    ``TASK_FERRY``: its keys would be ignored without a word."""
+    from django.conf import settings
+
+    if getattr(settings, SETTINGS_NAME, None) is not None:
+        return None
+    names = [name for name in dir(settings) if name.isupper() and name != SETTINGS_NAME]
+    close = difflib.get_close_matches(SETTINGS_NAME, names, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def describe_unknown_key(key: object) -> str:
@@ -282,22 +305,6 @@ def refuse_misplaced_tasks_backend() -> None:
             ) from None
 
 
-# Modules an executor needs, and the extra that installs them.
-EXTRA_FOR_MODULE = {
-    "celery": "celery",
-    "kombu": "celery",
-    "django_tasks": "django-tasks",
-    "django_tasks_db": "django-tasks",
-}
-
-
-def missing_extra(exc: ImportError) -> str | None:
-    """The django-task-ferry extra whose package failed to import in ``exc``, if any (a
-    misspelt class in an executor module is a typo, not a missing extra)."""
-    missing = (exc.name or "").split(".")[0]
-    return EXTRA_FOR_MODULE.get(missing)
-
-
 @register()
 def check_executor(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
@@ -305,6 +312,7 @@ def check_executor(
     from django.utils.module_loading import import_string
 
     from task_ferry.executors.base import check_executor as run_check
+    from task_ferry.executors.base import describe_import_error
 
     path = ferry_settings.EXECUTOR
     if not isinstance(path, str):
@@ -318,26 +326,8 @@ def check_executor(
     try:
         import_string(path)
     except ImportError as exc:
-        extra = missing_extra(exc)
-        if extra is not None:
-            return [
-                Error(
-                    f"TASK_FERRY['EXECUTOR'] = {path!r} needs the {extra!r} extra, which is not "
-                    f"installed: {exc}.",
-                    hint=f'pip install "django-task-ferry[{extra}]"',
-                    id="task_ferry.E001",
-                )
-            ]
-        return [
-            Error(
-                f"TASK_FERRY['EXECUTOR'] = {path!r} cannot be imported: {exc}.",
-                hint="Fix the dotted path. The executors are "
-                "task_ferry.executors.immediate.ImmediateExecutor, "
-                "task_ferry.executors.celery.CeleryExecutor and "
-                "task_ferry.executors.django_tasks.DjangoTasksExecutor.",
-                id="task_ferry.E001",
-            )
-        ]
+        message, hint = describe_import_error(path, exc)
+        return [Error(message, hint=hint, id="task_ferry.E001")]
     return run_check()
 
 
@@ -781,7 +771,7 @@ def check_registered_types(registry: JobTypeRegistry) -> list[CheckMessage]:
 def check_job_types_modules(registry: JobTypeRegistry) -> list[CheckMessage]:
     """``JobType`` classes with a name, in installed apps' ``job_types`` modules, that were
     never registered."""
-    from task_ferry.registry import JobType
+    from task_ferry.registry import JobType, defined_in
 
     messages: list[CheckMessage] = []
     for module in job_types_modules():
@@ -790,7 +780,7 @@ def check_job_types_modules(registry: JobTypeRegistry) -> list[CheckMessage]:
                 inspect.isclass(obj)
                 and issubclass(obj, JobType)
                 and obj is not JobType
-                and obj.__module__ == module.__name__
+                and defined_in(obj, module)
                 and obj.type
             ):
                 continue

@@ -31,7 +31,8 @@ class JobTypeDoesNotExist(TaskFerryError, LookupError):
         self.summary = f"No job type named {name!r}. Known job types: {known_text}."
         super().__init__(
             f"{self.summary} Job types are registered from the job_types module of each app in "
-            f"INSTALLED_APPS (<app>/job_types.py), imported at startup."
+            f"INSTALLED_APPS (<app>/job_types.py, or the __init__.py of a job_types package), "
+            f"imported at startup."
         )
 
 

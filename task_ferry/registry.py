@@ -109,6 +109,15 @@ class JobType(Generic[JobModelT]):
         return f"<{type(self).__name__} {self.type!r}>"
 
 
+def defined_in(cls: type, module: ModuleType) -> bool:
+    """Whether ``cls`` belongs to ``module``: defined there or, for a package (a
+    ``job_types/`` directory), in one of its submodules. A class imported from elsewhere does
+    not."""
+    return cls.__module__ == module.__name__ or (
+        hasattr(module, "__path__") and cls.__module__.startswith(f"{module.__name__}.")
+    )
+
+
 def is_concrete_job_type(obj: object) -> bool:
     """A class that can be registered: a JobType subclass with a name and a model."""
     return (
@@ -268,11 +277,12 @@ class JobTypeRegistry:
         return iter(self.all())
 
     def register_module(self, module: ModuleType) -> list[JobType]:
-        """Register every concrete JobType class defined in ``module`` itself."""
+        """Register every concrete JobType class defined in ``module`` itself (for a package,
+        also those it imports from its own submodules)."""
         found = [
             obj
             for obj in vars(module).values()
-            if is_concrete_job_type(obj) and obj.__module__ == module.__name__
+            if is_concrete_job_type(obj) and defined_in(obj, module)
         ]
         return [self.register(cls) for cls in found]
 

@@ -115,7 +115,7 @@ def test_missing_extra_is_named(ferry, monkeypatch, path, module, extra, check_i
 
 
 def test_e001_message_names_the_extra():
-    from task_ferry.checks import missing_extra
+    from task_ferry.executors.base import missing_extra
 
     celery_missing = ModuleNotFoundError("No module named 'celery'", name="celery")
     assert missing_extra(celery_missing) == "celery"
@@ -179,6 +179,22 @@ def test_e002_names_each_unknown_key_and_the_setting_it_is_close_to(ferry):
         "TASK_FERRY has unknown key(s): 'CACHE_ALIAS ' (did you mean 'CACHE_ALIAS'?), "
         "'EXECUTER' (did you mean 'EXECUTOR'?), 'REDIS_URl' (did you mean 'REDIS_URL'?)."
     )
+
+
+@pytest.mark.parametrize("name", ["TASK_FERY", "TASKFERRY", "TASK_FERRY_"])
+def test_w008_a_misspelt_task_ferry_setting_is_named(settings, name):
+    # Its keys were ignored without a word: the project ran on the defaults.
+    del settings.TASK_FERRY
+    setattr(settings, name, {"EXECUTOR": "task_ferry.executors.celery.CeleryExecutor"})
+    message = only("task_ferry.W008")
+    assert message.msg.startswith(f"There is no TASK_FERRY setting, but there is {name}:")
+    assert message.hint == f"Rename {name} to TASK_FERRY."
+
+
+def test_w008_not_reported_beside_task_ferry(settings):
+    settings.TASK_FERRY_EXTRA = {}
+    settings.TASK_FERY = {}
+    assert "task_ferry.W008" not in ids(ferry_messages())
 
 
 @pytest.mark.parametrize("key", [1, ("EXECUTOR",), None])

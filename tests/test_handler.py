@@ -558,6 +558,24 @@ def test_create_and_start_with_an_executor_that_cannot_be_loaded_writes_no_job(d
     assert not Job.objects.exists()
 
 
+def test_an_executor_path_that_does_not_import_says_how_to_fix_it(db, user, settings):
+    # pytest-django runs no system checks: this error is all a test run shows of E001.
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "EXECUTOR": "task_ferry.executors.ImmediateExecutor",
+    }
+    with pytest.raises(TaskFerryImproperlyConfigured) as info:
+        JobHandler.create_and_start(user, "scripted")
+    # It advised installing an extra, for a path that misses a module.
+    assert "extra" not in str(info.value)
+    assert str(info.value).endswith(
+        "Fix the dotted path. The executors are "
+        "task_ferry.executors.immediate.ImmediateExecutor, "
+        "task_ferry.executors.celery.CeleryExecutor and "
+        "task_ferry.executors.django_tasks.DjangoTasksExecutor."
+    )
+
+
 def test_handles_from_get_job_follow_state_changes(db, user, no_dispatch):
     job = JobHandler.create_and_start(user, "scripted")
     looked_up = JobHandler.get_job(user, job.pk)

@@ -1,5 +1,12 @@
-"""The two test examples of the README, verbatim, and the spec's original second one."""
+"""The two test examples of the README, verbatim, and the spec's original second one; and
+docs/testing.md's version of them for Django's test runner."""
 
+from unittest import mock
+
+from django.contrib.auth import get_user_model
+from django.test import TestCase
+
+from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler
 
 
@@ -53,3 +60,32 @@ def test_on_cancelled_runs_in_a_db_test_only_inside_the_capture_block(
         JobHandler.cancel(user, job.id)
     assert job.state == "cancelled"
     assert not deleted.exists()
+
+
+# docs/testing.md's "With Django's test runner": the two tests above as a TestCase, verbatim.
+
+
+class ExportTests(TestCase):
+    @classmethod
+    def setUpTestData(cls):
+        cls.user = get_user_model().objects.create_user("alice")
+
+    def test_export_creates_file(self):
+        job = JobHandler.create_and_start(self.user, "export_table", table_id=1)
+        job.refresh_from_db()
+        self.assertEqual(job.state, "finished")
+        self.assertNotEqual(job.output_path, "")
+
+    @mock.patch.object(ImmediateExecutor, "enqueue", lambda self, job_id: None)
+    def test_cancel_cleans_up(self):
+        job = JobHandler.create_and_start(self.user, "export_table", table_id=1)
+        with self.captureOnCommitCallbacks(execute=True):  # runs on_cancelled
+            JobHandler.cancel(self.user, job.id)
+        self.assertEqual(job.state, "cancelled")
+
+    def test_the_immediate_executor_runs_the_job_without_a_commit(self):
+        # What the page says: no captureOnCommitCallbacks needed, and none captured.
+        with self.captureOnCommitCallbacks() as callbacks:
+            job = JobHandler.create_and_start(self.user, "export_table", table_id=1)
+        self.assertEqual(job.state, "finished")
+        self.assertEqual(callbacks, [])

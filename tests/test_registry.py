@@ -153,7 +153,7 @@ def test_get_unknown_lists_the_known_types():
     assert "export_table" in info.value.known
     assert str(info.value).endswith(
         "Job types are registered from the job_types module of each app in INSTALLED_APPS "
-        "(<app>/job_types.py), imported at startup."
+        "(<app>/job_types.py, or the __init__.py of a job_types package), imported at startup."
     )
 
 
@@ -273,6 +273,32 @@ def test_a_module_executed_twice_is_named_as_the_cause(job_types_file):
         JobTypeAlreadyRegistered, match="module twiceapp.job_types was executed twice"
     ):
         registry.register_module(importlib.reload(module))
+
+
+def test_a_job_types_package_registers_the_types_of_its_own_modules(tmp_path, monkeypatch):
+    package = tmp_path / "packagedapp" / "job_types"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(
+        "from tests.testapp.job_types import LimitedJobType  # not this package's own\n"
+        "from .reports import ReportJobType\n"
+    )
+    (package / "reports.py").write_text(
+        "from task_ferry.registry import JobType\n"
+        "from tests.testapp.models import LimitedJob\n\n\n"
+        "class ReportJobType(JobType):\n"
+        "    type = 'packaged_report'\n"
+        "    model_class = LimitedJob\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module("packagedapp.job_types")
+        # It registered nothing: the class is defined in packagedapp.job_types.reports.
+        registered = JobTypeRegistry().register_module(module)
+    finally:
+        for name in ("packagedapp", "packagedapp.job_types", "packagedapp.job_types.reports"):
+            sys.modules.pop(name, None)
+    assert [jt.type for jt in registered] == ["packaged_report"]
 
 
 def test_register_module_takes_only_classes_defined_there():

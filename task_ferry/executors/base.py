@@ -159,6 +159,41 @@ def describe_ids(ids: list[int]) -> str:
     return f"ids {shown}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
+# Modules an executor needs, and the extra that installs them.
+EXTRA_FOR_MODULE = {
+    "celery": "celery",
+    "kombu": "celery",
+    "django_tasks": "django-tasks",
+    "django_tasks_db": "django-tasks",
+}
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """The django-task-ferry extra whose package failed to import in ``exc``, if any (a
+    misspelt class in an executor module is a typo, not a missing extra)."""
+    missing = (exc.name or "").split(".")[0]
+    return EXTRA_FOR_MODULE.get(missing)
+
+
+def describe_import_error(path: str, exc: ImportError) -> tuple[str, str]:
+    """What is wrong with an ``EXECUTOR`` that does not import, and how to fix it: shared by
+    check E001 and the error ``get_executor()`` raises where no check ran (pytest-django)."""
+    extra = missing_extra(exc)
+    if extra is not None:
+        return (
+            f"TASK_FERRY['EXECUTOR'] = {path!r} needs the {extra!r} extra, which is not "
+            f"installed: {exc}.",
+            f'Install it: pip install "django-task-ferry[{extra}]".',
+        )
+    return (
+        f"TASK_FERRY['EXECUTOR'] = {path!r} cannot be imported: {exc}.",
+        "Fix the dotted path. The executors are "
+        "task_ferry.executors.immediate.ImmediateExecutor, "
+        "task_ferry.executors.celery.CeleryExecutor and "
+        "task_ferry.executors.django_tasks.DjangoTasksExecutor.",
+    )
+
+
 @functools.cache
 def get_executor() -> BaseExecutor:
     """The configured executor, built once per process (reset when settings change)."""
@@ -166,11 +201,8 @@ def get_executor() -> BaseExecutor:
     try:
         executor_class = import_string(path)
     except ImportError as exc:
-        raise TaskFerryImproperlyConfigured(
-            f"TASK_FERRY['EXECUTOR'] = {path!r} cannot be imported: {exc}. "
-            f"Install the matching extra (django-task-ferry[celery] or [django-tasks]) "
-            f"or fix the dotted path."
-        ) from exc
+        message, fix = describe_import_error(path, exc)
+        raise TaskFerryImproperlyConfigured(f"{message} {fix}") from exc
     if not (isinstance(executor_class, type) and issubclass(executor_class, BaseExecutor)):
         raise TaskFerryImproperlyConfigured(
             f"TASK_FERRY['EXECUTOR'] = {path!r} is not a subclass of "
