@@ -258,7 +258,14 @@ def test_a_pending_job_whose_cancel_was_rolled_back_runs_and_shows_as_it_does(
     row = wait_until_ended(job, worker)
     assert row.state == "finished"
     assert Marker.objects.filter(name="ran").exists()
-    assert api.get(f"/api/jobs/{job.pk}/").json()["state"] == "finished"
+    # The worker publishes the end just after its row commits: the first poll's stored
+    # "pending" gives way within moments.
+    wait_for(
+        lambda: api.get(f"/api/jobs/{job.pk}/").json()["state"] == "finished",
+        timeout=5,
+        what="the API to show the job finished",
+        worker=worker,
+    )
     assert hooks(job) == []
 
 
