@@ -40,6 +40,19 @@ FINAL_STATES = frozenset(str(s) for s in (JobState.FINISHED, JobState.FAILED, Jo
 
 # A file-system path of two or more components (POSIX or Windows), as found in exception text.
 PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~$@+-]+){2,}[\\/]?")
+# Credentials an exception's text may quote: a URL's password (``scheme://user:secret@host``),
+# the value of a key named like a secret (``password=...``, ``?api_key=...``, ``'token': ...``;
+# a key before a colon only when quoted, so ``InvalidTokenError: ...`` keeps its message), and
+# a bearer token.
+URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/?#]*):[^\s/?#]*@", re.IGNORECASE)
+SECRET_KEY = (
+    r"[\w.-]*(?:passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)[\w.-]*"
+)
+SECRET_VALUE = re.compile(
+    rf"""(\b{SECRET_KEY}\s*=\s*|["']{SECRET_KEY}["']\s*:\s*)("[^"]*"|'[^']*'|[^\s&,;}})\]]+)""",
+    re.IGNORECASE,
+)
+BEARER_TOKEN = re.compile(r"\b(Bearer\s+)[\w.~+/-]+=*", re.IGNORECASE)
 TRACEBACK_MARKER = "Traceback (most recent call last)"
 ERROR_MAX_LENGTH = 500
 # Values that ``json`` writes as they are; the type's fields need converting otherwise.
@@ -63,7 +76,9 @@ class JobSerializer(serializers.Serializer[Any]):
     error = serializers.CharField(
         read_only=True,
         allow_blank=True,
-        help_text="Short technical reason of a failure; never a traceback or a file path.",
+        help_text=(
+            "Short technical reason of a failure; never a traceback, a file path or a password."
+        ),
     )
     human_readable_error = serializers.CharField(read_only=True, allow_blank=True)
     created_at = serializers.DateTimeField(read_only=True)
@@ -299,14 +314,22 @@ def type_fields(job: Job) -> dict[str, Any] | None:
     return fields
 
 
+def hide_credentials(text: str) -> str:
+    """``text`` with the passwords, keys and tokens it quotes replaced by ``***``."""
+    text = URL_PASSWORD.sub(r"\1:***@", text)
+    text = SECRET_VALUE.sub(r"\1***", text)
+    return BEARER_TOKEN.sub(r"\1***", text)
+
+
 def clean_error(error: str) -> str:
-    """The first line of an error, with paths replaced: no traceback, no server layout."""
+    """The first line of an error, with credentials and paths replaced: no traceback, no
+    secret, no server layout."""
     if not error:
         return error
     if TRACEBACK_MARKER in error:
         error = error.split(TRACEBACK_MARKER, 1)[0].strip() or "Error"
     line = error.strip().splitlines()[0] if error.strip() else ""
-    line = PATH_PATTERN.sub("…", line)
+    line = PATH_PATTERN.sub("…", hide_credentials(line))
     if len(line) > ERROR_MAX_LENGTH:
         line = line[: ERROR_MAX_LENGTH - 1] + "…"
     return line
