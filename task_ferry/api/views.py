@@ -14,7 +14,7 @@ from django.utils.datastructures import MultiValueDict
 from django.utils.functional import cached_property
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound, ParseError, ValidationError
 from rest_framework.fields import Field, JSONField, ListField, MultipleChoiceField
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.permissions import BasePermission
@@ -272,7 +272,12 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         return Response(public_job(snapshot))
 
     def create(self, request: Request, **kwargs: Any) -> Response:
-        data = request.data
+        try:
+            data = request.data
+        except RecursionError:
+            # Python's JSON parser recurses once per level: a body of "[[[[..." past its limit
+            # is a client's error, not a server one.
+            raise ParseError("JSON parse error - nested too deeply.") from None
         if not isinstance(data, Mapping):
             raise ValidationError(
                 {"non_field_errors": ['Send a JSON object: {"type": ..., ...values}.']}

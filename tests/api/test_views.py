@@ -353,6 +353,19 @@ def test_create_refuses_a_field_name_with_a_lone_surrogate_with_a_400(api, user)
     assert not Job.objects.exists()
 
 
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_create_refuses_json_nested_past_the_parsers_limit_with_a_400(api, user, depth):
+    # Python's parser raised RecursionError, which DRF does not take for a parse error: a 500.
+    for body in (
+        "[" * depth + "]" * depth,
+        '{"type": "scripted", "steps": ' + "[" * depth + "1" + "]" * depth + "}",
+    ):
+        response = api.post(URL, body, content_type="application/json")
+        assert response.status_code == 400
+        assert response.json() == {"detail": "JSON parse error - nested too deeply."}
+    assert not Job.objects.exists()
+
+
 def test_create_of_an_unknown_type_lists_the_known_types(api, user):
     response = api.post(URL, {"type": "exprot_table"}, format="json")
     assert response.status_code == 400
