@@ -109,6 +109,12 @@ def test_list_rejects_bad_query_parameters_by_name(api, user, query, name):
         ({"offset": "9" * 5000}, None),
         ({"limit": "0"}, "Must be a whole number from 1 to 200, got '0'."),
         ({"limit": "abc"}, "Must be a whole number from 1 to 200, got 'abc'."),
+        # int() reads these as numbers; a job id in another spelling is a 404 too.
+        ({"limit": "\u0661\u0662"}, "Must be a whole number from 1 to 200, got '\u0661\u0662'."),
+        ({"limit": "1_0"}, "Must be a whole number from 1 to 200, got '1_0'."),
+        ({"limit": " 5"}, "Must be a whole number from 1 to 200, got ' 5'."),
+        ({"offset": "+3"}, "Must be a whole number, 0 or more, got '+3'."),
+        ({"offset": "\uff13"}, "Must be a whole number, 0 or more, got '\uff13'."),
     ],
 )
 def test_list_says_what_a_page_parameter_may_be(api, user, query, message):
