@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.db import transaction
 from django.dispatch import receiver
 from django.utils.datastructures import MultiValueDict
@@ -278,6 +280,17 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
             # Python's JSON parser recurses once per level: a body of "[[[[..." past its limit
             # is a client's error, not a server one.
             raise ParseError("JSON parse error - nested too deeply.") from None
+        # Django answers these with its HTML error page, which an API client cannot read.
+        except RequestDataTooBig:
+            raise ParseError(
+                "The request body is larger than this server takes "
+                f"({settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes)."
+            ) from None
+        except TooManyFieldsSent:
+            raise ParseError(
+                "The form has more fields than this server takes "
+                f"({settings.DATA_UPLOAD_MAX_NUMBER_FIELDS})."
+            ) from None
         if not isinstance(data, Mapping):
             raise ValidationError(
                 {"non_field_errors": ['Send a JSON object: {"type": ..., ...values}.']}

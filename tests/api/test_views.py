@@ -3,6 +3,7 @@
 import contextlib
 import datetime
 import io
+import json
 import threading
 from urllib.parse import quote
 
@@ -369,6 +370,35 @@ def test_create_refuses_json_nested_past_the_parsers_limit_with_a_400(api, user,
         response = api.post(URL, body, content_type="application/json")
         assert response.status_code == 400
         assert response.json() == {"detail": "JSON parse error - nested too deeply."}
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
+def test_create_refuses_a_body_over_data_upload_max_memory_size_with_a_json_400(
+    api, user, settings, content_type
+):
+    # Django's own answer is its HTML "Bad Request (400)" page.
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    if content_type == "application/json":
+        body = json.dumps({"type": "scripted", "marker": "x" * 2000})
+    else:
+        body = "type=scripted&marker=" + "x" * 2000
+    response = api.post(URL, body, content_type=content_type)
+    assert response.status_code == 400
+    assert response.json() == {
+        "detail": "The request body is larger than this server takes (1000 bytes)."
+    }
+    assert not Job.objects.exists()
+
+
+def test_create_refuses_a_form_over_data_upload_max_number_fields_with_a_json_400(
+    api, user, settings
+):
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 10
+    body = "type=scripted&" + "&".join(f"x{i}=1" for i in range(20))
+    response = api.post(URL, body, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 400
+    assert response.json() == {"detail": "The form has more fields than this server takes (10)."}
     assert not Job.objects.exists()
 
 
