@@ -44,13 +44,16 @@ PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~$@+-]+){2,}[\\/]?")
 # the value of a key named like a secret (``password=...``, ``?api_key=...``, ``'token': ...``;
 # a key before a colon only when quoted, so ``InvalidTokenError: ...`` keeps its message), and
 # a bearer token.
-URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/?#]*):[^\s/?#]*@", re.IGNORECASE)
-SECRET_KEY = (
-    r"[\w.-]*(?:passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)[\w.-]*"
+URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]{0,30}+://[^\s:/?#]*):[^\s/?#]*@", re.IGNORECASE)
+# A key and its value (``key=value``, or ``'key': value`` quoted), keys taken whole without
+# backtracking (possessive), so that long text costs each poll of a failed job one pass; which
+# keys name a secret, ``SECRET_NAME`` tells.
+KEY_VALUE = re.compile(
+    r"""(\b([\w.-]{1,60}+)\s*=\s*|(["'])([\w.-]{1,60}+)\3\s*:\s*)"""
+    r"""("[^"]*"|'[^']*'|[^\s&,;}})\]?=]+)"""
 )
-SECRET_VALUE = re.compile(
-    rf"""(\b{SECRET_KEY}\s*=\s*|["']{SECRET_KEY}["']\s*:\s*)("[^"]*"|'[^']*'|[^\s&,;}})\]]+)""",
-    re.IGNORECASE,
+SECRET_NAME = re.compile(
+    r"passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key", re.IGNORECASE
 )
 BEARER_TOKEN = re.compile(r"\b(Bearer\s+)[\w.~+/-]+=*", re.IGNORECASE)
 TRACEBACK_MARKER = "Traceback (most recent call last)"
@@ -317,8 +320,14 @@ def type_fields(job: Job) -> dict[str, Any] | None:
 def hide_credentials(text: str) -> str:
     """``text`` with the passwords, keys and tokens it quotes replaced by ``***``."""
     text = URL_PASSWORD.sub(r"\1:***@", text)
-    text = SECRET_VALUE.sub(r"\1***", text)
+    text = KEY_VALUE.sub(hidden_if_secret, text)
     return BEARER_TOKEN.sub(r"\1***", text)
+
+
+def hidden_if_secret(match: re.Match[str]) -> str:
+    """A ``KEY_VALUE`` match, its value replaced by ``***`` if its key names a secret."""
+    key = match[2] or match[4]
+    return f"{match[1]}***" if SECRET_NAME.search(key) else match[0]
 
 
 def clean_error(error: str) -> str:

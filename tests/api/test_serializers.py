@@ -82,6 +82,10 @@ def test_a_list_of_integer_keys_is_read_in_one_query_keeping_its_order(db):
         ("HTTPError: Authorization: Bearer abc.def-ghi", "HTTPError: Authorization: Bearer ***"),
         ("InvalidTokenError: Signature has expired", "InvalidTokenError: Signature has expired"),
         ("KeyError: 'password'", "KeyError: 'password'"),
+        (
+            "Error: url=redis://h:6379?password=pw down",
+            "Error: url=redis://h:6379?password=*** down",
+        ),
         ("TypeError: author=someone is fine", "TypeError: author=someone is fine"),
     ],
 )
