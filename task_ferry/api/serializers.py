@@ -50,7 +50,7 @@ URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]{0,30}+://[^\s:/?#]*):[^\s/?#]*@"
 # keys name a secret, ``SECRET_NAME`` tells.
 KEY_VALUE = re.compile(
     r"""(\b([\w.-]{1,60}+)\s*=\s*|(["'])([\w.-]{1,60}+)\3\s*:\s*)"""
-    r"""("[^"]*"|'[^']*'|[^\s&,;}})\]?=]+)"""
+    r"""("[^"]*"|'[^']*'|[^\s&,;})\]?=]+)"""
 )
 SECRET_NAME = re.compile(
     r"passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key", re.IGNORECASE
