@@ -128,7 +128,8 @@ def main() -> None:
         job = JobHandler.create_and_start(user, "export_table", table_id=42)
         transition(job, JobState.STARTED, from_states=[JobState.PENDING])
         publish(job)
-        with uvicorn_server() as base:
+        # One user follows the job from every stream: no limit on a user's streams here.
+        with uvicorn_server(TASK_FERRY_TEST_SSE_MAX_STREAMS_PER_USER="none") as base:
             asyncio.run(run(args, base, job, headers, get_store()))
 
 

@@ -134,8 +134,9 @@ NUMBERS: tuple[tuple[str, float, float, type], ...] = (
     ("PENDING_TIMEOUT", 1, 365 * 86400, float),
     ("SSE_KEEPALIVE", 0.1, 3600, float),
     ("SSE_MAX_DURATION", 1, 86400, float),
+    ("SSE_MAX_STREAMS_PER_USER", 0, 1_000_000, int),
 )
-MAY_BE_NONE = {"PENDING_TIMEOUT"}
+MAY_BE_NONE = {"PENDING_TIMEOUT", "SSE_MAX_STREAMS_PER_USER"}
 
 
 def is_number(value: object, kind: type) -> bool:

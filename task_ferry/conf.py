@@ -54,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "SSE_KEEPALIVE": 15,
     # Seconds an event stream stays open at most; the browser then reconnects.
     "SSE_MAX_DURATION": 300,
+    # Live event streams one user may hold open at once in one process; more are answered as
+    # polls. None means no limit.
+    "SSE_MAX_STREAMS_PER_USER": 20,
 }
 
 

@@ -12,6 +12,12 @@ TASK_FERRY = {
     # The test process and the server must share progress-store keys.
     "KEY_PREFIX": os.environ.get("TASK_FERRY_TEST_KEY_PREFIX", TASK_FERRY["KEY_PREFIX"]),
     "SSE_KEEPALIVE": float(os.environ.get("TASK_FERRY_TEST_SSE_KEEPALIVE", "15")),
+    # "none" for a benchmark whose streams are all one user's.
+    "SSE_MAX_STREAMS_PER_USER": (
+        None
+        if os.environ.get("TASK_FERRY_TEST_SSE_MAX_STREAMS_PER_USER") == "none"
+        else TASK_FERRY.get("SSE_MAX_STREAMS_PER_USER", 20)
+    ),
 }
 
 # Server errors go to stderr, where the test run shows them.

@@ -8,6 +8,7 @@ once with a ``retry`` delay, so ``EventSource`` polls by reconnecting.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import functools
 import json
@@ -199,11 +200,50 @@ def render_published(raw: bytes) -> tuple[bytes, bool, datetime.datetime | None]
     return job_event(snapshot), is_final(snapshot), running_since(snapshot)
 
 
+class StreamSlot:
+    """One of the live streams a user may hold open in this process
+    (``SSE_MAX_STREAMS_PER_USER``), from its opening until its stream ends."""
+
+    def __init__(self, viewer: str) -> None:
+        self.viewer = viewer
+        self.held = True
+        _open_streams[viewer] += 1
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        _open_streams[self.viewer] -= 1
+        if not _open_streams[self.viewer]:
+            del _open_streams[self.viewer]
+
+
+# Live streams open in this process, by user; touched only on the event loop's thread.
+_open_streams: collections.Counter[str] = collections.Counter()
+
+
+def take_stream_slot(user: Any) -> StreamSlot | bool:
+    """A slot for one more live stream of ``user``, True when no limit applies to them, False
+    when they hold ``SSE_MAX_STREAMS_PER_USER`` streams already (answered as a poll, so that
+    one client cannot hold a process's connections)."""
+    limit = ferry_settings.SSE_MAX_STREAMS_PER_USER
+    viewer = getattr(user, "pk", None) if getattr(user, "is_authenticated", False) else None
+    if limit is None or viewer is None:
+        return True
+    if _open_streams[str(viewer)] >= limit:
+        return False
+    return StreamSlot(str(viewer))
+
+
 async def open_live_stream(
-    store: RedisProgressStore, job_id: int, first: dict[str, Any]
+    store: RedisProgressStore,
+    job_id: int,
+    first: dict[str, Any],
+    slot: StreamSlot | None = None,
 ) -> AsyncIterator[bytes] | None:
     """The job's live stream, subscribed and with its first event ready; None when Redis
-    cannot be reached (the caller answers the polling fallback instead)."""
+    cannot be reached (the caller answers the polling fallback instead). ``slot`` is released
+    when the stream ends."""
     hub = get_hub(store.url)
     channel = store.events_channel(job_id)
     try:
@@ -214,7 +254,7 @@ async def open_live_stream(
             hub.reachable = False
             logger.warning("Event streams fall back to polling without Redis: %s", exc)
         return None
-    events = live_events(hub, store, job_id, channel, queue, first)
+    events = live_events(hub, store, job_id, channel, queue, first, slot=slot)
     # Started here, so its unsubscribing runs however the response ends, even if never sent.
     opening = await anext(events)
     return prepend(opening, events)
@@ -236,9 +276,11 @@ async def live_events(
     channel: str,
     queue: asyncio.Queue[bytes | Link],
     first: dict[str, Any],
+    *,
+    slot: StreamSlot | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The stream of a subscribed ``queue``: current state, then every published snapshot
-    until the job ends. Unsubscribes when it ends."""
+    until the job ends. Unsubscribes, and releases ``slot``, when it ends."""
     keepalive = float(ferry_settings.SSE_KEEPALIVE)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + float(ferry_settings.SSE_MAX_DURATION)
@@ -315,6 +357,8 @@ async def live_events(
             if final:
                 return
     finally:
+        if slot is not None:
+            slot.release()
         await hub.unsubscribe(channel, queue)
 
 
@@ -360,8 +404,15 @@ async def job_events(request: HttpRequest, pk: str, **kwargs: Any) -> HttpRespon
         and request.method != "HEAD"  # headers only: no stream to hold open
         and isinstance(store, RedisProgressStore)
         and not is_final(snapshot)
+        and (slot := take_stream_slot(getattr(request, "user", None)))
     ):
-        stream = await open_live_stream(store, snapshot["id"], snapshot)
+        held = slot if isinstance(slot, StreamSlot) else None
+        stream = None
+        try:
+            stream = await open_live_stream(store, snapshot["id"], snapshot, held)
+        finally:
+            if stream is None and held is not None:
+                held.release()
         if stream is not None:
             return event_stream_response(stream, "live")
     # One answer, not a stream (the polling fallback, or a job that has ended already): its

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rest_framework.exceptions import ValidationError
@@ -9,6 +10,8 @@ from rest_framework.request import Request
 # The largest offset taken: past any list there is, and within what every database takes as
 # an OFFSET (a signed 64-bit number). Too large to tell a client as a range.
 MAX_OFFSET = 2**62
+# A whole number as a query parameter spells it: ASCII digits, a minus sign at most.
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
 class JobPagination(LimitOffsetPagination):
@@ -55,11 +58,14 @@ class JobPagination(LimitOffsetPagination):
         raw = request.query_params.get(name)
         if raw is None or raw == "":
             return None
+        # int() also reads "+5", " 5", "1_0" and other scripts' digits ("١٢").
+        if not WHOLE_NUMBER.fullmatch(raw):
+            return -1
         try:
             return int(raw)
         except ValueError:
             # More digits than int() converts: a number all the same, and a large one.
-            return MAX_OFFSET + 1 if raw.isascii() and raw.isdigit() else -1
+            return -1 if raw.startswith("-") else MAX_OFFSET + 1
 
 
 def refused(request: Request, name: str, message: str) -> ValidationError:

@@ -40,6 +40,22 @@ FINAL_STATES = frozenset(str(s) for s in (JobState.FINISHED, JobState.FAILED, Jo
 
 # A file-system path of two or more components (POSIX or Windows), as found in exception text.
 PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~$@+-]+){2,}[\\/]?")
+# Credentials an exception's text may quote: a URL's password (``scheme://user:secret@host``),
+# the value of a key named like a secret (``password=...``, ``?api_key=...``, ``'token': ...``;
+# a key before a colon only when quoted, so ``InvalidTokenError: ...`` keeps its message), and
+# a bearer token.
+URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]{0,30}+://[^\s:/?#]*):[^\s/?#]*@", re.IGNORECASE)
+# A key and its value (``key=value``, or ``'key': value`` quoted), keys taken whole without
+# backtracking (possessive), so that long text costs each poll of a failed job one pass; which
+# keys name a secret, ``SECRET_NAME`` tells.
+KEY_VALUE = re.compile(
+    r"""(\b([\w.-]{1,60}+)\s*=\s*|(["'])([\w.-]{1,60}+)\3\s*:\s*)"""
+    r"""("[^"]*"|'[^']*'|[^\s&,;})\]?=]+)"""
+)
+SECRET_NAME = re.compile(
+    r"passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key", re.IGNORECASE
+)
+BEARER_TOKEN = re.compile(r"\b(Bearer\s+)[\w.~+/-]+=*", re.IGNORECASE)
 TRACEBACK_MARKER = "Traceback (most recent call last)"
 ERROR_MAX_LENGTH = 500
 # Values that ``json`` writes as they are; the type's fields need converting otherwise.
@@ -63,7 +79,9 @@ class JobSerializer(serializers.Serializer[Any]):
     error = serializers.CharField(
         read_only=True,
         allow_blank=True,
-        help_text="Short technical reason of a failure; never a traceback or a file path.",
+        help_text=(
+            "Short technical reason of a failure; never a traceback, a file path or a password."
+        ),
     )
     human_readable_error = serializers.CharField(read_only=True, allow_blank=True)
     created_at = serializers.DateTimeField(read_only=True)
@@ -299,14 +317,28 @@ def type_fields(job: Job) -> dict[str, Any] | None:
     return fields
 
 
+def hide_credentials(text: str) -> str:
+    """``text`` with the passwords, keys and tokens it quotes replaced by ``***``."""
+    text = URL_PASSWORD.sub(r"\1:***@", text)
+    text = KEY_VALUE.sub(hidden_if_secret, text)
+    return BEARER_TOKEN.sub(r"\1***", text)
+
+
+def hidden_if_secret(match: re.Match[str]) -> str:
+    """A ``KEY_VALUE`` match, its value replaced by ``***`` if its key names a secret."""
+    key = match[2] or match[4]
+    return f"{match[1]}***" if SECRET_NAME.search(key) else match[0]
+
+
 def clean_error(error: str) -> str:
-    """The first line of an error, with paths replaced: no traceback, no server layout."""
+    """The first line of an error, with credentials and paths replaced: no traceback, no
+    secret, no server layout."""
     if not error:
         return error
     if TRACEBACK_MARKER in error:
         error = error.split(TRACEBACK_MARKER, 1)[0].strip() or "Error"
     line = error.strip().splitlines()[0] if error.strip() else ""
-    line = PATH_PATTERN.sub("…", line)
+    line = PATH_PATTERN.sub("…", hide_credentials(line))
     if len(line) > ERROR_MAX_LENGTH:
         line = line[: ERROR_MAX_LENGTH - 1] + "…"
     return line

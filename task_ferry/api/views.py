@@ -8,13 +8,15 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.db import transaction
 from django.dispatch import receiver
 from django.utils.datastructures import MultiValueDict
 from django.utils.functional import cached_property
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound, ParseError, ValidationError
 from rest_framework.fields import Field, JSONField, ListField, MultipleChoiceField
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.permissions import BasePermission
@@ -272,7 +274,23 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         return Response(public_job(snapshot))
 
     def create(self, request: Request, **kwargs: Any) -> Response:
-        data = request.data
+        try:
+            data = request.data
+        except RecursionError:
+            # Python's JSON parser recurses once per level: a body of "[[[[..." past its limit
+            # is a client's error, not a server one.
+            raise ParseError("JSON parse error - nested too deeply.") from None
+        # Django answers these with its HTML error page, which an API client cannot read.
+        except RequestDataTooBig:
+            raise ParseError(
+                "The request body is larger than this server takes "
+                f"({settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes)."
+            ) from None
+        except TooManyFieldsSent:
+            raise ParseError(
+                "The form has more fields than this server takes "
+                f"({settings.DATA_UPLOAD_MAX_NUMBER_FIELDS})."
+            ) from None
         if not isinstance(data, Mapping):
             raise ValidationError(
                 {"non_field_errors": ['Send a JSON object: {"type": ..., ...values}.']}

@@ -412,6 +412,50 @@ def test_concurrent_streams_share_one_subscription_and_each_get_their_jobs_chang
     assert left == {}
 
 
+@needs_redis
+def test_a_user_holds_at_most_sse_max_streams_per_user_live_streams_and_more_are_polls(
+    transactional_db, user, other_user, store, hold, settings
+):
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "SSE_MAX_STREAMS_PER_USER": 2}
+    first, second = start(create(user, steps=2)), start(create(user, steps=2))
+    theirs = start(create(other_user, steps=2))
+
+    def finish(job):
+        final = job_snapshot(job)
+        final.update(state="finished", progress_percentage=100)
+        store.write(job.pk, final)
+
+    async def scenario():
+        mine, stranger = AsyncClient(), AsyncClient()
+        await mine.aforce_login(user)
+        await stranger.aforce_login(other_user)
+        held = [await mine.get(url(job)) for job in (first, second)]
+        streams = [response.streaming_content for response in held]
+        for stream in streams:
+            await anext(stream)
+        over = await mine.get(url(second))
+        others = await stranger.get(url(theirs))
+        # A stream that ends gives its place back.
+        finish(first)
+        async for _ in streams[0]:
+            pass
+        again = await mine.get(url(second))
+        modes = [r["X-Task-Ferry-Stream"] for r in (*held, over, others, again)]
+        finish(second)
+        finish(theirs)
+        for response in (held[1], others, again):
+            await read_until_closed(response)
+        return modes, over, dict(events_module._open_streams)
+
+    modes, over, left = run_async(scenario)
+    assert modes == ["live", "live", "poll", "live", "live"]
+    assert over.status_code == 200
+    events = parse_events(over.content.decode())
+    assert events[0] == ("retry", POLL_RETRY_MS)
+    assert events[1][0] == "job" and events[1][1]["id"] == second.pk
+    assert left == {}
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 def test_a_stream_ends_with_reconnect_when_redis_stays_away_and_the_next_one_polls(
     transactional_db, user, hold, redis_server, monkeypatch

@@ -186,3 +186,24 @@ def test_error_shows_no_traceback_or_path_but_the_row_keeps_them(api, user, monk
     assert "Traceback (most recent call last)" in job.traceback
     listed = api.get(URL).json()["results"][0]
     assert listed["error"] == body["error"]
+
+
+def test_error_shows_no_credentials_from_the_exception_but_the_row_keeps_them(
+    api, user, monkeypatch
+):
+    from tests.testapp.job_types import ScriptedJobType
+
+    def run(self, job, progress):
+        raise ConnectionError(
+            "Could not reach postgres://shop:hunter2@db.internal:5432/shop, then "
+            "https://api.example.com/v1/charge?api_key=sk_live_42&amount=5"
+        )
+
+    monkeypatch.setattr(ScriptedJobType, "run", run)
+    body = api.post(URL, {"type": "scripted"}, format="json").json()
+    assert body["state"] == "failed"
+    for text in (body["error"], api.get(f"{URL}{body['id']}/").json()["error"]):
+        assert text.startswith("ConnectionError: Could not reach postgres://shop:***@db.internal")
+        assert "hunter2" not in text and "sk_live_42" not in text
+        assert "api_key=***" in text
+    assert "hunter2" in Job.objects.get(pk=body["id"]).error

@@ -50,3 +50,46 @@ def test_a_list_of_integer_keys_is_read_in_one_query_keeping_its_order(db):
     empty_refused = RelatedKeyField(many=True, allow_empty=False, queryset=Marker.objects.all())
     assert errors(empty_refused, []) == ["This list may not be empty."]
     assert errors(field, 3) == ['Expected a list of items but got type "int".']
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (
+            "OperationalError: cannot connect to postgresql://app:s3cr%40t@db:5432/shop",
+            "OperationalError: cannot connect to postgresql://app:***@db:5432/shop",
+        ),
+        (
+            "ConnectionError: redis://:pw@cache:6379/0 refused",
+            "ConnectionError: redis://:***@cache:6379/0 refused",
+        ),
+        ("Error: amqp://guest:guest@rabbit// down", "Error: amqp://guest:***@rabbit// down"),
+        ("Error: redis://app@prod:pw@host/0 down", "Error: redis://app@prod:***@host/0 down"),
+        ("Error: http://host:8080/x down", "Error: http://host:8080/x down"),
+        ("Error: user@example.com failed", "Error: user@example.com failed"),
+        (
+            "OperationalError: dbname=shop user=app password=hunter2 host=db",
+            "OperationalError: dbname=shop user=app password=*** host=db",
+        ),
+        (
+            "HTTPError: 401 for url: /v1/x?token=abc&page=2",
+            "HTTPError: 401 for url: …?token=***&page=2",
+        ),
+        (
+            "ValueError: bad config {'user': 'app', 'password': 'hunter2', 'secret_key': \"k\"}",
+            "ValueError: bad config {'user': 'app', 'password': ***, 'secret_key': ***}",
+        ),
+        ("HTTPError: Authorization: Bearer abc.def-ghi", "HTTPError: Authorization: Bearer ***"),
+        ("InvalidTokenError: Signature has expired", "InvalidTokenError: Signature has expired"),
+        ("KeyError: 'password'", "KeyError: 'password'"),
+        (
+            "Error: url=redis://h:6379?password=pw down",
+            "Error: url=redis://h:6379?password=*** down",
+        ),
+        ("TypeError: author=someone is fine", "TypeError: author=someone is fine"),
+    ],
+)
+def test_clean_error_hides_credentials_an_exception_quotes(error, shown):
+    from task_ferry.api.serializers import clean_error
+
+    assert clean_error(error) == shown

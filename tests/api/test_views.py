@@ -3,6 +3,7 @@
 import contextlib
 import datetime
 import io
+import json
 import threading
 from urllib.parse import quote
 
@@ -109,6 +110,12 @@ def test_list_rejects_bad_query_parameters_by_name(api, user, query, name):
         ({"offset": "9" * 5000}, None),
         ({"limit": "0"}, "Must be a whole number from 1 to 200, got '0'."),
         ({"limit": "abc"}, "Must be a whole number from 1 to 200, got 'abc'."),
+        # int() reads these as numbers; a job id in another spelling is a 404 too.
+        ({"limit": "\u0661\u0662"}, "Must be a whole number from 1 to 200, got '\u0661\u0662'."),
+        ({"limit": "1_0"}, "Must be a whole number from 1 to 200, got '1_0'."),
+        ({"limit": " 5"}, "Must be a whole number from 1 to 200, got ' 5'."),
+        ({"offset": "+3"}, "Must be a whole number, 0 or more, got '+3'."),
+        ({"offset": "\uff13"}, "Must be a whole number, 0 or more, got '\uff13'."),
     ],
 )
 def test_list_says_what_a_page_parameter_may_be(api, user, query, message):
@@ -350,6 +357,48 @@ def test_create_refuses_a_field_name_with_a_lone_surrogate_with_a_400(api, user)
         message = response.json()["non_field_errors"][0]
         assert "lone surrogate" in message
         assert "valid Unicode" in message
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_create_refuses_json_nested_past_the_parsers_limit_with_a_400(api, user, depth):
+    # Python's parser raised RecursionError, which DRF does not take for a parse error: a 500.
+    for body in (
+        "[" * depth + "]" * depth,
+        '{"type": "scripted", "steps": ' + "[" * depth + "1" + "]" * depth + "}",
+    ):
+        response = api.post(URL, body, content_type="application/json")
+        assert response.status_code == 400
+        assert response.json() == {"detail": "JSON parse error - nested too deeply."}
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
+def test_create_refuses_a_body_over_data_upload_max_memory_size_with_a_json_400(
+    api, user, settings, content_type
+):
+    # Django's own answer is its HTML "Bad Request (400)" page.
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    if content_type == "application/json":
+        body = json.dumps({"type": "scripted", "marker": "x" * 2000})
+    else:
+        body = "type=scripted&marker=" + "x" * 2000
+    response = api.post(URL, body, content_type=content_type)
+    assert response.status_code == 400
+    assert response.json() == {
+        "detail": "The request body is larger than this server takes (1000 bytes)."
+    }
+    assert not Job.objects.exists()
+
+
+def test_create_refuses_a_form_over_data_upload_max_number_fields_with_a_json_400(
+    api, user, settings
+):
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 10
+    body = "type=scripted&" + "&".join(f"x{i}=1" for i in range(20))
+    response = api.post(URL, body, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 400
+    assert response.json() == {"detail": "The form has more fields than this server takes (10)."}
     assert not Job.objects.exists()
 
 
