@@ -274,6 +274,13 @@ def test_watch_prints_a_line_per_change_when_not_a_terminal(live_jobs, monkeypat
     ]
 
 
+def watch_on_a_terminal() -> str:
+    """``task_ferry_jobs --watch --until-idle`` into a terminal, quickly; its output."""
+    return run(
+        "task_ferry_jobs", "--watch", "--until-idle", "--interval", "0.01", stdout=TerminalOutput()
+    )
+
+
 def test_watch_redraws_bars_on_a_terminal(live_jobs, monkeypatch):
     pending, running = live_jobs
     publish_progress(running, 25, "first")
@@ -282,14 +289,7 @@ def test_watch_redraws_bars_on_a_terminal(live_jobs, monkeypatch):
         lambda: publish_progress(running, 75, "second"),
         lambda: end_both(pending, running),
     )
-    out = run(
-        "task_ferry_jobs",
-        "--watch",
-        "--until-idle",
-        "--interval",
-        "0.01",
-        stdout=TerminalOutput(),
-    )
+    out = watch_on_a_terminal()
     # Each redraw moves up over the whole previous frame (a header and two jobs) and clears it.
     frames = out.split("\x1b[3F\x1b[J")
     assert len(frames) == 3
@@ -322,11 +322,18 @@ def without_ages(text):
     return re.sub(r"\d+:\d\d:\d\d", "h:mm:ss", text)
 
 
-def test_jobs_says_after_its_listing_that_the_sweep_is_not_running(settings, db):
-    """A job lost half an hour ago still shows started: the listing says why it stays so."""
+def lost_half_an_hour_ago(settings):
+    """A started job, with HEARTBEAT_TIMEOUT 60 s, whose last heartbeat was half an hour ago
+    and whose snapshot is gone: one the sweep would have failed long ago."""
     settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 60}
     lost = started_job(started_ago=datetime.timedelta(hours=1), beat_ago=THIRTY_MINUTES)
     get_store().delete([lost.pk])
+    return lost
+
+
+def test_jobs_says_after_its_listing_that_the_sweep_is_not_running(settings, db):
+    """A job lost half an hour ago still shows started: the listing says why it stays so."""
+    lost = lost_half_an_hour_ago(settings)
 
     lines = run("task_ferry_jobs").splitlines()
 
@@ -348,9 +355,7 @@ def test_jobs_says_nothing_of_the_sweep_while_it_may_yet_fail_the_jobs(settings,
 
 
 def test_watch_says_the_sweep_is_not_running_once_when_not_a_terminal(settings, db, monkeypatch):
-    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 60}
-    lost = started_job(started_ago=datetime.timedelta(hours=1), beat_ago=THIRTY_MINUTES)
-    get_store().delete([lost.pk])
+    lost = lost_half_an_hour_ago(settings)
     script_sleeps(
         monkeypatch,
         lambda: None,  # still lost: not said again
@@ -367,21 +372,12 @@ def test_watch_says_the_sweep_is_not_running_once_when_not_a_terminal(settings, 
 
 
 def test_watch_bars_wrap_the_sweep_warning_and_redraw_over_it(settings, db, monkeypatch):
-    settings.TASK_FERRY = {**settings.TASK_FERRY, "HEARTBEAT_TIMEOUT": 60}
-    lost = started_job(started_ago=datetime.timedelta(hours=1), beat_ago=THIRTY_MINUTES)
-    get_store().delete([lost.pk])
+    lost = lost_half_an_hour_ago(settings)
     script_sleeps(
         monkeypatch,
         lambda: transition(lost, JobState.FAILED, from_states=[JobState.STARTED]),
     )
-    out = run(
-        "task_ferry_jobs",
-        "--watch",
-        "--until-idle",
-        "--interval",
-        "0.01",
-        stdout=TerminalOutput(),
-    )
+    out = watch_on_a_terminal()
     first, moved_up, last = re.split(r"\x1b\[(\d+)F\x1b\[J", out)
     lines = first.splitlines()
     assert "task_ferry.W007: 1 started job(s)" in lines[2]
