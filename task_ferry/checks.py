@@ -66,7 +66,7 @@ def check_settings(
             none = " or None" if name in MAY_BE_NONE else ""
             messages.append(
                 Error(
-                    f"TASK_FERRY[{name!r}] must be {what} from {minimum} to {maximum:g}{none}, "
+                    f"TASK_FERRY[{name!r}] must be {what} from {minimum:g} to {maximum:.0f}{none}, "
                     f"got {value!r}.",
                     hint=f"Remove it to use the default, {DEFAULTS[name]!r}.",
                     id="task_ferry.E003",

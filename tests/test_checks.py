@@ -227,6 +227,21 @@ def test_e003_setting_that_is_not_a_number_in_range(ferry, name, value):
     assert name in only("task_ferry.E003").msg
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "range_"),
+    [
+        ("PENDING_TIMEOUT", 0, "from 1 to 31536000 or None"),
+        ("SSE_MAX_STREAMS_PER_USER", -1, "from 0 to 1000000 or None"),
+        ("PROGRESS_CACHE_TIMEOUT", 0, "from 1 to 315360000,"),
+        ("PUBLISH_INTERVAL", 0, "from 0.001 to 3600,"),
+    ],
+)
+def test_e003_gives_the_range_in_plain_digits(ferry, name, value, range_):
+    # A year was "3.1536e+07".
+    ferry(**{name: value})
+    assert range_ in only("task_ferry.E003").msg
+
+
 def test_pending_timeout_may_be_none(ferry):
     ferry(PENDING_TIMEOUT=None)
     assert ferry_messages() == []

@@ -1,12 +1,15 @@
 """The reference pages list everything the code defines."""
 
+import ast
 import re
 from pathlib import Path
 
+from task_ferry.checks import NUMBERS
 from task_ferry.conf import DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+PACKAGE = ROOT / "task_ferry"
 
 
 def test_settings_page_documents_every_setting():
@@ -15,8 +18,18 @@ def test_settings_page_documents_every_setting():
     assert documented == set(DEFAULTS)
 
 
-def test_checks_page_documents_every_check_id():
-    source = "\n".join(p.read_text() for p in (ROOT / "task_ferry").rglob("*.py"))
+def test_settings_page_gives_each_settings_real_default():
+    text = (DOCS / "settings.md").read_text()
+    defaults = dict(re.findall(r"^`([A-Z_]+)`\n:   Default: `([^`]+)`", text, flags=re.MULTILINE))
+    assert set(defaults) == set(DEFAULTS)
+    wrong = {
+        name: shown for name, shown in defaults.items() if ast.literal_eval(shown) != DEFAULTS[name]
+    }
+    assert not wrong, f"defaults that are not conf.DEFAULTS': {wrong}"
+
+
+def test_checks_page_documents_every_check_id_and_no_other():
+    source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     defined = set(re.findall(r"task_ferry\.([EW]\d{3})", source))
     documented = set(
         re.findall(
@@ -25,3 +38,28 @@ def test_checks_page_documents_every_check_id():
     )
     assert defined, "no check ids found in the source"
     assert defined <= documented, f"undocumented check ids: {sorted(defined - documented)}"
+    assert documented <= defined, f"documented ids no code emits: {sorted(documented - defined)}"
+
+
+def test_e003_names_every_numeric_setting_it_checks():
+    text = (DOCS / "checks.md").read_text()
+    section = text.split("### task_ferry.E003\n", 1)[1].split("\n### ", 1)[0]
+    missing = [name for name, *_range in NUMBERS if f"`{name}`" not in section]
+    assert not missing, f"E003 checks these, its section does not name them: {missing}"
+
+
+def test_architecture_page_places_every_module():
+    text = (DOCS / "architecture.md").read_text()
+    unplaced = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__" or "migrations" in parts:
+            continue
+        if parts[-2] == "commands":
+            # A management command is named by itself: `task_ferry_sweep`.
+            spellings = [parts[-1]]
+        else:
+            spellings = [".".join(parts), ".".join(parts[-2:])]
+        if not any(f"`{spelling}" in text for spelling in spellings):
+            unplaced.append(".".join(parts))
+    assert not unplaced, f"modules docs/architecture.md does not name: {unplaced}"
