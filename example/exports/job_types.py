@@ -38,7 +38,7 @@ def chunks(total: int) -> Iterator[int]:
         yield min(size, total - start)
 
 
-class ExportJobType(JobType):
+class ExportJobType(JobType[ExportJob]):
     type = "example_export"
     model_class = ExportJob
     max_count = 5

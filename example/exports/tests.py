@@ -2,6 +2,11 @@
 
 import contextlib
 import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,7 +14,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import MiddlewareNotUsed
-from django.test import TestCase, override_settings
+from django.test import SimpleTestCase, TestCase, override_settings
 from project.demo_login import DemoLoginMiddleware
 
 from task_ferry.exceptions import JobCancelled
@@ -20,6 +25,7 @@ from task_ferry.progress import Progress
 from .job_types import ExportJobType
 from .models import ExportJob
 
+MANAGE_PY = Path(__file__).resolve().parents[1] / "manage.py"
 IMMEDIATE = {
     "EXECUTOR": "task_ferry.executors.immediate.ImmediateExecutor",
     "CACHE_ALIAS": "default",
@@ -128,6 +134,36 @@ class DemoLoginTests(TestCase):
     def test_refuses_to_run_without_debug(self) -> None:
         with self.assertRaises(MiddlewareNotUsed):
             DemoLoginMiddleware(lambda request: None)
+
+
+class RunExampleTests(SimpleTestCase):
+    def test_a_taken_port_stops_it_before_the_worker_starts(self) -> None:
+        data_dir = tempfile.TemporaryDirectory()
+        self.addCleanup(data_dir.cleanup)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            process = subprocess.Popen(
+                [sys.executable, str(MANAGE_PY), "runexample", f"127.0.0.1:{port}"],
+                env={**os.environ, "EXAMPLE_DATA_DIR": data_dir.name},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                # Its own process group: a worker left behind would still be in it.
+                start_new_session=True,
+            )
+            try:
+                stdout, stderr = process.communicate(timeout=60)
+                self.assertNotEqual(process.returncode, 0)
+                self.assertIn("PORT=9000 make example", stderr)
+                self.assertNotIn("db_worker started", stdout)
+                with self.assertRaises(ProcessLookupError):
+                    os.killpg(process.pid, 0)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def make_job(user: Any, rows: int) -> ExportJob:

@@ -98,7 +98,13 @@ TASK_FERRY = {
     "PUBLISH_INTERVAL": 0.1,
 }
 
-TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+TASKS = {
+    "default": {
+        "BACKEND": "django_tasks_db.DatabaseBackend",
+        # Every queue a job type uses (task_ferry.E025); ExportJobType sets none, so "default".
+        "QUEUES": ["default"],
+    }
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],

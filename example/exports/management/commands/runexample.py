@@ -7,6 +7,7 @@ development server (or uvicorn with ``--asgi``), and stops the worker when the s
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from types import FrameType
 from typing import Any
 
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from project.demo_login import get_demo_user
 
 MANAGE_PY = Path(__file__).resolve().parents[3] / "manage.py"
@@ -48,6 +49,10 @@ class Command(BaseCommand):
     def handle(
         self, *args: Any, addrport: str, asgi: bool, worker_interval: float, **options: Any
     ) -> None:
+        host, port = split_addrport(addrport)
+        # Before the worker starts: runserver ends the process at once on a taken port
+        # (os._exit), which would leave the worker running on its own.
+        check_port_free(host, port)
         call_command("migrate", interactive=False, verbosity=0)
         user = get_demo_user()
         self.stdout.write(f"Database ready; demo user {user.get_username()!r}.")
@@ -88,11 +93,11 @@ class Command(BaseCommand):
     def _serve_asgi(self, addrport: str) -> None:
         import uvicorn
 
-        host, _, port = addrport.rpartition(":")
+        host, port = split_addrport(addrport)
         uvicorn.run(
             "project.asgi:application",
-            host=host or "127.0.0.1",
-            port=int(port),
+            host=host,
+            port=port,
             # Open event streams must not hold up Ctrl-C.
             timeout_graceful_shutdown=2,
         )
@@ -114,3 +119,25 @@ class Command(BaseCommand):
                 worker.kill()
                 worker.wait()
         self.stdout.write(f"db_worker stopped (exit code {worker.returncode}).")
+
+
+def split_addrport(addrport: str) -> tuple[str, int]:
+    """``"127.0.0.1:9000"``, ``"[::1]:9000"`` or ``"9000"`` as (host, port)."""
+    host, _, port = addrport.rpartition(":")
+    if not port.isdigit():
+        raise CommandError(f"{addrport!r} is not an address and port, such as 127.0.0.1:9000.")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        # As the servers do, so a port left in TIME_WAIT by the last run counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CommandError(
+                f"Cannot serve on {host}:{port}: {exc.strerror}. Stop what uses the port, or "
+                "pick another one: PORT=9000 make example, or runexample 127.0.0.1:9000."
+            ) from exc
