@@ -16,6 +16,7 @@ from task_ferry.progress import Progress
 from task_ferry.registry import JobType
 
 from .models import ExportJob
+from .serializers import ExportJobSerializer
 
 # Share of the bar (of 100) and of the wall-clock time of each stage.
 COLLECT_WEIGHT, WRITE_WEIGHT, CHECKSUM_WEIGHT, SAVE_WEIGHT = 20, 60, 15, 5
@@ -41,6 +42,7 @@ def chunks(total: int) -> Iterator[int]:
 class ExportJobType(JobType[ExportJob]):
     type = "example_export"
     model_class = ExportJob
+    serializer_class = ExportJobSerializer
     max_count = 5
     # The page starts exports through POST /api/jobs/.
     api_create = True

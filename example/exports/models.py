@@ -1,8 +1,9 @@
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.urls import reverse
 
-from task_ferry.models import Job
+from task_ferry.models import Job, JobState
 
 
 def default_export_seconds() -> float:
@@ -26,3 +27,10 @@ class ExportJob(Job):
     @property
     def output_name(self) -> str:
         return f"export-{self.pk}.csv.gz"
+
+    @property
+    def download_url(self) -> str | None:
+        """Where the owner downloads the finished export's file; None before that."""
+        if self.state != JobState.FINISHED or not self.output_path:
+            return None
+        return reverse("export-download", args=[self.pk])

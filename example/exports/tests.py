@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from django.core.exceptions import MiddlewareNotUsed
 from django.test import SimpleTestCase, TestCase, override_settings
 from project.demo_login import DemoLoginMiddleware
@@ -41,6 +42,8 @@ class ExportTestCase(TestCase):
         overrides.enable()
         self.addCleanup(overrides.disable)
         self.user = get_user_model().objects.create_user("ada")
+        # The progress store outlives the test's rolled-back rows, whose ids come again.
+        self.addCleanup(cache.clear)
 
 
 class ExportJobTypeTests(ExportTestCase):
@@ -97,6 +100,63 @@ class ExportJobTypeTests(ExportTestCase):
         self.assertTrue((self.export_dir / f"export-{job.pk}.csv.gz.part").exists())
         job_type.on_cancelled(job)
         self.assertEqual(list(self.export_dir.iterdir()), [])
+
+
+class ApiTests(ExportTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.client.force_login(self.user)
+
+    def test_a_finished_export_shows_a_download_url_and_not_its_path(self) -> None:
+        created = self.client.post(
+            "/api/jobs/", {"type": "example_export", "rows": 5, "seconds": 0}, "application/json"
+        )
+        self.assertEqual(created.status_code, 201, created.content)
+        job_id = created.json()["id"]
+        for response in (created, self.client.get(f"/api/jobs/{job_id}/")):
+            data = response.json()
+            self.assertEqual(data["state"], "finished")
+            self.assertEqual(data["download_url"], f"/exports/{job_id}/download/")
+            self.assertGreater(data["output_size"], 0)
+            self.assertNotIn("output_path", data)
+            self.assertNotIn(str(self.export_dir), response.content.decode())
+        listed = self.client.get("/api/jobs/").content.decode()
+        self.assertIn(f"/exports/{job_id}/download/", listed)
+        self.assertNotIn(str(self.export_dir), listed)
+        self.assertEqual(self.client.get(data["download_url"]).status_code, 200)
+
+    def test_an_export_not_finished_has_no_download_url(self) -> None:
+        job = make_job(self.user, rows=5)
+        self.assertIsNone(self.client.get(f"/api/jobs/{job.pk}/").json()["download_url"])
+
+    def test_output_path_cannot_be_set(self) -> None:
+        response = self.client.post(
+            "/api/jobs/",
+            {"type": "example_export", "rows": 5, "output_path": "/etc/passwd"},
+            "application/json",
+        )
+        self.assertEqual(response.status_code, 400)
+        self.assertIn("output_path", response.json())
+
+    def test_schema_shows_the_download_url_and_not_the_path(self) -> None:
+        response = self.client.get("/api/jobs/schema/", HTTP_ACCEPT="application/json")
+        self.assertEqual(response.status_code, 200)
+        components = response.json()["components"]["schemas"]
+        shown = components["ExampleExportJob"]["properties"]
+        self.assertEqual(
+            shown["download_url"],
+            {
+                "type": "string",
+                "readOnly": True,
+                "nullable": True,
+                "description": "Null until the export has finished.",
+            },
+        )
+        self.assertNotIn("output_path", shown)
+        self.assertEqual(
+            set(components["ExampleExportJobCreate"]["properties"]),
+            {"type", "rows", "seconds"},
+        )
 
 
 class PageTests(ExportTestCase):

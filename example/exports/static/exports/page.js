@@ -9,10 +9,6 @@ const api = form.dataset.api;
 // The server says whether it pushes events (ASGI with Redis); otherwise plain polling is finer.
 const sse = form.dataset.sse === "true";
 
-function downloadUrl(jobId) {
-  return form.dataset.downloadUrl.replace(/\/0\/download\/$/, `/${jobId}/download/`);
-}
-
 // Times in the viewer's own time zone, for server-rendered and new rows alike.
 function showLocalTime(element) {
   element.textContent = new Date(element.dateTime).toLocaleTimeString([], { hour12: false });
@@ -44,7 +40,6 @@ function addJob(job, values) {
   showLocalTime(time);
   const link = document.createElement("a");
   link.className = "job__download";
-  link.href = downloadUrl(job.id);
   link.textContent = "Download";
   link.hidden = true;
   head.append(title, time, link);
@@ -74,9 +69,13 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
-// A finished export gets its download link, whichever way the bar learnt it ended.
+// A finished export gets its download link, whichever way the bar learnt it ended: the API
+// shows its download_url (never the file's path on the server).
 list.addEventListener("task-ferry:end", (event) => {
   const item = event.target.closest(".job");
   const link = item && item.querySelector(".job__download");
-  if (link) link.hidden = event.detail.state !== "finished";
+  if (!link) return;
+  const url = event.detail.download_url;
+  if (url) link.href = url;
+  link.hidden = !url;
 });
