@@ -39,6 +39,15 @@ def chunks(total: int) -> Iterator[int]:
         yield min(size, total - start)
 
 
+class ExportFailed(Exception):
+    """The failure an export was asked for with ``fail_at_row``."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"Failed at row {row}, as fail_at_row asked")
+        # What the job's user sees (the API's human_readable_error); the message is for the logs.
+        self.human_readable_error = f"The export stopped at row {row:,}, as you asked."
+
+
 class ExportJobType(JobType[ExportJob]):
     type = "example_export"
     model_class = ExportJob
@@ -81,6 +90,10 @@ class ExportJobType(JobType[ExportJob]):
             writer = csv.writer(file)
             writer.writerow(["id", "date", "region", "product", "quantity", "amount"])
             for size in chunks(job.rows):
+                if job.fail_at_row and job.fail_at_row <= written + size:
+                    # Rows before it stay in the .part file, for on_error to remove.
+                    writer.writerows(records[written : job.fail_at_row - 1])
+                    raise ExportFailed(job.fail_at_row)
                 writer.writerows(records[written : written + size])
                 written += size
                 write.increment(size, state=f"Writing CSV: row {written:,} of {job.rows:,}")

@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.urls import reverse
@@ -20,9 +21,19 @@ class ExportJob(Job):
     seconds = models.FloatField(
         default=default_export_seconds, validators=[MinValueValidator(0), MaxValueValidator(600)]
     )
+    # For the demo: the export fails at this row, so the failed state and on_error can be seen.
+    fail_at_row = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(1_000_000)]
+    )
     # Written by the job: editable=False keeps them out of what API clients may set.
     output_path = models.CharField(max_length=500, blank=True, editable=False)
     output_size = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
+
+    def clean(self) -> None:
+        if self.fail_at_row is not None and self.rows is not None and self.fail_at_row > self.rows:
+            raise ValidationError(
+                {"fail_at_row": f"Pick a row the export has: 1 to {self.rows:,}, or none."}
+            )
 
     @property
     def output_name(self) -> str:

@@ -13,5 +13,5 @@ class ExportJobSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ExportJob
-        fields = ["rows", "seconds", "output_size", "download_url"]
+        fields = ["rows", "seconds", "fail_at_row", "output_size", "download_url"]
         read_only_fields = ["output_size"]

@@ -23,7 +23,7 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import JobState
 from task_ferry.progress import Progress
 
-from .job_types import ExportJobType
+from .job_types import ExportFailed, ExportJobType
 from .models import ExportJob
 
 MANAGE_PY = Path(__file__).resolve().parents[1] / "manage.py"
@@ -102,6 +102,45 @@ class ExportJobTypeTests(ExportTestCase):
         self.assertEqual(list(self.export_dir.iterdir()), [])
 
 
+class FailAtRowTests(ExportTestCase):
+    def test_export_fails_at_the_row_asked_for_and_leaves_no_file(self) -> None:
+        # The immediate executor raises the job's exception once the job is marked failed.
+        with self.assertRaises(ExportFailed), self.assertLogs("task_ferry", "ERROR"):
+            JobHandler.create_and_start(
+                self.user, "example_export", rows=300, seconds=0, fail_at_row=120
+            )
+        job = ExportJob.objects.get()
+        self.assertEqual(job.state, JobState.FAILED)
+        self.assertEqual(job.human_readable_error, "The export stopped at row 120, as you asked.")
+        self.assertTrue(job.error.startswith("ExportFailed: "), job.error)
+        self.assertEqual(list(self.export_dir.iterdir()), [])
+
+    def test_on_error_removes_the_rows_written_before_the_failure(self) -> None:
+        job = make_job(self.user, rows=300, fail_at_row=120)
+        job_type = ExportJobType()
+        with self.assertRaises(ExportFailed) as caught:
+            job_type.run(job, Progress())
+        part = self.export_dir / f"export-{job.pk}.csv.gz.part"
+        # The header and rows 1 to 119.
+        self.assertEqual(len(gzip.decompress(part.read_bytes()).splitlines()), 120)
+        job_type.on_error(job, caught.exception)
+        self.assertEqual(list(self.export_dir.iterdir()), [])
+
+    def test_a_row_past_the_end_is_refused(self) -> None:
+        from task_ferry.exceptions import InvalidJobValues
+
+        for fail_at_row in (0, 11):
+            with (
+                self.subTest(fail_at_row=fail_at_row),
+                self.assertRaises(InvalidJobValues) as caught,
+            ):
+                JobHandler.create_and_start(
+                    self.user, "example_export", rows=10, seconds=0, fail_at_row=fail_at_row
+                )
+            self.assertIn("fail_at_row", caught.exception.errors)
+        self.assertFalse(ExportJob.objects.exists())
+
+
 class ApiTests(ExportTestCase):
     def setUp(self) -> None:
         super().setUp()
@@ -138,6 +177,29 @@ class ApiTests(ExportTestCase):
         self.assertEqual(response.status_code, 400)
         self.assertIn("output_path", response.json())
 
+    def test_a_failed_export_shows_why(self) -> None:
+        with self.assertLogs("task_ferry", "ERROR"):
+            response = self.client.post(
+                "/api/jobs/",
+                {"type": "example_export", "rows": 50, "seconds": 0, "fail_at_row": 7},
+                "application/json",
+            )
+        self.assertEqual(response.status_code, 201, response.content)
+        data = response.json()
+        self.assertEqual(data["state"], "failed")
+        self.assertEqual(data["fail_at_row"], 7)
+        self.assertEqual(data["human_readable_error"], "The export stopped at row 7, as you asked.")
+        self.assertIsNone(data["download_url"])
+
+    def test_a_row_past_the_end_gets_400(self) -> None:
+        response = self.client.post(
+            "/api/jobs/",
+            {"type": "example_export", "rows": 50, "seconds": 0, "fail_at_row": 51},
+            "application/json",
+        )
+        self.assertEqual(response.status_code, 400)
+        self.assertIn("fail_at_row", response.json())
+
     def test_schema_shows_the_download_url_and_not_the_path(self) -> None:
         response = self.client.get("/api/jobs/schema/", HTTP_ACCEPT="application/json")
         self.assertEqual(response.status_code, 200)
@@ -155,7 +217,7 @@ class ApiTests(ExportTestCase):
         self.assertNotIn("output_path", shown)
         self.assertEqual(
             set(components["ExampleExportJobCreate"]["properties"]),
-            {"type", "rows", "seconds"},
+            {"type", "rows", "seconds", "fail_at_row"},
         )
 
 
@@ -172,6 +234,17 @@ class PageTests(ExportTestCase):
         self.assertContains(response, 'state="finished"', count=50)
         self.assertContains(response, "no-sse", count=50)
         self.assertIn("csrftoken", response.cookies)
+
+    def test_a_failed_export_shows_why_after_a_reload(self) -> None:
+        with self.assertRaises(ExportFailed), self.assertLogs("task_ferry", "ERROR"):
+            JobHandler.create_and_start(
+                self.user, "example_export", rows=50, seconds=0, fail_at_row=7
+            )
+        self.client.force_login(self.user)
+        response = self.client.get("/")
+        self.assertContains(
+            response, '<p class="job__error">The export stopped at row 7, as you asked.</p>'
+        )
 
     @override_settings(DEBUG=True)
     def test_demo_user_is_logged_in_automatically(self) -> None:
@@ -226,7 +299,7 @@ class RunExampleTests(SimpleTestCase):
                 process.wait()
 
 
-def make_job(user: Any, rows: int) -> ExportJob:
+def make_job(user: Any, rows: int, fail_at_row: int | None = None) -> ExportJob:
     """A saved export, not started, to run its job type directly."""
     from django.contrib.contenttypes.models import ContentType
 
@@ -236,6 +309,7 @@ def make_job(user: Any, rows: int) -> ExportJob:
         content_type=ContentType.objects.get_for_model(ExportJob),
         rows=rows,
         seconds=0,
+        fail_at_row=fail_at_row,
     )
 
 

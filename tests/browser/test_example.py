@@ -277,6 +277,29 @@ def test_start_watch_and_cancel_jobs(example_server: ExampleServer, page) -> Non
     assert not example_server.group_alive(), example_server.log.read_text()
 
 
+def test_a_failed_export_shows_why_and_leaves_no_file(
+    example_server: ExampleServer, page, tmp_path: Path
+) -> None:
+    expect = playwright_api.expect
+    page.goto(example_server.url)
+    page.fill("input[name=fail_at_row]", "3000")
+    job = start_export(page, rows=4000, seconds=2)
+    expect(job.locator(".tf-progress__state")).to_have_text("failed", timeout=30_000)
+    reason = "The export stopped at row 3,000, as you asked."
+    expect(job.locator(".tf-progress__error")).to_have_text(reason)
+    expect(job.locator(".job__download")).to_be_hidden()
+    screenshot(page, shot_name(example_server, "06-failed.png"))
+    # on_error removed the rows written before the failure.
+    assert list((tmp_path / "export-files").iterdir()) == []
+
+    page.reload()
+    job = page.locator("#job-list > li").first
+    expect(job.locator(".tf-progress__state")).to_have_text("failed")
+    expect(job.locator(".job__error")).to_have_text(reason)
+    expect(job.locator(".tf-progress__error")).to_be_hidden()
+    assert page.errors == []
+
+
 def test_bar_backs_off_while_the_network_is_down(example_server: ExampleServer, page) -> None:
     expect = playwright_api.expect
     page.goto(example_server.url)

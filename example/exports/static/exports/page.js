@@ -55,6 +55,8 @@ form.addEventListener("submit", async (event) => {
   const values = {
     rows: Number(form.elements.rows.value),
     seconds: Number(form.elements.seconds.value),
+    // Empty: the export does not fail (null, as the API shows it).
+    fail_at_row: form.elements.fail_at_row.value ? Number(form.elements.fail_at_row.value) : null,
   };
   button.disabled = true;
   formError.hidden = true;
