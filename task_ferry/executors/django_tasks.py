@@ -230,6 +230,14 @@ class DjangoTasksExecutor(BaseExecutor):
             human_readable_error = MISCONFIGURED_MESSAGE
             if misplaced_database_backend(_configured_backend(alias)) is not None:
                 advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
+            elif _configured_backend(alias) == DATABASE_BACKEND and not _app_installed(
+                "django_tasks_db"
+            ):
+                # Its model then refuses to load; "reachable and set up" would not say why.
+                advice = (
+                    'Add "django_tasks_db" to INSTALLED_APPS and run migrate '
+                    "(manage.py check reports this as task_ferry.E027)"
+                )
             elif _is_invalid_task(exc):
                 # The backend is fine; the task it was given is not (its queue, its priority).
                 advice = (

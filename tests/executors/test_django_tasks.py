@@ -17,7 +17,7 @@ from task_ferry.executors.django_tasks import DjangoTasksExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
-from tests.projects import manage_py_check
+from tests.projects import manage_py_check, run_python
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, ScriptedJob
 
@@ -411,6 +411,42 @@ def test_backend_that_cannot_write_fails_the_job_and_tells_the_caller(
     ]
     # What a poller sees.
     assert JobHandler.get_job(user, job.pk).state == "failed"
+
+
+@requires_tasks
+@pytest.mark.skipif(find_spec("django_tasks_db") is None, reason="django-tasks-db is not installed")
+def test_a_job_started_without_the_database_backend_app_says_to_install_it(tmp_path):
+    # manage.py shell runs no checks, so E027 is not shown before the job is started; the
+    # backend's model then refuses to load outside INSTALLED_APPS.
+    installed = ["django.contrib.contenttypes", "django.contrib.auth", "task_ferry"]
+    installed += [*([] if HAS_BUILTIN_TASKS else ["django_tasks"]), "tests.myapp"]
+    project_settings = {
+        "SECRET_KEY": "tests-only",
+        "USE_TZ": True,
+        "INSTALLED_APPS": installed,
+        "DATABASES": {
+            "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "db")}
+        },
+        "TASKS": {"default": {"BACKEND": DATABASE_BACKEND}},
+        "TASK_FERRY": {"EXECUTOR": EXECUTOR, "REDIS_URL": None},
+    }
+    code = """
+from django.core.management import call_command
+from task_ferry.exceptions import DispatchError
+from task_ferry.handler import JobHandler
+from tests.myapp.models import ExportJob
+call_command("migrate", verbosity=0, skip_checks=True)
+try:
+    JobHandler.create_and_start(None, "export_table", table_id=1)
+except DispatchError as exc:
+    print("DispatchError:", exc)
+print("Shown to the user:", ExportJob.objects.get().human_readable_error)
+"""
+    returncode, output = run_python(tmp_path, project_settings, code)
+    assert returncode == 0, output
+    assert 'Add "django_tasks_db" to INSTALLED_APPS and run migrate' in output
+    assert "reachable" not in output
+    assert f"Shown to the user: {django_tasks.MISCONFIGURED_MESSAGE}" in output
 
 
 @requires_tasks
