@@ -360,7 +360,8 @@ def test_create_refuses_a_field_name_with_a_lone_surrogate_with_a_400(api, user)
     assert not Job.objects.exists()
 
 
-@pytest.mark.parametrize("depth", [5_000, 100_000])
+# Past the json module's nesting limit on every supported Python (3.13 parses 5,000 levels).
+@pytest.mark.parametrize("depth", [20_000, 100_000])
 def test_create_refuses_json_nested_past_the_parsers_limit_with_a_400(api, user, depth):
     # Python's parser raised RecursionError, which DRF does not take for a parse error: a 500.
     for body in (
