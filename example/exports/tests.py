@@ -242,9 +242,25 @@ class PageTests(ExportTestCase):
             )
         self.client.force_login(self.user)
         response = self.client.get("/")
+        # The bar shows it; it makes no request for an ended job.
         self.assertContains(
-            response, '<p class="job__error">The export stopped at row 7, as you asked.</p>'
+            response, 'human-readable-error="The export stopped at row 7, as you asked."'
         )
+
+    def test_a_failed_export_s_reason_is_escaped_into_the_bar(self) -> None:
+        with self.assertRaises(ExportFailed), self.assertLogs("task_ferry", "ERROR"):
+            JobHandler.create_and_start(
+                self.user, "example_export", rows=50, seconds=0, fail_at_row=7
+            )
+        # What a job type may quote from its input: it must not end the attribute.
+        ExportJob.objects.update(human_readable_error='Row "7" has <img src=x onerror=alert(1)>')
+        self.client.force_login(self.user)
+        response = self.client.get("/")
+        self.assertContains(
+            response,
+            'human-readable-error="Row &quot;7&quot; has &lt;img src=x onerror=alert(1)&gt;"',
+        )
+        self.assertNotContains(response, "<img")
 
     @override_settings(DEBUG=True)
     def test_demo_user_is_logged_in_automatically(self) -> None:

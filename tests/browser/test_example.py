@@ -5,6 +5,7 @@ here. Screenshots go to test-artifacts/browser/.
 """
 
 import gzip
+import html
 import itertools
 import os
 import re
@@ -292,11 +293,99 @@ def test_a_failed_export_shows_why_and_leaves_no_file(
     # on_error removed the rows written before the failure.
     assert list((tmp_path / "export-files").iterdir()) == []
 
+    # The page renders the reason into the bar's human-readable-error attribute.
     page.reload()
     job = page.locator("#job-list > li").first
     expect(job.locator(".tf-progress__state")).to_have_text("failed")
-    expect(job.locator(".job__error")).to_have_text(reason)
-    expect(job.locator(".tf-progress__error")).to_be_hidden()
+    expect(job.locator(".tf-progress__error")).to_have_text(reason)
+    assert page.errors == []
+
+
+# What a job's owner may have typed into a value the error quotes; shown as text, never run.
+HTML_ERROR = '<img src=x onerror="window.pwned = true"> is not a valid row.'
+
+
+def test_a_server_rendered_failed_bar_shows_its_error_as_text(
+    example_server: ExampleServer, page
+) -> None:
+    """A page that renders a failed job gives the bar its human_readable_error; the bar makes
+    no request for an ended job, so it said only "The job failed."."""
+    expect = playwright_api.expect
+    rendered = "".join(
+        f'<task-ferry-progress job-id="{job_id}" state="failed" percentage="40"'
+        f' progress-state="Writing CSV"{attributes}></task-ferry-progress>'
+        for job_id, attributes in [
+            (9001, ' human-readable-error="The export stopped at row 7, as you asked."'),
+            # As Django's template autoescaping writes it into the attribute.
+            (9002, f' human-readable-error="{html.escape(HTML_ERROR)}"'),
+            (9003, ""),
+        ]
+    )
+    body = (
+        '<!doctype html><html lang="en"><title>Jobs</title>'
+        '<script src="/static/task_ferry/ferry.js" defer></script>'
+        f"<body>{rendered}</body></html>"
+    )
+    page.route(
+        re.compile(r"/rendered-jobs/$"),
+        lambda route: route.fulfill(status=200, content_type="text/html", body=body),
+    )
+    page.goto(urljoin(example_server.url, "/rendered-jobs/"))
+    bars = page.locator("task-ferry-progress")
+    expect(bars.locator(".tf-progress__error")).to_have_text(
+        ["The export stopped at row 7, as you asked.", HTML_ERROR, "The job failed."]
+    )
+    expect(bars.first.locator(".tf-progress__label")).to_have_text("Writing CSV")
+
+    # startJob's answer for a job that failed as it was created (an unreachable queue).
+    page.evaluate(
+        """(error) => TaskFerry.mountProgress(document.body, 9004, {
+            sse: false,
+            job: {id: 9004, state: "failed", progress_percentage: 0, progress_state: "",
+                  human_readable_error: error},
+        })""",
+        HTML_ERROR,
+    )
+    expect(bars.nth(3).locator(".tf-progress__error")).to_have_text(HTML_ERROR)
+    expect(bars.nth(3)).to_have_attribute("human-readable-error", HTML_ERROR)
+
+    page.wait_for_timeout(500)
+    assert page.locator("task-ferry-progress img").count() == 0
+    assert page.evaluate("() => window.pwned") is None
+    # Ended jobs: no request (these ids do not even exist).
+    for job_id in (9001, 9002, 9003, 9004):
+        assert example_server.requests_to(f"/api/jobs/{job_id}/") == 0
+        assert example_server.requests_to(f"/api/jobs/{job_id}/events/") == 0
+    screenshot(page, "07-rendered-failed.png")
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("following", ["stream", "polling"])
+def test_a_bar_shows_the_error_of_a_failed_job_it_loads(
+    example_server: ExampleServer, page, following: str
+) -> None:
+    """A bar given no starting state learns from the API that its job failed, and why."""
+    expect = playwright_api.expect
+    open_example_page(page, example_server)
+    job_id = page.evaluate(
+        """async () => {
+            const values = {rows: 500, seconds: 0, fail_at_row: 7};
+            const job = await TaskFerry.startJob("example_export", values);
+            await TaskFerry.followJob(job.id, {sse: false, pollInterval: 200}).done;
+            return String(job.id);
+        }"""
+    )
+    no_sse = " no-sse" if following == "polling" else ""
+    page.evaluate(
+        """([id, noSse]) => document.body.insertAdjacentHTML("beforeend",
+            `<task-ferry-progress job-id="${id}"${noSse}></task-ferry-progress>`)""",
+        [job_id, no_sse],
+    )
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "failed")
+    expect(bar.locator(".tf-progress__error")).to_have_text(
+        "The export stopped at row 7, as you asked."
+    )
     assert page.errors == []
 
 

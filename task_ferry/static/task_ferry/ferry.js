@@ -394,8 +394,9 @@
 
   /**
    * <task-ferry-progress job-id="17" api="/api/jobs/"> renders an accessible progress bar
-   * for one job and follows it until it ends. Optional attributes: state, percentage and
-   * progress-state (a server-rendered starting point; an ended state makes no request),
+   * for one job and follows it until it ends. Optional attributes: state, percentage,
+   * progress-state and human-readable-error (a server-rendered starting point; an ended state
+   * makes no request),
    * no-cancel, no-sse, poll-interval (ms), max-streams, label. Fires task-ferry:update, task-ferry:end
    * and task-ferry:error (detail: the job, or the error).
    */
@@ -433,6 +434,7 @@
           state: state,
           progress_percentage: Number(this.getAttribute("percentage")) || 0,
           progress_state: this.getAttribute("progress-state") || "",
+          human_readable_error: this.getAttribute("human-readable-error") || "",
         });
       }
       if (!isTerminal(this.job.state)) this._follow();
@@ -618,6 +620,10 @@
       element.setAttribute("state", opts.job.state);
       element.setAttribute("percentage", String(opts.job.progress_percentage || 0));
       element.setAttribute("progress-state", opts.job.progress_state || "");
+      // A job that failed as it was created (an unreachable queue, an inline executor).
+      if (opts.job.human_readable_error) {
+        element.setAttribute("human-readable-error", opts.job.human_readable_error);
+      }
     }
     container.append(element);
     return element;
