@@ -10,6 +10,8 @@ the job views the same way; ``JobSchemaView`` serves the job API's schema on its
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Iterable
 from typing import Any
 
 from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiViewExtension
@@ -93,19 +95,38 @@ def takes_extra_values(job_type: JobType) -> bool:
     return type(job_type).prepare_values is not JobType.prepare_values
 
 
+def method_field_methods(
+    serializer_class: type[serializers.Serializer[Any]],
+    fields: Iterable[serializers.Field[Any, Any, Any, Any]],
+) -> dict[str, Any]:
+    """The methods of ``serializer_class`` that its ``SerializerMethodField``s among ``fields``
+    call, by name: spectacular types such a field by its method's return annotation or
+    ``@extend_schema_field``, looked up on the serializer the field is bound to."""
+    methods: dict[str, Any] = {}
+    for field in fields:
+        if isinstance(field, serializers.SerializerMethodField):
+            # Static lookup keeps a staticmethod or classmethod as the class declares it.
+            method = inspect.getattr_static(serializer_class, field.method_name, None)
+            if method is not None:
+                methods[field.method_name] = method
+    return methods
+
+
 def _component(job_type: JobType, direction: str) -> type[serializers.Serializer[Any]]:
     """A plain serializer of one type's job object (``response``) or create body (``request``)."""
     type_serializer = type_serializer_class(job_type)
     key = (job_type.type, direction, type_serializer)
     if key not in _component_serializers:
         base_names = set(JobSerializer().fields)
-        attrs: dict[str, Any] = {
-            name: copy.deepcopy(field)
+        fields = {
+            name: field
             for name, field in type_serializer().fields.items()
             if name not in base_names
             and not (direction == "request" and field.read_only)
             and not (direction == "response" and field.write_only)
         }
+        attrs: dict[str, Any] = method_field_methods(type_serializer, fields.values())
+        attrs.update({name: copy.deepcopy(field) for name, field in fields.items()})
         # A one-value enum, kept out of spectacular's enum components (they would collide).
         discriminator_class = extend_schema_field(
             {"type": "string", "allOf": [{"enum": [job_type.type]}]}

@@ -7,11 +7,13 @@ import textwrap
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from rest_framework import serializers
 from rest_framework.test import APIClient
 
 from task_ferry.api.permissions import IsJobOwner
 from tests.api.conftest import create, start
 from tests.api.live import ROOT, session_headers, uvicorn_server
+from tests.testapp.models import LimitedJob
 
 schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("drf_spectacular")
@@ -49,6 +51,42 @@ def test_a_types_many_to_many_fields_are_described_as_lists_of_keys(api, linked_
     taken = components["LinkedJobCreate"]["properties"]
     assert taken["markers"] == keys
     assert "tags" not in taken
+
+
+def test_a_types_method_fields_have_the_types_their_methods_give(api, user, monkeypatch, capsys):
+    from drf_spectacular.utils import extend_schema_field
+
+    from tests.testapp.job_types import LimitedJobType
+
+    class LabelShapeSerializer(serializers.ModelSerializer):
+        label_length = serializers.SerializerMethodField()
+        label_words = serializers.SerializerMethodField(method_name="words_of")
+
+        class Meta:
+            model = LimitedJob
+            fields = ["label", "label_length", "label_words"]
+
+        def get_label_length(self, job) -> int:
+            return len(job.label)
+
+        @extend_schema_field({"type": "array", "items": {"type": "string"}})
+        def words_of(self, job):
+            return job.label.split()
+
+    monkeypatch.setattr(LimitedJobType, "serializer_class", LabelShapeSerializer)
+    job = create(user, "limited", label="two words")
+    assert api.get(f"/api/jobs/{job.pk}/").json()["label_words"] == ["two", "words"]
+    capsys.readouterr()
+
+    shown = api.get(SCHEMA_URL).json()["components"]["schemas"]["LimitedJob"]["properties"]
+    # Both were strings, and spectacular said the methods were missing.
+    assert shown["label_length"] == {"type": "integer", "readOnly": True}
+    assert shown["label_words"] == {
+        "type": "array",
+        "items": {"type": "string"},
+        "readOnly": True,
+    }
+    assert capsys.readouterr().err == ""
 
 
 def test_the_event_stream_is_described_like_the_detail_it_mirrors(schema):
