@@ -10,12 +10,15 @@ the job views the same way; ``JobSchemaView`` serves the job API's schema on its
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Iterable
 from typing import Any
 
 from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiViewExtension
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.openapi import AutoSchema
-from drf_spectacular.plumbing import ComponentRegistry
+from drf_spectacular.plumbing import ComponentRegistry, camelize_operation
+from drf_spectacular.settings import spectacular_settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -93,19 +96,38 @@ def takes_extra_values(job_type: JobType) -> bool:
     return type(job_type).prepare_values is not JobType.prepare_values
 
 
+def method_field_methods(
+    serializer_class: type[serializers.Serializer[Any]],
+    fields: Iterable[serializers.Field[Any, Any, Any, Any]],
+) -> dict[str, Any]:
+    """The methods of ``serializer_class`` that its ``SerializerMethodField``s among ``fields``
+    call, by name: spectacular types such a field by its method's return annotation or
+    ``@extend_schema_field``, looked up on the serializer the field is bound to."""
+    methods: dict[str, Any] = {}
+    for field in fields:
+        if isinstance(field, serializers.SerializerMethodField):
+            # Static lookup keeps a staticmethod or classmethod as the class declares it.
+            method = inspect.getattr_static(serializer_class, field.method_name, None)
+            if method is not None:
+                methods[field.method_name] = method
+    return methods
+
+
 def _component(job_type: JobType, direction: str) -> type[serializers.Serializer[Any]]:
     """A plain serializer of one type's job object (``response``) or create body (``request``)."""
     type_serializer = type_serializer_class(job_type)
     key = (job_type.type, direction, type_serializer)
     if key not in _component_serializers:
         base_names = set(JobSerializer().fields)
-        attrs: dict[str, Any] = {
-            name: copy.deepcopy(field)
+        fields = {
+            name: field
             for name, field in type_serializer().fields.items()
             if name not in base_names
             and not (direction == "request" and field.read_only)
             and not (direction == "response" and field.write_only)
         }
+        attrs: dict[str, Any] = method_field_methods(type_serializer, fields.values())
+        attrs.update({name: copy.deepcopy(field) for name, field in fields.items()})
         # A one-value enum, kept out of spectacular's enum components (they would collide).
         discriminator_class = extend_schema_field(
             {"type": "string", "allOf": [{"enum": [job_type.type]}]}
@@ -235,10 +257,12 @@ class JobAutoSchema(AutoSchema):
         # one the answer is 400 "type: This field is required.".
         if operation and self._action() == "create" and "requestBody" in operation:
             operation["requestBody"]["required"] = True
+        if operation and self._action() == "retrieve":
+            return JobDetailOperation(operation)
         return operation
 
     def get_operation_id(self) -> str:
-        return f"jobs_{self._action()}"
+        return operation_id(self._action())
 
     def is_excluded(self) -> bool:
         # With no type that API clients may start, there is no create request to describe.
@@ -287,6 +311,17 @@ class JobAutoSchema(AutoSchema):
         return super().get_response_serializers()
 
 
+def operation_id(action: str) -> str:
+    """The id of the job API's operation for ``action`` (before ``CAMELIZE_NAMES``)."""
+    return f"jobs_{action}"
+
+
+class JobDetailOperation(dict[str, Any]):
+    """The detail operation ``JobAutoSchema`` builds, which the event stream mirrors: a dict
+    that says which view it describes, wherever that view is mounted and whatever id it ends
+    up with. Spectacular turns it into a plain dict once the postprocessing hooks have run."""
+
+
 SUMMARIES = {
     "list": "The caller's jobs, newest first",
     "create": "Create and start a job",
@@ -314,11 +349,16 @@ class JobSchemaGenerator(SchemaGenerator):
         endpoints: list[tuple[str, str, str, Any]] = super()._get_paths_and_endpoints()
         return [e for e in endpoints if isinstance(e[3], JobViewSet)]
 
+    def parse(self, input_request: Any, public: bool) -> dict[str, Any]:
+        # Here the detail operations are still ``JobDetailOperation``s.
+        paths: dict[str, Any] = super().parse(input_request, public)
+        add_events_operation(paths)
+        return paths
+
     def get_schema(self, request: Any = None, public: bool = False) -> dict[str, Any]:
         schema: dict[str, Any] = super().get_schema(request, public)
         schema["info"]["title"] = schema["info"].get("title") or "Task ferry jobs API"
         schema["info"]["version"] = schema["info"].get("version") or "1"
-        add_events_operation(schema["paths"])
         return schema
 
 
@@ -334,13 +374,6 @@ EVENTS_EXAMPLE = (
     'event: end\ndata: {"state":"finished"}\n\n'
 )
 
-# The id ``JobAutoSchema`` gives the detail operation, which the event stream mirrors, and the
-# stream's own; as they are, and as spectacular's ``CAMELIZE_NAMES`` writes them.
-EVENTS_OPERATION_IDS = {
-    "jobs_retrieve": "jobs_events_retrieve",
-    "jobsRetrieve": "jobsEventsRetrieve",
-}
-
 
 def events_postprocessing_hook(
     result: dict[str, Any], generator: Any, request: Any, public: bool
@@ -353,16 +386,18 @@ def events_postprocessing_hook(
 
 def add_events_operation(paths: dict[str, Any]) -> None:
     """Describe ``GET <id>/events/``, a plain Django view spectacular cannot see, next to each
-    detail operation it mirrors (same parameters, security and error responses). The detail
-    operations are found by their id, not through the URLconf: the API may be mounted inside a
-    namespace of the project's, under a prefix with a ``version`` argument, or at a path that
-    spectacular's ``SCHEMA_PATH_PREFIX_TRIM`` shortened."""
+    detail operation it mirrors (same parameters, security and error responses). The details
+    are the ``JobDetailOperation``s, not the operations with their id (a project's own
+    ``jobs/{id}/`` has it too) or at a path reversed from the URLconf (the API may be mounted
+    inside a namespace of the project's, under a prefix with a ``version`` argument, or at a
+    path that spectacular's ``SCHEMA_PATH_PREFIX_TRIM`` shortened)."""
     for path, item in list(paths.items()):
         detail = item.get("get")
-        if detail is None or detail.get("operationId") not in EVENTS_OPERATION_IDS:
+        if not isinstance(detail, JobDetailOperation):
             continue
-        events = copy.deepcopy(detail)
-        events["operationId"] = EVENTS_OPERATION_IDS[detail["operationId"]]
+        # A plain dict, or a second run of the hook would give the stream a stream.
+        events = copy.deepcopy(dict(detail))
+        events["operationId"] = operation_id("events_retrieve")
         events["summary"] = "A job's changes as Server-Sent Events"
         events["description"] = EVENTS_DESCRIPTION
         # A plain Django view: it streams whatever the Accept header says.
@@ -373,7 +408,11 @@ def add_events_operation(paths: dict[str, Any]) -> None:
                 "text/event-stream": {"schema": {"type": "string"}, "example": EVENTS_EXAMPLE}
             },
         }
-        paths[f"{path}events/"] = {"get": events}
+        events_path = f"{path}events/"
+        if spectacular_settings.CAMELIZE_NAMES:
+            # As spectacular names the detail: the id, and path parameters already camelized.
+            events_path, events = camelize_operation(events_path, events)
+        paths[events_path] = {"get": events}
 
 
 class JobSchemaView(SpectacularAPIView):

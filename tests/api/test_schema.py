@@ -7,11 +7,13 @@ import textwrap
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from rest_framework import serializers
 from rest_framework.test import APIClient
 
 from task_ferry.api.permissions import IsJobOwner
 from tests.api.conftest import create, start
 from tests.api.live import ROOT, session_headers, uvicorn_server
+from tests.testapp.models import LimitedJob
 
 schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("drf_spectacular")
@@ -49,6 +51,42 @@ def test_a_types_many_to_many_fields_are_described_as_lists_of_keys(api, linked_
     taken = components["LinkedJobCreate"]["properties"]
     assert taken["markers"] == keys
     assert "tags" not in taken
+
+
+def test_a_types_method_fields_have_the_types_their_methods_give(api, user, monkeypatch, capsys):
+    from drf_spectacular.utils import extend_schema_field
+
+    from tests.testapp.job_types import LimitedJobType
+
+    class LabelShapeSerializer(serializers.ModelSerializer):
+        label_length = serializers.SerializerMethodField()
+        label_words = serializers.SerializerMethodField(method_name="words_of")
+
+        class Meta:
+            model = LimitedJob
+            fields = ["label", "label_length", "label_words"]
+
+        def get_label_length(self, job) -> int:
+            return len(job.label)
+
+        @extend_schema_field({"type": "array", "items": {"type": "string"}})
+        def words_of(self, job):
+            return job.label.split()
+
+    monkeypatch.setattr(LimitedJobType, "serializer_class", LabelShapeSerializer)
+    job = create(user, "limited", label="two words")
+    assert api.get(f"/api/jobs/{job.pk}/").json()["label_words"] == ["two", "words"]
+    capsys.readouterr()
+
+    shown = api.get(SCHEMA_URL).json()["components"]["schemas"]["LimitedJob"]["properties"]
+    # Both were strings, and spectacular said the methods were missing.
+    assert shown["label_length"] == {"type": "integer", "readOnly": True}
+    assert shown["label_words"] == {
+        "type": "array",
+        "items": {"type": "string"},
+        "readOnly": True,
+    }
+    assert capsys.readouterr().err == ""
 
 
 def test_the_event_stream_is_described_like_the_detail_it_mirrors(schema):
@@ -212,13 +250,10 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(transactional_db
     assert all(count >= 10 for count in cases.values()), cases
 
 
-def test_a_project_wide_schema_gets_the_event_stream_from_the_hook(schema):
-    from task_ferry.api.schema import events_postprocessing_hook
-
-    # A schema spectacular generated for the whole project lacks the stream, as this one would.
-    del schema["paths"]["/api/jobs/{id}/events/"]
-    result = events_postprocessing_hook(schema, generator=None, request=None, public=True)
-    events = result["paths"]["/api/jobs/{id}/events/"]["get"]
+def test_a_project_wide_schema_gets_the_event_stream_from_the_hook(db):
+    # Spectacular cannot see the stream (a plain Django view): the hook describes it.
+    assert "/api/jobs/{id}/events/" not in project_schema(POSTPROCESSING_HOOKS=[])["paths"]
+    events = project_schema()["paths"]["/api/jobs/{id}/events/"]["get"]
     assert events["operationId"] == "jobs_events_retrieve"
     assert list(events["responses"]["200"]["content"]) == ["text/event-stream"]
 
@@ -336,11 +371,17 @@ def test_a_job_objects_keys_are_all_required_as_every_response_has_them(api, use
     assert components["ExportTableJobCreate"]["required"] == ["table_id", "type"]
 
 
-def project_schema():
-    """The project-wide schema spectacular generates, with the job API's hook."""
-    from drf_spectacular.generators import SchemaGenerator
+PROJECT_HOOKS = [
+    "drf_spectacular.hooks.postprocess_schema_enums",
+    "task_ferry.api.schema.events_postprocessing_hook",
+]
 
-    from task_ferry.api.schema import events_postprocessing_hook
+
+def project_schema(**spectacular_settings):
+    """The project-wide schema spectacular generates, with the job API's hook among its
+    ``POSTPROCESSING_HOOKS`` as docs/api.md adds it."""
+    from drf_spectacular.generators import SchemaGenerator
+    from drf_spectacular.settings import patched_settings
 
     class ProjectSchemaGenerator(SchemaGenerator):
         def _get_paths_and_endpoints(self):
@@ -349,8 +390,8 @@ def project_schema():
             endpoints = super()._get_paths_and_endpoints()
             return [e for e in endpoints if not e[0].endswith("/schema/")]
 
-    schema = ProjectSchemaGenerator().get_schema(request=None, public=True)
-    return events_postprocessing_hook(schema, generator=None, request=None, public=True)
+    with patched_settings({"POSTPROCESSING_HOOKS": PROJECT_HOOKS, **spectacular_settings}):
+        return ProjectSchemaGenerator().get_schema(request=None, public=True)
 
 
 @pytest.mark.urls("tests.api.urls_nested")
@@ -374,10 +415,23 @@ def test_the_apis_own_schema_inside_a_namespace_describes_the_stream(api):
     assert "/api/v2/jobs/{id}/events/" in paths
 
 
-def test_the_hook_describes_the_stream_with_camelized_names(db):
-    # Found by the detail's operation id, which CAMELIZE_NAMES writes jobsRetrieve.
-    from drf_spectacular.settings import patched_settings
+@pytest.mark.urls("tests.api.urls_own_jobs")
+def test_the_hook_describes_the_stream_of_the_job_api_only(db, settings):
+    # The project's own jobs/{id}/ has the job detail's operation id too (until spectacular
+    # suffixes one of them, after the hooks), and got a stream.
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    }
+    paths = project_schema()["paths"]
+    assert paths["/jobs/{id}/"]["get"]["operationId"].startswith("jobs_retrieve")
+    assert "/jobs/{id}/events/" not in paths
+    events = paths["/api/tasks/{id}/events/"]["get"]
+    assert events["operationId"] == "jobs_events_retrieve"
+    assert events["parameters"] == paths["/api/tasks/{id}/"]["get"]["parameters"]
 
-    with patched_settings({"CAMELIZE_NAMES": True}):
-        paths = project_schema()["paths"]
+
+def test_the_hook_describes_the_stream_with_camelized_names(db):
+    # Named as CAMELIZE_NAMES names the detail it mirrors (jobsRetrieve).
+    paths = project_schema(CAMELIZE_NAMES=True)["paths"]
     assert paths["/api/jobs/{id}/events/"]["get"]["operationId"] == "jobsEventsRetrieve"
