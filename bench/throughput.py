@@ -359,7 +359,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--breakdown", action="store_true", help="print Redis commands by name")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="print Redis commands by name and CPU time by process",
+    )
     parser.add_argument(
         "--batch",
         action="store_true",
