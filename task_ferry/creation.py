@@ -78,13 +78,27 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
         job.full_clean(exclude=[f.name for f in Job._meta.concrete_fields], validate_unique=False)
     except ValidationError as exc:
         raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
-    except OverflowError as exc:
-        # Django's IntegerField.to_python() lets int(float("inf")) escape.
-        raise InvalidJobValues(f"Invalid job values: {exc}") from exc
+    except ArithmeticError as exc:
+        # What Django's fields let escape: IntegerField's int(float("inf")) (OverflowError),
+        # BooleanField's comparison of a signalling NaN Decimal (decimal.InvalidOperation).
+        raise _arithmetic_error(job, columns, exc) from exc
     unstorable = ValidationError(_unstorable_values(job))
     if unstorable.error_dict:
         raise InvalidJobValues(_validation_message(unstorable), _validation_errors(unstorable))
     return job, prepared
+
+
+def _arithmetic_error(job: Job, columns: dict[str, Any], exc: ArithmeticError) -> InvalidJobValues:
+    """``InvalidJobValues`` naming the value whose field's cleaning raised ``exc``."""
+    for name, value in columns.items():
+        try:
+            job._meta.get_field(name).clean(value, job)
+        except ArithmeticError:
+            message = f"{value!r} is not a value this field takes ({type(exc).__name__})."
+            return InvalidJobValues(f"Invalid job values: {name}: {message}", {name: [message]})
+        except Exception:
+            continue
+    return InvalidJobValues(f"Invalid job values: {type(exc).__name__}: {exc}")
 
 
 def save(user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:

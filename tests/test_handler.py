@@ -1,6 +1,7 @@
 import datetime
 import functools
 import logging
+from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
@@ -103,7 +104,9 @@ def test_anonymous_user_is_rejected(db, no_dispatch):
         ("export_table", {"table_id": 1, "cls": None}, InvalidJobValues, "no field.*cls"),
         ("export_table", {"table_id": 1, "state": "finished"}, InvalidJobValues, "state"),
         ("scripted", {"steps": -1}, InvalidJobValues, "steps"),
-        ("scripted", {"steps": float("inf")}, InvalidJobValues, "Invalid job values: .*integer"),
+        ("scripted", {"steps": float("inf")}, InvalidJobValues, "steps: inf is not a value"),
+        # Comparing a signalling NaN raises decimal.InvalidOperation inside Django's BooleanField.
+        ("scripted", {"lock_own_row": Decimal("sNaN")}, InvalidJobValues, "lock_own_row: Dec"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_creates_nothing(
