@@ -19,7 +19,7 @@ from typing import Any
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DataError, IntegrityError, transaction
-from django.db.models import JSONField, Model
+from django.db.models import Field, JSONField, Model
 
 from task_ferry import statements
 from task_ferry.exceptions import InvalidJobValues, MaxJobCountExceeded
@@ -91,8 +91,11 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
 def _arithmetic_error(job: Job, columns: dict[str, Any], exc: ArithmeticError) -> InvalidJobValues:
     """``InvalidJobValues`` naming the value whose field's cleaning raised ``exc``."""
     for name, value in columns.items():
+        field = job._meta.get_field(name)
+        if not isinstance(field, Field):
+            continue
         try:
-            job._meta.get_field(name).clean(value, job)
+            field.clean(value, job)
         except ArithmeticError:
             message = f"{value!r} is not a value this field takes ({type(exc).__name__})."
             return InvalidJobValues(f"Invalid job values: {name}: {message}", {name: [message]})
