@@ -90,6 +90,14 @@ if tasks_base is not None:
             pass
 
 
+def queue_of(job_type: JobType) -> str:
+    """The django.tasks queue that a job type's jobs go to: its own ``queue``, else
+    django.tasks' default queue."""
+    default_queue = "default" if tasks_base is None else tasks_base.DEFAULT_TASK_QUEUE_NAME
+    queue: str = job_type.queue or default_queue
+    return queue
+
+
 def ferry_task(func: Callable[..., Any]) -> Any:
     """Make ``func`` a module-level ``django.tasks`` task (or leave it a plain function when
     neither django.tasks nor django-tasks is installed)."""
@@ -297,13 +305,12 @@ class DjangoTasksExecutor(BaseExecutor):
             priority = tasks_base.DEFAULT_TASK_PRIORITY
         return run_job.using(
             backend=alias,
-            queue_name=job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME,
+            queue_name=queue_of(job_type),
             priority=priority,
         )
 
     def waiting_queue(self, type_name: str) -> WaitingQueue:
-        default_queue = "default" if tasks_base is None else tasks_base.DEFAULT_TASK_QUEUE_NAME
-        queue = job_type_registry.get(type_name).queue or default_queue
+        queue = queue_of(job_type_registry.get(type_name))
         alias = ferry_settings.TASKS_BACKEND
         name = f"the django.tasks queue {queue!r} of TASKS[{alias!r}]"
         if _configured_backend(alias) != DATABASE_BACKEND:
@@ -397,7 +404,7 @@ class DjangoTasksExecutor(BaseExecutor):
             )
         configured_queues = _configured_queues(alias)
         for job_type in job_type_registry.all():
-            queue = job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME
+            queue = queue_of(job_type)
             if backend.queues and queue not in backend.queues:
                 if isinstance(configured_queues, str):
                     # django.tasks takes set("reports"): one queue per character.
