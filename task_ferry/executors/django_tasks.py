@@ -235,35 +235,15 @@ class DjangoTasksExecutor(BaseExecutor):
                 f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "
                 f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             )
-            human_readable_error = MISCONFIGURED_MESSAGE
-            if misplaced_database_backend(_configured_backend(alias)) is not None:
-                advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
-            elif _configured_backend(alias) == DATABASE_BACKEND and not _app_installed(
-                "django_tasks_db"
+            advice = refusal_advice(alias, exc)
+            if self._fail_undispatched(
+                job_id, message, human_readable_error=advice.human_readable_error
             ):
-                # Its model then refuses to load; "reachable and set up" would not say why.
-                advice = (
-                    'Add "django_tasks_db" to INSTALLED_APPS and run migrate '
-                    "(manage.py check reports this as task_ferry.E027)"
-                )
-            elif _is_invalid_task(exc):
-                # The backend is fine; the task it was given is not (its queue, its priority).
-                advice = (
-                    f"Add the job type's queue to TASKS[{alias!r}]['QUEUES'] or change it, or "
-                    f"fix its priority (manage.py check names the problem)"
-                )
-            else:
-                human_readable_error = UNDISPATCHED_MESSAGE
-                advice = (
-                    f"Check that the TASKS backend is reachable and set up (for "
-                    f"{DATABASE_BACKEND}: its database and migrations)"
-                )
-            if self._fail_undispatched(job_id, message, human_readable_error=human_readable_error):
                 outcome = "The job was marked failed."
             else:
                 outcome = "The job was not marked failed here (see the log)."
             raise DispatchError(
-                f"{message}. {outcome} {advice}, then start the job again."
+                f"{message}. {outcome} {advice.fix}, then start the job again."
             ) from exc
 
     @staticmethod
@@ -456,6 +436,52 @@ class DjangoTasksExecutor(BaseExecutor):
                     )
                 )
         return messages
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RefusalAdvice:
+    """What to say of a task that the django.tasks backend refused."""
+
+    fix: str
+    """What the site's administrators should do before the job is started again."""
+    human_readable_error: str
+    """What the job's user is shown."""
+
+
+def refusal_advice(alias: str, exc: Exception) -> RefusalAdvice:
+    """What to do about ``exc``, raised by the backend ``alias`` when a task was validated or
+    enqueued. A mistake in the settings comes first: trying again cannot help until it is fixed."""
+    backend_path = _configured_backend(alias)
+    if misplaced_database_backend(backend_path) is not None:
+        return RefusalAdvice(
+            fix=f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]',
+            human_readable_error=MISCONFIGURED_MESSAGE,
+        )
+    if backend_path == DATABASE_BACKEND and not _app_installed("django_tasks_db"):
+        # Its model then refuses to load; "reachable and set up" would not say why.
+        return RefusalAdvice(
+            fix=(
+                'Add "django_tasks_db" to INSTALLED_APPS and run migrate '
+                "(manage.py check reports this as task_ferry.E027)"
+            ),
+            human_readable_error=MISCONFIGURED_MESSAGE,
+        )
+    if _is_invalid_task(exc):
+        # The backend is fine; the task it was given is not (its queue, its priority).
+        return RefusalAdvice(
+            fix=(
+                f"Add the job type's queue to TASKS[{alias!r}]['QUEUES'] or change it, or "
+                f"fix its priority (manage.py check names the problem)"
+            ),
+            human_readable_error=MISCONFIGURED_MESSAGE,
+        )
+    return RefusalAdvice(
+        fix=(
+            f"Check that the TASKS backend is reachable and set up (for "
+            f"{DATABASE_BACKEND}: its database and migrations)"
+        ),
+        human_readable_error=UNDISPATCHED_MESSAGE,
+    )
 
 
 def _builtin_backend(name: str) -> type[Any]:

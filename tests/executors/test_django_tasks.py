@@ -581,7 +581,9 @@ def test_obsolete_backend_path_at_dispatch_says_what_to_use(
     settings.TASKS = {alias: {"BACKEND": "django_tasks.backends.database.DatabaseBackend"}}
     with pytest.raises(DispatchError, match=f'Use "BACKEND": "{DATABASE_BACKEND}"'):
         JobHandler.create_and_start(user, "scripted")
-    assert Job.objects.get().state == "failed"
+    job = Job.objects.get()
+    assert job.state == "failed"
+    assert job.human_readable_error == django_tasks.MISCONFIGURED_MESSAGE
 
 
 @requires_tasks
