@@ -132,7 +132,10 @@ def sweep_stale_jobs() -> int:
     """Fail jobs whose worker died and pending jobs nobody took. Schedule it every minute or so."""
     from task_ferry.handler import JobHandler
 
-    return JobHandler.sweep_stale_jobs()
+    failed = JobHandler.sweep_stale_jobs()
+    # db_worker logs that the task ran, not what it returned.
+    logger.info("sweep_stale_jobs: failed %d stale job(s).", failed)
+    return failed
 
 
 @ferry_task
@@ -140,7 +143,13 @@ def cleanup_old_jobs() -> int:
     """Delete ended jobs older than ``JOB_EXPIRY_DAYS``. Schedule it daily."""
     from task_ferry.handler import JobHandler
 
-    return JobHandler.cleanup_old_jobs()
+    deleted = JobHandler.cleanup_old_jobs()
+    logger.info(
+        "cleanup_old_jobs: deleted %d ended job(s) older than JOB_EXPIRY_DAYS (%g days).",
+        deleted,
+        ferry_settings.JOB_EXPIRY_DAYS,
+    )
+    return deleted
 
 
 class DjangoTasksExecutor(BaseExecutor):
