@@ -45,6 +45,8 @@ logger = logging.getLogger("task_ferry")
 GENERIC_FAILURE = "Something went wrong while running this job."
 # Shown when the job's database connection broke (server restart, killed backend, network).
 DATABASE_FAILURE = "The database connection was lost while running this job. Start it again."
+# Shown when the process running the job stopped under it (db_worker's second SIGTERM, Ctrl-C).
+INTERRUPTED_FAILURE = "This job was interrupted before it could finish. Start it again."
 # What Django puts in a database left empty in DATABASES (``"default": {}``).
 NO_ENGINE = "django.db.backends.dummy"
 
@@ -59,9 +61,27 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+def error_for_operators(exc: BaseException) -> str:
+    """The failed job's ``error``: ``describe(exc)``, or, where the process running the job
+    stopped under it, what stopped it and what to do ("SystemExit: 1" alone says neither)."""
+    described = describe(exc).removesuffix(": ")
+    if isinstance(exc, SystemExit):
+        return (
+            f"The process running this job exited while the job ran ({described}): its worker "
+            f"was stopped before the job ended (db_worker stops so at a second SIGTERM or "
+            f"Ctrl-C), or the job's code called sys.exit(). Start the job again."
+        )
+    if isinstance(exc, KeyboardInterrupt):
+        return (
+            f"The process running this job was interrupted while the job ran ({described}): "
+            f"Ctrl-C or SIGINT before the job ended. Start the job again."
+        )
+    return describe(exc)
+
+
 def message_for_users(exc: BaseException, *, connection_lost: bool = False) -> str:
-    """The exception's ``human_readable_error``, or the generic sentence when it has none (or
-    one that raises when read)."""
+    """The exception's ``human_readable_error``, or else a sentence for its kind: the process
+    was stopped, the database connection was lost, or the generic one."""
     try:
         message = str(getattr(exc, "human_readable_error", None) or "")
     except Exception:
@@ -69,6 +89,8 @@ def message_for_users(exc: BaseException, *, connection_lost: bool = False) -> s
         message = ""
     if message.strip():
         return message
+    if isinstance(exc, SystemExit | KeyboardInterrupt):
+        return INTERRUPTED_FAILURE
     return DATABASE_FAILURE if connection_lost else GENERIC_FAILURE
 
 
@@ -359,7 +381,7 @@ class JobRun:
         reconnect_if_broken()
         # Its error texts are cut and made storable by transition(): one the database refuses
         # would leave the job started.
-        error = describe(exc)
+        error = error_for_operators(exc)
         if not transition(
             job,
             JobState.FAILED,

@@ -6,12 +6,14 @@ import re
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connections
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from task_ferry.handler import JobHandler, transition
 from task_ferry.management.commands import task_ferry_jobs
 from task_ferry.management.commands.task_ferry_cleanup import parse_age
-from task_ferry.models import Heartbeat, Job, JobState
+from task_ferry.models import Heartbeat, Job, JobState, jobs_database
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.test_admin import make_job
@@ -369,6 +371,46 @@ def test_watch_says_the_sweep_is_not_running_once_when_not_a_terminal(settings, 
         False,
     ]
     assert lines[2] == f"#{lost.pk} scripted (system) failed 0%"
+
+
+def test_watch_counts_unswept_jobs_at_most_once_a_minute(settings, db, monkeypatch):
+    """W007's count queries scan the live jobs; a watch refreshing every second ran them at
+    every refresh. In between, the last warning is shown again."""
+    lost = lost_half_an_hour_ago(settings)
+    clock = [1000.0]
+    monkeypatch.setattr(task_ferry_jobs, "monotonic", lambda: clock[0])
+    steps = [
+        lambda: clock.__setitem__(0, clock[0] + 1),
+        lambda: clock.__setitem__(0, clock[0] + 58),
+        lambda: clock.__setitem__(0, clock[0] + 1),  # a minute since the first count
+        lambda: transition(lost, JobState.FAILED, from_states=[JobState.STARTED]),
+    ]
+    queries = CaptureQueriesContext(connections[jobs_database()])
+    counts_per_refresh = []
+    refresh_started = 0
+
+    def fake_sleep(seconds):
+        nonlocal refresh_started
+        refresh = queries.captured_queries[refresh_started:]
+        counts_per_refresh.append(sum("COUNT(" in query["sql"].upper() for query in refresh))
+        steps.pop(0)()
+        refresh_started = len(queries.captured_queries)
+
+    monkeypatch.setattr(task_ferry_jobs, "sleep", fake_sleep)
+    with queries:
+        out = watch_on_a_terminal()
+    frames = re.split(r"\x1b\[\d+F\x1b\[J", out)
+
+    assert counts_per_refresh[0] > 0
+    assert counts_per_refresh == [counts_per_refresh[0], 0, 0, counts_per_refresh[0]]
+    assert ["task_ferry.W007: 1 started job(s)" in frame for frame in frames] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert frames[-1] == "No pending or running jobs.\n"
 
 
 def test_watch_bars_wrap_the_sweep_warning_and_redraw_over_it(settings, db, monkeypatch):

@@ -330,21 +330,35 @@ def test_an_exception_whose_str_raises_still_fails_the_job(transactional_db, use
     assert [type(e) for e in errors] == [Unprintable]
 
 
-@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize(
+    ("interruption", "what_stopped_it"),
+    [
+        (KeyboardInterrupt(), "was interrupted while the job ran (KeyboardInterrupt): Ctrl-C"),
+        # db_worker's second SIGTERM or Ctrl-C: sys.exit(1) in its signal handler.
+        (SystemExit(1), "exited while the job ran (SystemExit: 1): its worker was stopped"),
+    ],
+)
 def test_an_interrupted_job_is_marked_failed_not_left_started(
-    transactional_db, user, monkeypatch, interruption
+    transactional_db, user, monkeypatch, interruption, what_stopped_it
 ):
     # Ctrl-C in a management command running jobs inline, or sys.exit() in the job's code.
     def run(self, job, progress):
         Marker.objects.create(name="rolled-back")
         progress.increment(40, state="Halfway there")
-        raise interruption()
+        raise interruption
 
     monkeypatch.setattr(type(job_type_registry.get("scripted")), "run", run)
-    with pytest.raises(interruption):
+    with pytest.raises(type(interruption)):
         JobHandler.create_and_start(user, "scripted")
     job = ScriptedJob.objects.get()
-    assert (job.state, job.error) == ("failed", f"{interruption.__name__}: ")
+    assert job.state == "failed"
+    # "SystemExit: 1" alone told an operator neither what happened nor what to do.
+    assert job.error.startswith(f"The process running this job {what_stopped_it}")
+    assert job.error.endswith("Start the job again.")
+    assert (
+        job.human_readable_error
+        == "This job was interrupted before it could finish. Start it again."
+    )
     assert (job.progress_percentage, job.progress_state) == (40, "Halfway there")
     assert not Marker.objects.exists()
     assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]

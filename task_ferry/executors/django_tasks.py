@@ -90,6 +90,14 @@ if tasks_base is not None:
             pass
 
 
+def queue_of(job_type: JobType) -> str:
+    """The django.tasks queue that a job type's jobs go to: its own ``queue``, else
+    django.tasks' default queue."""
+    default_queue = "default" if tasks_base is None else tasks_base.DEFAULT_TASK_QUEUE_NAME
+    queue: str = job_type.queue or default_queue
+    return queue
+
+
 def ferry_task(func: Callable[..., Any]) -> Any:
     """Make ``func`` a module-level ``django.tasks`` task (or leave it a plain function when
     neither django.tasks nor django-tasks is installed)."""
@@ -124,7 +132,10 @@ def sweep_stale_jobs() -> int:
     """Fail jobs whose worker died and pending jobs nobody took. Schedule it every minute or so."""
     from task_ferry.handler import JobHandler
 
-    return JobHandler.sweep_stale_jobs()
+    failed = JobHandler.sweep_stale_jobs()
+    # db_worker logs that the task ran, not what it returned.
+    logger.info("sweep_stale_jobs: failed %d stale job(s).", failed)
+    return failed
 
 
 @ferry_task
@@ -132,7 +143,13 @@ def cleanup_old_jobs() -> int:
     """Delete ended jobs older than ``JOB_EXPIRY_DAYS``. Schedule it daily."""
     from task_ferry.handler import JobHandler
 
-    return JobHandler.cleanup_old_jobs()
+    deleted = JobHandler.cleanup_old_jobs()
+    logger.info(
+        "cleanup_old_jobs: deleted %d ended job(s) older than JOB_EXPIRY_DAYS (%g days).",
+        deleted,
+        ferry_settings.JOB_EXPIRY_DAYS,
+    )
+    return deleted
 
 
 class DjangoTasksExecutor(BaseExecutor):
@@ -227,35 +244,15 @@ class DjangoTasksExecutor(BaseExecutor):
                 f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "
                 f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             )
-            human_readable_error = MISCONFIGURED_MESSAGE
-            if misplaced_database_backend(_configured_backend(alias)) is not None:
-                advice = f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]'
-            elif _configured_backend(alias) == DATABASE_BACKEND and not _app_installed(
-                "django_tasks_db"
+            advice = refusal_advice(alias, exc)
+            if self._fail_undispatched(
+                job_id, message, human_readable_error=advice.human_readable_error
             ):
-                # Its model then refuses to load; "reachable and set up" would not say why.
-                advice = (
-                    'Add "django_tasks_db" to INSTALLED_APPS and run migrate '
-                    "(manage.py check reports this as task_ferry.E027)"
-                )
-            elif _is_invalid_task(exc):
-                # The backend is fine; the task it was given is not (its queue, its priority).
-                advice = (
-                    f"Add the job type's queue to TASKS[{alias!r}]['QUEUES'] or change it, or "
-                    f"fix its priority (manage.py check names the problem)"
-                )
-            else:
-                human_readable_error = UNDISPATCHED_MESSAGE
-                advice = (
-                    f"Check that the TASKS backend is reachable and set up (for "
-                    f"{DATABASE_BACKEND}: its database and migrations)"
-                )
-            if self._fail_undispatched(job_id, message, human_readable_error=human_readable_error):
                 outcome = "The job was marked failed."
             else:
                 outcome = "The job was not marked failed here (see the log)."
             raise DispatchError(
-                f"{message}. {outcome} {advice}, then start the job again."
+                f"{message}. {outcome} {advice.fix}, then start the job again."
             ) from exc
 
     @staticmethod
@@ -297,13 +294,12 @@ class DjangoTasksExecutor(BaseExecutor):
             priority = tasks_base.DEFAULT_TASK_PRIORITY
         return run_job.using(
             backend=alias,
-            queue_name=job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME,
+            queue_name=queue_of(job_type),
             priority=priority,
         )
 
     def waiting_queue(self, type_name: str) -> WaitingQueue:
-        default_queue = "default" if tasks_base is None else tasks_base.DEFAULT_TASK_QUEUE_NAME
-        queue = job_type_registry.get(type_name).queue or default_queue
+        queue = queue_of(job_type_registry.get(type_name))
         alias = ferry_settings.TASKS_BACKEND
         name = f"the django.tasks queue {queue!r} of TASKS[{alias!r}]"
         if _configured_backend(alias) != DATABASE_BACKEND:
@@ -397,7 +393,7 @@ class DjangoTasksExecutor(BaseExecutor):
             )
         configured_queues = _configured_queues(alias)
         for job_type in job_type_registry.all():
-            queue = job_type.queue or tasks_base.DEFAULT_TASK_QUEUE_NAME
+            queue = queue_of(job_type)
             if backend.queues and queue not in backend.queues:
                 if isinstance(configured_queues, str):
                     # django.tasks takes set("reports"): one queue per character.
@@ -449,6 +445,52 @@ class DjangoTasksExecutor(BaseExecutor):
                     )
                 )
         return messages
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RefusalAdvice:
+    """What to say of a task that the django.tasks backend refused."""
+
+    fix: str
+    """What the site's administrators should do before the job is started again."""
+    human_readable_error: str
+    """What the job's user is shown."""
+
+
+def refusal_advice(alias: str, exc: Exception) -> RefusalAdvice:
+    """What to do about ``exc``, raised by the backend ``alias`` when a task was validated or
+    enqueued. A mistake in the settings comes first: trying again cannot help until it is fixed."""
+    backend_path = _configured_backend(alias)
+    if misplaced_database_backend(backend_path) is not None:
+        return RefusalAdvice(
+            fix=f'Use "BACKEND": "{DATABASE_BACKEND}" in TASKS[{alias!r}]',
+            human_readable_error=MISCONFIGURED_MESSAGE,
+        )
+    if backend_path == DATABASE_BACKEND and not _app_installed("django_tasks_db"):
+        # Its model then refuses to load; "reachable and set up" would not say why.
+        return RefusalAdvice(
+            fix=(
+                'Add "django_tasks_db" to INSTALLED_APPS and run migrate '
+                "(manage.py check reports this as task_ferry.E027)"
+            ),
+            human_readable_error=MISCONFIGURED_MESSAGE,
+        )
+    if _is_invalid_task(exc):
+        # The backend is fine; the task it was given is not (its queue, its priority).
+        return RefusalAdvice(
+            fix=(
+                f"Add the job type's queue to TASKS[{alias!r}]['QUEUES'] or change it, or "
+                f"fix its priority (manage.py check names the problem)"
+            ),
+            human_readable_error=MISCONFIGURED_MESSAGE,
+        )
+    return RefusalAdvice(
+        fix=(
+            f"Check that the TASKS backend is reachable and set up (for "
+            f"{DATABASE_BACKEND}: its database and migrations)"
+        ),
+        human_readable_error=UNDISPATCHED_MESSAGE,
+    )
 
 
 def _builtin_backend(name: str) -> type[Any]:

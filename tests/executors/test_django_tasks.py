@@ -1,6 +1,7 @@
 """DjangoTasksExecutor without a worker: system checks, dispatch on commit, queue and priority,
 and what happens when the backend cannot take the task."""
 
+import datetime
 import sys
 import types
 from importlib.util import find_spec
@@ -8,6 +9,7 @@ from importlib.util import find_spec
 import pytest
 from django.core.checks import run_checks
 from django.db import connection, transaction
+from django.utils import timezone
 
 from task_ferry.checks import refuse_misplaced_tasks_backend
 from task_ferry.exceptions import DispatchError, TaskFerryImproperlyConfigured
@@ -15,9 +17,11 @@ from task_ferry.executors import django_tasks
 from task_ferry.executors.base import get_executor
 from task_ferry.executors.django_tasks import DjangoTasksExecutor
 from task_ferry.handler import JobHandler
-from task_ferry.models import Job
+from task_ferry.models import Job, JobState
 from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
 from tests.projects import manage_py_check, run_python
+from tests.test_admin import make_job
+from tests.test_checks import started_job
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, ScriptedJob
 
@@ -581,7 +585,9 @@ def test_obsolete_backend_path_at_dispatch_says_what_to_use(
     settings.TASKS = {alias: {"BACKEND": "django_tasks.backends.database.DatabaseBackend"}}
     with pytest.raises(DispatchError, match=f'Use "BACKEND": "{DATABASE_BACKEND}"'):
         JobHandler.create_and_start(user, "scripted")
-    assert Job.objects.get().state == "failed"
+    job = Job.objects.get()
+    assert job.state == "failed"
+    assert job.human_readable_error == django_tasks.MISCONFIGURED_MESSAGE
 
 
 @requires_tasks
@@ -625,3 +631,26 @@ def test_a_task_for_an_id_no_job_can_have_fails_once_and_says_why(
     assert "Cannot run job 'abc'" in error.traceback
     [record] = [r for r in caplog.records if r.name == "task_ferry"]
     assert record.getMessage().startswith("Refused a run_job task: Cannot run job 'abc'")
+
+
+@requires_tasks
+def test_the_maintenance_tasks_log_how_many_jobs_they_deleted_or_failed(
+    transactional_db, settings, alias, backends, caplog
+):
+    # db_worker logs that a task ran, not what it returned: its log could not tell whether the
+    # daily clean-up deleted anything, or whether the sweep keeps failing jobs.
+    settings.TASKS = {alias: {"BACKEND": backends["immediate"], "QUEUES": []}}
+    ten_days_ago = timezone.now() - datetime.timedelta(days=10)
+    for _ in range(2):
+        make_job(state=JobState.FINISHED, finished_at=ten_days_ago)
+    make_job(state=JobState.FINISHED, finished_at=timezone.now())
+    lost = started_job(started_ago=datetime.timedelta(hours=1))
+    with caplog.at_level("INFO", logger="task_ferry"):
+        cleanup = django_tasks.cleanup_old_jobs.using(backend=alias).enqueue()
+        sweep = django_tasks.sweep_stale_jobs.using(backend=alias).enqueue()
+    assert (cleanup.status, cleanup.return_value) == ("SUCCESSFUL", 2)
+    assert (sweep.status, sweep.return_value) == ("SUCCESSFUL", 1)
+    assert Job.objects.get(pk=lost.pk).state == JobState.FAILED
+    logged = [r.getMessage() for r in caplog.records if r.name == "task_ferry"]
+    assert "cleanup_old_jobs: deleted 2 ended job(s) older than JOB_EXPIRY_DAYS (7 days)." in logged
+    assert "sweep_stale_jobs: failed 1 stale job(s)." in logged

@@ -17,6 +17,8 @@ from django.utils import timezone
 from task_ferry.executors import django_tasks
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
+from task_ferry.runner import INTERRUPTED_FAILURE
+from task_ferry.stores.base import get_store
 from tests import waiting
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
@@ -342,6 +344,36 @@ def test_sweep_task_fails_a_job_whose_worker_vanished(start_worker, user, settin
     assert row.state == "failed"
     assert "worker lost" in row.error
     assert hooks(job) == ["on_error"]
+
+
+def test_a_worker_stopped_by_a_second_sigterm_fails_its_job_saying_so(start_worker, user):
+    """The first SIGTERM lets the job finish; the second makes db_worker call sys.exit(1)
+    under it. Its error once read "SystemExit: 1", which told an operator nothing."""
+    worker = start_worker()
+    job = JobHandler.create_and_start(
+        user, "scripted", steps=400, tick_delay=0.05, marker="stopped-work"
+    )
+    # Progress shown: the job is inside its run(), past the runner's set-up.
+    wait_for(
+        lambda: (get_store().read(job.pk) or {}).get("progress_percentage", 0) > 0,
+        what="job to make progress",
+        worker=worker,
+    )
+    os.kill(worker.process.pid, signal.SIGTERM)
+    wait_for(lambda: "shutting down gracefully" in worker.output(), what="the first SIGTERM")
+    os.kill(worker.process.pid, signal.SIGTERM)
+    # It records the task failed, then exits as after a graceful stop.
+    worker.process.wait(timeout=30)
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert row.state == "failed", worker.output()
+    assert row.error.startswith(
+        "The process running this job exited while the job ran (SystemExit: 1): its worker was "
+        "stopped before the job ended (db_worker stops so at a second SIGTERM or Ctrl-C)"
+    )
+    assert row.human_readable_error == INTERRUPTED_FAILURE
+    assert not Marker.objects.filter(name="stopped-work").exists()
+    assert hooks(job) == ["on_error"]
+    assert task_of(job).status == "FAILED"
 
 
 def test_job_of_a_killed_worker_is_failed_by_the_sweep(start_worker, user, settings):

@@ -7,7 +7,7 @@ import datetime
 import shutil
 import textwrap
 from collections.abc import Iterable
-from time import sleep
+from time import monotonic, sleep
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -26,6 +26,10 @@ from task_ferry.stores.base import get_store
 
 # More lines than a terminal or a log wants; a limit past the database's integers would fail.
 MAX_LIMIT = 10_000
+
+# Seconds between two counts of unswept jobs (W007) under --watch: each counts the live jobs,
+# and the warning is about jobs minutes past their timeouts.
+SWEEP_WARNING_INTERVAL = 60.0
 
 # Cursor up to the first line of the previous frame, then clear to the end of the screen.
 REDRAW = "\x1b[{lines}F\x1b[J"
@@ -259,9 +263,19 @@ class Command(OutageReportingCommand):
         shown: dict[int, JobLine] = {}
         drawn = 0
         warned = False
+        warning: str | None = None
+        warning_checked_at: float | None = None
         while True:
             lines = self.fetch()
-            warning = sweep_warning()
+            if not lines and self.job_type is None:
+                # No live job at all, so none the sweep should have failed.
+                warning = None
+            elif (
+                warning_checked_at is None
+                or monotonic() - warning_checked_at >= SWEEP_WARNING_INTERVAL
+            ):
+                warning = sweep_warning()
+                warning_checked_at = monotonic()
             if self.bars:
                 if drawn:
                     self.stdout.write(REDRAW.format(lines=drawn), ending="")
