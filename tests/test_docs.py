@@ -1,7 +1,9 @@
 """The reference pages list everything the code defines."""
 
 import ast
+import importlib
 import re
+import textwrap
 from pathlib import Path
 
 from task_ferry.checks import NUMBERS
@@ -63,3 +65,65 @@ def test_architecture_page_places_every_module():
         if not any(f"`{spelling}" in text for spelling in spellings):
             unplaced.append(".".join(parts))
     assert not unplaced, f"modules docs/architecture.md does not name: {unplaced}"
+
+
+# Code blocks of the pages, by language; the README's own examples run in test_readme_examples.
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.MULTILINE | re.DOTALL)
+# A dotted path into the package with a module and a name at least (``task_ferry.W007`` is a
+# check id, ``task_ferry.run_job`` a task name); not part of a file's name.
+DOTTED_PATH = re.compile(r"(?<![\w.-])task_ferry(?:\.\w+){2,}")
+OPTIONAL_EXTRAS = {"celery", "kombu", "django_tasks", "django_tasks_db", "drf_spectacular"}
+
+
+def doc_pages() -> list[Path]:
+    return sorted(DOCS.glob("*.md"))
+
+
+def resolves(path: str) -> bool:
+    """Whether ``path`` names a module of the package or a name one defines. True when an
+    optional extra it needs is not installed: the page is not wrong for that."""
+    module, _, name = path.rpartition(".")
+    try:
+        importlib.import_module(path)
+        return True
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in OPTIONAL_EXTRAS:
+            return True
+        if exc.name != path:
+            return False
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        return bool(exc.name and exc.name.split(".")[0] in OPTIONAL_EXTRAS)
+
+
+def test_every_import_in_the_pages_python_examples_works():
+    wrong = []
+    for page in doc_pages():
+        for language, code in FENCE.findall(page.read_text()):
+            if language != "python":
+                continue
+            try:
+                tree = ast.parse(textwrap.dedent(code))
+            except SyntaxError:
+                continue  # An excerpt ("...", a method alone); its names are checked below.
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("task_"):
+                    wrong += [
+                        f"{page.name}: from {node.module} import {alias.name}"
+                        for alias in node.names
+                        if not resolves(f"{node.module}.{alias.name}")
+                    ]
+    assert not wrong, wrong
+
+
+def test_every_dotted_path_the_pages_name_exists():
+    """Settings values ("task_ferry.api.permissions.IsJobOwnerOrStaff"), include() targets and
+    the names the prose gives in code spans."""
+    wrong = [
+        f"{page.name}: {path}"
+        for page in doc_pages()
+        for path in sorted(set(DOTTED_PATH.findall(page.read_text())))
+        if not resolves(path)
+    ]
+    assert not wrong, wrong

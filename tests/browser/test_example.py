@@ -776,6 +776,36 @@ def test_bar_rewrites_its_live_regions_only_when_they_change(
     assert page.errors == []
 
 
+def test_following_retries_any_server_error(example_server: ExampleServer, page) -> None:
+    """docs/javascript.md: a poll answered with a 5xx is retried with backoff. A CDN's own
+    (Cloudflare's 524, a timeout) stopped the follower for good."""
+    open_example_page(page, example_server)
+    answers: list[int] = []
+
+    def cdn(route) -> None:
+        if len(answers) < 2:
+            answers.append(524)
+            route.fulfill(status=524, content_type="text/html", body="<p>A timeout occurred</p>")
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/api/jobs/\d+/$"), cdn)
+    page.evaluate(
+        """async () => {
+            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 1});
+            window.retries = [];
+            window.followed = TaskFerry.followJob(job.id, {
+                sse: false,
+                backoffBase: 200,
+                onRetry: (retry) => window.retries.push(retry.error.status),
+            });
+        }"""
+    )
+    assert page.evaluate("async () => (await window.followed.done).state") == "finished"
+    assert page.evaluate("() => window.retries") == [524, 524]
+    assert page.errors == []
+
+
 def test_following_catches_up_when_the_browser_is_back_online(
     example_server: ExampleServer, page
 ) -> None:
