@@ -350,7 +350,32 @@ class CeleryExecutor(BaseExecutor):
             messages.append(
                 CheckWarning(EAGER_IGNORED_MESSAGE, hint=EAGER_IGNORED_HINT, id="task_ferry.W012")
             )
-        return messages
+        return [*messages, *priorities_ignored()]
+
+
+def priorities_ignored() -> list[CheckMessage]:
+    """task_ferry.W013 for each job type that sets a priority: Celery's brokers each read a
+    message's priority their own way (RabbitMQ only on queues declared with
+    ``x-max-priority``, higher first; Redis only with ``priority_steps``, lower first), so the
+    executor sends none, and routing is how a type's jobs overtake others."""
+    from task_ferry.registry import job_type_registry
+
+    return [
+        CheckWarning(
+            f"Job type {job_type.type!r} sets priority {job_type.priority!r}, which the "
+            f"CeleryExecutor does not send: Celery's brokers read priorities each their own "
+            f"way, or not at all. Its jobs wait in their queue in the order they were created.",
+            hint=(
+                f"Give the type a queue of its own ({type(job_type).__qualname__}.queue) and "
+                f"start workers for it (celery worker -Q <queue>), so that its jobs never wait "
+                f"behind others; then remove the priority."
+            ),
+            obj=type(job_type),
+            id="task_ferry.W013",
+        )
+        for job_type in job_type_registry.all()
+        if job_type.priority
+    ]
 
 
 def log_queues_served(consumer: Any) -> None:

@@ -1119,6 +1119,22 @@ def test_check_warns_that_task_always_eager_does_not_run_jobs_inline() -> None:
     assert "ImmediateExecutor" in warning.hint
 
 
+def test_check_warns_that_a_job_types_priority_is_not_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Celery's brokers read a message's priority each their own way: the type's queue is the
+    # way to let its jobs overtake others, and the check says so rather than drop it silently.
+    monkeypatch.setattr(RoutedJobType, "priority", 10)
+    app = Celery("tf-tests-check", set_as_current=False, broker="redis://127.0.0.1:6379/14")
+    with current_celery_app(app):
+        [warning] = CeleryExecutor().check()
+    app.close()
+    assert warning.id == "task_ferry.W013"
+    assert warning.obj is RoutedJobType
+    assert "'routed' sets priority 10" in warning.msg and "does not send" in warning.msg
+    assert "RoutedJobType.queue" in warning.hint and "celery worker -Q" in warning.hint
+
+
 def test_check_warns_of_an_app_without_a_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     # Celery would send every job to amqp://guest@localhost// without saying so.
     monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
