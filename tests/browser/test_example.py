@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -505,6 +506,36 @@ def test_a_second_interrupt_during_shutdown_still_stops_the_worker(
     while example_server.group_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not example_server.group_alive(), example_server.log.read_text()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["kill", "kill-INT"])
+def test_stopping_runexample_alone_fails_a_running_export_as_interrupted(
+    example_server: ExampleServer, page, tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    """`kill <pid>` (or `kill -INT <pid>`) reaches runexample, not its worker: the worker must
+    still stop the running export so that the page shows it failed ("interrupted"), not leave
+    it started for the stale-job sweep (it was sent SIGKILL after the first grace period)."""
+    expect = playwright_api.expect
+    open_example_page(page, example_server)
+    job_id = mount_bar(page, seconds=120)
+    bar = page.locator(f'task-ferry-progress[job-id="{job_id}"]')
+    expect(bar).to_have_attribute("state", "started", timeout=30_000)
+
+    example_server.process.send_signal(stop_signal)
+    example_server.process.wait(40)
+
+    log = example_server.log.read_text()
+    assert "db_worker stopped" in log, log
+    with sqlite3.connect(tmp_path / "db.sqlite3") as database:
+        state, error, human_readable_error = database.execute(
+            "SELECT state, error, human_readable_error FROM task_ferry_job WHERE id = ?",
+            (int(job_id),),
+        ).fetchone()
+    assert state == "failed", (state, error, log)
+    assert (
+        human_readable_error == "This job was interrupted before it could finish. Start it again."
+    )
+    assert "SystemExit" in error
 
 
 def mount_polling_bar(page, seconds: float, poll_interval: int = 300) -> str:

@@ -106,13 +106,19 @@ class Command(BaseCommand):
         # A second Ctrl-C must not end this process before its worker: it reaches the worker
         # too (same process group), which then stops at once; here it only cuts no corner.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # db_worker finishes its current job on the first signal and stops on the second.
+        # db_worker lets its current job finish on the first signal and stops it on the second
+        # (the job is failed, "interrupted", for the page to show). Ctrl-C reached the worker
+        # already; a plain `kill`, or SIGINT sent to this process alone, did not. So it gets
+        # SIGTERM after each grace period, whichever signal it is on, and SIGKILL last.
         if not signalled:
             worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(WORKER_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            worker.send_signal(signal.SIGTERM if signalled else signal.SIGKILL)
+        for _signals_sent in range(2):
+            try:
+                worker.wait(WORKER_GRACE_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                worker.send_signal(signal.SIGTERM)
+        else:
             try:
                 worker.wait(WORKER_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
