@@ -81,27 +81,31 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
     except ArithmeticError as exc:
         # What Django's fields let escape: IntegerField's int(float("inf")) (OverflowError),
         # BooleanField's comparison of a signalling NaN Decimal (decimal.InvalidOperation).
-        raise _arithmetic_error(job, columns, exc) from exc
+        refusal = _arithmetic_error(job, columns)
+        if refusal is None:
+            raise  # The model's clean() or a constraint: a bug to fix, not the caller's values.
+        raise refusal from exc
     unstorable = ValidationError(_unstorable_values(job))
     if unstorable.error_dict:
         raise InvalidJobValues(_validation_message(unstorable), _validation_errors(unstorable))
     return job, prepared
 
 
-def _arithmetic_error(job: Job, columns: dict[str, Any], exc: ArithmeticError) -> InvalidJobValues:
-    """``InvalidJobValues`` naming the value whose field's cleaning raised ``exc``."""
+def _arithmetic_error(job: Job, columns: dict[str, Any]) -> InvalidJobValues | None:
+    """``InvalidJobValues`` naming the value whose field's cleaning raises an
+    ``ArithmeticError``; None when no field's does."""
     for name, value in columns.items():
         field = job._meta.get_field(name)
         if not isinstance(field, Field):
             continue
         try:
             field.clean(value, job)
-        except ArithmeticError:
+        except ArithmeticError as exc:
             message = f"{value!r} is not a value this field takes ({type(exc).__name__})."
             return InvalidJobValues(f"Invalid job values: {name}: {message}", {name: [message]})
         except Exception:
             continue
-    return InvalidJobValues(f"Invalid job values: {type(exc).__name__}: {exc}")
+    return None
 
 
 def save(user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:

@@ -118,6 +118,20 @@ def test_bad_input_is_a_clear_error_and_creates_nothing(
     assert no_dispatch == []
 
 
+def test_an_arithmetic_error_of_the_models_own_clean_is_no_refusal_of_the_values(
+    db, user, no_dispatch, monkeypatch
+):
+    # A bug in the type's code: a 400 "Invalid job values" would blame the caller and log nothing.
+    def clean(self):
+        return self.steps / 0
+
+    monkeypatch.setattr(ScriptedJob, "clean", clean)
+    with pytest.raises(ZeroDivisionError):
+        JobHandler.create_and_start(user, "scripted", steps=3)
+    assert not Job.objects.exists()
+    assert no_dispatch == []
+
+
 class LinkedJobType(RecordingJobType[LinkedJob]):
     type = "linked"
     model_class = LinkedJob
