@@ -64,19 +64,21 @@ def describe(exc: BaseException) -> str:
 def error_for_operators(exc: BaseException) -> str:
     """The failed job's ``error``: ``describe(exc)``, or, where the process running the job
     stopped under it, what stopped it and what to do ("SystemExit: 1" alone says neither)."""
-    described = describe(exc).removesuffix(": ")
+    described = describe(exc)
     if isinstance(exc, SystemExit):
         return (
-            f"The process running this job exited while the job ran ({described}): its worker "
-            f"was stopped before the job ended (db_worker stops so at a second SIGTERM or "
-            f"Ctrl-C), or the job's code called sys.exit(). Start the job again."
+            f"The process running this job exited while the job ran "
+            f"({described.removesuffix(': ')}): its worker was stopped before the job ended "
+            f"(db_worker is, at a second SIGTERM or Ctrl-C), or the job's code called "
+            f"sys.exit(). Start the job again."
         )
     if isinstance(exc, KeyboardInterrupt):
         return (
-            f"The process running this job was interrupted while the job ran ({described}): "
-            f"Ctrl-C or SIGINT before the job ended. Start the job again."
+            f"The process running this job was interrupted while the job ran "
+            f"({described.removesuffix(': ')}): Ctrl-C or SIGINT before the job ended. Start "
+            f"the job again."
         )
-    return describe(exc)
+    return described
 
 
 def message_for_users(exc: BaseException, *, connection_lost: bool = False) -> str:

@@ -133,8 +133,13 @@ def sweep_stale_jobs() -> int:
     from task_ferry.handler import JobHandler
 
     failed = JobHandler.sweep_stale_jobs()
-    # db_worker logs that the task ran, not what it returned.
-    logger.info("sweep_stale_jobs: failed %d stale job(s).", failed)
+    # db_worker logs that the task ran, not what it returned. Run every minute: a round that
+    # found nothing is not worth a line at INFO.
+    logger.log(
+        logging.INFO if failed else logging.DEBUG,
+        "sweep_stale_jobs: failed %d stale job(s).",
+        failed,
+    )
     return failed
 
 

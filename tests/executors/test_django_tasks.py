@@ -654,3 +654,13 @@ def test_the_maintenance_tasks_log_how_many_jobs_they_deleted_or_failed(
     logged = [r.getMessage() for r in caplog.records if r.name == "task_ferry"]
     assert "cleanup_old_jobs: deleted 2 ended job(s) older than JOB_EXPIRY_DAYS (7 days)." in logged
     assert "sweep_stale_jobs: failed 1 stale job(s)." in logged
+
+    # Run every minute: a round that finds nothing says so at DEBUG only.
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="task_ferry"):
+        django_tasks.sweep_stale_jobs.using(backend=alias).enqueue()
+    [nothing] = [r for r in caplog.records if r.getMessage().startswith("sweep_stale_jobs:")]
+    assert (nothing.getMessage(), nothing.levelname) == (
+        "sweep_stale_jobs: failed 0 stale job(s).",
+        "DEBUG",
+    )

@@ -11,7 +11,7 @@
   const DEFAULT_BASE = "/api/jobs/";
   // HTTP answers worth retrying, with every 5xx: a proxy's or CDN's own (Cloudflare's 520 to
   // 524) passes as the server does. Any other 4xx is final (gone, forbidden, bad id).
-  const RETRYABLE_STATUSES = new Set([408, 425, 429]);
+  const RETRYABLE_CLIENT_ERRORS = new Set([408, 425, 429]);
 
   const DEFAULTS = Object.freeze({
     base: DEFAULT_BASE,
@@ -116,7 +116,7 @@
       const error = new TaskFerryError(errorMessage(response.status, data), {
         status: response.status,
         data: data,
-        retryable: RETRYABLE_STATUSES.has(response.status) || response.status >= 500,
+        retryable: RETRYABLE_CLIENT_ERRORS.has(response.status) || response.status >= 500,
       });
       error.retryAfter = retryAfterMs(response);
       throw error;
