@@ -80,21 +80,32 @@ def doc_pages() -> list[Path]:
 
 
 def resolves(path: str) -> bool:
-    """Whether ``path`` names a module of the package or a name one defines. True when an
-    optional extra it needs is not installed: the page is not wrong for that."""
-    module, _, name = path.rpartition(".")
-    try:
-        importlib.import_module(path)
+    """Whether ``path`` names a module of the package or a name one defines, an attribute of
+    a class included (``task_ferry.handler.JobHandler.cancel``). True when an optional extra
+    it needs is not installed: the page is not wrong for that."""
+    parts = path.split(".")
+    # The longest prefix that is a module, then attributes down from it.
+    for end in range(len(parts), 0, -1):
+        try:
+            target: object = importlib.import_module(".".join(parts[:end]))
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in OPTIONAL_EXTRAS:
+                return True
+            continue
+        for name in parts[end:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
         return True
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in OPTIONAL_EXTRAS:
-            return True
-        if exc.name != path:
-            return False
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        return bool(exc.name and exc.name.split(".")[0] in OPTIONAL_EXTRAS)
+    return False
+
+
+def test_resolves_names_of_modules_classes_and_their_attributes():
+    assert resolves("task_ferry.handler")
+    assert resolves("task_ferry.handler.JobHandler")
+    assert resolves("task_ferry.handler.JobHandler.create_and_start")
+    assert not resolves("task_ferry.handler.JobHandler.create_and_go")
+    assert not resolves("task_ferry.handlers.JobHandler")
 
 
 def test_every_import_in_the_pages_python_examples_works():
@@ -106,13 +117,21 @@ def test_every_import_in_the_pages_python_examples_works():
             try:
                 tree = ast.parse(textwrap.dedent(code))
             except SyntaxError:
-                continue  # An excerpt ("...", a method alone); its names are checked below.
+                # An excerpt ("...", a method alone): its dotted names are still checked by
+                # test_every_dotted_path_the_pages_name_exists.
+                continue
             for node in ast.walk(tree):
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("task_"):
                     wrong += [
                         f"{page.name}: from {node.module} import {alias.name}"
                         for alias in node.names
                         if not resolves(f"{node.module}.{alias.name}")
+                    ]
+                elif isinstance(node, ast.Import):
+                    wrong += [
+                        f"{page.name}: import {alias.name}"
+                        for alias in node.names
+                        if alias.name.startswith("task_") and not resolves(alias.name)
                     ]
     assert not wrong, wrong
 
