@@ -1,6 +1,7 @@
-"""docs/testing.md's pytest examples and docs/api.md's throttle, as the pages write them, run
-against the README's job type (tests/myapp). Where a page asks the reader to adapt an example
-(a ``Table`` model of their own, ``api_create = True``), the test says how it does."""
+"""Copies of docs/testing.md's pytest examples and docs/api.md's throttle, run against the
+README's job type (tests/myapp). Where a page asks the reader to adapt an example (a ``Table``
+model of their own, ``api_create = True``), the test says how it does. They are copies: a
+change to one of those examples belongs here too."""
 
 import datetime
 
