@@ -228,10 +228,12 @@ class JobRun:
         watch = get_monitor().watch(
             job, progress, heartbeat=self.heartbeat, visible=own_transaction
         )
-        signals.emit(signals.job_started, job)
         # The DB-API connection of each database the run's transaction is open on.
         opened: dict[str, Any] = {}
         try:
+            # Inside: a receiver's Ctrl-C or sys.exit() (send_robust lets those through) must
+            # fail the job and stop its watch, not leave it started and beating for nobody.
+            signals.emit(signals.job_started, job)
             with contextlib.ExitStack() as run_transaction:
                 for alias in databases:
                     run_transaction.enter_context(transaction.atomic(using=alias))

@@ -7,8 +7,10 @@ import pytest
 from django.db import connection
 from django.utils.translation import gettext_lazy, override
 
+from task_ferry import signals
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
+from task_ferry.monitor import get_monitor
 from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
 from task_ferry.stores.base import get_store
@@ -363,6 +365,29 @@ def test_an_interrupted_job_is_marked_failed_not_left_started(
     assert not Marker.objects.exists()
     assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]
     assert get_store().read(job.pk)["state"] == "failed"
+
+
+def test_an_interruption_in_a_job_started_receiver_fails_the_job_and_stops_its_watch(
+    transactional_db, user
+):
+    # send_robust() catches a receiver's exceptions, not KeyboardInterrupt or SystemExit.
+    def interrupted(sender, job, **kwargs):
+        raise KeyboardInterrupt
+
+    signals.job_started.connect(interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            JobHandler.create_and_start(user, "scripted")
+    finally:
+        signals.job_started.disconnect(interrupted)
+    job = ScriptedJob.objects.get()
+    # Left started, its monitor would have beaten for it with nothing running it.
+    assert job.state == "failed"
+    assert (
+        job.human_readable_error
+        == "This job was interrupted before it could finish. Start it again."
+    )
+    assert get_monitor()._watching() == []
 
 
 def test_a_run_that_catches_its_cancel_and_returns_still_ends_cancelled(
