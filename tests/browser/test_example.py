@@ -807,6 +807,22 @@ def test_bar_rewrites_its_live_regions_only_when_they_change(
     assert page.errors == []
 
 
+def follow_polling_with_retries(page, *, backoff_base: int, record: str) -> None:
+    """Start a one-second export and follow it by polling alone (``window.followed``), each
+    retry's ``record`` (a JavaScript expression of ``retry``) pushed to ``window.retries``."""
+    page.evaluate(
+        f"""async () => {{
+            const job = await TaskFerry.startJob("example_export", {{rows: 500, seconds: 1}});
+            window.retries = [];
+            window.followed = TaskFerry.followJob(job.id, {{
+                sse: false,
+                backoffBase: {backoff_base},
+                onRetry: (retry) => window.retries.push({record}),
+            }});
+        }}"""
+    )
+
+
 def test_following_retries_any_server_error(example_server: ExampleServer, page) -> None:
     """docs/javascript.md: a poll answered with a 5xx is retried with backoff. A CDN's own
     (Cloudflare's 524, a timeout) stopped the follower for good."""
@@ -821,17 +837,7 @@ def test_following_retries_any_server_error(example_server: ExampleServer, page)
             route.continue_()
 
     page.route(re.compile(r"/api/jobs/\d+/$"), cdn)
-    page.evaluate(
-        """async () => {
-            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 1});
-            window.retries = [];
-            window.followed = TaskFerry.followJob(job.id, {
-                sse: false,
-                backoffBase: 200,
-                onRetry: (retry) => window.retries.push(retry.error.status),
-            });
-        }"""
-    )
+    follow_polling_with_retries(page, backoff_base=200, record="retry.error.status")
     assert page.evaluate("async () => (await window.followed.done).state") == "finished"
     assert page.evaluate("() => window.retries") == [524, 524]
     assert page.errors == []
@@ -854,17 +860,7 @@ def test_following_catches_up_when_the_browser_is_back_online(
             route.continue_()
 
     page.route(re.compile(r"/api/jobs/\d+/$"), network)
-    page.evaluate(
-        """async () => {
-            const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 1});
-            window.retries = [];
-            window.followed = TaskFerry.followJob(job.id, {
-                sse: false,
-                backoffBase: 16000,
-                onRetry: (retry) => window.retries.push(retry.delay),
-            });
-        }"""
-    )
+    follow_polling_with_retries(page, backoff_base=16000, record="retry.delay")
     page.wait_for_function("() => window.retries.length === 1")
     page.context.set_offline(True)
     offline["on"] = False
