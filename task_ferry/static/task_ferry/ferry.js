@@ -397,9 +397,8 @@
    * <task-ferry-progress job-id="17" api="/api/jobs/"> renders an accessible progress bar
    * for one job and follows it until it ends. Optional attributes: state, percentage,
    * progress-state and human-readable-error (a server-rendered starting point; an ended state
-   * makes no request),
-   * no-cancel, no-sse, poll-interval (ms), max-streams, label. Fires task-ferry:update, task-ferry:end
-   * and task-ferry:error (detail: the job, or the error).
+   * makes no request), no-cancel, no-sse, poll-interval (ms), max-streams, label. Fires
+   * task-ferry:update, task-ferry:end and task-ferry:error (detail: the job, or the error).
    */
   class ProgressElement extends HTMLElementBase {
     static get observedAttributes() {
