@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, overload
 
+from asgiref.sync import sync_to_async
 from django.db import IntegrityError, transaction
 from django.db.models import Model
 from django.db.models.signals import post_delete
@@ -394,7 +395,9 @@ def parse_job_id(job_id: Any) -> int:
 
 
 class JobHandler:
-    """Creates, cancels, looks up and cleans up jobs. All methods are class methods."""
+    """Creates, cancels, looks up and cleans up jobs. All methods are class methods. Those
+    named with an ``a`` first (``acreate_and_start``, ``aget_job``...) are the async
+    counterparts of the others, for async views, as Django's ``aget()`` is of ``get()``."""
 
     @overload
     @classmethod
@@ -502,6 +505,53 @@ class JobHandler:
             cls._run_each(executor, jobs)
         return jobs
 
+    @overload
+    @classmethod
+    async def acreate_and_start(cls, /, user: Any, job_type_name: str, **values: Any) -> Job: ...
+
+    @overload
+    @classmethod
+    async def acreate_and_start(
+        cls, /, user: Any, job_type_name: type[JobType[JobModelT]], **values: Any
+    ) -> JobModelT: ...
+
+    @classmethod
+    async def acreate_and_start(
+        cls, /, user: Any, job_type_name: str | type[JobType[Any]], **values: Any
+    ) -> Job:
+        """The async counterpart of ``create_and_start()``, for async views: it runs on the
+        thread Django gives sync ORM code (``sync_to_async``), dispatch included."""
+        # Untyped here: sync_to_async would type the call by the first overload alone.
+        create_and_start: Callable[..., Job] = cls.create_and_start
+        return await sync_to_async(create_and_start)(user, job_type_name, **values)
+
+    @overload
+    @classmethod
+    async def acreate_and_start_many(
+        cls, user: Any, job_type_name: str, values_list: Iterable[Mapping[str, Any]]
+    ) -> list[Job]: ...
+
+    @overload
+    @classmethod
+    async def acreate_and_start_many(
+        cls,
+        user: Any,
+        job_type_name: type[JobType[JobModelT]],
+        values_list: Iterable[Mapping[str, Any]],
+    ) -> list[JobModelT]: ...
+
+    @classmethod
+    async def acreate_and_start_many(
+        cls,
+        user: Any,
+        job_type_name: str | type[JobType[Any]],
+        values_list: Iterable[Mapping[str, Any]],
+    ) -> list[Any]:
+        """The async counterpart of ``create_and_start_many()``, run as
+        ``acreate_and_start()`` runs."""
+        create_and_start_many: Callable[..., list[Any]] = cls.create_and_start_many
+        return await sync_to_async(create_and_start_many)(user, job_type_name, values_list)
+
     @staticmethod
     def _run_each(executor: Any, jobs: list[Job]) -> None:
         """Hand each job to an executor that runs it at once; re-raise the first error after
@@ -540,6 +590,11 @@ class JobHandler:
         if job is None:
             raise JobDoesNotExist(job_id)
         return live_handles.track(job.specific)
+
+    @classmethod
+    async def aget_job(cls, user: Any, job_id: Any) -> Job:
+        """The async counterpart of ``get_job()``."""
+        return await sync_to_async(cls.get_job)(user, job_id)
 
     @classmethod
     def get_jobs_for_user(cls, user: Any) -> JobQuerySet[Job]:
@@ -592,6 +647,17 @@ class JobHandler:
                 )
         return job
 
+    @classmethod
+    async def acancel(cls, user: Any, job_id: Any) -> Job:
+        """The async counterpart of ``cancel()``: a pending job's ``on_cancelled`` runs on the
+        thread Django gives sync ORM code."""
+        return await sync_to_async(cls.cancel)(user, job_id)
+
+    @classmethod
+    async def acancel_job(cls, job: Job) -> Job:
+        """The async counterpart of ``cancel_job()``."""
+        return await sync_to_async(cls.cancel_job)(job)
+
     @staticmethod
     def expiry_cutoff(older_than: datetime.timedelta | None = None) -> datetime.datetime:
         """Ended jobs that finished before this moment are expired. ``older_than`` must be a
@@ -623,6 +689,11 @@ class JobHandler:
         from task_ferry.cleanup import delete_expired
 
         return delete_expired(cls.expiry_cutoff(older_than))
+
+    @classmethod
+    async def acleanup_old_jobs(cls, *, older_than: datetime.timedelta | None = None) -> int:
+        """The async counterpart of ``cleanup_old_jobs()``."""
+        return await sync_to_async(cls.cleanup_old_jobs)(older_than=older_than)
 
     @staticmethod
     def sweep_stale_jobs() -> int:

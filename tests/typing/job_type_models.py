@@ -88,3 +88,22 @@ def registry() -> None:
     assert_type(job_type_registry.get_by_class(ExportJobType), JobType[ExportJob])
     assert_type(job_type_registry.register(ExportJobType), JobType[ExportJob])
     assert_type(job_type_registry.get("typing-export"), JobType[Any])
+
+
+async def start_from_an_async_view(user: User) -> None:
+    assert_type(await JobHandler.acreate_and_start(user, ExportJobType, table_id=1), ExportJob)
+    assert_type(
+        await JobHandler.acreate_and_start(user=user, job_type_name=ExportJobType, table_id=1),
+        ExportJob,
+    )
+    assert_type(await JobHandler.acreate_and_start(user, "typing-export", table_id=1), Job)
+    assert_type(await JobHandler.acreate_and_start(user, ReadmeExportJobType, table_id=1), Any)
+    assert_type(
+        await JobHandler.acreate_and_start_many(user, ExportJobType, [{"table_id": 1}]),
+        list[ExportJob],
+    )
+    assert_type(await JobHandler.acreate_and_start_many(user, "typing-export", []), list[Job])
+    assert_type(await JobHandler.aget_job(user, 1), Job)
+    assert_type(await JobHandler.acancel(user, 1), Job)
+    assert_type(await JobHandler.acleanup_old_jobs(), int)
+    await JobHandler.acreate_and_start(user, ExportJob, table_id=1)  # type: ignore[arg-type]
