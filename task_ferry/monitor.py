@@ -133,17 +133,24 @@ class JobMonitor:
     def watch(self, job: Job, progress: Progress, *, heartbeat: bool, visible: bool) -> Watch:
         """Start publishing ``job``'s progress, its start first, and delivering its cancel
         requests. ``heartbeat``: write its heartbeat rows; ``visible``: its row is committed,
-        so cancel requests recorded in the database and ends made elsewhere are read for it."""
+        so cancel requests recorded in the database and ends made elsewhere are read for it.
+        If it raises, it leaves the job unwatched."""
         watch = Watch(self, job, progress, heartbeat=heartbeat, visible=visible)
-        with self._lock:
-            self._watches[job.pk] = watch
-            if self._thread is None or not self._thread.is_alive():
-                sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
-                self._thread = threading.Thread(
-                    target=self._run, name="task-ferry-monitor", daemon=True
-                )
-                self._thread.start()
-        self._wake.set()
+        try:
+            with self._lock:
+                self._watches[job.pk] = watch
+                if self._thread is None or not self._thread.is_alive():
+                    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+                    self._thread = threading.Thread(
+                        target=self._run, name="task-ferry-monitor", daemon=True
+                    )
+                    self._thread.start()
+            self._wake.set()
+        except BaseException:
+            # "can't start new thread", or Ctrl-C while start() waits for the thread: the
+            # caller gets no watch to stop, so none is left behind.
+            self.unwatch(watch)
+            raise
         return watch
 
     def unwatch(self, watch: Watch) -> None:

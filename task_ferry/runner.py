@@ -32,6 +32,7 @@ from task_ferry.handler import (
     run_on_cancelled,
     start_and_load,
     transition,
+    type_with_hooks_for,
 )
 from task_ferry.models import Job, JobState, jobs_database
 from task_ferry.monitor import Watch, get_monitor
@@ -109,6 +110,11 @@ def shorten_traceback(text: str) -> str:
     keep = TRACEBACK_MAX_LENGTH // 2
     left_out = len(text) - 2 * keep
     return f"{text[:keep]}\n[… {left_out} characters left out …]\n{text[-keep:]}"
+
+
+def stored_traceback(exc: BaseException) -> str:
+    """The failed job's ``traceback``: the exception's, shortened and made storable."""
+    return storable(shorten_traceback("".join(traceback.format_exception(exc))))
 
 
 def reconnect_if_broken() -> None:
@@ -203,6 +209,24 @@ class JobRun:
             return None
         try:
             job_type = job_type_registry.get(job.type)
+            missing = own_row_missing(job, job_type)
+            if missing is not None:
+                raise JobRowMissing(f"{missing} Its own fields are gone: start it again.")
+            self._own_values = own_values(job)
+            progress = Progress()
+            # Inside a caller's transaction no other connection sees the job, so there is
+            # nobody to beat for, nor a request in the database to read (only this process can
+            # cancel it).
+            databases = run_databases()
+            connection = connections[databases[0]]
+            own_transaction = not connection.in_atomic_block
+            # The DB-API connection of each database the run's transaction is open on.
+            opened: dict[str, Any] = {}
+            # The monitor publishes the start like any progress, within PUBLISH_INTERVAL: a job
+            # that ends sooner goes from pending to its end with one write to the store, not two.
+            watch = get_monitor().watch(
+                job, progress, heartbeat=self.heartbeat, visible=own_transaction
+            )
         except JobTypeDoesNotExist as exc:
             self._end_unrunnable(
                 job,
@@ -211,25 +235,14 @@ class JobRun:
                 exc,
             )
             raise
-        missing = own_row_missing(job, job_type)
-        if missing is not None:
-            row_missing = JobRowMissing(f"{missing} Its own fields are gone: start it again.")
-            self._end_unrunnable(job, str(row_missing), row_missing)
-            raise row_missing
-        self._own_values = own_values(job)
-        progress = Progress()
-        # Inside a caller's transaction no other connection sees the job, so there is nobody
-        # to beat for, nor a request in the database to read (only this process can cancel it).
-        databases = run_databases()
-        connection = connections[databases[0]]
-        own_transaction = not connection.in_atomic_block
-        # The monitor publishes the start like any progress, within PUBLISH_INTERVAL: a job
-        # that ends sooner goes from pending to its end with one write to the store, not two.
-        watch = get_monitor().watch(
-            job, progress, heartbeat=self.heartbeat, visible=own_transaction
-        )
-        # The DB-API connection of each database the run's transaction is open on.
-        opened: dict[str, Any] = {}
+        except JobRowMissing as exc:
+            self._end_unrunnable(job, str(exc), exc)
+            raise
+        except BaseException as exc:
+            # Ctrl-C, a monitor thread that could not start, a field value that cannot be
+            # copied: left started, the job would wait for the stale-job sweep.
+            self._end_unstarted(job, exc)
+            raise
         try:
             # Inside: a receiver's Ctrl-C or sys.exit() (send_robust lets those through) must
             # fail the job and stop its watch, not leave it started and beating for nobody.
@@ -352,6 +365,26 @@ class JobRun:
             logger.error("Job %s failed: %s", job.pk, error)
             signals.emit(signals.job_failed, job, exc=exc)
 
+    def _end_unstarted(self, job: Job, exc: BaseException) -> None:
+        """Fail a job whose run could not be set up, with the texts and hook a run's failure
+        gets: nothing else would end it until the sweep. No watch to stop: the monitor's
+        ``watch()`` leaves none behind when it raises, and it is the last step of the set-up."""
+        if not transition(
+            job,
+            JobState.FAILED,
+            from_states=[JobState.STARTED],
+            error=error_for_operators(exc),
+            human_readable_error=message_for_users(exc),
+            traceback=stored_traceback(exc),
+        ):
+            return
+        publish_as_stored(job)
+        logger.error("Job %s (%s) failed: %s", job.pk, job.type, job.error, exc_info=exc)
+        job_type = type_with_hooks_for(job, "on_error")
+        if job_type is not None:
+            self._run_on_error(job, job_type, exc)
+        signals.emit(signals.job_failed, job, exc=exc)
+
     def _end_cancelled(self, job: Job, job_type: JobType, watch: Watch) -> None:
         percentage, _label = watch.stop()
         reconnect_if_broken()
@@ -394,7 +427,7 @@ class JobRun:
             progress_state=label,
             error=error,
             human_readable_error=message_for_users(exc, connection_lost=connection_lost),
-            traceback=storable(shorten_traceback("".join(traceback.format_exception(exc)))),
+            traceback=stored_traceback(exc),
         ):
             if self._deleted_while_running(job, watch):
                 self._run_on_error(job, job_type, exc)

@@ -7,7 +7,7 @@ import pytest
 from django.db import connection
 from django.utils.translation import gettext_lazy, override
 
-from task_ferry import signals
+from task_ferry import runner, signals
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
 from task_ferry.monitor import get_monitor
@@ -387,6 +387,85 @@ def test_an_interruption_in_a_job_started_receiver_fails_the_job_and_stops_its_w
         job.human_readable_error
         == "This job was interrupted before it could finish. Start it again."
     )
+    assert get_monitor()._watching() == []
+
+
+@contextmanager
+def failures_sent():
+    """The ``(job id, exc)`` of each ``job_failed`` sent inside the block."""
+    sent = []
+
+    def receiver(sender, job, exc, **kwargs):
+        sent.append((job.pk, exc))
+
+    signals.job_failed.connect(receiver)
+    try:
+        yield sent
+    finally:
+        signals.job_failed.disconnect(receiver)
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "message"),
+    [
+        # A worker at its limit of threads (ulimit -u, a container's pids.max).
+        (
+            RuntimeError("can't start new thread"),
+            "RuntimeError: can't start new thread",
+            "Something went wrong while running this job.",
+        ),
+        # Ctrl-C while start() waits for the thread to come up.
+        (
+            KeyboardInterrupt(),
+            "The process running this job was interrupted while the job ran (KeyboardInterrupt)",
+            "This job was interrupted before it could finish. Start it again.",
+        ),
+    ],
+)
+def test_a_monitor_thread_that_cannot_start_fails_the_job_at_once(
+    transactional_db, user, monkeypatch, fault, error, message
+):
+    # Not a fault to cause for real as root: the monitor's thread start raises, as in a
+    # worker's first job, or its first after the thread died.
+    def start(self):
+        raise fault
+
+    monkeypatch.setattr(get_monitor(), "_thread", None)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with failures_sent() as sent, pytest.raises(type(fault)) as raised:
+        JobHandler.create_and_start(user, "scripted", marker="never-written")
+    assert raised.value is fault
+    job = ScriptedJob.objects.get()
+    # Left started, it waited HEARTBEAT_TIMEOUT for the sweep with nothing running it.
+    assert job.state == "failed"
+    assert job.error.startswith(error)
+    assert job.human_readable_error == message
+    assert type(fault).__name__ in job.traceback
+    assert job.finished_at is not None
+    assert get_store().read(job.pk)["state"] == "failed"
+    assert sent == [(job.pk, fault)]
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]
+    assert not Marker.objects.exists()
+    # Nor is it watched: the monitor would beat for it when its thread next starts.
+    assert get_monitor()._watching() == []
+
+
+def test_a_stop_while_a_run_is_set_up_fails_the_job_at_once(transactional_db, user, monkeypatch):
+    # db_worker's second SIGTERM, before the monitor watches the job.
+    def own_values(job):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(runner, "own_values", own_values)
+    with failures_sent() as sent, pytest.raises(SystemExit):
+        JobHandler.create_and_start(user, "scripted")
+    job = ScriptedJob.objects.get()
+    assert job.state == "failed"
+    assert job.error.startswith("The process running this job exited while the job ran")
+    assert (
+        job.human_readable_error
+        == "This job was interrupted before it could finish. Start it again."
+    )
+    assert [pk for pk, _exc in sent] == [job.pk]
     assert get_monitor()._watching() == []
 
 
