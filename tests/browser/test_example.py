@@ -843,6 +843,82 @@ def test_following_retries_any_server_error(example_server: ExampleServer, page)
     assert page.errors == []
 
 
+# How a test route answers a request to /answer/<name>/...; "refused" breaks the connection.
+FAILED_ANSWERS = {
+    "500": {"status": 500, "content_type": "text/html", "body": "<h1>Server Error (500)</h1>"},
+    "502": {"status": 502, "content_type": "text/html", "body": "<h1>502 Bad Gateway</h1>"},
+    "503": {"status": 503, "content_type": "text/html", "body": "<p>Request timeout</p>"},
+    "503-retry-after": {"status": 503, "headers": {"Retry-After": "30"}, "json": {}},
+    "504": {"status": 504, "content_type": "text/html", "body": "<h1>504 Gateway Time-out</h1>"},
+    "524": {"status": 524, "content_type": "text/html", "body": "<p>A timeout occurred</p>"},
+    "408": {"status": 408, "json": {"detail": "Request timeout."}},
+    "429": {"status": 429, "json": {"detail": "Too many.", "code": "max_job_count_exceeded"}},
+    "404": {"status": 404, "json": {"detail": "Not found."}},
+}
+
+
+@pytest.mark.parametrize("entry_point", ["ferry.js", "ferry.mjs"])
+def test_an_error_is_retryable_only_when_sending_the_request_again_is_safe(
+    example_server: ExampleServer, page, entry_point: str
+) -> None:
+    """docs/javascript.md: a 500 on startJob may come after the job was created, and sending
+    it again could start a second job; it said retryable, as on a poll. fetchJob and cancelJob
+    may be sent again after any 5xx, and startJob after a refusal (429, 503 with Retry-After)."""
+    open_example_page(page, example_server)
+    answers = [*FAILED_ANSWERS, "refused"]
+
+    def answer(route) -> None:
+        name = re.search(r"/answer/([^/]+)/", route.request.url).group(1)
+        if name == "refused":
+            route.abort("connectionrefused")
+        else:
+            route.fulfill(**FAILED_ANSWERS[name])
+
+    page.route(re.compile(r"/answer/"), answer)
+    retryable = page.evaluate(
+        """async ([entryPoint, answers]) => {
+            const ferry = entryPoint === "ferry.mjs"
+                ? await import("/static/task_ferry/ferry.mjs")
+                : window.TaskFerry;
+            const calls = {
+                fetchJob: (base) => ferry.fetchJob(17, {base}),
+                cancelJob: (base) => ferry.cancelJob(17, {base}),
+                startJob: (base) => ferry.startJob("example_export", {rows: 5}, {base}),
+            };
+            const retryable = {};
+            for (const [name, call] of Object.entries(calls)) {
+                retryable[name] = {};
+                for (const answer of answers) {
+                    const error = await call(`/answer/${answer}/`).then(() => null, (e) => e);
+                    if (!(error instanceof ferry.TaskFerryError)) throw error;
+                    retryable[name][answer] = [error.status, error.retryable];
+                }
+            }
+            return retryable;
+        }""",
+        [entry_point, answers],
+    )
+    for safe_to_repeat in ("fetchJob", "cancelJob"):
+        assert retryable[safe_to_repeat] == {
+            **{name: [int(name[:3]), True] for name in FAILED_ANSWERS},
+            "404": [404, False],
+            "refused": [0, True],
+        }
+    assert retryable["startJob"] == {
+        "500": [500, False],
+        "502": [502, False],
+        "503": [503, False],
+        "503-retry-after": [503, True],
+        "504": [504, False],
+        "524": [524, False],
+        "408": [408, True],
+        "429": [429, True],
+        "404": [404, False],
+        "refused": [0, False],
+    }
+    assert page.errors == []
+
+
 def test_following_catches_up_when_the_browser_is_back_online(
     example_server: ExampleServer, page
 ) -> None:

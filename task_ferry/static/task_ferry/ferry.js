@@ -9,8 +9,9 @@
 
   const TERMINAL_STATES = Object.freeze(["finished", "failed", "cancelled"]);
   const DEFAULT_BASE = "/api/jobs/";
-  // HTTP answers worth retrying, with every 5xx: a proxy's or CDN's own (Cloudflare's 520 to
-  // 524) passes as the server does. Any other 4xx is final (gone, forbidden, bad id).
+  // Answers that say the server did not act on the request (it came too slowly, too early, too
+  // often): worth sending again, even a request that must not run twice. Any other 4xx is
+  // final (gone, forbidden, bad id).
   const RETRYABLE_CLIENT_ERRORS = new Set([408, 425, 429]);
 
   const DEFAULTS = Object.freeze({
@@ -104,21 +105,35 @@
     return "The server answered HTTP " + status + ".";
   }
 
-  async function request(url, options, init) {
+  /**
+   * Whether a request that failed is worth sending again. Any 5xx for a request that may run
+   * twice (a proxy's or CDN's own too, Cloudflare's 520 to 524). One that must not (creating a
+   * job) may have been acted on before a 500 or a router's timeout: only a 503 with
+   * Retry-After, the server refusing for now.
+   */
+  function retryableStatus(status, retryAfter, idempotent) {
+    if (RETRYABLE_CLIENT_ERRORS.has(status)) return true;
+    if (status < 500) return false;
+    return idempotent || (status === 503 && retryAfter !== null);
+  }
+
+  async function request(url, options, init, idempotent = true) {
     let response;
     try {
       response = await fetch(url, Object.assign({ credentials: options.credentials }, init));
     } catch (exc) {
-      throw new TaskFerryError("Network error: " + exc.message, { retryable: true });
+      // No answer: the request may still have reached the server and been acted on.
+      throw new TaskFerryError("Network error: " + exc.message, { retryable: idempotent });
     }
     const data = await readBody(response).catch(() => null);
     if (!response.ok) {
+      const retryAfter = retryAfterMs(response);
       const error = new TaskFerryError(errorMessage(response.status, data), {
         status: response.status,
         data: data,
-        retryable: RETRYABLE_CLIENT_ERRORS.has(response.status) || response.status >= 500,
+        retryable: retryableStatus(response.status, retryAfter, idempotent),
       });
-      error.retryAfter = retryAfterMs(response);
+      error.retryAfter = retryAfter;
       throw error;
     }
     if (data === null || typeof data !== "object") {
@@ -129,15 +144,13 @@
     return data;
   }
 
-  function post(url, body, options) {
+  function post(url, body, options, idempotent) {
     const headers = { Accept: "application/json", "Content-Type": "application/json" };
     const token = csrfToken(options);
     if (token) headers[options.csrfHeaderName] = token;
-    return request(url, options, {
-      method: "POST",
-      headers: headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
+    const init = { method: "POST", headers: headers };
+    if (body !== undefined) init.body = JSON.stringify(body);
+    return request(url, options, init, idempotent);
   }
 
   /** GET <base><id>/: the job's current snapshot. */
@@ -152,13 +165,15 @@
    */
   function startJob(type, values, options) {
     const opts = Object.assign({}, DEFAULTS, options);
-    return post(opts.base, Object.assign({}, values, { type: type }), opts);
+    // Not idempotent: sent again after a failure, it could start a second job.
+    return post(opts.base, Object.assign({}, values, { type: type }), opts, false);
   }
 
   /** POST <base><id>/cancel/ with the CSRF token. Resolves to the job as the server sees it. */
   function cancelJob(jobId, options) {
     const opts = Object.assign({}, DEFAULTS, options);
-    return post(jobUrl(opts.base, jobId, "cancel/"), undefined, opts);
+    // Cancelling a cancelled or ended job changes nothing: safe to send again.
+    return post(jobUrl(opts.base, jobId, "cancel/"), undefined, opts, true);
   }
 
   /**
