@@ -16,7 +16,7 @@ from rest_framework import serializers
 from task_ferry.api.serializers import RelatedKeyField
 from task_ferry.handler import JobHandler
 from task_ferry.models import CancelRequest, Job
-from task_ferry.registry import job_type_registry
+from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.api.conftest import LinkedByApiJobType, client_for, create, needs_redis, start
@@ -428,6 +428,29 @@ def test_create_uses_the_types_serializer_class_then_prepare_values(api, user, m
     # The serializer chooses the type's fields in responses too.
     assert response.json()["table_id"] == 2
     assert "output_path" not in response.json()
+
+
+def test_create_without_a_value_the_model_requires_says_it_is_required(
+    api, user, hold, monkeypatch
+):
+    # A serializer that leaves table_id optional, and JobType's own prepare_values: the
+    # model's validation refused the missing value as "This field cannot be null."
+    class Loose(serializers.Serializer):
+        table_id = serializers.IntegerField(required=False, allow_null=True)
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", Loose)
+    monkeypatch.setattr(ExportJobType, "prepare_values", JobType.prepare_values)
+    response = api.post(URL, {"type": "export_table"}, format="json")
+    assert (response.status_code, response.json()) == (
+        400,
+        {"table_id": ["This field is required."]},
+    )
+    response = api.post(URL, {"type": "export_table", "table_id": None}, format="json")
+    assert (response.status_code, response.json()) == (
+        400,
+        {"table_id": ["This field cannot be null."]},
+    )
+    assert not Job.objects.exists()
 
 
 class TablesExportSerializer(serializers.Serializer):
