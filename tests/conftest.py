@@ -77,3 +77,15 @@ def redis_server(tmp_path, settings):
     }
     yield server
     server.stop()
+
+
+@pytest.fixture
+def gated():
+    """The job type of tests/gated.py, registered for the test; its jobs are let go at the end."""
+    from task_ferry.registry import job_type_registry
+    from tests.gated import GatedJobType
+
+    job_type = job_type_registry.register(GatedJobType())
+    yield job_type
+    job_type.release.set()
+    job_type_registry.unregister(job_type)

@@ -9,7 +9,7 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.snapshot import cancel_token
 from task_ferry.stores.base import get_store
-from tests.test_monitor import GatedJobType, start_halfway, wait_until
+from tests.gated import GatedJobType, start_halfway, wait_until
 from tests.testapp.models import ScriptedJob
 from tests.waiting import wait_for
 
