@@ -21,20 +21,36 @@ def definition(source: str, name: str) -> ast.FunctionDef | ast.ClassDef | None:
     return None
 
 
-def page_definition(page: Path, name: str) -> ast.FunctionDef | ast.ClassDef:
-    """The function or class ``name`` that a Python block of ``page`` defines: there must be
-    exactly one."""
+def page_definitions(page: Path, name: str) -> list[ast.FunctionDef | ast.ClassDef]:
+    """Each function or class ``name`` that a Python block of ``page`` defines, in order."""
     found = []
-    for code in code_blocks(page, "python"):
+    for source in code_blocks(page, "python"):
         try:
-            node = definition(code, name)
+            node = definition(source, name)
         except SyntaxError:
-            # An excerpt: "...", or indented as a method of a class shown before.
+            # An excerpt indented as a method of a class shown before.
             continue
         if node is not None:
             found.append(node)
+    return found
+
+
+def page_definition(page: Path, name: str) -> ast.FunctionDef | ast.ClassDef:
+    """The function or class ``name`` that a Python block of ``page`` defines: there must be
+    exactly one."""
+    found = page_definitions(page, name)
     assert len(found) == 1, f"{page.name} defines {name} in {len(found)} Python blocks, not one"
     return found[0]
+
+
+def is_excerpt(node: ast.ClassDef) -> bool:
+    """Whether the class is shown in part: a ``...`` stands for the rest of its body."""
+    return any(
+        isinstance(item, ast.Expr)
+        and isinstance(item.value, ast.Constant)
+        and item.value.value is Ellipsis
+        for item in node.body
+    )
 
 
 def code(node: ast.FunctionDef | ast.ClassDef) -> str:

@@ -53,6 +53,7 @@ def test_each_copy_is_its_pages_code(name, page):
 OWN_TESTS = {
     "test_each_copy_is_its_pages_code",
     "test_every_test_here_is_a_copy_or_our_own",
+    "test_table_id_is_required_holds_for_a_type_without_prepare_values",
     "test_the_api_refuses_the_readmes_type_without_api_create",
     "test_the_throttle_that_leaves_job_polls_out_of_a_rate",
 }

@@ -12,7 +12,7 @@ from django.test import TestCase
 
 from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler
-from tests.code_blocks import code, definition, page_definition
+from tests.code_blocks import code, definition, is_excerpt, page_definition, page_definitions
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -45,12 +45,18 @@ def test_each_copy_is_its_pages_code(path, name, page):
 
 
 def test_the_job_type_is_the_readmes_class_with_its_on_cancelled():
-    readmes = page_definition(README, "ExportJobType")
-    assert isinstance(readmes, ast.ClassDef)
-    readmes.body.append(page_definition(README, "on_cancelled"))
+    # The README shows the class whole, then again in part with its on_cancelled.
+    whole, excerpt = page_definitions(README, "ExportJobType")
+    assert isinstance(whole, ast.ClassDef) and isinstance(excerpt, ast.ClassDef)
+    assert not is_excerpt(whole) and is_excerpt(excerpt)
+    whole.body += [
+        item
+        for item in excerpt.body
+        if isinstance(item, ast.FunctionDef) and item.name == "on_cancelled"
+    ]
     copy = definition((ROOT / "tests/myapp/job_types.py").read_text(), "ExportJobType")
     assert copy is not None
-    assert code(copy) == code(readmes)
+    assert code(copy) == code(whole)
 
 
 def test_export_creates_file(db, user):
