@@ -8,6 +8,8 @@ from django.core.cache import caches
 from django.db import connection
 from rest_framework.test import APIClient
 
+from tests.redis_server import RedisServer
+
 
 def pytest_sessionfinish(session, exitstatus):
     """Leave the shared RabbitMQ without this run's queues."""
@@ -60,3 +62,30 @@ def _forget_snapshots():
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path, settings):
+    """A redis-server of the test's own as the progress store (tests/reliability has one of
+    its own, shared with worker processes)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "REDIS_URL": server.url,
+        "PROGRESS_STORE": "task_ferry.stores.redis.RedisProgressStore",
+    }
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gated():
+    """The job type of tests/gated.py, registered for the test; its jobs are let go at the end."""
+    from task_ferry.registry import job_type_registry
+    from tests.gated import GatedJobType
+
+    job_type = job_type_registry.register(GatedJobType())
+    yield job_type
+    job_type.release.set()
+    job_type_registry.unregister(job_type)

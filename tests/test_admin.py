@@ -5,7 +5,6 @@ import datetime
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
-from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
@@ -15,21 +14,10 @@ from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
-from tests.testapp.models import HookCall, ScriptedJob
+from tests.jobs import make_job
+from tests.testapp.models import HookCall
 
 LIST_URL = reverse("admin:task_ferry_job_changelist")
-
-
-def make_job(user=None, state=JobState.PENDING, **fields):
-    """A job row as the handler would create it, without running it."""
-    job = ScriptedJob.objects.create(
-        type="scripted",
-        content_type=ContentType.objects.get_for_model(ScriptedJob),
-        user=user,
-        state=state,
-        **fields,
-    )
-    return job
 
 
 def change_url(job):

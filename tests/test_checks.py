@@ -14,6 +14,7 @@ from django.core.checks import run_checks
 import task_ferry.executors
 from task_ferry.api.permissions import IsJobOwner
 from task_ferry.registry import JobType, job_type_registry
+from tests.jobs import pending_job, started_job, sweep_messages
 from tests.testapp import job_types as testapp_job_types
 from tests.testapp.models import LimitedJob, ScriptedJob
 
@@ -481,40 +482,6 @@ def test_w006_not_for_other_stores(ferry, settings, db):
     }
     ferry(CACHE_ALIAS="progress", REDIS_URL="redis://127.0.0.1:6379/0", PROGRESS_STORE=None)
     assert cache_table_messages() == []
-
-
-def sweep_messages():
-    from django.db import connection
-
-    return [m for m in run_checks(databases=[connection.alias]) if m.id == "task_ferry.W007"]
-
-
-def started_job(*, started_ago, beat_ago=None):
-    """A started job, with a heartbeat ``beat_ago`` (a timedelta) old, or none yet."""
-    from django.utils import timezone
-
-    from task_ferry.models import Heartbeat, Job, JobState
-    from tests.test_admin import make_job
-
-    now = timezone.now()
-    job = make_job(None)
-    Job.objects.filter(pk=job.pk).update(
-        state=JobState.STARTED, created_at=now - started_ago, started_at=now - started_ago
-    )
-    if beat_ago is not None:
-        Heartbeat.objects.create(job_id=job.pk, worker="w:1", beat_at=now - beat_ago)
-    return job
-
-
-def pending_job(*, created_ago):
-    from django.utils import timezone
-
-    from task_ferry.models import Job
-    from tests.test_admin import make_job
-
-    job = make_job(None)
-    Job.objects.filter(pk=job.pk).update(created_at=timezone.now() - created_ago)
-    return job
 
 
 def test_w007_not_while_the_sweep_may_yet_fail_them(ferry, db):

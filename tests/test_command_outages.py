@@ -22,9 +22,9 @@ from django.utils import timezone
 
 from task_ferry.management.databases import engine_name
 from task_ferry.models import Job, JobState
+from tests.jobs import make_job
 from tests.reliability.helpers import state_of
-from tests.test_admin import make_job
-from tests.test_commands import TerminalOutput
+from tests.terminal import TerminalOutput
 from tests.testapp.models import HookCall
 from tests.waiting import wait_for
 

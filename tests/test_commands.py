@@ -16,16 +16,9 @@ from task_ferry.management.commands.task_ferry_cleanup import parse_age
 from task_ferry.models import Heartbeat, Job, JobState, jobs_database
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
-from tests.test_admin import make_job
-from tests.test_checks import started_job, sweep_messages
+from tests.jobs import make_job, started_job, sweep_messages
+from tests.terminal import TerminalOutput
 from tests.testapp.models import HookCall
-
-
-class TerminalOutput(io.StringIO):
-    """Output that says it is a terminal, as a shell's stdout does."""
-
-    def isatty(self):
-        return True
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from task_ferry.checks import NUMBERS
 from task_ferry.conf import DEFAULTS
+from tests.code_blocks import code_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -67,8 +68,6 @@ def test_architecture_page_places_every_module():
     assert not unplaced, f"modules docs/architecture.md does not name: {unplaced}"
 
 
-# Code blocks of the pages, by language; the README's own examples run in test_readme_examples.
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.MULTILINE | re.DOTALL)
 # A dotted path into the package with a module and a name at least (``task_ferry.W007`` is a
 # check id, ``task_ferry.run_job`` a task name); not part of a file's name.
 DOTTED_PATH = re.compile(r"(?<![\w.-])task_ferry(?:\.\w+){2,}")
@@ -76,6 +75,7 @@ OPTIONAL_EXTRAS = {"celery", "kombu", "django_tasks", "django_tasks_db", "drf_sp
 
 
 def doc_pages() -> list[Path]:
+    """The pages of docs/; the README's own examples run in test_readme_examples."""
     return sorted(DOCS.glob("*.md"))
 
 
@@ -111,9 +111,7 @@ def test_resolves_names_of_modules_classes_and_their_attributes():
 def test_every_import_in_the_pages_python_examples_works():
     wrong = []
     for page in doc_pages():
-        for language, code in FENCE.findall(page.read_text()):
-            if language != "python":
-                continue
+        for code in code_blocks(page, "python"):
             try:
                 tree = ast.parse(textwrap.dedent(code))
             except SyntaxError:

@@ -20,10 +20,11 @@ from task_ferry.exceptions import (
 from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import Job, JobState
-from task_ferry.registry import JobType, job_type_registry
+from task_ferry.registry import JobType
 from task_ferry.stores.base import get_store
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
+from tests.registration import LinkedJobType, registered_for_the_test
 from tests.testapp.job_types import LimitedJobType, RecordingJobType
 from tests.testapp.models import (
     AnyJob,
@@ -130,26 +131,6 @@ def test_an_arithmetic_error_of_the_models_own_clean_is_no_refusal_of_the_values
         JobHandler.create_and_start(user, "scripted", steps=3)
     assert not Job.objects.exists()
     assert no_dispatch == []
-
-
-class LinkedJobType(RecordingJobType[LinkedJob]):
-    type = "linked"
-    model_class = LinkedJob
-
-    def run(self, job, progress):
-        progress.increment(100)
-
-
-def registered_for_the_test(job_type_class):
-    """A fixture that registers ``job_type_class`` for the test and unregisters it after."""
-
-    @pytest.fixture
-    def job_type():
-        registered = job_type_registry.register(job_type_class)
-        yield registered
-        job_type_registry.unregister(registered)
-
-    return job_type
 
 
 linked = registered_for_the_test(LinkedJobType)

@@ -1,13 +1,62 @@
 """The two test examples of the README, verbatim, and the spec's original second one; and
-docs/testing.md's version of them for Django's test runner."""
+docs/testing.md's version of them for Django's test runner. Each copy of an example, here and
+the README's model and job type in tests/myapp, is checked against its page's code."""
 
+import ast
+from pathlib import Path
 from unittest import mock
 
+import pytest
 from django.contrib.auth import get_user_model
 from django.test import TestCase
 
 from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler
+from tests.code_blocks import code, definition, is_excerpt, page_definition, page_definitions
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+TESTING = ROOT / "docs" / "testing.md"
+
+# Each copy: the file it is in, its name, and the page whose Python block defines it.
+COPIES = [
+    ("tests/test_readme_examples.py", "test_export_creates_file", README),
+    ("tests/test_readme_examples.py", "test_export_creates_file", TESTING),
+    ("tests/test_readme_examples.py", "test_cancel_cleans_up", README),
+    ("tests/test_readme_examples.py", "test_cancel_cleans_up", TESTING),
+    ("tests/test_readme_examples.py", "ExportTests", TESTING),
+    ("tests/myapp/models.py", "ExportJob", README),
+    ("tests/myapp/job_types.py", "Row", README),
+    ("tests/myapp/job_types.py", "fetch_rows", README),
+    ("tests/myapp/job_types.py", "write_to_file", README),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "page"),
+    [pytest.param(*copy, id=f"{copy[1]}-{copy[2].name}") for copy in COPIES],
+)
+def test_each_copy_is_its_pages_code(path, name, page):
+    copy = definition((ROOT / path).read_text(), name)
+    assert copy is not None, f"{name} is not defined in {path}"
+    assert code(copy) == code(page_definition(page, name)), (
+        f"{path}'s {name} differs from {page.name}'s: copy the page's code there, or back"
+    )
+
+
+def test_the_job_type_is_the_readmes_class_with_its_on_cancelled():
+    # The README shows the class whole, then again in part with its on_cancelled.
+    whole, excerpt = page_definitions(README, "ExportJobType")
+    assert isinstance(whole, ast.ClassDef) and isinstance(excerpt, ast.ClassDef)
+    assert not is_excerpt(whole) and is_excerpt(excerpt)
+    whole.body += [
+        item
+        for item in excerpt.body
+        if isinstance(item, ast.FunctionDef) and item.name == "on_cancelled"
+    ]
+    copy = definition((ROOT / "tests/myapp/job_types.py").read_text(), "ExportJobType")
+    assert copy is not None
+    assert code(copy) == code(whole)
 
 
 def test_export_creates_file(db, user):
@@ -82,6 +131,15 @@ class ExportTests(TestCase):
         with self.captureOnCommitCallbacks(execute=True):  # runs on_cancelled
             JobHandler.cancel(self.user, job.id)
         self.assertEqual(job.state, "cancelled")
+
+
+# What the page says of those besides: the ImmediateExecutor needs no commit.
+
+
+class ImmediateExecutorInATestCaseTests(TestCase):
+    @classmethod
+    def setUpTestData(cls):
+        cls.user = get_user_model().objects.create_user("alice")
 
     def test_the_immediate_executor_runs_the_job_without_a_commit(self):
         # What the page says: no captureOnCommitCallbacks needed, and none captured.

@@ -1,9 +1,6 @@
 """Redis going away and coming back, with a redis-server of the test's own."""
 
 import shutil
-import socket
-import subprocess
-import time
 
 import pytest
 from django.db import connection
@@ -12,62 +9,13 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.snapshot import cancel_token
 from task_ferry.stores.base import get_store
-from tests.test_monitor import GatedJobType, start_halfway, wait_until
+from tests.gated import GatedJobType, start_halfway, wait_until
 from tests.testapp.models import ScriptedJob
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server on PATH"
 )
-
-
-class RedisServer:
-    def __init__(self, tmp_path):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.dir = tmp_path
-        self.proc = None
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.dir)),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-
-    def stop(self):
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
-@pytest.fixture
-def redis_server(tmp_path, settings):
-    server = RedisServer(tmp_path)
-    server.start()
-    settings.TASK_FERRY = {
-        **settings.TASK_FERRY,
-        "REDIS_URL": server.url,
-        "PROGRESS_STORE": "task_ferry.stores.redis.RedisProgressStore",
-    }
-    yield server
-    server.stop()
 
 
 def wait_until_the_monitor_listens():

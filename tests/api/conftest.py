@@ -10,8 +10,7 @@ from task_ferry.executors.immediate import ImmediateExecutor
 from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import JobState
 from task_ferry.stores.base import get_store
-from tests.test_handler import LinkedJobType, registered_for_the_test
-from tests.test_store_outage import redis_server  # noqa: F401 - a fixture of our own Redis
+from tests.registration import LinkedJobType, registered_for_the_test
 
 needs_redis = pytest.mark.skipif(
     not settings.TASK_FERRY.get("REDIS_URL"), reason="needs the Redis progress store"

@@ -4,7 +4,7 @@ import pytest
 from django.test import Client
 
 from tests.api.conftest import create, start
-from tests.api.test_events import parse_events
+from tests.api.sse import parse_events
 
 VERSIONED = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
@@ -15,6 +15,10 @@ VERSIONED = {
 
 @pytest.fixture
 def versioned(settings):
+    # DRF's APIView takes its classes from REST_FRAMEWORK when rest_framework.views is first
+    # imported: not under this setting, or every later test's views would keep it.
+    import rest_framework.views  # noqa: F401
+
     settings.REST_FRAMEWORK = VERSIONED
 
 

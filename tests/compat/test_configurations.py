@@ -21,8 +21,8 @@ from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Heartbeat, Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
+from tests.gated import needs_concurrent_writers, start_halfway
 from tests.myapp.models import ExportJob
-from tests.test_monitor import gated, needs_concurrent_writers, start_halfway  # noqa: F401
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -182,7 +182,7 @@ def test_the_sweep_fails_a_job_whose_heartbeat_lapsed_and_keeps_a_beating_one(us
 def test_a_running_jobs_heartbeats_keep_it_from_the_sweep(
     transactional_db,
     user,
-    gated,  # noqa: F811 - the fixture
+    gated,
     settings,
 ):
     settings.TASK_FERRY = {

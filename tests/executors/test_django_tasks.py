@@ -19,9 +19,8 @@ from task_ferry.executors.django_tasks import DjangoTasksExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
+from tests.jobs import make_job, started_job
 from tests.projects import manage_py_check, run_python
-from tests.test_admin import make_job
-from tests.test_checks import started_job
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, ScriptedJob
 

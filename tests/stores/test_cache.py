@@ -6,7 +6,6 @@ import pytest
 from django.core.management import call_command
 
 from task_ferry.stores.cache import DELETE_BATCH_KEYS, CacheProgressStore
-from tests.test_store_outage import redis_server  # noqa: F401 - a fixture of our own Redis
 
 
 @pytest.fixture
@@ -55,7 +54,7 @@ def test_the_fallback_write_if_absent_says_whether_it_stored(db):
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 def test_a_delete_cut_short_by_the_cache_going_away_says_which_jobs_it_did_not_forget(
-    redis_server,  # noqa: F811
+    redis_server,
     settings,
     monkeypatch,
 ):

@@ -13,7 +13,6 @@ import redis
 from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.stores.base import get_store
 from task_ferry.stores.redis import DELETE_BATCH_SIZE, RedisProgressStore, redacted_url
-from tests.test_store_outage import redis_server  # noqa: F401 - a fixture of our own Redis
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server on PATH"
@@ -36,7 +35,7 @@ def key_counts_of_dels(client):
 
 
 def test_deleting_many_jobs_forgets_and_announces_each_in_commands_of_bounded_size(
-    redis_server,  # noqa: F811
+    redis_server,
 ):
     """All the keys of a delete went in one ``DEL``: for 100,000 jobs, one command of 200,000
     keys, during which Redis served no one else (workers' progress, polls, cancel requests)."""
@@ -72,7 +71,7 @@ def test_deleting_many_jobs_forgets_and_announces_each_in_commands_of_bounded_si
     client.close()
 
 
-def test_deleting_no_job_sends_nothing(redis_server):  # noqa: F811
+def test_deleting_no_job_sends_nothing(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     client.config_set("slowlog-log-slower-than", 0)
     client.slowlog_reset()
@@ -82,7 +81,7 @@ def test_deleting_no_job_sends_nothing(redis_server):  # noqa: F811
 
 
 def test_a_delete_cut_short_by_redis_going_away_counts_the_jobs_it_did_not_forget(
-    redis_server,  # noqa: F811
+    redis_server,
     monkeypatch,
     caplog,
 ):
@@ -132,7 +131,7 @@ def published_to(pubsub, timeout):
 
 
 def test_projects_on_two_databases_of_one_redis_hear_only_their_own_jobs(
-    redis_server,  # noqa: F811
+    redis_server,
 ):
     """Redis has one set of channels for all its databases: two projects told apart by the
     database number alone (the same default KEY_PREFIX) cancelled each other's jobs of the same
