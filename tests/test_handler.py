@@ -209,6 +209,21 @@ def test_a_required_value_not_given_is_said_to_be_required(db, user, no_dispatch
     assert not Job.objects.exists()
 
 
+def test_a_required_foreign_key_given_by_neither_name_is_said_to_be_required(
+    db, user, no_dispatch, linked, monkeypatch
+):
+    field = LinkedJob._meta.get_field("marker")
+    monkeypatch.setattr(field, "null", False)
+    monkeypatch.setattr(field, "blank", False)
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "linked")
+    assert refused.value.errors == {"marker": ["This field is required."]}
+    for name in ["marker", "marker_id"]:
+        with pytest.raises(InvalidJobValues) as refused:
+            JobHandler.create_and_start(user, "linked", **{name: None})
+        assert refused.value.errors == {"marker": ["This field cannot be null."]}
+
+
 def test_a_value_prepare_values_fills_in_is_given(db, user, no_dispatch, plain_export, monkeypatch):
     monkeypatch.setattr(
         PlainExportJobType, "prepare_values", lambda self, values, user: {"table_id": None}
