@@ -19,7 +19,8 @@ from typing import Any
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DataError, IntegrityError, transaction
-from django.db.models import Field, JSONField, Model
+from django.db.models import NOT_PROVIDED, Field, JSONField, Model
+from django.forms import Field as FormField
 
 from task_ferry import statements
 from task_ferry.exceptions import InvalidJobValues, MaxJobCountExceeded
@@ -29,6 +30,9 @@ from task_ferry.snapshot import storable
 from task_ferry.transactions import lock_for_writing
 
 __all__ = ["build", "check_max_count", "clash_within", "refused", "save", "save_many"]
+
+# Django's own message for a value not given (a form's, DRF's): the API's serializer says it too.
+REQUIRED = FormField.default_error_messages["required"]
 
 
 def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, dict[str, Any]]:
@@ -77,7 +81,8 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
     try:
         job.full_clean(exclude=[f.name for f in Job._meta.concrete_fields], validate_unique=False)
     except ValidationError as exc:
-        raise InvalidJobValues(_validation_message(exc), _validation_errors(exc)) from exc
+        errors = _validation_errors(exc)
+        raise _model_refusal(model, errors, given=values.keys() | prepared.keys()) from exc
     except ArithmeticError as exc:
         # What Django's fields let escape: IntegerField's int(float("inf")) (OverflowError),
         # BooleanField's comparison of a signalling NaN Decimal (decimal.InvalidOperation).
@@ -85,10 +90,29 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
         if refusal is None:
             raise  # The model's clean() or a constraint: a bug to fix, not the caller's values.
         raise refusal from exc
-    unstorable = ValidationError(_unstorable_values(job))
-    if unstorable.error_dict:
-        raise InvalidJobValues(_validation_message(unstorable), _validation_errors(unstorable))
+    unstorable = _unstorable_values(job)
+    if unstorable:
+        raise _model_refusal(model, unstorable, given=values.keys() | prepared.keys())
     return job, prepared
+
+
+def _model_refusal(
+    model: type[Job], errors: dict[str, list[str]], *, given: Collection[Any]
+) -> InvalidJobValues:
+    """``InvalidJobValues`` for the model's refusal of the job's values. A field that has no
+    default and was ``given`` no value at all (under its name or attname, by the caller or
+    ``prepare_values``) is said to be required: its "cannot be null" or "cannot be blank" would
+    have the caller look for an empty value it never sent."""
+    own = {field.name: field for field in model.own_fields()}
+    for name, messages in errors.items():
+        field = own.get(name)
+        if field is None or field.has_default() or field.db_default is not NOT_PROVIDED:
+            continue
+        if field.name in given or field.attname in given:
+            continue
+        empty = {str(field.error_messages["null"]), str(field.error_messages["blank"])}
+        errors[name] = [str(REQUIRED) if message in empty else message for message in messages]
+    return InvalidJobValues(_errors_message(errors), errors)
 
 
 def _arithmetic_error(job: Job, columns: dict[str, Any]) -> InvalidJobValues | None:
@@ -521,5 +545,9 @@ def _validation_errors(exc: ValidationError) -> dict[str, list[str]]:
 
 
 def _validation_message(exc: ValidationError) -> str:
-    parts = [f"{field}: {' '.join(msgs)}" for field, msgs in _validation_errors(exc).items()]
+    return _errors_message(_validation_errors(exc))
+
+
+def _errors_message(errors: dict[str, list[str]]) -> str:
+    parts = [f"{field}: {' '.join(msgs)}" for field, msgs in errors.items()]
     return "Invalid job values. " + "; ".join(parts)

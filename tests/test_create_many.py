@@ -138,6 +138,18 @@ def test_jobs_of_a_batch_with_the_same_unique_values_are_named_without_a_query(
     assert len(JobHandler.create_and_start_many(user, "reservation", values)) == 2
 
 
+def test_a_text_field_not_given_is_said_to_be_required(db, user, no_dispatch, reservation):
+    # It read "code: This field cannot be blank.", as if the caller had sent "".
+    with pytest.raises(InvalidJobValues) as raised:
+        JobHandler.create_and_start_many(user, "reservation", [{"code": "a"}, {"room": "r"}])
+    assert str(raised.value) == "Job 1: Invalid job values. code: This field is required."
+    assert raised.value.errors == {"code": ["This field is required."]}
+    with pytest.raises(InvalidJobValues) as raised:
+        JobHandler.create_and_start(user, "reservation", code="")
+    assert raised.value.errors == {"code": ["This field cannot be blank."]}
+    assert not Job.objects.exists()
+
+
 def test_a_batch_clashing_with_a_stored_job_is_refused_by_the_database(
     db, user, no_dispatch, reservation
 ):

@@ -179,6 +179,78 @@ def test_a_misspelt_name_is_pointed_out_beside_the_error_prepare_values_raised(
     assert not Job.objects.exists()
 
 
+class PlainExportJobType(JobType[ExportJob]):
+    """The README's model with JobType's own prepare_values, as a type is first written."""
+
+    type = "plain_export"
+    model_class = ExportJob
+
+    def run(self, job, progress):
+        progress.increment(100)
+
+
+plain_export = registered_for_the_test(PlainExportJobType)
+
+
+def test_a_required_value_not_given_is_said_to_be_required(db, user, no_dispatch, plain_export):
+    # It read "table_id: This field cannot be null.", as if the caller had sent None.
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "plain_export")
+    assert str(refused.value) == "Invalid job values. table_id: This field is required."
+    # output_path, blank, needed no value.
+    assert refused.value.errors == {"table_id": ["This field is required."]}
+    # A None sent is refused as one.
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "plain_export", table_id=None)
+    assert refused.value.errors == {"table_id": ["This field cannot be null."]}
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start_many(user, "plain_export", [{"table_id": 1}, {}])
+    assert str(refused.value) == "Job 1: Invalid job values. table_id: This field is required."
+    assert not Job.objects.exists()
+
+
+def test_a_required_foreign_key_given_by_neither_name_is_said_to_be_required(
+    db, user, no_dispatch, linked, monkeypatch
+):
+    field = LinkedJob._meta.get_field("marker")
+    monkeypatch.setattr(field, "null", False)
+    monkeypatch.setattr(field, "blank", False)
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "linked")
+    assert refused.value.errors == {"marker": ["This field is required."]}
+    for name in ["marker", "marker_id"]:
+        with pytest.raises(InvalidJobValues) as refused:
+            JobHandler.create_and_start(user, "linked", **{name: None})
+        assert refused.value.errors == {"marker": ["This field cannot be null."]}
+
+
+def test_a_value_prepare_values_fills_in_is_given(db, user, no_dispatch, plain_export, monkeypatch):
+    monkeypatch.setattr(
+        PlainExportJobType, "prepare_values", lambda self, values, user: {"table_id": None}
+    )
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "plain_export")
+    assert refused.value.errors == {"table_id": ["This field cannot be null."]}
+    # One given that it drops was still given: the caller is not told to send it.
+    monkeypatch.setattr(PlainExportJobType, "prepare_values", lambda self, values, user: {})
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "plain_export", table_id=3)
+    assert refused.value.errors == {"table_id": ["This field cannot be null."]}
+
+
+def test_a_required_value_of_a_blank_field_not_given_is_said_to_be_required(
+    db, user, no_dispatch, plain_export, monkeypatch
+):
+    # full_clean() skips the None of a blank field; the check for the insert refused it.
+    monkeypatch.setattr(ExportJob._meta.get_field("table_id"), "blank", True)
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "plain_export")
+    assert refused.value.errors == {"table_id": ["This field is required."]}
+    with pytest.raises(InvalidJobValues) as refused:
+        JobHandler.create_and_start(user, "plain_export", table_id=None)
+    assert refused.value.errors == {"table_id": ["This field cannot be null."]}
+
+
 class WordsJobType(RecordingJobType[LimitedJob]):
     """Takes ``words``, which is no field: prepare_values makes the label of them."""
 

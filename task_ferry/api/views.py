@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -55,6 +56,8 @@ from task_ferry.snapshot import LONE_SURROGATE, job_snapshot, snapshot_of
 from task_ferry.stores.base import get_store
 
 __all__ = ["JobViewSet"]
+
+logger = logging.getLogger("task_ferry")
 
 STATE_GROUPS: dict[str, tuple[str, ...]] = {
     "live": tuple(str(s) for s in LIVE_STATES),
@@ -196,6 +199,36 @@ def creatable(policy: IsJobOwner, request: Request, job_type: JobType) -> bool:
     """Whether the caller may start ``job_type`` through the API: the type opts in with
     ``api_create``, and the permission class's ``can_create`` agrees."""
     return job_type.api_create and policy.can_create(request, job_type)
+
+
+def log_refused_type(policy: IsJobOwner, request: Request, name: Any) -> None:
+    """Tell the server's log why ``POST /`` refused a type that is registered: its client is
+    told no more than for a name no type has."""
+    job_type = next((t for t in job_type_registry if t.type == name), None)
+    if job_type is None:
+        return
+    path = f"{type(job_type).__module__}.{type(job_type).__qualname__}"
+    if not job_type.api_create:
+        # A WARNING: Python's last-resort handler shows it where no logging is set up.
+        logger.warning(
+            "%s %s: job type %r exists but does not set api_create = True, so API clients "
+            "cannot start it (they are told no such type can be started). Set "
+            "api_create = True on %s to open it to them.",
+            request.method,
+            request.path,
+            job_type.type,
+            path,
+        )
+    else:
+        # The project's permission class chose to: no mistake to warn about.
+        logger.info(
+            "%s %s: job type %r sets api_create = True, but %s.can_create refused it to user %s.",
+            request.method,
+            request.path,
+            job_type.type,
+            type(policy).__qualname__,
+            getattr(request.user, "pk", None),
+        )
 
 
 class JSONFirstNegotiation(DefaultContentNegotiation):
@@ -373,10 +406,17 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         for job_type in allowed:
             if job_type.type == name:
                 return job_type
+        log_refused_type(self.policy, self.request, name)
+        # The same whether or not a type of that name exists: the types a client may not start
+        # are the project's own business. The log says which it was.
         if allowed:
-            message = JobTypeDoesNotExist(str(name), [t.type for t in allowed]).summary
+            known = JobTypeDoesNotExist(str(name), [t.type for t in allowed]).summary
+            message = f"{known} Job types opt in to this API with api_create = True."
         else:
-            message = f"No job type named {name!r} can be started through this API."
+            message = (
+                f"No job type named {name!r} can be started through this API: job types opt "
+                "in with api_create = True."
+            )
         raise ValidationError({"type": [message]})
 
     @staticmethod

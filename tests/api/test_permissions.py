@@ -109,16 +109,28 @@ def test_a_permission_subclass_can_forbid_cancelling(api, user, settings, hold):
     assert Job.objects.get(pk=job.pk).state == "pending"
 
 
-def test_a_permission_subclass_can_limit_the_types_a_user_creates(api, user, settings):
+def test_a_permission_subclass_can_limit_the_types_a_user_creates(api, user, settings, caplog):
     settings.TASK_FERRY = {
         **settings.TASK_FERRY,
         "API_PERMISSION_CLASS": f"{__name__}.OnlyScripted",
     }
-    response = api.post(URL, {"type": "export_table", "table_id": 1}, format="json")
+    with caplog.at_level("INFO", logger="task_ferry"):
+        response = api.post(URL, {"type": "export_table", "table_id": 1}, format="json")
     assert response.status_code == 400
     assert response.json() == {
-        "type": ["No job type named 'export_table'. Known job types: 'scripted'."]
+        "type": [
+            "No job type named 'export_table'. Known job types: 'scripted'. Job types opt in "
+            "to this API with api_create = True."
+        ]
     }
+    # The project's own choice: told at INFO, not warned about.
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "task_ferry"] == [
+        (
+            "INFO",
+            f"POST {URL}: job type 'export_table' sets api_create = True, but "
+            f"OnlyScripted.can_create refused it to user {user.pk}.",
+        )
+    ]
     assert api.post(URL, {"type": "scripted", "steps": 1}, format="json").status_code == 201
 
 

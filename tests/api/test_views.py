@@ -16,7 +16,7 @@ from rest_framework import serializers
 from task_ferry.api.serializers import RelatedKeyField
 from task_ferry.handler import JobHandler
 from task_ferry.models import CancelRequest, Job
-from task_ferry.registry import job_type_registry
+from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.api.conftest import LinkedByApiJobType, client_for, create, needs_redis, start
@@ -430,6 +430,29 @@ def test_create_uses_the_types_serializer_class_then_prepare_values(api, user, m
     assert "output_path" not in response.json()
 
 
+def test_create_without_a_value_the_model_requires_says_it_is_required(
+    api, user, hold, monkeypatch
+):
+    # A serializer that leaves table_id optional, and JobType's own prepare_values: the
+    # model's validation refused the missing value as "This field cannot be null."
+    class Loose(serializers.Serializer):
+        table_id = serializers.IntegerField(required=False, allow_null=True)
+
+    monkeypatch.setattr(ExportJobType, "serializer_class", Loose)
+    monkeypatch.setattr(ExportJobType, "prepare_values", JobType.prepare_values)
+    response = api.post(URL, {"type": "export_table"}, format="json")
+    assert (response.status_code, response.json()) == (
+        400,
+        {"table_id": ["This field is required."]},
+    )
+    response = api.post(URL, {"type": "export_table", "table_id": None}, format="json")
+    assert (response.status_code, response.json()) == (
+        400,
+        {"table_id": ["This field cannot be null."]},
+    )
+    assert not Job.objects.exists()
+
+
 class TablesExportSerializer(serializers.Serializer):
     table_id = serializers.IntegerField()
     also = serializers.ListField(child=serializers.IntegerField(), write_only=True)
@@ -496,7 +519,7 @@ def test_create_refuses_a_value_for_a_read_only_field(api, user, hold, monkeypat
 
 
 def test_a_type_that_does_not_opt_in_cannot_be_started_through_the_api(
-    api, user, hold, monkeypatch, tmp_path
+    api, user, hold, monkeypatch, tmp_path, caplog
 ):
     # The README's type, as the README writes it: a client must not pick the file its
     # on_cancelled deletes.
@@ -504,24 +527,55 @@ def test_a_type_that_does_not_opt_in_cannot_be_started_through_the_api(
     precious = tmp_path / "precious"
     precious.write_text("keep me")
     body = {"type": "export_table", "table_id": 1, "output_path": str(precious)}
-    response = api.post(URL, body, format="json")
+    with caplog.at_level("INFO", logger="task_ferry"):
+        response = api.post(URL, body, format="json")
     assert response.status_code == 400
-    assert response.json()["type"][0].startswith("No job type named 'export_table'.")
-    assert "'export_table'" not in response.json()["type"][0].split("Known job types:")[1]
+    message = response.json()["type"][0]
+    assert message.startswith("No job type named 'export_table'.")
+    assert "'export_table'" not in message.split("Known job types:")[1]
+    assert message.endswith(" Job types opt in to this API with api_create = True.")
     assert not Job.objects.exists()
+    # The developer learns from the log why; the client no more than for a name no type has.
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "task_ferry"] == [
+        (
+            "WARNING",
+            f"POST {URL}: job type 'export_table' exists but does not set api_create = True, "
+            "so API clients cannot start it (they are told no such type can be started). Set "
+            "api_create = True on tests.myapp.job_types.ExportJobType to open it to them.",
+        )
+    ]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="task_ferry"):
+        unknown = api.post(URL, {**body, "type": "export_tables"}, format="json")
+    assert unknown.json()["type"][0] == message.replace("'export_table'", "'export_tables'", 1)
+    assert [r for r in caplog.records if r.name == "task_ferry"] == []
     # The Python API is unchanged: the project's own code starts any type.
     assert JobHandler.create_and_start(user, "export_table", table_id=1).pk
     assert precious.exists()
 
 
-def test_with_no_type_open_to_the_api_create_says_so(api, hold, monkeypatch):
+def test_with_no_type_open_to_the_api_create_says_so(api, hold, monkeypatch, caplog):
     for job_type in job_type_registry:
         monkeypatch.setattr(type(job_type), "api_create", False)
-    response = api.post(URL, {"type": "scripted"}, format="json")
+    message = (
+        "No job type named {} can be started through this API: job types opt in with "
+        "api_create = True."
+    )
+    with caplog.at_level("INFO", logger="task_ferry"):
+        response = api.post(URL, {"type": "scripted"}, format="json")
     assert (response.status_code, response.json()) == (
         400,
-        {"type": ["No job type named 'scripted' can be started through this API."]},
+        {"type": [message.format("'scripted'")]},
     )
+    assert [r.levelname for r in caplog.records if r.name == "task_ferry"] == ["WARNING"]
+    assert "job type 'scripted' exists but does not set api_create = True" in caplog.text
+    # A name no type has, or that is no name, is answered alike, and logged by none.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="task_ferry"):
+        for name in ["nope", 7, ["scripted"]]:
+            response = api.post(URL, {"type": name}, format="json")
+            assert response.json() == {"type": [message.format(repr(name))]}
+    assert [r for r in caplog.records if r.name == "task_ferry"] == []
 
 
 def test_create_beyond_max_count_is_429_with_the_limit(api, user, hold):
