@@ -938,7 +938,9 @@ def run_extra(extra: Callable[[], Iterable[CheckMessage]]) -> list[CheckMessage]
     try:
         return list(extra())
     except Exception:
-        logger.exception("task_ferry's start-up check %s() failed", getattr(extra, "__name__", extra))
+        logger.exception(
+            "task_ferry's start-up check %s() failed", getattr(extra, "__name__", extra)
+        )
         return []
 
 

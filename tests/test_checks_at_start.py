@@ -41,7 +41,9 @@ def test_each_message_is_logged_at_its_level_with_its_hint_errors_first(caplog):
 
 def test_a_silenced_message_is_not_logged(settings, caplog):
     settings.SILENCED_SYSTEM_CHECKS = ["app.W001"]
-    log_check_messages([CheckWarning("Silenced.", id="app.W001"), CheckWarning("Shown.", id="app.W002")])
+    log_check_messages(
+        [CheckWarning("Silenced.", id="app.W001"), CheckWarning("Shown.", id="app.W002")]
+    )
     assert logged(caplog) == [("WARNING", "System check (app.W002): Shown.")]
 
 
@@ -90,9 +92,7 @@ def test_a_check_that_raises_is_logged_and_the_others_still_are(monkeypatch, cap
     assert "ValueError: no way" in caplog.text
 
 
-def test_checks_that_do_not_end_hold_the_start_back_no_longer_than_the_timeout(
-    monkeypatch, caplog
-):
+def test_checks_that_do_not_end_hold_the_start_back_no_longer_than_the_timeout(monkeypatch, caplog):
     """A database or Redis that does not answer: the worker starts, and what the checks find
     is logged when they end."""
     release = threading.Event()

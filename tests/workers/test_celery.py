@@ -330,7 +330,9 @@ def test_a_worker_logs_what_the_system_checks_find_in_its_settings_at_start(
         assert "HINT: Valid keys are: " in lines[0][2]
     if setup == "forgotten executor":
         text = lines[0][2]
-        assert "TASK_FERRY['EXECUTOR'] is 'task_ferry.executors.immediate.ImmediateExecutor'" in text
+        assert (
+            "TASK_FERRY['EXECUTOR'] is 'task_ferry.executors.immediate.ImmediateExecutor'" in text
+        )
         assert "If the web processes run with these same settings" in text
 
 
