@@ -5,15 +5,17 @@ from __future__ import annotations
 import datetime
 import difflib
 import inspect
+import logging
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import import_module
 from importlib.util import find_spec
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from django.apps import AppConfig, apps
-from django.core.checks import CheckMessage, Error, Tags, register
+from django.core.checks import ERROR, CheckMessage, Error, Tags, register
 from django.core.checks import Warning as CheckWarning
 from django.db import DatabaseError
 from django.urls import URLResolver, get_resolver
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
     from task_ferry.models import Job, JobQuerySet
     from task_ferry.registry import JobType, JobTypeRegistry
+
+logger = logging.getLogger("task_ferry")
 
 
 @register()
@@ -863,3 +867,96 @@ def duplicate_name_error(name: str, classes: list[type[JobType]]) -> Error:
 
 def qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# Seconds a worker's start waits for task_ferry's checks: W001 asks Redis, the database checks
+# ask the database, and one that does not answer must not hold the worker back.
+START_CHECKS_TIMEOUT = 10.0
+
+
+def log_checks_at_start(
+    extra: Callable[[], Iterable[CheckMessage]] = tuple,
+    *,
+    timeout: float = START_CHECKS_TIMEOUT,
+) -> None:
+    """Run task_ferry's system checks, the database ones included, with ``extra()``'s
+    messages, and log each message that is not silenced: for worker processes, which no
+    ``check`` ever sees (Celery's Django fixup runs the checks at a worker's start and drops
+    what they find). An error is logged, and the process goes on.
+
+    Waits ``timeout`` seconds at most: the checks run in a thread of their own, which logs
+    what they find when they end, however late."""
+
+    def run() -> None:
+        from django.db import connections
+
+        try:
+            log_check_messages([*run_own_checks(), *run_extra(extra)])
+        finally:
+            # This thread's connections: Django's are per thread.
+            connections.close_all()
+
+    thread = threading.Thread(target=run, name="task_ferry-checks", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.warning(
+            "task_ferry's system checks have not ended after %g s (a database or progress store "
+            "that does not answer?): starting without them; what they find is logged when "
+            "they end.",
+            timeout,
+        )
+
+
+def own_checks() -> list[Callable[..., Iterable[CheckMessage]]]:
+    """The checks this module registered with Django, by name."""
+    from django.core.checks.registry import registry
+
+    return sorted(
+        (check for check in registry.get_checks() if check.__module__ == __name__),
+        key=lambda check: check.__name__,
+    )
+
+
+def run_own_checks() -> list[CheckMessage]:
+    """What ``check --database <every alias>`` says of task_ferry, without Django's and other
+    apps' checks. A check that raises is logged and the others run."""
+    from django.conf import settings
+
+    # Each check asks only the aliases it needs (the jobs', the cache table's).
+    databases = list(settings.DATABASES)
+    messages: list[CheckMessage] = []
+    for check in own_checks():
+        try:
+            messages.extend(check(app_configs=None, databases=databases))
+        except Exception:
+            logger.exception("task_ferry's system check %s() failed", check.__name__)
+    return messages
+
+
+def run_extra(extra: Callable[[], Iterable[CheckMessage]]) -> list[CheckMessage]:
+    try:
+        return list(extra())
+    except Exception:
+        logger.exception(
+            "task_ferry's start-up check %s() failed", getattr(extra, "__name__", extra)
+        )
+        return []
+
+
+def log_check_messages(messages: Iterable[CheckMessage]) -> None:
+    """Log each message, errors first, at its level (a critical one at ERROR), unless
+    ``SILENCED_SYSTEM_CHECKS`` names it."""
+    shown = sorted(
+        (message for message in messages if not message.is_silenced()),
+        key=lambda message: (-message.level, message.id or ""),
+    )
+    for message in shown:
+        hint = f" HINT: {message.hint}" if message.hint else ""
+        logger.log(
+            min(message.level, ERROR),
+            "System check (%s): %s%s",
+            message.id or "no id",
+            message.msg,
+            hint,
+        )

@@ -23,6 +23,7 @@ from task_ferry.executors.celery import (
     RUN_JOB_TASK,
     SWEEP_STALE_JOBS_TASK,
     log_queues_served,
+    log_worker_checks,
 )
 
 __all__ = ["cleanup_old_jobs", "run_job", "sweep_stale_jobs"]
@@ -97,7 +98,13 @@ def retried_on_lost_connection(task: Task[Any, Any]) -> Iterator[None]:
         raise task.retry(exc=exc, countdown=DATABASE_RETRY_DELAY) from exc
 
 
-# Workers import this module (autodiscover_tasks) before they start consuming.
+# Workers import this module (autodiscover_tasks) before they start consuming. Celery calls
+# receivers in the order they connect: the checks' findings come first.
+@worker_ready.connect(dispatch_uid="task_ferry.log_worker_checks")
+def log_worker_checks_at_start(sender: Any, **kwargs: Any) -> None:
+    log_worker_checks()
+
+
 @worker_ready.connect(dispatch_uid="task_ferry.log_queues_served")
 def log_queues_served_at_start(sender: Any, **kwargs: Any) -> None:
     log_queues_served(sender)

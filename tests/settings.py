@@ -148,6 +148,9 @@ TASK_FERRY: dict[str, Any] = {
 # A worker process that a test starts with a heartbeat as short as the test's own settings.
 if os.environ.get("TASK_FERRY_TEST_HEARTBEAT_INTERVAL"):
     TASK_FERRY["HEARTBEAT_INTERVAL"] = float(os.environ["TASK_FERRY_TEST_HEARTBEAT_INTERVAL"])
+# A worker process started with a typo in its settings, as a user might: "REDIS_ULR".
+if os.environ.get("TASK_FERRY_TEST_MISSPELT_REDIS_URL"):
+    TASK_FERRY["REDIS_ULR"] = TASK_FERRY.pop("REDIS_URL")
 
 if HAS_DJANGO_TASKS_DB:
     # An empty QUEUES allows every queue name.

@@ -443,6 +443,46 @@ def log_queues_served(consumer: Any) -> None:
     )
 
 
+def log_worker_checks() -> None:
+    """At a worker's start (``worker_ready``): log what task_ferry's system checks find in the
+    worker's settings, W014 included (see ``log_checks_at_start``). Skipped where
+    ``CELERY_SKIP_CHECKS`` is set, as Celery skips Django's checks then."""
+    from task_ferry.checks import log_checks_at_start
+
+    if os.environ.get("CELERY_SKIP_CHECKS"):
+        return
+    log_checks_at_start(worker_executor_warnings)
+
+
+def worker_executor_warnings() -> list[CheckMessage]:
+    """task_ferry.W014 where the worker's settings run jobs inline (the ImmediateExecutor, the
+    default): web processes with the same settings send no job to Celery."""
+    from task_ferry.executors.base import get_executor
+
+    try:
+        executor = get_executor()
+    except Exception:
+        return []  # E001 reports it.
+    if executor.runs_out_of_process:
+        return []
+    path = ferry_settings.EXECUTOR
+    default = "" if "EXECUTOR" in ferry_settings.user_settings else " (the default)"
+    return [
+        CheckWarning(
+            f"This Celery worker runs task_ferry's tasks, but its settings' "
+            f"TASK_FERRY['EXECUTOR'] is {path!r}{default}, which runs each job inline, in the "
+            f"process that starts it. If the web processes run with these same settings, they "
+            f"run every job inside the request that starts it and send none to Celery: no job "
+            f"reaches this worker.",
+            hint='Set TASK_FERRY["EXECUTOR"] = "task_ferry.executors.celery.CeleryExecutor" in '
+            "the settings of the web processes and of the workers alike. If this worker is "
+            "only for the project's other tasks, silence this with SILENCED_SYSTEM_CHECKS = "
+            '["task_ferry.W014"].',
+            id="task_ferry.W014",
+        )
+    ]
+
+
 def maintenance_queues(app: Any) -> list[str]:
     """The queues the app's beat entries send task_ferry's cleanup and sweep to, by their
     ``options`` (what ``beat_schedule()`` sets), in entry order."""

@@ -287,6 +287,55 @@ def test_a_worker_consuming_none_of_the_jobs_queues_warns_at_start(
     assert ("This worker" in log) is (warned or told), log
 
 
+def check_lines(log: str) -> list[tuple[str, str, str]]:
+    """The level, id and text of each line a worker logged for task_ferry's system checks."""
+    return re.findall(r"(\w+)/MainProcess\] System check \((task_ferry\.\w+)\): (.*)", log)
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        ("misspelt", [("ERROR", "task_ferry.E002"), ("WARNING", "task_ferry.W003")]),
+        ("redis down", [("WARNING", "task_ferry.W001")]),
+        ("forgotten executor", [("WARNING", "task_ferry.W014")]),
+        ("as documented", []),
+    ],
+)
+def test_a_worker_logs_what_the_system_checks_find_in_its_settings_at_start(
+    private_redis_broker: str, setup: str, expected: list[tuple[str, str]]
+) -> None:
+    """No ``check`` runs with a worker's settings: a worker whose TASK_FERRY said "REDIS_ULR"
+    wrote progress and looked for cancel requests in its own LocMemCache, the web process
+    showed "started 0%" for the whole run, and nothing said why."""
+    default = unique_queue("checks-default")
+    args = ["worker", "--pool=solo", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+    args.append(f"--queues={default},special")
+    extra = {} if setup == "forgotten executor" else {"TASK_FERRY_TEST_CELERY_QUEUE": default}
+    if setup == "misspelt":
+        extra["TASK_FERRY_TEST_MISSPELT_REDIS_URL"] = "1"
+    if setup == "redis down":
+        extra["TASK_FERRY_TEST_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    worker = start_celery(args, worker_env(private_redis_broker, **extra), ready_text=" ready.")
+    worker.stop()
+    log = worker.log()
+
+    lines = check_lines(log)
+    assert [(level, check_id) for level, check_id, _text in lines] == expected, log
+    assert "checks have not ended" not in log
+    # Logged before the worker says it is ready, and it started all the same.
+    assert log.index(" ready.") > max((log.index(text) for *_, text in lines), default=0)
+    if setup == "misspelt":
+        assert "'REDIS_ULR' (did you mean 'REDIS_URL'?)" in lines[0][2]
+        assert "HINT: Valid keys are: " in lines[0][2]
+    if setup == "forgotten executor":
+        text = lines[0][2]
+        assert (
+            "TASK_FERRY['EXECUTOR'] is 'task_ferry.executors.immediate.ImmediateExecutor'" in text
+        )
+        assert "If the web processes run with these same settings" in text
+
+
 @pytest.mark.worker
 def test_pending_job_cancelled_before_a_worker_takes_it_never_runs(
     celery_executor: CeleryWorker, user, monkeypatch: pytest.MonkeyPatch

@@ -148,6 +148,15 @@ def hooks(job):
     return list(HookCall.objects.filter(job_id=job.pk).values_list("hook", flat=True))
 
 
+def test_a_worker_with_a_misspelt_setting_does_not_start_and_says_why(start_worker):
+    """db_worker is a management command: Django runs the system checks before it starts, as
+    for runserver (a Celery worker runs none of its own; task_ferry logs them there)."""
+    worker = start_worker(TASK_FERRY_TEST_MISSPELT_REDIS_URL="1")
+    assert worker.process.wait(timeout=30) == 1
+    output = worker.output()
+    assert "(task_ferry.E002) TASK_FERRY has unknown key(s): 'REDIS_ULR' (did you mean " in output
+
+
 def test_job_finishes_in_the_worker(start_worker, user):
     worker = start_worker()
     job = JobHandler.create_and_start(user, "scripted", steps=5, marker="kept")
