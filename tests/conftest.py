@@ -66,8 +66,8 @@ def _forget_snapshots():
 
 @pytest.fixture
 def redis_server(tmp_path, settings):
-    """A redis-server of the test's own as the progress store (tests/reliability has one of
-    its own, shared with worker processes)."""
+    """A redis-server of the test's own as the progress store (tests/reliability's fixture of
+    this name starts the same server and leaves the settings to each test)."""
     server = RedisServer(tmp_path)
     server.start()
     settings.TASK_FERRY = {

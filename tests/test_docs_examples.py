@@ -19,7 +19,7 @@ from task_ferry.exceptions import InvalidJobValues
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
 from task_ferry.registry import JobType
-from task_ferry.signals import job_finished, job_started
+from task_ferry.signals import job_finished
 from tests.code_blocks import code, definition, page_definition
 from tests.myapp import job_types
 from tests.myapp.job_types import ExportJobType
@@ -92,9 +92,7 @@ ExportedRow = Marker
 
 @pytest.fixture
 def rows_exported(monkeypatch):
-    """The README's ``write_to_file``, saving an ``ExportedRow`` per row, as the page's does.
-    (Cancelled from ``job_started``, the job stops at its first ``increment()``, before the
-    first row: the page's test would pass without the rollback too.)"""
+    """The README's ``write_to_file``, saving an ``ExportedRow`` per row, as the page's does."""
     monkeypatch.setattr(
         job_types, "write_to_file", lambda row: ExportedRow.objects.create(name=f"row {row.id}")
     )
@@ -153,17 +151,21 @@ def test_export_through_the_api(db, user):
 
 
 @pytest.mark.usefixtures("rows_exported")
-def test_cancel_while_running_rolls_back(db, user):
-    def cancel_now(sender, job, **kwargs):
-        JobHandler.cancel_job(job)
+def test_cancel_while_running_rolls_back(db, user, monkeypatch):
+    write_to_file = job_types.write_to_file
+    written = []
 
-    job_started.connect(cancel_now)
-    try:
-        job = JobHandler.create_and_start(user, "export_table", table_id=50)
-    finally:
-        job_started.disconnect(cancel_now)
+    def write_then_cancel(row):
+        write_to_file(row)
+        written.append(row)
+        if len(written) == 3:
+            JobHandler.cancel_job(Job.objects.get())
+
+    monkeypatch.setattr(job_types, "write_to_file", write_then_cancel)
+    job = JobHandler.create_and_start(user, "export_table", table_id=1)
     assert job.state == "cancelled"
-    assert not ExportedRow.objects.exists()  # run()'s writes were rolled back
+    assert len(written) == 3  # it stopped at the increment() after the third row
+    assert not ExportedRow.objects.exists()  # the rows it wrote were rolled back
 
 
 def test_finished_signal(db, user):

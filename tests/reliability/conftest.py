@@ -3,7 +3,6 @@ redis-server of our own on a spare port."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -16,10 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import redis
 from django.db import connection
 
 from tests.pgbouncer import PGBOUNCER, PgBouncer
+from tests.redis_server import RedisServer
 from tests.reliability.executors import QueueingExecutor
 from tests.waiting import wait_for
 
@@ -165,66 +164,11 @@ def processes(transactional_db: None, tmp_path: Path, settings: Any) -> Iterator
         proc.kill()
 
 
-class RedisServer:
-    def __init__(self, port: int, directory: Path) -> None:
-        self.port = port
-        self.directory = directory
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        wait_for(self._ping(client), timeout=10)
-
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        """Stopped with SIGSTOP for the block: it takes connections and answers nothing, as a
-        frozen Redis or a stalled proxy would; its data is kept."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    @staticmethod
-    def _ping(client: redis.Redis) -> Callable[[], bool]:
-        def ping() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        return ping
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path)
+    """A redis-server of the test's own, left out of the settings (unlike tests/conftest.py's):
+    each test names it with ``ferry(REDIS_URL=...)``, for its worker processes too."""
+    server = RedisServer(tmp_path)
     server.start()
     yield server
     server.stop()
