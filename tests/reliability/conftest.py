@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import pytest
 from django.db import connection
 
 from tests.pgbouncer import PGBOUNCER, PgBouncer
+from tests.ports import free_port
 from tests.redis_server import RedisServer
 from tests.reliability.executors import QueueingExecutor
 from tests.waiting import wait_for
@@ -36,13 +36,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             f"bad-input cases tried: {counter} (total {sum(counter.values())})"
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
