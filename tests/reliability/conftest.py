@@ -25,9 +25,6 @@ from tests.waiting import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
-# Small enough that a lost worker is found in about a second.
-FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": 0.2, "HEARTBEAT_TIMEOUT": 1, "PUBLISH_INTERVAL": 0.02}
-
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     from tests.reliability.test_bad_input import counter
