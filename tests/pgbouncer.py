@@ -21,15 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.ports import free_port
+
 PGBOUNCER = next((p for p in ("pgbouncer", "/usr/sbin/pgbouncer") if shutil.which(p)), "pgbouncer")
 SERVER_HOST, SERVER_PORT, SERVER_USER = "127.0.0.1", 5432, "postgres"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PgBouncer:

@@ -2,7 +2,6 @@
 
 import importlib
 import re
-import socket
 import sys
 from datetime import timedelta
 from importlib.util import find_spec
@@ -15,6 +14,7 @@ import task_ferry.executors
 from task_ferry.api.permissions import IsJobOwner
 from task_ferry.registry import JobType, job_type_registry
 from tests.jobs import pending_job, started_job, sweep_messages
+from tests.ports import free_port
 from tests.testapp import job_types as testapp_job_types
 from tests.testapp.models import LimitedJob, ScriptedJob
 
@@ -60,12 +60,6 @@ def registry_snapshot():
     job_type_registry._by_name.update(saved)
     for cls, name in names.items():
         cls.type = name
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_the_test_settings_pass_every_check():

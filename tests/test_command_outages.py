@@ -23,6 +23,7 @@ from django.utils import timezone
 from task_ferry.management.databases import engine_name
 from task_ferry.models import Job, JobState
 from tests.jobs import make_job
+from tests.ports import free_port
 from tests.reliability.helpers import state_of
 from tests.terminal import TerminalOutput
 from tests.testapp.models import HookCall
@@ -39,13 +40,6 @@ COMMANDS = [
     ["task_ferry_jobs"],
     ["task_ferry_jobs", "--watch"],
 ]
-
-
-def free_port() -> int:
-    """A port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def command_env(**env: str) -> dict[str, str]:

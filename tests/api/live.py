@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db import connection
 
 from task_ferry.executors.base import BaseExecutor
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,12 +22,6 @@ class HoldExecutor(BaseExecutor):
 
     def enqueue(self, job_id: int) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_env(**extra: str) -> dict[str, str]:

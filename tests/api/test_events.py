@@ -26,7 +26,7 @@ from task_ferry.handler import JobHandler, publish, transition
 from task_ferry.models import Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
-from tests.api.conftest import create, needs_redis, start
+from tests.api.helpers import create, needs_redis, start
 from tests.api.live import uvicorn_server
 from tests.api.sse import parse_events
 

@@ -8,7 +8,7 @@ from task_ferry.api.events import JobEventsAccess
 from task_ferry.api.permissions import IsJobOwner
 from task_ferry.api.views import JobViewSet
 from task_ferry.models import Job
-from tests.api.conftest import client_for, create, start
+from tests.api.helpers import client_for, create, start
 
 URL = "/api/jobs/"
 STAFF_SEES_ALL = "task_ferry.api.permissions.IsJobOwnerOrStaff"

@@ -11,7 +11,7 @@ from rest_framework import serializers
 from rest_framework.test import APIClient
 
 from task_ferry.api.permissions import IsJobOwner
-from tests.api.conftest import create, start
+from tests.api.helpers import create, start
 from tests.api.live import ROOT, session_headers, uvicorn_server
 from tests.testapp.models import LimitedJob
 

@@ -3,7 +3,7 @@
 import pytest
 from django.test import Client
 
-from tests.api.conftest import create, start
+from tests.api.helpers import create, start
 from tests.api.sse import parse_events
 
 VERSIONED = {

@@ -19,7 +19,7 @@ from task_ferry.models import CancelRequest, Job
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
-from tests.api.conftest import LinkedByApiJobType, client_for, create, needs_redis, start
+from tests.api.helpers import LinkedByApiJobType, client_for, create, needs_redis, start
 from tests.myapp.job_types import ExportJobType
 from tests.myapp.models import ExportJob
 from tests.testapp.models import LinkedJob, Marker, ScriptedJob

@@ -10,7 +10,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
+
+from tests.ports import free_port
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
@@ -40,12 +41,6 @@ pytestmark = [
         "(the browser test uses /usr/bin/chromium and never downloads one).",
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,15 +17,13 @@ import pytest
 from django.db import connection
 
 from tests.pgbouncer import PGBOUNCER, PgBouncer
+from tests.ports import free_port
 from tests.redis_server import RedisServer
 from tests.reliability.executors import QueueingExecutor
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-
-# Small enough that a lost worker is found in about a second.
-FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": 0.2, "HEARTBEAT_TIMEOUT": 1, "PUBLISH_INTERVAL": 0.02}
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -36,13 +33,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             f"bad-input cases tried: {counter} (total {sum(counter.values())})"
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
 from task_ferry.progress import Progress
 from task_ferry.registry import JobType, JobTypeRegistry, job_type_registry
-from tests.api.conftest import client_for
+from tests.api.helpers import client_for
 from tests.testapp.job_types import LimitedJobType
 from tests.testapp.models import LimitedJob, ScriptedJob
 

@@ -20,8 +20,8 @@ from celery import Celery
 from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import ENDED_STATES, Heartbeat
-from tests.reliability.conftest import FAST_HEARTBEAT
 from tests.reliability.helpers import hook_calls, state_of
+from tests.reliability.timing import FAST_HEARTBEAT
 from tests.testapp.models import Marker
 from tests.waiting import wait_for
 from tests.workers.celery_fixtures import (

@@ -17,8 +17,8 @@ from django.db import connections
 from task_ferry import signals
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job
-from tests.reliability.conftest import FAST_HEARTBEAT
 from tests.reliability.helpers import hook_calls, needs_row_locks
+from tests.reliability.timing import FAST_HEARTBEAT
 from tests.testapp.models import Marker, ScriptedJob
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -17,7 +17,7 @@ from task_ferry import signals
 from task_ferry.handler import JobHandler, transition
 from task_ferry.models import ENDED_STATES, Job, JobState
 from task_ferry.stores.base import get_store
-from tests.api.conftest import client_for
+from tests.api.helpers import client_for
 from tests.reliability.helpers import hook_calls, start_lost_job, state_of
 from tests.testapp.models import ScriptedJob
 from tests.waiting import wait_for

@@ -12,8 +12,8 @@ from task_ferry.exceptions import MaxJobCountExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.models import ENDED_STATES, Heartbeat, Job
 from tests.backends import end_sessions, other_sessions
-from tests.reliability.conftest import FAST_HEARTBEAT
 from tests.reliability.helpers import hook_calls, state_of
+from tests.reliability.timing import FAST_HEARTBEAT
 from tests.testapp.models import Marker, ScriptedJob
 from tests.waiting import wait_for
 

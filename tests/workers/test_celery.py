@@ -40,6 +40,7 @@ from task_ferry.executors.celery import (
 from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat, Job
 from tests.backends import end_sessions, our_session_id
+from tests.ports import free_port
 from tests.testapp.job_types import RoutedJobType
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 from tests.waiting import wait_for
@@ -607,12 +608,6 @@ def test_beat_schedule_entries() -> None:
     }
     assert entries["task_ferry.sweep_stale_jobs"]["schedule"] == 30
     assert all(e["options"] == {"queue": "maintenance"} for e in entries.values())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
