@@ -113,14 +113,15 @@ def ferry_task(func: Callable[..., Any]) -> Any:
 
 
 @ferry_task
-def run_job(job_id: int) -> None:
+def run_job(job_id: int, job_type_name: str | None = None) -> None:
     """Run one job. A job's own exception is re-raised after the job is marked failed, so the
-    task result shows it failed too."""
+    task result shows it failed too. ``job_type_name``, sent with every task, lets the start
+    load the job as its type's model in the same statement (tasks without it still run)."""
     from task_ferry.exceptions import InvalidJobId
     from task_ferry.handler import JobHandler
 
     try:
-        JobHandler.run_job(job_id)
+        JobHandler.run_job(job_id, job_type_name=job_type_name)
     except InvalidJobId as exc:
         # The task result shows the failure; django.tasks never runs a failed task again.
         logger.error("Refused a run_job task: %s", exc)
@@ -243,7 +244,7 @@ class DjangoTasksExecutor(BaseExecutor):
         try:
             task = self.task_for(job_type_registry.get(type_name))
             task.get_backend().validate_task(task)
-            task.enqueue(job_id)
+            task.enqueue(job_id, type_name)
         except Exception as exc:
             message = (
                 f"Job {job_id} could not be handed to the django.tasks backend {alias!r}: "

@@ -9,6 +9,7 @@ from importlib.util import find_spec
 import pytest
 from django.core.checks import run_checks
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from task_ferry.checks import refuse_misplaced_tasks_backend
@@ -18,11 +19,12 @@ from task_ferry.executors.base import get_executor
 from task_ferry.executors.django_tasks import DjangoTasksExecutor
 from task_ferry.handler import JobHandler
 from task_ferry.models import Job, JobState
+from task_ferry.registry import job_type_registry
 from task_ferry.snapshot import ERROR_TEXT_MAX_LENGTH
 from tests.jobs import make_job, started_job
 from tests.projects import manage_py_check, run_python
 from tests.testapp.job_types import RoutedJobType
-from tests.testapp.models import HookCall, ScriptedJob
+from tests.testapp.models import HookCall, Marker, ScriptedJob
 
 EXECUTOR = "task_ferry.executors.django_tasks.DjangoTasksExecutor"
 DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
@@ -329,7 +331,7 @@ def test_dispatch_waits_for_commit(transactional_db, user, use_executor, alias, 
         assert not DBTaskResult.objects.exists()
     task = DBTaskResult.objects.get()
     assert task.task_path == "task_ferry.executors.django_tasks.run_job"
-    assert task.args_kwargs == {"args": [job.pk], "kwargs": {}}
+    assert task.args_kwargs == {"args": [job.pk, "scripted"], "kwargs": {}}
     assert task.backend_name == alias
     assert task.queue_name == "default"
     assert Job.objects.get(pk=job.pk).state == "pending"
@@ -383,7 +385,7 @@ def test_priority_is_dropped_where_the_backend_has_none(
     with django_capture_on_commit_callbacks(execute=True):
         job = JobHandler.create_and_start(user, "routed")
     [result] = get_executor().task_for(RoutedJobType()).get_backend().results
-    assert result.args == [job.pk]
+    assert result.args == [job.pk, "routed"]
     assert (result.task.queue_name, result.task.priority) == ("special", 0)
 
 
@@ -527,7 +529,9 @@ def test_a_refused_job_fails_the_jobs_its_transaction_had_still_to_enqueue(
         later = [JobHandler.create_and_start(user, "scripted") for _ in range(2)]
 
     assert Job.objects.get(pk=enqueued.pk).state == "pending"
-    assert [task.args_kwargs["args"] for task in DBTaskResult.objects.all()] == [[enqueued.pk]]
+    assert [task.args_kwargs["args"] for task in DBTaskResult.objects.all()] == [
+        [enqueued.pk, "scripted"]
+    ]
     states = Job.objects.filter(pk__in=[refused.pk, *(job.pk for job in later)])
     assert list(states.values_list("state", flat=True)) == ["failed"] * 3
 
@@ -559,7 +563,9 @@ def test_a_refusal_leaves_alone_the_job_that_took_the_id_of_one_rolled_back_with
     if connection.vendor == "sqlite":
         assert hook_job.pk == rolled_back.pk
     assert Job.objects.get(pk=hook_job.pk).state == "pending"
-    assert [task.args_kwargs["args"] for task in DBTaskResult.objects.all()] == [[hook_job.pk]]
+    assert [task.args_kwargs["args"] for task in DBTaskResult.objects.all()] == [
+        [hook_job.pk, "scripted"]
+    ]
     assert [Job.objects.get(pk=job.pk).state for job in (refused, later)] == ["failed"] * 2
     assert f"The 1 job(s) after it in the same transaction (id {later.pk}) were" in str(
         raised.value
@@ -608,12 +614,47 @@ def test_dispatch_waits_for_the_commit_of_the_database_jobs_are_routed_to(
     with transaction.atomic(using="jobs"):
         job = JobHandler.create_and_start(user, "scripted", steps=3)
         assert not DBTaskResult.objects.exists()
-    assert DBTaskResult.objects.get().args_kwargs == {"args": [job.pk], "kwargs": {}}
+    assert DBTaskResult.objects.get().args_kwargs == {"args": [job.pk, "scripted"], "kwargs": {}}
 
     with pytest.raises(RuntimeError, match="roll back"), transaction.atomic(using="jobs"):
         JobHandler.create_and_start_many(user, "scripted", [{"steps": 1}, {"steps": 2}])
         raise RuntimeError("roll back")
     assert DBTaskResult.objects.count() == 1
+
+
+@requires_tasks
+def test_a_task_starts_its_job_as_its_types_model_in_one_statement_on_postgresql(
+    transactional_db, user, settings, alias, backends, use_executor
+):
+    """The task carries the type's name, so the worker loads the job as the type's model as it
+    moves it to started: in the same statement on PostgreSQL, with one read elsewhere (without
+    the name: the base row, then the type's)."""
+    settings.TASKS = {alias: {"BACKEND": backends["dummy"], "QUEUES": []}}
+    job = JobHandler.create_and_start(user, "scripted", steps=2)
+    [result] = get_executor().task_for(job_type_registry.get("scripted")).get_backend().results
+    assert result.args == [job.pk, "scripted"]
+    with CaptureQueriesContext(connection) as captured:
+        django_tasks.run_job.call(*result.args)
+    assert ScriptedJob.objects.get(pk=job.pk).state == JobState.FINISHED
+    reads = [q["sql"] for q in captured.captured_queries if q["sql"].startswith("SELECT")]
+    if connection.vendor == "postgresql":
+        assert reads == []
+    else:
+        [read] = reads
+        assert ScriptedJob._meta.db_table in read
+
+
+@requires_tasks
+def test_a_task_enqueued_with_the_job_id_alone_still_runs_its_job(
+    transactional_db, user, settings, alias, backends
+):
+    """Tasks of an earlier release, enqueued before it sent the type's name, still run."""
+    settings.TASKS = {alias: {"BACKEND": backends["immediate"], "QUEUES": []}}
+    job = make_job(user, marker="queued by an earlier release")
+    result = django_tasks.run_job.using(backend=alias).enqueue(job.pk)
+    assert result.status == "SUCCESSFUL"
+    assert ScriptedJob.objects.get(pk=job.pk).state == JobState.FINISHED
+    assert Marker.objects.filter(name="queued by an earlier release").exists()
 
 
 @requires_tasks

@@ -130,7 +130,7 @@ def wait_until_ended(job, worker):
 
 
 def task_of(job):
-    return DBTaskResult.objects.get(args_kwargs__args=[job.pk])
+    return DBTaskResult.objects.get(args_kwargs__args=[job.pk, job.type])
 
 
 def task_done(task_filter, worker=None):
@@ -164,7 +164,7 @@ def test_job_finishes_in_the_worker(start_worker, user):
     assert row.state == "finished", worker.output()
     assert (row.result, row.progress_percentage, row.progress_state) == ("done", 100, "step 5 of 5")
     assert Marker.objects.filter(name="kept").exists()
-    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
+    assert task_done({"args_kwargs__args": [job.pk, job.type]}, worker).status == "SUCCESSFUL"
 
 
 def test_a_batch_of_jobs_finishes_in_the_worker(start_worker, user):
@@ -186,7 +186,7 @@ def test_failing_job_is_failed_once_and_rolled_back(start_worker, user):
     assert "Traceback" in row.traceback
     assert not Marker.objects.filter(name="gone").exists()
     # The task result records the failure too, for whoever watches django-tasks-db.
-    task = task_done({"args_kwargs__args": [job.pk]}, worker)
+    task = task_done({"args_kwargs__args": [job.pk, job.type]}, worker)
     assert (task.status, task.exception_class_path) == ("FAILED", "builtins.RuntimeError")
     assert hooks(job) == ["on_error"]
 
@@ -207,7 +207,7 @@ def test_running_job_is_cancelled_at_its_next_tick(start_worker, user):
     assert row.progress_percentage < 100
     assert row.started_at is not None
     assert not Marker.objects.filter(name="cancelled-work").exists()
-    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
+    assert task_done({"args_kwargs__args": [job.pk, job.type]}, worker).status == "SUCCESSFUL"
     assert hooks(job) == ["on_cancelled"]
 
 
@@ -226,7 +226,7 @@ def test_running_job_whose_row_is_deleted_stops_at_its_next_tick(start_worker, u
     Job.objects.filter(pk=job.pk).delete()
     deleted_at = time.monotonic()
     # Done with it in a beat and a tick, not in the 100 s its steps take.
-    task = task_done({"args_kwargs__args": [job.pk]}, worker)
+    task = task_done({"args_kwargs__args": [job.pk, job.type]}, worker)
     assert time.monotonic() - deleted_at < 20
     assert task.status == "SUCCESSFUL"
     assert hooks(job) == ["on_cancelled"]
@@ -243,7 +243,7 @@ def test_pending_job_cancelled_before_the_worker_takes_it_never_runs(start_worke
 
     worker = start_worker()
     # The worker takes the task and finds the job no longer pending.
-    assert task_done({"args_kwargs__args": [job.pk]}, worker).status == "SUCCESSFUL"
+    assert task_done({"args_kwargs__args": [job.pk, job.type]}, worker).status == "SUCCESSFUL"
     row = ScriptedJob.objects.get(pk=job.pk)
     assert (row.state, row.started_at, row.result) == ("cancelled", None, "")
     assert not Marker.objects.filter(name="never").exists()
