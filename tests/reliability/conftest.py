@@ -101,6 +101,8 @@ class WorkerProcess:
             # The worker must see the rows this test commits, so it uses the test database.
             "TASK_FERRY_TEST_DB_NAME": connection.settings_dict["NAME"],
             "TF_WORKER_SETTINGS": json.dumps(settings),
+            # A management command's stdout is a file here: unbuffered, its lines show at once.
+            "PYTHONUNBUFFERED": "1",
         }
         self.log = log
         self._log_file = log.open("w")
@@ -119,8 +121,9 @@ class WorkerProcess:
     def output(self) -> str:
         return self.log.read_text()
 
-    def wait_ready(self) -> None:
-        wait_for(lambda: "ready" in self.output() or self.proc.poll() is not None, timeout=30)
+    def wait_ready(self, text: str = "ready") -> None:
+        """Wait until ``text`` shows in its output; it must not have exited meanwhile."""
+        wait_for(lambda: text in self.output() or self.proc.poll() is not None, timeout=30)
         assert self.proc.poll() is None, self.output()
 
     def signal(self, signum: int) -> None:
@@ -146,9 +149,13 @@ def processes(transactional_db: None, tmp_path: Path, settings: Any) -> Iterator
 
         def sweeper(self, interval: float) -> WorkerProcess:
             # The sweeper never dispatches, so the executor's checks are not its business.
-            return self.start(
+            proc = self.start(
                 ["manage", "task_ferry_sweep", f"--interval={interval}", "--skip-checks"]
             )
+            # Returned once it sweeps: a test that times how soon a lost job is failed must
+            # not count the seconds a loaded machine takes to start Django.
+            proc.wait_ready("Sweeping every")
+            return proc
 
         def start(self, args: list[str]) -> WorkerProcess:
             log = tmp_path / f"process-{len(started)}.log"
