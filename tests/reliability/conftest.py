@@ -101,8 +101,6 @@ class WorkerProcess:
             # The worker must see the rows this test commits, so it uses the test database.
             "TASK_FERRY_TEST_DB_NAME": connection.settings_dict["NAME"],
             "TF_WORKER_SETTINGS": json.dumps(settings),
-            # A management command's stdout is a file here: unbuffered, its lines show at once.
-            "PYTHONUNBUFFERED": "1",
         }
         self.log = log
         self._log_file = log.open("w")
