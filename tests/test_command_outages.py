@@ -43,7 +43,10 @@ COMMANDS = [
 
 
 def command_env(**env: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    # Without PYTHONUNBUFFERED, as under systemd or Docker: a long-lived command's lines must
+    # reach its log file as it writes them.
+    inherited = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return {**inherited, "PYTHONPATH": str(ROOT), **env}
 
 
 def manage(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:

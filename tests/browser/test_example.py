@@ -955,6 +955,7 @@ def test_following_catches_up_when_the_page_is_shown_again(
     page.evaluate(
         """async () => {
             const job = await TaskFerry.startJob("example_export", {rows: 500, seconds: 1});
+            window.jobId = job.id;
             window.updates = [];
             window.followed = TaskFerry.followJob(job.id, {
                 sse: false,
@@ -970,13 +971,21 @@ def test_following_catches_up_when_the_page_is_shown_again(
         }"""
     )
     page.wait_for_function("() => window.updates.length === 1")
-    # Long enough for the one-second job to finish; hidden, the page does not ask.
-    page.wait_for_timeout(2_500)
+    # The one-second job finishes (asked here, not by the follower): its next poll, due in two
+    # minutes, would show it finished. A fixed wait was too short on a loaded machine, where
+    # db_worker takes the job late: the poll on showing the page then saw it started, and the
+    # follower waited out its two minutes.
+    job_url = urljoin(example_server.url, f"/api/jobs/{page.evaluate('() => window.jobId')}/")
+    deadline = time.monotonic() + 30
+    while page.request.get(job_url).json()["state"] != "finished":
+        assert time.monotonic() < deadline, "the export did not finish in 30 s"
+        time.sleep(0.1)
+    # Hidden, the page does not ask.
     page.evaluate("() => window.show('hidden')")
     page.wait_for_timeout(500)
     assert page.evaluate("() => window.updates.length") == 1
 
     page.evaluate("() => window.show('visible')")
-    page.wait_for_function("() => window.updates.length === 2", timeout=2_000)
+    page.wait_for_function("() => window.updates.length === 2", timeout=15_000)
     assert page.evaluate("async () => (await window.followed.done).state") == "finished"
     assert page.errors == []

@@ -109,8 +109,9 @@ class WorkerProcess:
     def output(self) -> str:
         return self.log.read_text()
 
-    def wait_ready(self) -> None:
-        wait_for(lambda: "ready" in self.output() or self.proc.poll() is not None, timeout=30)
+    def wait_ready(self, text: str = "ready") -> None:
+        """Wait until ``text`` shows in its output; it must not have exited meanwhile."""
+        wait_for(lambda: text in self.output() or self.proc.poll() is not None, timeout=30)
         assert self.proc.poll() is None, self.output()
 
     def signal(self, signum: int) -> None:
@@ -136,9 +137,13 @@ def processes(transactional_db: None, tmp_path: Path, settings: Any) -> Iterator
 
         def sweeper(self, interval: float) -> WorkerProcess:
             # The sweeper never dispatches, so the executor's checks are not its business.
-            return self.start(
+            proc = self.start(
                 ["manage", "task_ferry_sweep", f"--interval={interval}", "--skip-checks"]
             )
+            # Returned once it sweeps: a test that times how soon a lost job is failed must
+            # not count the seconds a loaded machine takes to start Django.
+            proc.wait_ready("Sweeping every")
+            return proc
 
         def start(self, args: list[str]) -> WorkerProcess:
             log = tmp_path / f"process-{len(started)}.log"

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from task_ferry.exceptions import ProgressStoreUnavailable
 from task_ferry.handler import JobHandler
 from task_ferry.models import Heartbeat
 from task_ferry.stores.base import get_store
-from task_ferry.stores.redis import SOCKET_TIMEOUT
 from tests.reliability.helpers import hook_calls, state_of
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 from tests.waiting import wait_for
@@ -150,14 +147,18 @@ def test_sweep_repairs_a_snapshot_left_live_by_a_frozen_redis(
     queueing, ferry, processes, redis_server, api, user
 ):
     ferry(REDIS_URL=redis_server.url, HEARTBEAT_INTERVAL=0.5, HEARTBEAT_TIMEOUT=30)
-    processes.worker()
-    job = JobHandler.create_and_start(user, "scripted", steps=20, tick_delay=0.05)
+    worker = processes.worker()
+    # Seconds of work: a job of one second could end, and publish it, before Redis froze.
+    job = JobHandler.create_and_start(user, "scripted", steps=100, tick_delay=0.05)
     wait_for(lambda: (live_progress(job.pk) or 0) > 0)
 
     # A frozen Redis keeps its data but times out every call, the final publish included.
     with redis_server.frozen():
-        wait_for(lambda: state_of(job) == "finished", timeout=20)
-        time.sleep(SOCKET_TIMEOUT + 0.5)
+        wait_for(lambda: state_of(job) == "finished", timeout=30, worker=worker)
+        # Until the final publish has given up: one still waiting would get through once
+        # Redis thaws.
+        gave_up = f"Job {job.pk}: progress store unavailable, its end not published"
+        wait_for(lambda: gave_up in worker.output(), timeout=30, worker=worker)
     assert api.get(f"/api/jobs/{job.pk}/").json()["state"] == "started"
 
     JobHandler.sweep_stale_jobs()

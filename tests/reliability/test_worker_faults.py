@@ -126,12 +126,17 @@ def test_database_connection_drop_fails_the_job_and_the_worker_runs_the_next(
 ):
     ferry(**FAST_HEARTBEAT)
     worker = processes.worker()
-    job = JobHandler.create_and_start(user, "scripted", block_for=1.5, steps=2, marker="dropped")
+    job = JobHandler.create_and_start(user, "scripted", block_for=3, steps=2, marker="dropped")
     wait_for(lambda: beat_at(job))
-    # The job's own connection is the only one holding an open transaction.
-    sessions = wait_for(lambda: other_sessions(in_transaction=True))
-    assert len(sessions) == 1
-    end_sessions(sessions)
+
+    def the_jobs_session():
+        # The job's connection holds its transaction open while the job blocks; a beat's
+        # upsert holds one for a moment on a connection of its own (in about 1 % of samples
+        # on PostgreSQL under load): wait until the job's is the only one.
+        sessions = other_sessions(in_transaction=True)
+        return sessions if len(sessions) == 1 else None
+
+    end_sessions(wait_for(the_jobs_session))
 
     wait_for(lambda: state_of(job) == "failed", timeout=10)
     job = JobHandler.get_job(user, job.pk)

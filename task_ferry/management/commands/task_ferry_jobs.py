@@ -289,6 +289,8 @@ class Command(OutageReportingCommand):
             shown = {line.id: line for line in lines}
             if until_idle and not lines:
                 return
+            # Into a pipe or a file, Python holds stdout back until kilobytes pile up.
+            self.stdout.flush()
             sleep(interval)
 
     def print_changes(self, shown: dict[int, JobLine], lines: list[JobLine]) -> None:

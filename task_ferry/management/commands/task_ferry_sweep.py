@@ -45,6 +45,9 @@ class Command(OutageReportingCommand):
             f"Sweeping every {interval:g}s (heartbeat timeout "
             f"{ferry_settings.HEARTBEAT_TIMEOUT:g}s). Stop with Ctrl-C."
         )
+        # Into a pipe or a file (systemd, Docker, a log file), Python holds stdout back until
+        # kilobytes pile up: a long-lived sweeper's lines would show hours late.
+        self.stdout.flush()
         try:
             while True:
                 started = time.monotonic()
@@ -69,6 +72,7 @@ class Command(OutageReportingCommand):
                             exc,
                             exc_info=True,
                         )
+                self.stdout.flush()
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
             pass
