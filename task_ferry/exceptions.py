@@ -122,6 +122,18 @@ class JobCancelled(TaskFerryError):
     """Raised inside a running job at the first progress tick after a cancel request."""
 
 
+class JobTimeLimitExceeded(JobCancelled):
+    """Raised inside a running job at the first progress tick after it ran longer than its
+    type's ``time_limit``. A ``JobCancelled``, so code that cleans up on a cancel does so here
+    too; the job ends ``failed``, not ``cancelled``."""
+
+    human_readable_error = "This job took longer than it is allowed to and was stopped."
+
+    def __init__(self, time_limit: float) -> None:
+        self.time_limit = time_limit
+        super().__init__(f"The job ran longer than its time limit of {time_limit:g} s.")
+
+
 class JobFenced(TaskFerryError):
     """The job was ended elsewhere (cancelled, or failed by the stale-job sweep) while this
     run was still going. The run's database work is rolled back."""

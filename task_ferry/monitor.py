@@ -9,6 +9,7 @@ numbers in memory.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -64,6 +65,7 @@ class Watch:
         "beaten_at",
         "cancel_checked",
         "cancel_token",
+        "deadline",
         "gone_at",
         "heartbeat",
         "job",
@@ -71,16 +73,28 @@ class Watch:
         "published",
         "published_at",
         "snapshot",
+        "started_at",
         "visible",
     )
 
     def __init__(
-        self, monitor: JobMonitor, job: Job, progress: Progress, *, heartbeat: bool, visible: bool
+        self,
+        monitor: JobMonitor,
+        job: Job,
+        progress: Progress,
+        *,
+        heartbeat: bool,
+        visible: bool,
+        time_limit: float | None = None,
     ) -> None:
         self._monitor = monitor
         self.job = job
         self.progress = progress
         self.heartbeat = heartbeat
+        #: When the run started, and when it has run for its type's ``time_limit`` (None
+        #: without one), both by ``time.monotonic()``.
+        self.started_at = time.monotonic()
+        self.deadline = None if time_limit is None else self.started_at + time_limit
         #: Whether other connections see the job's row (it does not run inside a caller's
         #: transaction), so that the monitor can ask the database about it.
         self.visible = visible
@@ -130,12 +144,23 @@ class JobMonitor:
         self._thread: threading.Thread | None = None
         self._store_down = False
 
-    def watch(self, job: Job, progress: Progress, *, heartbeat: bool, visible: bool) -> Watch:
+    def watch(
+        self,
+        job: Job,
+        progress: Progress,
+        *,
+        heartbeat: bool,
+        visible: bool,
+        time_limit: float | None = None,
+    ) -> Watch:
         """Start publishing ``job``'s progress, its start first, and delivering its cancel
         requests. ``heartbeat``: write its heartbeat rows; ``visible``: its row is committed,
-        so cancel requests recorded in the database and ends made elsewhere are read for it.
-        If it raises, it leaves the job unwatched."""
-        watch = Watch(self, job, progress, heartbeat=heartbeat, visible=visible)
+        so cancel requests recorded in the database and ends made elsewhere are read for it;
+        ``time_limit``: seconds after which its next tick stops it. If it raises, it leaves
+        the job unwatched."""
+        watch = Watch(
+            self, job, progress, heartbeat=heartbeat, visible=visible, time_limit=time_limit
+        )
         try:
             with self._lock:
                 self._watches[job.pk] = watch
@@ -377,7 +402,11 @@ class _MonitorLoop:
         if now - self.last_beat >= heartbeat_interval:
             monitor._beat(watches)
             self.last_beat = now
-        due = min(self.last_publish + interval, self.last_beat + heartbeat_interval)
+        due = min(
+            self.last_publish + interval,
+            self.last_beat + heartbeat_interval,
+            stop_overdue(watches, now),
+        )
         timeout = min(MAX_WAIT, max(0.0, due - time.monotonic()))
         if self.listener is None:
             monitor._wake.wait(timeout)
@@ -445,6 +474,28 @@ class _MonitorLoop:
             watch.cancel_checked = True
             if requested.get(watch.job.pk) == watch.cancel_token:
                 watch.progress.request_cancel()
+
+
+def stop_overdue(watches: list[Watch], now: float) -> float:
+    """Stop, at their next tick, the jobs that ran out of time (a job already asked to cancel
+    stays a cancel); returns when the next of the others will, ``inf`` if none has a limit."""
+    next_deadline = math.inf
+    for watch in watches:
+        deadline = watch.deadline
+        if deadline is None or watch.progress.time_limit_exceeded:
+            continue
+        if deadline > now:
+            next_deadline = min(next_deadline, deadline)
+        elif not watch.progress.cancel_requested:
+            time_limit = deadline - watch.started_at
+            logger.warning(
+                "Job %s (%s) ran longer than its time limit of %g s; stopping it at its next tick.",
+                watch.job.pk,
+                watch.job.type,
+                time_limit,
+            )
+            watch.progress.stop_at_time_limit(time_limit)
+    return next_deadline
 
 
 _monitor: JobMonitor | None = None

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
-from task_ferry.exceptions import JobCancelled
+from task_ferry.exceptions import JobCancelled, JobTimeLimitExceeded
 
 if TYPE_CHECKING:
     from django.utils.functional import Promise
@@ -47,6 +47,7 @@ class Progress:
         "_parent",
         "_represents",
         "_root",
+        "_time_limit",
         "_total",
     )
 
@@ -57,6 +58,8 @@ class Progress:
         self._label: str = ""
         self._cancelled = False
         self._cancel_raised = False
+        # Set (to the limit's seconds) with _cancelled when the job ran out of time.
+        self._time_limit: float | None = None
         # Parent steps this node is worth when complete.
         self._represents: float = 0
         # (steps of children already complete and folded away, children still counted). One
@@ -76,6 +79,8 @@ class Progress:
         root = self._root
         if root._cancelled:
             root._cancel_raised = True
+            if root._time_limit is not None:
+                raise JobTimeLimitExceeded(root._time_limit)
             raise JobCancelled("The job was cancelled.")
         if by.__class__ is not int or by < 0:
             # A step beyond the largest float is past any total: clamped below, like an int's.
@@ -146,6 +151,18 @@ class Progress:
     def request_cancel(self) -> None:
         """Make the next ``increment()`` anywhere in this tree raise ``JobCancelled``."""
         self._root._cancelled = True
+
+    @property
+    def time_limit_exceeded(self) -> bool:
+        """Whether the job was stopped for running longer than its type's ``time_limit``."""
+        return self._root._time_limit is not None
+
+    def stop_at_time_limit(self, time_limit: float) -> None:
+        """Make the next ``increment()`` anywhere in this tree raise ``JobTimeLimitExceeded``:
+        the job ran for ``time_limit`` seconds."""
+        root = self._root
+        root._time_limit = time_limit
+        root._cancelled = True
 
     def create_child(self, represents: Amount, total: Amount) -> Progress:
         """A stage worth ``represents`` steps of this node, counting to its own ``total``.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import math
 import threading
 from collections.abc import Iterable, Iterator
 from types import ModuleType
@@ -63,6 +64,10 @@ class JobType(Generic[JobModelT]):
     queue: ClassVar[str | None] = None
     #: Priority passed to executors that support one (django.tasks: -100..100).
     priority: ClassVar[int] = 0
+    #: Seconds a run may take: past them, its next progress tick raises
+    #: ``JobTimeLimitExceeded`` and the job ends ``failed``. None: no limit. A run that stops
+    #: ticking is not stopped (see docs/job-types.md, "Time limits").
+    time_limit: ClassVar[float | None] = None
     #: DRF serializer of the type's own fields for the API; None derives one from model_class.
     serializer_class: ClassVar[builtins.type[Serializer[Any]] | None] = None
     #: Whether API clients may start jobs of this type (``POST /``). They may then set every
@@ -324,6 +329,16 @@ class JobTypeRegistry:
                 f"{type(job_type).__qualname__}.model_class is {model_class.__qualname__}, an "
                 f"abstract model: it has no table to store jobs in. Point model_class at a "
                 f"concrete subclass of it."
+            )
+        time_limit = job_type.time_limit
+        if time_limit is not None and (
+            isinstance(time_limit, bool)
+            or not isinstance(time_limit, int | float)
+            or not 0 < time_limit < math.inf
+        ):
+            raise TaskFerryImproperlyConfigured(
+                f"{type(job_type).__qualname__}.time_limit is {time_limit!r}; give the seconds a "
+                f"run may take as a number above 0, or None for no limit."
             )
         for hook in HOOKS:
             kind = never_run_kind(getattr(job_type, hook))

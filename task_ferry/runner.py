@@ -23,7 +23,13 @@ from django.core.exceptions import ObjectDoesNotExist
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 
 from task_ferry import signals
-from task_ferry.exceptions import JobCancelled, JobFenced, JobRowMissing, JobTypeDoesNotExist
+from task_ferry.exceptions import (
+    JobCancelled,
+    JobFenced,
+    JobRowMissing,
+    JobTimeLimitExceeded,
+    JobTypeDoesNotExist,
+)
 from task_ferry.handler import (
     announce_cancelled,
     own_row_missing,
@@ -172,6 +178,16 @@ def own_values(job: Job) -> tuple[Any, ...]:
     )
 
 
+def time_limit_error(exc: BaseException, job_type: JobType) -> JobTimeLimitExceeded:
+    """What a job stopped at its time limit fails with: the ``JobTimeLimitExceeded`` its tick
+    raised, or a new one where the run raised something else on its way out."""
+    if isinstance(exc, JobTimeLimitExceeded):
+        return exc
+    error = JobTimeLimitExceeded(job_type.time_limit or 0)
+    error.__context__ = exc
+    return error
+
+
 def refuse_unrun_body(job_type: JobType, returned: object) -> None:
     """Raise ``TypeError`` if ``run()`` gave back a coroutine or a generator: its body never ran
     (an ``async def`` behind a decorator that hides it from registration, say), and the job
@@ -225,7 +241,11 @@ class JobRun:
             # The monitor publishes the start like any progress, within PUBLISH_INTERVAL: a job
             # that ends sooner goes from pending to its end with one write to the store, not two.
             watch = get_monitor().watch(
-                job, progress, heartbeat=self.heartbeat, visible=own_transaction
+                job,
+                progress,
+                heartbeat=self.heartbeat,
+                visible=own_transaction,
+                time_limit=job_type.time_limit,
             )
         except JobTypeDoesNotExist as exc:
             self._end_unrunnable(
@@ -266,8 +286,11 @@ class JobRun:
                     self._finish(job, label)
             if not finish_inside:
                 self._finish(job, label)
-        except JobCancelled:
-            self._end_cancelled(job, job_type, watch)
+        except JobCancelled as exc:
+            if progress.time_limit_exceeded:
+                self._end_failed(job, job_type, watch, time_limit_error(exc, job_type))
+            else:
+                self._end_cancelled(job, job_type, watch)
             return job
         except JobFenced:
             with contextlib.suppress(ObjectDoesNotExist):
@@ -287,9 +310,13 @@ class JobRun:
         except Exception as exc:
             if progress.cancel_raised:
                 # Raised on the way out of a cancel (JobCancelled wrapped in an error of its
-                # own, or cleanup that failed): the job stops because it was cancelled.
+                # own, or cleanup that failed): the job stops because it was cancelled, or
+                # because it ran out of time.
                 logger.info("Job %s raised %r after it was cancelled.", job.pk, exc)
-                self._end_cancelled(job, job_type, watch)
+                if progress.time_limit_exceeded:
+                    self._end_failed(job, job_type, watch, time_limit_error(exc, job_type))
+                else:
+                    self._end_cancelled(job, job_type, watch)
                 return job
             # Django replaces a connection when rolling back on it failed: it broke. Either
             # database's: the job's work mostly goes to ``default``.

@@ -1,0 +1,133 @@
+"""A job type's ``time_limit``: a run past it is stopped at its next tick and ends failed."""
+
+import logging
+import math
+import time
+
+import pytest
+
+from task_ferry.exceptions import JobCancelled, TaskFerryImproperlyConfigured
+from task_ferry.handler import JobHandler
+from task_ferry.registry import JobType, job_type_registry
+from tests.testapp.models import HookCall, Marker, ScriptedJob
+
+TIME_LIMIT_TEXT = "The job ran longer than its time limit of 0.3 s."
+TIME_LIMIT_ERROR = f"JobTimeLimitExceeded: {TIME_LIMIT_TEXT}"
+TIME_LIMIT_MESSAGE = "This job took longer than it is allowed to and was stopped."
+
+
+@pytest.fixture
+def scripted_type(monkeypatch):
+    """The scripted job type, given a time limit of 0.3 s for the test."""
+    job_type_class = type(job_type_registry.get("scripted"))
+    monkeypatch.setattr(job_type_class, "time_limit", 0.3)
+    return job_type_class
+
+
+def test_a_run_past_its_time_limit_is_stopped_at_a_tick_and_fails(
+    transactional_db, user, scripted_type, caplog
+):
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+        # 1,000 ticks 10 ms apart: ten seconds without the limit.
+        job = JobHandler.create_and_start(
+            user, "scripted", steps=1000, tick_delay=0.01, marker="rolled-back"
+        )
+    assert time.monotonic() - started < 5
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, job.state) == ("failed", "failed")
+    assert row.error == TIME_LIMIT_ERROR
+    assert row.human_readable_error == TIME_LIMIT_MESSAGE
+    assert "JobTimeLimitExceeded" in row.traceback and "increment" in row.traceback
+    # Stopped part-way: how far it got and where stay.
+    assert 0 < row.progress_percentage < 100
+    assert row.progress_state.startswith("step ")
+    assert row.finished_at is not None
+    # Its work was rolled back, and its type cleans up as after any failure.
+    assert not Marker.objects.exists()
+    assert row.result == ""
+    calls = HookCall.objects.filter(job_id=job.pk)
+    assert [(c.hook, c.detail) for c in calls] == [("on_error", TIME_LIMIT_TEXT)]
+    assert f"Job {job.pk} (scripted) ran longer than its time limit of 0.3 s" in caplog.text
+
+
+def test_a_run_within_its_time_limit_finishes(transactional_db, user, scripted_type):
+    job = JobHandler.create_and_start(user, "scripted", steps=5, tick_delay=0.01)
+    assert (ScriptedJob.objects.get(pk=job.pk).state, job.state) == ("finished", "finished")
+    assert not HookCall.objects.exists()
+
+
+def test_a_run_that_catches_the_stop_and_returns_still_fails(
+    transactional_db, user, scripted_type, monkeypatch
+):
+    # A loop that skips bad rows with ``except Exception`` catches the stop too.
+    def run(self, job, progress):
+        Marker.objects.create(name="rolled-back")
+        for row in range(100):
+            try:
+                time.sleep(0.02)
+                progress.increment(1, state=f"Row {row}")
+            except Exception:
+                continue
+
+    monkeypatch.setattr(scripted_type, "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.error) == ("failed", TIME_LIMIT_ERROR)
+    assert not Marker.objects.exists()
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]
+
+
+def test_a_run_that_wraps_the_stop_in_an_error_of_its_own_fails_for_its_time_limit(
+    transactional_db, user, scripted_type, monkeypatch
+):
+    class ImportFailed(Exception):
+        pass
+
+    def run(self, job, progress):
+        try:
+            for _ in range(100):
+                time.sleep(0.02)
+                progress.increment(1)
+        except JobCancelled as exc:
+            raise ImportFailed("the import stopped") from exc
+
+    monkeypatch.setattr(scripted_type, "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    row = ScriptedJob.objects.get(pk=job.pk)
+    assert (row.state, row.error) == ("failed", TIME_LIMIT_ERROR)
+    assert row.human_readable_error == TIME_LIMIT_MESSAGE
+    # What the run raised on its way out is kept for operators.
+    assert "ImportFailed: the import stopped" in row.traceback
+
+
+def test_a_cancel_requested_before_the_time_limit_stays_a_cancel(
+    transactional_db, user, scripted_type, monkeypatch
+):
+    def run(self, job, progress):
+        JobHandler.cancel(user, job.pk)
+        # Past the limit before the next tick.
+        time.sleep(0.6)
+        progress.increment(1)
+
+    monkeypatch.setattr(scripted_type, "run", run)
+    job = JobHandler.create_and_start(user, "scripted")
+    assert ScriptedJob.objects.get(pk=job.pk).state == "cancelled"
+    assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_cancelled"]
+
+
+@pytest.mark.parametrize("time_limit", [0, -1, "10", True, math.inf, math.nan])
+def test_a_time_limit_that_is_no_positive_number_is_refused_at_registration(time_limit):
+    class ExportJobType(JobType):
+        type = "export_with_a_bad_limit"
+        model_class = ScriptedJob
+
+    ExportJobType.time_limit = time_limit
+    with pytest.raises(TaskFerryImproperlyConfigured) as raised:
+        job_type_registry.register(ExportJobType)
+    assert str(raised.value) == (
+        f"test_a_time_limit_that_is_no_positive_number_is_refused_at_registration.<locals>."
+        f"ExportJobType.time_limit is {time_limit!r}; give the seconds a run may take as a "
+        f"number above 0, or None for no limit."
+    )
+    assert "export_with_a_bad_limit" not in job_type_registry
