@@ -111,6 +111,7 @@ def test_job_responses_and_create_requests_are_one_of_the_types(schema):
         "limited": "#/components/schemas/LimitedJob",
         "routed": "#/components/schemas/RoutedJob",
         "scripted": "#/components/schemas/ScriptedJob",
+        "time_limited": "#/components/schemas/TimeLimitedJob",
     }
     create = schema["paths"]["/api/jobs/"]["post"]
     body = create["requestBody"]["content"]["application/json"]["schema"]
@@ -124,6 +125,7 @@ def test_job_responses_and_create_requests_are_one_of_the_types(schema):
         "limited",
         "routed",
         "scripted",
+        "time_limited",
     ]
     assert "no longer registered is accepted" in filters["type"]["description"]
     assert {"limit", "offset", "state"} <= set(filters)
@@ -267,6 +269,7 @@ def test_the_create_request_lists_only_the_types_that_opt_in(api, monkeypatch):
         "limited",
         "routed",
         "scripted",
+        "time_limited",
     }
     # Responses still describe every type.
     assert "export_table" in components["Job"]["discriminator"]["mapping"]

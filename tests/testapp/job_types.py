@@ -53,6 +53,13 @@ class RoutedJobType(ScriptedJobType):
     queue = "special"
 
 
+class TimeLimitedJobType(ScriptedJobType):
+    """A scripted job whose runs may take half a second."""
+
+    type = "time_limited"
+    time_limit = 0.5
+
+
 class LimitedJobType(RecordingJobType[LimitedJob]):
     type = "limited"
     model_class = LimitedJob

@@ -113,6 +113,23 @@ def test_failing_job_is_marked_failed(celery_executor: CeleryWorker, user) -> No
 
 
 @pytest.mark.worker
+def test_a_job_past_its_time_limit_is_stopped_and_failed(
+    celery_executor: CeleryWorker, user
+) -> None:
+    # Ten seconds of ticks, for a type whose runs may take half a second.
+    job = JobHandler.create_and_start(
+        user, "time_limited", steps=1000, tick_delay=0.01, marker="timed-out-run"
+    )
+
+    failed = wait_for_state(job.pk, "finished", "failed", timeout=8)
+    assert failed.state == "failed"
+    assert failed.error == "JobTimeLimitExceeded: The job ran longer than its time limit of 0.5 s."
+    assert 0 < failed.progress_percentage < 100
+    assert not Marker.objects.filter(name="timed-out-run").exists()
+    wait_for(lambda: hook_calls(job.pk, "on_error") == 1)
+
+
+@pytest.mark.worker
 def test_running_job_is_cancelled(celery_executor: CeleryWorker, user) -> None:
     job = JobHandler.create_and_start(
         user, "scripted", steps=200, tick_delay=0.05, marker="cancelled-run"

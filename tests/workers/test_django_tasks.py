@@ -191,6 +191,22 @@ def test_failing_job_is_failed_once_and_rolled_back(start_worker, user):
     assert hooks(job) == ["on_error"]
 
 
+def test_a_job_past_its_time_limit_is_stopped_and_failed(start_worker, user):
+    worker = start_worker()
+    # Ten seconds of ticks, for a type whose runs may take half a second.
+    job = JobHandler.create_and_start(
+        user, "time_limited", steps=1000, tick_delay=0.01, marker="gone"
+    )
+    row = wait_until_ended(job, worker)
+    assert row.state == "failed"
+    assert row.error == "JobTimeLimitExceeded: The job ran longer than its time limit of 0.5 s."
+    assert 0 < row.progress_percentage < 100
+    assert not Marker.objects.filter(name="gone").exists()
+    # Stopped by task_ferry, not failed by its own code: the task itself ends as a cancel's does.
+    assert task_done({"args_kwargs__args": [job.pk, job.type]}, worker).status == "SUCCESSFUL"
+    assert hooks(job) == ["on_error"]
+
+
 def test_running_job_is_cancelled_at_its_next_tick(start_worker, user):
     worker = start_worker()
     job = JobHandler.create_and_start(
