@@ -24,6 +24,7 @@ from task_ferry.models import JobState
 from task_ferry.progress import Progress
 
 from .job_types import ExportFailed, ExportJobType
+from .management.commands import runexample
 from .models import ExportJob
 
 MANAGE_PY = Path(__file__).resolve().parents[1] / "manage.py"
@@ -286,6 +287,15 @@ class DemoLoginTests(TestCase):
 
 
 class RunExampleTests(SimpleTestCase):
+    def test_only_the_first_ctrl_c_interrupts_it_so_it_still_waits_for_its_worker(self) -> None:
+        command = runexample.Command()
+        command.interrupted = False
+        with self.assertRaises(KeyboardInterrupt):
+            command._interrupt(signal.SIGINT, None)
+        # A second one, landing before the worker is being stopped, must not end the command.
+        command._interrupt(signal.SIGINT, None)
+        self.assertTrue(command.interrupted)
+
     def test_a_taken_port_stops_it_before_the_worker_starts(self) -> None:
         data_dir = tempfile.TemporaryDirectory()
         self.addCleanup(data_dir.cleanup)

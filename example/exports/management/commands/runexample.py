@@ -87,6 +87,10 @@ class Command(BaseCommand):
             self._stop(worker, signalled=self.interrupted)
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if self.interrupted:
+            # A second Ctrl-C before _stop() ignores them: it reached the worker too, which
+            # stops at once. Raised here, it would end this process without waiting for it.
+            return
         self.interrupted = True
         raise KeyboardInterrupt
 
