@@ -121,7 +121,7 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(
         user, "time_limited", steps=1000, tick_delay=0.01, marker="timed-out-run"
     )
 
-    failed = wait_for_state(job.pk, "finished", "failed", timeout=8)
+    failed = wait_for_state(job.pk, "finished", "failed")
     assert failed.state == "failed"
     assert failed.error == "JobTimeLimitExceeded: The job ran longer than its time limit of 0.5 s."
     assert 0 < failed.progress_percentage < 100
