@@ -73,7 +73,7 @@ class Watch:
         "published",
         "published_at",
         "snapshot",
-        "started_at",
+        "time_limit",
         "visible",
     )
 
@@ -91,10 +91,10 @@ class Watch:
         self.job = job
         self.progress = progress
         self.heartbeat = heartbeat
-        #: When the run started, and when it has run for its type's ``time_limit`` (None
-        #: without one), both by ``time.monotonic()``.
-        self.started_at = time.monotonic()
-        self.deadline = None if time_limit is None else self.started_at + time_limit
+        #: Seconds the run may take, and when (``time.monotonic()``) it has taken them; None
+        #: without a limit.
+        self.time_limit = time_limit
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
         #: Whether other connections see the job's row (it does not run inside a caller's
         #: transaction), so that the monitor can ask the database about it.
         self.visible = visible
@@ -481,13 +481,13 @@ def stop_overdue(watches: list[Watch], now: float) -> float:
     stays a cancel); returns when the next of the others will, ``inf`` if none has a limit."""
     next_deadline = math.inf
     for watch in watches:
-        deadline = watch.deadline
-        if deadline is None or watch.progress.time_limit_exceeded:
+        deadline, time_limit = watch.deadline, watch.time_limit
+        if deadline is None or time_limit is None:
             continue
         if deadline > now:
             next_deadline = min(next_deadline, deadline)
         elif not watch.progress.cancel_requested:
-            time_limit = deadline - watch.started_at
+            # Not yet stopped, for its time limit or by a cancel.
             logger.warning(
                 "Job %s (%s) ran longer than its time limit of %g s; stopping it at its next tick.",
                 watch.job.pk,

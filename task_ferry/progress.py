@@ -153,9 +153,9 @@ class Progress:
         self._root._cancelled = True
 
     @property
-    def time_limit_exceeded(self) -> bool:
-        """Whether the job was stopped for running longer than its type's ``time_limit``."""
-        return self._root._time_limit is not None
+    def time_limit_reached(self) -> float | None:
+        """The time limit, in seconds, that the job was stopped at; None while it was not."""
+        return self._root._time_limit
 
     def stop_at_time_limit(self, time_limit: float) -> None:
         """Make the next ``increment()`` anywhere in this tree raise ``JobTimeLimitExceeded``:

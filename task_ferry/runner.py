@@ -178,12 +178,12 @@ def own_values(job: Job) -> tuple[Any, ...]:
     )
 
 
-def time_limit_error(exc: BaseException, job_type: JobType) -> JobTimeLimitExceeded:
+def time_limit_error(exc: BaseException, time_limit: float) -> JobTimeLimitExceeded:
     """What a job stopped at its time limit fails with: the ``JobTimeLimitExceeded`` its tick
     raised, or a new one where the run raised something else on its way out."""
     if isinstance(exc, JobTimeLimitExceeded):
         return exc
-    error = JobTimeLimitExceeded(job_type.time_limit or 0)
+    error = JobTimeLimitExceeded(time_limit)
     error.__context__ = exc
     return error
 
@@ -287,8 +287,9 @@ class JobRun:
             if not finish_inside:
                 self._finish(job, label)
         except JobCancelled as exc:
-            if progress.time_limit_exceeded:
-                self._end_failed(job, job_type, watch, time_limit_error(exc, job_type))
+            time_limit = progress.time_limit_reached
+            if time_limit is not None:
+                self._end_failed(job, job_type, watch, time_limit_error(exc, time_limit))
             else:
                 self._end_cancelled(job, job_type, watch)
             return job
@@ -313,8 +314,9 @@ class JobRun:
                 # own, or cleanup that failed): the job stops because it was cancelled, or
                 # because it ran out of time.
                 logger.info("Job %s raised %r after it was cancelled.", job.pk, exc)
-                if progress.time_limit_exceeded:
-                    self._end_failed(job, job_type, watch, time_limit_error(exc, job_type))
+                time_limit = progress.time_limit_reached
+                if time_limit is not None:
+                    self._end_failed(job, job_type, watch, time_limit_error(exc, time_limit))
                 else:
                     self._end_cancelled(job, job_type, watch)
                 return job

@@ -51,6 +51,22 @@ def test_a_run_past_its_time_limit_is_stopped_at_a_tick_and_fails(
     assert f"Job {job.pk} (scripted) ran longer than its time limit of 0.3 s" in caplog.text
 
 
+def test_a_run_that_ticks_long_after_its_limit_is_reported_once(
+    transactional_db, user, scripted_type, monkeypatch, caplog
+):
+    def run(self, job, progress):
+        # A long stretch without ticks: the monitor checks the limit several times meanwhile.
+        time.sleep(1.0)
+        progress.increment(1)
+
+    monkeypatch.setattr(scripted_type, "run", run)
+    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+        job = JobHandler.create_and_start(user, "scripted")
+    assert ScriptedJob.objects.get(pk=job.pk).error == TIME_LIMIT_ERROR
+    stops = [r for r in caplog.records if "stopping it at its next tick" in r.getMessage()]
+    assert len(stops) == 1
+
+
 def test_a_run_within_its_time_limit_finishes(transactional_db, user, scripted_type):
     job = JobHandler.create_and_start(user, "scripted", steps=5, tick_delay=0.01)
     assert (ScriptedJob.objects.get(pk=job.pk).state, job.state) == ("finished", "finished")
