@@ -68,6 +68,11 @@ class JobType(Generic[JobModelT]):
     #: ``JobTimeLimitExceeded`` and the job ends ``failed``. None: no limit. A run that stops
     #: ticking is not stopped (see docs/job-types.md, "Time limits").
     time_limit: ClassVar[float | None] = None
+    #: Whether ``run()`` executes in one transaction that also holds the move to ``finished``:
+    #: a failure or a cancel undoes its writes. False runs it in autocommit mode: each write
+    #: commits at once and stays whatever the job's end (clean up in ``on_error`` and
+    #: ``on_cancelled``), and no transaction stays open for the whole run.
+    atomic: ClassVar[bool] = True
     #: DRF serializer of the type's own fields for the API; None derives one from model_class.
     serializer_class: ClassVar[builtins.type[Serializer[Any]] | None] = None
     #: Whether API clients may start jobs of this type (``POST /``). They may then set every
@@ -87,7 +92,8 @@ class JobType(Generic[JobModelT]):
         """Called right after the job row is saved, before it is dispatched."""
 
     def run(self, job: JobModelT, progress: Progress) -> None:
-        """Do the work. Runs in the executor, inside one database transaction."""
+        """Do the work. Runs in the executor, inside one database transaction (in autocommit
+        mode with ``atomic = False``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement run(job, progress).")
 
     def on_error(self, job: JobModelT, exc: BaseException) -> None:
@@ -339,6 +345,11 @@ class JobTypeRegistry:
             raise TaskFerryImproperlyConfigured(
                 f"{type(job_type).__qualname__}.time_limit is {time_limit!r}; give the seconds a "
                 f"run may take as a number above 0, or None for no limit."
+            )
+        if not isinstance(job_type.atomic, bool):
+            raise TaskFerryImproperlyConfigured(
+                f"{type(job_type).__qualname__}.atomic is {job_type.atomic!r}; set it to True "
+                f"(run() in one transaction, the default) or False (autocommit)."
             )
         for hook in HOOKS:
             kind = never_run_kind(getattr(job_type, hook))

@@ -188,6 +188,23 @@ def time_limit_error(exc: BaseException, time_limit: float) -> JobTimeLimitExcee
     return error
 
 
+def lost_during_run(databases: list[str], opened: dict[str, Any]) -> bool:
+    """After a database error of a run: whether it was a connection of the run that broke.
+    Either database's: the job's work mostly goes to ``default``."""
+    if opened:
+        # Django replaces a connection when rolling back on it failed: it broke.
+        return any(
+            connections[alias].connection is not db_connection
+            for alias, db_connection in opened.items()
+        )
+    # In autocommit mode nothing was rolled back: ask the connections that had an error.
+    return any(
+        connections[alias].errors_occurred and not connections[alias].is_usable()
+        for alias in databases
+        if connections[alias].connection is not None
+    )
+
+
 def refuse_unrun_body(job_type: JobType, returned: object) -> None:
     """Raise ``TypeError`` if ``run()`` gave back a coroutine or a generator: its body never ran
     (an ``async def`` behind a decorator that hides it from registration, say), and the job
@@ -268,7 +285,7 @@ class JobRun:
             # fail the job and stop its watch, not leave it started and beating for nobody.
             signals.emit(signals.job_started, job)
             with contextlib.ExitStack() as run_transaction:
-                for alias in databases:
+                for alias in databases if job_type.atomic else []:
                     run_transaction.enter_context(transaction.atomic(using=alias))
                     opened[alias] = connections[alias].connection
                 # Typed None, but a subclass's run() may be an async def in disguise.
@@ -280,8 +297,11 @@ class JobRun:
                     raise JobCancelled(f"Job {job.pk} returned after it was cancelled.")
                 _percentage, label = watch.stop()
                 # A run that sent the database nothing has no work to commit with its success:
-                # the finish then commits on its own, one round trip instead of three.
-                finish_inside = not (own_transaction and nothing_to_commit(databases))
+                # the finish then commits on its own, one round trip instead of three. So does
+                # the finish of a run in autocommit mode, whose work is committed already.
+                finish_inside = bool(opened) and not (
+                    own_transaction and nothing_to_commit(databases)
+                )
                 if finish_inside:
                     self._finish(job, label)
             if not finish_inside:
@@ -298,14 +318,14 @@ class JobRun:
                 job.refresh_from_db(
                     fields=["state", "error", "human_readable_error", "finished_at"]
                 )
+            work = "its work was rolled back" if opened else "its work, committed as it went, stays"
             if self._deleted_while_running(job, watch):
                 # It ended before a tick could stop it: as if stopped at one.
-                logger.info("Job %s was deleted while it ran; its work was rolled back.", job.pk)
+                logger.info("Job %s was deleted while it ran; %s.", job.pk, work)
                 run_on_cancelled(job)
             else:
                 logger.warning(
-                    "Job %s was ended or deleted elsewhere while it ran; its work was rolled back.",
-                    job.pk,
+                    "Job %s was ended or deleted elsewhere while it ran; %s.", job.pk, work
                 )
             return job
         except Exception as exc:
@@ -320,12 +340,7 @@ class JobRun:
                 else:
                     self._end_cancelled(job, job_type, watch)
                 return job
-            # Django replaces a connection when rolling back on it failed: it broke. Either
-            # database's: the job's work mostly goes to ``default``.
-            connection_lost = isinstance(exc, DatabaseError) and any(
-                connections[alias].connection is not db_connection
-                for alias, db_connection in opened.items()
-            )
+            connection_lost = isinstance(exc, DatabaseError) and lost_during_run(databases, opened)
             self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
             raise
         except BaseException as exc:
