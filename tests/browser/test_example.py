@@ -940,9 +940,10 @@ def test_following_catches_up_when_the_browser_is_back_online(
 
     assert page.evaluate("async () => (await window.followed.done).state") == "finished"
     waited = page.evaluate("() => window.retries[0]")
-    # The wait was 8 to 16 s; the next attempt came with the network.
+    # The wait was 8 to 16 s; the next attempt came with the network (on a busy machine a
+    # browser takes its time, but not the rest of the wait).
     assert waited >= 8000
-    assert attempts[1] - back < 2, attempts
+    assert attempts[1] - back < 4, attempts
     assert page.errors == []
 
 

@@ -70,7 +70,7 @@ def test_a_job_the_replica_does_not_have_yet_runs_and_stays_published(user):
     watcher = threading.Thread(target=watch_the_store)
     watcher.start()
     try:
-        job = JobHandler.create_and_start(user, "scripted", steps=10, tick_delay=0.08)
+        job = JobHandler.create_and_start(user, "scripted", steps=20, tick_delay=0.08)
     finally:
         done.set()
         watcher.join(5)
