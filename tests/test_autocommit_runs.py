@@ -6,9 +6,8 @@ import threading
 import pytest
 from django.db import InterfaceError, OperationalError, connection, connections
 
-from task_ferry.exceptions import TaskFerryImproperlyConfigured
 from task_ferry.handler import JobHandler
-from task_ferry.registry import JobType, job_type_registry
+from task_ferry.registry import job_type_registry
 from task_ferry.runner import DATABASE_FAILURE
 from tests.backends import end_sessions, our_session_id
 from tests.testapp.models import HookCall, Marker, ScriptedJob
@@ -102,19 +101,3 @@ def test_a_run_whose_connection_is_lost_fails_saying_so(
     job = ScriptedJob.objects.get()
     assert (job.state, job.human_readable_error) == ("failed", DATABASE_FAILURE)
     assert list(Marker.objects.values_list("name", flat=True)) == ["kept"]
-
-
-@pytest.mark.parametrize("atomic", [None, 0, "no"])
-def test_an_atomic_that_is_no_bool_is_refused_at_registration(atomic):
-    class ImportJobType(JobType):
-        type = "import_with_a_bad_atomic"
-        model_class = ScriptedJob
-
-    ImportJobType.atomic = atomic
-    with pytest.raises(TaskFerryImproperlyConfigured) as raised:
-        job_type_registry.register(ImportJobType)
-    assert str(raised.value).endswith(
-        f"ImportJobType.atomic is {atomic!r}; set it to True (run() in one transaction, the "
-        f"default) or False (autocommit)."
-    )
-    assert "import_with_a_bad_atomic" not in job_type_registry

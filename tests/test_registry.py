@@ -1,4 +1,6 @@
 import importlib
+import math
+import re
 import sys
 import types
 
@@ -180,12 +182,30 @@ def test_register_and_unregister_on_a_fresh_registry():
         ({"type": "", "model_class": LimitedJob}, "no `type` name"),
         ({"type": "x", "model_class": int}, "must be a subclass of task_ferry.models.Job"),
         ({"type": "x"}, "must be a subclass of task_ferry.models.Job"),
+        *(
+            (
+                {"type": "x", "model_class": LimitedJob, "time_limit": time_limit},
+                f"Bad.time_limit is {time_limit!r}; give the seconds a run may take as a number "
+                f"above 0, or None for no limit.",
+            )
+            for time_limit in (0, -1, "10", True, math.inf, math.nan)
+        ),
+        *(
+            (
+                {"type": "x", "model_class": LimitedJob, "atomic": atomic},
+                f"Bad.atomic is {atomic!r}; set it to True (run() in one transaction, the "
+                f"default) or False (autocommit).",
+            )
+            for atomic in (None, 0, "no")
+        ),
     ],
 )
 def test_invalid_job_types_are_rejected(attrs, message):
     bad = type("Bad", (JobType,), attrs)
-    with pytest.raises(TaskFerryImproperlyConfigured, match=message):
-        JobTypeRegistry().register(bad())
+    registry = JobTypeRegistry()
+    with pytest.raises(TaskFerryImproperlyConfigured, match=re.escape(message)):
+        registry.register(bad())
+    assert registry.names() == []
 
 
 def test_an_abstract_model_is_refused_at_registration():
