@@ -184,7 +184,7 @@ def time_limit_error(exc: BaseException, time_limit: float) -> JobTimeLimitExcee
     if isinstance(exc, JobTimeLimitExceeded):
         return exc
     error = JobTimeLimitExceeded(time_limit)
-    error.__context__ = exc
+    error.__cause__ = exc
     return error
 
 
@@ -308,11 +308,16 @@ class JobRun:
                 self._finish(job, label)
         except JobCancelled as exc:
             time_limit = progress.time_limit_reached
-            if time_limit is not None:
-                self._end_failed(job, job_type, watch, time_limit_error(exc, time_limit))
-            else:
+            if time_limit is None:
                 self._end_cancelled(job, job_type, watch)
-            return job
+                return job
+            # A failure like any other: it reaches the caller, and Celery's or django.tasks'
+            # monitoring sees the task fail.
+            error = time_limit_error(exc, time_limit)
+            self._end_failed(job, job_type, watch, error)
+            if error is exc:
+                raise
+            raise error from exc
         except JobFenced:
             with contextlib.suppress(ObjectDoesNotExist):
                 job.refresh_from_db(
@@ -335,11 +340,12 @@ class JobRun:
                 # because it ran out of time.
                 logger.info("Job %s raised %r after it was cancelled.", job.pk, exc)
                 time_limit = progress.time_limit_reached
-                if time_limit is not None:
-                    self._end_failed(job, job_type, watch, time_limit_error(exc, time_limit))
-                else:
+                if time_limit is None:
                     self._end_cancelled(job, job_type, watch)
-                return job
+                    return job
+                error = time_limit_error(exc, time_limit)
+                self._end_failed(job, job_type, watch, error)
+                raise error from exc
             connection_lost = isinstance(exc, DatabaseError) and lost_during_run(databases, opened)
             self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
             raise

@@ -1,11 +1,12 @@
 """A job type's ``time_limit``: a run past it is stopped at its next tick and ends failed."""
 
 import logging
+import re
 import time
 
 import pytest
 
-from task_ferry.exceptions import JobCancelled
+from task_ferry.exceptions import JobCancelled, JobTimeLimitExceeded
 from task_ferry.handler import JobHandler
 from task_ferry.registry import job_type_registry
 from tests.testapp.models import HookCall, Marker, ScriptedJob
@@ -27,14 +28,18 @@ def test_a_run_past_its_time_limit_is_stopped_at_a_tick_and_fails(
     transactional_db, user, scripted_type, caplog
 ):
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="task_ferry"):
+    # A failure like any other: with the ImmediateExecutor, its error reaches the caller.
+    with (
+        caplog.at_level(logging.WARNING, logger="task_ferry"),
+        pytest.raises(JobTimeLimitExceeded, match=re.escape(TIME_LIMIT_TEXT)),
+    ):
         # 1,000 ticks 10 ms apart: ten seconds without the limit.
-        job = JobHandler.create_and_start(
+        JobHandler.create_and_start(
             user, "scripted", steps=1000, tick_delay=0.01, marker="rolled-back"
         )
     assert time.monotonic() - started < 8
-    row = ScriptedJob.objects.get(pk=job.pk)
-    assert (row.state, job.state) == ("failed", "failed")
+    job = row = ScriptedJob.objects.get()
+    assert row.state == "failed"
     assert row.error == TIME_LIMIT_ERROR
     assert row.human_readable_error == TIME_LIMIT_MESSAGE
     assert "JobTimeLimitExceeded" in row.traceback and "increment" in row.traceback
@@ -59,9 +64,12 @@ def test_a_run_that_ticks_long_after_its_limit_is_reported_once(
         progress.increment(1)
 
     monkeypatch.setattr(scripted_type, "run", run)
-    with caplog.at_level(logging.WARNING, logger="task_ferry"):
-        job = JobHandler.create_and_start(user, "scripted")
-    assert ScriptedJob.objects.get(pk=job.pk).error == TIME_LIMIT_ERROR
+    with (
+        caplog.at_level(logging.WARNING, logger="task_ferry"),
+        pytest.raises(JobTimeLimitExceeded),
+    ):
+        JobHandler.create_and_start(user, "scripted")
+    assert ScriptedJob.objects.get().error == TIME_LIMIT_ERROR
     stops = [r for r in caplog.records if "stopping it at its next tick" in r.getMessage()]
     assert len(stops) == 1
 
@@ -86,8 +94,9 @@ def test_a_run_that_catches_the_stop_and_returns_still_fails(
                 continue
 
     monkeypatch.setattr(scripted_type, "run", run)
-    job = JobHandler.create_and_start(user, "scripted")
-    row = ScriptedJob.objects.get(pk=job.pk)
+    with pytest.raises(JobTimeLimitExceeded):
+        JobHandler.create_and_start(user, "scripted")
+    row = ScriptedJob.objects.get()
     assert (row.state, row.error) == ("failed", TIME_LIMIT_ERROR)
     assert not Marker.objects.exists()
     assert list(HookCall.objects.values_list("hook", flat=True)) == ["on_error"]
@@ -108,8 +117,10 @@ def test_a_run_that_wraps_the_stop_in_an_error_of_its_own_fails_for_its_time_lim
             raise ImportFailed("the import stopped") from exc
 
     monkeypatch.setattr(scripted_type, "run", run)
-    job = JobHandler.create_and_start(user, "scripted")
-    row = ScriptedJob.objects.get(pk=job.pk)
+    with pytest.raises(JobTimeLimitExceeded) as raised:
+        JobHandler.create_and_start(user, "scripted")
+    assert isinstance(raised.value.__cause__, ImportFailed)
+    row = ScriptedJob.objects.get()
     assert (row.state, row.error) == ("failed", TIME_LIMIT_ERROR)
     assert row.human_readable_error == TIME_LIMIT_MESSAGE
     # What the run raised on its way out is kept for operators.

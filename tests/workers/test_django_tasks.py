@@ -202,8 +202,12 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(start_worker, user):
     assert row.error == "JobTimeLimitExceeded: The job ran longer than its time limit of 0.5 s."
     assert 0 < row.progress_percentage < 100
     assert not Marker.objects.filter(name="gone").exists()
-    # Stopped by task_ferry, not failed by its own code: the task itself ends as a cancel's does.
-    assert task_done({"args_kwargs__args": [job.pk, job.type]}, worker).status == "SUCCESSFUL"
+    # A failure like any other: whoever watches django-tasks-db sees the task fail too.
+    task = task_done({"args_kwargs__args": [job.pk, job.type]}, worker)
+    assert (task.status, task.exception_class_path) == (
+        "FAILED",
+        "task_ferry.exceptions.JobTimeLimitExceeded",
+    )
     assert hooks(job) == ["on_error"]
 
 
