@@ -307,14 +307,9 @@ class JobRun:
             if not finish_inside:
                 self._finish(job, label)
         except JobCancelled as exc:
-            time_limit = progress.time_limit_reached
-            if time_limit is None:
-                self._end_cancelled(job, job_type, watch)
+            error = self._end_stopped(job, job_type, watch, exc, progress.time_limit_reached)
+            if error is None:
                 return job
-            # A failure like any other: it reaches the caller, and Celery's or django.tasks'
-            # monitoring sees the task fail.
-            error = time_limit_error(exc, time_limit)
-            self._end_failed(job, job_type, watch, error)
             if error is exc:
                 raise
             raise error from exc
@@ -339,12 +334,9 @@ class JobRun:
                 # own, or cleanup that failed): the job stops because it was cancelled, or
                 # because it ran out of time.
                 logger.info("Job %s raised %r after it was cancelled.", job.pk, exc)
-                time_limit = progress.time_limit_reached
-                if time_limit is None:
-                    self._end_cancelled(job, job_type, watch)
+                error = self._end_stopped(job, job_type, watch, exc, progress.time_limit_reached)
+                if error is None:
                     return job
-                error = time_limit_error(exc, time_limit)
-                self._end_failed(job, job_type, watch, error)
                 raise error from exc
             connection_lost = isinstance(exc, DatabaseError) and lost_during_run(databases, opened)
             self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
@@ -434,6 +426,24 @@ class JobRun:
         if job_type is not None:
             self._run_on_error(job, job_type, exc)
         signals.emit(signals.job_failed, job, exc=exc)
+
+    def _end_stopped(
+        self,
+        job: Job,
+        job_type: JobType,
+        watch: Watch,
+        exc: BaseException,
+        time_limit: float | None,
+    ) -> JobTimeLimitExceeded | None:
+        """End a run that a tick stopped (``exc`` is what reached the runner): cancelled, or,
+        past its ``time_limit``, failed. Then returns the error to raise on, a failure like any
+        other: it reaches the caller, and Celery's or django.tasks' monitoring sees it."""
+        if time_limit is None:
+            self._end_cancelled(job, job_type, watch)
+            return None
+        error = time_limit_error(exc, time_limit)
+        self._end_failed(job, job_type, watch, error)
+        return error
 
     def _end_cancelled(self, job: Job, job_type: JobType, watch: Watch) -> None:
         percentage, _label = watch.stop()
