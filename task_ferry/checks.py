@@ -139,8 +139,9 @@ NUMBERS: tuple[tuple[str, float, float, type], ...] = (
     ("SSE_KEEPALIVE", 0.1, 3600, float),
     ("SSE_MAX_DURATION", 1, 86400, float),
     ("SSE_MAX_STREAMS_PER_USER", 0, 1_000_000, int),
+    ("CELERY_TIME_LIMIT_GRACE", 1, 86400, float),
 )
-MAY_BE_NONE = {"PENDING_TIMEOUT", "SSE_MAX_STREAMS_PER_USER"}
+MAY_BE_NONE = {"PENDING_TIMEOUT", "SSE_MAX_STREAMS_PER_USER", "CELERY_TIME_LIMIT_GRACE"}
 
 
 def is_number(value: object, kind: type) -> bool:

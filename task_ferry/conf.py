@@ -24,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     "EXECUTOR": "task_ferry.executors.immediate.ImmediateExecutor",
     # Celery queue used when a JobType sets no ``queue`` of its own.
     "CELERY_QUEUE": "default",
+    # Seconds past a type's time_limit after which Celery kills a run that did not stop (its
+    # hard time limit); None sends no hard limit.
+    "CELERY_TIME_LIMIT_GRACE": 60,
     # django.tasks backend alias used by DjangoTasksExecutor.
     "TASKS_BACKEND": "default",
     # Seconds a job's progress snapshot lives in the progress store.

@@ -76,7 +76,8 @@ def error_for_operators(exc: BaseException) -> str:
         return (
             f"The process running this job exited while the job ran "
             f"({described.removesuffix(': ')}): its worker was stopped before the job ended "
-            f"(db_worker is, at a second SIGTERM or Ctrl-C), or the job's code called "
+            f"(db_worker is, at a second SIGTERM or Ctrl-C; a Celery worker's pool process, at "
+            f"a cold shutdown or the task's hard time limit), or the job's code called "
             f"sys.exit(). Start the job again."
         )
     if isinstance(exc, KeyboardInterrupt):
@@ -342,9 +343,12 @@ class JobRun:
             self._end_failed(job, job_type, watch, exc, connection_lost=connection_lost)
             raise
         except BaseException as exc:
-            # Ctrl-C, sys.exit(), a killed greenlet: the process may live on, so the job is
-            # failed now rather than left started until the sweep.
-            self._end_failed(job, job_type, watch, exc)
+            # Ctrl-C, sys.exit(), a killed greenlet; past the run's time limit, the SIGTERM of
+            # Celery's hard time limit. The process may live on, so the job is failed now
+            # rather than left started until the sweep.
+            time_limit = progress.time_limit_reached
+            stopped = exc if time_limit is None else time_limit_error(exc, time_limit)
+            self._end_failed(job, job_type, watch, stopped)
             raise
         finally:
             watch.stop()

@@ -15,13 +15,13 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 
 from task_ferry.conf import ferry_settings
-from task_ferry.exceptions import JobLost
+from task_ferry.exceptions import JobLost, JobTimeLimitExceeded, TaskFerryError
 from task_ferry.handler import StoreRound, announce_lost, moment_ago, transition
 from task_ferry.models import LIVE_STATES, Heartbeat, Job, JobQuerySet, JobState, jobs_database
 from task_ferry.snapshot import snapshot_of, truncate_state
 from task_ferry.transactions import lock_for_writing
 
-__all__ = ["lost_jobs", "sweep_stale_jobs", "unclaimed_jobs"]
+__all__ = ["fail_killed_at_time_limit", "lost_jobs", "sweep_stale_jobs", "unclaimed_jobs"]
 
 logger = logging.getLogger("task_ferry")
 
@@ -61,6 +61,29 @@ def sweep_stale_jobs() -> int:
         moment_ago(datetime.timedelta(seconds=ferry_settings.PROGRESS_CACHE_TIMEOUT)), store
     )
     return failed
+
+
+def fail_killed_at_time_limit(job_id: int, killed_after: float) -> bool:
+    """Fail a started job whose run a hard time limit killed with its worker process after
+    ``killed_after`` seconds (Celery's, see ``task_ferry.tasks.RunJobRequest``): at once,
+    rather than once its heartbeat lapses. ``on_error`` gets a ``JobTimeLimitExceeded`` with
+    the type's ``time_limit`` (for a type without one, the hard limit's seconds). Returns
+    whether this failed it (False: it had ended, or it never started)."""
+    from task_ferry.registry import job_type_registry
+
+    def stopped_by(job: Job, _error: str = "") -> JobTimeLimitExceeded:
+        job_type = job_type_registry.get(job.type) if job.type in job_type_registry else None
+        time_limit = None if job_type is None else job_type.time_limit
+        return JobTimeLimitExceeded(killed_after if time_limit is None else time_limit)
+
+    def errors(job: Job) -> tuple[str, str]:
+        # As the run's own end would say it: the killed process may have got there first.
+        exc = stopped_by(job)
+        return f"{type(exc).__name__}: {exc}", exc.human_readable_error
+
+    store = StoreRound(lost_warning="Progress store unavailable, the final snapshot waits: %s")
+    running = Job.objects.running().filter(pk=job_id)
+    return _fail_each(running, JobState.STARTED, errors, store, stopped_by=stopped_by) == 1
 
 
 def lost_jobs(silent_for: datetime.timedelta) -> JobQuerySet[Job]:
@@ -145,7 +168,10 @@ def _fail_each(
     from_state: JobState,
     errors: Callable[[Job], tuple[str, str]],
     store: StoreRound,
+    stopped_by: Callable[[Job, str], TaskFerryError] = lambda _job, error: JobLost(error),
 ) -> int:
+    """Fail each of the candidates still in ``from_state``, with ``errors(job)`` (``error``,
+    ``human_readable_error``); ``on_error`` gets ``stopped_by(job, error)``."""
     failed = 0
     ids = list(candidates.order_by("pk").values_list("pk", flat=True))
     for start in range(0, len(ids), SWEEP_BATCH_SIZE):
@@ -171,7 +197,7 @@ def _fail_each(
                     **last_progress(job, published.get(pk)),
                 ):
                     continue
-            announce_lost(job, JobLost(error), publish_final=store.publish)
+            announce_lost(job, stopped_by(job, error), publish_final=store.publish)
             failed += 1
     return failed
 

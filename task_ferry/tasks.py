@@ -5,18 +5,25 @@ Delivery: ``acks_late`` with ``reject_on_worker_lost``, so a message is only gon
 was handled, and a worker lost before the job started hands it on. A redelivered message whose
 job already started (even if that run is still going) does nothing: ``JobRun`` moves a job from
 pending to started with a compare-and-set, which only one delivery can win.
+
+Hard time limits: a run that Celery kills at its hard time limit (a type's ``time_limit`` plus
+``CELERY_TIME_LIMIT_GRACE``, or the app's ``task_time_limit``) has its job failed at once by
+``RunJobRequest``, in the worker's main process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_ready
+from celery.worker import state as worker_state
+from celery.worker.request import Request
 
 from task_ferry.executors.celery import (
     CLEANUP_OLD_JOBS_TASK,
@@ -34,6 +41,54 @@ DATABASE_RETRIES = 3
 DATABASE_RETRY_DELAY = 1
 
 
+class RunJobRequest(Request):
+    """A ``run_job`` message as the worker's main process handles it. When the pool kills the
+    run at its hard time limit, the job is failed at once (the message is acknowledged, and
+    the killed run left no heartbeat to lapse for a minute first). In a thread: the main
+    process consumes messages and must not wait on the database or ``on_error``."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        # A cold shutdown ends runs through this too: those are no time limit's.
+        terminating = getattr(worker_state, "should_terminate", None)
+        if soft or (terminating is not None and terminating is not False):
+            return
+        job_id = self.args[0] if self.args else None
+        if not isinstance(job_id, int):
+            return
+        threading.Thread(
+            target=fail_killed_run,
+            args=(job_id, timeout),
+            name=f"task_ferry-killed-job-{job_id}",
+            daemon=True,
+        ).start()
+
+
+class RunJobTask(Task[Any, Any]):
+    """The class of ``run_job``: its messages are ``RunJobRequest``s."""
+
+    Request = "task_ferry.tasks:RunJobRequest"
+
+
+def fail_killed_run(job_id: int, killed_after: float) -> None:
+    """Fail the job whose run the pool killed after ``killed_after`` seconds. A failure here
+    leaves the job to the stale-job sweep."""
+    from django.db import connections
+
+    from task_ferry.sweep import fail_killed_at_time_limit
+
+    try:
+        fail_killed_at_time_limit(job_id, killed_after)
+    except Exception:
+        logger.exception(
+            "Job %s: its run was killed at its hard time limit, and it could not be marked "
+            "failed; the stale-job sweep fails it once its heartbeat lapses.",
+            job_id,
+        )
+    finally:
+        connections.close_all()
+
+
 @shared_task(
     name=RUN_JOB_TASK,
     bind=True,
@@ -41,8 +96,9 @@ DATABASE_RETRY_DELAY = 1
     reject_on_worker_lost=True,
     ignore_result=True,
     max_retries=DATABASE_RETRIES,
+    base=RunJobTask,
 )
-def run_job(self: Task[Any, Any], job_id: int, job_type_name: str | None = None) -> None:
+def run_job(self: RunJobTask, job_id: int, job_type_name: str | None = None) -> None:
     """Run one job. Its own exception is re-raised after the job is marked failed, so Celery
     monitoring sees it too."""
     from task_ferry.exceptions import InvalidJobId

@@ -215,6 +215,9 @@ def test_e002_unknown_key_that_is_not_a_str(settings, key):
         ("SSE_KEEPALIVE", "soon"),
         ("SSE_MAX_DURATION", None),
         ("HEARTBEAT_INTERVAL", float("nan")),
+        # Celery would kill each time-limited run a moment past its limit, before its stop.
+        ("CELERY_TIME_LIMIT_GRACE", 0),
+        ("CELERY_TIME_LIMIT_GRACE", "60"),
     ],
 )
 def test_e003_setting_that_is_not_a_number_in_range(ferry, name, value):
@@ -237,8 +240,9 @@ def test_e003_gives_the_range_in_plain_digits(ferry, name, value, range_):
     assert range_ in only("task_ferry.E003").msg
 
 
-def test_pending_timeout_may_be_none(ferry):
-    ferry(PENDING_TIMEOUT=None)
+@pytest.mark.parametrize("name", ["PENDING_TIMEOUT", "CELERY_TIME_LIMIT_GRACE"])
+def test_a_setting_that_turns_its_limit_off_may_be_none(ferry, name):
+    ferry(**{name: None})
     assert ferry_messages() == []
 
 

@@ -8,7 +8,11 @@ import pytest
 
 from task_ferry.exceptions import JobCancelled, JobTimeLimitExceeded
 from task_ferry.handler import JobHandler
+from task_ferry.models import Job
 from task_ferry.registry import job_type_registry
+from task_ferry.snapshot import job_snapshot
+from task_ferry.stores.base import get_store
+from task_ferry.sweep import fail_killed_at_time_limit
 from tests.testapp.models import HookCall, Marker, ScriptedJob
 
 TIME_LIMIT_TEXT = "The job ran longer than its time limit of 0.3 s."
@@ -125,6 +129,62 @@ def test_a_run_that_wraps_the_stop_in_an_error_of_its_own_fails_for_its_time_lim
     assert row.human_readable_error == TIME_LIMIT_MESSAGE
     # What the run raised on its way out is kept for operators.
     assert "ImportFailed: the import stopped" in row.traceback
+
+
+def test_a_run_past_its_limit_that_the_process_exits_under_fails_for_its_time_limit(
+    transactional_db, user, scripted_type, monkeypatch
+):
+    def run(self, job, progress):
+        # Blocked past the limit without a tick, then stopped by a SIGTERM: Celery's pool
+        # sends one at the hard time limit, and billiard's handler raises SystemExit.
+        time.sleep(0.5)
+        raise SystemExit(-241)
+
+    monkeypatch.setattr(scripted_type, "run", run)
+    # The exit goes on: the process must end.
+    with pytest.raises(SystemExit):
+        JobHandler.create_and_start(user, "scripted")
+    row = ScriptedJob.objects.get()
+    assert (row.state, row.error) == ("failed", TIME_LIMIT_ERROR)
+    assert row.human_readable_error == TIME_LIMIT_MESSAGE
+    assert "SystemExit: -241" in row.traceback
+    calls = HookCall.objects.values_list("hook", "detail")
+    assert list(calls) == [("on_error", TIME_LIMIT_TEXT)]
+
+
+def test_a_run_killed_at_a_hard_time_limit_is_failed_from_outside_with_its_types_limit(
+    transactional_db, user, scripted_type
+):
+    job = JobHandler.create_and_start(user, "scripted", steps=1)
+    # As a killed run leaves its job: started, with progress published.
+    Job.objects.filter(pk=job.pk).update(state="started", progress_percentage=0)
+    job.refresh_from_db()
+    get_store().write(job.pk, {**job_snapshot(job), "progress_percentage": 40})
+
+    assert fail_killed_at_time_limit(job.pk, killed_after=61) is True
+    row = ScriptedJob.objects.get()
+    assert (row.state, row.error) == ("failed", TIME_LIMIT_ERROR)
+    assert row.human_readable_error == TIME_LIMIT_MESSAGE
+    assert row.progress_percentage == 40
+    assert get_store().read(job.pk)["state"] == "failed"
+    hooks = HookCall.objects.filter(hook="on_error").values_list("detail", flat=True)
+    assert list(hooks) == [TIME_LIMIT_TEXT]
+    # Once only: a second call, or one for a job that ended, changes nothing.
+    assert fail_killed_at_time_limit(job.pk, killed_after=61) is False
+    assert HookCall.objects.filter(hook="on_error").count() == 1
+
+
+def test_a_run_of_a_type_without_a_limit_killed_at_a_hard_time_limit_names_that_limit(
+    transactional_db, user
+):
+    # Celery's task_time_limit, for a type that has no time_limit of its own.
+    job = JobHandler.create_and_start(user, "scripted", steps=1)
+    Job.objects.filter(pk=job.pk).update(state="started")
+
+    assert fail_killed_at_time_limit(job.pk, killed_after=300) is True
+    row = ScriptedJob.objects.get()
+    assert row.error == "JobTimeLimitExceeded: The job ran longer than its time limit of 300 s."
+    assert row.human_readable_error == TIME_LIMIT_MESSAGE
 
 
 def test_a_cancel_requested_before_the_time_limit_stays_a_cancel(

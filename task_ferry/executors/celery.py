@@ -12,11 +12,12 @@ import contextlib
 import datetime
 import inspect
 import logging
+import math
 import os
 import sys
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from django.core.checks import CheckMessage, Error
 from django.core.checks import Warning as CheckWarning
@@ -79,8 +80,17 @@ PUBLISH_RETRY_POLICY = {
     "interval_max": 0.5,
 }
 
-# What dispatches a job: its id, its type's name and the queue it goes to.
-Message = tuple[int, str, str]
+
+class Message(NamedTuple):
+    """What dispatches a job."""
+
+    job_id: int
+    type_name: str
+    queue: str
+    #: Celery's hard time limit of the run, in seconds (``hard_time_limit()``); None: none of
+    #: its own, the app's ``task_time_limit`` applies.
+    time_limit: int | None
+
 
 UNREACHABLE_MESSAGE = (
     "The job queue {queue!r} could not be reached, so this job was never started. Try again later."
@@ -134,7 +144,11 @@ class CeleryExecutor(BaseExecutor):
         )
 
     def _message(self, job_id: int, type_name: str) -> Message:
-        return (job_id, type_name, self.queue_for(type_name))
+        from task_ferry.registry import job_type_registry
+
+        job_type = job_type_registry.get(type_name)
+        queue = job_type.queue or str(ferry_settings.CELERY_QUEUE)
+        return Message(job_id, type_name, queue, hard_time_limit(job_type.time_limit))
 
     def queue_for(self, type_name: str) -> str:
         from task_ferry.registry import job_type_registry
@@ -166,7 +180,7 @@ class CeleryExecutor(BaseExecutor):
         connection, producer = self._connection(app)
         try:
             with publish_batch(producer, len(messages)):
-                for job_id, type_name, queue in messages:
+                for job_id, type_name, queue, time_limit in messages:
                     app.send_task(
                         RUN_JOB_TASK,
                         args=(job_id, type_name),
@@ -176,6 +190,7 @@ class CeleryExecutor(BaseExecutor):
                         # What Celery's saferepr() of the arguments would give, without its cost.
                         argsrepr=repr((job_id, type_name)),
                         kwargsrepr="{}",
+                        time_limit=time_limit,
                         retry=True,
                         retry_policy=PUBLISH_RETRY_POLICY,
                         ignore_result=True,
@@ -186,7 +201,7 @@ class CeleryExecutor(BaseExecutor):
             raise self._dispatch_failed(messages, outbox, connection, exc) from exc
         # Once sent, the job is dispatched: nothing here may fail it.
         try:
-            self._bind_queues(app, producer, {queue for _id, _type, queue in messages})
+            self._bind_queues(app, producer, {message.queue for message in messages})
         except Exception:
             logger.debug("Could not keep Celery's queues bound", exc_info=True)
         keep_one_redis_client(producer.channel)
@@ -204,7 +219,7 @@ class CeleryExecutor(BaseExecutor):
         is pending."""
         reason = describe_error(exc)
         failed, later = self._fail_all(messages, outbox, reason)
-        job_id, _type_name, queue = messages[0]
+        job_id, queue = messages[0].job_id, messages[0].queue
         if len(messages) == 1:
             what = f"Job {job_id} could not"
             outcome = (
@@ -214,7 +229,7 @@ class CeleryExecutor(BaseExecutor):
                 "the stale-job sweep fails it."
             )
         else:
-            ids = describe_ids([message[0] for message in messages])
+            ids = describe_ids([message.job_id for message in messages])
             what = f"{len(messages)} jobs ({ids}) could not all"
             outcome = (
                 "Each of them that had not started was marked failed."
@@ -283,14 +298,14 @@ class CeleryExecutor(BaseExecutor):
         Returns the ids of each that were marked failed."""
         later = outbox.take_rest()
         failed = [
-            job_id
-            for job_id, _type_name, queue in messages
-            if self._fail_unsent(job_id, None, queue, reason)
+            message.job_id
+            for message in messages
+            if self._fail_unsent(message.job_id, None, message.queue, reason)
         ]
         return failed, [
-            job_id
-            for (job_id, _type_name, queue), created_at in later
-            if self._fail_unsent(job_id, created_at, queue, reason)
+            message.job_id
+            for message, created_at in later
+            if self._fail_unsent(message.job_id, created_at, message.queue, reason)
         ]
 
     @staticmethod
@@ -351,6 +366,17 @@ class CeleryExecutor(BaseExecutor):
                 CheckWarning(EAGER_IGNORED_MESSAGE, hint=EAGER_IGNORED_HINT, id="task_ferry.W012")
             )
         return [*messages, *priorities_ignored()]
+
+
+def hard_time_limit(time_limit: float | None) -> int | None:
+    """Celery's hard time limit for a run of a type with this ``time_limit``: the limit plus
+    ``TASK_FERRY["CELERY_TIME_LIMIT_GRACE"]``, rounded up to whole seconds. The cooperative stop comes at the run's first
+    tick past its limit; a run that stops ticking (blocked in a query, a C call) is killed
+    with its pool process once the grace is over too, and ``RunJobRequest`` fails its job."""
+    grace = ferry_settings.CELERY_TIME_LIMIT_GRACE
+    if time_limit is None or grace is None:
+        return None
+    return math.ceil(time_limit + grace)
 
 
 def priorities_ignored() -> list[CheckMessage]:

@@ -130,6 +130,46 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(
 
 
 @pytest.mark.worker
+def test_a_time_limited_run_that_stops_ticking_is_killed_and_its_job_failed_at_once(
+    celery_executor: CeleryWorker, user, settings
+) -> None:
+    # The message carries Celery's hard time limit: 0.5 s of time_limit and 1 s of grace.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "CELERY_TIME_LIMIT_GRACE": 1}
+    # Thirty seconds without a tick, for a type whose runs may take half a second: the
+    # cooperative stop never comes. The run holds SIGTERM off: the pool SIGKILLs it.
+    job = JobHandler.create_and_start(
+        user, "time_limited", steps=1, block_for=30, marker="killed-run"
+    )
+    started = time.monotonic()
+
+    failed = wait_for_state(job.pk, "finished", "failed")
+    # Failed by the worker at once, not by the stale-job sweep a minute later (which no test
+    # worker runs).
+    assert time.monotonic() - started < 20
+    assert failed.state == "failed"
+    assert failed.error == "JobTimeLimitExceeded: The job ran longer than its time limit of 0.5 s."
+    assert (
+        failed.human_readable_error == "This job took longer than it is allowed to and was stopped."
+    )
+    assert failed.finished_at is not None
+    # The killed run's transaction died with it; on_error runs once, given the type's limit.
+    assert not Marker.objects.filter(name="killed-run").exists()
+    wait_for(lambda: hook_calls(job.pk, "on_error") == 1)
+    on_error = HookCall.objects.get(job_id=job.pk, hook="on_error")
+    assert on_error.detail == "The job ran longer than its time limit of 0.5 s."
+    celery_executor.process.wait_for_log("Hard time limit (2s) exceeded")
+    # By the worker's main process: the killed run could say nothing.
+    failed_line = f"Job {job.pk} (time_limited) failed: The job ran longer than its time limit"
+    celery_executor.process.wait_for_log(failed_line)
+    [line] = [line for line in celery_executor.process.log().splitlines() if failed_line in line]
+    assert "/MainProcess]" in line
+    assert failed.traceback == ""
+    # The pool replaced the killed process: the next job runs.
+    after = JobHandler.create_and_start(user, "scripted", steps=2)
+    assert wait_for_state(after.pk, "finished", "failed").state == "finished"
+
+
+@pytest.mark.worker
 def test_running_job_is_cancelled(celery_executor: CeleryWorker, user) -> None:
     job = JobHandler.create_and_start(
         user, "scripted", steps=200, tick_delay=0.05, marker="cancelled-run"
@@ -1008,6 +1048,27 @@ def test_a_batch_of_jobs_reaches_a_redis_broker_in_one_write(
     sent = [m["headers"]["argsrepr"] for m in reversed(messages[:10])]
     assert sent == [saferepr((job.pk, "scripted")) for job in jobs]
     assert {state_of(job.pk) for job in jobs} == {"pending"}
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize(("grace", "hard_limit"), [(60, 61), (None, None)])
+def test_a_time_limited_types_messages_carry_a_hard_time_limit_past_it(
+    own_redis_broker, user, settings, grace, hard_limit
+) -> None:
+    import redis
+
+    _server, app = own_redis_broker
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "CELERY_TIME_LIMIT_GRACE": grace}
+    JobHandler.create_and_start(user, "time_limited", steps=1)
+    JobHandler.create_and_start(user, "scripted", steps=1)
+
+    queue = settings.TASK_FERRY["CELERY_QUEUE"]
+    port = app.connection_for_write().port
+    [second, first] = [json.loads(m) for m in redis.Redis(port=port).lrange(queue, 0, -1)]
+    # Celery's header: [hard, soft]. A message without limits of its own gets the worker's
+    # task_time_limit, if any.
+    assert first["headers"]["timelimit"] == [hard_limit, None]  # 0.5 s, then the grace
+    assert second["headers"]["timelimit"] == [None, None]
 
 
 @pytest.mark.worker

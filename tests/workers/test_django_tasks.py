@@ -412,7 +412,7 @@ def test_a_worker_stopped_by_a_second_sigterm_fails_its_job_saying_so(start_work
     assert row.state == "failed", worker.output()
     assert row.error.startswith(
         "The process running this job exited while the job ran (SystemExit: 1): its worker was "
-        "stopped before the job ended (db_worker is, at a second SIGTERM or Ctrl-C)"
+        "stopped before the job ended (db_worker is, at a second SIGTERM or Ctrl-C;"
     )
     assert row.human_readable_error == INTERRUPTED_FAILURE
     assert not Marker.objects.filter(name="stopped-work").exists()
