@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from kombu import Connection, Producer
 
     from task_ferry.models import Job
+    from task_ferry.registry import JobType
 
 __all__ = [
     "CLEANUP_OLD_JOBS_TASK",
@@ -82,7 +83,7 @@ PUBLISH_RETRY_POLICY = {
 
 
 class Message(NamedTuple):
-    """What dispatches a job."""
+    """One job's ``run_job`` message, as the executor sends it."""
 
     job_id: int
     type_name: str
@@ -147,14 +148,12 @@ class CeleryExecutor(BaseExecutor):
         from task_ferry.registry import job_type_registry
 
         job_type = job_type_registry.get(type_name)
-        queue = job_type.queue or str(ferry_settings.CELERY_QUEUE)
-        return Message(job_id, type_name, queue, hard_time_limit(job_type.time_limit))
+        return Message(job_id, type_name, queue_of(job_type), hard_time_limit(job_type.time_limit))
 
     def queue_for(self, type_name: str) -> str:
         from task_ferry.registry import job_type_registry
 
-        queue: str | None = job_type_registry.get(type_name).queue
-        return queue or str(ferry_settings.CELERY_QUEUE)
+        return queue_of(job_type_registry.get(type_name))
 
     def waiting_queue(self, type_name: str) -> WaitingQueue:
         queue = self.queue_for(type_name)
@@ -368,11 +367,17 @@ class CeleryExecutor(BaseExecutor):
         return [*messages, *priorities_ignored()]
 
 
+def queue_of(job_type: JobType) -> str:
+    """The Celery queue of ``job_type``'s jobs: its own, or ``TASK_FERRY["CELERY_QUEUE"]``."""
+    return job_type.queue or str(ferry_settings.CELERY_QUEUE)
+
+
 def hard_time_limit(time_limit: float | None) -> int | None:
     """Celery's hard time limit for a run of a type with this ``time_limit``: the limit plus
-    ``TASK_FERRY["CELERY_TIME_LIMIT_GRACE"]``, rounded up to whole seconds. The cooperative stop comes at the run's first
-    tick past its limit; a run that stops ticking (blocked in a query, a C call) is killed
-    with its pool process once the grace is over too, and ``RunJobRequest`` fails its job."""
+    ``TASK_FERRY["CELERY_TIME_LIMIT_GRACE"]``, rounded up to whole seconds. The cooperative
+    stop comes at the run's first tick past its limit; a run that stops ticking (blocked in a
+    query, a C call) is killed with its pool process once the grace is over too, and
+    ``task_ferry.tasks.RunJobRequest`` fails its job."""
     grace = ferry_settings.CELERY_TIME_LIMIT_GRACE
     if time_limit is None or grace is None:
         return None
