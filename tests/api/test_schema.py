@@ -107,6 +107,7 @@ def test_job_responses_and_create_requests_are_one_of_the_types(schema):
     job = components["Job"]
     assert job["discriminator"]["propertyName"] == "type"
     assert job["discriminator"]["mapping"] == {
+        "autocommit": "#/components/schemas/AutocommitJob",
         "export_table": "#/components/schemas/ExportTableJob",
         "limited": "#/components/schemas/LimitedJob",
         "routed": "#/components/schemas/RoutedJob",
@@ -121,6 +122,7 @@ def test_job_responses_and_create_requests_are_one_of_the_types(schema):
     assert detail["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Job"}
     filters = {p["name"]: p for p in schema["paths"]["/api/jobs/"]["get"]["parameters"]}
     assert filters["type"]["schema"]["items"]["enum"] == [
+        "autocommit",
         "export_table",
         "limited",
         "routed",
@@ -266,6 +268,7 @@ def test_the_create_request_lists_only_the_types_that_opt_in(api, monkeypatch):
     monkeypatch.setattr(ExportJobType, "api_create", False)
     components = api.get(SCHEMA_URL).json()["components"]["schemas"]
     assert set(components["JobCreate"]["discriminator"]["mapping"]) == {
+        "autocommit",
         "limited",
         "routed",
         "scripted",

@@ -166,8 +166,8 @@ def test_list_type_filter_still_refuses_a_name_none_of_the_callers_jobs_has(
         assert response.status_code == 400
         assert response.json() == {
             "type": [
-                f"Unknown type {name!r}. Choose from: export_table, limited, routed, scripted, "
-                f"time_limited."
+                f"Unknown type {name!r}. Choose from: autocommit, export_table, limited, routed, "
+                f"scripted, time_limited."
             ]
         }
 

@@ -71,6 +71,13 @@ class TimeLimitedJobType(ScriptedJobType):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
+class AutocommitJobType(ScriptedJobType):
+    """A scripted job whose run is in autocommit mode: its writes commit as they go."""
+
+    type = "autocommit"
+    atomic = False
+
+
 class LimitedJobType(RecordingJobType[LimitedJob]):
     type = "limited"
     model_class = LimitedJob

@@ -168,6 +168,24 @@ def test_a_time_limited_run_that_stops_ticking_is_killed_and_its_job_failed_at_o
 
 
 @pytest.mark.worker
+def test_an_autocommit_run_commits_as_it_goes_and_keeps_its_writes_when_it_fails(
+    celery_executor: CeleryWorker, user
+) -> None:
+    job = JobHandler.create_and_start(
+        user, "autocommit", steps=3, block_for=3, fail_at=1, marker="kept-run"
+    )
+
+    # Seen from here while the run still blocks: committed at once, not at the run's end.
+    wait_for(lambda: Marker.objects.filter(name="kept-run").exists())
+    assert state_of(job.pk) == "started"
+    failed = wait_for_state(job.pk, "finished", "failed")
+    assert failed.state == "failed"
+    assert failed.error == "RuntimeError: scripted failure at step 1"
+    assert Marker.objects.filter(name="kept-run").count() == 1
+    wait_for(lambda: hook_calls(job.pk, "on_error") == 1)
+
+
+@pytest.mark.worker
 def test_running_job_is_cancelled(celery_executor: CeleryWorker, user) -> None:
     job = JobHandler.create_and_start(
         user, "scripted", steps=200, tick_delay=0.05, marker="cancelled-run"

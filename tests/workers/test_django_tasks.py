@@ -211,6 +211,23 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(start_worker, user):
     assert hooks(job) == ["on_error"]
 
 
+def test_an_autocommit_run_commits_as_it_goes_and_keeps_its_writes_when_it_fails(
+    start_worker, user
+):
+    worker = start_worker()
+    job = JobHandler.create_and_start(
+        user, "autocommit", steps=3, block_for=3, fail_at=1, marker="kept"
+    )
+
+    # Seen from here while the run still blocks: committed at once, not at the run's end.
+    wait_for(lambda: Marker.objects.filter(name="kept").exists(), worker=worker)
+    assert Job.objects.get(pk=job.pk).state == "started"
+    row = wait_until_ended(job, worker)
+    assert (row.state, row.error) == ("failed", "RuntimeError: scripted failure at step 1")
+    assert Marker.objects.filter(name="kept").count() == 1
+    assert hooks(job) == ["on_error"]
+
+
 def test_running_job_is_cancelled_at_its_next_tick(start_worker, user):
     worker = start_worker()
     job = JobHandler.create_and_start(
