@@ -2,6 +2,8 @@
 stopped beating, and pending jobs no worker took within ``PENDING_TIMEOUT``, failed with their
 ``on_error`` hooks run; final snapshots that a store outage kept from being written, written
 again. Safe to run from several places at once: every state change is a compare-and-set.
+The same failing serves a run that Celery killed at its hard time limit
+(``fail_killed_at_time_limit()``, called by the worker as soon as the kill happens).
 """
 
 from __future__ import annotations
