@@ -400,7 +400,6 @@ def check_cache_table(
     """W006: the cache store's cache is a ``DatabaseCache`` whose table was never created.
     Every snapshot and cancel request would fail, logged in the worker, and ``check`` said
     nothing. A database check, so ``migrate`` (and ``check --database``) reports it."""
-    from django.conf import settings
     from django.core.cache.backends.db import DatabaseCache
     from django.db import connections, router
 
@@ -411,7 +410,7 @@ def check_cache_table(
         store = get_store()
     except Exception:
         return []  # E006 reports it.
-    if not isinstance(store, CacheProgressStore) or store.alias not in settings.CACHES:
+    if not isinstance(store, CacheProgressStore) or not store.is_configured():
         return []  # E009 reports a missing alias.
     cache = store.cache
     if not isinstance(cache, DatabaseCache):

@@ -387,6 +387,14 @@ def test_e009_cache_alias_not_in_caches(ferry):
     assert "'progress'" in message.msg and "default" in message.hint
 
 
+@pytest.mark.parametrize("alias", [["default"], {"default": 1}])
+def test_e009_cache_alias_that_is_no_string_is_named_not_a_crash(ferry, alias):
+    # Used as a key of CACHES: TypeError out of `check` and `migrate`.
+    ferry(REDIS_URL=None, PROGRESS_STORE=None, CACHE_ALIAS=alias)
+    message = only("task_ferry.E009")
+    assert f"is {alias!r}, which is not in CACHES" in message.msg and "default" in message.hint
+
+
 @pytest.mark.parametrize("prefix", ["my app", "x" * 240])
 def test_w004_key_prefix_that_memcached_refuses(ferry, prefix):
     # Memcached refuses every write of such a key (the progress and cancel requests were

@@ -329,6 +329,16 @@ class DjangoTasksExecutor(BaseExecutor):
             ]
         alias = ferry_settings.TASKS_BACKEND
         tasks = getattr(settings, "TASKS", {})
+        if not isinstance(alias, str) or not alias:
+            return [
+                Error(
+                    f"TASK_FERRY['TASKS_BACKEND'] must be the alias of a backend in TASKS, a "
+                    f"string; it is {alias!r}.",
+                    hint=f"Set it to one of {sorted(map(str, tasks)) if isinstance(tasks, Mapping) else []}"
+                    f', or leave it out for "default".',
+                    id="task_ferry.E021",
+                )
+            ]
         if not isinstance(tasks, Mapping):
             return [
                 Error(

@@ -84,8 +84,12 @@ class CacheProgressStore(ProgressStore):
         keys = [k for i in job_ids for k in (self.snapshot_key(i), self.cancel_key(i))]
         self._call("delete_many", keys)
 
+    def is_configured(self) -> bool:
+        """Whether ``CACHE_ALIAS`` names a cache of ``CACHES``."""
+        return isinstance(self.alias, str) and self.alias in settings.CACHES
+
     def check(self) -> list[CheckMessage]:
-        if self.alias not in settings.CACHES:
+        if not self.is_configured():
             return [
                 Error(
                     f"TASK_FERRY['CACHE_ALIAS'] is {self.alias!r}, which is not in CACHES: "

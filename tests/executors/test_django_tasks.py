@@ -319,6 +319,22 @@ def test_the_test_settings_pass_and_checks_run_through_django(settings, use_exec
     assert "task_ferry.E021" in ids
 
 
+@requires_tasks
+@pytest.mark.parametrize("configured", [["default"], {"default": 1}, None, ""])
+def test_a_tasks_backend_that_is_no_alias_is_named_not_a_crash(settings, use_executor, configured):
+    # A list or a dict was used as a key of TASKS: TypeError out of `check` and `migrate`.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, "TASKS_BACKEND": configured}
+    [error] = [m for m in run_checks(databases=[]) if m.id.startswith("task_ferry.E02")]
+    assert error.id == "task_ferry.E021"
+    assert error.msg == (
+        f"TASK_FERRY['TASKS_BACKEND'] must be the alias of a backend in TASKS, a string; it is "
+        f"{configured!r}."
+    )
+    assert (
+        error.hint == f'Set it to one of {sorted(settings.TASKS)}, or leave it out for "default".'
+    )
+
+
 @pytest.fixture
 def DBTaskResult():
     return pytest.importorskip("django_tasks_db.models").DBTaskResult
