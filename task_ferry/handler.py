@@ -469,6 +469,11 @@ class JobHandler:
                 f"values_list must be a list of mappings, one per job; got one "
                 f"{type(values_list).__name__}. For a single job, use create_and_start()."
             )
+        if not isinstance(values_list, Iterable):
+            raise InvalidJobValues(
+                f"values_list must be a list of mappings, one per job; got "
+                f"{type(values_list).__name__} {values_list!r}."
+            )
         built: list[tuple[Job, dict[str, Any]]] = []
         for position, values in enumerate(values_list):
             if not isinstance(values, Mapping):

@@ -107,6 +107,13 @@ def test_bad_values_for_one_job_create_none_and_name_its_position(db, user, no_d
         JobHandler.create_and_start_many(user, "scripted", [{}, [("steps", 1)]])
     with pytest.raises(InvalidJobValues, match="list of mappings, one per job; got one dict"):
         JobHandler.create_and_start_many(user, "scripted", {"steps": 1})
+    for nothing_to_iterate in (None, 5):
+        with pytest.raises(InvalidJobValues) as info:
+            JobHandler.create_and_start_many(user, "scripted", nothing_to_iterate)
+        assert str(info.value) == (
+            f"values_list must be a list of mappings, one per job; got "
+            f"{type(nothing_to_iterate).__name__} {nothing_to_iterate!r}."
+        )
     with pytest.raises(JobTypeDoesNotExist):
         JobHandler.create_and_start_many(user, "nope", [{}])
     assert not Job.objects.exists()
