@@ -1,8 +1,10 @@
 """Signals sent after each job state change. Every one passes ``sender`` (the job's model
 class) and ``job`` (the specific job instance); ``job_failed`` also passes ``exc``.
 
-A receiver that raises is logged with its traceback and does not stop the others, nor the job's
-own state change: the state has been committed by the time a signal is sent.
+``job_created`` is sent inside the transaction that creates the job, as Django's ``post_save``
+is: if that transaction rolls back, the job never existed. The others are sent once their state
+change has been committed. A receiver that raises is logged with its traceback and does not stop
+the others, nor the job's own state change.
 """
 
 from __future__ import annotations
