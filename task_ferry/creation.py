@@ -13,13 +13,15 @@ import contextlib
 import difflib
 import functools
 import json
+import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import DataError, IntegrityError, transaction
-from django.db.models import NOT_PROVIDED, Field, JSONField, Model
+from django.db.models import NOT_PROVIDED, Field, IntegerField, JSONField, Model
 from django.forms import Field as FormField
 
 from task_ferry import statements
@@ -68,7 +70,9 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
     unknown = [k for k in prepared if k not in accepted]
     if unknown:
         raise _unknown_fields(job_type, unknown, values)
-    unlinkable = ValidationError(_unlinkable_values(model, prepared))
+    unlinkable = ValidationError(
+        _unlinkable_values(model, prepared) | _cut_down_numbers(model, prepared)
+    )
     if unlinkable.error_dict:
         raise InvalidJobValues(_validation_message(unlinkable), _validation_errors(unlinkable))
     columns = {k: v for k, v in prepared.items() if k not in many_to_many}
@@ -405,13 +409,65 @@ def _unlinkable_values(model: type[Job], prepared: dict[str, Any]) -> dict[str, 
     return errors
 
 
+def _cut_down_numbers(model: type[Job], prepared: dict[str, Any]) -> dict[str, list[str]]:
+    """Messages, by field, for numbers that Django's ``int()`` would cut down without a word:
+    a fraction given to an integer field (2.9 stored as 2), or as an integer key of a foreign
+    key or many-to-many field (1.5 linked to row 1), and booleans given as such numbers."""
+    errors: dict[str, list[str]] = {}
+    integers = _integer_names(model)
+    for name, value in prepared.items():
+        field_name = integers.get(name)
+        if field_name is None:
+            continue
+        many = name in _own_many_to_many(model) and isinstance(value, list | tuple | set)
+        for item in value if many else [value]:
+            problem = _not_an_integer(item)
+            if problem:
+                errors.setdefault(field_name, []).append(problem)
+    return errors
+
+
+@functools.cache
+def _integer_names(model: type[Job]) -> dict[str, str]:
+    """The names a job's values give integers by, each with its field's name: the type's own
+    integer fields, and the keys of its relations to rows with integer keys (``marker_id``,
+    or a many-to-many field's name; a foreign key's own name takes an object)."""
+    many_to_many = [f for f in model._meta.many_to_many if f.name in _own_many_to_many(model)]
+    names: dict[str, str] = {}
+    for field in [*model.own_fields(), *many_to_many]:
+        # A key's column takes what the field it points to takes.
+        if isinstance(getattr(field, "target_field", field), IntegerField):
+            names[field.name if field.many_to_many else field.attname] = field.name
+    return names
+
+
+def _not_an_integer(value: Any) -> str:
+    """Why ``value``, given for an integer, would not be stored as given; empty if it would."""
+    if isinstance(value, bool):
+        return f"Must be a whole number, got {value!r}, which would be stored as {int(value)}."
+    if isinstance(value, float):
+        finite = math.isfinite(value)
+        whole = finite and value.is_integer()
+    elif isinstance(value, Decimal):
+        finite = value.is_finite()
+        whole = finite and value == value.to_integral_value()
+    else:
+        return ""
+    if whole:
+        return ""
+    if not finite:
+        return f"Must be a whole number, got {value!r}."
+    return f"Must be a whole number, got {value!r}. Round it first if that is what you mean."
+
+
 def _unstorable_values(job: Job) -> dict[str, list[str]]:
     """Messages, by field, for the job's own values that ``full_clean()`` lets through and the
     database would refuse at the insert, with an error naming no field (nor, in a batch, the
     job): None in a NOT NULL column (``full_clean()`` skips "empty" values of a blank field),
     a value the field cannot convert ([] for a nullable number), text with a NUL character
     (PostgreSQL refuses it) or a lone surrogate (no driver encodes it), a NaN or an infinity in
-    a ``JSONField``."""
+    a ``JSONField`` or a ``FloatField`` (stored by PostgreSQL, refused by the other databases,
+    and never shown by the API: JSON has no such numbers)."""
     errors: dict[str, list[str]] = {}
     for field in type(job).own_fields():
         # The database computes it, and reading it from an unsaved job raises.
@@ -441,6 +497,9 @@ def _unstorable_values(job: Job) -> dict[str, list[str]]:
             errors[field.name] = [
                 "NaN and infinite numbers cannot be stored as JSON: use None or a string."
             ]
+        elif isinstance(prepared, float) and not math.isfinite(prepared):
+            # PostgreSQL stores them; JSON, and so the API, cannot show them.
+            errors[field.name] = [f"Must be a finite number, got {prepared!r}."]
     return errors
 
 

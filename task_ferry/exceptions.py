@@ -71,6 +71,36 @@ class JobTypeNotRegistered(JobTypeDoesNotExist):
         super(JobTypeDoesNotExist, self).__init__(f"{self.summary} {advice}")
 
 
+class NoJobTypeForModel(JobTypeDoesNotExist):
+    """A job model was given where a job type is meant, and no registered type uses it."""
+
+    def __init__(self, model: type, known: Iterable[str]) -> None:
+        self.name = ""
+        self.known = sorted(known)
+        self.summary = (
+            f"No registered job type uses the model {model.__name__}. Known job types: "
+            f"{listed(self.known)}."
+        )
+        # Not the parent's message, which is about a name.
+        super(JobTypeDoesNotExist, self).__init__(
+            f"{self.summary} Register a JobType whose model_class is {model.__name__}, or name "
+            f"the job's type (type=... on a job created through the ORM)."
+        )
+
+
+class MultipleJobTypesForModel(TaskFerryError, LookupError):
+    """A job model was given where a job type is meant, and several types use that model."""
+
+    def __init__(self, model: type, names: Iterable[str]) -> None:
+        self.model = model
+        self.names = sorted(names)
+        super().__init__(
+            f"Several job types use the model {model.__name__}: {listed(self.names)}. Name the "
+            f"type (job_type_registry.get(name), or type=... on a job created through the ORM), "
+            f"or pass a job whose type is set."
+        )
+
+
 class JobTypeAlreadyRegistered(TaskFerryImproperlyConfigured):
     """Two different job type classes claim the same ``type`` name."""
 

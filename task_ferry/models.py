@@ -122,11 +122,25 @@ class Job(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         """Saving an existing job writes only its type's own fields. The base columns (state,
         progress, errors, times) belong to ``task_ferry.handler``: a job's code saving a stale
-        instance must not revive a job the sweep or a cancel has ended."""
+        instance must not revive a job the sweep or a cancel has ended.
+
+        A job created through the ORM rather than ``JobHandler`` (a test's factory, say) gets
+        the content type of its model and, unless given one, the type that uses its model; it
+        is a pending job that nothing runs until it is dispatched."""
         updating = not self._state.adding and not kwargs.get("force_insert")
         if updating and not args and kwargs.get("update_fields") is None:
             kwargs["update_fields"] = [f.name for f in self.own_fields()]
+        if self._state.adding:
+            self._fill_in_type()
         super().save(*args, **kwargs)
+
+    def _fill_in_type(self) -> None:
+        if not self.type:
+            from task_ferry.registry import job_type_registry
+
+            self.type = job_type_registry.get_by_model(type(self)).type
+        if self.content_type_id is None:
+            self.content_type = ContentType.objects.get_for_model(type(self))
 
     @classmethod
     def own_fields(cls) -> list[models.Field[Any, Any]]:

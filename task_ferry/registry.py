@@ -21,6 +21,8 @@ from task_ferry.exceptions import (
     JobTypeAlreadyRegistered,
     JobTypeDoesNotExist,
     JobTypeNotRegistered,
+    MultipleJobTypesForModel,
+    NoJobTypeForModel,
     TaskFerryImproperlyConfigured,
 )
 from task_ferry.models import Job
@@ -267,13 +269,25 @@ class JobTypeRegistry:
         return self.get(job_type)
 
     def get_by_model(self, model: type[Job] | Job) -> JobType:
+        """The type of a job (an instance: its ``type`` decides, where it is registered) or of a
+        job model (the one type whose ``model_class`` it is). Several types may share a model:
+        for such a model, ``MultipleJobTypesForModel`` names them."""
+        named = model.type if isinstance(model, Job) else ""
+        if named in self._by_name:
+            return self._by_name[named]
         model_class = model if inspect.isclass(model) else type(model)
-        for job_type in self._by_name.values():
-            if job_type.model_class is model_class:
-                return job_type
-        if isinstance(model, Job) and model.type:
-            return self.get(model.type)
-        raise JobTypeDoesNotExist(getattr(model_class, "__name__", str(model)), self._by_name)
+        using = self.types_using(model_class)
+        if len(using) == 1:
+            return using[0]
+        if named:
+            raise JobTypeDoesNotExist(named, self._by_name)
+        if using:
+            raise MultipleJobTypesForModel(model_class, [job_type.type for job_type in using])
+        raise NoJobTypeForModel(model_class, self._by_name)
+
+    def types_using(self, model_class: builtins.type[Job]) -> list[JobType]:
+        """The registered types whose ``model_class`` is ``model_class``."""
+        return [t for t in self._by_name.values() if t.model_class is model_class]
 
     def all(self) -> list[JobType]:
         return list(self._by_name.values())

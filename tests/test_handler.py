@@ -15,6 +15,7 @@ from task_ferry.exceptions import (
     JobDoesNotExist,
     JobTypeDoesNotExist,
     MaxJobCountExceeded,
+    MultipleJobTypesForModel,
     TaskFerryImproperlyConfigured,
 )
 from task_ferry.executors.immediate import ImmediateExecutor
@@ -47,6 +48,24 @@ def test_create_and_start_returns_the_saved_specific_job(db, user, no_dispatch):
     assert (job.type, job.state, job.user, job.table_id) == ("export_table", "pending", user, 7)
     assert Job.objects.get(pk=job.pk).specific == job
     assert no_dispatch == [job.pk]
+
+
+def test_a_job_created_through_the_orm_gets_its_type_and_content_type(db, user, no_dispatch):
+    # As a test's factory (factory_boy) or a script makes one: IntegrityError on
+    # content_type_id before.
+    job = ExportJob.objects.create(user=user, table_id=3)
+    assert (job.type, job.content_type) == (
+        "export_table",
+        ContentType.objects.get_for_model(ExportJob),
+    )
+    assert JobHandler.get_job(user, job.pk).specific == job
+    assert job.state == "pending" and no_dispatch == []
+    # Its type is named where several types share the model; a named one is kept.
+    routed = ScriptedJob.objects.create(user=user, type="routed")
+    assert Job.objects.get(pk=routed.pk).type == "routed"
+    with pytest.raises(MultipleJobTypesForModel, match="^Several job types use the model "):
+        ScriptedJob.objects.create(user=user)
+    assert set(Job.objects.values_list("pk", flat=True)) == {job.pk, routed.pk}
 
 
 @pytest.mark.parametrize(
@@ -105,7 +124,12 @@ def test_anonymous_user_is_rejected(db, no_dispatch):
         ("export_table", {"table_id": 1, "cls": None}, InvalidJobValues, "no field.*cls"),
         ("export_table", {"table_id": 1, "state": "finished"}, InvalidJobValues, "state"),
         ("scripted", {"steps": -1}, InvalidJobValues, "steps"),
-        ("scripted", {"steps": float("inf")}, InvalidJobValues, "steps: inf is not a value"),
+        (
+            "scripted",
+            {"steps": float("inf")},
+            InvalidJobValues,
+            r"steps: Must be a whole number, got inf\.$",
+        ),
         # Comparing a signalling NaN raises decimal.InvalidOperation inside Django's BooleanField.
         ("scripted", {"lock_own_row": Decimal("sNaN")}, InvalidJobValues, "lock_own_row: Dec"),
     ],
@@ -409,6 +433,77 @@ def test_a_number_json_cannot_hold_is_refused_naming_the_field(
         "details": ["NaN and infinite numbers cannot be stored as JSON: use None or a string."]
     }
     assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("-inf"), "Infinity"])
+def test_a_float_field_refuses_numbers_json_cannot_show(
+    transactional_db, user, no_dispatch, number
+):
+    # PostgreSQL stores them, and every API answer holding the job then failed (JSON has no
+    # NaN): the user's job list with it. SQLite and MySQL refused them naming no field.
+    with pytest.raises(InvalidJobValues) as info:
+        JobHandler.create_and_start(user, "scripted", tick_delay=number)
+    assert info.value.errors == {"tick_delay": [f"Must be a finite number, got {float(number)!r}."]}
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "errors"),
+    [
+        (
+            {"steps": 2.9},
+            {
+                "steps": [
+                    "Must be a whole number, got 2.9. Round it first if that is what you mean."
+                ]
+            },
+        ),
+        (
+            {"fail_at": Decimal("3.7")},
+            {
+                "fail_at": [
+                    "Must be a whole number, got Decimal('3.7'). Round it first if that is what you mean."
+                ]
+            },
+        ),
+        (
+            {"steps": True},
+            {"steps": ["Must be a whole number, got True, which would be stored as 1."]},
+        ),
+    ],
+    ids=["float", "decimal", "bool"],
+)
+def test_a_number_an_integer_field_would_cut_down_is_refused(
+    transactional_db, user, no_dispatch, values, errors
+):
+    # Django's int() stored 2.9 as 2, without a word.
+    with pytest.raises(InvalidJobValues) as info:
+        JobHandler.create_and_start(user, "scripted", **values)
+    assert info.value.errors == errors
+    with pytest.raises(InvalidJobValues):
+        JobHandler.create_and_start_many(user, "scripted", [{"steps": 1}, values])
+    assert not Job.objects.exists()
+    # A whole number is one, whatever its type.
+    job = JobHandler.create_and_start(user, "scripted", steps=3.0, fail_at=Decimal("7"))
+    job.refresh_from_db()
+    assert (job.steps, job.fail_at) == (3, 7)
+
+
+def test_a_key_that_is_no_whole_number_links_no_row(transactional_db, user, no_dispatch, linked):
+    # Django's int() made 1.5 the key of row 1, and True the key of row 1 too.
+    first = Marker.objects.create(name="first")
+    for values, field in [
+        ({"marker_id": first.pk + 0.5}, "marker"),
+        ({"markers": [float(first.pk), first.pk + 0.5]}, "markers"),
+        ({"markers": [True]}, "markers"),
+    ]:
+        with pytest.raises(InvalidJobValues) as info:
+            JobHandler.create_and_start(user, "linked", **values)
+        [message] = info.value.errors[field]
+        assert message.startswith("Must be a whole number, got ")
+    assert not Job.objects.exists()
+    job = JobHandler.create_and_start(user, "linked", marker_id=float(first.pk))
+    assert job.specific.marker == first
 
 
 def test_invalid_values_error_is_a_value_error_with_field_errors(db, user, no_dispatch):

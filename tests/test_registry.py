@@ -11,6 +11,8 @@ from task_ferry.exceptions import (
     JobTypeAlreadyRegistered,
     JobTypeDoesNotExist,
     JobTypeNotRegistered,
+    MultipleJobTypesForModel,
+    NoJobTypeForModel,
     TaskFerryImproperlyConfigured,
 )
 from task_ferry.models import Job
@@ -23,7 +25,7 @@ from tests.testapp.job_types import (
     RoutedJobType,
     ScriptedJobType,
 )
-from tests.testapp.models import LimitedJob
+from tests.testapp.models import LimitedJob, ScriptedJob
 
 
 class AbstractReportJob(Job):
@@ -162,8 +164,28 @@ def test_get_unknown_lists_the_known_types():
 def test_get_by_model_accepts_class_and_instance():
     assert isinstance(job_type_registry.get_by_model(LimitedJob), LimitedJobType)
     assert isinstance(job_type_registry.get_by_model(LimitedJob(type="limited")), LimitedJobType)
-    with pytest.raises(JobTypeDoesNotExist):
+    with pytest.raises(NoJobTypeForModel) as info:
         job_type_registry.get_by_model(models.Model)
+    assert isinstance(info.value, JobTypeDoesNotExist)
+    assert str(info.value).startswith("No registered job type uses the model Model. Known job ")
+
+
+def test_get_by_model_of_a_model_several_types_share_goes_by_the_jobs_type():
+    # scripted, routed, time_limited and autocommit all keep their jobs in ScriptedJob: the
+    # first of them was the answer for any of their jobs.
+    routed = job_type_registry.get_by_model(ScriptedJob(type="routed"))
+    assert isinstance(routed, RoutedJobType)
+    with pytest.raises(MultipleJobTypesForModel) as info:
+        job_type_registry.get_by_model(ScriptedJob)
+    assert str(info.value) == (
+        "Several job types use the model ScriptedJob: 'autocommit', 'routed', 'scripted', "
+        "'time_limited'. Name the type (job_type_registry.get(name), or type=... on a job "
+        "created through the ORM), or pass a job whose type is set."
+    )
+    # A job whose type is no longer registered: its model's one type, else its name.
+    assert isinstance(job_type_registry.get_by_model(LimitedJob(type="gone")), LimitedJobType)
+    with pytest.raises(JobTypeDoesNotExist, match="^No job type named 'gone'"):
+        job_type_registry.get_by_model(ScriptedJob(type="gone"))
 
 
 def test_register_and_unregister_on_a_fresh_registry():
