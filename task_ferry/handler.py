@@ -420,8 +420,10 @@ class JobHandler:
         from task_ferry.executors.base import get_executor
 
         job_type = job_type_registry.get_named_or_class(job_type_name)
-        # Before the row: an EXECUTOR that cannot be loaded must not leave a job pending for good.
+        # Before the row: an EXECUTOR that cannot be loaded must not leave a job pending for
+        # good, nor a store that cannot be built fail the call after the job ran.
         executor = get_executor()
+        get_store()
         job = cls._create(user, job_type, values)
         signals.emit(signals.job_created, job)
         # No snapshot yet: the row says all there is to say about a pending job, and one nobody
@@ -494,6 +496,7 @@ class JobHandler:
         from task_ferry.executors.base import get_executor
 
         executor = get_executor()
+        get_store()
         try:
             with transaction.atomic(using=jobs_database()):
                 creation.save_many(user, job_type, built)

@@ -723,6 +723,33 @@ def test_create_and_start_with_an_executor_that_cannot_be_loaded_writes_no_job(d
     assert not Job.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("store", "cause"),
+    [
+        ({"PROGRESS_STORE": "myproject.stores.Nope"}, "No module named 'myproject'"),
+        ({"PROGRESS_STORE": None, "REDIS_URL": "localhost:6379"}, "Redis URL must specify"),
+    ],
+    ids=["PROGRESS_STORE", "REDIS_URL"],
+)
+def test_create_and_start_with_a_store_that_cannot_be_built_writes_no_job(
+    transactional_db, user, settings, store, cause
+):
+    # pytest-django and web servers run no system checks (E006). The job ran, and then the
+    # caller got a bare ModuleNotFoundError, and another job if it tried again.
+    settings.TASK_FERRY = {**settings.TASK_FERRY, **store}
+    for create in (
+        lambda: JobHandler.create_and_start(user, "scripted", steps=1),
+        lambda: JobHandler.create_and_start_many(user, "scripted", [{"steps": 1}]),
+    ):
+        with pytest.raises(TaskFerryImproperlyConfigured) as info:
+            create()
+        assert cause in str(info.value)
+        assert str(info.value).endswith(
+            "Fix TASK_FERRY's PROGRESS_STORE or REDIS_URL (`python manage.py check` says which)."
+        )
+    assert not Job.objects.exists()
+
+
 def test_an_executor_path_that_does_not_import_says_how_to_fix_it(db, user, settings):
     # pytest-django runs no system checks: this error is all a test run shows of E001.
     settings.TASK_FERRY = {

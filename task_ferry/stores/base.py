@@ -11,7 +11,11 @@ from django.core.checks import CheckMessage
 from django.utils.module_loading import import_string
 
 from task_ferry.conf import ferry_settings
-from task_ferry.exceptions import ProgressStoreUnavailable, SnapshotsNotForgotten
+from task_ferry.exceptions import (
+    ProgressStoreUnavailable,
+    SnapshotsNotForgotten,
+    TaskFerryImproperlyConfigured,
+)
 
 
 class CancelListener(ABC):
@@ -147,9 +151,23 @@ def default_store_path() -> str:
 
 @functools.cache
 def get_store() -> ProgressStore:
-    """The configured progress store, built once per process (reset when settings change)."""
-    store_class = import_string(default_store_path())
-    store: ProgressStore = store_class(
-        timeout=ferry_settings.PROGRESS_CACHE_TIMEOUT, key_prefix=ferry_settings.KEY_PREFIX
-    )
+    """The configured progress store, built once per process (reset when settings change).
+    ``TaskFerryImproperlyConfigured`` if it cannot be built: a ``PROGRESS_STORE`` that does not
+    import, a ``REDIS_URL`` that is no Redis URL."""
+    path = default_store_path()
+    try:
+        store_class = import_string(path)
+        store = store_class(
+            timeout=ferry_settings.PROGRESS_CACHE_TIMEOUT, key_prefix=ferry_settings.KEY_PREFIX
+        )
+    except (ImportError, TypeError, ValueError) as exc:
+        raise TaskFerryImproperlyConfigured(
+            f"The progress store {path!r} cannot be built: {exc}. Fix TASK_FERRY's "
+            f"PROGRESS_STORE or REDIS_URL (`python manage.py check` says which)."
+        ) from exc
+    if not isinstance(store, ProgressStore):
+        raise TaskFerryImproperlyConfigured(
+            f"TASK_FERRY['PROGRESS_STORE'] = {path!r} is not a subclass of "
+            f"task_ferry.stores.base.ProgressStore."
+        )
     return store
