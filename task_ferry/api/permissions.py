@@ -45,11 +45,20 @@ class IsJobOwner(BasePermission):
         return queryset.for_user(request.user)
 
     def can_view(self, request: Request, owner_id: Any) -> bool:
-        """May this user see a job owned by ``owner_id`` (None for a system job)? Used where
-        only a snapshot is at hand, so it must agree with ``visible_jobs``."""
+        """May this user see a job owned by ``owner_id`` (None for a system job)? Asked where
+        only a snapshot is at hand (a live job's detail and event stream, answered from the
+        progress store without a query)."""
         if self.sees_all_jobs(request):
             return True
         return owner_id is not None and str(owner_id) == str(request.user.pk)
+
+    def lists_job(self, request: Request, job_id: int) -> bool:
+        """Whether ``visible_jobs`` has the job, asked with ``can_view`` for a snapshot. Only
+        a class that overrides ``visible_jobs`` pays a query for it: its rule may look at more
+        than the owner (the type, a field, a tenant), which ``can_view`` cannot see."""
+        if type(self).visible_jobs is IsJobOwner.visible_jobs:
+            return True  # can_view() is the same rule.
+        return self.visible_jobs(request, Job.objects.filter(pk=job_id)).exists()
 
     def can_cancel(self, request: Request, job: Job) -> bool:
         """Called for a job this user can see; False answers 404."""

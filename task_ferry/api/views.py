@@ -465,7 +465,9 @@ def visible_snapshot(policy: IsJobOwner, request: Request, job_id: int, pk: Any)
         stored, store_reachable = None, False
     # A snapshot without the type's fields predates them: the row is complete.
     if stored is not None and "fields" in stored:
-        if not policy.can_view(request, stored.get("user_id")):
+        if not policy.can_view(request, stored.get("user_id")) or not policy.lists_job(
+            request, job_id
+        ):
             raise NotFound(str(JobDoesNotExist(pk)))
         return stored
     job = visible_job(policy, request, job_id, pk)

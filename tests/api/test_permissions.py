@@ -28,6 +28,13 @@ class OnlyScripted(IsJobOwner):
         return job_type.type == "scripted"
 
 
+class NoScriptedJobs(IsJobOwner):
+    """A rule by type: visible_jobs() alone, as a project writes it first."""
+
+    def visible_jobs(self, request, queryset):
+        return super().visible_jobs(request, queryset).exclude(type="scripted")
+
+
 @pytest.fixture
 def foreign_jobs(other_user, hold):
     """Someone else's job (live in the store) and a system job, both pending."""
@@ -96,6 +103,27 @@ def test_with_the_staff_permission_class_staff_see_and_cancel_every_job(
     # Non-staff users are unaffected.
     assert api.get(f"{URL}{running.pk}/").status_code == 404
     assert api.get(URL).json()["count"] == 0
+
+
+def test_a_rule_of_visible_jobs_hides_live_jobs_answered_from_the_store_too(
+    api, user, settings, hold, django_assert_max_num_queries
+):
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "API_PERMISSION_CLASS": f"{__name__}.NoScriptedJobs",
+    }
+    # Started and published: its detail and its event stream were answered from the store,
+    # judged by can_view() (the owner) alone, and showed what the list hides.
+    hidden = start(create(user, steps=5), percentage=40)
+    shown = start(create(user, "export_table", table_id=1))
+    assert [j["id"] for j in api.get(URL).json()["results"]] == [shown.pk]
+    assert api.get(f"{URL}{hidden.pk}/").status_code == 404
+    assert api.get(f"{URL}{hidden.pk}/events/").status_code == 404
+    assert api.post(f"{URL}{hidden.pk}/cancel/").status_code == 404
+    # What it costs such a class: one query a poll.
+    with django_assert_max_num_queries(1):
+        assert api.get(f"{URL}{shown.pk}/").json()["state"] == "started"
+    assert Job.objects.get(pk=hidden.pk).state == "started"
 
 
 def test_a_permission_subclass_can_forbid_cancelling(api, user, settings, hold):
