@@ -293,10 +293,23 @@ def test_watch_redraws_bars_on_a_terminal(live_jobs, monkeypatch):
     assert frames[2] == "No pending or running jobs.\n"
 
 
-@pytest.mark.parametrize("interval", ["0", "nan", "inf"])
+@pytest.mark.parametrize("interval", ["0", "1e-300", "nan", "inf", "86401"])
 def test_jobs_rejects_bad_interval(db, interval):
-    with pytest.raises(CommandError, match="--interval"):
+    with pytest.raises(CommandError) as info:
         call_command("task_ferry_jobs", "--watch", "--interval", interval)
+    assert str(info.value) == (
+        f"--interval must be a number of seconds from 0.01 to 86400; got {float(interval)!r}."
+    )
+
+
+def test_jobs_until_idle_without_watch_says_what_it_needs(db):
+    # It was ignored: the jobs shown once, as if the option meant nothing.
+    with pytest.raises(CommandError) as info:
+        call_command("task_ferry_jobs", "--until-idle")
+    assert str(info.value) == (
+        "--until-idle stops a --watch: add --watch, or leave --until-idle out to show the jobs "
+        "once."
+    )
 
 
 def test_sweep_run_once_says_when_there_was_nothing_to_fail(db):
@@ -304,9 +317,10 @@ def test_sweep_run_once_says_when_there_was_nothing_to_fail(db):
     assert run("task_ferry_sweep") == "No stale jobs.\n"
 
 
-@pytest.mark.parametrize("interval", ["0", "nan", "inf"])
+@pytest.mark.parametrize("interval", ["0", "1e-300", "nan", "inf"])
 def test_sweep_rejects_bad_interval(db, interval):
-    with pytest.raises(CommandError, match="--interval"):
+    # 1e-300 was taken: a loop of sweeps without rest.
+    with pytest.raises(CommandError, match="^--interval must be a number of seconds from 0.01 "):
         call_command("task_ferry_sweep", "--interval", interval)
 
 

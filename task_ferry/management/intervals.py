@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from django.core.management.base import CommandError
 
+# Ten milliseconds: less (1e-300, say) makes a loop that queries the database without rest.
+MIN_INTERVAL = 0.01
 # A day; also keeps nan and inf out (time.sleep refuses them).
 MAX_INTERVAL = 86400
 
 
 def check_interval(seconds: float) -> None:
-    """Raise ``CommandError`` unless ``seconds`` is > 0 and at most ``MAX_INTERVAL``."""
-    if not 0 < seconds <= MAX_INTERVAL:
+    """Raise ``CommandError`` unless ``seconds`` is from ``MIN_INTERVAL`` to ``MAX_INTERVAL``."""
+    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
         raise CommandError(
-            f"--interval must be a number of seconds > 0, at most {MAX_INTERVAL}; got {seconds!r}."
+            f"--interval must be a number of seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL}; "
+            f"got {seconds!r}."
         )

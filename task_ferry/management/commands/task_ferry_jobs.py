@@ -173,6 +173,11 @@ class Command(OutageReportingCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         check_interval(options["interval"])
+        if options["until_idle"] and not options["watch"]:
+            raise CommandError(
+                "--until-idle stops a --watch: add --watch, or leave --until-idle out to show "
+                "the jobs once."
+            )
         if not 1 <= options["limit"] <= MAX_LIMIT:
             raise CommandError(f"--limit must be from 1 to {MAX_LIMIT}, got {options['limit']}.")
         self.job_type: str | None = options["job_type"]
