@@ -355,10 +355,15 @@ class JobAdmin(JobModelAdmin):
                     request, f"Job {job.pk}: cancel request not delivered: {exc}", messages.ERROR
                 )
                 continue
+            except JobDoesNotExist:
+                self.message_user(request, f"Job {job.pk} was deleted meanwhile.", messages.WARNING)
+                continue
             if specific.state == JobState.CANCELLED:
                 cancelled += 1
-            else:
+            elif specific.is_live:
                 asked += 1
+            else:
+                ended += 1  # It ended meanwhile.
         parts = []
         if cancelled:
             parts.append(f"cancelled {cancelled} pending job(s)")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, overload
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import IntegrityError, transaction
 from django.db.models import Model
 from django.db.models.signals import post_delete
@@ -59,6 +60,8 @@ logger = logging.getLogger("task_ferry")
 __all__ = ["JobHandler"]
 
 ERROR_FIELDS = frozenset({"error", "human_readable_error"})
+# The columns of the Job row, which task_ferry writes: its key left out.
+BASE_FIELDS = [f.attname for f in Job._meta.concrete_fields if not f.primary_key]
 
 
 class LiveHandles:
@@ -627,13 +630,23 @@ class JobHandler:
                 f"JobHandler.cancel(user, job_id), which checks that the job is the user's, or "
                 f"cancel_job(Job.objects.get(pk=job_id)) to skip that check."
             )
-        if job.state == JobState.PENDING and transition(
-            job, JobState.CANCELLED, from_states=[JobState.PENDING]
-        ):
-            # Inside the caller's transaction (ATOMIC_REQUESTS, say) the move is not committed
-            # yet: a rollback leaves the job pending, and a worker will run it.
-            after_commit(functools.partial(announce_cancelled, job), jobs_database())
-            return job
+        if job.pk is None:
+            raise ValueError(
+                f"cancel_job() takes a saved job; this {type(job).__name__} has no id yet. Jobs "
+                f"are created with JobHandler.create_and_start()."
+            )
+        if job.state == JobState.PENDING:
+            if transition(job, JobState.CANCELLED, from_states=[JobState.PENDING]):
+                # Inside the caller's transaction (ATOMIC_REQUESTS, say) the move is not
+                # committed yet: a rollback leaves the job pending, and a worker will run it.
+                after_commit(functools.partial(announce_cancelled, job), jobs_database())
+                return job
+            # It moved on since this instance was read: a worker took it, it ended, or it was
+            # deleted. Only then is the row read: a running job's needs a request.
+            try:
+                job.refresh_from_db(fields=BASE_FIELDS)
+            except ObjectDoesNotExist as exc:
+                raise JobDoesNotExist(job.pk) from exc
         if job.state in (JobState.PENDING, JobState.STARTED):
             from task_ferry.monitor import get_monitor
 

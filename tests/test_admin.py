@@ -6,6 +6,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.db import connection
+from django.db.models.signals import post_init
 from django.urls import reverse
 from django.utils import timezone
 
@@ -15,7 +16,7 @@ from task_ferry.models import Job, JobState
 from task_ferry.snapshot import job_snapshot
 from task_ferry.stores.base import get_store
 from tests.jobs import make_job
-from tests.testapp.models import HookCall
+from tests.testapp.models import HookCall, ScriptedJob
 
 LIST_URL = reverse("admin:task_ferry_job_changelist")
 
@@ -161,6 +162,38 @@ def test_cancel_action_goes_through_the_handler(
     assert get_store().is_cancel_requested(running.pk)
     finished.refresh_from_db()
     assert finished.state == JobState.FINISHED
+
+
+def test_cancel_action_on_jobs_that_ended_or_were_deleted_meanwhile(admin_client, user):
+    ended, deleted = make_job(user), make_job(user)
+    done = set()
+
+    def meanwhile(sender, instance, **kwargs):
+        # As the action reads each job's own row, another process ends or deletes it.
+        if instance.pk in done or instance.pk not in (ended.pk, deleted.pk):
+            return
+        done.add(instance.pk)
+        if instance.pk == ended.pk:
+            transition(Job.objects.get(pk=ended.pk), JobState.FINISHED, from_states=["pending"])
+        else:
+            Job.objects.filter(pk=deleted.pk).delete()
+
+    post_init.connect(meanwhile, sender=ScriptedJob)
+    try:
+        response = admin_client.post(
+            LIST_URL,
+            {"action": "cancel_jobs", "_selected_action": [ended.pk, deleted.pk]},
+            follow=True,
+        )
+    finally:
+        post_init.disconnect(meanwhile, sender=ScriptedJob)
+    # A server error for the deleted one before; the ended one was counted as asked to stop.
+    assert response.status_code == 200
+    assert [str(m) for m in response.context["messages"]] == [
+        f"Job {deleted.pk} was deleted meanwhile.",
+        "Left 1 ended job(s) unchanged.",
+    ]
+    assert Job.objects.get(pk=ended.pk).state == JobState.FINISHED
 
 
 def test_view_only_staff_cannot_cancel(client, staff_viewer, user):

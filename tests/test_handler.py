@@ -704,6 +704,32 @@ def test_cancel_job_given_an_id_says_how_to_cancel_by_id(db, user, no_dispatch):
     assert JobHandler.cancel_job(job).state == "cancelled"
 
 
+def test_cancel_job_of_an_instance_read_before_the_job_moved_on(db, user, no_dispatch):
+    # Read while pending; since then ended, deleted, or taken by a worker. It answered
+    # "pending" for all three, and stored a cancel request for a job that had ended or was gone.
+    store = get_store()
+    ended, gone, taken = (JobHandler.create_and_start(user, "scripted") for _ in range(3))
+    stale = {job.pk: Job.objects.get(pk=job.pk) for job in (ended, gone, taken)}
+    transition(ended, JobState.FINISHED, from_states=["pending"])
+    Job.objects.filter(pk=gone.pk).delete()
+    transition(taken, JobState.STARTED, from_states=["pending"])
+
+    assert JobHandler.cancel_job(stale[ended.pk]).state == "finished"
+    assert not store.is_cancel_requested(ended.pk)
+    with pytest.raises(JobDoesNotExist):
+        JobHandler.cancel_job(stale[gone.pk])
+    assert not store.is_cancel_requested(gone.pk)
+    assert JobHandler.cancel_job(stale[taken.pk]).state == "started"
+    assert store.is_cancel_requested(taken.pk)
+
+
+def test_cancel_job_of_an_unsaved_job_says_it_is_not_saved(db):
+    with pytest.raises(
+        ValueError, match="^cancel_job\\(\\) takes a saved job; this ExportJob has no id"
+    ):
+        JobHandler.cancel_job(ExportJob(table_id=1))
+
+
 def test_cancel_given_a_job_instead_of_its_id_says_to_pass_the_id(db, user, no_dispatch):
     job = JobHandler.create_and_start(user, "scripted")
     with pytest.raises(TypeError, match=r"job_id takes the job's id \(job\.pk\), not a Job"):

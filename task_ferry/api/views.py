@@ -395,7 +395,11 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         job = self._get_job(self._parse_id(pk), pk)
         if not self.policy.can_cancel(request, job):
             raise NotFound(str(JobDoesNotExist(pk)))
-        job = JobHandler.cancel_job(job)
+        try:
+            job = JobHandler.cancel_job(job)
+        except JobDoesNotExist as exc:
+            # Deleted since it was read (a clean-up, another request).
+            raise NotFound(str(JobDoesNotExist(pk))) from exc
         # A running job is only asked to stop: until it does, its progress is in the store.
         return Response(public_job(newest_snapshot(job) if job.is_live else job_snapshot(job)))
 

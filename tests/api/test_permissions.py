@@ -28,6 +28,14 @@ class OnlyScripted(IsJobOwner):
         return job_type.type == "scripted"
 
 
+class DeletedMeanwhile(IsJobOwner):
+    """Asked about a job read a moment ago, which someone else deletes now."""
+
+    def can_cancel(self, request, job):
+        Job.objects.filter(pk=job.pk).delete()
+        return True
+
+
 class NoScriptedJobs(IsJobOwner):
     """A rule by type: visible_jobs() alone, as a project writes it first."""
 
@@ -124,6 +132,17 @@ def test_a_rule_of_visible_jobs_hides_live_jobs_answered_from_the_store_too(
     with django_assert_max_num_queries(1):
         assert api.get(f"{URL}{shown.pk}/").json()["state"] == "started"
     assert Job.objects.get(pk=hidden.pk).state == "started"
+
+
+def test_cancelling_a_job_deleted_while_the_request_ran_is_404(api, user, settings, hold):
+    settings.TASK_FERRY = {
+        **settings.TASK_FERRY,
+        "API_PERMISSION_CLASS": f"{__name__}.DeletedMeanwhile",
+    }
+    job = create(user, steps=1)
+    response = api.post(f"{URL}{job.pk}/cancel/")
+    assert response.status_code == 404
+    assert response.json() == api.get(f"{URL}{job.pk}/").json()
 
 
 def test_a_permission_subclass_can_forbid_cancelling(api, user, settings, hold):
