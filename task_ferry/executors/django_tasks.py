@@ -330,12 +330,12 @@ class DjangoTasksExecutor(BaseExecutor):
         alias = ferry_settings.TASKS_BACKEND
         tasks = getattr(settings, "TASKS", {})
         if not isinstance(alias, str) or not alias:
+            aliases = sorted(map(str, tasks)) if isinstance(tasks, Mapping) else []
             return [
                 Error(
                     f"TASK_FERRY['TASKS_BACKEND'] must be the alias of a backend in TASKS, a "
                     f"string; it is {alias!r}.",
-                    hint=f"Set it to one of {sorted(map(str, tasks)) if isinstance(tasks, Mapping) else []}"
-                    f', or leave it out for "default".',
+                    hint=f'Set it to one of {aliases}, or leave it out for "default".',
                     id="task_ferry.E021",
                 )
             ]
