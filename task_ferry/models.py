@@ -50,7 +50,24 @@ ENDED_STATES = (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
 JobT = TypeVar("JobT", bound="Job", covariant=True)
 
 
+class SpecificJobIterable(models.query.ModelIterable):
+    """Yields each job as its type's model, from the rows ``JobQuerySet.specific()`` joined."""
+
+    def __iter__(self) -> Any:
+        paths = specific_paths()
+        for job in super().__iter__():
+            yield joined_specific(job, paths)
+
+
 class JobQuerySet(models.QuerySet[JobT]):
+    def specific(self) -> Self:
+        """These jobs, each as its type's own model (an ``ExportJob``, say), in the same one
+        query: each type's table is joined in. A job whose type is not registered (any more),
+        or whose row in its type's table is missing, stays a plain ``Job``."""
+        clone = self.select_related(*specific_paths().values())
+        clone._iterable_class = SpecificJobIterable
+        return clone
+
     def pending(self) -> Self:
         return self.filter(state=JobState.PENDING)
 
@@ -175,6 +192,41 @@ class Job(models.Model):
         """Copy column values written by an ``UPDATE`` onto this instance."""
         for name, value in fields.items():
             setattr(self, name, value)
+
+
+def specific_paths() -> dict[str, str]:
+    """For each registered type, the ``select_related`` path from ``Job`` to its own model."""
+    from task_ferry.registry import job_type_registry
+
+    paths: dict[str, str] = {}
+    for job_type in job_type_registry:
+        steps: list[str] = []
+        model: Any = job_type.model_class
+        while model is not Job:
+            parent = next((p for p in model._meta.parents if issubclass(p, Job)), None)
+            if parent is None:
+                break
+            link = model._meta.parents[parent]
+            steps.append(link.remote_field.get_accessor_name())
+            model = parent
+        if model is Job and steps:
+            paths[job_type.type] = "__".join(reversed(steps))
+    return paths
+
+
+def joined_specific(job: Job, paths: dict[str, str]) -> Job:
+    """The job as its type's model, from the rows ``select_related(*paths.values())`` joined
+    in; the job itself where none was."""
+    path = paths.get(job.type)
+    if path is None:
+        return job
+    specific: Any = job
+    for step in path.split("__"):
+        specific = getattr(specific, step, None)
+        if specific is None:
+            return job
+    result: Job = specific
+    return result
 
 
 def jobs_database() -> str:

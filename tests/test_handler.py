@@ -582,6 +582,27 @@ def test_get_jobs_for_user_newest_first(db, user, other_user, no_dispatch):
     ]
 
 
+def test_specific_yields_each_job_as_its_types_model_in_one_query(
+    db, user, no_dispatch, django_assert_num_queries
+):
+    scripted = JobHandler.create_and_start(user, "scripted", steps=2)
+    export = JobHandler.create_and_start(user, "export_table", table_id=4)
+    # Its type since removed from the code: a plain Job, as Job.specific gives one.
+    removed = ScriptedJob.objects.create(user=user, type="removed_from_the_code")
+    with django_assert_num_queries(1):
+        jobs = list(JobHandler.get_jobs_for_user(user).specific())
+        assert [(type(job), job.pk) for job in jobs] == [
+            (Job, removed.pk),
+            (ExportJob, export.pk),
+            (ScriptedJob, scripted.pk),
+        ]
+        assert (jobs[1].table_id, jobs[2].steps) == (4, 2)
+    # It composes with the rest of a queryset.
+    assert list(JobHandler.get_jobs_for_user(user).specific().filter(type="export_table")) == [
+        export
+    ]
+
+
 def test_cancel_pending_job_runs_on_cancelled_once(
     db, user, no_dispatch, django_capture_on_commit_callbacks
 ):

@@ -50,6 +50,7 @@ from task_ferry.models import (
     JobQuerySet,
     JobState,
     jobs_database,
+    specific_paths,
 )
 from task_ferry.registry import JobType, job_type_registry
 from task_ferry.snapshot import LONE_SURROGATE, job_snapshot, snapshot_of
@@ -90,24 +91,6 @@ def capture_created_jobs() -> Iterator[list[Job]]:
         _created_jobs.reset(token)
 
 
-def job_paths() -> dict[str, str]:
-    """For each registered type, the ``select_related`` path from ``Job`` to its own model."""
-    paths: dict[str, str] = {}
-    for job_type in job_type_registry:
-        steps: list[str] = []
-        model: Any = job_type.model_class
-        while model is not Job:
-            parent = next((p for p in model._meta.parents if issubclass(p, Job)), None)
-            if parent is None:
-                break
-            link = model._meta.parents[parent]
-            steps.append(link.remote_field.get_accessor_name())
-            model = parent
-        if model is Job and steps:
-            paths[job_type.type] = "__".join(reversed(steps))
-    return paths
-
-
 def columns(job_type: JobType) -> set[str]:
     """Names (and attnames) of every column of the type's model, ``Job``'s included, and of its
     many-to-many fields: the values only its serializer may set."""
@@ -115,20 +98,6 @@ def columns(job_type: JobType) -> set[str]:
     return {name for f in meta.concrete_fields for name in (f.name, f.attname)} | {
         f.name for f in meta.many_to_many
     }
-
-
-def specific_from_joined(job: Job, paths: dict[str, str]) -> Job:
-    """The job as its type's model, from the rows ``select_related(*paths)`` joined in."""
-    path = paths.get(job.type)
-    if path is None:
-        return job
-    specific: Any = job
-    for step in path.split("__"):
-        specific = getattr(specific, step, None)
-        if specific is None:
-            return job
-    result: Job = specific
-    return result
 
 
 def query_values(request: Request, name: str) -> list[str]:
@@ -285,10 +254,8 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
         return queryset
 
     def list(self, request: Request, **kwargs: Any) -> Response:
-        paths = job_paths()
-        queryset = self.filter_queryset(self.get_queryset()).select_related(*paths.values())
-        page = self.paginate_queryset(queryset)
-        jobs = [specific_from_joined(job, paths) for job in page or []]
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()).specific())
+        jobs: list[Job] = list(page or [])
         prefetch_type_fields(jobs)
         live_ids = [job.pk for job in jobs if job.is_live]
         try:
@@ -436,15 +403,14 @@ class JobViewSet(viewsets.GenericViewSet[Job]):
 
 def visible_job(policy: IsJobOwner, request: Request, job_id: int, pk: Any) -> Job:
     """The job as its type's model if ``policy`` lets the user see it, in one query; else 404."""
-    paths = job_paths()
     queryset = policy.visible_jobs(request, Job.objects.all())
-    job = queryset.select_related(*paths.values()).filter(pk=job_id).first()
+    job = queryset.specific().filter(pk=job_id).first()
     if job is None or not policy.can_view(request, job.user_id):
         raise NotFound(str(JobDoesNotExist(pk)))
-    specific = specific_from_joined(job, paths)
-    if specific is job and job.type in paths:
-        specific = job.specific
-    return specific
+    if type(job) is Job and job.type in specific_paths():
+        # Its type's row was not joined in (its table on another database, say): looked up.
+        return job.specific
+    return job
 
 
 def newest_snapshot(job: Job) -> dict[str, Any]:
