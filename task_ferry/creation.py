@@ -94,6 +94,11 @@ def build(user: Any, job_type: JobType, values: dict[str, Any]) -> tuple[Job, di
         if refusal is None:
             raise  # The model's clean() or a constraint: a bug to fix, not the caller's values.
         raise refusal from exc
+    except RecursionError as exc:
+        nested = _nested_too_deeply(model, columns)
+        if nested is None:
+            raise  # Not from the values: the model's own clean(), say.
+        raise nested from exc
     unstorable = _unstorable_values(job)
     if unstorable:
         raise _model_refusal(model, unstorable, given=values.keys() | prepared.keys())
@@ -134,6 +139,22 @@ def _arithmetic_error(job: Job, columns: dict[str, Any]) -> InvalidJobValues | N
         except Exception:
             continue
     return None
+
+
+def _nested_too_deeply(model: type[Job], columns: dict[str, Any]) -> InvalidJobValues | None:
+    """``InvalidJobValues`` naming the ``JSONField`` values nested too deeply for ``json`` (a
+    ``RecursionError`` out of its validation); None when none is."""
+    message = "Nested too deeply to be stored as JSON."
+    errors: dict[str, list[str]] = {}
+    for field in model.own_fields():
+        if isinstance(field, JSONField) and field.name in columns:
+            try:
+                json.dumps(columns[field.name], cls=field.encoder)
+            except RecursionError:
+                errors[field.name] = [message]
+            except (TypeError, ValueError):
+                continue
+    return InvalidJobValues(_errors_message(errors), errors) if errors else None
 
 
 def save(user: Any, job_type: JobType, job: Job, prepared: dict[str, Any]) -> None:

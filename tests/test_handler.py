@@ -435,6 +435,20 @@ def test_a_number_json_cannot_hold_is_refused_naming_the_field(
     assert not Job.objects.exists()
 
 
+def test_json_nested_too_deeply_is_refused_naming_the_field(
+    transactional_db, user, no_dispatch, linked
+):
+    # A RecursionError out of full_clean() before.
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(InvalidJobValues) as info:
+        JobHandler.create_and_start(user, "linked", details={"deep": deep})
+    assert info.value.errors == {"details": ["Nested too deeply to be stored as JSON."]}
+    assert str(info.value) == "Invalid job values. details: Nested too deeply to be stored as JSON."
+    assert not Job.objects.exists()
+
+
 @pytest.mark.parametrize("number", [float("nan"), float("-inf"), "Infinity"])
 def test_a_float_field_refuses_numbers_json_cannot_show(
     transactional_db, user, no_dispatch, number
