@@ -45,6 +45,10 @@ RESUBSCRIBE_DELAY = 0.25
 RESUBSCRIBE_DELAY_MAX = 5.0
 # Snapshot reads at a time by the streams of channels subscribed again.
 REREADS = 8
+# The most publications a stream keeps for its client, unsent: a client that stops reading
+# (gone without closing its connection, say) holds its stream until TCP gives up, and each
+# publication is a whole snapshot, so past this the oldest are dropped.
+QUEUE_LIMIT = 64
 
 
 class Link(enum.Enum):
@@ -54,6 +58,15 @@ class Link(enum.Enum):
     LOST = "lost"
     #: Subscribed again: whatever was published since ``LOST`` was missed.
     RESUBSCRIBED = "resubscribed"
+
+
+def deliver(queue: asyncio.Queue[bytes | Link], data: bytes) -> None:
+    """Put a publication in a stream's queue, dropping the oldest past ``QUEUE_LIMIT``: the
+    newest snapshot says all the older ones did."""
+    if queue.qsize() >= QUEUE_LIMIT:
+        with contextlib.suppress(asyncio.QueueEmpty):
+            queue.get_nowait()
+    queue.put_nowait(data)
 
 
 class EventHub:
@@ -245,7 +258,7 @@ class EventHub:
                             queue.put_nowait(Link.RESUBSCRIBED)
                 elif message["type"] == "message":
                     for queue in self._queues.get(channel, ()):
-                        queue.put_nowait(message["data"])
+                        deliver(queue, message["data"])
         except (redis.RedisError, OSError) as exc:
             logger.warning("Event streams lost their Redis subscription: %s", exc)
             await self._lose(pubsub, exc)

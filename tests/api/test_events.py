@@ -481,6 +481,33 @@ def test_a_stream_ends_with_reconnect_when_redis_stays_away_and_the_next_one_pol
 
 
 @needs_redis
+def test_a_stream_whose_client_stops_reading_keeps_only_the_newest_publications():
+    """Its queue grew without end: every snapshot published while the client read nothing."""
+
+    async def scenario():
+        hub = EventHub(django_settings.TASK_FERRY["REDIS_URL"])
+        channel = "tf-tests:events:unread"
+        try:
+            queue = await hub.subscribe(channel)
+            for number in range(hub_module.QUEUE_LIMIT * 3):
+                await hub.client.publish(channel, str(number).encode())
+            last = str(hub_module.QUEUE_LIMIT * 3 - 1).encode()
+            while True:  # Until the hub's reader has handed on the last publication.
+                await asyncio.sleep(0.05)
+                if queue.qsize() and queue._queue[-1] == last:  # type: ignore[attr-defined]
+                    break
+            kept = [queue.get_nowait() for _ in range(queue.qsize())]
+            await hub.unsubscribe(channel, queue)
+            return kept
+        finally:
+            await hub.aclose()
+
+    kept = asyncio.run(asyncio.wait_for(scenario(), 10))
+    newest = range(hub_module.QUEUE_LIMIT * 2, hub_module.QUEUE_LIMIT * 3)
+    assert kept == [str(number).encode() for number in newest]
+
+
+@needs_redis
 def test_a_subscription_cancelled_midway_leaves_nothing_behind(monkeypatch):
     """A client that goes away while its stream subscribes cancels the subscription; the hub
     keeps no listener for it, and the next stream of the job subscribes normally."""
